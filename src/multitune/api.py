@@ -1,0 +1,83 @@
+"""The Python API for trained tasks: load one and predict.
+
+    >>> import multitune
+    >>> task = multitune.load("runs/demo")            # a run folder or an adapter folder
+    >>> task.predict(["where is my parcel?"])
+    ['shipping']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitune.bank import MultiTaskModel
+from multitune.data import Example
+from multitune.errors import ConfigError
+from multitune.evaluate import evaluate, generate_texts, predict_labels, predict_proba
+from multitune.models import load_base
+from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder of a run folder, or the folder itself when it is one."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "adapter" / CONFIG_FILE).is_file():
+        return path / "adapter"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; give a run folder written by 'multitune train' or its adapter folder")
+    raise ConfigError(f"{path} holds no trained adapter (no {CONFIG_FILE} nor adapter/{CONFIG_FILE}); "
+                      "has its training finished? Resume it with 'multitune train --resume ...'")
+
+
+def _examples(items: Sequence[str | Example]) -> list[Example]:
+    return [item if isinstance(item, Example) else Example(text=item) for item in items]
+
+
+class TrainedTask:
+    """One trained task on its base model, ready to predict."""
+
+    def __init__(self, bank: MultiTaskModel, task: str, max_length: int = 128) -> None:
+        self.bank, self.task, self.max_length = bank, task, max_length
+        self.spec = bank.tasks[task]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+    def predict(self, items: Sequence[str | Example], batch_size: int = 64, **generate_kwargs: Any) -> list[str]:
+        """Labels for classification; generated text for generation."""
+        examples = _examples(items)
+        if self.spec.kind == "classification":
+            return predict_labels(self.bank, self.task, examples, self.max_length, batch_size)
+        return generate_texts(self.bank, self.task, examples, self.max_length,
+                              batch_size=max(1, batch_size // 4), **generate_kwargs)
+
+    def predict_proba(self, items: Sequence[str | Example], batch_size: int = 64) -> torch.Tensor:
+        if self.spec.kind != "classification":
+            raise ConfigError(f"task '{self.task}' is a generation task; probabilities are for classification")
+        return predict_proba(self.bank, self.task, _examples(items), self.max_length, batch_size)
+
+    def evaluate(self, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
+        return evaluate(self.bank, self.task, examples, self.max_length, batch_size)
+
+
+def load(path: str | Path, model: str | None = None, device: str | None = None) -> TrainedTask:
+    """Load a trained task from a run or adapter folder onto its base (or ``model``, to point elsewhere)."""
+    folder = adapter_folder(path)
+    meta = read_adapter_config(folder)
+    base = load_base(model or meta["base_model"], device=device)
+    bank = MultiTaskModel(base)
+    spec = load_adapter(bank, folder)
+    max_length = 128
+    config_file = folder.parent / "config.yaml"
+    if config_file.is_file():
+        import yaml
+
+        max_length = int((yaml.safe_load(config_file.read_text()) or {}).get("train", {}).get("max_length", 128))
+    return TrainedTask(bank, spec.name, max_length)

@@ -1,0 +1,288 @@
+"""MultiTaskModel: one frozen base, any number of tasks, per-row routing by task id.
+
+A task is (method + its parameters + its head or LM target). Methods attach their parameters to the
+base's layers (see ``multitune.methods``); the bank keeps the task list, the per-task classification
+heads, and the routing state those layers read. Training one task is the case of a bank with one task.
+
+Batches carry ``task_ids`` (B,) indexing :attr:`MultiTaskModel.slots`; every row can belong to a
+different task.
+
+State-dict keys of a task (what :meth:`task_state_dict` returns and adapters store) are a public API:
+``{module path}.lora_A.weight`` / ``.lora_B.weight`` for LoRA, the base parameter names for full
+fine-tuning, ``head.weight`` / ``head.bias`` for a classification head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitune.errors import ConfigError
+from multitune.methods import get_method
+from multitune.models import Base
+from multitune.routing import Routing
+
+TaskKind = Literal["classification", "generation"]
+Pooling = Literal["mean", "cls", "last"]
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass
+class TaskSpec:
+    """Everything needed to rebuild a task on a base, apart from its tensors."""
+
+    name: str
+    kind: TaskKind
+    method: str
+    config: dict[str, Any]  # the method config's fields
+    labels: list[str] = field(default_factory=list)  # classification label set, in head order
+    pooling: Pooling | None = None  # classification: how a sequence becomes one vector
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_pooling(base: Base) -> Pooling:
+    """Mean over tokens for encoders (what sentence encoders are trained for); the last token for decoders."""
+    return "mean" if base.arch == "encoder" else "last"
+
+
+class MultiTaskModel(nn.Module):
+    """A frozen base with per-task adapters and heads, routed per row."""
+
+    def __init__(self, base: Base) -> None:
+        super().__init__()
+        self.base = base
+        self.model = base.model  # registered, so .to() and state_dict() see the base
+        self.heads = nn.ModuleDict()
+        self.tasks: dict[str, TaskSpec] = {}
+        self.routing = Routing()
+        self._owned: dict[str, dict[str, nn.Parameter]] = {}
+        self.eval()  # a bank serves until a training loop says otherwise
+
+    # ---- tasks -------------------------------------------------------------------------------------
+    @property
+    def slots(self) -> list[str]:
+        return self.routing.slots
+
+    def add_task(
+        self,
+        name: str,
+        kind: TaskKind,
+        method: str,
+        config: Any = None,
+        labels: list[str] | None = None,
+        pooling: Pooling | None = None,
+    ) -> TaskSpec:
+        """Attach a new task's parameters (and its head, for classification); other tasks are untouched."""
+        if not _TASK_NAME.match(name):
+            raise ConfigError(f"task name '{name}' must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+        if name in self.tasks:
+            raise ConfigError(f"task '{name}' is already in the bank; remove it first or choose another name")
+        spec_method = get_method(method)
+        config = config if config is not None else spec_method.config_class()
+        problems = config.validate()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if kind == "classification" and len(labels or []) < 2:
+            raise ConfigError(f"classification task '{name}' needs at least 2 labels (got {labels or []})")
+        if kind == "generation" and self.base.arch == "encoder":
+            raise ConfigError(
+                f"generation needs a causal LM or a seq2seq model; {self.base.source} is an encoder. "
+                "Use a decoder such as smollm2-135m, or a classification task"
+            )
+        self._owned[name] = {}
+        try:
+            spec_method.attach(self, name, config)
+        except Exception:
+            self._owned.pop(name, None)
+            raise
+        if kind == "classification":
+            head = nn.Linear(self.base.hidden_size, len(labels or []), device=self.base.device)
+            self.heads[name] = head
+            for key, param in head.named_parameters():
+                self.own(name, f"head.{key}", param)
+        spec = TaskSpec(name, kind, method, asdict(config), list(labels or []),
+                        (pooling or default_pooling(self.base)) if kind == "classification" else None)
+        self.tasks[name] = spec
+        self.routing.slots.append(name)
+        self.routing.version += 1
+        return spec
+
+    def remove_task(self, name: str) -> None:
+        spec = self._spec(name)
+        get_method(spec.method).detach(self, name)
+        if name in self.heads:
+            del self.heads[name]
+        del self.tasks[name], self._owned[name]
+        self.routing.slots.remove(name)
+        self.routing.version += 1
+
+    def own(self, task: str, key: str, param: nn.Parameter) -> None:
+        """Record that ``param`` belongs to ``task`` under the public state-dict ``key``."""
+        param.requires_grad_(True)
+        self._owned[task][key] = param
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        """Exactly the task's own trainable parameters, by public key."""
+        self._spec(task)
+        return self._owned[task]
+
+    def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in self.task_parameters(task).items()}
+
+    def load_task_state_dict(self, task: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into a task's parameters; every key and shape must match."""
+        own = self.task_parameters(task)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ConfigError(
+                f"the saved weights of task '{task}' do not fit the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; was it trained on another base model or config?"
+            )
+        with torch.no_grad():
+            for key, param in own.items():
+                if param.shape != state[key].shape:
+                    raise ConfigError(
+                        f"saved tensor {key} of task '{task}' has shape {tuple(state[key].shape)} but the model "
+                        f"expects {tuple(param.shape)}; was it trained on another base model?"
+                    )
+                param.copy_(state[key])
+
+    def output_layer_names(self) -> set[str]:
+        """Linear layers that methods never wrap: the LM head."""
+        head = self.base.model.get_output_embeddings() if hasattr(self.base.model, "get_output_embeddings") else None
+        return {n for n, m in self.base.model.named_modules() if head is not None and m is head}
+
+    def _spec(self, task: str) -> TaskSpec:
+        if task not in self.tasks:
+            known = ", ".join(self.tasks) or "none"
+            raise ConfigError(f"unknown task '{task}'; tasks in this bank: {known}")
+        return self.tasks[task]
+
+    def task_ids(self, task: str, batch: int) -> torch.Tensor:
+        self._spec(task)
+        return torch.full((batch,), self.slots.index(task), dtype=torch.long, device=self.base.device)
+
+    # ---- merge / disable ---------------------------------------------------------------------------
+    def merge(self, task: str) -> None:
+        """Fold a LoRA task into the base weights (for single-task deployment); :meth:`unmerge` undoes it."""
+        from multitune.methods.lora import lora_layers
+
+        if self._spec(task).method != "lora":
+            raise ConfigError(f"only LoRA tasks can be merged; '{task}' uses {self.tasks[task].method}")
+        if len(self.tasks) > 1:
+            raise ConfigError(f"merging '{task}' would change the base under the bank's other tasks; merge in a bank of one task")
+        for layer in lora_layers(self, task):
+            layer.merge(task)
+
+    def unmerge(self, task: str) -> None:
+        from multitune.methods.lora import lora_layers
+
+        for layer in lora_layers(self, task):
+            layer.unmerge(task)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the frozen base with every adapter off (the reference model of DPO and PPO)."""
+        previous, self.routing.disabled = self.routing.disabled, True
+        try:
+            yield
+        finally:
+            self.routing.disabled = previous
+
+    @contextmanager
+    def routed(self, task_ids: torch.Tensor) -> Iterator[None]:
+        self.routing.set_rows(task_ids)
+        try:
+            yield
+        finally:
+            self.routing.clear()
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (B, L, d) for classification; for seq2seq, the first decoder step (B, 1, d)."""
+        if self.base.arch == "seq2seq":
+            start = self.base.model.config.decoder_start_token_id or 0
+            decoder_input_ids = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+            out = self.base.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  decoder_input_ids=decoder_input_ids, output_hidden_states=True)
+            return out.decoder_hidden_states[-1]
+        return self.base.backbone()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf."""
+        with self.routed(task_ids):
+            hidden = self.hidden_states(input_ids, attention_mask)
+        slots = self.slots
+        if self.routing.single is None:
+            present = sorted({int(t) for t in task_ids.tolist()})
+        else:
+            present = [int(task_ids[0])]
+        width = max(len(self.tasks[slots[s]].labels) for s in present)
+        logits = hidden.new_full((input_ids.shape[0], width), float("-inf"), dtype=torch.float32)
+        for slot in present:  # heads are tiny; pooling differs per task
+            task = slots[slot]
+            rows = (task_ids == slot).nonzero(as_tuple=True)[0] if len(present) > 1 else slice(None)
+            mask = attention_mask[rows]
+            pooled = pool(hidden[rows], mask, self.tasks[task].pooling or "mean", self.base.arch)
+            head = self.heads[task]
+            out = head(pooled.to(head.weight.dtype))
+            if len(present) == 1:
+                logits = out if out.shape[1] == width else F.pad(out, (0, width - out.shape[1]), value=float("-inf"))
+            else:
+                logits[rows, : out.shape[1]] = out
+        return logits
+
+    def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
+        with self.routed(batch["task_ids"]):
+            if self.base.arch == "seq2seq":
+                logits = self.base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         labels=batch["labels"]).logits
+                labels = batch["labels"]
+            else:
+                logits = self.base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        return nll, (labels != -100).sum()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor,
+                 **kwargs: Any) -> torch.Tensor:
+        """Generated token ids; decoders return only the new tokens (inputs must be left-padded)."""
+        tokenizer = self.base.tokenizer
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        with self.routed(task_ids):
+            out = self.base.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out[:, input_ids.shape[1]:] if self.base.arch == "decoder" else out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch: mean cross-entropy over rows (classification) or target tokens."""
+        if "class_labels" in batch:
+            logits = self.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+            return F.cross_entropy(logits, batch["class_labels"])
+        nll, count = self.lm_loss(batch)
+        return nll / count.clamp(min=1)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling, arch: str) -> torch.Tensor:
+    """One vector (B, d) per row from hidden states (B, L, d) and the attention mask (B, L)."""
+    if arch == "seq2seq" or hidden.shape[1] == 1:
+        return hidden[:, -1]
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":  # the last real token, whichever side the padding is on
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)

@@ -1,0 +1,182 @@
+"""``multitune <command>``: a thin dispatch onto the library's functions.
+
+User mistakes (:class:`multitune.errors.MultituneError`) print one line, ``error: ...``, and exit 2;
+they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from multitune.errors import ConfigError, MultituneError
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    print(title)
+    for key, value in metrics.items():
+        print(f"  {key:<12} {value:.4f}" if isinstance(value, float) else f"  {key:<12} {value}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from multitune.config import load_run_config
+    from multitune.train import run
+
+    config = load_run_config(args)
+    summary = run(config, resume=args.resume, progress=not args.quiet)
+    print(f"trained {summary['method']} task '{summary['task']}' on {summary['model']}: "
+          f"{summary['trainable_parameters']:,} trainable parameters, {summary['steps']} steps, "
+          f"{summary['train_seconds']:.1f} s")
+    _print_metrics(f"test ({summary['examples']['test']} examples):", summary["test"])
+    print(f"adapter: {Path(config.output) / 'adapter'}")
+
+
+def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported lazily)
+    from multitune.data import Columns
+
+    return Columns(args.text_column, args.text_pair_column, args.label_column, args.prompt_column,
+                   args.input_column, args.response_column)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from multitune.api import load
+    from multitune.data import load_examples, prepare_splits
+
+    task = load(args.run, model=args.model, device=args.device)
+    if args.data:
+        examples = load_examples(args.data, task.spec.kind, _columns(args), drop_empty=args.drop_empty)
+        where = args.data
+    else:  # the run's own test split, rebuilt from its config (the split is deterministic)
+        import yaml
+
+        config_file = Path(args.run) / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"no --data given and {config_file} not found; pass --data FILE to evaluate on")
+        d = yaml.safe_load(config_file.read_text())["data"]
+        from multitune.data import Columns
+
+        columns = Columns(d["text_column"], d["text_pair_column"], d["label_column"], d["prompt_column"],
+                          d["input_column"], d["response_column"])
+        examples = prepare_splits(d["data"], task.spec.kind, columns, d["validation_data"], d["test_data"],
+                                  tuple(d["split"]), d["split_seed"], d["drop_empty"], d["max_examples"]).test
+        where = f"the test split of {d['data']}"
+    unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(task.labels))
+    if task.spec.kind == "classification" and unseen:
+        raise ConfigError(f"labels {unseen[:5]} in {where} are not among the task's labels {task.labels[:10]}")
+    metrics = task.evaluate(examples, batch_size=args.batch_size)
+    _print_metrics(f"{task.task} on {where} ({len(examples)} examples):", metrics)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from multitune.api import load
+    from multitune.data import load_inputs, write_table
+
+    task = load(args.run, model=args.model, device=args.device)
+    rows, examples = load_inputs(args.input, task.spec.kind, _columns(args))
+    if task.spec.kind == "classification":
+        probs = task.predict_proba(examples, batch_size=args.batch_size)
+        for row, p in zip(rows, probs, strict=True):
+            row["prediction"] = task.labels[int(p.argmax())]
+            row["probability"] = round(float(p.max()), 6)
+    else:
+        texts = task.predict(examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        for row, text in zip(rows, texts, strict=True):
+            row["prediction"] = text
+    write_table(args.output, rows)
+    print(f"wrote {len(rows)} predictions to {args.output}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from multitune.config import RunConfig
+    from multitune.demo import write_demo_csv
+    from multitune.train import run
+
+    out = Path(args.output)
+    if not args.resume and (out / "run").exists():  # the demo's own folder: a rerun starts afresh
+        import shutil
+
+        print(f"demo: replacing the previous demo run in {out / 'run'}")
+        shutil.rmtree(out / "run")
+    data = write_demo_csv(out / "data.csv", n=args.examples)
+    config = RunConfig(model=args.model, task="support-intent", method="lora", output=str(out / "run"))
+    config.data.data, config.data.text_column, config.data.label_column = str(data), "message", "intent"
+    config.train.epochs, config.train.batch_size, config.train.learning_rate = 3, 16, 2e-3
+    print(f"demo: LoRA on {args.model}, support-intent task, {args.examples} generated messages in {data}")
+    summary = run(config, resume=args.resume, progress=not args.quiet)
+    print(f"trained in {summary['train_seconds']:.1f} s, {summary['trainable_parameters']:,} trainable parameters")
+    _print_metrics(f"test ({summary['examples']['test']} examples):", summary["test"])
+    print(f"next: multitune predict {out / 'run'} --input {data} --output predictions.csv")
+    print("your own CSV: multitune train --data my.csv --text-column review --label-column stars "
+          "--method lora --output runs/mine")
+
+
+def _add_io(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder (or adapter folder) written by 'multitune train'")
+    parser.add_argument("--model", help="load the adapter onto this base instead of the recorded one")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
+        parser.add_argument(f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from multitune.config import add_run_arguments
+
+    parser = argparse.ArgumentParser(prog="multitune", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("train", help="train one task with one method and score its test split")
+    add_run_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
+    _add_io(p)
+    p.add_argument("--data", help="labelled file to score (default: the run's test split)")
+    p.add_argument("--drop-empty", action="store_true", help="drop rows with an empty text or label")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("predict", help="predict every row of a file and write the rows with predictions")
+    _add_io(p)
+    p.add_argument("--input", required=True, help="file to predict (.csv .tsv .json .jsonl .parquet)")
+    p.add_argument("--output", required=True, help="where to write the rows with a 'prediction' column")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation: tokens to generate (default: 64)")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("demo", help="generate a small task and train LoRA on it (a few minutes on CPU)")
+    p.add_argument("--output", default="runs/demo", help="folder for the data and the run (default: runs/demo)")
+    p.add_argument("--model", default="minilm", help="base model (default: minilm)")
+    p.add_argument("--examples", type=int, default=800, help="messages to generate (default: 800)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except MultituneError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; what was saved is kept (rerun with --resume to continue a training run)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

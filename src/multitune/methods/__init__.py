@@ -1,0 +1,57 @@
+"""Adaptation methods and their registry.
+
+Each method is one module in this package with one registration line::
+
+    register(Method(name="lora", config_class=LoRAConfig, attach=attach, detach=detach, ...))
+
+A method attaches a task's parameters to the bank's frozen base at its hook point (see
+docs/architecture.md) and detaches them again; the bank does the rest (routing, heads, saving).
+
+Checklist for adding a method:
+1. ``methods/NAME.py`` with a dataclass config (field docs in ``metadata={"help": ...}``), ``attach``
+   and ``detach``; the parameters it creates are registered under the base model's module tree with
+   the task name as the last key, so that ``bank.task_parameters(task)`` finds exactly them.
+2. One ``register(...)`` line at the end of that module and its import below.
+3. Tests: a row in the method x family matrix of tests/test_methods.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from multitune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from multitune.bank import MultiTaskModel
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adaptation method: how to attach a task's parameters to the base and take them off."""
+
+    name: str
+    config_class: type
+    attach: Callable[[MultiTaskModel, str, Any], None]
+    detach: Callable[[MultiTaskModel, str], None]
+    summary: str
+    changes_base: bool = False  # full fine-tuning: the task owns the base weights
+    default_learning_rate: float = 1e-3
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+from multitune.methods import full, lora  # noqa: E402,F401  (registration)

@@ -1,0 +1,248 @@
+"""LoRA: low-rank updates of linear layers (Hu et al. 2021, "LoRA", section 4.1).
+
+For a frozen linear layer ``y = W x`` a task t adds a rank-r update::
+
+    y = W x + s_t * B_t (A_t dropout(x)),   A_t: (r, in), B_t: (out, r),   s_t = alpha / r
+                                                                          (rsLoRA: alpha / sqrt(r))
+
+A_t is initialised like a linear layer (Kaiming uniform) and B_t to zeros, so a new task starts as the
+base model. Every task's A and B live in one :class:`LoRALinear` that wraps the base layer, keyed by the
+task name. A batch of one task takes the fast path (two small matmuls, exactly PEFT's computation); a
+batch that mixes tasks gathers each row's A and B from a stack padded to the largest rank and does
+batched matmuls, so per-row routing costs no Python loop over tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from multitune.errors import ConfigError
+from multitune.methods import Method, register
+from multitune.routing import Routing
+
+if TYPE_CHECKING:
+    from multitune.bank import MultiTaskModel
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = field(default=8, metadata={"help": "rank r of the update B A"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is scaled by alpha/r"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input during training"})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "names of the linear layers to adapt (comma-separated on the command line); "
+            "'all-linear' for every linear layer but the output head; default: the family's table"
+        },
+    )
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)"})
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"lora rank must be >= 1 (got {self.rank}); try --lora-rank 8")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"lora dropout must be in [0, 1) (got {self.dropout})")
+        if self.alpha <= 0:
+            problems.append(f"lora alpha must be > 0 (got {self.alpha}); try --lora-alpha 16")
+        return problems
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) with per-task low-rank updates."""
+
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.merged: set[str] = set()
+        self._stack: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # models read their layers' weight (T5 checks its dtype)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def add_task(self, task: str, rank: int, scaling: float, dropout: float) -> tuple[nn.Parameter, nn.Parameter]:
+        device = self.base_layer.weight.device
+        a = torch.empty(rank, self.in_features, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
+        self.lora_A[task] = nn.Parameter(a)
+        self.lora_B[task] = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        self.scaling[task], self.dropout[task] = scaling, dropout
+        self._stack = None
+        return self.lora_A[task], self.lora_B[task]
+
+    def remove_task(self, task: str) -> None:
+        if task in self.merged:
+            self.unmerge(task)
+        del self.lora_A[task], self.lora_B[task], self.scaling[task], self.dropout[task]
+        self._stack = None
+
+    def delta_weight(self, task: str) -> torch.Tensor:
+        """s * B A in the orientation of the base layer's weight."""
+        delta = self.scaling[task] * (self.lora_B[task] @ self.lora_A[task])
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, task: str) -> None:
+        if task not in self.merged:
+            with torch.no_grad():
+                self.base_layer.weight += self.delta_weight(task).to(self.base_layer.weight.dtype)
+            self.merged.add(task)
+
+    def unmerge(self, task: str) -> None:
+        if task in self.merged:
+            with torch.no_grad():
+                self.base_layer.weight -= self.delta_weight(task).to(self.base_layer.weight.dtype)
+            self.merged.discard(task)
+
+    def _lora(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        a, b = self.lora_A[task].to(x.dtype), self.lora_B[task].to(x.dtype)
+        p = self.dropout[task]
+        if self.training and p > 0:
+            x = F.dropout(x, p)
+        return F.linear(F.linear(x, a), b) * self.scaling[task]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        routing = self.routing
+        if routing.disabled or routing.row_tasks is None or not self.lora_A:
+            return y
+        task = routing.single
+        if task is not None:
+            if task not in self.lora_A or task in self.merged:
+                return y
+            return y + self._lora(x, task)
+        return y + self._mixed(x)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A (S, R, in), B (S, out, R) and scale (S,) over the bank's slots, ranks padded to the largest R.
+
+        Slots whose task has no LoRA here (or is merged) get zeros and scale 0: their rows pass through.
+        Cached between forwards when no gradient is needed; rebuilt while training so gradients reach
+        each task's own parameters.
+        """
+        routing = self.routing
+        if self._stack is not None and self._stack[0] == routing.version and not torch.is_grad_enabled():
+            return self._stack[1:]
+        rank = max(p.shape[0] for p in self.lora_A.values())
+        ref = next(iter(self.lora_A.values()))
+        a_rows, b_rows, scales = [], [], []
+        for task in routing.slots:
+            if task in self.lora_A and task not in self.merged:
+                a, b = self.lora_A[task], self.lora_B[task]
+                a_rows.append(F.pad(a, (0, 0, 0, rank - a.shape[0])))
+                b_rows.append(F.pad(b, (0, rank - b.shape[1])))
+                scales.append(self.scaling[task])
+            else:
+                a_rows.append(ref.new_zeros(rank, self.in_features))
+                b_rows.append(ref.new_zeros(self.out_features, rank))
+                scales.append(0.0)
+        stack = (torch.stack(a_rows), torch.stack(b_rows), torch.tensor(scales, device=ref.device))
+        if not torch.is_grad_enabled():
+            self._stack = (routing.version, *stack)
+        return stack
+
+    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, scale = self._stacked()
+        rows = self.routing.rows_for(x.shape[0])
+        squeeze = x.dim() == 2
+        h = x.unsqueeze(1) if squeeze else x  # (B, L, in)
+        if self.training:
+            p = torch.tensor([self.dropout[t] if t in self.dropout else 0.0 for t in self.routing.slots])
+            keep = 1.0 - p.to(x.device)[rows].view(-1, 1, 1)
+            h = h * torch.bernoulli(keep.expand_as(h)) / keep
+        a_rows, b_rows = a[rows].to(x.dtype), b[rows].to(x.dtype)  # (B, R, in), (B, out, R)
+        low = torch.bmm(h, a_rows.transpose(1, 2)) * scale[rows].to(x.dtype).view(-1, 1, 1)  # (B, L, R)
+        out = torch.bmm(low, b_rows.transpose(1, 2))  # (B, L, out)
+        return out.squeeze(1) if squeeze else out
+
+
+def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...], skip: set[str]) -> list[str]:
+    """Dotted names of the linear layers whose name (or dotted suffix) matches a target."""
+    from multitune.models import linear_module_names
+
+    linear = (nn.Linear, Conv1D, LoRALinear)
+    names = [
+        n for n, m in model.named_modules() if isinstance(m, linear) and n not in skip and ".base_layer" not in n
+    ]
+    if list(targets) == ["all-linear"]:
+        return names
+    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
+    if missing:
+        raise ConfigError(
+            f"target modules {', '.join(missing)} not found in the base model; its linear layers are named: "
+            f"{', '.join(linear_module_names(model))}. Pass --lora-target-modules with some of those"
+        )
+    return matched
+
+
+def attach(bank: MultiTaskModel, task: str, config: LoRAConfig) -> None:
+    model = bank.base.model
+    targets = config.target_modules or list(bank.base.family.lora_targets)
+    if not targets:
+        from multitune.models import linear_module_names
+
+        raise ConfigError(
+            f"no default LoRA targets for model type '{bank.base.family.name}'; pass --lora-target-modules with "
+            f"some of its linear layers: {', '.join(linear_module_names(model))}"
+        )
+    for name in find_targets(model, targets, skip=bank.output_layer_names()):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer, bank.routing).train(bank.training)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        a, b = layer.add_task(task, config.rank, config.scaling, config.dropout)
+        bank.own(task, f"{name}.lora_A.weight", a)
+        bank.own(task, f"{name}.lora_B.weight", b)
+
+
+def detach(bank: MultiTaskModel, task: str) -> None:
+    model = bank.base.model
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LoRALinear) and task in layer.lora_A:
+            layer.remove_task(task)
+            if not layer.lora_A:  # the last task here: put the plain layer back
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+
+
+def lora_layers(bank: MultiTaskModel, task: str) -> list[LoRALinear]:
+    return [m for m in bank.base.model.modules() if isinstance(m, LoRALinear) and task in m.lora_A]
+
+
+register(
+    Method(
+        name="lora",
+        config_class=LoRAConfig,
+        attach=attach,
+        detach=detach,
+        summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
+        default_learning_rate=5e-4,
+    )
+)

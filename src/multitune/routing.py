@@ -1,0 +1,40 @@
+"""Per-row routing state shared by every layer a method injects.
+
+The bank sets it before each forward and clears it after; injected layers read it to know which task
+each row of the batch belongs to. It is a plain object, not a module, so it never appears in a state
+dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Which task each row of the current batch belongs to."""
+
+    slots: list[str] = field(default_factory=list)  # bank task order: row ids index into this
+    row_tasks: torch.Tensor | None = None  # (B,) long: slot of each row
+    single: str | None = None  # the task of every row, when the batch has one task (the fast path)
+    disabled: bool = False  # every adapter passes through: the frozen base (reference model for DPO/PPO)
+    version: int = 0  # bumped when tasks are added or removed, so layers drop stacked caches
+
+    def set_rows(self, row_tasks: torch.Tensor) -> None:
+        self.row_tasks = row_tasks
+        first = int(row_tasks[0]) if row_tasks.numel() else 0
+        uniform = row_tasks.numel() == 0 or bool((row_tasks == first).all())
+        self.single = self.slots[first] if uniform and self.slots else None
+
+    def clear(self) -> None:
+        self.row_tasks = None
+        self.single = None
+
+    def rows_for(self, batch: int) -> torch.Tensor:
+        """Row slots for an activation of batch size ``batch`` (generation may expand rows by a factor)."""
+        assert self.row_tasks is not None  # internal invariant: layers only ask in a routed forward
+        if batch == self.row_tasks.numel():
+            return self.row_tasks
+        return self.row_tasks.repeat_interleave(batch // self.row_tasks.numel())
