@@ -22,7 +22,7 @@ FAMILIES = ["llama", "gpt2", "bert", "t5"]
 
 WORDS = ["good", "great", "fine", "nice", "happy", "love", "excellent", "bad", "awful", "poor", "sad", "hate", "terrible", "movie", "film", "food", "place", "service", "the", "a", "is", "was", "very", "not", "really", "quite", "it", "this", "that", "and", "but", "so", "what", "why", "how", "where", "who"]
 POSITIVE = WORDS[:7]
-NEGATIVE = WORDS[7:14]
+NEGATIVE = WORDS[7:13]
 
 
 def word_tokenizer():
@@ -50,15 +50,15 @@ def tiny_model(family: str):
     if family == "llama":
         config = t.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                               pad_token_id=0, bos_token_id=2, eos_token_id=3)
+                               pad_token_id=0, bos_token_id=2, eos_token_id=3, initializer_range=0.2)
         return t.LlamaForCausalLM(config)
     if family == "gpt2":
         config = t.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                              bos_token_id=2, eos_token_id=3, pad_token_id=0)
+                              bos_token_id=2, eos_token_id=3, pad_token_id=0, initializer_range=0.2)
         return t.GPT2LMHeadModel(config)
     if family == "bert":
         config = t.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+                              intermediate_size=64, max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)
         return t.BertModel(config)
     if family == "t5":
         config = t.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -78,7 +78,7 @@ def toy_sentiment(n: int = 64, seed: int = 0):
     from multitune.data import Example
 
     rng = random.Random(seed)
-    filler = WORDS[14:]
+    filler = WORDS[13:]
     out = []
     for i in range(n):
         label = "pos" if i % 2 == 0 else "neg"

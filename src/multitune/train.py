@@ -164,7 +164,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            running = float(loss) * config.grad_accum
+            running = loss.item() * config.grad_accum
             bar.update(1)
             bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
             if config.eval_every and state["step"] % config.eval_every == 0 and evaluate_now():

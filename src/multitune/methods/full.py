@@ -7,6 +7,7 @@ row). Its stored adapter is every weight it trained.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,16 +33,21 @@ class FullConfig:
         return []
 
 
+# Parameter names of input embeddings (token, position, type) across the families of models.FAMILIES.
+_EMBEDDING = re.compile(r"(^|\.)(embed\w*|embeddings|wte|wpe|shared)\.")
+
+
 def frozen_modules(bank: MultiTaskModel, freeze_layers: int) -> list[nn.Module]:
-    """The embeddings and the first ``freeze_layers`` blocks of every block stack."""
+    """The input embeddings and the first ``freeze_layers`` blocks of every block stack."""
     if freeze_layers == 0:
         return []
     stacks = bank.base.layer_lists()
     depth = min(len(s) for s in stacks) if stacks else 0
     if freeze_layers > depth:
         raise ConfigError(f"full freeze_layers={freeze_layers} but the model has {depth} layers; use 0..{depth}")
-    embeddings = bank.base.model.get_input_embeddings()
-    return [embeddings, *(block for stack in stacks for block in stack[:freeze_layers])]
+    model = bank.base.model
+    embeddings = [m for n, m in model.named_modules() if _EMBEDDING.search(n + ".")]
+    return [model.get_input_embeddings(), *embeddings, *(block for stack in stacks for block in stack[:freeze_layers])]
 
 
 def attach(bank: MultiTaskModel, task: str, config: FullConfig) -> None:

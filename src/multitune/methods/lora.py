@@ -172,7 +172,7 @@ class LoRALinear(nn.Module):
         squeeze = x.dim() == 2
         h = x.unsqueeze(1) if squeeze else x  # (B, L, in)
         if self.training:
-            p = torch.tensor([self.dropout[t] if t in self.dropout else 0.0 for t in self.routing.slots])
+            p = torch.tensor([self.dropout.get(t, 0.0) for t in self.routing.slots])
             keep = 1.0 - p.to(x.device)[rows].view(-1, 1, 1)
             h = h * torch.bernoulli(keep.expand_as(h)) / keep
         a_rows, b_rows = a[rows].to(x.dtype), b[rows].to(x.dtype)  # (B, R, in), (B, out, R)

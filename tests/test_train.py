@@ -1,0 +1,133 @@
+"""The training loop: learning on every family, full fine-tuning, early stopping, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_base, toy_generation, toy_sentiment
+
+from multitune.bank import MultiTaskModel
+from multitune.config import TrainConfig
+from multitune.errors import ConfigError
+from multitune.evaluate import evaluate
+from multitune.methods.full import FullConfig
+from multitune.methods.lora import LoRAConfig
+from multitune.train import train
+
+
+def _bank(family: str, kind: str = "classification", method: str = "lora", config=None) -> MultiTaskModel:
+    torch.manual_seed(0)
+    bank = MultiTaskModel(tiny_base(family))
+    bank.add_task("t", kind, method, config, ["neg", "pos"] if kind == "classification" else None)
+    return bank
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_classification_learns_the_toy_task(family: str) -> None:
+    bank = _bank(family, config=LoRAConfig(rank=4, dropout=0.0))
+    data = toy_sentiment(64)
+    before = evaluate(bank, "t", data)["loss"]
+    cfg = TrainConfig(epochs=8, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, patience=100)
+    result = train(bank, "t", data, data[:16], cfg, progress=False)
+    after = evaluate(bank, "t", data)
+    assert result.steps == 64
+    assert after["loss"] < 0.5 * before
+    assert after["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_lora_generation_loss_decreases(family: str) -> None:
+    bank = _bank(family, kind="generation", config=LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"]))
+    data = toy_generation(32)
+    before = evaluate(bank, "t", data, generate=False)["loss"]
+    cfg = TrainConfig(epochs=10, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, patience=100)
+    train(bank, "t", data, data[:8], cfg, progress=False)
+    after = evaluate(bank, "t", data, max_new_tokens=4)
+    assert after["loss"] < 0.5 * before
+    assert {"perplexity", "exact_match", "rouge_l"} <= set(after)
+
+
+def test_full_fine_tuning_trains_every_weight_but_the_frozen_layers() -> None:
+    bank = _bank("bert", method="full", config=FullConfig(freeze_layers=1))
+    model = bank.base.model
+    frozen = [p for p in model.encoder.layer[0].parameters()] + list(model.embeddings.parameters())
+    trained = list(model.encoder.layer[1].parameters())
+    before = [p.detach().clone() for p in frozen + trained]
+    data = toy_sentiment(32)
+    loss_before = evaluate(bank, "t", data)["loss"]
+    cfg = TrainConfig(epochs=20, batch_size=8, learning_rate=3e-3, patience=100)
+    train(bank, "t", data, data, cfg, progress=False)
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before[: len(frozen)], strict=True))
+    assert all(not torch.equal(p, b) for p, b in zip(trained, before[len(frozen):], strict=True)
+               if p.dim() > 1)
+    after = evaluate(bank, "t", data)
+    assert after["loss"] < 0.8 * loss_before and after["accuracy"] >= 0.75
+
+
+def test_full_fine_tuning_needs_a_bank_of_its_own() -> None:
+    bank = _bank("bert")
+    with pytest.raises(ConfigError, match="bank of its own"):
+        bank.add_task("f", "classification", "full", FullConfig(), ["a", "b"])
+    with pytest.raises(ConfigError, match="has 2 layers"):
+        MultiTaskModel(tiny_base("bert")).add_task("f", "classification", "full", FullConfig(freeze_layers=5), ["a", "b"])
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path) -> None:
+    bank = _bank("bert", config=LoRAConfig(rank=4, dropout=0.0))
+    data = toy_sentiment(32)
+    # a learning rate this large makes the validation loss bounce: patience runs out, the best is restored
+    cfg = TrainConfig(epochs=30, batch_size=8, learning_rate=0.5, eval_every=2, patience=2, metric="loss",
+                      warmup_ratio=0.0)
+    result = train(bank, "t", data, data[:16], cfg, run_dir=tmp_path, progress=False)
+    assert result.stopped_early
+    assert result.steps < 30 * 4
+    assert evaluate(bank, "t", data[:16])["loss"] == pytest.approx(result.best_metric, rel=1e-5)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(2, result.steps + 1, 2))
+    assert min(r["loss"] for r in lines) == pytest.approx(result.best_metric)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, grad_accum: int) -> None:
+    data = toy_sentiment(40)
+    cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=5e-3, eval_every=3, checkpoint_every=4,
+                      patience=100, grad_accum=grad_accum, seed=7)
+    lora = LoRAConfig(rank=4, dropout=0.3)  # dropout: the resumed run must replay the same RNG stream
+
+    straight = _bank("llama", config=lora)
+    train(straight, "t", data, data[:8], cfg, run_dir=tmp_path / "a", progress=False)
+
+    def stop_at_step_10(step: int) -> None:
+        if step == 10:
+            raise Interrupt
+
+    interrupted = _bank("llama", config=lora)
+    with pytest.raises(Interrupt):
+        train(interrupted, "t", data, data[:8], cfg, run_dir=tmp_path / "b", progress=False, on_step=stop_at_step_10)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["state"]["step"] == 8
+    resumed = _bank("llama", config=LoRAConfig(rank=4, dropout=0.3))
+    torch.manual_seed(123)  # a different global RNG state: the checkpoint must restore its own
+    train(resumed, "t", data, data[:8], cfg, run_dir=tmp_path / "b", resume=True, progress=False)
+
+    want, got = straight.task_state_dict("t"), resumed.task_state_dict("t")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() .count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
+    leftovers = [p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_resume_with_other_settings_is_refused(tmp_path) -> None:
+    data = toy_sentiment(16)
+    cfg = TrainConfig(epochs=1, batch_size=4, checkpoint_every=1)
+    train(_bank("bert"), "t", data, data[:4], cfg, run_dir=tmp_path, progress=False)
+    other = TrainConfig(epochs=1, batch_size=8, checkpoint_every=1)
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(_bank("bert"), "t", data, data[:4], other, run_dir=tmp_path, resume=True, progress=False)
