@@ -74,11 +74,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from multitune.api import load
+    from multitune.api import adapter_folder, load
     from multitune.data import load_inputs, write_table
+    from multitune.storage import read_adapter_config
 
+    kind = read_adapter_config(adapter_folder(args.run))["task"]["kind"]
+    rows, examples = load_inputs(args.input, kind, _columns(args))  # the user's file first: it fails fast
     task = load(args.run, model=args.model, device=args.device)
-    rows, examples = load_inputs(args.input, task.spec.kind, _columns(args))
     if task.spec.kind == "classification":
         probs = task.predict_proba(examples, batch_size=args.batch_size)
         for row, p in zip(rows, probs, strict=True):
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar shows training; loading bars only clutter the output
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func

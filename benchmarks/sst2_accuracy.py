@@ -1,0 +1,65 @@
+"""SST-2 test accuracy of MiniLM with full fine-tuning and with LoRA, same data, same budget.
+
+    python benchmarks/sst2_accuracy.py [--epochs 2] [--methods full,lora] [--out runs/bench-sst2]
+
+Trains on ../shared/datasets/sst2/train.csv (6,920 sentences), early-stops on dev.csv (872), scores
+test.csv (1,821), and prints one row per method plus the LoRA - full difference in points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from multitune.config import RunConfig
+from multitune.methods.lora import LoRAConfig
+from multitune.train import run
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
+LEARNING_RATES = {"full": 5e-5, "lora": 2e-3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--out", default="runs/bench-sst2")
+    parser.add_argument("--lora-targets", default="query,value")
+    args = parser.parse_args()
+    if not SST2.exists():
+        raise SystemExit(f"{SST2} not found: this benchmark needs ../shared/datasets/sst2")
+    rows = {}
+    for method in args.methods.split(","):
+        out = Path(args.out) / method
+        shutil.rmtree(out, ignore_errors=True)
+        config = RunConfig(model="minilm", task="sst2", method=method, output=str(out))
+        config.data.data = str(SST2 / "train.csv")
+        config.data.validation_data = str(SST2 / "dev.csv")
+        config.data.test_data = str(SST2 / "test.csv")
+        config.train.epochs, config.train.batch_size, config.train.max_length = args.epochs, 32, 64
+        config.train.learning_rate = LEARNING_RATES[method]
+        config.train.device = "cpu"
+        if method == "lora":
+            config.methods["lora"] = LoRAConfig(target_modules=args.lora_targets.split(","))
+        start = time.perf_counter()
+        summary = run(config, progress=False)
+        summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+        rows[method] = summary
+        print(json.dumps({"method": method, "test": summary["test"], "validation": summary["validation"],
+                          "trainable": summary["trainable_parameters"], "train_s": summary["train_seconds"],
+                          "wall_s": summary["wall_seconds"]}), flush=True)
+    print("\n| method | trainable params | train s | dev acc (best) | test acc | test macro-F1 |")
+    print("|---|---|---|---|---|---|")
+    for method, s in rows.items():
+        print(f"| {method} | {s['trainable_parameters']:,} | {s['train_seconds']:.0f} | "
+              f"{s['validation']['accuracy']:.4f} | {s['test']['accuracy']:.4f} | {s['test']['macro_f1']:.4f} |")
+    if {"full", "lora"} <= rows.keys():
+        gap = 100 * (rows["lora"]["test"]["accuracy"] - rows["full"]["test"]["accuracy"])
+        print(f"\nLoRA - full fine-tuning: {gap:+.2f} accuracy points on the SST-2 test split")
+
+
+if __name__ == "__main__":
+    main()
