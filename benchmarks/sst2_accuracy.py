@@ -19,7 +19,7 @@ from multitune.methods.lora import LoRAConfig
 from multitune.train import run
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
-LEARNING_RATES = {"full": 5e-5, "lora": 2e-3}
+LEARNING_RATES = {"full": 5e-5, "lora": 1e-3}
 
 
 def main() -> None:
@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--methods", default="full,lora")
     parser.add_argument("--out", default="runs/bench-sst2")
-    parser.add_argument("--lora-targets", default="query,value")
+    parser.add_argument("--lora-targets", default="all-linear")
+    parser.add_argument("--lora-lr", type=float, default=LEARNING_RATES["lora"])
     args = parser.parse_args()
     if not SST2.exists():
         raise SystemExit(f"{SST2} not found: this benchmark needs ../shared/datasets/sst2")
@@ -40,7 +41,7 @@ def main() -> None:
         config.data.validation_data = str(SST2 / "dev.csv")
         config.data.test_data = str(SST2 / "test.csv")
         config.train.epochs, config.train.batch_size, config.train.max_length = args.epochs, 32, 64
-        config.train.learning_rate = LEARNING_RATES[method]
+        config.train.learning_rate = args.lora_lr if method == "lora" else LEARNING_RATES[method]
         config.train.device = "cpu"
         if method == "lora":
             config.methods["lora"] = LoRAConfig(target_modules=args.lora_targets.split(","))

@@ -66,6 +66,26 @@ def test_full_fine_tuning_trains_every_weight_but_the_frozen_layers() -> None:
     assert after["loss"] < 0.8 * loss_before and after["accuracy"] >= 0.75
 
 
+def test_full_fine_tuning_owns_exactly_the_weights_that_feed_the_head() -> None:
+    bank = _bank("bert", method="full")
+    owned = bank.task_parameters("t")
+    assert "pooler.dense.weight" not in owned and "encoder.layer.0.attention.self.query.weight" in owned
+    assert sum(p.numel() for p in owned.values()) == sum(
+        p.numel() for n, p in bank.base.model.named_parameters() if not n.startswith("pooler.")) + 32 * 2 + 2
+
+
+def test_the_same_seed_gives_the_same_weights() -> None:
+    data = toy_sentiment(24)
+    cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, seed=3)
+    runs = []
+    for _ in range(2):
+        bank = _bank("gpt2", config=LoRAConfig(rank=2, dropout=0.2))
+        train(bank, "t", data, data[:4], cfg, progress=False)
+        runs.append(bank.task_state_dict("t"))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key], atol=0, rtol=0)
+
+
 def test_full_fine_tuning_needs_a_bank_of_its_own() -> None:
     bank = _bank("bert")
     with pytest.raises(ConfigError, match="bank of its own"):

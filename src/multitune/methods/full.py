@@ -60,7 +60,9 @@ def attach(bank: MultiTaskModel, task: str, config: FullConfig) -> None:
     model.float()  # trained weights are kept in float32; autocast computes in bfloat16 on a GPU
     frozen = {id(p) for m in frozen_modules(bank, config.freeze_layers) for p in m.parameters()}
     for name, param in model.named_parameters():
-        if id(param) not in frozen:
+        # BERT's pooler never feeds our heads (they pool the hidden states): training it would only add
+        # bytes to the stored task.
+        if id(param) not in frozen and not name.startswith("pooler."):
             param.requires_grad_(True)
             bank.own(task, name, param)
 

@@ -119,12 +119,20 @@ class LoRALinear(nn.Module):
                 self.base_layer.weight -= self.delta_weight(task).to(self.base_layer.weight.dtype)
             self.merged.discard(task)
 
-    def _lora(self, x: torch.Tensor, task: str) -> torch.Tensor:
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, task: str) -> torch.Tensor:
+        """y + s * (dropout(x) A^T) B^T, the scale and the sum fused into one addmm.
+
+        PEFT computes ``lora_B(lora_A(x)) * s`` and then adds it: two more passes over a (B, L, out)
+        tensor and one more temporary of that size per layer.
+        """
         a, b = self.lora_A[task].to(x.dtype), self.lora_B[task].to(x.dtype)
         p = self.dropout[task]
         if self.training and p > 0:
             x = F.dropout(x, p)
-        return F.linear(F.linear(x, a), b) * self.scaling[task]
+        low = F.linear(x, a)  # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(),
+                          alpha=self.scaling[task])
+        return out.view(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -135,7 +143,7 @@ class LoRALinear(nn.Module):
         if task is not None:
             if task not in self.lora_A or task in self.merged:
                 return y
-            return y + self._lora(x, task)
+            return self._add_lora(y, x, task)
         return y + self._mixed(x)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
