@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
+from multitune.methods.wrap import TaskLinear, drop_if_empty, find_linear, layers_of, wrapper_for
 from multitune.routing import Routing
 
 if TYPE_CHECKING:
@@ -60,17 +60,11 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) with per-task low-rank updates."""
+class LoRALinear(TaskLinear):
+    """A frozen linear layer with per-task low-rank updates."""
 
     def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.routing = routing
-        # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        weight = base_layer.weight
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        super().__init__(base_layer, routing)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
@@ -78,13 +72,8 @@ class LoRALinear(nn.Module):
         self.merged: set[str] = set()
         self._stack: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def weight(self) -> torch.Tensor:  # models read their layers' weight (T5 checks its dtype)
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
+    def task_names(self) -> list[str]:
+        return list(self.lora_A)
 
     def add_task(self, task: str, rank: int, scaling: float, dropout: float) -> tuple[nn.Parameter, nn.Parameter]:
         device = self.base_layer.weight.device
@@ -189,26 +178,6 @@ class LoRALinear(nn.Module):
         return out.squeeze(1) if squeeze else out
 
 
-def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...], skip: set[str]) -> list[str]:
-    """Dotted names of the linear layers whose name (or dotted suffix) matches a target."""
-    from multitune.models import linear_module_names
-
-    linear = (nn.Linear, Conv1D, LoRALinear)
-    names = [
-        n for n, m in model.named_modules() if isinstance(m, linear) and n not in skip and ".base_layer" not in n
-    ]
-    if list(targets) == ["all-linear"]:
-        return names
-    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
-    if missing:
-        raise ConfigError(
-            f"target modules {', '.join(missing)} not found in the base model; its linear layers are named: "
-            f"{', '.join(linear_module_names(model))}. Pass --lora-target-modules with some of those"
-        )
-    return matched
-
-
 def attach(bank: MultiTaskModel, task: str, config: LoRAConfig) -> None:
     model = bank.base.model
     targets = config.target_modules or list(bank.base.family.lora_targets)
@@ -219,12 +188,8 @@ def attach(bank: MultiTaskModel, task: str, config: LoRAConfig) -> None:
             f"no default LoRA targets for model type '{bank.base.family.name}'; pass --lora-target-modules with "
             f"some of its linear layers: {', '.join(linear_module_names(model))}"
         )
-    for name in find_targets(model, targets, skip=bank.output_layer_names()):
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer, bank.routing).train(bank.training)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for name in find_linear(model, targets, bank.output_layer_names(), "--lora-target-modules"):
+        layer = wrapper_for(model, name, LoRALinear, bank.routing, bank.training)
         a, b = layer.add_task(task, config.rank, config.scaling, config.dropout)
         bank.own(task, f"{name}.lora_A.weight", a)
         bank.own(task, f"{name}.lora_B.weight", b)
@@ -232,20 +197,16 @@ def attach(bank: MultiTaskModel, task: str, config: LoRAConfig) -> None:
 
 def detach(bank: MultiTaskModel, task: str) -> None:
     model = bank.base.model
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, LoRALinear) and task in layer.lora_A:
-            layer.remove_task(task)
-            if not layer.lora_A:  # the last task here: put the plain layer back
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    for name, layer in layers_of(model, LoRALinear, task):
+        layer.remove_task(task)
+        drop_if_empty(model, name, layer)
 
 
 def lora_layers(bank: MultiTaskModel, task: str) -> list[LoRALinear]:
-    return [m for m in bank.base.model.modules() if isinstance(m, LoRALinear) and task in m.lora_A]
+    return [layer for _, layer in layers_of(bank.base.model, LoRALinear, task)]
 
 
-register(
-    Method(
+register(    Method(
         name="lora",
         config_class=LoRAConfig,
         attach=attach,

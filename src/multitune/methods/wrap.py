@@ -1,0 +1,127 @@
+"""Per-task wrappers of linear layers, and how several methods share one layer.
+
+LoRA, (IA)^3 and bottleneck adapters all attach at linear layers. Each method has one wrapper class
+(a :class:`TaskLinear`) that holds the per-task tensors of every task of that method at that layer.
+Wrappers of different methods on the same layer form a chain through ``base_layer``::
+
+    v_proj = IA3Linear(base_layer=LoRALinear(base_layer=Linear))
+
+Each batch row belongs to one task, and a wrapper passes the rows of other tasks through unchanged, so
+the order of the chain never changes a result. :func:`wrapper_for` finds or inserts a method's wrapper
+in a chain; :func:`drop_if_empty` takes it out again when its last task leaves.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from multitune.errors import ConfigError
+from multitune.routing import Routing
+
+LINEAR = (nn.Linear, Conv1D)
+
+
+class TaskLinear(nn.Module):
+    """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``, possibly already wrapped) plus tasks."""
+
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        inner = innermost(base_layer)
+        # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
+        self.fan_in_fan_out = isinstance(inner, Conv1D)
+        self.out_features, self.in_features = inner.weight.shape[::-1] if self.fan_in_fan_out else inner.weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:  # models read their layers' weight (T5 checks its dtype)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def task_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def remove_task(self, task: str) -> None:
+        raise NotImplementedError
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, TaskLinear):
+        module = module.base_layer
+    return module
+
+
+W = TypeVar("W", bound=TaskLinear)
+
+
+def _chain(module: nn.Module) -> list[nn.Module]:
+    chain = [module]
+    while isinstance(chain[-1], TaskLinear):
+        chain.append(chain[-1].base_layer)
+    return chain
+
+
+def wrapper_for(model: nn.Module, name: str, cls: type[W], routing: Routing, training: bool) -> W:
+    """The ``cls`` wrapper of layer ``name``: the one in its chain, or a new outermost one."""
+    module = model.get_submodule(name)
+    for link in _chain(module):
+        if isinstance(link, cls):
+            return link
+    wrapper = cls(module, routing)
+    wrapper.train(training)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    return wrapper
+
+
+def drop_if_empty(model: nn.Module, name: str, wrapper: TaskLinear) -> None:
+    """Take ``wrapper`` out of layer ``name``'s chain when it holds no task any more."""
+    if wrapper.task_names():
+        return
+    outer: nn.Module | None = None
+    for link in _chain(model.get_submodule(name)):
+        if link is wrapper:
+            break
+        outer = link
+    if outer is None:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapper.base_layer)
+    else:
+        outer.base_layer = wrapper.base_layer
+
+
+def layers_of(model: nn.Module, cls: type[W], task: str) -> list[tuple[str, W]]:
+    """(outermost layer name, wrapper) for every ``cls`` wrapper that holds ``task``."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, TaskLinear) and not name.endswith(".base_layer") and ".base_layer." not in name:
+            for link in _chain(module):
+                if isinstance(link, cls) and task in link.task_names():
+                    found.append((name, link))
+    return found
+
+
+def find_linear(model: nn.Module, targets: list[str] | tuple[str, ...], skip: set[str], flag: str) -> list[str]:
+    """Names of the linear layers (wrapped or not) whose name or dotted suffix matches a target.
+
+    ``["all-linear"]`` means every linear layer but those in ``skip`` (the LM head). A target that
+    matches nothing is an error naming the model's linear layers and the flag to fix it.
+    """
+    names = [n for n, m in model.named_modules()
+             if ".base_layer" not in n and n not in skip and isinstance(innermost(m), LINEAR)]
+    if list(targets) == ["all-linear"]:
+        return names
+    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"target modules {', '.join(missing)} not found in the base model; its linear layers are "
+                          f"named: {', '.join(known)}. Pass {flag} with some of those")
+    return matched
