@@ -44,7 +44,7 @@ def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from multitune.api import load
-    from multitune.data import load_examples, prepare_splits
+    from multitune.data import load_examples
 
     task = load(args.run, model=args.model, device=args.device)
     if args.data:
@@ -53,16 +53,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:  # the run's own test split, rebuilt from its config (the split is deterministic)
         import yaml
 
+        from multitune.config import DataConfig
+
         config_file = Path(args.run) / "config.yaml"
         if not config_file.is_file():
             raise ConfigError(f"no --data given and {config_file} not found; pass --data FILE to evaluate on")
         d = yaml.safe_load(config_file.read_text())["data"]
-        from multitune.data import Columns
-
-        columns = Columns(d["text_column"], d["text_pair_column"], d["label_column"], d["prompt_column"],
-                          d["input_column"], d["response_column"])
-        examples = prepare_splits(d["data"], task.spec.kind, columns, d["validation_data"], d["test_data"],
-                                  tuple(d["split"]), d["split_seed"], d["drop_empty"], d["max_examples"]).test
+        examples = DataConfig(**d).splits(task.spec.kind).test
         where = f"the test split of {d['data']}"
     unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(task.labels))
     if task.spec.kind == "classification" and unseen:

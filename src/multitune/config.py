@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from multitune.data import Columns, Splits, prepare_splits
 from multitune.errors import ConfigError
 from multitune.methods import METHODS
 
@@ -38,6 +39,15 @@ class DataConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split"})
     drop_empty: bool = field(default=False, metadata={"help": "drop rows with an empty text or label"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most N training examples"})
+
+    def splits(self, kind: str) -> Splits:
+        """Read, validate and split the data as these settings say."""
+        if not self.data:
+            raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
+        columns = Columns(self.text_column, self.text_pair_column, self.label_column, self.prompt_column,
+                          self.input_column, self.response_column)
+        return prepare_splits(self.data, kind, columns, self.validation_data, self.test_data,  # type: ignore[arg-type]
+                              tuple(self.split), self.split_seed, self.drop_empty, self.max_examples)
 
 
 @dataclass

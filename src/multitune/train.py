@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
 from multitune.config import RunConfig, TrainConfig, to_yaml
-from multitune.data import Columns, Example, prepare_splits
+from multitune.data import Example
 from multitune.encode import collate, encode_example, to_device
 from multitune.errors import ConfigError
 from multitune.evaluate import evaluate
@@ -256,13 +256,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True,
         return json.loads((out / "result.json").read_text())
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"run folder {out} already exists; pass --resume to continue it or choose another --output")
-    d = config.data
-    if not d.data:
-        raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
-    columns = Columns(d.text_column, d.text_pair_column, d.label_column, d.prompt_column, d.input_column,
-                      d.response_column)
-    splits = prepare_splits(d.data, config.kind, columns, d.validation_data, d.test_data, tuple(d.split),
-                            d.split_seed, d.drop_empty, d.max_examples)
+    splits = config.data.splits(config.kind)
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)
     torch.manual_seed(config.train.seed)
