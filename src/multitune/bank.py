@@ -62,6 +62,7 @@ class MultiTaskModel(nn.Module):
         self.base = base
         self.model = base.model  # registered, so .to() and state_dict() see the base
         self.heads = nn.ModuleDict()
+        self.prompts = nn.ParameterDict()  # task -> (n, d) virtual token embeddings (prompt tuning)
         self.tasks: dict[str, TaskSpec] = {}
         self.routing = Routing()
         self._owned: dict[str, dict[str, nn.Parameter]] = {}
@@ -98,20 +99,21 @@ class MultiTaskModel(nn.Module):
                 f"generation needs a causal LM or a seq2seq model; {self.base.source} is an encoder. "
                 "Use a decoder such as smollm2-135m, or a classification task"
             )
+        spec = TaskSpec(name, kind, method, asdict(config), list(labels or []),
+                        (pooling or default_pooling(self.base)) if kind == "classification" else None)
         self._owned[name] = {}
+        self.tasks[name] = spec  # before attach: a method may read the task's labels (prompt init)
         try:
             spec_method.attach(self, name, config)
         except Exception:
             self._owned.pop(name, None)
+            self.tasks.pop(name, None)
             raise
         if kind == "classification":
             head = nn.Linear(self.base.hidden_size, len(labels or []), device=self.base.device)
             self.heads[name] = head
             for key, param in head.named_parameters():
                 self.own(name, f"head.{key}", param)
-        spec = TaskSpec(name, kind, method, asdict(config), list(labels or []),
-                        (pooling or default_pooling(self.base)) if kind == "classification" else None)
-        self.tasks[name] = spec
         self.routing.slots.append(name)
         self.routing.version += 1
         return spec
@@ -207,25 +209,65 @@ class MultiTaskModel(nn.Module):
             self.routing.clear()
 
     # ---- forward -----------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The last hidden states (B, L, d) for classification; for seq2seq, the first decoder step (B, 1, d)."""
+    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     task_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """The base model's inputs for a batch, and the number of virtual positions prepended.
+
+        Rows whose task has a soft prompt get its virtual tokens before their text (Lester et al. 2021,
+        section 2). Prompts are right-aligned to the longest one in the batch; the positions before a
+        shorter prompt (or before the text of a row with none) are masked, and position ids count only
+        unmasked positions, so every row sees exactly the positions it would see alone.
+        """
+        plain = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not self.prompts or self.routing.disabled:
+            return plain, 0
+        slots = self.slots
+        sizes = torch.tensor([self.prompts[t].shape[0] if t in self.prompts else 0 for t in slots])
+        lengths = sizes[task_ids.cpu()].to(input_ids.device)  # (B,)
+        width = int(lengths.max()) if lengths.numel() else 0
+        if width == 0:
+            return plain, 0
+        embeds = self.base.model.get_input_embeddings()(input_ids)  # (B, L, d)
+        virtual = self._prompt_stack(width)[task_ids].to(embeds.dtype)  # (B, width, d)
+        positions = torch.arange(width, device=input_ids.device)
+        virtual_mask = (positions >= width - lengths[:, None]).to(attention_mask.dtype)  # (B, width)
+        mask = torch.cat([virtual_mask, attention_mask], dim=1)
+        inputs = {"inputs_embeds": torch.cat([virtual, embeds], dim=1), "attention_mask": mask}
+        if self.base.arch != "seq2seq":  # T5's positions are relative: masked slots change nothing
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs, width
+
+    def _prompt_stack(self, width: int) -> torch.Tensor:
+        """(S, width, d): each slot's prompt right-aligned, zeros for slots without one."""
+        d = self.base.hidden_size
+        ref = next(iter(self.prompts.values()))
+        rows = []
+        for task in self.slots:
+            if task in self.prompts:
+                p = self.prompts[task]
+                rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)) if p.shape[0] < width else p[-width:])
+            else:
+                rows.append(ref.new_zeros(width, d))
+        return torch.stack(rows)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      task_ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden states of the text positions (B, L, d); for seq2seq, the first decoder step (B, 1, d)."""
+        inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
         if self.base.arch == "seq2seq":
             start = self.base.model.config.decoder_start_token_id or 0
             decoder_input_ids = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
-            out = self.base.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  decoder_input_ids=decoder_input_ids, output_hidden_states=True)
+            out = self.base.model(**inputs, decoder_input_ids=decoder_input_ids, output_hidden_states=True)
             return out.decoder_hidden_states[-1]
-        return self.base.backbone()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.base.backbone()(**inputs).last_hidden_state[:, width:]
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf."""
         with self.routed(task_ids):
-            hidden = self.hidden_states(input_ids, attention_mask)
+            hidden = self.hidden_states(input_ids, attention_mask, task_ids)
+            single = self.routing.single
         slots = self.slots
-        if self.routing.single is None:
-            present = sorted({int(t) for t in task_ids.tolist()})
-        else:
-            present = [int(task_ids[0])]
+        present = [slots.index(single)] if single is not None else sorted({int(t) for t in task_ids.tolist()})
         width = max(len(self.tasks[slots[s]].labels) for s in present)
         logits = hidden.new_full((input_ids.shape[0], width), float("-inf"), dtype=torch.float32)
         for slot in present:  # heads are tiny; pooling differs per task
@@ -243,14 +285,14 @@ class MultiTaskModel(nn.Module):
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
+        labels = batch["labels"]
         with self.routed(batch["task_ids"]):
+            inputs, width = self.model_inputs(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
             if self.base.arch == "seq2seq":
-                logits = self.base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         labels=batch["labels"]).logits
-                labels = batch["labels"]
+                logits = self.base.model(**inputs, labels=labels).logits
             else:
-                logits = self.base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+                logits = self.base.model(**inputs).logits[:, width:]
+                logits, labels = logits[:, :-1], labels[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                               ignore_index=-100, reduction="sum")
         return nll, (labels != -100).sum()
@@ -262,8 +304,12 @@ class MultiTaskModel(nn.Module):
         tokenizer = self.base.tokenizer
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         with self.routed(task_ids):
-            out = self.base.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return out[:, input_ids.shape[1]:] if self.base.arch == "decoder" else out
+            inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
+            inputs.pop("position_ids", None)  # generate derives positions from the mask, step by step
+            out = self.base.model.generate(**inputs, **kwargs)
+        if self.base.arch == "decoder" and "input_ids" in inputs:
+            return out[:, input_ids.shape[1]:]
+        return out  # from inputs_embeds, a decoder returns only the new tokens
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch: mean cross-entropy over rows (classification) or target tokens."""

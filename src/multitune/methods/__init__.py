@@ -54,4 +54,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from multitune.methods import full, lora  # noqa: E402,F401  (registration)
+from multitune.methods import full, lora, prompt  # noqa: E402,F401  (registration)

@@ -51,10 +51,11 @@ def frozen_modules(bank: MultiTaskModel, freeze_layers: int) -> list[nn.Module]:
 
 
 def attach(bank: MultiTaskModel, task: str, config: FullConfig) -> None:
-    if bank.tasks:
+    others = [t for t in bank.tasks if t != task]
+    if others:
         raise ConfigError(
             f"full fine-tuning changes the base, so task '{task}' needs a bank of its own; "
-            f"this bank already holds: {', '.join(bank.tasks)}"
+            f"this bank already holds: {', '.join(others)}"
         )
     model = bank.base.model
     model.float()  # trained weights are kept in float32; autocast computes in bfloat16 on a GPU
