@@ -11,7 +11,8 @@ Checklist for adding a method:
 1. ``methods/NAME.py`` with a dataclass config (field docs in ``metadata={"help": ...}``), ``attach``
    and ``detach``; the parameters it creates are registered under the base model's module tree with
    the task name as the last key, so that ``bank.task_parameters(task)`` finds exactly them.
-2. One ``register(...)`` line at the end of that module and its import below.
+2. One ``register(...)`` line at the end of that module; every module of this package is imported
+   below, so nothing else needs editing.
 3. Tests: a row in the method x family matrix of tests/test_methods.py.
 """
 
@@ -54,4 +55,14 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from multitune.methods import full, lora, prompt  # noqa: E402,F401  (registration)
+def _import_all() -> None:
+    """Import every method module of this package: each registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "wrap" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
