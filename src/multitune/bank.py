@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multitune.errors import ConfigError
-from multitune.methods import get_method
+from multitune.methods import METHODS, get_method
 from multitune.models import Base
 from multitune.routing import Routing
 
@@ -175,21 +175,20 @@ class MultiTaskModel(nn.Module):
 
     # ---- merge / disable ---------------------------------------------------------------------------
     def merge(self, task: str) -> None:
-        """Fold a LoRA task into the base weights (for single-task deployment); :meth:`unmerge` undoes it."""
-        from multitune.methods.lora import lora_layers
-
-        if self._spec(task).method != "lora":
-            raise ConfigError(f"only LoRA tasks can be merged; '{task}' uses {self.tasks[task].method}")
+        """Fold a task into the base weights (LoRA, (IA)^3: single-task deployment); :meth:`unmerge` undoes it."""
+        method = get_method(self._spec(task).method)
+        if method.merge is None:
+            foldable = ", ".join(n for n, m in METHODS.items() if m.merge is not None)
+            raise ConfigError(f"'{task}' uses {method.name}, which cannot be folded into the base weights; "
+                              f"methods that can: {foldable}")
         if len(self.tasks) > 1:
             raise ConfigError(f"merging '{task}' would change the base under the bank's other tasks; merge in a bank of one task")
-        for layer in lora_layers(self, task):
-            layer.merge(task)
+        method.merge(self, task)
 
     def unmerge(self, task: str) -> None:
-        from multitune.methods.lora import lora_layers
-
-        for layer in lora_layers(self, task):
-            layer.unmerge(task)
+        method = get_method(self._spec(task).method)
+        if method.unmerge is not None:
+            method.unmerge(self, task)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:

@@ -39,6 +39,10 @@ class Method:
     summary: str
     changes_base: bool = False  # full fine-tuning: the task owns the base weights
     default_learning_rate: float = 1e-3
+    # Folding a task into the base weights (single-task deployment) and taking it out again; None when
+    # the method cannot be folded (soft prompts, prefixes, adapters with a nonlinearity).
+    merge: Callable[[MultiTaskModel, str], None] | None = None
+    unmerge: Callable[[MultiTaskModel, str], None] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -206,12 +206,16 @@ def lora_layers(bank: MultiTaskModel, task: str) -> list[LoRALinear]:
     return [layer for _, layer in layers_of(bank.base.model, LoRALinear, task)]
 
 
-register(    Method(
-        name="lora",
-        config_class=LoRAConfig,
-        attach=attach,
-        detach=detach,
-        summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
-        default_learning_rate=5e-4,
-    )
-)
+def merge(bank: MultiTaskModel, task: str) -> None:
+    for layer in lora_layers(bank, task):
+        layer.merge(task)
+
+
+def unmerge(bank: MultiTaskModel, task: str) -> None:
+    for layer in lora_layers(bank, task):
+        layer.unmerge(task)
+
+
+register(Method(name="lora", config_class=LoRAConfig, attach=attach, detach=detach,
+                summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
+                default_learning_rate=5e-4, merge=merge, unmerge=unmerge))
