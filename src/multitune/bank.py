@@ -63,6 +63,7 @@ class MultiTaskModel(nn.Module):
         self.model = base.model  # registered, so .to() and state_dict() see the base
         self.heads = nn.ModuleDict()
         self.prompts = nn.ParameterDict()  # task -> (n, d) virtual token embeddings (prompt tuning)
+        self.prefixes = nn.ModuleDict()  # task -> PrefixEncoder: per-layer key/value prefixes (prefix tuning)
         self.tasks: dict[str, TaskSpec] = {}
         self.routing = Routing()
         self._owned: dict[str, dict[str, nn.Parameter]] = {}
@@ -209,32 +210,61 @@ class MultiTaskModel(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     task_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        """The base model's inputs for a batch, and the number of virtual positions prepended.
+                     task_ids: torch.Tensor) -> tuple[dict[str, Any], int]:
+        """The base model's inputs for a batch, and the number of virtual positions prepended to the text.
 
         Rows whose task has a soft prompt get its virtual tokens before their text (Lester et al. 2021,
         section 2). Prompts are right-aligned to the longest one in the batch; the positions before a
-        shorter prompt (or before the text of a row with none) are masked, and position ids count only
-        unmasked positions, so every row sees exactly the positions it would see alone.
+        shorter prompt (or before the text of a row with none) are masked.
+
+        Rows whose task has prefixes (Li & Liang 2021) get them through ``past_key_values``, right-aligned
+        the same way, with the prefix positions in front of the attention mask (for T5: of the decoder's,
+        under the private key ``_prefix_mask`` that the callers turn into ``decoder_attention_mask``).
+
+        Position ids count only unmasked positions, so every row sees exactly the positions it would see
+        alone: with a prefix of n, its text starts at position n, as in the peft package.
         """
-        plain = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if not self.prompts or self.routing.disabled:
-            return plain, 0
-        slots = self.slots
-        sizes = torch.tensor([self.prompts[t].shape[0] if t in self.prompts else 0 for t in slots])
-        lengths = sizes[task_ids.cpu()].to(input_ids.device)  # (B,)
-        width = int(lengths.max()) if lengths.numel() else 0
-        if width == 0:
-            return plain, 0
-        embeds = self.base.model.get_input_embeddings()(input_ids)  # (B, L, d)
-        virtual = self._prompt_stack(width)[task_ids].to(embeds.dtype)  # (B, width, d)
-        positions = torch.arange(width, device=input_ids.device)
-        virtual_mask = (positions >= width - lengths[:, None]).to(attention_mask.dtype)  # (B, width)
-        mask = torch.cat([virtual_mask, attention_mask], dim=1)
-        inputs = {"inputs_embeds": torch.cat([virtual, embeds], dim=1), "attention_mask": mask}
-        if self.base.arch != "seq2seq":  # T5's positions are relative: masked slots change nothing
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.routing.disabled or not (self.prompts or self.prefixes):
+            return inputs, 0
+        width = 0
+        if self.prompts:
+            slots = self.slots
+            sizes = torch.tensor([self.prompts[t].shape[0] if t in self.prompts else 0 for t in slots])
+            lengths = sizes[task_ids.cpu()].to(input_ids.device)  # (B,)
+            width = int(lengths.max()) if lengths.numel() else 0
+        if width:
+            embeds = self.base.model.get_input_embeddings()(input_ids)  # (B, L, d)
+            virtual = self._prompt_stack(width)[task_ids].to(embeds.dtype)  # (B, width, d)
+            positions = torch.arange(width, device=input_ids.device)
+            virtual_mask = (positions >= width - lengths[:, None]).to(attention_mask.dtype)  # (B, width)
+            inputs = {"inputs_embeds": torch.cat([virtual, embeds], dim=1),
+                      "attention_mask": torch.cat([virtual_mask, attention_mask], dim=1)}
+        prefix = None
+        if self.prefixes:
+            from multitune.methods.prefix import prefix_cache
+
+            prefix = prefix_cache(self, task_ids, self.base.model.dtype)
+        prefix_mask = attention_mask.new_zeros(input_ids.shape[0], 0)
+        if prefix is not None:
+            inputs["past_key_values"], prefix_mask = prefix[0], prefix[1].to(attention_mask.dtype)
+            if self.base.arch == "seq2seq":
+                inputs["_prefix_mask"] = prefix_mask
+                prefix_mask = prefix_mask[:, :0]
+            else:
+                inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
+        if self.base.arch != "seq2seq" and (width or prefix is not None):  # T5's positions are relative
+            full = inputs["attention_mask"]
+            inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, prefix_mask.shape[1]:]
         return inputs, width
+
+    @staticmethod
+    def _decoder_mask(inputs: dict[str, Any], batch: int, length: int, device: torch.device) -> None:
+        """T5 with prefixes: the decoder's mask is [prefix mask; ones over its own positions]."""
+        prefix_mask = inputs.pop("_prefix_mask", None)
+        if prefix_mask is not None:
+            ones = torch.ones(batch, length, dtype=prefix_mask.dtype, device=device)
+            inputs["decoder_attention_mask"] = torch.cat([prefix_mask, ones], dim=1)
 
     def _prompt_stack(self, width: int) -> torch.Tensor:
         """(S, width, d): each slot's prompt right-aligned, zeros for slots without one."""
@@ -256,6 +286,7 @@ class MultiTaskModel(nn.Module):
         if self.base.arch == "seq2seq":
             start = self.base.model.config.decoder_start_token_id or 0
             decoder_input_ids = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+            self._decoder_mask(inputs, input_ids.shape[0], 1, input_ids.device)
             out = self.base.model(**inputs, decoder_input_ids=decoder_input_ids, output_hidden_states=True)
             return out.decoder_hidden_states[-1]
         return self.base.backbone()(**inputs).last_hidden_state[:, width:]
@@ -288,6 +319,7 @@ class MultiTaskModel(nn.Module):
         with self.routed(batch["task_ids"]):
             inputs, width = self.model_inputs(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
             if self.base.arch == "seq2seq":
+                self._decoder_mask(inputs, labels.shape[0], labels.shape[1], labels.device)
                 logits = self.base.model(**inputs, labels=labels).logits
             else:
                 logits = self.base.model(**inputs).logits[:, width:]
@@ -299,15 +331,37 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor,
                  **kwargs: Any) -> torch.Tensor:
-        """Generated token ids; decoders return only the new tokens (inputs must be left-padded)."""
+        """Generated token ids; decoders return only the new tokens (inputs must be left-padded).
+
+        With prefixes, ``generate`` is given a cache that already holds n positions; it expects the
+        first n tokens of its input to be the ones cached, so n placeholder tokens (or zero embeddings)
+        go first and are cut from the output.
+        """
         tokenizer = self.base.tokenizer
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        pad = tokenizer.pad_token_id
+        kwargs.setdefault("pad_token_id", pad)
+        batch = input_ids.shape[0]
         with self.routed(task_ids):
             inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
             inputs.pop("position_ids", None)  # generate derives positions from the mask, step by step
+            cached = inputs["past_key_values"].get_seq_length() if "past_key_values" in inputs else 0
+            if self.base.arch == "seq2seq" and cached:
+                start = self.base.model.config.decoder_start_token_id or 0
+                inputs["decoder_input_ids"] = torch.cat(
+                    [torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device),
+                     torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)], dim=1)
+                self._decoder_mask(inputs, batch, 1, input_ids.device)
+            elif cached and "input_ids" in inputs:
+                placeholder = torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device)
+                inputs["input_ids"] = torch.cat([placeholder, input_ids], dim=1)
+            elif cached:
+                embeds = inputs["inputs_embeds"]
+                inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(batch, cached, embeds.shape[-1]), embeds], dim=1)
             out = self.base.model.generate(**inputs, **kwargs)
-        if self.base.arch == "decoder" and "input_ids" in inputs:
-            return out[:, input_ids.shape[1]:]
+        if self.base.arch == "seq2seq":
+            return out[:, cached:]
+        if "input_ids" in inputs:
+            return out[:, inputs["input_ids"].shape[1]:]
         return out  # from inputs_embeds, a decoder returns only the new tokens
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -190,6 +190,9 @@ def train(
     # ---- restore the best ----------------------------------------------------------------------------
     if best is not None:
         bank.load_task_state_dict(task, best)
+    fold = get_method(bank.tasks[task].method).fold
+    if fold is not None:  # training-time parameters become what is saved and served
+        fold(bank, task)
     return TrainResult(state["step"], state["best_step"], state["best_metric"], metric, state["stopped_early"],
                        time.perf_counter() - start, state["history"])
 

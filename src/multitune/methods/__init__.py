@@ -43,6 +43,9 @@ class Method:
     # the method cannot be folded (soft prompts, prefixes, adapters with a nonlinearity).
     merge: Callable[[MultiTaskModel, str], None] | None = None
     unmerge: Callable[[MultiTaskModel, str], None] | None = None
+    # Called when training ends, before saving: turn training-time parameters into what is served
+    # (prefix tuning folds its reparameterisation MLP into plain prefixes).
+    fold: Callable[[MultiTaskModel, str], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
