@@ -115,6 +115,34 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "--method lora --output runs/mine")
 
 
+def cmd_methods(args: argparse.Namespace) -> None:
+    from multitune.catalog import base_parameters, method_facts
+    from multitune.models import load_base
+
+    if args.labels < 2:
+        raise ConfigError(f"--labels must be >= 2 (got {args.labels})")
+    base = None if args.no_model else load_base(args.model, device="cpu")
+    facts = method_facts(base, args.kind, args.labels)
+    if base is not None:
+        total = base_parameters(base)
+        what = f"{args.kind}, {args.labels} labels" if args.kind == "classification" else args.kind
+        print(f"methods on {args.model} ({total:,} parameters; {what}; default settings):\n")
+        print(f"{'method':<10} {'trainable':>12} {'% of base':>10} {'stored':>12} {'bytes/task':>10}  summary")
+        for f in facts:
+            if f.trainable is None:
+                print(f"{f.name:<10} {'n/a':>12} {'':>10} {'':>12} {'':>10}  {f.problem}")
+                continue
+            mb = f"{(f.stored_bytes or 0) / 1e6:.2f} MB" if (f.stored_bytes or 0) >= 1e5 else f"{(f.stored_bytes or 0) / 1e3:.1f} kB"
+            print(f"{f.name:<10} {f.trainable:>12,} {100 * f.trainable / total:>9.3f}% {f.stored or 0:>12,} {mb:>10}  "
+                  f"{f.summary}")
+        print()
+    for f in facts:
+        print(f"{f.name}: {f.summary}")
+        for s in f.settings:
+            print(f"  {s.flag:<34} {s.help} (default: {s.default})")
+    print("\nuse one: multitune train --method NAME [its flags] --data FILE ...")
+
+
 def _add_io(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or adapter folder) written by 'multitune train'")
     parser.add_argument("--model", help="load the adapter onto this base instead of the recorded one")
@@ -149,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="where to write the rows with a 'prediction' column")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation: tokens to generate (default: 64)")
     p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("methods", help="list the methods, their settings and their cost on a model")
+    p.add_argument("--model", default="minilm", help="count parameters on this base (default: minilm)")
+    p.add_argument("--kind", default="classification", choices=["classification", "generation"],
+                   help="the task kind to count for (default: classification)")
+    p.add_argument("--labels", type=int, default=2, help="classification: number of labels (default: 2)")
+    p.add_argument("--no-model", action="store_true", help="list methods and settings without loading a model")
+    p.set_defaults(func=cmd_methods)
 
     p = commands.add_parser("demo", help="generate a small task and train LoRA on it (a few minutes on CPU)")
     p.add_argument("--output", default="runs/demo", help="folder for the data and the run (default: runs/demo)")
