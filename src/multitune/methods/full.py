@@ -60,10 +60,15 @@ def attach(bank: MultiTaskModel, task: str, config: FullConfig) -> None:
     model = bank.base.model
     model.float()  # trained weights are kept in float32; autocast computes in bfloat16 on a GPU
     frozen = {id(p) for m in frozen_modules(bank, config.freeze_layers) for p in m.parameters()}
+    # Parameters a task never uses would only add bytes to what it stores: BERT's pooler (our heads pool
+    # the hidden states) and, for classification, a decoder's LM head unless it is tied to the embeddings.
+    unused = {id(p) for n, p in model.named_parameters() if n.startswith("pooler.")}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if bank.tasks[task].kind == "classification" and output is not None:
+        tied = {id(p) for p in model.get_input_embeddings().parameters()}
+        unused |= {id(p) for p in output.parameters() if id(p) not in tied}
     for name, param in model.named_parameters():
-        # BERT's pooler never feeds our heads (they pool the hidden states): training it would only add
-        # bytes to the stored task.
-        if id(param) not in frozen and not name.startswith("pooler."):
+        if id(param) not in frozen and id(param) not in unused:
             param.requires_grad_(True)
             bank.own(task, name, param)
 
