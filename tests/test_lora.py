@@ -195,3 +195,20 @@ def test_removing_a_task_restores_plain_layers_and_keeps_the_others() -> None:
     bank.remove_task("a")
     assert not any(isinstance(m, LoRALinear) for m in base.model.modules())
     assert word_tokenizer() is not None
+
+
+def test_mixed_forward_without_gradients_sees_weights_changed_in_place() -> None:
+    base = tiny_base("llama")
+    bank = MultiTaskModel(base)
+    for task in ("a", "b"):
+        bank.add_task(task, "classification", "lora", LoRAConfig(rank=2), ["x", "y"])
+        _randomize(bank, task)
+    ids, mask = _batch(base)
+    rows = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        first = bank.classify(ids, mask, rows)  # builds and caches the stacked weights
+        bank.task_parameters("a")["model.layers.0.self_attn.q_proj.lora_B.weight"].add_(0.5)  # an optimizer step
+        second = bank.classify(ids, mask, rows)
+        alone = bank.classify(ids[:1], mask[:1], bank.task_ids("a", 1))
+    assert not torch.allclose(first[0], second[0])
+    torch.testing.assert_close(second[:1], alone, atol=1e-5, rtol=0)

@@ -70,7 +70,7 @@ class LoRALinear(TaskLinear):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.merged: set[str] = set()
-        self._stack: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stack: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def task_names(self) -> list[str]:
         return list(self.lora_A)
@@ -143,7 +143,10 @@ class LoRALinear(TaskLinear):
         each task's own parameters.
         """
         routing = self.routing
-        if self._stack is not None and self._stack[0] == routing.version and not torch.is_grad_enabled():
+        # An optimizer step or a load changes parameters in place: their version counters are in the key.
+        key = (routing.version, len(self.merged), *(p._version for p in self.lora_A.values()),
+               *(p._version for p in self.lora_B.values()))
+        if self._stack is not None and self._stack[0] == key and not torch.is_grad_enabled():
             return self._stack[1:]
         rank = max(p.shape[0] for p in self.lora_A.values())
         ref = next(iter(self.lora_A.values()))
@@ -160,7 +163,7 @@ class LoRALinear(TaskLinear):
                 scales.append(0.0)
         stack = (torch.stack(a_rows), torch.stack(b_rows), torch.tensor(scales, device=ref.device))
         if not torch.is_grad_enabled():
-            self._stack = (routing.version, *stack)
+            self._stack = (key, *stack)
         return stack
 
     def _mixed(self, x: torch.Tensor) -> torch.Tensor:
