@@ -11,6 +11,7 @@ from multitune.config import TrainConfig
 from multitune.data import Columns, load_examples, prepare_splits
 from multitune.evaluate import evaluate, generate_texts
 from multitune.methods.lora import LoRAConfig
+from multitune.methods.prompting import PromptingConfig
 from multitune.models import load_base
 from multitune.train import train
 
@@ -52,3 +53,60 @@ def test_smollm2_loads_from_gguf_and_lora_sft_lowers_the_loss_on_alpaca() -> Non
     assert after < before
     text = generate_texts(bank, "alpaca", examples[:2], max_length=128, max_new_tokens=8)
     assert len(text) == 2 and all(isinstance(t, str) and t for t in text)
+
+
+# ---- every method on the real models ---------------------------------------------------------------
+TRAINED = {"lora": 2e-3, "prefix": 1e-2, "adapter": 2e-3, "prompt": 3e-2, "ia3": 1e-2, "full": 5e-5}
+
+
+@pytest.fixture(scope="module")
+def sst2_subset() -> tuple[list, list, list[str]]:
+    folder = shared_dataset("sst2")
+    splits = prepare_splits(folder / "train.csv", "classification", validation_path=folder / "dev.csv",
+                            test_path=folder / "dev.csv", max_examples=160)
+    return list(splits.train), list(splits.validation[:96]), splits.labels
+
+
+@needs_minilm
+@pytest.mark.parametrize("method", list(TRAINED))
+def test_every_method_trains_on_an_sst2_subset_with_minilm(method: str, sst2_subset) -> None:
+    train_set, dev, labels = sst2_subset
+    torch.manual_seed(0)
+    bank = MultiTaskModel(load_base("minilm", device="cpu"))
+    bank.add_task("sst2", "classification", method, None, labels)
+    before = evaluate(bank, "sst2", dev, max_length=64)["loss"]
+    config = TrainConfig(epochs=1, batch_size=16, learning_rate=TRAINED[method], max_length=64, warmup_ratio=0.1)
+    train(bank, "sst2", train_set, [], config, progress=False)  # 10 steps
+    after = evaluate(bank, "sst2", dev, max_length=64)["loss"]
+    assert after < before, (before, after)
+
+
+@needs_minilm
+def test_zero_and_few_shot_prompting_on_minilm_beat_chance_without_training(sst2_subset) -> None:
+    train_set, dev, labels = sst2_subset
+    bank = MultiTaskModel(load_base("minilm", device="cpu"))
+    accuracy = {}
+    for shots in (0, 4):
+        task = f"shots{shots}"
+        bank.add_task(task, "classification", "prompting", PromptingConfig(shots=shots), labels)
+        result = train(bank, task, train_set, [], TrainConfig(max_length=64), progress=False)
+        assert result.steps == 0 and not bank.task_parameters(task)
+        accuracy[shots] = evaluate(bank, task, dev, max_length=64)["accuracy"]
+    assert min(accuracy.values()) > 0.55, accuracy
+
+
+@needs_smollm
+@pytest.mark.parametrize("method", list(TRAINED))
+def test_every_method_lowers_the_loss_on_alpaca_with_smollm2(method: str) -> None:
+    data = shared_dataset("alpaca", "alpaca_5000.json")
+    examples = load_examples(data, "generation", Columns(prompt="instruction", input="input", response="output"),
+                             drop_empty=True)[:16]
+    torch.manual_seed(0)
+    bank = MultiTaskModel(load_base("smollm2-135m", device="cpu"))
+    bank.add_task("alpaca", "generation", method)
+    before = evaluate(bank, "alpaca", examples, max_length=96, generate=False)["loss"]
+    lr = {"full": 2e-5, "prompt": 3e-2, "prefix": 5e-3}.get(method, TRAINED[method])
+    config = TrainConfig(epochs=1, max_steps=4, batch_size=4, learning_rate=lr, max_length=96, warmup_ratio=0.0)
+    train(bank, "alpaca", examples, [], config, progress=False)
+    after = evaluate(bank, "alpaca", examples, max_length=96, generate=False)["loss"]
+    assert after < before, (before, after)

@@ -110,7 +110,7 @@ class MultiTaskModel(nn.Module):
             self._owned.pop(name, None)
             self.tasks.pop(name, None)
             raise
-        if kind == "classification":
+        if kind == "classification" and spec_method.score is None:  # a method that scores labels has no head
             head = nn.Linear(self.base.hidden_size, len(labels or []), device=self.base.device)
             self.heads[name] = head
             for key, param in head.named_parameters():
@@ -292,7 +292,14 @@ class MultiTaskModel(nn.Module):
         return self.base.backbone()(**inputs).last_hidden_state[:, width:]
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf."""
+        """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf.
+
+        Rows of a task whose method scores labels itself (prompting) get that method's scores, not a head's.
+        """
+        if any(get_method(spec.method).score is not None for spec in self.tasks.values()):
+            scored = self._classify_scored(input_ids, attention_mask, task_ids)
+            if scored is not None:
+                return scored
         with self.routed(task_ids):
             hidden = self.hidden_states(input_ids, attention_mask, task_ids)
             single = self.routing.single
@@ -311,6 +318,30 @@ class MultiTaskModel(nn.Module):
                 logits = out if out.shape[1] == width else F.pad(out, (0, width - out.shape[1]), value=float("-inf"))
             else:
                 logits[rows, : out.shape[1]] = out
+        return logits
+
+    def _classify_scored(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         task_ids: torch.Tensor) -> torch.Tensor | None:
+        """Logits of a batch with rows whose method has ``score``: those rows by it, the rest by their heads."""
+        slots = self.slots
+        present = sorted({int(t) for t in task_ids.tolist()})
+        scorers = {s: get_method(self.tasks[slots[s]].method).score for s in present}
+        if all(score is None for score in scorers.values()):
+            return None
+        width = max(len(self.tasks[slots[s]].labels) for s in present)
+        logits = torch.full((input_ids.shape[0], width), float("-inf"), device=input_ids.device)
+        headed = torch.zeros_like(task_ids, dtype=torch.bool)
+        for slot, score in scorers.items():
+            rows = (task_ids == slot).nonzero(as_tuple=True)[0]
+            if score is None:
+                headed[rows] = True
+                continue
+            out = score(self, slots[slot], input_ids[rows], attention_mask[rows])
+            logits[rows, : out.shape[1]] = out.float()
+        if headed.any():  # rows of tasks with heads: no scored row among them, so this returns at the heads
+            rows = headed.nonzero(as_tuple=True)[0]
+            out = self.classify(input_ids[rows], attention_mask[rows], task_ids[rows])
+            logits[rows, : out.shape[1]] = out.float()
         return logits
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from multitune.bank import TaskSpec
+from multitune.bank import MultiTaskModel, TaskSpec
 from multitune.data import Example
+from multitune.methods import get_method
 from multitune.models import Base
 
 IGNORE = -100
@@ -57,6 +58,17 @@ def encode_example(base: Base, spec: TaskSpec, example: Example, max_length: int
     response = response[: max(1, max_length // 2)] if len(prompt) + len(response) > max_length else response
     prompt = prompt[-(max_length - len(response)):]
     return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
+
+
+def encode_task(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int,
+                with_target: bool = True) -> list[dict[str, Any]]:
+    """Features of a task's examples: its method's ``render`` first (prompting's templates), then
+    :func:`encode_example`. Every encoding of a task's examples goes through here."""
+    spec = bank.tasks[task]
+    render = get_method(spec.method).render
+    if render is not None:
+        examples = render(bank, task, examples, max_length)
+    return [encode_example(bank.base, spec, ex, max_length, with_target) for ex in examples]
 
 
 def collate(features: Sequence[dict[str, Any]], pad_id: int, task_slot: int | Sequence[int],

@@ -10,7 +10,7 @@ import torch
 
 from multitune.bank import MultiTaskModel, TaskSpec
 from multitune.data import Example
-from multitune.encode import collate, encode_example, to_device
+from multitune.encode import collate, encode_task, to_device
 from multitune.metrics import classification_metrics, generation_metrics, perplexity
 
 
@@ -36,7 +36,7 @@ def predict_proba(bank: MultiTaskModel, task: str, examples: Sequence[Example], 
     bank.eval()
     out = []
     for chunk in _batches(examples, batch_size):
-        features = [encode_example(bank.base, spec, ex, max_length) for ex in chunk]
+        features = encode_task(bank, task, chunk, max_length)
         batch = to_device(collate(features, pad, slot), bank.base.device)
         with _autocast(bank):
             logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
@@ -56,7 +56,6 @@ def predict_labels(bank: MultiTaskModel, task: str, examples: Sequence[Example],
 def generate_texts(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
                    max_new_tokens: int = 64, batch_size: int = 16, **generate_kwargs: Any) -> list[str]:
     """Greedy (by default) completions of each example's prompt."""
-    spec = bank.tasks[task]
     slot = bank.slots.index(task)
     tokenizer = bank.base.tokenizer
     was_training = bank.training
@@ -64,7 +63,7 @@ def generate_texts(bank: MultiTaskModel, task: str, examples: Sequence[Example],
     texts: list[str] = []
     generate_kwargs.setdefault("do_sample", False)
     for chunk in _batches(examples, batch_size):
-        features = [encode_example(bank.base, spec, ex, max_length, with_target=False) for ex in chunk]
+        features = encode_task(bank, task, chunk, max_length, with_target=False)
         side = "left" if bank.base.arch == "decoder" else "right"
         batch = to_device(collate(features, tokenizer.pad_token_id, slot, padding_side=side), bank.base.device)
         with _autocast(bank):
@@ -79,13 +78,12 @@ def generate_texts(bank: MultiTaskModel, task: str, examples: Sequence[Example],
 def lm_nll(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
            batch_size: int = 16) -> tuple[float, int]:
     """Summed NLL and token count of the responses given their prompts."""
-    spec = bank.tasks[task]
     slot = bank.slots.index(task)
     was_training = bank.training
     bank.eval()
     total, count = 0.0, 0
     for chunk in _batches(examples, batch_size):
-        features = [encode_example(bank.base, spec, ex, max_length) for ex in chunk]
+        features = encode_task(bank, task, chunk, max_length)
         batch = to_device(collate(features, bank.base.tokenizer.pad_token_id, slot), bank.base.device)
         with _autocast(bank):
             nll, n = bank.lm_loss(batch)

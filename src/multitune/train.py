@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from multitune.bank import MultiTaskModel
 from multitune.config import RunConfig, TrainConfig, to_yaml
 from multitune.data import Example
-from multitune.encode import collate, encode_example, to_device
+from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.evaluate import evaluate
 from multitune.methods import get_method
@@ -87,11 +87,14 @@ def train(
     spec = bank.tasks[task]
     run_dir = Path(run_dir) if run_dir is not None else None
     metric = config.metric or default_metric(spec.kind)
+    fit = get_method(spec.method).fit
+    if fit is not None:  # nothing to optimise (prompting): fit, then score the validation split once
+        return _fit_only(bank, task, fit, train_examples, validation_examples, config, run_dir, metric)
     accelerator = _accelerator(config.device)
     model = accelerator.prepare_model(bank)
     slot = bank.slots.index(task)
     pad_id = bank.base.tokenizer.pad_token_id
-    features = [encode_example(bank.base, spec, ex, config.max_length) for ex in train_examples]
+    features = encode_task(bank, task, train_examples, config.max_length)
     if spec.kind == "classification" and any("class_label" not in f for f in features):
         raise ConfigError(f"some training labels of task '{task}' are not in its label set {spec.labels}")
     keys = sorted(bank.task_parameters(task))
@@ -197,6 +200,26 @@ def train(
                        time.perf_counter() - start, state["history"])
 
 
+def _fit_only(bank: MultiTaskModel, task: str, fit: Callable[..., None], train_examples: Sequence[Example],
+              validation_examples: Sequence[Example], config: TrainConfig, run_dir: Path | None,
+              metric: str) -> TrainResult:
+    """A method without parameters: ``fit`` it, score the validation split once (step 0), as train() records it."""
+    start = time.perf_counter()
+    fit(bank, task, train_examples)
+    history: list[dict[str, Any]] = []
+    if validation_examples:
+        scores = evaluate(bank, task, validation_examples, config.max_length, config.eval_batch_size,
+                          config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
+        if metric not in scores:
+            raise ConfigError(f"metric '{metric}' is not computed for {bank.tasks[task].kind}; choose one of: {', '.join(scores)}")
+        history.append({"step": 0, "epoch": 0, "split": "validation", **scores, "lr": 0.0,
+                        "elapsed": round(time.perf_counter() - start, 2)})
+    if run_dir is not None:
+        _rewrite_metrics(run_dir, history)
+    best = history[-1][metric] if history else None
+    return TrainResult(0, 0 if history else None, best, metric, False, time.perf_counter() - start, history)
+
+
 def _fingerprint(config: TrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one (not max_steps: a run may be extended)."""
     return {k: v for k, v in asdict(config).items() if k not in ("max_steps", "device", "checkpoint_every")}
@@ -267,14 +290,15 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True,
     bank.add_task(config.task, config.kind, config.method, config.method_config(), splits.labels)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(config))
+    trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
     result = train(bank, config.task, splits.train, splits.validation, config.train, out, resume, progress, on_step)
     test = evaluate(bank, config.task, splits.test, config.train.max_length, config.train.eval_batch_size,
                     config.train.max_new_tokens)
-    trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
+    stored = sum(p.numel() for p in bank.task_parameters(config.task).values())  # after folding
     summary = {
         "task": config.task, "method": config.method, "model": config.model,
         "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
-        "trainable_parameters": trainable, "steps": result.steps, "best_step": result.best_step,
+        "trainable_parameters": trainable, "stored_parameters": stored, "steps": result.steps, "best_step": result.best_step,
         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2),
         "validation": {result.metric: result.best_metric}, "test": test,
     }

@@ -18,14 +18,17 @@ Checklist for adding a method:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from multitune.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from multitune.bank import MultiTaskModel
+    from multitune.data import Example
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class Method:
     # Called when training ends, before saving: turn training-time parameters into what is served
     # (prefix tuning folds its reparameterisation MLP into plain prefixes).
     fold: Callable[[MultiTaskModel, str], None] | None = None
+    # Methods with nothing to optimise (prompting). ``fit``: what training means (prompting keeps a shot
+    # pool in the task's config). ``render``: raw examples -> the examples the model reads (templates),
+    # applied before every encoding of the task's examples (multitune.encode.encode_task). ``score``:
+    # classification logits (n, C) of the task's rows from their token ids and mask, instead of a head
+    # (the bank gives such a task no head).
+    fit: Callable[[MultiTaskModel, str, Sequence[Example]], None] | None = None
+    render: Callable[[MultiTaskModel, str, Sequence[Example], int], list[Example]] | None = None
+    score: Callable[[MultiTaskModel, str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -1,0 +1,607 @@
+"""Prompt design: a hand-written template with k solved examples before the input; nothing is trained.
+
+The "prompt design" baseline of Lester et al. (2021, figure 1), in the few-shot style of GPT-3 (Brown et
+al. 2020, section 2): the model reads ::
+
+    instruction  SEP  shot_1  SEP  ...  SEP  shot_k  SEP  query
+
+where a shot is the template filled with a training example and its answer, and the query is the
+template up to the answer slot (``{label}`` or ``{response}``) filled with the input. SEP is
+``shot_separator``.
+
+Classification, decoders and T5: label c is scored by the log-likelihood of its verbaliser's tokens v_c
+after the rendered prompt x, summed over the tokens (not length-normalised)::
+
+    s_c(x) = sum_{t=1..|v_c|} log p(v_c,t | x, v_c,<t)            logits (B, C) = s (B, C)
+
+so softmax(s) is p(c | x, the answer is one of the verbalisers), and accuracy, macro-F1 and the loss
+work as for a head. A sum is the probability of the exact answer string; a mean would favour verbalisers
+whose later tokens are predictable from their first. Cost: one forward of the prompts (only the last
+position's logits); when a verbaliser has more than one token, one more forward of the remaining tokens
+of every label over the prompts' KV cache repeated per label (T5: the encoder output repeated, the
+decoder reading ``[start, v_c,<T]``). No generated text is parsed.
+
+Classification, encoders (no LM head): the counterpart of a verbaliser's likelihood is the cosine
+between the input's mean-pooled embedding e(x) and a prototype per label::
+
+    proto_c(x) = mean({u(e(v_c))} + {u(e(s)) : s in shots(x), label(s) = c}),   u(v) = v / |v|
+    logits_c   = cos(e(x), proto_c(x)) / temperature
+
+zero-shot: the verbaliser's embedding alone. Templates are not used on encoders (they read the input).
+
+Shots are k examples of the pool: ``random`` (seeded by ``seed`` and the input, so an input always gets
+the same shots) or ``similar`` (the k nearest by cosine of the base model's mean-pooled last hidden
+states, T5: its encoder's, every adapter off; the nearest is placed last, next to the query). An input
+never gets itself (the same tokens) as a shot. When the prompt is longer than the token budget (``max_length``, less room
+for the response in generation), shots are dropped (the first, i.e. least similar, first), then the
+input's text is cut at its end; the answer slot is never cut off.
+
+``fit`` (what training means here) keeps a label-balanced pool of ``pool_size`` training examples in the
+task's config, so adapter.json holds it and the adapter has no tensors. Pool embeddings are computed on
+first use and cached per bank and task (after loading an adapter, on first use again).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import re
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from multitune.data import Example
+from multitune.errors import ConfigError
+from multitune.methods import Method, register
+
+if TYPE_CHECKING:
+    from multitune.bank import MultiTaskModel, TaskSpec
+
+PLACEHOLDERS = ("text", "input", "text_pair", "label", "response", "labels")
+SELECTIONS = ("random", "similar")
+DEFAULT_TEMPLATES = {
+    "classification": "{text}\nAnswer: {label}",
+    "pair": "{text}\n{text_pair}\nAnswer: {label}",
+    "generation": "{text}\n{response}",
+}
+DEFAULT_INSTRUCTION = "Answer with one of: {labels}."  # classification only
+EMBED_MAX_LENGTH = 128  # tokens of an example when embedding it for similar shots and prototypes
+MAX_ROWS = 256  # (prompt, label) rows in one forward of the verbalisers' continuation tokens
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
+
+
+@dataclass
+class ShotPool:
+    """The training examples shots are drawn from, as dicts of :class:`Example` fields (written by fit)."""
+
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class PromptingConfig:
+    template: str | None = field(default=None, metadata={
+        "help": "one example as the model reads it: {text} (or {input}), {text_pair}, then {label} "
+                "(classification) or {response} (generation); '\\n' is a newline; default "
+                "'{text}\\nAnswer: {label}' or '{text}\\n{response}'"})
+    instruction: str | None = field(default=None, metadata={
+        "help": "text before the shots and the input; {labels} lists the verbalisers (default: "
+                "'Answer with one of: {labels}.' for classification, none for generation)"})
+    verbalizers: str | dict[str, str] | None = field(default=None, metadata={
+        "help": "the answer word(s) of each label, label=words pairs, comma-separated, e.g. "
+                "'positive=great,negative=terrible' (default: each label's own text)"})
+    shots: int = field(default=0, metadata={"help": "k solved training examples before the input (0: zero-shot)"})
+    selection: str = field(default="random", metadata={
+        "help": "how shots are chosen: random (seeded per input) or similar (nearest by base-model embedding)"})
+    shot_separator: str = field(default="\n\n", metadata={
+        "help": "text between the instruction, the shots and the input ('\\n' is a newline)"})
+    pool_size: int = field(default=64, metadata={"help": "training examples kept (label-balanced) to draw shots from"})
+    temperature: float = field(default=0.05, metadata={"help": "encoders: logits are cosine similarities / temperature"})
+    seed: int = field(default=0, metadata={"help": "seed of the pool and of random shots"})
+    pool: ShotPool = field(default_factory=ShotPool)  # written by fit; a dataclass, so never a CLI flag
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pool, dict):  # read back from adapter.json or YAML
+            self.pool = ShotPool(**self.pool)
+        for name in ("template", "instruction", "shot_separator"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # so that a shell argument can hold newlines
+                setattr(self, name, value.replace("\\n", "\n").replace("\\t", "\t"))
+        if isinstance(self.verbalizers, str):
+            self.verbalizers = _parse_pairs(self.verbalizers) or self.verbalizers  # validate() reports a bad one
+        elif isinstance(self.verbalizers, dict):
+            self.verbalizers = {str(k): str(v) for k, v in self.verbalizers.items()}
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name, text, allowed in (("template", self.template, PLACEHOLDERS), ("instruction", self.instruction, ("labels",))):
+            unknown = sorted(set(_PLACEHOLDER.findall(text or "")) - set(allowed))
+            if unknown:
+                problems.append(f"prompting {name} has unknown placeholder(s) {_braced(unknown)}; it may use "
+                                f"{_braced(allowed)}: fix --prompting-{name}")
+        found = _PLACEHOLDER.findall(self.template or "")
+        if "label" in found and "response" in found:
+            problems.append("prompting template holds both {label} and {response}; use {label} for classification "
+                            "and {response} for generation: fix --prompting-template")
+        for slot in ("label", "response"):
+            if found.count(slot) > 1:
+                problems.append(f"prompting template holds {{{slot}}} {found.count(slot)} times; it goes once, where "
+                                "the answer goes: fix --prompting-template")
+        if self.template is not None and not {"text", "input", "text_pair"} & set(found):
+            problems.append("prompting template has no {text} (or {input}), so the model would never see the input: "
+                            "fix --prompting-template, e.g. '{text}\\nAnswer: {label}'")
+        if isinstance(self.verbalizers, str):
+            problems.append(f"prompting verbalizers must be label=words pairs separated by commas, e.g. "
+                            f"'positive=great,negative=terrible' (got {self.verbalizers!r}): fix --prompting-verbalizers")
+        elif self.verbalizers:
+            empty = sorted(k for k, v in self.verbalizers.items() if not v.strip())
+            if empty:
+                problems.append(f"prompting verbalizers of {empty[:5]} are empty: give each label its answer words "
+                                "with --prompting-verbalizers")
+        if self.shots < 0:
+            problems.append(f"prompting shots must be >= 0 (got {self.shots}): fix --prompting-shots")
+        if self.selection not in SELECTIONS:
+            problems.append(f"prompting selection must be one of {', '.join(SELECTIONS)} (got '{self.selection}'): "
+                            "fix --prompting-selection")
+        if self.pool_size < 1:
+            problems.append(f"prompting pool_size must be >= 1 (got {self.pool_size}): fix --prompting-pool-size")
+        elif self.pool_size < self.shots:
+            problems.append(f"prompting pool_size {self.pool_size} is smaller than shots {self.shots}: raise "
+                            "--prompting-pool-size or lower --prompting-shots")
+        if not self.temperature > 0:
+            problems.append(f"prompting temperature must be > 0 (got {self.temperature}): fix --prompting-temperature")
+        return problems
+
+
+def _braced(names: Sequence[str]) -> str:
+    return ", ".join("{" + n + "}" for n in names)
+
+
+def _parse_pairs(text: str) -> dict[str, str] | None:
+    """'a=x,b=y z' -> {'a': 'x', 'b': 'y z'}; None when malformed."""
+    pairs = [part for part in text.split(",") if part.strip()]
+    if not pairs or any("=" not in part for part in pairs):
+        return None
+    return {k.strip(): v.strip() for k, v in (part.split("=", 1) for part in pairs)}
+
+
+# ---- the task's settings -----------------------------------------------------------------------------
+def task_config(bank: MultiTaskModel, task: str) -> PromptingConfig:
+    """The task's config, pool included, from its spec (the one place fit writes and adapters store)."""
+    return PromptingConfig(**bank.tasks[task].config)
+
+
+def verbalizers(config: PromptingConfig, spec: TaskSpec) -> dict[str, str]:
+    """Label -> answer words, in the task's label order."""
+    given = config.verbalizers if isinstance(config.verbalizers, dict) else {}
+    return {label: given.get(label, label) for label in spec.labels}
+
+
+def template_for(config: PromptingConfig, kind: str, pair: bool = False) -> str:
+    if config.template is not None:
+        return config.template
+    return DEFAULT_TEMPLATES["generation" if kind == "generation" else "pair" if pair else "classification"]
+
+
+def _instruction(config: PromptingConfig, kind: str) -> str:
+    if config.instruction is not None:
+        return config.instruction
+    return DEFAULT_INSTRUCTION if kind == "classification" else ""
+
+
+def pool_examples(config: PromptingConfig) -> list[Example]:
+    return [Example(**d) for d in config.pool.examples]
+
+
+def continuation_ids(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConfig) -> list[list[int]]:
+    """Token ids of each label's answer after the prompt, in label order.
+
+    Decoders: the whitespace that ends the template before ``{label}`` is moved in front of the
+    verbaliser (BPE vocabularies spell " great" as one token); T5: the verbaliser is the decoder target.
+    """
+    tokenizer = bank.base.tokenizer
+    words = list(verbalizers(config, spec).values())
+    if bank.base.arch == "seq2seq":
+        return [list(tokenizer(w, add_special_tokens=False).input_ids) for w in words]
+    prefix = template_for(config, "classification").split("{label}", 1)[0]
+    space = prefix[len(prefix.rstrip()):]
+    return [list(tokenizer(space + w, add_special_tokens=False).input_ids) for w in words]
+
+
+# ---- attach / detach / fit -----------------------------------------------------------------------------
+def attach(bank: MultiTaskModel, task: str, config: PromptingConfig) -> None:
+    """Check the settings against the task; a prompting task has no parameters."""
+    spec = bank.tasks[task]
+    problems = []
+    found = set(_PLACEHOLDER.findall(config.template or "")) | set(_PLACEHOLDER.findall(config.instruction or ""))
+    if spec.kind == "classification":
+        if config.template is not None and "{label}" not in config.template:
+            problems.append("a classification template needs {label} where the answer goes, e.g. "
+                            "--prompting-template '{text}\\nAnswer: {label}'")
+        given = config.verbalizers if isinstance(config.verbalizers, dict) else {}
+        unknown = sorted(set(given) - set(spec.labels))
+        if unknown:
+            problems.append(f"--prompting-verbalizers names label(s) {unknown[:5]} that task '{task}' does not have; "
+                            f"its labels: {spec.labels[:10]}")
+        words = verbalizers(config, spec)
+        seen: dict[str, str] = {}
+        for label, word in words.items():
+            if word in seen:
+                problems.append(f"labels {seen[word]!r} and {label!r} share the verbaliser {word!r}, so they would "
+                                "always score the same: give each its own with --prompting-verbalizers")
+            seen.setdefault(word, label)
+        if bank.base.arch != "encoder" and not unknown:
+            empty = [w for w, ids in zip(words.values(), continuation_ids(bank, spec, config), strict=True) if not ids]
+            if empty:
+                problems.append(f"verbaliser(s) {empty[:5]} have no tokens in this model's vocabulary: "
+                                "fix --prompting-verbalizers")
+    else:
+        if config.template is not None and "{response}" not in config.template:
+            problems.append("a generation template needs {response} where the answer goes, e.g. "
+                            "--prompting-template 'Question: {text}\\nAnswer: {response}'")
+        wrong = sorted(found & {"label", "labels", "text_pair"})
+        if wrong:
+            problems.append(f"{_braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
+                            "{response}: fix --prompting-template / --prompting-instruction")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def detach(bank: MultiTaskModel, task: str) -> None:
+    _forget(bank, task)
+
+
+def fit(bank: MultiTaskModel, task: str, examples: Sequence[Example]) -> None:
+    """Keep up to ``pool_size`` training examples as the shot pool: labels in turn (balanced), seeded."""
+    spec = bank.tasks[task]
+    config = task_config(bank, task)
+    rng = random.Random(config.seed)
+    if spec.kind == "classification":
+        groups = [[ex for ex in examples if ex.label == label] for label in spec.labels]
+        for group in groups:
+            rng.shuffle(group)
+        pool = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+        pool = pool[: config.pool_size]
+    else:
+        usable = [ex for ex in examples if ex.response is not None]
+        pool = rng.sample(usable, min(len(usable), config.pool_size))
+    if config.shots and not pool:
+        raise ConfigError(f"task '{task}' has no usable training examples to draw {config.shots} shots from; "
+                          "give labelled training data or use --prompting-shots 0")
+    spec.config["pool"] = {"examples": [{k: v for k, v in vars(ex).items() if v is not None} for ex in pool]}
+    _forget(bank, task)
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+def render(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int) -> list[Example]:
+    """The text the model reads for each example: instruction, shots and the input, within ``max_length`` tokens.
+
+    The result's ``text`` is the whole prompt (``text_pair`` folded in), ``label`` and ``response`` are kept.
+    """
+    spec = bank.tasks[task]
+    if spec.kind == "classification" and bank.base.arch == "encoder":
+        return list(examples)  # an encoder reads the input itself; its shots enter the label prototypes
+    config = task_config(bank, task)
+    pool = pool_examples(config)
+    chosen = choose_shots(bank, task, config, examples)
+    return [_render_one(bank, spec, config, ex, [pool[i] for i in idx], max_length)
+            for ex, idx in zip(examples, chosen, strict=True)]
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """Replace known ``{name}`` placeholders in one pass (values are never re-read; other braces stay)."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def _values(example: Example, answer: str, listed: str) -> dict[str, str]:
+    return {"text": example.text, "input": example.text, "text_pair": example.text_pair or "", "label": answer,
+            "response": example.response or "", "labels": listed}
+
+
+def _render_one(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConfig, example: Example,
+                shots: list[Example], max_length: int) -> Example:
+    classification = spec.kind == "classification"
+    words = verbalizers(config, spec) if classification else {}
+    listed = ", ".join(words.values())
+    template = template_for(config, spec.kind, example.text_pair is not None)
+    prefix = template.split("{label}" if classification else "{response}", 1)[0].rstrip()
+    instruction = _instruction(config, spec.kind)
+    head = [_fill(instruction, {"labels": listed})] if instruction else []
+    blocks = [_fill(template, _values(s, words.get(s.label or "", s.label or ""), listed)) for s in shots]
+    budget, count = _budget(bank, spec, example, max_length)
+    query = example
+    for _ in range(len(blocks) + 4):
+        text = config.shot_separator.join([*head, *blocks, _fill(prefix, _values(query, "", listed))])
+        over = count(text) - budget
+        if over <= 0:
+            break
+        if blocks:
+            blocks = blocks[1:]  # the least similar (or, for random shots, the first drawn) goes first
+            continue
+        cut = _cut(bank.base.tokenizer, query.text, over)
+        if cut == query.text:
+            break  # nothing left to cut: encoding truncates what remains
+        query = replace(query, text=cut)
+    return Example(text=text, label=example.label, response=example.response)
+
+
+def _budget(bank: MultiTaskModel, spec: TaskSpec, example: Example, max_length: int) -> tuple[int, Any]:
+    """(token budget of the prompt, its token counter), as :func:`multitune.encode.encode_example` counts."""
+    tokenizer = bank.base.tokenizer
+    if spec.kind == "classification":
+        return max_length, lambda text: len(tokenizer(text).input_ids)
+    from multitune.encode import prompt_ids
+
+    reserve = 0
+    if bank.base.arch == "decoder" and example.response is not None:  # prompt and response share the context
+        reserve = min(len(tokenizer(example.response, add_special_tokens=False).input_ids) + 1, max_length // 2)
+    return max_length - reserve, lambda text: len(prompt_ids(bank.base, text))
+
+
+def _cut(tokenizer: Any, text: str, over: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer.decode(ids[: max(0, len(ids) - over)]) if ids else text
+
+
+# ---- shots -----------------------------------------------------------------------------------------------
+def choose_shots(bank: MultiTaskModel, task: str, config: PromptingConfig,
+                 examples: Sequence[Example]) -> list[list[int]]:
+    """Pool indices of each example's shots, in prompt order (for ``similar``, the nearest last)."""
+    if min(config.shots, len(config.pool.examples)) == 0:
+        return [[] for _ in examples]
+    rows = [_tokens(bank, ex, EMBED_MAX_LENGTH) for ex in examples]
+    queries = _embed_ids(bank, rows) if config.selection == "similar" else None
+    return pick_shots(bank, task, config, [tuple(r) for r in rows], queries)
+
+
+def pick_shots(bank: MultiTaskModel, task: str, config: PromptingConfig, keys: list[tuple[int, ...]],
+               queries: torch.Tensor | None) -> list[list[int]]:
+    """k pool indices per input, inputs given by their token ids (and embeddings (n, d) for ``similar``).
+
+    A pool example with the input's very tokens is never its shot; random draws are seeded by the seed
+    and the tokens, so an input gets the same shots in any batch.
+    """
+    pool_keys = _pool_keys(bank, task, config)
+    k = min(config.shots, len(pool_keys))
+    if k == 0:
+        return [[] for _ in keys]
+    excluded = torch.tensor([[pk == q for pk in pool_keys] for q in keys], dtype=torch.bool)
+    seeds = [f"{config.seed}\0" + ",".join(map(str, q)) for q in keys]
+    sims = None
+    if config.selection == "similar" and queries is not None:
+        sims = _unit(queries) @ _unit(pool_embeddings(bank, task, config)).to(queries.device).T
+    return _select(k, excluded, seeds, sims)
+
+
+def _select(k: int, excluded: torch.Tensor, seeds: list[str], sims: torch.Tensor | None) -> list[list[int]]:
+    """k pool indices per row: a seeded sample, or the k most similar (ascending, so the nearest is last)."""
+    if sims is None:
+        out = []
+        for row, seed in zip(excluded.tolist(), seeds, strict=True):
+            candidates = [i for i, out_ in enumerate(row) if not out_]
+            out.append(random.Random(seed).sample(candidates, min(k, len(candidates))))
+        return out
+    sims = sims.float().masked_fill(excluded.to(sims.device), float("-inf"))
+    top = sims.topk(min(k, sims.shape[1]), dim=1)
+    return [[i for i, v in zip(idx, val, strict=True) if v != float("-inf")][::-1]
+            for idx, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+
+
+# ---- embeddings (similar shots, encoder prototypes) ------------------------------------------------------
+_CACHE: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _forget(bank: MultiTaskModel, task: str) -> None:
+    _CACHE.get(bank, {}).pop(task, None)
+
+
+def _cached(bank: MultiTaskModel, task: str, config: PromptingConfig) -> dict[str, Any]:
+    """The task's cache entry, emptied when its pool, labels or verbalisers changed."""
+    spec = bank.tasks[task]
+    key = hashlib.sha1(json.dumps([config.pool.examples, verbalizers(config, spec), spec.labels]).encode()).hexdigest()
+    entries = _CACHE.setdefault(bank, {})
+    if task not in entries or entries[task]["key"] != key:
+        entries[task] = {"key": key}
+    return entries[task]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def _tokens(bank: MultiTaskModel, example: Example, max_length: int) -> list[int]:
+    """An example's token ids, as :func:`multitune.encode.encode_example` makes them for classification."""
+    tokenizer = bank.base.tokenizer
+    if example.text_pair is not None and bank.base.arch == "decoder":
+        return list(tokenizer(example.text + "\n" + example.text_pair, truncation=True, max_length=max_length).input_ids)
+    return list(tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length).input_ids)
+
+
+def mean_hidden(bank: MultiTaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of the base model's last hidden states (B, d), every adapter off (T5: encoder)."""
+    model = bank.base.model
+    body = model.get_encoder() if bank.base.arch == "seq2seq" else bank.base.backbone()
+    with torch.no_grad(), bank.disabled():
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def _embed_ids(bank: MultiTaskModel, rows: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    from multitune.encode import collate
+
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([{"input_ids": r} for r in rows[start : start + batch_size]], bank.base.tokenizer.pad_token_id, 0)
+        device = bank.base.device
+        out.append(mean_hidden(bank, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    return torch.cat(out) if out else torch.empty(0, bank.base.hidden_size, device=bank.base.device)
+
+
+def embed(bank: MultiTaskModel, examples: Sequence[Example]) -> torch.Tensor:
+    """(N, d) embeddings of examples' inputs, for similar shots."""
+    return _embed_ids(bank, [_tokens(bank, ex, EMBED_MAX_LENGTH) for ex in examples])
+
+
+def _pool_keys(bank: MultiTaskModel, task: str, config: PromptingConfig) -> list[tuple[int, ...]]:
+    """The pool examples' token ids (what identifies an input), cached on the task."""
+    entry = _cached(bank, task, config)
+    if "pool_keys" not in entry:
+        entry["pool_keys"] = [tuple(_tokens(bank, ex, EMBED_MAX_LENGTH)) for ex in pool_examples(config)]
+    return entry["pool_keys"]
+
+
+def pool_embeddings(bank: MultiTaskModel, task: str, config: PromptingConfig) -> torch.Tensor:
+    """(P, d) embeddings of the shot pool: computed once, then cached on the task."""
+    entry = _cached(bank, task, config)
+    if "pool" not in entry:
+        entry["pool"] = _embed_ids(bank, [list(key) for key in _pool_keys(bank, task, config)])
+    return entry["pool"]
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------
+def score(bank: MultiTaskModel, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Label logits (B, C) of rendered prompts: verbaliser log-likelihoods, or scaled cosines on encoders."""
+    spec = bank.tasks[task]
+    config = task_config(bank, task)
+    with torch.no_grad(), bank.disabled():
+        if bank.base.arch == "encoder":
+            return prototype_scores(bank, task, config, input_ids, attention_mask)
+        continuations = continuation_ids(bank, spec, config)
+        if bank.base.arch == "seq2seq":
+            return seq2seq_label_scores(bank.base.model, input_ids, attention_mask, continuations)
+        return decoder_label_scores(bank.base.model, input_ids, attention_mask, continuations)
+
+
+def _padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, T) token ids padded with 0 and their mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def decoder_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         continuations: list[list[int]]) -> torch.Tensor:
+    """Summed log-probabilities (B, C) of each continuation after each prompt, for a causal LM.
+
+    The prompts are left-aligned first (padding of either side moves to the front), so every prompt
+    ends at the last column and one logit row per prompt is computed. Continuation tokens after the
+    first read the prompts' KV cache repeated per label: rows b*c + j of the repeated cache are prompt b
+    with label j of the chunk, at positions len_b, len_b + 1, ...
+    """
+    order = torch.argsort(attention_mask, dim=1, stable=True)  # pads first, the text in its order after
+    ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+    batch, device = ids.shape[0], ids.device
+    longer = [c for c, seq in enumerate(continuations) if len(seq) > 1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=bool(longer), logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    scores = first[:, torch.tensor([seq[0] for seq in continuations], device=device)]  # (B, C)
+    if not longer:
+        return scores
+    lengths = mask.sum(1)
+    chunks = _chunks(longer, max(1, MAX_ROWS // batch))
+    for n, labels in enumerate(chunks):
+        cache = out.past_key_values if n == len(chunks) - 1 else copy.deepcopy(out.past_key_values)
+        c = len(labels)
+        cache.batch_repeat_interleave(c)
+        tokens, tmask = _padded([continuations[j] for j in labels], device)  # (c, T)
+        steps = tokens.shape[1] - 1
+        logits = model(input_ids=tokens[:, :-1].repeat(batch, 1),
+                       attention_mask=torch.cat([mask.repeat_interleave(c, 0), tmask[:, :-1].repeat(batch, 1)], 1),
+                       position_ids=lengths.repeat_interleave(c)[:, None] + torch.arange(steps, device=device),
+                       past_key_values=cache, use_cache=True).logits  # (B*c, T-1, V)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:].repeat(batch, 1)[..., None])[..., 0]
+        scores[:, labels] += (logp * tmask[:, 1:].repeat(batch, 1)).sum(-1).view(batch, c)
+    return scores
+
+
+def seq2seq_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         continuations: list[list[int]]) -> torch.Tensor:
+    """Summed log-probabilities (B, C) of each continuation as the decoder's output, for an encoder-decoder.
+
+    The encoder runs once; its output is repeated per label (rows b*c + j) for the decoder, which reads
+    ``[start, v_1, ..., v_{T-1}]`` and predicts ``v_1..v_T``.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    batch, device = input_ids.shape[0], input_ids.device
+    start = model.config.decoder_start_token_id or 0
+
+    def decode(c: int, decoder_ids: torch.Tensor) -> torch.Tensor:  # (B*c, T, V) log-probabilities
+        logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(c, 0)),
+                       attention_mask=attention_mask.repeat_interleave(c, 0), decoder_input_ids=decoder_ids,
+                       use_cache=False).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    if all(len(seq) == 1 for seq in continuations):  # one decoder step, [start], serves every label
+        first = decode(1, torch.full((batch, 1), start, dtype=torch.long, device=device))[:, 0]
+        return first[:, torch.tensor([seq[0] for seq in continuations], device=device)]
+    scores = torch.zeros(batch, len(continuations), device=device)
+    for labels in _chunks(list(range(len(continuations))), max(1, MAX_ROWS // batch)):
+        c = len(labels)
+        tokens, tmask = _padded([continuations[j] for j in labels], device)  # (c, T)
+        starts = torch.full((c, 1), start, dtype=torch.long, device=device)
+        logp = decode(c, torch.cat([starts, tokens[:, :-1]], 1).repeat(batch, 1))
+        picked = logp.gather(-1, tokens.repeat(batch, 1)[..., None])[..., 0]
+        scores[:, labels] = (picked * tmask.repeat(batch, 1)).sum(-1).view(batch, c)
+    return scores
+
+
+def prototype_scores(bank: MultiTaskModel, task: str, config: PromptingConfig, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+    """Encoders: cos(e(x), proto_c(x)) / temperature (B, C); see the module docstring."""
+    spec = bank.tasks[task]
+    x = _unit(mean_hidden(bank, input_ids, attention_mask))  # (B, d)
+    entry = _cached(bank, task, config)
+    if "verbalizers" not in entry:
+        tokenizer = bank.base.tokenizer
+        words = verbalizers(config, spec).values()
+        entry["verbalizers"] = _embed_ids(bank, [list(tokenizer(w, truncation=True, max_length=EMBED_MAX_LENGTH).input_ids)
+                                                 for w in words])
+    batch, labels = x.shape[0], len(spec.labels)
+    total = _unit(entry["verbalizers"]).to(x.device).unsqueeze(0).repeat(batch, 1, 1)  # (B, C, d)
+    counts = torch.ones(batch, labels, device=x.device)
+    pool = pool_examples(config)
+    k = min(config.shots, len(pool))
+    if k:
+        pool_emb = _unit(pool_embeddings(bank, task, config)).to(x.device)  # (P, d)
+        rows = [tuple(r[m.bool()].tolist()) for r, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
+        chosen = pick_shots(bank, task, config, rows, x)
+        picked = torch.zeros(batch, len(pool), device=x.device)  # (B, P): 1 where pool example p is a shot of row b
+        for b, idx in enumerate(chosen):
+            picked[b, idx] = 1.0
+        onehot = F.one_hot(torch.tensor([spec.labels.index(p.label) if p.label in spec.labels else 0 for p in pool]),
+                           labels).float().to(x.device)
+        onehot[[i for i, p in enumerate(pool) if p.label not in spec.labels]] = 0.0
+        total = total + torch.einsum("bp,pc,pd->bcd", picked, onehot, pool_emb)
+        counts = counts + picked @ onehot
+    prototypes = total / counts.unsqueeze(-1)
+    return F.cosine_similarity(x.unsqueeze(1), prototypes, dim=-1) / config.temperature
+
+
+register(
+    Method(
+        name="prompting",
+        config_class=PromptingConfig,
+        attach=attach,
+        detach=detach,
+        summary="a hand-written template with k solved examples, labels scored by verbaliser likelihood; no training",
+        fit=fit,
+        render=render,
+        score=score,
+    )
+)
