@@ -229,3 +229,31 @@ def test_a_real_process_prints_no_traceback(tmp_path) -> None:
                            "--model", "someorg/model"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_export_to_peft_and_import_back_keep_the_outputs(llama_dir, tmp_path, capsys) -> None:
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import multitune
+
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps({"prompt": ex.text, "response": ex.response}) + "\n" for ex in toy_generation(24)))
+    assert main(["train", "--model", str(llama_dir), "--data", str(data), "--kind", "generation", "--method", "prefix",
+                 "--prefix-num-virtual-tokens", "3", "--output", str(tmp_path / "run"), "--epochs", "1",
+                 "--batch-size", "8", "--quiet"]) == 0
+    assert main(["export-peft", str(tmp_path / "run"), "--output", str(tmp_path / "peft")]) == 0
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "peft")
+    assert main(["import-peft", str(tmp_path / "peft"), "--output", str(tmp_path / "back"), "--task", "g"]) == 0
+    capsys.readouterr()
+    task = multitune.load(tmp_path / "back")
+    ids = task.bank.base.tokenizer(["good movie"], return_tensors="pt").input_ids
+    rows = task.bank.task_ids("g", 1)
+    with torch.no_grad(), task.bank.routed(rows):
+        inputs, _ = task.bank.model_inputs(ids, torch.ones_like(ids), rows)
+        ours = task.bank.base.model(**inputs).logits
+        theirs = reference.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    _fails(capsys, ["import-peft", str(tmp_path), "--output", str(tmp_path / "x")], "not a PEFT adapter folder")
+    _fails(capsys, ["export-peft", str(tmp_path / "missing"), "--output", str(tmp_path / "y")], "does not exist")

@@ -143,6 +143,34 @@ def cmd_methods(args: argparse.Namespace) -> None:
     print("\nuse one: multitune train --method NAME [its flags] --data FILE ...")
 
 
+def cmd_export_peft(args: argparse.Namespace) -> None:
+    from multitune.api import load
+    from multitune.interop.peft import export_peft
+
+    task = load(args.run, model=args.model, device="cpu")
+    folder = export_peft(task.bank, task.task, args.output)
+    extra = " (the classification head is not part of a PEFT adapter)" if task.spec.kind == "classification" else ""
+    print(f"wrote the {task.spec.method} adapter of '{task.task}' in the peft package's format to {folder}{extra}")
+
+
+def cmd_import_peft(args: argparse.Namespace) -> None:
+    from multitune.bank import MultiTaskModel
+    from multitune.interop.peft import import_peft
+    from multitune.models import load_base
+    from multitune.storage import save_adapter
+
+    source = Path(args.folder)
+    if not (source / "adapter_config.json").is_file():
+        raise ConfigError(f"{source} is not a PEFT adapter folder (no adapter_config.json)")
+    model = args.model or json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not model:
+        raise ConfigError(f"{source}/adapter_config.json names no base model; pass --model")
+    bank = MultiTaskModel(load_base(model, device="cpu"))
+    import_peft(bank, source, args.task, "generation")
+    out = save_adapter(bank, args.task, args.output)
+    print(f"imported {bank.tasks[args.task].method} task '{args.task}' on {model} into {out}")
+
+
 def _add_io(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or adapter folder) written by 'multitune train'")
     parser.add_argument("--model", help="load the adapter onto this base instead of the recorded one")
@@ -185,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, default=2, help="classification: number of labels (default: 2)")
     p.add_argument("--no-model", action="store_true", help="list methods and settings without loading a model")
     p.set_defaults(func=cmd_methods)
+
+    p = commands.add_parser("export-peft", help="write a trained task as a peft package adapter folder")
+    p.add_argument("run", help="run folder (or adapter folder) written by 'multitune train'")
+    p.add_argument("--output", required=True, help="the PEFT folder to write")
+    p.add_argument("--model", help="the base to load it on (default: the recorded one)")
+    p.set_defaults(func=cmd_export_peft)
+
+    p = commands.add_parser("import-peft", help="turn a peft package adapter folder into a multitune generation task")
+    p.add_argument("folder", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--output", required=True, help="the multitune adapter folder to write")
+    p.add_argument("--task", default="imported", help="task name (default: imported)")
+    p.add_argument("--model", help="base model (default: the one the PEFT config names)")
+    p.set_defaults(func=cmd_import_peft)
 
     p = commands.add_parser("demo", help="generate a small task and train LoRA on it (a few minutes on CPU)")
     p.add_argument("--output", default="runs/demo", help="folder for the data and the run (default: runs/demo)")
