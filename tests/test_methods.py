@@ -20,7 +20,7 @@ from multitune.storage import load_adapter, save_adapter
 from multitune.train import train
 
 # A learning rate per method for the toy task (soft prompts and prefixes want larger steps).
-TRAINABLE = {"lora": 1e-2, "prompt": 5e-2, "prefix": 1e-2, "adapter": 1e-2, "ia3": 5e-2, "full": 1e-3}
+TRAINABLE = {"base": 5e-2, "lora": 1e-2, "prompt": 5e-2, "prefix": 1e-2, "adapter": 1e-2, "ia3": 5e-2, "full": 1e-3}
 MATRIX = [(m, f) for m in TRAINABLE for f in FAMILIES]
 
 

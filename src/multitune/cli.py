@@ -251,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MultituneError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; what was saved is kept (rerun with --resume to continue a training run)", file=sys.stderr)
         return 130
