@@ -35,6 +35,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"adapter: {Path(config.output) / 'adapter'}")
 
 
+def cmd_train_multi(args: argparse.Namespace) -> None:
+    from multitune.multitask import load_multi_config, run_multitask
+
+    overrides = {k: v for k, v in vars(args).items() if k in ("model", "output", "sampling", "temperature")
+                 or k.startswith("train.")}
+    config = load_multi_config(args.config, overrides)
+    summary = run_multitask(config, progress=not args.quiet)
+    print(f"trained {len(summary['tasks'])} tasks together on {summary['model']} ({summary['sampling']} sampling)")
+    for name, task in summary["tasks"].items():
+        frozen = ", stopped early" if task["stopped_early"] else ""
+        _print_metrics(f"{name} ({task['method']}, {task['trainable_parameters']:,} trainable, {task['steps']} steps"
+                       f"{frozen}) test ({task['examples']['test']} examples):", task["test"])
+    print(f"adapters: {Path(config.output)}/TASK (one folder per task)")
+
+
 def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported lazily)
     from multitune.data import Columns
 
@@ -181,7 +196,7 @@ def _add_io(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from multitune.config import add_run_arguments
+    from multitune.config import TrainConfig, add_arguments, add_run_arguments
 
     parser = argparse.ArgumentParser(prog="multitune", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -191,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("train-multi", help="train several tasks together from mixed batches (YAML list of tasks)")
+    p.add_argument("--config", required=True, help="YAML with 'tasks:' (name, method, kind, data, method settings) "
+                   "and shared settings (model, sampling, temperature, train:)")
+    p.add_argument("--model", help="base model (overrides the file's)")
+    p.add_argument("--output", help="bank folder to write: OUTPUT/TASK/adapter.json ... (overrides the file's)")
+    p.add_argument("--sampling", help="task of each row: proportional or temperature (overrides the file's)")
+    p.add_argument("--temperature", type=float, help="temperature sampling: p ~ size^(1/T) (overrides the file's)")
+    add_arguments(p, TrainConfig, dest_prefix="train.")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_multi)
 
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)

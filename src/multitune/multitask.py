@@ -1,0 +1,456 @@
+"""Multi-task training: every optimizer step draws one batch whose rows come from many tasks.
+
+The tasks already live in one bank (any methods but ``full``, which owns the base). Each row of a batch
+draws its task first and then the task's next example (T5, Raffel et al. 2020, section 3.5.2):
+
+- ``proportional``: p_i = n_i / sum_j n_j (examples-proportional mixing, without T5's cap K);
+- ``temperature``: p_i = n_i^(1/T) / sum_j n_j^(1/T) (temperature-scaled mixing, T5 and mT5 use T = 2..3;
+  T = 1 is proportional, T -> inf uniform).
+
+Within a task, examples come in epochs: one permutation per (seed, task, epoch), so a run is a pure
+function of its seed. Classification rows go through :meth:`MultiTaskModel.classify` together (tasks
+with fewer labels get -inf logits in the extra columns, which cross-entropy ignores), generation rows
+through :meth:`MultiTaskModel.lm_loss`; a batch holding both kinds computes both in one step.
+
+The loss of a batch of B rows (``reduction="mean"``, what training uses) is::
+
+    L = ( sum_{classification rows r} CE_r  +  B_gen * NLL_gen / T_gen ) / B
+
+with NLL_gen the summed token NLL of the B_gen generation rows and T_gen their target-token count (as
+:func:`multitune.train.train` averages tokens). ``reduction="sum"`` gives the plain sum of row CEs and
+token NLLs; every term depends only on its own row's task, so each task's parameters receive gradient
+from its own rows alone (tests/test_multitask.py checks it for every method on three families).
+
+One AdamW has one parameter group per task (the method's default learning rate unless given), with
+warmup and decay as in train.py and gradient clipping per task (one task's large gradient does not
+shrink another's step). Every ``eval_every`` steps (default: once per epoch of the mixture, sum n_i /
+batch rows) each task still training is scored on its validation split; a task whose metric has not
+improved for ``patience`` evaluations is frozen (its group's learning rate becomes 0 and its rows are
+no longer drawn), and the run ends when every task is frozen or the steps run out. Each task ends
+with its best weights, then its method's ``fold`` hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from multitune.bank import MultiTaskModel
+from multitune.config import DataConfig, RunConfig, TrainConfig, _build, validate
+from multitune.data import Example
+from multitune.encode import collate, encode_task, to_device
+from multitune.errors import ConfigError
+from multitune.evaluate import evaluate
+from multitune.methods import METHODS, get_method
+from multitune.metrics import is_better
+from multitune.storage import save_adapter, write_json_atomic
+from multitune.train import TrainResult, _accelerator, _fit_only, default_metric
+
+SAMPLING = ("proportional", "temperature")
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+def task_probabilities(sizes: Sequence[int], sampling: str = "proportional",
+                       temperature: float = 2.0) -> list[float]:
+    """The probability of each task for one row: n_i / sum n, or n_i^(1/T) / sum n^(1/T)."""
+    if sampling not in SAMPLING:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLING)} (got '{sampling}'); fix --sampling")
+    if sampling == "temperature" and not temperature > 0:
+        raise ConfigError(f"temperature must be > 0 (got {temperature}); try --temperature 2")
+    power = 1.0 if sampling == "proportional" else 1.0 / temperature
+    weights = [float(n) ** power for n in sizes]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class RowSampler:
+    """A deterministic stream of rows (task index, example index).
+
+    Each row's task is drawn from ``probabilities`` (renormalised over the tasks still active); each task
+    then yields its examples in epochs, one permutation per (seed, task, epoch).
+    """
+
+    def __init__(self, sizes: Sequence[int], probabilities: Sequence[float], seed: int) -> None:
+        self.sizes = list(sizes)
+        self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = [0] * len(sizes)  # examples drawn so far, per task
+        self._orders: dict[int, tuple[int, list[int]]] = {}  # task -> (epoch, its permutation)
+
+    def draw(self, n: int, active: Sequence[bool] | None = None) -> list[tuple[int, int]]:
+        p = self.probabilities.clone()
+        if active is not None:
+            p *= torch.tensor([float(a) for a in active], dtype=torch.float64)
+        tasks = torch.multinomial(p / p.sum(), n, replacement=True, generator=self.generator).tolist()
+        return [(t, self._next(t)) for t in tasks]
+
+    def _next(self, task: int) -> int:
+        epoch, position = divmod(self.drawn[task], self.sizes[task])
+        self.drawn[task] += 1
+        if self._orders.get(task, (None,))[0] != epoch:
+            # task 0 sees the order train() uses for the same seed: one task here is train()'s run
+            generator = torch.Generator().manual_seed((self.seed + 1_000 * task) * 100_003 + epoch)
+            self._orders[task] = (epoch, torch.randperm(self.sizes[task], generator=generator).tolist())
+        return self._orders[task][1][position]
+
+
+# ---- the loss of a mixed batch ------------------------------------------------------------------------
+def mixed_loss(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slots: Sequence[int],
+               reduction: str = "mean") -> torch.Tensor:
+    """The loss of rows of any tasks and kinds (``slots[i]`` is row i's slot in ``bank.slots``).
+
+    ``mean``: classification CEs summed, plus the generation rows' token-mean NLL times their number,
+    over the batch size. ``sum``: the sum of every classification row's CE and every target token's NLL.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, got {reduction}")
+    pad_id = bank.base.tokenizer.pad_token_id
+    device = bank.base.device
+    kinds = [bank.tasks[bank.slots[s]].kind for s in slots]
+    total = torch.zeros((), device=device)
+    classified = [i for i, k in enumerate(kinds) if k == "classification"]
+    generated = [i for i, k in enumerate(kinds) if k == "generation"]
+    if classified:
+        batch = to_device(collate([features[i] for i in classified], pad_id, [slots[i] for i in classified]), device)
+        logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+        total = total + F.cross_entropy(logits.float(), batch["class_labels"], reduction="sum")
+    if generated:
+        batch = to_device(collate([features[i] for i in generated], pad_id, [slots[i] for i in generated]), device)
+        nll, count = bank.lm_loss(batch)
+        total = total + (nll if reduction == "sum" else nll / count.clamp(min=1) * len(generated))
+    return total if reduction == "sum" else total / len(features)
+
+
+# ---- training -------------------------------------------------------------------------------------------
+def _check_tasks(bank: MultiTaskModel, tasks: Mapping[str, Any]) -> None:
+    if not tasks:
+        raise ConfigError("no tasks to train; give at least one task of the bank")
+    problems = []
+    for name in tasks:
+        if name not in bank.tasks:
+            problems.append(f"task '{name}' is not in the bank (tasks: {', '.join(bank.tasks) or 'none'}); "
+                            "add it with bank.add_task first")
+        elif get_method(bank.tasks[name].method).changes_base:
+            problems.append(f"task '{name}' uses {bank.tasks[name].method} fine-tuning, which owns the base and "
+                            "cannot share a batch with other tasks; train it alone with 'multitune train'")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def train_multitask(
+    bank: MultiTaskModel,
+    tasks: Mapping[str, tuple[Sequence[Example], Sequence[Example]]],
+    config: TrainConfig,
+    sampling: str = "proportional",
+    temperature: float = 2.0,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    learning_rates: Mapping[str, float] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, TrainResult]:
+    """Train the bank's ``tasks`` (name -> (train, validation) examples) together from mixed batches.
+
+    ``learning_rates`` overrides the learning rate of some tasks (default: ``config.learning_rate``, else
+    the method's). ``on_step(step)`` is called after each optimizer step. Methods with nothing to
+    optimise (prompting) are fitted and scored once, at step 0. Returns each task's result: ``steps``
+    is the step at which it was frozen (or the last step), ``stopped_early`` whether it was frozen.
+    """
+    # ---- setup -------------------------------------------------------------------------------------
+    _check_tasks(bank, tasks)
+    unknown = sorted(set(learning_rates or {}) - set(tasks))
+    if unknown:
+        raise ConfigError(f"learning rates given for tasks not being trained: {', '.join(unknown)}")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("")
+    start = time.perf_counter()
+    metrics = {t: config.metric or default_metric(bank.tasks[t].kind) for t in tasks}
+    results: dict[str, TrainResult] = {}
+
+    def log(task: str, record: dict[str, Any]) -> None:
+        if run_dir is not None:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"task": task, **record}) + "\n")
+
+    for task, (train_examples, validation_examples) in tasks.items():
+        fit = get_method(bank.tasks[task].method).fit
+        if fit is not None:
+            results[task] = _fit_only(bank, task, fit, train_examples, validation_examples, config, None,
+                                      metrics[task])
+            for record in results[task].history:
+                log(task, record)
+    names = [t for t in tasks if t not in results]
+    if not names:
+        return results
+    probabilities = task_probabilities([len(tasks[t][0]) for t in names], sampling, temperature)
+    accelerator = _accelerator(config.device)
+    accelerator.prepare_model(bank)
+    features, slots = [], []
+    for task in names:
+        if not tasks[task][0]:
+            raise ConfigError(f"task '{task}' has no training examples; give it some data")
+        encoded = encode_task(bank, task, tasks[task][0], config.max_length)
+        if bank.tasks[task].kind == "classification" and any("class_label" not in f for f in encoded):
+            raise ConfigError(f"some training labels of task '{task}' are not in its label set "
+                              f"{bank.tasks[task].labels}")
+        features.append(encoded)
+        slots.append(bank.slots.index(task))
+    params = [[bank.task_parameters(t)[k] for k in sorted(bank.task_parameters(t))] for t in names]
+    rates = [(learning_rates or {}).get(t) or config.learning_rate or get_method(bank.tasks[t].method).default_learning_rate
+             for t in names]
+    optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in zip(params, rates, strict=True)],
+                                  weight_decay=config.weight_decay)
+    batches_per_epoch = math.ceil(sum(len(f) for f in features) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+                              optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    sampler = RowSampler([len(f) for f in features], probabilities, config.seed)
+    state = [{"best_metric": None, "best_step": None, "bad_evals": 0, "frozen": False, "steps": 0,
+              "seconds": 0.0, "history": []} for _ in names]
+    best: list[dict[str, torch.Tensor] | None] = [None] * len(names)
+
+    def freeze(i: int, step: int) -> None:
+        """Patience has run out: the task's weights stop changing and its rows stop being drawn."""
+        optimizer.param_groups[i]["lr"] = 0.0
+        scheduler.base_lrs[i] = 0.0  # the scheduler rescales base_lrs at every step
+        state[i].update(frozen=True, steps=step, seconds=time.perf_counter() - start)
+
+    def evaluate_now(step: int) -> None:
+        for i, task in enumerate(names):
+            validation = tasks[task][1]
+            if state[i]["frozen"] or not validation:
+                continue
+            metric = metrics[task]
+            scores = evaluate(bank, task, validation, config.max_length, config.eval_batch_size,
+                              config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
+            if metric not in scores:
+                raise ConfigError(f"metric '{metric}' is not computed for task '{task}' ({bank.tasks[task].kind}); "
+                                  f"choose one of: {', '.join(scores)}")
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "validation", **scores,
+                      "lr": optimizer.param_groups[i]["lr"], "elapsed": round(time.perf_counter() - start, 2)}
+            state[i]["history"].append(record)
+            log(task, record)
+            if is_better(metric, scores[metric], state[i]["best_metric"]):
+                state[i].update(best_metric=scores[metric], best_step=step, bad_evals=0)
+                best[i] = bank.task_state_dict(task)
+            else:
+                state[i]["bad_evals"] += 1
+                if state[i]["bad_evals"] >= config.patience:
+                    freeze(i, step)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, desc=f"train {len(names)} tasks", disable=not progress, dynamic_ncols=True)
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    step = 0
+    with torch.random.fork_rng(devices=cuda):  # dropout draws from the seed, the caller's RNG is left alone
+        torch.manual_seed(config.seed)
+        bank.train()
+        while step < total_steps and not all(s["frozen"] for s in state):
+            active = [not s["frozen"] for s in state]
+            for _ in range(config.grad_accum):
+                rows = sampler.draw(config.batch_size, active)
+                with accelerator.autocast():
+                    loss = mixed_loss(bank, [features[t][i] for t, i in rows], [slots[t] for t, _ in rows])
+                accelerator.backward(loss / config.grad_accum)
+            if config.max_grad_norm > 0:
+                for group in params:  # per task: one task's large gradient does not shrink another's step
+                    accelerator.clip_grad_norm_(group, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
+            due = step % config.eval_every == 0 if config.eval_every else (
+                step % steps_per_epoch == 0 or step == total_steps)
+            if due:
+                evaluate_now(step)
+            if on_step is not None:
+                on_step(step)
+        bank.eval()
+    bar.close()
+
+    # ---- restore the best, fold ------------------------------------------------------------------------
+    for i, task in enumerate(names):
+        if best[i] is not None:
+            bank.load_task_state_dict(task, best[i])
+        fold = get_method(bank.tasks[task].method).fold
+        if fold is not None:
+            fold(bank, task)
+        s = state[i]
+        frozen = s["frozen"]
+        results[task] = TrainResult(s["steps"] if frozen else step, s["best_step"], s["best_metric"], metrics[task],
+                                    frozen, s["seconds"] if frozen else time.perf_counter() - start, s["history"])
+    return {t: results[t] for t in tasks}
+
+
+# ---- the whole job: a YAML of tasks -> a bank folder ----------------------------------------------------
+@dataclass
+class MultiRunConfig:
+    """``multitune train-multi``: tasks trained together on one base; one adapter folder per task."""
+
+    model: str = field(default="minilm", metadata={"help": "short name (minilm, smollm2-135m), HF folder or .gguf"})
+    output: str = field(default="runs/multi", metadata={"help": "bank folder: one adapter folder per task"})
+    sampling: str = field(default="proportional", metadata={"help": "task of each row: proportional or temperature"})
+    temperature: float = field(default=2.0, metadata={"help": "temperature sampling: p ~ size^(1/T)"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tasks: list[RunConfig] = field(default_factory=list)
+    learning_rates: dict[str, float] = field(default_factory=dict)  # task -> its own learning rate
+
+
+TASK_KEYS = ("name", "method", "kind", "data", "learning_rate")
+
+
+def _task_config(entry: Any, index: int, model: str, train: TrainConfig, where: str) -> tuple[RunConfig, float | None]:
+    """One entry of ``tasks:`` -> a RunConfig (its data settings may sit in ``data:`` or beside it)."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"task {index + 1} in {where} must be a mapping with name, method, kind and data")
+    entry = dict(entry)
+    name = entry.pop("name", None)
+    if not name:
+        raise ConfigError(f"task {index + 1} in {where} has no name; add 'name: ...'")
+    method = entry.pop("method", "lora")
+    if method not in METHODS:
+        raise ConfigError(f"task '{name}': unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}")
+    data = entry.pop("data", None)
+    data_values = dict(data) if isinstance(data, dict) else ({"data": data} if data is not None else {})
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    data_values.update({k: entry.pop(k) for k in list(entry) if k in data_fields})
+    method_values = dict(entry.pop(method, None) or {})
+    lr = entry.pop("learning_rate", None)
+    kind = entry.pop("kind", "classification")
+    if entry:
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(entry))} in task '{name}' of {where}; known: "
+                          f"{', '.join(TASK_KEYS)}, the data settings ({', '.join(sorted(data_fields))}) and "
+                          f"a section named after its method ('{method}:')")
+    run = RunConfig(model=model, task=str(name), kind=kind, method=method, output="", train=train)
+    run.data = _build(DataConfig, data_values, f"task '{name}' of {where} (data)")
+    run.methods = {method: _build(METHODS[method].config_class, method_values, f"task '{name}' of {where} ({method})")}
+    return run, (float(lr) if lr is not None else None)
+
+
+def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> MultiRunConfig:
+    """Read the YAML of ``train-multi``; ``overrides`` (given flags: model, output, sampling, temperature,
+    ``train.*``) replace its values. Every problem of every task is reported at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping with 'tasks:' and shared settings")
+    where = f"config file {path}"
+    train_values = dict(raw.pop("train", None) or {})
+    entries = raw.pop("tasks", None)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key.startswith("train."):
+            train_values[key[6:]] = value
+        else:
+            raw[key] = value
+    config = _build(MultiRunConfig, raw, where)
+    config.train = _build(TrainConfig, train_values, f"{where} (train)")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where} lists no tasks; add 'tasks:' with one entry (name, method, kind, data) per task")
+    built = [_task_config(e, i, config.model, config.train, where) for i, e in enumerate(entries)]
+    config.tasks = [run for run, _ in built]
+    config.learning_rates = {run.task: lr for run, lr in built if lr is not None}
+    problems = []
+    names = [t.task for t in config.tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"task names must be unique: {', '.join(duplicates)} given more than once; rename them")
+    for task in config.tasks:
+        try:
+            validate(task)
+        except ConfigError as error:
+            problems.append(f"task '{task.task}': {error}")
+        if METHODS[task.method].changes_base:
+            problems.append(f"task '{task.task}': {task.method} fine-tuning owns the base and cannot train with "
+                            "other tasks; train it alone with 'multitune train'")
+        for role in ("data", "validation_data", "test_data"):
+            file = getattr(task.data, role)
+            if role == "data" and not file:
+                problems.append(f"task '{task.task}' has no training data; add 'data: FILE'")
+            elif file and not Path(file).is_file():
+                problems.append(f"task '{task.task}': {role.replace('_', ' ')} file {file} not found")
+    if config.sampling not in SAMPLING:
+        problems.append(f"sampling must be one of {', '.join(SAMPLING)} (got '{config.sampling}')")
+    if not config.temperature > 0:
+        problems.append(f"temperature must be > 0 (got {config.temperature})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
+def _to_yaml(config: MultiRunConfig) -> str:
+    tasks = []
+    for run in config.tasks:
+        entry: dict[str, Any] = {"name": run.task, "method": run.method, "kind": run.kind,
+                                 "data": dataclasses.asdict(run.data), run.method: dataclasses.asdict(run.method_config())}
+        if run.task in config.learning_rates:
+            entry["learning_rate"] = config.learning_rates[run.task]
+        tasks.append(entry)
+    data = {"model": config.model, "output": config.output, "sampling": config.sampling,
+            "temperature": config.temperature, "train": dataclasses.asdict(config.train), "tasks": tasks}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def run_multitask(config: MultiRunConfig, progress: bool = True) -> dict[str, Any]:
+    """Data -> base -> tasks -> train together -> test each -> OUTPUT/TASK adapters; the summary is
+    written to OUTPUT/result.json (OUTPUT/config.yaml and OUTPUT/metrics.jsonl beside the adapters)."""
+    from multitune.models import load_base
+
+    out = Path(config.output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output folder {out} already exists and is not empty; choose another --output")
+    splits = {t.task: t.data.splits(t.kind) for t in config.tasks}  # every data file read before the model loads
+    device = None if config.train.device == "auto" else config.train.device
+    base = load_base(config.model, device=device)
+    torch.manual_seed(config.train.seed)
+    bank = MultiTaskModel(base)
+    for t in config.tasks:
+        bank.add_task(t.task, t.kind, t.method, t.method_config(), splits[t.task].labels)  # type: ignore[arg-type]
+    trainable = {t: sum(p.numel() for p in bank.task_parameters(t).values()) for t in splits}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(_to_yaml(config))
+    results = train_multitask(bank, {t: (s.train, s.validation) for t, s in splits.items()}, config.train,
+                              config.sampling, config.temperature, out, progress, config.learning_rates)
+    summary: dict[str, Any] = {"model": config.model, "sampling": config.sampling, "tasks": {}}
+    for t in config.tasks:
+        name, result = t.task, results[t.task]
+        test = evaluate(bank, name, splits[name].test, config.train.max_length, config.train.eval_batch_size,
+                        config.train.max_new_tokens)
+        save_adapter(bank, name, out / name, extra={"metrics": {"test": test}})
+        s = splits[name]
+        summary["tasks"][name] = {
+            "method": t.method, "kind": t.kind,
+            "examples": {"train": len(s.train), "validation": len(s.validation), "test": len(s.test)},
+            "trainable_parameters": trainable[name], "steps": result.steps, "best_step": result.best_step,
+            "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2),
+            "validation": {result.metric: result.best_metric}, "test": test,
+        }
+    write_json_atomic(out / "result.json", summary)
+    return summary
