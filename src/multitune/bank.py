@@ -235,7 +235,7 @@ class MultiTaskModel(nn.Module):
             width = int(lengths.max()) if lengths.numel() else 0
         if width:
             embeds = self.base.model.get_input_embeddings()(input_ids)  # (B, L, d)
-            virtual = self._prompt_stack(width)[task_ids].to(embeds.dtype)  # (B, width, d)
+            virtual = self._prompt_stack(task_ids, width).to(embeds.dtype)  # (B, width, d)
             positions = torch.arange(width, device=input_ids.device)
             virtual_mask = (positions >= width - lengths[:, None]).to(attention_mask.dtype)  # (B, width)
             inputs = {"inputs_embeds": torch.cat([virtual, embeds], dim=1),
@@ -266,18 +266,22 @@ class MultiTaskModel(nn.Module):
             ones = torch.ones(batch, length, dtype=prefix_mask.dtype, device=device)
             inputs["decoder_attention_mask"] = torch.cat([prefix_mask, ones], dim=1)
 
-    def _prompt_stack(self, width: int) -> torch.Tensor:
-        """(S, width, d): each slot's prompt right-aligned, zeros for slots without one."""
-        d = self.base.hidden_size
+    def _prompt_stack(self, task_ids: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width, d): each row's prompt right-aligned, zeros for rows of tasks without one.
+
+        Only the slots present in the batch are stacked (P <= B of them, however many tasks the bank
+        holds), then gathered per row.
+        """
+        slots = self.slots
+        present = sorted(set(task_ids.tolist()))
         ref = next(iter(self.prompts.values()))
         rows = []
-        for task in self.slots:
-            if task in self.prompts:
-                p = self.prompts[task]
-                rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)) if p.shape[0] < width else p[-width:])
-            else:
-                rows.append(ref.new_zeros(width, d))
-        return torch.stack(rows)
+        for slot in present:
+            p = self.prompts[slots[slot]] if slots[slot] in self.prompts else ref.new_zeros(0, ref.shape[1])
+            rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)) if p.shape[0] < width else p[-width:])
+        where = torch.zeros(len(slots), dtype=torch.long)
+        where[present] = torch.arange(len(present))
+        return torch.stack(rows)[where.to(task_ids.device)[task_ids]]  # (P, width, d) -> (B, width, d)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       task_ids: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,8 @@ class AdapterLinear(TaskLinear):
         self.up_weight = nn.ParameterDict()  # task -> (d, r)
         self.up_bias = nn.ParameterDict()  # task -> (d,)
         self.activation: dict[str, str] = {}
-        self._stack: tuple[tuple[int, ...], tuple[torch.Tensor, ...], list[str]] | None = None
+        self._stack: tuple[tuple[int, ...], tuple[torch.Tensor, ...] | None, list[str]] | None = None
+        self._rows: tuple[tuple[object, ...], tuple[torch.Tensor | None, ...] | None] | None = None
 
     def task_names(self) -> list[str]:
         return list(self.down_weight)
@@ -196,13 +197,15 @@ class AdapterLinear(TaskLinear):
             low = F.linear(y, self.down_weight[task].to(dt), self.down_bias[task].to(dt))  # (..., r)
             low = ACTIVATIONS[self.activation[task]](low)
             return y + F.linear(low, self.up_weight[task].to(dt), self.up_bias[task].to(dt))
-        return y + self._mixed(y)
+        return self._mixed(y)
 
-    def _stacked(self) -> tuple[tuple[torch.Tensor, ...], list[str]]:
-        """D (S, R, d), b_D (S, R), U (S, d, R), b_U (S, d), activation index (S,) over the bank's slots.
+    def _stacked(self) -> tuple[tuple[torch.Tensor, ...] | None, list[str]]:
+        """D (T, R, d), b_D (T, R), U (T, d, R), b_U (T, d), activation index (T,) of the T tasks with an
+        adapter here, and ``where`` (S,): each slot's index into them, -1 for slots whose rows pass through.
 
-        R is the largest bottleneck here; slots whose task has no adapter at this layer get zeros.
-        Cached between no-grad forwards; rebuilt while training so gradients reach each task's tensors.
+        R is the largest bottleneck here (smaller ones padded with zeros). Only tasks with an adapter here
+        are stacked, however many tasks the bank holds. Cached between no-grad forwards; rebuilt while
+        training so gradients reach each task's tensors.
         """
         routing = self.routing
         params = [*self.down_weight.values(), *self.down_bias.values(), *self.up_weight.values(),
@@ -210,44 +213,72 @@ class AdapterLinear(TaskLinear):
         key = _version_key(routing, params)
         if self._stack is not None and self._stack[0] == key and not torch.is_grad_enabled():
             return self._stack[1], self._stack[2]
-        rank = max(p.shape[0] for p in self.down_weight.values())
-        ref, d = params[0], self.out_features
-        acts = sorted({self.activation[t] for t in routing.slots if t in self.down_weight})
-        dw, db, uw, ub, act = [], [], [], [], []
-        for task in routing.slots:
-            if task in self.down_weight:
-                pad = rank - self.down_weight[task].shape[0]
-                dw.append(F.pad(self.down_weight[task], (0, 0, 0, pad)))
-                db.append(F.pad(self.down_bias[task], (0, pad)))
-                uw.append(F.pad(self.up_weight[task], (0, pad)))
-                ub.append(self.up_bias[task])
-                act.append(acts.index(self.activation[task]))
-            else:
-                dw.append(ref.new_zeros(rank, d))
-                db.append(ref.new_zeros(rank))
-                uw.append(ref.new_zeros(d, rank))
-                ub.append(ref.new_zeros(d))
-                act.append(0)
-        stack = (torch.stack(dw), torch.stack(db), torch.stack(uw), torch.stack(ub),
-                 torch.tensor(act, device=ref.device))
+        tasks = [t for t in routing.slots if t in self.down_weight]
+        acts = sorted({self.activation[t] for t in tasks})
+        stack = None
+        if tasks:
+            rank = max(self.down_weight[t].shape[0] for t in tasks)
+            pads = [rank - self.down_weight[t].shape[0] for t in tasks]
+            position = {t: i for i, t in enumerate(tasks)}
+            device = params[0].device
+            stack = (torch.stack([F.pad(self.down_weight[t], (0, 0, 0, n)) for t, n in zip(tasks, pads, strict=True)]),
+                     torch.stack([F.pad(self.down_bias[t], (0, n)) for t, n in zip(tasks, pads, strict=True)]),
+                     torch.stack([F.pad(self.up_weight[t], (0, n)) for t, n in zip(tasks, pads, strict=True)]),
+                     torch.stack([self.up_bias[t] for t in tasks]),
+                     torch.tensor([acts.index(self.activation[t]) for t in tasks], device=device),
+                     torch.tensor([position.get(t, -1) for t in routing.slots], device=device))
         if not torch.is_grad_enabled():
             self._stack = (key, stack, acts)
         return stack, acts
 
+    def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...] | None:
+        """(idx, D, b_D, U, b_U, activation) for the rows with an adapter here, idx their positions in the
+        batch (None: every row); None when no row has one. Kept without grad while the same ``rows``
+        tensor routes the batch (every decoding step of ``generate``) and the stack is the same."""
+        stack, _ = self._stacked()
+        if stack is None:
+            return None
+        cached = self._rows
+        if (cached is not None and cached[0][0] is stack[0] and cached[0][1] is rows
+                and cached[0][2:] == (rows._version, dtype) and not torch.is_grad_enabled()):
+            return cached[1]
+        dw, db, uw, ub, act, where = stack
+        index = where[rows]
+        active = index >= 0
+        idx, pick = (None, index) if bool(active.all()) else (active.nonzero(as_tuple=True)[0], None)
+        if idx is not None:
+            pick = index[idx]
+        out: tuple[torch.Tensor | None, ...] | None = None
+        if idx is None or idx.numel():
+            out = (idx, dw[pick].to(dtype), db[pick].to(dtype).unsqueeze(1), uw[pick].to(dtype),
+                   ub[pick].to(dtype).unsqueeze(1), act[pick].view(-1, 1, 1))
+        self._rows = ((dw, rows, rows._version, dtype), out) if not torch.is_grad_enabled() else None
+        return out
+
     def _mixed(self, y: torch.Tensor) -> torch.Tensor:
-        (dw, db, uw, ub, act), acts = self._stacked()
+        """y plus each row's adapter output: batched matmuls over the rows whose task has an adapter here."""
         rows = self.routing.rows_for(y.shape[0])
+        gathered = self._gathered(rows, y.dtype)
+        if gathered is None:
+            return y
+        idx, dw, db, uw, ub, act = gathered  # (N, R, d), (N, 1, R), (N, d, R), (N, 1, d), (N, 1, 1)
+        acts = self._stacked()[1]
         squeeze = y.dim() == 2
         h = y.unsqueeze(1) if squeeze else y  # (B, L, d)
-        dt = y.dtype
-        low = torch.baddbmm(db[rows].to(dt).unsqueeze(1), h, dw[rows].to(dt).transpose(1, 2))  # (B, L, R)
+        if idx is not None:
+            h = h.index_select(0, idx)  # (N, L, d)
+        low = torch.baddbmm(db, h, dw.transpose(1, 2))  # (N, L, R)
         if len(acts) == 1:
             low = ACTIVATIONS[acts[0]](low)
         else:  # tasks with different activations share this layer: one pass per activation, not per task
-            which = act[rows].view(-1, 1, 1)
-            low = sum(torch.where(which == i, ACTIVATIONS[name](low), 0.0) for i, name in enumerate(acts))
-        out = torch.baddbmm(ub[rows].to(dt).unsqueeze(1), low, uw[rows].to(dt).transpose(1, 2))  # (B, L, d)
-        return out.squeeze(1) if squeeze else out
+            low = sum(torch.where(act == i, ACTIVATIONS[name](low), 0.0) for i, name in enumerate(acts))
+        out = torch.baddbmm(ub, low, uw.transpose(1, 2))  # (N, L, d)
+        if squeeze:
+            out = out.squeeze(1)
+        if idx is None:
+            return y + out
+        # Rows of other tasks are left exactly as they are; in place when no graph needs y.
+        return y.index_add_(0, idx, out) if not torch.is_grad_enabled() else y.index_add(0, idx, out)
 
 
 def norm_kind(norm: nn.Module) -> str | None:

@@ -158,13 +158,13 @@ def prefix_cache(bank: MultiTaskModel, task_ids: torch.Tensor, dtype: torch.dtyp
     present = sorted({int(s) for s in task_ids.tolist()})
     ref = next(next(iter(bank.prefixes.values())).parameters())
     rows = []
-    for slot, task in enumerate(slots):  # slots absent from the batch get zeros: no gradient, no work
-        if task in bank.prefixes and slot in present:
-            p = bank.prefixes[task]()
-            rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)))
-        else:
-            rows.append(ref.new_zeros(width, geo.width))
-    stack = torch.stack(rows)[task_ids].to(dtype)  # (B, W, layers * 2 * kv_dim)
+    for slot in present:  # only the slots in the batch are stacked: P <= B of them, however many tasks
+        task = slots[slot]
+        p = bank.prefixes[task]() if task in bank.prefixes else ref.new_zeros(0, geo.width)
+        rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)))
+    where = torch.zeros(len(slots), dtype=torch.long)
+    where[present] = torch.arange(len(present))
+    stack = torch.stack(rows)[where.to(task_ids.device)[task_ids]].to(dtype)  # (B, W, layers * 2 * kv_dim)
     batch = stack.shape[0]
     kv = stack.view(batch, width, geo.layers * 2, geo.heads, geo.head_dim).permute(2, 0, 3, 1, 4)
     cache = DynamicCache()
