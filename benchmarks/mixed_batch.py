@@ -275,8 +275,18 @@ def main(argv: list[str] | None = None) -> None:
             assert out.shape[1] == args.tokens + args.new_tokens
             return out
 
+        # The base on the positions the bank runs: W more (masked) positions before every prompt, as (b).
+        wide_ids = torch.cat([torch.full((args.batch, width), base.tokenizer.pad_token_id, dtype=torch.long,
+                                         device=device), prompt_ids], dim=1)
+        wide_mask = torch.cat([torch.zeros((args.batch, width), dtype=torch.long, device=device), prompt_mask], dim=1)
+
+        def base_generate_wide() -> Any:
+            with torch.no_grad():
+                return plain.model.generate(input_ids=wide_ids, attention_mask=wide_mask, **opts)
+
         print(f"generation: {args.batch} prompts, {args.new_tokens} new tokens", file=sys.stderr)
-        gen_seconds = run_rounds({"multitune generate": bank_generate, "base generate": base_generate},
+        gen_seconds = run_rounds({"multitune generate": bank_generate, "base generate": base_generate,
+                                  f"base generate (+{width} pos)": base_generate_wide},
                                  max(3, args.rounds // 2), device)
     tmp.cleanup()
 
@@ -297,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                        rate[f"scale: {args.scale} tasks"] / rate["scale: 4 tasks"], 0.9))
     if gen_rate:
         checks.append(("generate: multitune / base", gen_rate["multitune generate"] / gen_rate["base generate"], 0.8))
+        wide = next(n for n in gen_rate if n.startswith("base generate (+"))
+        checks.append((f"generate: multitune / {wide}", gen_rate["multitune generate"] / gen_rate[wide], 0.8))
     for name, ratio, goal in checks:
         print(f"{name:<44}{ratio:>8.2f}{goal:>8.2f}  {'yes' if ratio >= goal else 'NO'}")
 
