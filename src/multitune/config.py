@@ -150,19 +150,23 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+def read_yaml_mapping(path: str | Path, expected: str) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold {expected}")
+    return raw
+
+
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the YAML file of ``--config``, then the flags that were given."""
-    raw: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of settings")
+    raw = read_yaml_mapping(args.config, "a mapping of settings") if getattr(args, "config", None) else {}
     sections: dict[str, dict[str, Any]] = {"data": dict(raw.pop("data", None) or {}),
                                           "train": dict(raw.pop("train", None) or {})}
     method_raw = {name: dict(raw.pop(name, None) or {}) for name in METHODS}

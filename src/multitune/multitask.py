@@ -47,7 +47,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
-from multitune.config import DataConfig, RunConfig, TrainConfig, _build, validate
+from multitune.config import DataConfig, RunConfig, TrainConfig, _build, read_yaml_mapping, validate
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
@@ -352,14 +352,7 @@ def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     """Read the YAML of ``train-multi``; ``overrides`` (given flags: model, output, sampling, temperature,
     ``train.*``) replace its values. Every problem of every task is reported at once."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping with 'tasks:' and shared settings")
+    raw = read_yaml_mapping(path, "a mapping with 'tasks:' and shared settings")
     where = f"config file {path}"
     train_values = dict(raw.pop("train", None) or {})
     entries = raw.pop("tasks", None)

@@ -61,10 +61,9 @@ from multitune.methods import Method, register
 from multitune.methods.wrap import (
     LINEAR,
     TaskLinear,
-    drop_if_empty,
     find_linear,
     innermost,
-    layers_of,
+    remove_from_layers,
     wrapper_for,
 )
 from multitune.routing import Routing
@@ -453,9 +452,7 @@ def attach(bank: MultiTaskModel, task: str, config: AdapterConfig) -> None:
 
 def detach(bank: MultiTaskModel, task: str) -> None:
     model = bank.base.model
-    for name, layer in layers_of(model, AdapterLinear, task):
-        layer.remove_task(task)
-        drop_if_empty(model, name, layer)
+    remove_from_layers(model, AdapterLinear, task)
     for name, norm in list(model.named_modules()):
         if isinstance(norm, TaskNorm) and task in norm.task_names():
             norm.remove_task(task)

@@ -34,7 +34,14 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.wrap import TaskLinear, drop_if_empty, find_linear, innermost, layers_of, wrapper_for
+from multitune.methods.wrap import (
+    TaskLinear,
+    find_linear,
+    innermost,
+    layers_of,
+    remove_from_layers,
+    wrapper_for,
+)
 from multitune.routing import Routing
 
 if TYPE_CHECKING:
@@ -267,9 +274,7 @@ def attach(bank: MultiTaskModel, task: str, config: IA3Config) -> None:
 
 def detach(bank: MultiTaskModel, task: str) -> None:
     model = bank.base.model
-    for name, layer in layers_of(model, IA3Linear, task):
-        layer.remove_task(task)
-        drop_if_empty(model, name, layer)
+    remove_from_layers(model, IA3Linear, task)
 
 
 def ia3_layers(bank: MultiTaskModel, task: str) -> list[tuple[str, IA3Linear]]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.wrap import TaskLinear, drop_if_empty, find_linear, layers_of, wrapper_for
+from multitune.methods.wrap import TaskLinear, find_linear, layers_of, remove_from_layers, wrapper_for
 from multitune.routing import Routing
 
 if TYPE_CHECKING:
@@ -241,9 +241,7 @@ def attach(bank: MultiTaskModel, task: str, config: LoRAConfig) -> None:
 
 def detach(bank: MultiTaskModel, task: str) -> None:
     model = bank.base.model
-    for name, layer in layers_of(model, LoRALinear, task):
-        layer.remove_task(task)
-        drop_if_empty(model, name, layer)
+    remove_from_layers(model, LoRALinear, task)
 
 
 def lora_layers(bank: MultiTaskModel, task: str) -> list[LoRALinear]:

@@ -97,6 +97,13 @@ def drop_if_empty(model: nn.Module, name: str, wrapper: TaskLinear) -> None:
         outer.base_layer = wrapper.base_layer
 
 
+def remove_from_layers(model: nn.Module, cls: type[TaskLinear], task: str) -> None:
+    """Take ``task`` out of every ``cls`` wrapper and drop the wrappers left empty (a method's detach)."""
+    for name, layer in layers_of(model, cls, task):
+        layer.remove_task(task)
+        drop_if_empty(model, name, layer)
+
+
 def layers_of(model: nn.Module, cls: type[W], task: str) -> list[tuple[str, W]]:
     """(outermost layer name, wrapper) for every ``cls`` wrapper that holds ``task``."""
     found = []
