@@ -101,6 +101,31 @@ def toy_generation(n: int = 32, seed: int = 0):
     return out
 
 
+def perturb(bank, task: str, seed: int, scale: float = 0.3) -> None:
+    """Add seeded noise to a task's parameters, so that no method is the identity (LoRA's B, IA3's ones...)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in bank.task_parameters(task).values():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def save_tiny(family: str, folder: Path) -> Path:
+    """A tiny model of ``family`` with its tokenizer saved as a Hugging Face folder (what the CLI loads)."""
+    tiny_model(family).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    return save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

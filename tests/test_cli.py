@@ -9,25 +9,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_model, toy_generation, toy_sentiment, word_tokenizer
+from conftest import toy_generation, toy_sentiment
 
 from multitune.cli import main
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tiny_model("bert").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _write_csv(path, examples) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, toy_generation, toy_sentiment, word_tokenizer
+from conftest import save_tiny, toy_generation, toy_sentiment
 
 from multitune.bank import MultiTaskModel
 from multitune.engine import Engine
@@ -28,8 +28,7 @@ CLASSIFICATION = {"c-lora": ("lora", None), "c-prefix": ("prefix", None), "c-bas
 def bank_dir(tmp_path_factory):
     """A bank folder with one adapter per task, trained-looking (perturbed) weights, on a saved tiny llama."""
     root = tmp_path_factory.mktemp("engine")
-    tiny_model("llama").save_pretrained(root / "model")
-    word_tokenizer().save_pretrained(root / "model")
+    save_tiny("llama", root / "model")
     generator = torch.Generator().manual_seed(0)
     for name, (method, config) in {**GENERATION, **CLASSIFICATION}.items():
         bank = MultiTaskModel(load_base(str(root / "model"), device="cpu"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_base, toy_generation, toy_sentiment
+from conftest import FAMILIES, perturb, tiny_base, toy_generation, toy_sentiment
 
 from multitune.bank import MultiTaskModel
 from multitune.methods import get_method
@@ -44,13 +44,6 @@ def variants(method: str) -> list[Any]:
 METHODS = ["base", "lora", "prompt", "prefix", "adapter", "ia3", "prompting"]
 
 
-def _perturb(bank: MultiTaskModel, task: str, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in bank.task_parameters(task).values():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.15)
-
-
 def _add(bank: MultiTaskModel, name: str, method: str, config: Any, kind: str, labels: list[str] | None) -> None:
     bank.add_task(name, kind, method, config, labels)
     fit = get_method(method).fit
@@ -59,7 +52,7 @@ def _add(bank: MultiTaskModel, name: str, method: str, config: Any, kind: str, l
         if kind == "classification":
             data = [type(ex)(text=ex.text, label={"pos": labels[0], "neg": labels[1]}[ex.label]) for ex in data]
         fit(bank, name, data)
-    _perturb(bank, name, len(bank.slots))
+    perturb(bank, name, len(bank.slots), scale=0.15)
 
 
 def _logits(bank: MultiTaskModel, texts: list[str], tasks: list[str]) -> torch.Tensor:

@@ -16,10 +16,8 @@ from conftest import (
     POSITIVE,
     WORDS,
     tiny_base,
-    tiny_model,
     toy_generation,
     toy_sentiment,
-    word_tokenizer,
 )
 
 from multitune.bank import MultiTaskModel
@@ -325,14 +323,6 @@ def test_full_fine_tuning_and_unknown_tasks_are_refused() -> None:
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def _write_csv(path, examples) -> str:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

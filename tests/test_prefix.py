@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_base, toy_generation, toy_sentiment
+from conftest import FAMILIES, perturb, tiny_base, toy_generation, toy_sentiment
 
 from multitune.bank import MultiTaskModel
 from multitune.config import TrainConfig
@@ -17,13 +17,6 @@ from multitune.storage import load_adapter, save_adapter
 from multitune.train import train
 
 TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy", "it is"]
-
-
-def _perturb(bank: MultiTaskModel, task: str, seed: int, scale: float = 0.3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in bank.task_parameters(task).values():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def _logits(bank: MultiTaskModel, texts: list[str], tasks: list[str]) -> torch.Tensor:
@@ -58,7 +51,7 @@ def test_prefix_tuning_learns_the_toy_task_and_folds_to_plain_prefixes(family: s
 def test_folding_keeps_the_outputs(family: str) -> None:
     bank = MultiTaskModel(tiny_base(family))
     bank.add_task("p", "classification", "prefix", PrefixConfig(num_virtual_tokens=3), ["a", "b"])
-    _perturb(bank, "p", 1)
+    perturb(bank, "p", 1)
     before = _logits(bank, TEXTS, ["p"] * len(TEXTS))
     fold(bank, "p")
     torch.testing.assert_close(_logits(bank, TEXTS, ["p"] * len(TEXTS)), before, atol=1e-5, rtol=0)
@@ -81,7 +74,7 @@ def test_generate_with_prefixes_equals_greedy_decoding_without_cache(family: str
     base = tiny_base(family)
     bank = MultiTaskModel(base)
     bank.add_task("g", "generation", "prefix", PrefixConfig(num_virtual_tokens=3, projection=False))
-    _perturb(bank, "g", 2, scale=1.0)
+    perturb(bank, "g", 2, scale=1.0)
     enc = base.tokenizer(["good movie", "the film was bad"], padding=True, return_tensors="pt", padding_side="left")
     rows = bank.task_ids("g", 2)
     got = bank.generate(enc.input_ids, enc.attention_mask, rows, max_new_tokens=5, do_sample=False,
@@ -109,7 +102,7 @@ def _mixed_bank(family: str, kind: str) -> MultiTaskModel:
     bank.add_task("soft", kind, "prompt", PromptConfig(num_virtual_tokens=3, init="random"), labels)
     bank.add_task("lora", kind, "lora", LoRAConfig(rank=2), labels)
     for i, task in enumerate(bank.slots):
-        _perturb(bank, task, 10 + i, scale=0.5)
+        perturb(bank, task, 10 + i, scale=0.5)
     return bank
 
 
@@ -165,7 +158,7 @@ def test_disabled_prefixes_give_the_base_outputs(family: str) -> None:
     bank = MultiTaskModel(tiny_base(family))
     bank.add_task("p", "classification", "prefix", PrefixConfig(num_virtual_tokens=3), ["a", "b"])
     bank.add_task("none", "classification", "lora", LoRAConfig(rank=1, target_modules=["all-linear"]), ["a", "b"])
-    _perturb(bank, "p", 3, scale=1.0)
+    perturb(bank, "p", 3, scale=1.0)
     with torch.no_grad():  # the same head on a task whose adapter is a no-op (LoRA's B starts at zero)
         bank.heads["none"].load_state_dict(bank.heads["p"].state_dict())
     with bank.disabled():
@@ -180,7 +173,7 @@ def test_disabled_prefixes_give_the_base_outputs(family: str) -> None:
 def test_save_and_load_give_identical_outputs(family: str, tmp_path) -> None:
     bank = MultiTaskModel(tiny_base(family))
     bank.add_task("p", "classification", "prefix", PrefixConfig(num_virtual_tokens=3), ["a", "b"])
-    _perturb(bank, "p", 4)
+    perturb(bank, "p", 4)
     fold(bank, "p")
     want = _logits(bank, TEXTS, ["p"] * len(TEXTS))
     save_adapter(bank, "p", tmp_path / "adapter")

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_base, tiny_model, toy_generation, toy_sentiment, word_tokenizer
+from conftest import tiny_base, toy_generation, toy_sentiment
 
 from multitune.bank import MultiTaskModel
 from multitune.cli import main
@@ -271,10 +271,8 @@ def test_save_and_load_give_identical_probabilities(family: str, tmp_path) -> No
     assert not fresh.tasks and "p" not in prompting._CACHE.get(fresh, {})
 
 
-def test_cli_train_eval_predict(tmp_path) -> None:
-    model_dir = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
+def test_cli_train_eval_predict(tmp_path, llama_dir) -> None:
+    model_dir = llama_dir
     data = tmp_path / "reviews.csv"
     with open(data, "w", newline="") as f:
         writer = csv.writer(f)
