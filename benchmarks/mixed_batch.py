@@ -141,30 +141,24 @@ def peft_variant(bank: Any, base_copies: Callable[[], Any], ids: torch.Tensor, m
         by_method.setdefault(bank.tasks[task].method, []).append(task)
     calls: list[Callable[[], Any]] = []
 
+    def one_peft_model(tasks: list[str]) -> Any:
+        """One PeftModel on a fresh base copy holding every task of ``tasks`` as a named adapter."""
+        model = peft.PeftModel.from_pretrained(base_copies(), str(export_peft(bank, tasks[0], folder / tasks[0])),
+                                               adapter_name=tasks[0])
+        for task in tasks[1:]:
+            model.load_adapter(str(export_peft(bank, task, folder / task)), adapter_name=task)
+        return model.eval()
+
     lora = by_method.get("lora", [])
     if lora:
-        model = base_copies()
-        for i, task in enumerate(lora):
-            path = export_peft(bank, task, folder / task)
-            if i == 0:
-                model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=task)
-            else:
-                model.load_adapter(str(path), adapter_name=task)
-        model.eval()
+        model = one_peft_model(lora)
         rows = torch.cat([rows_of[t] for t in lora])
         names = [t for t in lora for _ in range(len(rows_of[t]))]
         calls.append(lambda m=model, r=rows, n=names: m(input_ids=ids[r], attention_mask=mask[r], adapter_names=n))
 
     ia3 = by_method.get("ia3", [])
     if ia3:
-        model = base_copies()
-        for i, task in enumerate(ia3):
-            path = export_peft(bank, task, folder / task)
-            if i == 0:
-                model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=task)
-            else:
-                model.load_adapter(str(path), adapter_name=task)
-        model.eval()
+        model = one_peft_model(ia3)
 
         def ia3_task(m: Any = model, t: str = "", r: torch.Tensor = ids) -> Any:
             m.set_adapter(t)
