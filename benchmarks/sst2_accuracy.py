@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 from pathlib import Path
 
-from multitune.config import RunConfig
-from multitune.methods.lora import LoRAConfig
-from multitune.train import run
+from methods_sst2 import SST2, sst2_config, timed_run  # the sibling script: one SST-2 setup
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
+from multitune.methods.lora import LoRAConfig
+
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3}
 
 
@@ -34,21 +31,11 @@ def main() -> None:
         raise SystemExit(f"{SST2} not found: this benchmark needs ../shared/datasets/sst2")
     rows = {}
     for method in args.methods.split(","):
-        out = Path(args.out) / method
-        shutil.rmtree(out, ignore_errors=True)
-        config = RunConfig(model="minilm", task="sst2", method=method, output=str(out))
-        config.data.data = str(SST2 / "train.csv")
-        config.data.validation_data = str(SST2 / "dev.csv")
-        config.data.test_data = str(SST2 / "test.csv")
-        config.train.epochs, config.train.batch_size, config.train.max_length = args.epochs, 32, 64
-        config.train.learning_rate = args.lora_lr if method == "lora" else LEARNING_RATES[method]
-        config.train.device = "cpu"
+        lr = args.lora_lr if method == "lora" else LEARNING_RATES[method]
+        config = sst2_config(method, Path(args.out) / method, args.epochs, lr)
         if method == "lora":
             config.methods["lora"] = LoRAConfig(target_modules=args.lora_targets.split(","))
-        start = time.perf_counter()
-        summary = run(config, progress=False)
-        summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-        rows[method] = summary
+        rows[method] = summary = timed_run(config)
         print(json.dumps({"method": method, "test": summary["test"], "validation": summary["validation"],
                           "trainable": summary["trainable_parameters"], "train_s": summary["train_seconds"],
                           "wall_s": summary["wall_seconds"]}), flush=True)
