@@ -133,6 +133,10 @@ class MultiTaskModel(nn.Module):
         param.requires_grad_(True)
         self._owned[task][key] = param
 
+    def disown(self, task: str, key: str) -> None:
+        """Forget ``key`` of ``task`` (a method replacing its training-time tensors, e.g. by folding)."""
+        del self._owned[task][key]
+
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         """Exactly the task's own trainable parameters, by public key."""
         self._spec(task)

@@ -134,9 +134,8 @@ def fold(bank: MultiTaskModel, task: str) -> None:
     with torch.no_grad():
         folded.embeddings.copy_(plain)
     bank.prefixes[task] = folded
-    owned = bank.task_parameters(task)
-    for key in [k for k in owned if k.startswith("prefix.")]:
-        del owned[key]
+    for key in [k for k in bank.task_parameters(task) if k.startswith("prefix.")]:
+        bank.disown(task, key)
     bank.own(task, "prefix.embeddings", folded.embeddings)
     bank.tasks[task].config["projection"] = False
 
