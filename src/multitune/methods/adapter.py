@@ -64,6 +64,7 @@ from multitune.methods.wrap import (
     find_linear,
     innermost,
     remove_from_layers,
+    replace_module,
     wrapper_for,
 )
 from multitune.routing import Routing
@@ -429,8 +430,7 @@ def _norm_wrapper(model: nn.Module, name: str, routing: Routing, training: bool)
         return module
     wrapper = TaskNorm(module, routing)
     wrapper.train(training)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    replace_module(model, name, wrapper)
     return wrapper
 
 
@@ -457,8 +457,7 @@ def detach(bank: MultiTaskModel, task: str) -> None:
         if isinstance(norm, TaskNorm) and task in norm.task_names():
             norm.remove_task(task)
             if not norm.task_names():
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, norm.base_norm)
+                replace_module(model, name, norm.base_norm)
 
 
 register(Method(name="adapter", config_class=AdapterConfig, attach=attach, detach=detach,

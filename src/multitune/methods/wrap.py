@@ -68,6 +68,12 @@ def _chain(module: nn.Module) -> list[nn.Module]:
     return chain
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (wrapping a layer or unwrapping it)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def wrapper_for(model: nn.Module, name: str, cls: type[W], routing: Routing, training: bool) -> W:
     """The ``cls`` wrapper of layer ``name``: the one in its chain, or a new outermost one."""
     module = model.get_submodule(name)
@@ -76,8 +82,7 @@ def wrapper_for(model: nn.Module, name: str, cls: type[W], routing: Routing, tra
             return link
     wrapper = cls(module, routing)
     wrapper.train(training)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    replace_module(model, name, wrapper)
     return wrapper
 
 
@@ -91,8 +96,7 @@ def drop_if_empty(model: nn.Module, name: str, wrapper: TaskLinear) -> None:
             break
         outer = link
     if outer is None:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, wrapper.base_layer)
+        replace_module(model, name, wrapper.base_layer)
     else:
         outer.base_layer = wrapper.base_layer
 
