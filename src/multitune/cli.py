@@ -130,6 +130,64 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "--method lora --output runs/mine")
 
 
+def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareConfig, imported lazily)
+    """The compare command's settings: its own flags, the data/train flags, and fixed method settings."""
+    import dataclasses
+
+    from multitune.compare import CompareConfig
+    from multitune.config import DataConfig, TrainConfig
+    from multitune.methods import METHODS
+
+    values = vars(args)
+    sections: dict[str, dict] = {"data.": {}, "train.": {}}
+    method_values: dict[str, dict] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        for prefix in sections:
+            if key.startswith(prefix):
+                sections[prefix][key[len(prefix):]] = value
+        if key.startswith("methods."):
+            _, name, setting = key.split(".", 2)
+            method_values.setdefault(name, {})[setting] = value
+    config = CompareConfig(
+        model=args.model, task=args.task, kind=args.kind, methods=args.methods, trials=args.trials,
+        max_epochs=args.max_epochs, output=args.output, storage=args.storage, study_name=args.study_name,
+        search_only=args.search_only, progress=not args.quiet, seed=values.get("train.seed") or 0,
+        command="multitune " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "",
+        data=DataConfig(**sections["data."]), train=dataclasses.replace(TrainConfig(), **sections["train."]),
+        method_settings={n: METHODS[n].config_class(**v) for n, v in method_values.items() if n in METHODS})
+    return config
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from multitune.compare import compare
+
+    config = compare_config(args)
+    summary = compare(config)
+    _print_comparison(summary)
+    if summary["failures"]:
+        raise ConfigError(f"{len(summary['failures'])} method(s) failed ({', '.join(summary['failures'])}); "
+                          "the others are saved; fix the cause and rerun the same command to finish")
+
+
+def _print_comparison(summary: dict) -> None:
+    results = summary["results"]
+    if not results:
+        return
+    metric = results[0]["metric"]
+    print(f"\n{'method':<10} {'trainable':>12} {'stored':>10} {'train s':>8} {'ms/ex':>7}  test {metric} [95% CI]")
+    for r in results:
+        ci = r.get("test_ci", {}).get(metric)
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        stored = r["stored_bytes"] / 1e6
+        print(f"{r['method']:<10} {r['trainable_parameters']:>12,} {stored:>8.2f}MB {r['train_seconds']:>8.1f} "
+              f"{(r.get('latency_ms') or 0):>7.1f}  {r['test'].get(metric, float('nan')):.3f}{interval}")
+    if "report" in summary:
+        print(f"\nreport: {summary['report']['html']} (and report.md, plots/); adapters: "
+              f"{Path(summary['report']['md']).parent / 'bank'} (serve them together: Engine.from_folder)")
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from multitune.catalog import base_parameters, method_facts
     from multitune.models import load_base
@@ -195,6 +253,35 @@ def _add_io(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)")
 
 
+def _methods_list(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    from multitune.compare import DEFAULT_METHODS
+    from multitune.config import DataConfig, TrainConfig, add_arguments
+    from multitune.methods import METHODS
+
+    p.add_argument("--model", default="minilm", help="short name (minilm, smollm2-135m), HF folder or .gguf")
+    p.add_argument("--methods", type=_methods_list, default=list(DEFAULT_METHODS),
+                   help=f"comma-separated methods to compare (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--trials", type=int, default=8, help="search trials per method (default: 8)")
+    p.add_argument("--max-epochs", type=int, default=3, help="largest number of epochs a trial may use (default: 3)")
+    p.add_argument("--output", default="runs/compare", help="folder: study, results, bank of adapters, report")
+    p.add_argument("--storage", help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db "
+                   "(default: OUTPUT/study.db, SQLite)")
+    p.add_argument("--study-name", help="prefix of the study names (default: the task name)")
+    p.add_argument("--search-only", action="store_true",
+                   help="only add trials to the shared studies (a helper worker); no final runs, no report")
+    p.add_argument("--task", default="task", help="task name (default: task)")
+    p.add_argument("--kind", default="classification", choices=["classification", "generation"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars (trial lines are still printed)")
+    add_arguments(p, DataConfig, dest_prefix="data.")
+    add_arguments(p, TrainConfig, dest_prefix="train.")
+    for name, method in sorted(METHODS.items()):
+        add_arguments(p, method.config_class, prefix=f"{name}-", dest_prefix=f"methods.{name}.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from multitune.config import TrainConfig, add_arguments, add_run_arguments
 
@@ -217,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, TrainConfig, dest_prefix="train.")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_multi)
+
+    p = commands.add_parser("compare", help="search, train and test several methods on your data; write a report")
+    _add_compare_arguments(p)
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)

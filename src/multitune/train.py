@@ -77,11 +77,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    desc: str | None = None,
 ) -> TrainResult:
     """Train ``task`` of ``bank`` on ``train_examples``; early-stop on ``validation_examples``.
 
     On return the task holds the weights of its best evaluation (or the last step if none was run).
-    ``on_step(step)`` is called after each optimizer step (a test uses it to interrupt a run).
+    ``on_step(step)`` is called after each optimizer step (a test uses it to interrupt a run);
+    ``on_eval(record)`` after each validation (a hyperparameter search prunes poor trials from it).
     """
     # ---- setup -------------------------------------------------------------------------------------
     spec = bank.tasks[task]
@@ -140,55 +143,60 @@ def train(
             best = bank.task_state_dict(task)
         else:
             state["bad_evals"] += 1
-        bar.set_postfix_str(f"loss {running:.4f} {metric} {scores[metric]:.4f}", refresh=False)
+        bar.set_postfix_str(f"epoch {state['epoch'] + 1}/{config.epochs} loss {running:.4f} "
+                            f"{metric} {scores[metric]:.4f}", refresh=False)
+        if on_eval is not None:
+            on_eval(record)
         return state["bad_evals"] >= config.patience
 
     # ---- epochs ------------------------------------------------------------------------------------
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {task}", disable=not progress,
+    bar = tqdm(total=total_steps, initial=state["step"], desc=desc or f"train {task}", disable=not progress,
                dynamic_ncols=True)
     running = float("nan")
     model.train()
     stop = state["stopped_early"] or state["step"] >= total_steps
-    while not stop and state["epoch"] < config.epochs:
-        batches = _batch_order(len(features), config.batch_size, config.seed, state["epoch"])
-        while state["batch"] < len(batches):
-            index = state["batch"]
-            batch = collate([features[i] for i in batches[index]], pad_id, slot)
-            with accelerator.autocast():
-                loss = model(to_device(batch, accelerator.device)) / config.grad_accum
-            accelerator.backward(loss)
-            state["batch"] += 1
-            if state["batch"] % config.grad_accum and state["batch"] < len(batches):
-                continue
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            running = loss.item() * config.grad_accum
-            bar.update(1)
-            bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
-            if config.eval_every and state["step"] % config.eval_every == 0 and evaluate_now():
-                state["stopped_early"] = stop = True
-            if state["step"] >= total_steps:
-                stop = True
-            if ckpt is not None and (state["step"] % config.checkpoint_every == 0 or stop):
-                _save_checkpoint(ckpt, bank, task, keys, optimizer, scheduler, state, best, config)
-            if on_step is not None:
-                on_step(state["step"])
-            if stop:
-                break
-        if state["batch"] >= len(batches):  # a finished epoch; an early stop mid-epoch keeps its place
-            state["epoch"] += 1
-            state["batch"] = 0
-            if not config.eval_every and evaluate_now():
-                state["stopped_early"] = stop = True
-            if ckpt is not None:
-                _save_checkpoint(ckpt, bank, task, keys, optimizer, scheduler, state, best, config)
-    bar.close()
-    model.eval()
+    try:
+        while not stop and state["epoch"] < config.epochs:
+            batches = _batch_order(len(features), config.batch_size, config.seed, state["epoch"])
+            while state["batch"] < len(batches):
+                index = state["batch"]
+                batch = collate([features[i] for i in batches[index]], pad_id, slot)
+                with accelerator.autocast():
+                    loss = model(to_device(batch, accelerator.device)) / config.grad_accum
+                accelerator.backward(loss)
+                state["batch"] += 1
+                if state["batch"] % config.grad_accum and state["batch"] < len(batches):
+                    continue
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                running = loss.item() * config.grad_accum
+                bar.update(1)
+                bar.set_postfix_str(f"epoch {state['epoch'] + 1}/{config.epochs} loss {running:.4f}", refresh=False)
+                if config.eval_every and state["step"] % config.eval_every == 0 and evaluate_now():
+                    state["stopped_early"] = stop = True
+                if state["step"] >= total_steps:
+                    stop = True
+                if ckpt is not None and (state["step"] % config.checkpoint_every == 0 or stop):
+                    _save_checkpoint(ckpt, bank, task, keys, optimizer, scheduler, state, best, config)
+                if on_step is not None:
+                    on_step(state["step"])
+                if stop:
+                    break
+            if state["batch"] >= len(batches):  # a finished epoch; an early stop mid-epoch keeps its place
+                state["epoch"] += 1
+                state["batch"] = 0
+                if not config.eval_every and evaluate_now():
+                    state["stopped_early"] = stop = True
+                if ckpt is not None:
+                    _save_checkpoint(ckpt, bank, task, keys, optimizer, scheduler, state, best, config)
+    finally:  # also when on_eval stops the run by raising (a pruned trial)
+        bar.close()
+        model.eval()
 
     # ---- restore the best ----------------------------------------------------------------------------
     if best is not None:
