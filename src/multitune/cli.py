@@ -107,27 +107,30 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from multitune.config import RunConfig
+    """The README's first command: every method compared on a task the project generates itself."""
+    from multitune.compare import DEFAULT_METHODS, CompareConfig, compare
+    from multitune.config import DataConfig, TrainConfig
     from multitune.demo import write_demo_csv
-    from multitune.train import run
 
+    methods = args.methods or list(DEFAULT_METHODS)
     out = Path(args.output)
-    if not args.resume and (out / "run").exists():  # the demo's own folder: a rerun starts afresh
+    if not args.resume and (out / "compare" / "compare.json").exists():  # the demo's own folder: start afresh
         import shutil
 
-        print(f"demo: replacing the previous demo run in {out / 'run'}")
-        shutil.rmtree(out / "run")
+        print(f"demo: replacing the previous demo comparison in {out / 'compare'} (--resume continues it instead)")
+        shutil.rmtree(out / "compare")
     data = write_demo_csv(out / "data.csv", n=args.examples)
-    config = RunConfig(model=args.model, task="support-intent", method="lora", output=str(out / "run"))
-    config.data.data, config.data.text_column, config.data.label_column = str(data), "message", "intent"
-    config.train.epochs, config.train.batch_size, config.train.learning_rate = 3, 16, 2e-3
-    print(f"demo: LoRA on {args.model}, support-intent task, {args.examples} generated messages in {data}")
-    summary = run(config, resume=args.resume, progress=not args.quiet)
-    print(f"trained in {summary['train_seconds']:.1f} s, {summary['trainable_parameters']:,} trainable parameters")
-    _print_metrics(f"test ({summary['examples']['test']} examples):", summary["test"])
-    print(f"next: multitune predict {out / 'run'} --input {data} --output predictions.csv")
-    print("your own CSV: multitune train --data my.csv --text-column review --label-column stars "
-          "--method lora --output runs/mine")
+    config = CompareConfig(
+        model=args.model, task="support", methods=methods, trials=args.trials, max_epochs=2,
+        output=str(out / "compare"), progress=not args.quiet, command="multitune " + " ".join(sys.argv[1:]),
+        data=DataConfig(data=str(data), text_column="message", label_column="intent"),
+        train=TrainConfig(batch_size=16, max_length=64))
+    print(f"demo: {', '.join(methods)} on {args.model}, {args.examples} generated support messages "
+          f"(4 intents) in {data}, {args.trials} search trials per method")
+    summary = compare(config)
+    _print_comparison(summary)
+    print("\nyour own CSV: multitune compare --data my.csv --text-column review --label-column stars "
+          "--model minilm --trials 8 --output runs/mine")
 
 
 def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareConfig, imported lazily)
@@ -344,10 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one the PEFT config names)")
     p.set_defaults(func=cmd_import_peft)
 
-    p = commands.add_parser("demo", help="generate a small task and train LoRA on it (a few minutes on CPU)")
-    p.add_argument("--output", default="runs/demo", help="folder for the data and the run (default: runs/demo)")
+    p = commands.add_parser("demo", help="compare every method on a generated task, with a report (minutes on CPU)")
+    p.add_argument("--output", default="runs/demo", help="folder for the data and the comparison (default: runs/demo)")
     p.add_argument("--model", default="minilm", help="base model (default: minilm)")
-    p.add_argument("--examples", type=int, default=800, help="messages to generate (default: 800)")
+    p.add_argument("--examples", type=int, default=400, help="messages to generate (default: 400)")
+    p.add_argument("--methods", type=_methods_list, default=None, help="methods to compare (default: all seven)")
+    p.add_argument("--trials", type=int, default=2, help="search trials per method (default: 2)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)

@@ -203,24 +203,35 @@ def _storage(url: str) -> Any:
     if url.startswith("sqlite"):
         return optuna.storages.RDBStorage(url)
     # Workers on several machines: a worker that dies stops beating and its trial is failed after the grace period.
-    return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=40,
-                                      engine_kwargs={"pool_pre_ping": True})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=40,
+                                          engine_kwargs={"pool_pre_ping": True})
+
+
+def open_storage(config: CompareConfig) -> Any:
+    """The study database; a bad URL, a missing driver or an unreachable server is one clear error."""
+    url = config.storage_url()
+    if url.startswith("sqlite"):
+        config.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _storage(url)
+    except ImportError as error:
+        missing = getattr(error.__cause__, "name", None) or "its driver"
+        raise ConfigError(f"the storage {url.split(':')[0]} needs a database driver ({missing}); "
+                          "install it: pip install 'multitune[postgres]'") from error
+    except Exception as error:  # noqa: BLE001  (SQLAlchemy raises many kinds: all mean 'cannot open')
+        raise ConfigError(f"cannot open the study storage {url}: {' '.join(str(error).split())[:200]}") from error
 
 
 def open_study(config: CompareConfig, method: str) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(config)
     url = config.storage_url()
-    if url.startswith("sqlite"):
-        config.out.mkdir(parents=True, exist_ok=True)
-    try:
-        storage = _storage(url)
-    except ImportError as error:
-        raise ConfigError(f"the storage {url.split(':')[0]} needs a database driver ({error.name}); "
-                          "install it: pip install 'multitune[postgres]'") from error
-    except Exception as error:  # noqa: BLE001  (SQLAlchemy raises many kinds: all mean 'cannot open')
-        raise ConfigError(f"cannot open the study storage {url}: {' '.join(str(error).split())[:200]}") from error
     direction = "minimize" if config.metric() in ("loss", "perplexity") else "maximize"
     # One seed for a local study (reproducible); independent samplers for workers sharing a study.
     seed = config.seed if config.storage is None else None
@@ -477,6 +488,14 @@ def child_main(payload_file: str) -> None:
         write_json_atomic(target, {"crash": traceback.format_exc()})
 
 
+def _die_with_parent() -> None:
+    """Linux: the final run ends when compare is killed (nothing keeps training for a dead parent)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """The final run in a fresh Python process, so that its peak memory is this method's alone."""
     if not config.isolate:
@@ -487,7 +506,8 @@ def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -
     target.unlink(missing_ok=True)
     write_json_atomic(payload, {"config": _to_json(config), "method": method, "params": params,
                                 "target": str(target)})
-    process = subprocess.run([sys.executable, "-m", "multitune.compare", str(payload)], check=False)
+    process = subprocess.run([sys.executable, "-m", "multitune.compare", str(payload)], check=False,
+                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     payload.unlink(missing_ok=True)
     if not target.exists():
         raise RuntimeError(f"the final run of {method} died (exit code {process.returncode}) before writing a result")
@@ -537,11 +557,10 @@ def validate(config: CompareConfig) -> None:
 
 def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every method of ``config``: search, final run, result file; then the report. Returns the summary."""
-    from multitune.report import write_report
-
     validate(config)
     start = time.perf_counter()
     _check_output(config)
+    open_storage(config)
     splits = config.data.splits(config.kind)
     if not splits.validation:
         raise ConfigError("compare needs a validation split to search on; give --validation-data or a --split with "
@@ -593,9 +612,15 @@ def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[s
             "command": config.command, "wall_seconds": round(summary["wall_seconds"], 1), "metric": config.metric(),
             "higher_is_better": config.metric() not in ("loss", "perplexity"),
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - summary["wall_seconds"]))}
+    from multitune.report import write_report
+
     summary["report"] = {k: str(v) for k, v in write_report(config.out, results, meta).items()}
     return summary
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # as the CLI does: the parent's trial lines are the progress shown
     child_main(sys.argv[1])
