@@ -51,7 +51,16 @@ _INTENTS: dict[str, list[str]] = {
 }
 
 
-def make_demo_rows(n: int = 800, seed: int = 0) -> list[dict[str, str]]:
+# Side remarks that name another intent's topic: the label follows the request, not every word in it.
+_ASIDES: dict[str, list[str]] = {
+    "billing": [" I paid by card, if that matters.", " My invoice looked fine otherwise."],
+    "shipping": [" The courier was friendly at least.", " I usually get my parcels on time."],
+    "returns": [" I have returned things before without trouble.", " I kept the original box."],
+    "account": [" I am logged in on my phone right now.", " My email address is the same as before."],
+}
+
+
+def make_demo_rows(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
     """``n`` labelled messages, balanced over the four intents, deterministic for a seed."""
     rng = random.Random(seed)
     labels = sorted(_INTENTS)
@@ -61,12 +70,14 @@ def make_demo_rows(n: int = 800, seed: int = 0) -> list[dict[str, str]]:
         text = rng.choice(_INTENTS[label]).format(thing=rng.choice(_THINGS))
         opener = rng.choice(_OPENERS)
         text = opener + (text[0].lower() + text[1:] if opener else text[0].upper() + text[1:])
+        if rng.random() < 0.4:
+            text += rng.choice(_ASIDES[rng.choice([other for other in labels if other != label])])
         rows.append({"message": text + rng.choice(_CLOSERS), "intent": label})
     rng.shuffle(rows)
     return rows
 
 
-def write_demo_csv(path: str | Path, n: int = 800, seed: int = 0) -> Path:
+def write_demo_csv(path: str | Path, n: int = 400, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
