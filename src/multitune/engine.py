@@ -9,6 +9,7 @@ order. Tasks are loaded and removed at run time without touching the others.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ class Engine:
         self.base = base
         self.shared = MultiTaskModel(base)
         self.groups: dict[str, MultiTaskModel] = {}  # fully fine-tuned task -> its own bank (model copy)
+        self.sources: dict[str, str] = {}  # task -> the adapter folder it was loaded from
+        # Fast tokenizers must not be used from two threads at once (a server tokenizes requests while
+        # its worker encodes a batch): every encoding here holds this lock.
+        self.tokenizer_lock = threading.Lock()
 
     # ---- tasks -------------------------------------------------------------------------------------
     @classmethod
@@ -62,8 +67,10 @@ class Engine:
             bank = MultiTaskModel(self._base_copy())
             spec = load_adapter(bank, folder, task)
             self.groups[task] = bank
-            return spec
-        return load_adapter(self.shared, folder, task)
+        else:
+            spec = load_adapter(self.shared, folder, task)
+        self.sources[task] = str(folder)
+        return spec
 
     def _base_copy(self) -> Base:
         try:
@@ -107,7 +114,9 @@ class Engine:
             by_task.setdefault(requests[i][0], []).append(position)
         for task, positions in by_task.items():
             examples = [_example(requests[rows[p]][1]) for p in positions]
-            for p, feature in zip(positions, encode_task(bank, task, examples, max_length, with_target), strict=True):
+            with self.tokenizer_lock:
+                encoded = encode_task(bank, task, examples, max_length, with_target)
+            for p, feature in zip(positions, encoded, strict=True):
                 features[p] = feature
         slots = [bank.slots.index(requests[i][0]) for i in rows]
         return features, slots

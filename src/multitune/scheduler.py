@@ -1,0 +1,736 @@
+"""The serving scheduler: requests of many tasks and methods batched into shared forwards.
+
+One worker thread owns the engine (the model is never touched from two threads). Each turn of its loop:
+
+1. admin operations (load / unload / reload a task) run between forwards, so none lands mid-batch;
+2. waiting classification requests, up to ``max_batch_size`` rows of any tasks, go through one
+   :meth:`Engine.classify` (one forward per model);
+3. generation is **continuously batched**: waiting requests join the running batch after one prefill
+   (their soft prompts and prefix caches applied), then every active row advances one token per decode
+   step, whatever its task and method; a row leaves as soon as it is done (stop token, stop string,
+   ``max_tokens``, timeout or cancellation) and its place is free for the next step.
+
+Rows of a decoder batch keep one KV cache: a joining group is left-padded (or the running batch is) to the
+longer length and concatenated along the batch; positions are counted over each row's unmasked slots, as
+:meth:`MultiTaskModel.model_inputs` and ``generate`` do, so a row's tokens equal generating it alone.
+Encoder-decoder (T5) generation is served in static batches through :meth:`Engine.generate`.
+
+Reload is atomic: the new version is loaded under a fresh internal name and the public name points to it;
+rows already admitted finish on the old version, which is removed once no row uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from multitune.errors import MultituneError
+
+
+class RequestError(MultituneError):
+    """A request the server answers with a 4xx/5xx status and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QueueFull(RequestError):
+    def __init__(self, size: int) -> None:
+        super().__init__(429, f"the server's queue is full ({size} requests waiting); retry shortly")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise RequestError(400, f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
+        if not 0 <= self.temperature <= 2:
+            raise RequestError(400, f"temperature must be between 0 and 2 (got {self.temperature!r})")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(400, f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 4:
+            raise RequestError(400, "stop must be up to 4 non-empty strings")
+
+
+@dataclass
+class Stats:
+    """What the server exports: recent forward batch sizes (drained by the metrics endpoint) and the queue."""
+
+    batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+    queue_depth: int = 0
+    forwards: int = 0
+
+    def record(self, kind: str, size: int) -> None:
+        self.batch_sizes.append((kind, size))
+        self.forwards += 1
+
+    def drain(self) -> list[tuple[str, int]]:
+        out = []
+        while self.batch_sizes:
+            out.append(self.batch_sizes.popleft())
+        return out
+
+
+_DONE = object()
+
+
+class Handle:
+    """One generation request: its text pieces as they come, its result, and a way to cancel it."""
+
+    def __init__(self, task: str, internal: str, prompt_ids: list[int], params: SamplingParams,
+                 deadline: float, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.task, self.internal, self.prompt_ids, self.params = task, internal, prompt_ids, params
+        self.prompt = ""
+        self.deadline = deadline
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: RequestError | None = None
+        self.cancelled = False
+        self._pieces: queue.Queue = queue.Queue()
+        self._loop = loop
+        self._apieces: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._done = threading.Event()
+
+    # ---- worker side -------------------------------------------------------------------------------
+    def _emit(self, piece: Any) -> None:
+        self._pieces.put(piece)
+        if self._loop is not None and self._apieces is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
+                self._loop.call_soon_threadsafe(self._apieces.put_nowait, piece)
+
+    def _finish(self, reason: str, error: RequestError | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.finish_reason, self.error = reason, error
+        self._done.set()
+        self._emit(_DONE)
+
+    # ---- client side -------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """The client went away: the row leaves the batch at the next step."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def tokens(self) -> Iterator[str]:
+        while True:
+            piece = self._pieces.get()
+            if piece is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield piece
+
+    async def stream(self) -> AsyncIterator[str]:
+        assert self._apieces is not None, "stream() needs the handle to be submitted from an event loop"
+        while True:
+            piece = await self._apieces.get()
+            if piece is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield piece
+
+    async def result(self) -> tuple[str, str]:
+        if self._apieces is not None:
+            async for _ in self.stream():
+                pass
+        else:
+            await asyncio.to_thread(self._done.wait)
+        if self.error is not None:
+            raise self.error
+        return self.text, self.finish_reason or "stop"
+
+
+@dataclass
+class _Classify:
+    internal: list[str]
+    texts: list[str]
+    future: concurrent.futures.Future
+    enqueued: float
+
+
+@dataclass
+class _Admin:
+    op: Callable[[], Any]
+    future: concurrent.futures.Future
+
+
+# ---- continuous batching over one bank -------------------------------------------------------------------
+class DecodeBatch:
+    """The generation rows of one bank (the shared base or a fully fine-tuned copy) and their KV cache."""
+
+    def __init__(self, bank: Any) -> None:
+        self.bank = bank
+        self.rows: list[Handle] = []
+        self.generated: list[list[int]] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (B, T) over the cache's positions
+        self.last: torch.Tensor | None = None  # (B,) the token each row feeds next
+        self._task_ids: torch.Tensor | None = None
+        self._routing_version = -1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def task_ids(self) -> torch.Tensor:
+        """Slot of each row, recomputed when the bank's tasks change (a removal shifts the slots)."""
+        version = self.bank.routing.version
+        if self._task_ids is None or self._routing_version != version or len(self._task_ids) != len(self.rows):
+            slots = self.bank.slots
+            self._task_ids = torch.tensor([slots.index(h.internal) for h in self.rows], dtype=torch.long,
+                                          device=self.bank.base.device)
+            self._routing_version = version
+        return self._task_ids
+
+    @torch.no_grad()
+    def join(self, handles: list[Handle], sample: Callable[[torch.Tensor, list[Handle], list[list[int]]],
+                                                            list[int]]) -> list[int]:
+        """Prefill ``handles`` together and merge them into the running batch; returns their first tokens."""
+        bank = self.bank
+        device = bank.base.device
+        width = max(len(h.prompt_ids) for h in handles)
+        pad = bank.base.tokenizer.pad_token_id
+        ids = torch.full((len(handles), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(handles), width), dtype=torch.long, device=device)
+        for i, h in enumerate(handles):  # left padding, as generate expects
+            ids[i, width - len(h.prompt_ids):] = torch.tensor(h.prompt_ids, device=device)
+            mask[i, width - len(h.prompt_ids):] = 1
+        slots = bank.slots
+        task_ids = torch.tensor([slots.index(h.internal) for h in handles], dtype=torch.long, device=device)
+        with bank.routed(task_ids):
+            inputs, _ = bank.model_inputs(ids, mask, task_ids)
+            full = inputs["attention_mask"]
+            cached = full.shape[1] - inputs.get("inputs_embeds", ids).shape[1]
+            inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+            out = bank.base.model(**inputs, use_cache=True)
+        first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
+        self._merge(out.past_key_values, full, handles, torch.tensor(first, device=device))
+        return first
+
+    def _merge(self, cache: Any, mask: torch.Tensor, handles: list[Handle], last: torch.Tensor) -> None:
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.last = cache, mask, last
+            self.rows, self.generated = list(handles), [[] for _ in handles]
+            self._task_ids = None
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0)
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0)
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
+        self.last = torch.cat([self.last, last])
+        self.rows += handles
+        self.generated += [[] for _ in handles]
+        self._task_ids = None
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One decode step of every row: (B, vocab) logits of the next token."""
+        assert self.mask is not None and self.last is not None
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        positions = (self.mask.sum(dim=1, keepdim=True) - 1)
+        task_ids = self.task_ids()
+        with self.bank.routed(task_ids):
+            out = self.bank.base.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=positions,
+                                       past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def keep(self, indices: list[int]) -> None:
+        """Only the rows at ``indices`` stay; columns no remaining row attends to are cut from the left."""
+        if not indices:
+            self.rows, self.generated, self.cache, self.mask, self.last, self._task_ids = [], [], None, None, None, None
+            return
+        if len(indices) == len(self.rows):
+            return
+        index = torch.tensor(indices, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.last = self.mask[index], self.last[index]
+        self.rows = [self.rows[i] for i in indices]
+        self.generated = [self.generated[i] for i in indices]
+        self._task_ids = None
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+
+
+# ---- the scheduler ------------------------------------------------------------------------------------------
+class Scheduler:
+    """Requests in, mixed batches through the engine, answers out (see the module docstring)."""
+
+    def __init__(self, engine: Any, max_batch_size: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
+                 timeout_s: float = 60.0) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self.timeout_s = timeout_s
+        self.stats = Stats()
+        self._lock = threading.Lock()  # guards the queues, the name map and the tokenizer
+        self._wake = threading.Condition(self._lock)
+        self._classify: collections.deque[_Classify] = collections.deque()
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._admin: collections.deque[_Admin] = collections.deque()
+        self._decoders: dict[int, DecodeBatch] = {}
+        self._static: list[Handle] = []  # seq2seq rows, served in static batches
+        self._names: dict[str, str] = {name: name for name in engine.tasks}  # public -> internal
+        self._versions: dict[str, int] = dict.fromkeys(engine.tasks, 1)
+        self._retired: set[str] = set()  # internal names of replaced versions, removed once unused
+        self._counter = itertools.count(2)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._generators: dict[int, torch.Generator] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="multitune-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        stopped = RequestError(503, "the server is shutting down; retry on another instance")
+        for item in list(self._classify):
+            item.future.set_exception(stopped)
+        for handle in list(self._waiting):
+            handle._finish("error", stopped)
+        for batch in self._decoders.values():
+            for handle in batch.rows:
+                handle._finish("error", stopped)
+        self._classify.clear()
+        self._waiting.clear()
+
+    # ---- tasks --------------------------------------------------------------------------------------
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            specs = self.engine.tasks
+            return {name: {"kind": specs[internal].kind, "method": specs[internal].method,
+                           "labels": list(specs[internal].labels or []), "version": self._versions[name]}
+                    for name, internal in self._names.items()}
+
+    def _resolve(self, task: str, kind: str) -> str:
+        internal = self._names.get(task) if isinstance(task, str) else None
+        if internal is None:
+            served = ", ".join(sorted(self._names)) or "none"
+            raise RequestError(404, f"unknown task '{task}'; served tasks: {served}")
+        actual = self.engine.tasks[internal].kind
+        if actual != kind:
+            verb = "/v1/classify" if actual == "classification" else "/v1/completions"
+            raise RequestError(400, f"task '{task}' is a {actual} task; use {verb}")
+        return internal
+
+    # ---- classification -----------------------------------------------------------------------------
+    async def classify(self, task: str, texts: list[str]) -> list[dict[str, float]]:
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise RequestError(400, "input must be a string or a non-empty list of strings")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            internal = self._resolve(task, "classification")
+            self._check_room()
+            self._classify.append(_Classify([internal] * len(texts), list(texts), future, time.monotonic()))
+            self._wake.notify()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError as error:
+            future.cancel()
+            raise RequestError(504, f"the request took longer than {self.timeout_s:g} s; retry or raise "
+                                    "the server's --timeout") from error
+
+    def classify_sync(self, task: str, texts: list[str]) -> list[dict[str, float]]:
+        return asyncio.run(self.classify(task, texts))
+
+    def _check_room(self) -> None:
+        depth = len(self._classify) + len(self._waiting)
+        if depth >= self.queue_size:
+            raise QueueFull(depth)
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def chat_prompt(self, task: str, messages: list[dict[str, Any]]) -> str:
+        """A chat conversation as the task's prompt text: the last user message alone (as the task was
+        trained on single prompts), or the whole conversation through the tokenizer's chat template."""
+        if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages):
+            raise RequestError(400, "messages must be a non-empty list of {role, content} objects")
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users:
+            raise RequestError(400, "messages holds no message with role 'user'")
+        if len(messages) == 1 or all(m.get("role") in ("system", "user") for m in messages) and len(users) == 1:
+            return users[-1]["content"]
+        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
+
+    def submit_generate(self, task: str, prompt: str, params: SamplingParams) -> Handle:
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "prompt must be a non-empty string")
+        params.validate()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            internal = self._resolve(task, "generation")
+            self._check_room()
+            bank = self.engine.bank_of(internal)
+        ids = self._prompt_ids(bank, internal, prompt)
+        context = self._context(bank)
+        virtual = self._virtual_tokens(bank, internal)
+        if context and len(ids) + virtual + params.max_tokens > context:
+            raise RequestError(400, f"prompt has {len(ids)} tokens (+{virtual} virtual) and max_tokens is "
+                                    f"{params.max_tokens}; the model's context is {context}: shorten the "
+                                    "prompt or lower max_tokens")
+        with self._wake:
+            self._check_room()
+            handle = Handle(task, internal, ids, params, time.monotonic() + self.timeout_s, loop)
+            handle.prompt = prompt
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def generate_sync(self, task: str, prompt: str, params: SamplingParams) -> tuple[str, str]:
+        handle = self.submit_generate(task, prompt, params)
+        for _ in handle.tokens():
+            pass
+        return handle.text, handle.finish_reason or "stop"
+
+    def _prompt_ids(self, bank: Any, internal: str, prompt: str) -> list[int]:
+        """The prompt's token ids exactly as Engine.generate encodes them (the engine's tokenizer lock held)."""
+        features, _ = self.engine._features(bank, [(internal, prompt)], [0], 10**6, False)
+        return list(features[0]["input_ids"])
+
+    @staticmethod
+    def _context(bank: Any) -> int:
+        config = bank.base.model.config
+        return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+
+    @staticmethod
+    def _virtual_tokens(bank: Any, internal: str) -> int:
+        if internal in bank.prompts:
+            return int(bank.prompts[internal].shape[0])
+        return 0
+
+    # ---- admin --------------------------------------------------------------------------------------
+    async def _admin_call(self, op: Callable[[], Any]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._admin.append(_Admin(op, future))
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
+
+    async def load(self, name: str, folder: str) -> dict[str, Any]:
+        def op() -> dict[str, Any]:
+            if name in self._names:
+                raise RequestError(409, f"task '{name}' is already served; use reload to replace it")
+            self._load_as(name, name, folder)
+            self._versions[name] = 1
+            return self.tasks()[name]
+
+        return await self._admin_call(op)
+
+    async def unload(self, name: str) -> None:
+        def op() -> None:
+            if name not in self._names:
+                raise RequestError(404, f"unknown task '{name}'; served tasks: {', '.join(sorted(self._names))}")
+            with self._lock:
+                internal = self._names.pop(name)
+                self._versions.pop(name, None)
+            self._retired.add(internal)  # removed once no admitted row uses it
+            self._collect_retired()
+
+        return await self._admin_call(op)
+
+    async def reload(self, name: str, folder: str | None = None) -> dict[str, Any]:
+        def op() -> dict[str, Any]:
+            if name not in self._names:
+                raise RequestError(404, f"unknown task '{name}'; load it first")
+            source = folder or self.engine.sources.get(self._names[name])
+            if source is None:
+                raise RequestError(400, f"task '{name}' was not loaded from a folder; give path")
+            old = self._names[name]
+            internal = f"{name[:56]}--v{next(self._counter)}"  # a valid task name of its own
+            self._load_as(name, internal, source)
+            self._versions[name] = self._versions.get(name, 1) + 1
+            self._retired.add(old)
+            self._collect_retired()
+            return self.tasks()[name]
+
+        return await self._admin_call(op)
+
+    def _load_as(self, name: str, internal: str, folder: str) -> None:
+        try:
+            self.engine.load(folder, internal)
+        except MultituneError as error:
+            raise RequestError(400, str(error)) from error
+        with self._lock:
+            self._names[name] = internal
+
+    def _in_use(self) -> set[str]:
+        used = {h.internal for h in self._waiting} | {h.internal for h in self._static}
+        used |= {i for item in self._classify for i in item.internal}
+        for batch in self._decoders.values():
+            used |= {h.internal for h in batch.rows}
+        return used
+
+    def _collect_retired(self) -> None:
+        with self._lock:
+            used = self._in_use()
+        for internal in sorted(self._retired - used):
+            self.engine.remove(internal)
+            self._retired.discard(internal)
+
+    # ---- the worker ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                if not self._running:
+                    return
+                idle = not (self._classify or self._waiting or self._admin or self._static
+                            or any(len(b) for b in self._decoders.values()))
+                if idle:
+                    self._wake.wait(timeout=0.5)
+                    continue
+                admin = list(self._admin)
+                self._admin.clear()
+                self.stats.queue_depth = len(self._classify) + len(self._waiting)
+            for item in admin:
+                try:
+                    item.future.set_result(item.op())
+                except BaseException as error:  # noqa: BLE001  (the caller gets it)
+                    item.future.set_exception(error)
+            try:
+                if not self._turn():
+                    with self._wake:
+                        self._wake.wait(timeout=self.max_wait / 4)
+            except Exception as error:  # noqa: BLE001  (never let one bad batch stop the server)
+                self._fail_all(RequestError(500, f"internal error: {' '.join(str(error).split())[:300]}"))
+            if self._retired:
+                self._collect_retired()
+
+    def _fail_all(self, error: RequestError) -> None:
+        for batch in self._decoders.values():
+            for handle in batch.rows:
+                handle._finish("error", error)
+            batch.keep([])
+
+    def _turn(self) -> bool:
+        """One turn of the worker; False when it found nothing ready (a batch is still filling)."""
+        forwards = self.stats.forwards
+        self._classify_batch()
+        self._admit()
+        self._decode_step()
+        self._static_batch()
+        return self.stats.forwards != forwards
+
+    def _classify_batch(self) -> None:
+        with self._lock:
+            if not self._classify:
+                return
+            waited = time.monotonic() - self._classify[0].enqueued
+            rows = sum(len(c.texts) for c in self._classify)
+            busy = any(len(b) for b in self._decoders.values()) or self._waiting
+            if rows < self.max_batch_size and waited < self.max_wait and not busy:
+                return  # wait a moment for more rows to share the forward
+            items, total = [], 0
+            while self._classify and (not items or total + len(self._classify[0].texts) <= self.max_batch_size):
+                item = self._classify.popleft()
+                if item.future.cancelled():
+                    continue
+                items.append(item)
+                total += len(item.texts)
+        if not items:
+            return
+        requests = [(internal, text) for item in items for internal, text in zip(item.internal, item.texts,
+                                                                                  strict=True)]
+        try:
+            probs = self.engine.classify(requests)
+        except MultituneError as error:
+            for item in items:
+                item.future.set_exception(RequestError(400, str(error)))
+            return
+        self.stats.record("classify", len(requests))
+        start = 0
+        for item in items:
+            if not item.future.cancelled():
+                item.future.set_result(probs[start:start + len(item.texts)])
+            start += len(item.texts)
+
+    def _admit(self) -> None:
+        """Waiting generation requests join their bank's running batch (one prefill per bank)."""
+        with self._lock:
+            if not self._waiting:
+                return
+            active = sum(len(b) for b in self._decoders.values()) + len(self._static)
+            if not active and len(self._waiting) < self.max_batch_size:
+                first = self._waiting[0].deadline - self.timeout_s
+                if time.monotonic() - first < self.max_wait:
+                    return  # an idle server waits a moment so that a burst prefills together
+            joining: dict[int, list[Handle]] = {}
+            room = self.max_batch_size - active
+            while self._waiting and room > 0:
+                handle = self._waiting.popleft()
+                if handle.cancelled:
+                    handle._finish("cancelled")
+                    continue
+                if time.monotonic() > handle.deadline:
+                    handle._finish("timeout", RequestError(504, f"the request waited longer than {self.timeout_s:g} s "
+                                                                "in the queue; retry or raise the server's --timeout"))
+                    continue
+                bank = self.engine.bank_of(handle.internal)
+                if bank.base.arch == "seq2seq":
+                    self._static.append(handle)
+                else:
+                    joining.setdefault(id(bank), []).append(handle)
+                room -= 1
+        for handles in joining.values():
+            bank = self.engine.bank_of(handles[0].internal)
+            batch = self._decoders.setdefault(id(bank), DecodeBatch(bank))
+            if batch.bank is not bank:  # a bank id reused after a removal
+                batch = self._decoders[id(bank)] = DecodeBatch(bank)
+            bank.eval()
+            start = len(batch)
+            first = batch.join(handles, self._sample)
+            self.stats.record("prefill", len(handles))
+            self._advance(batch, list(range(start, start + len(handles))), first)
+
+    def _decode_step(self) -> None:
+        for key, batch in list(self._decoders.items()):
+            if not len(batch):
+                del self._decoders[key]
+                continue
+            logits = batch.step()
+            self.stats.record("decode", len(batch))
+            tokens = self._sample(logits, batch.rows, batch.generated)
+            self._advance(batch, list(range(len(batch))), tokens)
+
+    def _advance(self, batch: DecodeBatch, rows: list[int], tokens: list[int]) -> None:
+        """Append each row's new token, emit its text, and let finished rows leave."""
+        tokenizer = batch.bank.base.tokenizer
+        eos = _eos_ids(tokenizer)
+        now = time.monotonic()
+        for row, token in zip(rows, tokens, strict=True):
+            handle, generated = batch.rows[row], batch.generated[row]
+            if handle.done:
+                continue
+            if handle.cancelled:
+                handle._finish("cancelled")
+                continue
+            if token in eos:
+                handle._finish("stop")
+                continue
+            generated.append(token)
+            handle.completion_tokens = len(generated)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            stop = _first_stop(text, handle.params.stop)
+            if stop is not None:
+                text = text[:stop]
+            if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
+                piece = text[len(handle.text):]
+                handle.text = text
+                if piece:
+                    handle._emit(piece)
+            if stop is not None:
+                handle._finish("stop")
+            elif len(generated) >= handle.params.max_tokens:
+                handle._finish("length")
+            elif now > handle.deadline:
+                handle._finish("timeout", RequestError(504, f"the request took longer than {self.timeout_s:g} s; "
+                                                            "ask for fewer tokens or raise the server's --timeout"))
+            if handle.done:
+                self._generators.pop(id(handle), None)
+        # every row still running has just appended its token: that token is what it feeds next
+        batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
+        batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
+
+    def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
+        """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed)."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, handle in enumerate(handles):
+            p = handle.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+            if p.top_p < 1:
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+            generator = self._generators.get(id(handle))
+            if generator is None:
+                generator = torch.Generator(device=probs.device)
+                generator.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
+                self._generators[id(handle)] = generator
+            tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
+        return tokens
+
+    def _static_batch(self) -> None:
+        """Encoder-decoder rows: one Engine.generate over all of them (greedy settings of the first row)."""
+        if not self._static:
+            return
+        handles, self._static = [], []
+        with self._lock:
+            pending, self._static = self._static, []
+        for handle in pending:
+            if handle.cancelled:
+                handle._finish("cancelled")
+            else:
+                handles.append(handle)
+        if not handles:
+            return
+        longest = max(h.params.max_tokens for h in handles)
+        texts = self.engine.generate([(h.internal, h.prompt) for h in handles], max_new_tokens=longest,
+                                     max_length=10**6)
+        self.stats.record("seq2seq", len(handles))
+        for handle, text in zip(handles, texts, strict=True):
+            stop = _first_stop(text, handle.params.stop)
+            handle.text = text[:stop] if stop is not None else text
+            handle._emit(handle.text)
+            handle._finish("stop")
+
+
+def _eos_ids(tokenizer: Any) -> set[int]:
+    eos = tokenizer.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    return {i for i in ids if i is not None}
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
