@@ -263,3 +263,24 @@ def test_two_workers_share_one_study_in_postgres(bert_dir, data_csv, tmp_path, p
     assert len(optuna.load_study(study_name="shared-lora", storage=postgres_url).trials) == len(study.trials)
     result = json.loads((tmp_path / "final" / "results" / "lora.json").read_text())
     assert result["best_params"] == study.best_params
+
+
+def test_generation_tasks_compare_on_rouge_l(llama_dir, tmp_path):
+    from conftest import toy_generation
+
+    data = tmp_path / "gen.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "response"])
+        writer.writerows([(ex.text, ex.response) for ex in toy_generation(40)])
+    config = CompareConfig(model=str(llama_dir), kind="generation", methods=["lora", "prompting"], trials=1,
+                           max_epochs=1, output=str(tmp_path / "o"), isolate=False, progress=False,
+                           data=DataConfig(data=str(data), prompt_column="prompt", response_column="response"),
+                           train=TrainConfig(batch_size=8, max_new_tokens=4))
+    summary = compare(config, log=lambda _: None)
+    for result in summary["results"]:
+        assert result["metric"] == "rouge_l" and result["higher_is_better"]
+        assert {"rouge_l", "exact_match", "loss"} <= set(result["test"])
+        low, high = result["test_ci"]["rouge_l"]
+        assert low <= result["test"]["rouge_l"] <= high
+    assert (tmp_path / "o" / "report.html").is_file()
