@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_arguments(p)
     p.set_defaults(func=cmd_compare)
 
+    from multitune.server import add_serve_arguments, cmd_serve
+
+    p = commands.add_parser("serve", help="serve a bank of tasks over an OpenAI-compatible HTTP API (mixed batches)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)
     p.add_argument("--data", help="labelled file to score (default: the run's test split)")

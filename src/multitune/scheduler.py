@@ -154,7 +154,10 @@ class Handle:
             yield piece
 
     async def result(self) -> tuple[str, str]:
-        if self._apieces is not None:
+        """(text, finish_reason) once done; right away when the pieces were already read (stream())."""
+        if self._done.is_set():
+            pass
+        elif self._apieces is not None:
             async for _ in self.stream():
                 pass
         else:
