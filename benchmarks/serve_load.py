@@ -1,0 +1,304 @@
+"""Serving under load: the multitune server against the in-process engine and a one-at-a-time peft server.
+
+    python benchmarks/serve_load.py [--clients 16] [--requests 4] [--max-tokens 16] [--tasks 8]
+
+SmolLM2-135M with ``--tasks`` generation tasks cycling over LoRA (r4 on q/v, r8 on q/v, r16 on every
+projection), (IA)^3 and prompt tuning (10 virtual tokens), every task's tensors perturbed away from the
+identity. ``--clients`` concurrent clients each send ``--requests`` completions (``--max-tokens`` new tokens,
+greedy, the tasks drawn at random, seeded) over loopback and wait for each answer before the next.
+
+(i)   ``multitune serve BANK`` in its own process: mixed-task continuous batching.
+(ii)  the in-process engine, no HTTP: ``Engine.generate`` over the same requests, ``--clients`` at a time
+      (static batches of mixed tasks): what the server could reach without its HTTP and scheduling costs.
+(iii) a baseline server in its own process that answers one request at a time with the peft package,
+      switching adapters per request (every LoRA task in one PeftModel, every (IA)^3 task in another,
+      each prompt-tuning task its own PeftModel over one shared base), the weights exported from the bank.
+
+Measured: requests/s, new tokens/s, p50 and p99 latency. Targets at 16 clients: (i) >= 3 x (iii)
+throughput and (i) >= 0.7 x (ii). A sample of the answers of (i) and (iii) is compared: greedy text must match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL = "smollm2-135m"
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = ["Write one sentence about the sea.", "Name a fruit that is yellow.", "What is two plus three?",
+           "Say hello in French.", "Give a synonym of happy.", "Describe a cat in five words.",
+           "What colour is the sky?", "Suggest a name for a dog."]
+
+
+def kinds() -> list[tuple[str, str, Any]]:
+    from multitune.methods.ia3 import IA3Config
+    from multitune.methods.lora import LoRAConfig
+    from multitune.methods.prompt import PromptConfig
+
+    return [("lora4", "lora", LoRAConfig(rank=4, alpha=8)), ("lora8", "lora", LoRAConfig(rank=8, alpha=16)),
+            ("lora16", "lora", LoRAConfig(rank=16, alpha=32, target_modules=ALL_PROJ)),
+            ("ia3", "ia3", IA3Config()), ("prompt10", "prompt", PromptConfig(num_virtual_tokens=10, init="vocab"))]
+
+
+def build_bank(folder: Path, n: int) -> list[str]:
+    """Save ``n`` perturbed generation tasks as a bank folder; returns the task names."""
+    import torch
+
+    from multitune.bank import MultiTaskModel
+    from multitune.models import load_base
+    from multitune.storage import save_adapter
+
+    bank = MultiTaskModel(load_base(MODEL, device="cpu"))
+    generator = torch.Generator().manual_seed(0)
+    names = []
+    for i in range(n):
+        kind, method, config = kinds()[i % len(kinds())]
+        task = f"{kind}-{i}"
+        bank.add_task(task, "generation", method, config)
+        with torch.no_grad():
+            for param in bank.task_parameters(task).values():
+                param.add_(torch.randn(param.shape, generator=generator) * (0.01 if method == "prompt" else 0.02))
+        save_adapter(bank, task, folder / task)
+        names.append(task)
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not start in {seconds} s")
+
+
+def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
+    """Every client sends its jobs one after the other; returns throughput, latencies and the answers."""
+    import httpx
+
+    latencies: list[float] = []
+    answers: dict[tuple[int, int], str] = {}
+    tokens = [0]
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            for j, (task, prompt) in enumerate(jobs[c]):
+                start = time.perf_counter()
+                reply = http.post(url + "/v1/completions", json={"model": task, "prompt": prompt,
+                                                                 "max_tokens": max_tokens, "temperature": 0})
+                elapsed = time.perf_counter() - start
+                if reply.status_code != 200:
+                    errors.append(f"{reply.status_code} {reply.text[:200]}")
+                    continue
+                body = reply.json()
+                with lock:
+                    latencies.append(elapsed)
+                    answers[(c, j)] = body["choices"][0]["text"]
+                    tokens[0] += body["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(jobs))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    return summary(wall, latencies, tokens[0], answers)
+
+
+def summary(wall: float, latencies: list[float], tokens: int, answers: dict) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {"wall_s": wall, "requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
+            "p50_s": statistics.median(ordered), "p99_s": p99, "answers": answers}
+
+
+def in_process(bank_dir: Path, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
+    """(ii): Engine.generate over the requests, one static batch per round of the clients' requests."""
+    from multitune.engine import Engine
+
+    engine = Engine.from_folder(bank_dir, device="cpu")
+    engine.generate([jobs[0][0]], max_new_tokens=2)  # warm-up
+    latencies, answers, tokens = [], {}, 0
+    tokenizer = engine.base.tokenizer
+    start = time.perf_counter()
+    for j in range(len(jobs[0])):
+        batch = [jobs[c][j] for c in range(len(jobs))]
+        t0 = time.perf_counter()
+        texts = engine.generate(batch, max_new_tokens=max_tokens)
+        elapsed = time.perf_counter() - t0
+        for c, text in enumerate(texts):
+            latencies.append(elapsed)
+            answers[(c, j)] = text
+            tokens += min(max_tokens, len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1)
+    return summary(time.perf_counter() - start, latencies, tokens, answers)
+
+
+# ---- (iii) the baseline server: one request at a time, peft switching adapters ----------------------------
+def baseline_app(bank_dir: Path) -> Any:
+    import peft
+    import torch
+    from fastapi import FastAPI
+
+    from multitune.engine import Engine
+    from multitune.interop.peft import export_peft
+    from multitune.models import load_base
+
+    engine = Engine.from_folder(bank_dir, device="cpu")  # for its prompt encoding and the exported weights
+    bank = engine.shared
+    export = Path(tempfile.mkdtemp(prefix="peft-baseline-"))
+    by_method: dict[str, list[str]] = {}
+    for task, spec in bank.tasks.items():
+        by_method.setdefault(spec.method, []).append(task)
+    models: dict[str, Any] = {}
+    for method in ("lora", "ia3"):
+        tasks = by_method.get(method, [])
+        if not tasks:
+            continue
+        model = peft.PeftModel.from_pretrained(load_base(MODEL, device="cpu").model,
+                                               str(export_peft(bank, tasks[0], export / tasks[0])), adapter_name=tasks[0])
+        for task in tasks[1:]:
+            model.load_adapter(str(export_peft(bank, task, export / task)), adapter_name=task)
+        for task in tasks:
+            models[task] = model.eval()
+    shared = load_base(MODEL, device="cpu").model
+    for task in by_method.get("prompt", []):
+        models[task] = peft.PeftModel.from_pretrained(shared, str(export_peft(bank, task, export / task)),
+                                                      adapter_name=task).eval()
+    tokenizer = engine.base.tokenizer
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    def completions(body: dict) -> dict[str, Any]:
+        task, prompt, max_tokens = body["model"], body["prompt"], int(body.get("max_tokens", 16))
+        with lock, torch.no_grad():  # one request at a time
+            features, _ = engine._features(bank, [(task, prompt)], [0], 10**6, False)
+            ids = torch.tensor([features[0]["input_ids"]])
+            model = models[task]
+            if len(models) > 1 and hasattr(model, "set_adapter") and task in model.peft_config:
+                model.set_adapter(task)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            new = out[0, ids.shape[1]:]  # peft returns the prompt's ids first (virtual tokens are not in them)
+            eos = tokenizer.eos_token_id
+            ids_list = new.tolist()
+            count = ids_list.index(eos) + 1 if eos in ids_list else len(ids_list)
+            text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        return {"choices": [{"text": text, "finish_reason": "length"}], "usage": {"completion_tokens": count}}
+
+    return app
+
+
+def run_baseline(bank_dir: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(baseline_app(Path(bank_dir)), host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve(argv: list[str], url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(url, process)
+        load_test(url, [jobs[0][:1]], 2)  # warm-up
+        return load_test(url, jobs, max_tokens)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--baseline-server", help=argparse.SUPPRESS)  # internal: BANK_DIR of the baseline
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        run_baseline(args.baseline_server, args.port)
+        return
+
+    folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    names = build_bank(folder / "bank", args.tasks)
+    rng = random.Random(0)
+    jobs = [[(rng.choice(names), rng.choice(PROMPTS)) for _ in range(args.requests)] for _ in range(args.clients)]
+    print(f"{MODEL}, {args.tasks} tasks ({', '.join(names)}), {args.clients} clients x {args.requests} requests, "
+          f"{args.max_tokens} new tokens, greedy", file=sys.stderr)
+
+    results: dict[str, dict[str, Any]] = {}
+    port = free_port()
+    results["(i) multitune serve"] = serve(
+        [sys.executable, "-m", "multitune", "serve", str(folder / "bank"), "--port", str(port), "--device", "cpu",
+         "--max-batch-size", str(max(32, args.clients))], f"http://127.0.0.1:{port}", jobs, args.max_tokens)
+    print("  (i) done", file=sys.stderr)
+    results["(ii) in-process engine"] = in_process(folder / "bank", jobs, args.max_tokens)
+    print("  (ii) done", file=sys.stderr)
+    if not args.skip_baseline:
+        port = free_port()
+        results["(iii) peft, one at a time"] = serve(
+            [sys.executable, __file__, "--baseline-server", str(folder / "bank"), "--port", str(port)],
+            f"http://127.0.0.1:{port}", jobs, args.max_tokens)
+        print("  (iii) done", file=sys.stderr)
+
+    print(f"\n{MODEL}, {args.clients} concurrent clients x {args.requests} requests, {args.max_tokens} new tokens")
+    print(f"{'variant':<28}{'req/s':>8}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'wall s':>8}")
+    for name, r in results.items():
+        print(f"{name:<28}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
+              f"{r['wall_s']:>8.1f}")
+    server = results["(i) multitune serve"]
+    checks = [("(i) / (ii) in-process", server["requests_per_s"] / results["(ii) in-process engine"]["requests_per_s"],
+               0.7)]
+    if "(iii) peft, one at a time" in results:
+        base = results["(iii) peft, one at a time"]
+        checks.append(("(i) / (iii) peft one at a time", server["requests_per_s"] / base["requests_per_s"], 3.0))
+        same = sum(server["answers"][k].strip() == base["answers"][k].strip() for k in server["answers"])
+        print(f"\nanswers equal between (i) and (iii): {same}/{len(server['answers'])}")
+    same = sum(server["answers"][k].strip() == results["(ii) in-process engine"]["answers"][k].strip()
+               for k in server["answers"])
+    print(f"answers equal between (i) and (ii): {same}/{len(server['answers'])}")
+    print(f"\n{'target':<36}{'ratio':>8}{'goal':>8}  met")
+    for name, ratio, goal in checks:
+        print(f"{name:<36}{ratio:>8.2f}{goal:>8.2f}  {'yes' if ratio >= goal else 'NO'}")
+    (folder / "result.json").write_text(json.dumps({k: {m: v for m, v in r.items() if m != "answers"}
+                                                   for k, r in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
