@@ -530,3 +530,82 @@ def test_real_scheduler_greedy_answers_equal_the_engine(tmp_path):
         decode = (("kind", "decode"),)
         alone = metrics[("multitune_batch_size_bucket", (("kind", "decode"), ("le", "1.0")))]
         assert metrics[("multitune_batch_size_count", decode)] > alone  # some decode steps served several rows
+
+
+@pytest.mark.skipif(_real_scheduler() is None, reason="scheduler not written yet")
+def test_real_scheduler_mixed_methods_and_hot_reload_under_load(tmp_path):
+    """Classification and generation tasks of four methods served together: answers equal the in-process
+    engine's, and reloads during a steady load of requests lose none of them."""
+    from conftest import WORDS, perturb, save_tiny
+
+    from multitune.bank import MultiTaskModel
+    from multitune.engine import Engine
+    from multitune.methods.ia3 import IA3Config
+    from multitune.methods.lora import LoRAConfig
+    from multitune.methods.prefix import PrefixConfig
+    from multitune.models import load_base
+    from multitune.storage import save_adapter
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    bank_dir, spare = tmp_path / "bank", tmp_path / "spare"
+    bank = MultiTaskModel(load_base(str(folder), device="cpu"))
+    bank.add_task("sent-lora", "classification", "lora", LoRAConfig(rank=4), ["neg", "pos"])
+    bank.add_task("sent-ia3", "classification", "ia3", IA3Config(), ["neg", "pos"])
+    bank.add_task("gen-prefix", "generation", "prefix", PrefixConfig(num_virtual_tokens=3, projection=False))
+    bank.add_task("gen-adapter", "generation", "adapter", None)
+    for seed, task in enumerate(list(bank.tasks)):
+        perturb(bank, task, seed=seed)
+        save_adapter(bank, task, bank_dir / task)
+    perturb(bank, "gen-adapter", seed=99)
+    save_adapter(bank, "gen-adapter", spare)  # a second version of gen-adapter
+
+    engine = Engine.from_folder(bank_dir, device="cpu")
+    texts = [" ".join(WORDS[(5 * i + k) % len(WORDS)] for k in range(3 + i % 3)) for i in range(6)]
+    expected = {task: engine.classify([(task, t) for t in texts]) for task in ("sent-lora", "sent-ia3")}
+    versions = {"v1": engine.generate([("gen-adapter", "the film")], max_new_tokens=5)[0]}
+    reference = Engine.from_folder(bank_dir, device="cpu")
+    reference.remove("gen-adapter")
+    reference.load(spare, "gen-adapter")
+    versions["v2"] = reference.generate([("gen-adapter", "the film")], max_new_tokens=5)[0]
+    assert versions["v1"] != versions["v2"]
+
+    scheduler = _real_scheduler()(engine, max_batch_size=16, max_wait_ms=5)
+    with running(create_app(scheduler, api_key=KEY)) as base, httpx.Client(base_url=base, timeout=60) as http:
+        for task, probs in expected.items():
+            reply = http.post("/v1/classify", json={"model": task, "input": texts})
+            assert reply.status_code == 200
+            for row, want in zip(reply.json()["data"], probs, strict=True):
+                assert row["probabilities"] == pytest.approx(want, abs=1e-5)
+
+        stop = threading.Event()
+        answers: list[tuple[int, str]] = []
+
+        def client(i: int) -> None:
+            with httpx.Client(base_url=base, timeout=60) as own:
+                while not stop.is_set():
+                    if i % 2:
+                        r = own.post("/v1/classify", json={"model": "sent-ia3", "input": texts[i % 6]})
+                        answers.append((r.status_code, ""))
+                    else:
+                        r = own.post("/v1/completions", json={"model": "gen-adapter", "prompt": "the film",
+                                                              "max_tokens": 5})
+                        answers.append((r.status_code, r.json()["choices"][0]["text"].strip()
+                                        if r.status_code == 200 else r.text))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for path in (spare, bank_dir / "gen-adapter", spare):
+            assert http.post("/admin/reload", json={"name": "gen-adapter", "path": str(path)},
+                             headers=headers).status_code == 200
+            time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(answers) > 20
+        assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+        generated = {text for status, text in answers if text}
+        assert generated <= {versions["v1"], versions["v2"]} and versions["v2"] in generated
+        assert http.get("/v1/models/gen-adapter").json()["version"] == 4
