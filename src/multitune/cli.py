@@ -312,11 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_arguments(p)
     p.set_defaults(func=cmd_compare)
 
+    from multitune.preference import add_dpo_arguments, add_reward_arguments, cmd_dpo, cmd_reward
     from multitune.server import add_serve_arguments, cmd_serve
 
     p = commands.add_parser("serve", help="serve a bank of tasks over an OpenAI-compatible HTTP API (mixed batches)")
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("reward", help="train a reward model on chosen/rejected pairs (Bradley-Terry)")
+    add_reward_arguments(p)
+    p.set_defaults(func=cmd_reward)
+
+    p = commands.add_parser("dpo", help="preference-tune a policy adapter with DPO (reference = adapter disabled)")
+    add_dpo_arguments(p)
+    p.set_defaults(func=cmd_dpo)
 
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)
