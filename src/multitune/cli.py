@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_arguments(p)
     p.set_defaults(func=cmd_compare)
 
+    from multitune.ppo import add_ppo_arguments, cmd_ppo
     from multitune.preference import add_dpo_arguments, add_reward_arguments, cmd_dpo, cmd_reward
     from multitune.server import add_serve_arguments, cmd_serve
 
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("dpo", help="preference-tune a policy adapter with DPO (reference = adapter disabled)")
     add_dpo_arguments(p)
     p.set_defaults(func=cmd_dpo)
+
+    p = commands.add_parser("ppo", help="RLHF: PPO on an adapter with a reward model, classifier or Python function")
+    add_ppo_arguments(p)
+    p.set_defaults(func=cmd_ppo)
 
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)

@@ -1,0 +1,656 @@
+"""PPO for RLHF, in plain view: rollout -> score -> KL-penalised rewards -> GAE -> clipped updates.
+
+The policy is one generation task of a bank (LoRA by default, any method with parameters); the value
+head is a small linear layer on the policy's last hidden states, owned by the run. The reference model
+is the same base with every adapter off (``bank.disabled()``), so PPO holds one copy of the base, not
+two; ``reference="copy"`` keeps a separate frozen deep copy instead (full fine-tuning needs it, since
+there the task *is* the base weights; it is also the baseline of the memory comparison).
+
+One step (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; the PPO of
+Schulman et al. 2017 with the token-level KL penalty of Stiennon et al. 2020):
+
+1. Rollout: ``batch_size`` prompts, responses sampled with temperature / top-p up to ``max_new_tokens``.
+2. One forward over prompt + response gives, per response token, the policy's log-prob and value; one
+   more under ``bank.disabled()`` gives the reference log-prob. The reward function scores each
+   (prompt, response) once.
+3. Per-token reward ``-kl_coef * (logp - ref_logp)``, plus the score at the last response token;
+   advantages by GAE over the response tokens, returns = advantages + values.
+4. ``ppo_epochs`` passes over shuffled minibatches: clipped surrogate policy loss, clipped value loss.
+5. The adaptive KL controller moves ``kl_coef`` toward the target KL.
+
+Dropout stays off (the bank is in eval mode throughout): the log-probs of the update must be those of
+the policy that sampled, or the ratio is noise from step one.
+
+Rewards are functions ``(prompts, responses) -> (N,) tensor``: a Python function
+(:func:`reward_from_function`), the probability of a label of a trained classification task
+(:func:`reward_from_classifier`) or a trained reward model (:func:`reward_from_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from multitune.bank import MultiTaskModel
+from multitune.data import Example
+from multitune.encode import collate, encode_task, to_device
+from multitune.errors import ConfigError
+from multitune.methods import METHODS, get_method
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+VALUE_HEAD_FILE = "value_head.safetensors"
+REFERENCES = ("disabled", "copy")
+
+
+@dataclass
+class PPOConfig:
+    steps: int = field(default=30, metadata={"help": "PPO steps (one rollout and its updates each)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per rollout"})
+    minibatch_size: int = field(default=8, metadata={"help": "rollout rows per optimizer step"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
+    learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the method's)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest sampled response, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set of this mass"})
+    init_kl_coef: float = field(default=0.2, metadata={"help": "initial weight of the per-token KL penalty"})
+    target_kl: float = field(default=6.0, metadata={"help": "KL (nats per response) the adaptive controller "
+                                                            "aims at (0 = a fixed KL coefficient)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon, in samples"})
+    gamma: float = field(default=1.0, metadata={"help": "discount over response tokens"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range of the probability ratio"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "clip range of the value update"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages per rollout"})
+    max_length: int = field(default=256, metadata={"help": "truncate prompts to their last N tokens"})
+    reference: str = field(default="disabled", metadata={"help": "reference model: disabled (the base with the "
+                                                                 "adapter off, no copy) or copy (a frozen copy)"})
+    seed: int = field(default=0, metadata={"help": "seed of the value head, prompt order and sampling"})
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_length",
+                     "kl_horizon"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)}); fix --{name.replace('_', '-')}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            problems.append(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0 (got {self.temperature}); fix --temperature")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p}); fix --top-p")
+        for name in ("init_kl_coef", "target_kl", "max_grad_norm", "vf_coef"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
+        for name in ("cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.reference not in REFERENCES:
+            problems.append(f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}')")
+        return problems
+
+
+# ---- the pieces ------------------------------------------------------------------------------------
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon.
+
+    KL above the target raises the coefficient (a stronger pull toward the reference), below lowers it.
+    ``target=0`` keeps the coefficient fixed.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target > 0:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the unmasked entries (masked entries stay 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over (B, T) response tokens.
+
+    ``mask`` is 1 on each row's response tokens, which start at column 0 (padding only trails), so the
+    value after a row's last token is 0: the episode ends there. Returns (advantages, returns), both 0
+    on padding.
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) (B, T) from logits (B, T, V)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (B, T) of the next-token distributions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_mask(tokens: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """1 on each response's tokens up to and including its first EOS (what follows is padding)."""
+    if eos_id is None:
+        return torch.ones_like(tokens, dtype=torch.float32)
+    is_eos = (tokens == eos_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).float()
+
+
+def make_value_head(hidden_size: int, device: torch.device | str = "cpu") -> nn.Linear:
+    """A linear value head, started near zero so the first values do not swamp the first advantages."""
+    head = nn.Linear(hidden_size, 1, device=device)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / (hidden_size + 1))
+        head.bias.zero_()
+    return head
+
+
+def save_value_head(head: nn.Linear, path: str | Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
+
+
+def load_value_head(path: str | Path, device: torch.device | str = "cpu") -> nn.Linear:
+    state = load_file(str(path))
+    head = nn.Linear(state["weight"].shape[1], 1, device=device)
+    head.load_state_dict(state)
+    return head
+
+
+def _autocast(bank: MultiTaskModel) -> Any:
+    device = bank.base.device
+    enabled = device.type == "cuda" and bank.base.model.dtype == torch.bfloat16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def response_outputs(bank: MultiTaskModel, task_ids: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, prompt_width: int, temperature: float,
+                     value_head: nn.Module | None = None, model: nn.Module | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, T, V) of the T response tokens (each from the position before it) and values (B, T).
+
+    ``input_ids`` is [left-padded prompts | right-padded responses]. The LM head runs on the response
+    positions only: a vocabulary of 50k times the whole prompt would dominate memory. Positions count
+    unmasked tokens, as ``generate`` counts them, so the log-probs are those of the policy that sampled.
+    ``model`` is a separate reference copy of the base (run as a plain model, no routing).
+    """
+    if model is None:
+        with bank.routed(task_ids):
+            inputs, width = bank.model_inputs(input_ids, attention_mask, task_ids)
+            if "position_ids" not in inputs:
+                inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = bank.base.backbone()(**inputs).last_hidden_state[:, width:]
+        head = bank.base.model.get_output_embeddings()
+    else:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=positions).last_hidden_state
+        head = model.get_output_embeddings()
+    hidden = hidden[:, prompt_width - 1 : -1]
+    logits = head(hidden).float() / temperature
+    values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
+    return logits, values
+
+
+# ---- rewards -------------------------------------------------------------------------------------
+def _as_scores(out: Any, n: int, where: str) -> torch.Tensor:
+    try:
+        scores = torch.as_tensor(out, dtype=torch.float32).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"the reward {where} must return {n} numbers (a list or tensor); it returned "
+                          f"{type(out).__name__}") from error
+    if scores.numel() != n:
+        raise ConfigError(f"the reward {where} returned {scores.numel()} scores for {n} responses; return one per response")
+    if not torch.isfinite(scores).all():
+        raise ConfigError(f"the reward {where} returned a NaN or infinite score; return finite numbers")
+    return scores
+
+
+def reward_from_function(fn: Callable[[list[str], list[str]], Any]) -> RewardFn:
+    """A Python function ``fn(prompts, responses) -> N numbers`` as a reward (checked: one finite score each)."""
+    name = getattr(fn, "__name__", repr(fn))
+
+    def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return _as_scores(fn(list(prompts), list(responses)), len(responses), f"function {name}")
+
+    return reward
+
+
+def reward_from_classifier(bank: MultiTaskModel, task: str, label: str, include_prompt: bool = False,
+                           max_length: int = 256, batch_size: int = 16) -> RewardFn:
+    """The probability of ``label`` under a trained classification task of ``bank`` (any bank and base).
+
+    The classifier reads the response alone, or prompt and response as a text pair with ``include_prompt``.
+    """
+    spec = bank._spec(task)
+    if spec.kind != "classification":
+        raise ConfigError(f"task '{task}' is a {spec.kind} task; a reward classifier must be a classification task")
+    if label not in spec.labels:
+        raise ConfigError(f"label '{label}' is not a label of task '{task}'; its labels: {', '.join(spec.labels)}")
+    column = spec.labels.index(label)
+    for param in bank.task_parameters(task).values():
+        param.requires_grad_(False)  # a judge, never trained here
+
+    @torch.no_grad()
+    def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        examples = [Example(text=p, text_pair=r) if include_prompt else Example(text=r)
+                    for p, r in zip(prompts, responses, strict=True)]
+        slot, pad = bank.slots.index(task), bank.base.tokenizer.pad_token_id
+        out = []
+        for start in range(0, len(examples), batch_size):
+            features = encode_task(bank, task, examples[start : start + batch_size], max_length)
+            batch = to_device(collate(features, pad, slot), bank.base.device)
+            with _autocast(bank):
+                logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+            out.append(torch.softmax(logits[:, : len(spec.labels)].float(), -1)[:, column].cpu())
+        return torch.cat(out)
+
+    return reward
+
+
+def reward_from_model(bank: MultiTaskModel, task: str, max_length: int = 256, batch_size: int = 16) -> RewardFn:
+    """A trained reward model task (multitune.preference): its score logit[chosen] - logit[rejected]."""
+    from multitune.preference import reward_scores
+
+    bank._spec(task)
+    for param in bank.task_parameters(task).values():
+        param.requires_grad_(False)
+
+    def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        scores = reward_scores(bank, task, list(prompts), list(responses), max_length=max_length,
+                               batch_size=batch_size)
+        return scores.detach().float().cpu().reshape(-1)
+
+    return reward
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+def check_policy(bank: MultiTaskModel, task: str, config: PPOConfig) -> None:
+    """The errors a PPO run would otherwise hit late: wrong kind, architecture, method or reference."""
+    spec = bank._spec(task)
+    problems = config.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if spec.kind != "generation":
+        raise ConfigError(f"task '{task}' is a {spec.kind} task; PPO trains a generation task")
+    if bank.base.arch != "decoder":
+        raise ConfigError(f"PPO here needs a causal LM (decoder); {bank.base.source} is {bank.base.arch}. "
+                          "Use a decoder such as smollm2-135m")
+    method = get_method(spec.method)
+    if method.fit is not None or not bank.task_parameters(task):
+        raise ConfigError(f"method '{spec.method}' has no trainable parameters for PPO to update; choose one of: "
+                          f"{', '.join(n for n, m in sorted(METHODS.items()) if m.fit is None and n != 'base')}")
+    if method.changes_base and config.reference == "disabled":
+        raise ConfigError(f"'{spec.method}' trains the base weights themselves, so the base with adapters off is no "
+                          "reference; pass --reference copy (a frozen copy of the starting model)")
+
+
+def _prompt_order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The prompts of rollout ``step``: consecutive slices of seeded permutations (a pure function of the step)."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out += order[offset : offset + batch_size - len(out)]
+    return out
+
+
+def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn: RewardFn, config: PPOConfig,
+              progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None,
+              value_head: nn.Linear | None = None) -> dict[str, Any]:
+    """Train generation task ``task`` of ``bank`` with PPO to maximise ``reward_fn``; returns the history.
+
+    The result holds ``history`` (one record per step: mean reward with the KL penalty, mean score, KL,
+    kl_coef, entropy, clip fraction, approx KL, policy loss, value loss, response length, seconds),
+    ``value_head`` (the trained module), ``kl_coef`` and ``seconds``. ``log(record)`` is called after
+    each step.
+    """
+    # ---- setup -------------------------------------------------------------------------------------
+    check_policy(bank, task, config)
+    if not prompts:
+        raise ConfigError("no prompts to roll out; give at least one prompt")
+    torch.manual_seed(config.seed)
+    device = bank.base.device
+    tokenizer = bank.base.tokenizer
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    slot = bank.slots.index(task)
+    reference = None
+    if config.reference == "copy":
+        reference = copy.deepcopy(bank.base.model).requires_grad_(False).eval()
+    value_head = value_head if value_head is not None else make_value_head(bank.base.hidden_size, device)
+    params = list(bank.task_parameters(task).values()) + list(value_head.parameters())
+    lr = config.learning_rate or get_method(bank.tasks[task].method).default_learning_rate
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    kl_control = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+    features = encode_task(bank, task, [Example(text=p) for p in prompts], config.max_length, with_target=False)
+    shuffle = torch.Generator().manual_seed(config.seed + 1)
+    history: list[dict[str, Any]] = []
+    bank.eval()  # no dropout: the update's log-probs must be the sampler's
+    start = time.perf_counter()
+    bar = tqdm(total=config.steps, desc=f"ppo {task}", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in range(config.steps):
+            tick = time.perf_counter()
+            # ---- 1. rollout ------------------------------------------------------------------------
+            rows = _prompt_order(len(features), config.batch_size, config.seed, step)
+            batch = to_device(collate([features[i] for i in rows], pad_id, slot, padding_side="left"), device)
+            with torch.no_grad(), _autocast(bank):
+                tokens = bank.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
+                                       do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                                       top_k=0, max_new_tokens=config.max_new_tokens, eos_token_id=eos_id)
+            mask = response_mask(tokens, eos_id)  # (B, T)
+            tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
+            width = batch["input_ids"].shape[1]
+            input_ids = torch.cat([batch["input_ids"], tokens], dim=1)
+            attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+            task_ids = batch["task_ids"]
+            # ---- 2. old log-probs, values, reference log-probs, scores ---------------------------------
+            with torch.no_grad(), _autocast(bank):
+                logits, values = response_outputs(bank, task_ids, input_ids, attention, width,
+                                                  config.temperature, value_head)
+                old_logp = token_logprobs(logits, tokens)
+                if reference is None:
+                    with bank.disabled():
+                        ref_logits, _ = response_outputs(bank, task_ids, input_ids, attention, width,
+                                                         config.temperature)
+                else:
+                    ref_logits, _ = response_outputs(bank, task_ids, input_ids, attention, width,
+                                                     config.temperature, model=reference)
+                ref_logp = token_logprobs(ref_logits, tokens)
+                del logits, ref_logits
+            responses = [tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
+                         for t, m in zip(tokens.cpu(), mask.cpu(), strict=True)]
+            prompt_texts = [prompts[i] for i in rows]
+            scores = _as_scores(reward_fn(prompt_texts, responses), len(responses), "function").to(device)
+            # ---- 3. rewards, advantages ---------------------------------------------------------------
+            kl_tokens = (old_logp - ref_logp) * mask
+            rewards = -kl_control.value * kl_tokens
+            last = (mask.sum(1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(rows), device=device), last] += scores
+            values = values * mask
+            advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+            if config.whiten_advantages:
+                advantages = whiten(advantages, mask)
+            # ---- 4. PPO epochs over minibatches ----------------------------------------------------------
+            stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [],
+                                             "clip_fraction": [], "approx_kl": []}
+            for _ in range(config.ppo_epochs):
+                order = torch.randperm(len(rows), generator=shuffle).to(device)
+                for first in range(0, len(rows), config.minibatch_size):
+                    idx = order[first : first + config.minibatch_size]
+                    m = mask[idx]
+                    with _autocast(bank):
+                        logits, new_values = response_outputs(bank, task_ids[idx], input_ids[idx], attention[idx],
+                                                              width, config.temperature, value_head)
+                    logp = token_logprobs(logits, tokens[idx])
+                    ratio = torch.exp(logp - old_logp[idx])
+                    adv = advantages[idx]
+                    surrogate = -adv * ratio
+                    clipped = -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange)
+                    policy_loss = masked_mean(torch.max(surrogate, clipped), m)
+                    old_v, ret = values[idx], returns[idx]
+                    v_clipped = old_v + (new_values - old_v).clamp(-config.cliprange_value, config.cliprange_value)
+                    value_loss = 0.5 * masked_mean(torch.max((new_values - ret) ** 2, (v_clipped - ret) ** 2), m)
+                    loss = policy_loss + config.vf_coef * value_loss
+                    loss.backward()
+                    if config.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        stats["policy_loss"].append(float(policy_loss))
+                        stats["value_loss"].append(float(value_loss))
+                        stats["entropy"].append(float(masked_mean(entropy(logits), m)))
+                        stats["clip_fraction"].append(float(masked_mean((clipped > surrogate).float(), m)))
+                        stats["approx_kl"].append(float(0.5 * masked_mean((logp - old_logp[idx]) ** 2, m)))
+                    del logits, logp, loss
+            # ---- 5. KL controller, record --------------------------------------------------------------
+            kl = float(kl_tokens.sum(1).mean())
+            if not math.isfinite(kl):
+                raise ConfigError(f"PPO diverged at step {step + 1} (the KL to the reference is not finite); "
+                                  "lower --learning-rate or raise --init-kl-coef")
+            coef = kl_control.value
+            record = {"step": step + 1, "reward": float((scores - coef * kl_tokens.sum(1)).mean()),
+                      "score": float(scores.mean()), "kl": kl, "kl_coef": coef,
+                      **{k: sum(v) / len(v) for k, v in stats.items()},
+                      "response_length": float(mask.sum(1).mean()), "seconds": round(time.perf_counter() - tick, 3)}
+            kl_control.update(kl, len(rows))
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix_str(f"score {record['score']:.3f} kl {kl:.3f}", refresh=False)
+            if log is not None:
+                log(record)
+    finally:
+        bar.close()
+    return {"history": history, "value_head": value_head, "kl_coef": kl_control.value,
+            "seconds": time.perf_counter() - start}
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``multitune ppo``: model, prompts, one reward source, method, PPO settings, output."""
+    from multitune.config import add_arguments
+
+    parser.add_argument("--model", default="smollm2-135m", help="base model: short name, HF folder or .gguf "
+                        "(default: smollm2-135m)")
+    parser.add_argument("--prompts", required=True, help="prompts file (.jsonl/.json/.csv with a prompt column, "
+                        "or preference pairs whose prompt is split off)")
+    parser.add_argument("--reward-model", help="adapter folder of a trained reward model (multitune preference)")
+    parser.add_argument("--reward-classifier", help="adapter or run folder of a trained classification task")
+    parser.add_argument("--reward-label", help="with --reward-classifier: the label whose probability is the reward")
+    parser.add_argument("--reward-include-prompt", action="store_true",
+                        help="with --reward-classifier: classify prompt and response as a pair, not the response alone")
+    parser.add_argument("--reward-python", help="a Python reward function MODULE:FUNCTION (or path/file.py:FUNCTION) "
+                        "taking (prompts, responses) and returning one number per response")
+    parser.add_argument("--task", default="policy", help="name of the policy task (default: policy)")
+    parser.add_argument("--method", default="lora", help="adaptation method of the policy: "
+                        + ", ".join(n for n, m in sorted(METHODS.items()) if m.fit is None and n != "base")
+                        + " (default: lora)")
+    parser.add_argument("--max-prompts", type=int, help="use at most the first N prompts")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--output", required=True, help="folder to write: adapter/, value_head.safetensors, "
+                        "history.jsonl, result.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (step lines are still printed)")
+    add_arguments(parser, PPOConfig, dest_prefix="ppo.")
+    for name, method in sorted(METHODS.items()):
+        add_arguments(parser, method.config_class, prefix=f"{name}-", dest_prefix=f"methods.{name}.")
+
+
+def ppo_config_from_args(args: argparse.Namespace) -> tuple[PPOConfig, Any]:
+    """(PPOConfig, the method's config) from the flags that were given."""
+    values = vars(args)
+    ppo = {k[4:]: v for k, v in values.items() if k.startswith("ppo.") and v is not None}
+    config = dataclasses.replace(PPOConfig(), **ppo)
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method '{args.method}'; choose one of: {', '.join(sorted(METHODS))}")
+    prefix = f"methods.{args.method}."
+    method_values = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and v is not None}
+    method_config = METHODS[args.method].config_class(**method_values)
+    problems = config.validate() + method_config.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config, method_config
+
+
+def load_python_reward(spec: str) -> RewardFn:
+    """``module:function`` or ``path/to/file.py:function`` as a checked reward function."""
+    module_name, _, function = spec.rpartition(":")
+    if not module_name or not function:
+        raise ConfigError(f"--reward-python must be MODULE:FUNCTION or FILE.py:FUNCTION (got '{spec}')")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"reward file {path} not found; give an existing FILE.py:FUNCTION")
+            loader = importlib.util.spec_from_file_location(f"multitune_reward_{path.stem}", path)
+            assert loader is not None and loader.loader is not None  # a .py file always has a loader
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # a module in the working directory, as `python -m` finds it
+            module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"cannot import the reward module '{module_name}': {error}; check --reward-python") from error
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ConfigError(f"'{module_name}' has no function '{function}'; check --reward-python")
+    return reward_from_function(fn)
+
+
+def _load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file, read as multitune.preference reads them (a prompt column, pairs, or .txt lines)."""
+    from multitune.preference import load_prompts
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {path} not found; pass --prompts FILE")
+    return list(load_prompts(path))
+
+
+def _reward_source(args: argparse.Namespace) -> str:
+    given = [flag for flag, value in (("--reward-model", args.reward_model), ("--reward-classifier",
+             args.reward_classifier), ("--reward-python", args.reward_python)) if value]
+    if not given:
+        raise ConfigError("no reward given; pass one of --reward-model DIR, --reward-classifier DIR --reward-label L, "
+                          "--reward-python MODULE:FUNCTION")
+    if len(given) > 1:
+        raise ConfigError(f"several rewards given ({', '.join(given)}); pass exactly one")
+    if args.reward_classifier and not args.reward_label:
+        raise ConfigError("--reward-classifier needs --reward-label L (the label whose probability is the reward)")
+    if args.reward_label and not args.reward_classifier:
+        raise ConfigError("--reward-label only applies with --reward-classifier DIR")
+    return given[0]
+
+
+def _judge_bank(policy: MultiTaskModel, policy_task: str, folder: Path, model: str,
+                device: str | None) -> tuple[MultiTaskModel, str]:
+    """Load a reward task: onto the policy's bank when it was trained on the same base (no second copy of
+    the model), else onto its own base (another base, or a fully fine-tuned policy that changes this one)."""
+    from multitune.models import load_base
+    from multitune.storage import load_adapter, read_adapter_config
+
+    meta = read_adapter_config(folder)
+    same = meta.get("base_model") == model and not get_method(policy.tasks[policy_task].method).changes_base
+    bank = policy if same else MultiTaskModel(load_base(meta["base_model"], device=device))
+    name = "reward" if "reward" not in bank.tasks else "reward-judge"
+    load_adapter(bank, folder, name)
+    return bank, name
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    """``multitune ppo``: load the base, add the policy task, build the reward, run PPO, save everything."""
+    from multitune.api import adapter_folder
+    from multitune.models import load_base
+    from multitune.storage import atomic_dir, save_adapter, write_json_atomic
+
+    config, method_config = ppo_config_from_args(args)
+    source = _reward_source(args)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output folder {out} already exists and is not empty; choose another --output")
+    prompts = _load_prompts(args.prompts)
+    if args.max_prompts is not None:
+        if args.max_prompts < 1:
+            raise ConfigError(f"--max-prompts must be >= 1 (got {args.max_prompts})")
+        prompts = prompts[: args.max_prompts]
+    if not prompts:
+        raise ConfigError(f"{args.prompts} holds no prompts; give a file with at least one")
+    reward_python = load_python_reward(args.reward_python) if args.reward_python else None
+    judge_folder = adapter_folder(args.reward_model or args.reward_classifier) if source != "--reward-python" else None
+    device = None if args.device == "auto" else args.device
+    base = load_base(args.model, device=device)
+    torch.manual_seed(config.seed)
+    bank = MultiTaskModel(base)
+    bank.add_task(args.task, "generation", args.method, method_config)
+    check_policy(bank, args.task, config)
+    if judge_folder is not None:
+        judge, judge_task = _judge_bank(bank, args.task, judge_folder, args.model, device)
+        if source == "--reward-model":
+            reward_fn = reward_from_model(judge, judge_task, max_length=config.max_length)
+        else:
+            reward_fn = reward_from_classifier(judge, judge_task, args.reward_label, args.reward_include_prompt,
+                                               max_length=config.max_length)
+    else:
+        assert reward_python is not None  # _reward_source guarantees exactly one source
+        reward_fn = reward_python
+    trainable = sum(p.numel() for p in bank.task_parameters(args.task).values())
+    print(f"ppo: {args.method} policy '{args.task}' on {args.model} ({trainable:,} trainable + value head), "
+          f"{len(prompts)} prompts, reward {source} {args.reward_model or args.reward_classifier or args.reward_python}, "
+          f"reference: {config.reference}", flush=True)
+
+    def log(record: dict[str, Any]) -> None:
+        tqdm.write(f"step {record['step']:>4}/{config.steps}  score {record['score']:8.4f}  reward "
+                   f"{record['reward']:8.4f}  kl {record['kl']:7.4f}  kl_coef {record['kl_coef']:.4f}  "
+                   f"entropy {record['entropy']:.3f}  clip {record['clip_fraction']:.3f}", file=sys.stdout)
+        sys.stdout.flush()
+
+    result = train_ppo(bank, args.task, prompts, reward_fn, config, progress=not args.quiet, log=log)
+    history = result["history"]
+    k = max(1, min(5, len(history) // 3))
+    first, last = (sum(r["score"] for r in part) / len(part) for part in (history[:k], history[-k:]))
+    summary = {
+        "task": args.task, "method": args.method, "model": args.model, "reward": source,
+        "reward_source": args.reward_model or args.reward_classifier or args.reward_python,
+        "reward_label": args.reward_label, "prompts": len(prompts), "trainable_parameters": trainable,
+        "steps": len(history), "score_first": first, "score_last": last, "kl_last": history[-1]["kl"],
+        "kl_coef": result["kl_coef"], "seconds": round(result["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "config": asdict(config), "method_config": asdict(method_config),
+    }
+    with atomic_dir(out) as tmp:
+        save_adapter(bank, args.task, tmp / "adapter", extra={"ppo": {"reward": summary["reward_source"],
+                                                                       "steps": len(history)}})
+        save_value_head(result["value_head"], tmp / VALUE_HEAD_FILE)
+        (tmp / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        write_json_atomic(tmp / "result.json", summary)
+    print(f"ppo done: {len(history)} steps in {summary['seconds']:.1f} s; mean score of the first {k} steps "
+          f"{first:.4f} -> last {k} {last:.4f}; KL {summary['kl_last']:.3f} (kl_coef {result['kl_coef']:.4f}); "
+          f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+    print(f"adapter: {out / 'adapter'} (value head: {out / VALUE_HEAD_FILE})")
