@@ -157,3 +157,12 @@ def postgres_url(tmp_path_factory):
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on 2 shared cores, 2 threads stall on every tiny op (1 s runs took 30 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

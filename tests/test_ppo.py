@@ -69,13 +69,7 @@ def bank_logits(bank: MultiTaskModel, ids: torch.Tensor, disabled: bool) -> torc
             return bank.base.model(**inputs).logits[:, width:]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the suite shares its cores with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IDS = torch.tensor([[2, 25, 18, 5, 30, 31], [2, 7, 7, 9, 12, 40]])

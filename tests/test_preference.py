@@ -38,14 +38,7 @@ from multitune.preference import (
 )
 from multitune.storage import load_adapter
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here: on 2 shared cores, 2 threads stall on every tiny op (1 s runs took 30 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FILLER = ["very", "really", "quite", "so"]

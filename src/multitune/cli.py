@@ -312,25 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_arguments(p)
     p.set_defaults(func=cmd_compare)
 
-    from multitune.ppo import add_ppo_arguments, cmd_ppo
-    from multitune.preference import add_dpo_arguments, add_reward_arguments, cmd_dpo, cmd_reward
-    from multitune.server import add_serve_arguments, cmd_serve
+    from multitune import ppo, preference, server
 
-    p = commands.add_parser("serve", help="serve a bank of tasks over an OpenAI-compatible HTTP API (mixed batches)")
-    add_serve_arguments(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = commands.add_parser("reward", help="train a reward model on chosen/rejected pairs (Bradley-Terry)")
-    add_reward_arguments(p)
-    p.set_defaults(func=cmd_reward)
-
-    p = commands.add_parser("dpo", help="preference-tune a policy adapter with DPO (reference = adapter disabled)")
-    add_dpo_arguments(p)
-    p.set_defaults(func=cmd_dpo)
-
-    p = commands.add_parser("ppo", help="RLHF: PPO on an adapter with a reward model, classifier or Python function")
-    add_ppo_arguments(p)
-    p.set_defaults(func=cmd_ppo)
+    # Commands whose module defines its own flags (add_X_arguments) and entry point (cmd_X).
+    for name, module, help_text in [
+        ("serve", server, "serve a bank of tasks over an OpenAI-compatible HTTP API (mixed batches)"),
+        ("reward", preference, "train a reward model on chosen/rejected pairs (Bradley-Terry)"),
+        ("dpo", preference, "preference-tune a policy adapter with DPO (reference = adapter disabled)"),
+        ("ppo", ppo, "RLHF: PPO on an adapter with a reward model, classifier or Python function"),
+    ]:
+        p = commands.add_parser(name, help=help_text)
+        getattr(module, f"add_{name}_arguments")(p)
+        p.set_defaults(func=getattr(module, f"cmd_{name}"))
 
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)

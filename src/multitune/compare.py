@@ -145,7 +145,7 @@ def settings_for(config: CompareConfig, method: str, params: dict[str, Any]) -> 
     if method == "lora" and "rank" in overrides:
         overrides["alpha"] = 2.0 * overrides["rank"]  # alpha/r stays 2, the common choice
     method_config = dataclasses.replace(method_config, **overrides)
-    problems = method_config.validate() if hasattr(method_config, "validate") else []
+    problems = method_config.validate()
     if problems:
         raise ConfigError(f"{method}: " + "; ".join(problems))
     train = dataclasses.replace(config.train, metric=config.metric())

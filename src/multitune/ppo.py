@@ -52,6 +52,7 @@ from multitune.bank import MultiTaskModel
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
+from multitune.evaluate import _autocast
 from multitune.methods import METHODS, get_method
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -198,10 +199,6 @@ def load_value_head(path: str | Path, device: torch.device | str = "cpu") -> nn.
     return head
 
 
-def _autocast(bank: MultiTaskModel) -> Any:
-    device = bank.base.device
-    enabled = device.type == "cuda" and bank.base.model.dtype == torch.bfloat16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def response_outputs(bank: MultiTaskModel, task_ids: torch.Tensor, input_ids: torch.Tensor,

@@ -40,6 +40,7 @@ from multitune.config import TrainConfig
 from multitune.data import Example, read_table
 from multitune.encode import IGNORE, collate, encode_task, prompt_ids, to_device
 from multitune.errors import ConfigError, DataError
+from multitune.evaluate import _autocast
 from multitune.methods import METHODS, get_method
 
 ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
@@ -198,11 +199,6 @@ def split_pairs(pairs: Sequence[Pair], ratio: float = 0.1, seed: int = 0) -> tup
 
 
 # ---- scoring ------------------------------------------------------------------------------------------
-def _autocast(bank: MultiTaskModel) -> contextlib.AbstractContextManager:
-    device = bank.base.device
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _chunks(lengths: Sequence[int], batch_size: int) -> tuple[list[list[int]], torch.Tensor]:

@@ -381,9 +381,6 @@ class Scheduler:
             raise RequestError(504, f"the request took longer than {self.timeout_s:g} s; retry or raise "
                                     "the server's --timeout") from error
 
-    def classify_sync(self, task: str, texts: list[str]) -> list[dict[str, float]]:
-        return asyncio.run(self.classify(task, texts))
-
     def _check_room(self) -> None:
         depth = len(self._classify) + len(self._waiting)
         if depth >= self.queue_size:
