@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from multitune.evaluate import evaluate
 from multitune.methods import METHODS, get_method
 from multitune.metrics import is_better
 from multitune.storage import save_adapter, write_json_atomic
-from multitune.train import TrainResult, _accelerator, _fit_only, default_metric
+from multitune.train import TrainResult, _accelerator, _fit_only, default_metric, epoch_steps, lr_schedule
 
 SAMPLING = ("proportional", "temperature")
 
@@ -213,16 +212,9 @@ def train_multitask(
              for t in names]
     optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in zip(params, rates, strict=True)],
                                   weight_decay=config.weight_decay)
-    batches_per_epoch = math.ceil(sum(len(f) for f in features) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
-                              optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    examples = sum(len(f) for f in features)
+    steps_per_epoch = epoch_steps(config, examples)
+    scheduler, total_steps = lr_schedule(optimizer, config, examples)
     sampler = RowSampler([len(f) for f in features], probabilities, config.seed)
     state = [{"best_metric": None, "best_step": None, "bad_evals": 0, "frozen": False, "steps": 0,
               "seconds": 0.0, "history": []} for _ in names]

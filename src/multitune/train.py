@@ -60,6 +60,24 @@ def _accelerator(device: str) -> Any:
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
 
 
+def epoch_steps(config: TrainConfig, examples: int) -> int:
+    """Optimizer steps in one pass over ``examples`` (batches, then gradient accumulation)."""
+    return math.ceil(math.ceil(examples / config.batch_size) / config.grad_accum)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, examples: int) -> tuple[Any, int]:
+    """The warmup + decay schedule of ``config`` over ``examples`` training examples, and its total steps."""
+    from transformers import get_scheduler
+
+    total_steps = config.epochs * epoch_steps(config, examples)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+                              optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return scheduler, total_steps
+
+
 def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches of one epoch: a permutation that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -104,16 +122,7 @@ def train(
     params = [bank.task_parameters(task)[k] for k in keys]
     lr = config.learning_rate or get_method(spec.method).default_learning_rate
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    batches_per_epoch = math.ceil(len(features) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
-                              optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler, total_steps = lr_schedule(optimizer, config, len(features))
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_metric": None, "best_step": None,
                              "bad_evals": 0, "history": [], "stopped_early": False}
     best: dict[str, torch.Tensor] | None = None
