@@ -387,11 +387,10 @@ def score_test(bank: Any, task: str, examples: list[Any], config: CompareConfig)
     """(test metrics, bootstrap 95% intervals, examples per second batched)."""
     import numpy as np
 
-    from multitune.evaluate import generate_texts, lm_nll, predict_proba
+    from multitune.evaluate import generate_texts, lm_nll, predict_proba, scores_of_probabilities
     from multitune.metrics import (
         _rouge_l_sentence,
         bootstrap_interval,
-        classification_metrics,
         generation_metrics,
     )
 
@@ -401,11 +400,8 @@ def score_test(bank: Any, task: str, examples: list[Any], config: CompareConfig)
     if config.kind == "classification":
         probs = predict_proba(bank, task, examples, t.max_length, t.eval_batch_size)
         seconds = time.perf_counter() - start
-        predictions = [spec.labels[i] for i in probs.argmax(dim=-1).tolist()]
+        metrics, predictions = scores_of_probabilities(probs, examples, spec.labels)
         references = [ex.label or "" for ex in examples]
-        metrics = classification_metrics(predictions, references, spec.labels)
-        gold = torch.tensor([spec.labels.index(r) if r in spec.labels else 0 for r in references])
-        metrics["loss"] = float(-torch.log(probs[torch.arange(len(gold)), gold].clamp(min=1e-12)).mean())
         correct = [float(p == r) for p, r in zip(predictions, references, strict=True)]
         intervals = {"accuracy": list(bootstrap_interval(correct, config.bootstrap, seed=config.seed))}
         if config.metric() == "macro_f1":

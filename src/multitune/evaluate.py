@@ -92,6 +92,16 @@ def lm_nll(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_len
     return total, count
 
 
+def scores_of_probabilities(probs: torch.Tensor, examples: Sequence[Example],
+                            labels: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """(accuracy, macro-F1 and loss of label probabilities (n, C) against the examples' labels, the predictions)."""
+    predictions = [labels[i] for i in probs.argmax(dim=-1).tolist()]
+    references = [ex.label or "" for ex in examples]
+    gold = torch.tensor([labels.index(r) if r in labels else 0 for r in references])
+    nll = -torch.log(probs[torch.arange(len(gold)), gold].clamp(min=1e-12)).mean()
+    return {**classification_metrics(predictions, references, labels), "loss": float(nll)}, predictions
+
+
 def evaluate(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
              batch_size: int = 64, max_new_tokens: int = 64, generate: bool = True) -> dict[str, float]:
     """The task's metrics on labelled examples: accuracy and macro-F1, or loss, perplexity, EM and ROUGE-L.
@@ -103,11 +113,7 @@ def evaluate(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_l
         return {}
     if spec.kind == "classification":
         probs = predict_proba(bank, task, examples, max_length, batch_size)
-        predictions = [spec.labels[i] for i in probs.argmax(dim=-1).tolist()]
-        references = [ex.label or "" for ex in examples]
-        gold = torch.tensor([spec.labels.index(r) if r in spec.labels else 0 for r in references])
-        nll = -torch.log(probs[torch.arange(len(gold)), gold].clamp(min=1e-12)).mean()
-        return {**classification_metrics(predictions, references, spec.labels), "loss": float(nll)}
+        return scores_of_probabilities(probs, examples, spec.labels)[0]
     total, count = lm_nll(bank, task, examples, max_length, max(1, batch_size // 4))
     metrics = {"loss": total / max(count, 1), "perplexity": perplexity(total, count)}
     if generate:
