@@ -12,7 +12,9 @@ of transformer blocks lives (for freezing the first N layers).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -267,6 +269,16 @@ def base_from_model(model: nn.Module, tokenizer: Any, source: str = "<in-memory>
     model.requires_grad_(False)
     model.eval()
     return Base(model=model, tokenizer=prepare_tokenizer(tokenizer), family=family_for(model.config), source=source)
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (run the LM head on the last positions only)."""
+    return _takes_logits_to_keep(type(model))
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -42,6 +42,7 @@ from multitune.encode import IGNORE, collate, encode_task, prompt_ids, to_device
 from multitune.errors import ConfigError, DataError
 from multitune.evaluate import _autocast
 from multitune.methods import METHODS, get_method
+from multitune.models import supports_logits_to_keep
 
 ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
 REWARD_LABELS = ["rejected", "chosen"]  # score = logit[chosen] - logit[rejected]
@@ -209,12 +210,6 @@ def _chunks(lengths: Sequence[int], batch_size: int) -> tuple[list[list[int]], t
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)], inverse
 
 
-def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def _decoder_logps(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slot: int) -> torch.Tensor:
     """Summed response log-probabilities of one batch on a causal LM.
 
@@ -232,7 +227,7 @@ def _decoder_logps(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slo
         inputs, _ = bank.model_inputs(ids, mask, batch["task_ids"])
         if "position_ids" not in inputs:  # left padding: positions count real tokens only (GPT-2's are absolute)
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        if _supports_logits_to_keep(model):
+        if supports_logits_to_keep(model):
             logits = model(**inputs, logits_to_keep=keep + 1).logits
         else:
             logits = model(**inputs).logits[:, -(keep + 1):]

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from multitune.errors import MultituneError
+from multitune.models import supports_logits_to_keep
 
 
 class RequestError(MultituneError):
@@ -228,6 +229,8 @@ class DecodeBatch:
             full = inputs["attention_mask"]
             cached = full.shape[1] - inputs.get("inputs_embeds", ids).shape[1]
             inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+            if supports_logits_to_keep(bank.base.model):  # the LM head on the last position only, as generate
+                inputs["logits_to_keep"] = 1
             out = bank.base.model(**inputs, use_cache=True)
         first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
         self._merge(out.past_key_values, full, handles, torch.tensor(first, device=device))
