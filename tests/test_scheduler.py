@@ -117,6 +117,26 @@ def test_sampling_is_seeded_and_bounded(engine):
         scheduler.stop()
 
 
+def test_seeded_sampling_repeats_after_rows_that_ended_on_eos(engine, monkeypatch):
+    """Each request samples from its own seeded stream, also when an earlier one left on its stop token (that
+    path once skipped dropping the earlier stream, which a later request with a reused id() then continued)."""
+    scheduler = Scheduler(engine)
+    scheduler.start()
+    try:
+        params = SamplingParams(max_tokens=12, temperature=1.5, seed=3)
+        scheduler.generate_sync("lora", "a nice film", SamplingParams(**params.__dict__))
+        tokenizer = engine.bank_of("lora").base.tokenizer
+        probe = scheduler.submit_generate("lora", "a nice film", SamplingParams(**params.__dict__))
+        list(probe.tokens())
+        ids = tokenizer(probe.text, add_special_tokens=False)["input_ids"]
+        monkeypatch.setattr(tokenizer, "eos_token_id", ids[len(ids) // 2])  # every run now ends on "EOS"
+        texts = [scheduler.generate_sync("lora", "a nice film", SamplingParams(**params.__dict__))
+                 for _ in range(12)]
+        assert texts[0][1] == "stop" and len(set(texts)) == 1
+    finally:
+        scheduler.stop()
+
+
 @pytest.mark.parametrize(("params", "field"), [
     (SamplingParams(max_tokens=0), "max_tokens"), (SamplingParams(temperature=-1), "temperature"),
     (SamplingParams(top_p=0), "top_p"), (SamplingParams(stop=[""]), "stop"),
@@ -190,3 +210,18 @@ def test_reload_is_atomic(engine, bank_dir):
         assert text.strip() == before
     finally:
         scheduler.stop()
+
+
+def test_in_passing_thread_returns_raises_and_ends():
+    import threading
+
+    from multitune.scheduler import in_passing_thread
+
+    thread, value = in_passing_thread(lambda: (threading.current_thread(), 42))
+    assert value == 42 and thread is not threading.current_thread() and not thread.is_alive()
+
+    def fail():
+        raise ValueError("bad bank")
+
+    with pytest.raises(ValueError, match="bad bank"):
+        in_passing_thread(fail)
