@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import socket
 import statistics
 import subprocess
@@ -82,13 +83,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
     import httpx
 
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{tail}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -196,7 +198,6 @@ def baseline_app(bank_dir: Path) -> Any:
         models[task] = peft.PeftModel.from_pretrained(shared, str(export_peft(bank, task, export / task)),
                                                       adapter_name=task).eval()
     tokenizer = engine.base.tokenizer
-    lock = threading.Lock()
     app = FastAPI()
 
     @app.get("/health")
@@ -204,9 +205,11 @@ def baseline_app(bank_dir: Path) -> Any:
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    def completions(body: dict) -> dict[str, Any]:
+    async def completions(body: dict) -> dict[str, Any]:
+        # on the event loop itself: one request at a time, every forward in the thread that loaded the model
+        # (a thread pool would give each of its threads its own OpenMP pool, which slows every forward)
         task, prompt, max_tokens = body["model"], body["prompt"], int(body.get("max_tokens", 16))
-        with lock, torch.no_grad():  # one request at a time
+        with torch.no_grad():
             features, _ = engine._features(bank, [(task, prompt)], [0], 10**6, False)
             ids = torch.tensor([features[0]["input_ids"]])
             model = models[task]
@@ -231,9 +234,11 @@ def run_baseline(bank_dir: str, port: int) -> None:
 
 
 def serve(argv: list[str], url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = Path(tempfile.mkstemp(prefix="serve-load-", suffix=".log")[1])
+    with log.open("w") as sink:  # a file, not a pipe: nobody reads the server's log while it runs
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_ready(url, process)
+        wait_ready(url, process, log)
         load_test(url, [jobs[0][:1]], 2)  # warm-up
         return load_test(url, jobs, max_tokens)
     finally:
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)  # internal: BANK_DIR of the baseline
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--serve-args", default="", help="more flags for multitune serve, e.g. '--threads 1'")
     args = parser.parse_args(argv)
     if args.baseline_server:
         run_baseline(args.baseline_server, args.port)
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     results["(i) multitune serve"] = serve(
         [sys.executable, "-m", "multitune", "serve", str(folder / "bank"), "--port", str(port), "--device", "cpu",
-         "--max-batch-size", str(max(32, args.clients))], f"http://127.0.0.1:{port}", jobs, args.max_tokens)
+         "--max-batch-size", str(max(32, args.clients)), "--log-level", "warning", *shlex.split(args.serve_args)],
+        f"http://127.0.0.1:{port}", jobs, args.max_tokens)
     print("  (i) done", file=sys.stderr)
     results["(ii) in-process engine"] = in_process(folder / "bank", jobs, args.max_tokens)
     print("  (ii) done", file=sys.stderr)

@@ -443,13 +443,17 @@ def test_sixteen_concurrent_clients_mixing_tasks(fake, url):
 def test_serve_arguments_and_early_errors(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     server_module.add_serve_arguments(parser)
-    args = parser.parse_args([str(tmp_path), "--port", "9123", "--max-batch-size", "8", "--timeout", "5"])
+    args = parser.parse_args([str(tmp_path), "--port", "9123", "--max-batch-size", "8", "--timeout", "5",
+                              "--threads", "2"])
     seen = {}
     monkeypatch.setattr(server_module, "serve", lambda bank, **kwargs: seen.update(bank=bank, **kwargs))
     server_module.cmd_serve(args)
     assert seen["bank"] == str(tmp_path) and seen["port"] == 9123 and seen["max_batch_size"] == 8
     assert seen["timeout_s"] == 5 and seen["host"] == "127.0.0.1" and seen["api_key"] is None
+    assert seen["threads"] == 2
     monkeypatch.undo()
+    with pytest.raises(ConfigError, match="--threads must be >= 1"):
+        server_module.serve(tmp_path, threads=0)
     with pytest.raises(ConfigError, match="is not a folder"):
         server_module.serve(tmp_path / "missing")
     with pytest.raises(ConfigError, match="--queue-size"):
@@ -459,6 +463,22 @@ def test_serve_arguments_and_early_errors(tmp_path, monkeypatch):
         taken.listen()
         with pytest.raises(ConfigError, match="cannot listen"):
             server_module.serve(tmp_path, port=taken.getsockname()[1])
+
+
+def test_serve_loads_the_engine_in_a_thread_that_has_ended(tmp_path, monkeypatch):
+    """The scheduler's worker must be the only thread with an OpenMP pool (see in_passing_thread)."""
+    from multitune.engine import Engine
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(threading.current_thread())
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(Engine, "from_folder", staticmethod(load))
+    with pytest.raises(ConfigError, match="stop here"):
+        server_module.serve(tmp_path, port=0)
+    assert seen and seen[0] is not threading.main_thread() and not seen[0].is_alive()
 
 
 def test_the_server_still_answers_after_everything(http):

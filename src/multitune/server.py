@@ -680,10 +680,11 @@ def _check_port(host: str, port: int) -> None:
 
 def serve(bank_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch_size: int = 32, max_wait_ms: float = 5, queue_size: int = 256, timeout_s: float = 60,
-          model: str | None = None, device: str | None = None, log_level: str = "info") -> None:
+          model: str | None = None, device: str | None = None, log_level: str = "info",
+          threads: int | None = None) -> None:
     """Serve every adapter of ``bank_dir`` (``BANK_DIR/TASK/adapter.json``) until interrupted."""
     for name, value, low in (("--max-batch-size", max_batch_size, 1), ("--queue-size", queue_size, 1),
-                             ("--max-wait-ms", max_wait_ms, 0)):
+                             ("--max-wait-ms", max_wait_ms, 0), ("--threads", 1 if threads is None else threads, 1)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low} (got {value})")
     if not timeout_s > 0:
@@ -702,9 +703,13 @@ def serve(bank_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
     import uvicorn
 
     from multitune.engine import Engine
-    from multitune.scheduler import Scheduler
+    from multitune.scheduler import Scheduler, in_passing_thread
 
-    engine = Engine.from_folder(bank_dir, model, device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # read by every thread that starts a parallel region
+    engine = in_passing_thread(lambda: Engine.from_folder(bank_dir, model, device))
     scheduler = Scheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
                           timeout_s=timeout_s)
     app = create_app(scheduler, api_key=api_key, model_name=str(engine.base.source))
@@ -728,6 +733,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default: 60)")
     parser.add_argument("--model", help="base model to load the adapters onto (default: the one they record)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for the model's forwards (default: torch's, one per core)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level (default: info)")
 
@@ -735,7 +742,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.bank, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
           max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout, model=args.model,
-          device=args.device, log_level=args.log_level)
+          device=args.device, log_level=args.log_level, threads=args.threads)
 
 
 __all__ = ["create_app", "serve", "add_serve_arguments", "cmd_serve", "error_response", "validation_message",
