@@ -298,7 +298,12 @@ class DecodeBatch:
 
 # ---- the scheduler ------------------------------------------------------------------------------------------
 class Scheduler:
-    """Requests in, mixed batches through the engine, answers out (see the module docstring)."""
+    """Requests in, mixed batches through the engine, answers out (see the module docstring).
+
+    On CPU, load ``engine`` with :func:`in_passing_thread` (as ``multitune serve`` does): an engine loaded in a
+    thread that goes on living leaves an OpenMP pool beside the worker's, and the worker's forwards run up to
+    2x slower.
+    """
 
     def __init__(self, engine: Any, max_batch_size: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
                  timeout_s: float = 60.0) -> None:
