@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import WORDS, perturb, save_tiny
 
+import multitune.scheduler as scheduler_module
 from multitune.bank import MultiTaskModel
 from multitune.engine import Engine
 from multitune.methods.adapter import AdapterConfig
@@ -129,7 +130,8 @@ def test_seeded_sampling_repeats_after_rows_that_ended_on_eos(engine, monkeypatc
         probe = scheduler.submit_generate("lora", "a nice film", SamplingParams(**params.__dict__))
         list(probe.tokens())
         ids = tokenizer(probe.text, add_special_tokens=False)["input_ids"]
-        monkeypatch.setattr(tokenizer, "eos_token_id", ids[len(ids) // 2])  # every run now ends on "EOS"
+        stop_id = ids[len(ids) // 2]
+        monkeypatch.setattr(scheduler_module, "_eos_ids", lambda tokenizer: {stop_id})  # every run ends on "EOS"
         texts = [scheduler.generate_sync("lora", "a nice film", SamplingParams(**params.__dict__))
                  for _ in range(12)]
         assert texts[0][1] == "stop" and len(set(texts)) == 1
