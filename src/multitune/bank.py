@@ -221,7 +221,7 @@ class MultiTaskModel(nn.Module):
         section 2). Prompts are right-aligned to the longest one in the batch; the positions before a
         shorter prompt (or before the text of a row with none) are masked.
 
-        Rows whose task has prefixes (Li & Liang 2021) get them through ``past_key_values``, right-aligned
+        Rows whose task has prefixes (Li & Liang 2021) get them through the model's ``cache`` input, right-aligned
         the same way, with the prefix positions in front of the attention mask (for T5: of the decoder's,
         under the private key ``_prefix_mask`` that the callers turn into ``decoder_attention_mask``).
 
@@ -251,7 +251,7 @@ class MultiTaskModel(nn.Module):
             prefix = prefix_cache(self, task_ids, self.base.model.dtype)
         prefix_mask = attention_mask.new_zeros(input_ids.shape[0], 0)
         if prefix is not None:
-            inputs["past_key_values"], prefix_mask = prefix[0], prefix[1].to(attention_mask.dtype)
+            inputs["cache"], prefix_mask = prefix[0], prefix[1].to(attention_mask.dtype)
             if self.base.arch == "seq2seq":
                 inputs["_prefix_mask"] = prefix_mask
                 prefix_mask = prefix_mask[:, :0]
@@ -383,7 +383,7 @@ class MultiTaskModel(nn.Module):
         with self.routed(task_ids):
             inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
             inputs.pop("position_ids", None)  # generate derives positions from the mask, step by step
-            cached = inputs["past_key_values"].get_seq_length() if "past_key_values" in inputs else 0
+            cached = inputs["cache"].get_seq_length() if "cache" in inputs else 0
             if self.base.arch == "seq2seq" and cached:
                 start = self.base.model.config.decoder_start_token_id or 0
                 inputs["decoder_input_ids"] = torch.cat(

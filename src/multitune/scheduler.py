@@ -234,7 +234,7 @@ class DecodeBatch:
                 inputs["logits_to_keep"] = 1
             out = bank.base.model(**inputs, use_cache=True)
         first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
-        self._merge(out.past_key_values, full, handles, torch.tensor(first, device=device))
+        self._merge(out.cache, full, handles, torch.tensor(first, device=device))
         return first
 
     def _merge(self, cache: Any, mask: torch.Tensor, handles: list[Handle], last: torch.Tensor) -> None:
@@ -271,8 +271,8 @@ class DecodeBatch:
         task_ids = self.task_ids()
         with self.bank.routed(task_ids):
             out = self.bank.base.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=positions,
-                                       past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                                       cache=self.cache, use_cache=True)
+        self.cache = out.cache
         return out.logits[:, -1].float()
 
     def keep(self, indices: list[int]) -> None:

@@ -514,7 +514,7 @@ def decoder_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: to
     lengths = mask.sum(1)
     chunks = _chunks(longer, max(1, MAX_ROWS // batch))
     for n, labels in enumerate(chunks):
-        cache = out.past_key_values if n == len(chunks) - 1 else copy.deepcopy(out.past_key_values)
+        cache = out.cache if n == len(chunks) - 1 else copy.deepcopy(out.cache)
         c = len(labels)
         cache.batch_repeat_interleave(c)
         tokens, tmask = _padded([continuations[j] for j in labels], device)  # (c, T)
@@ -522,7 +522,7 @@ def decoder_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: to
         logits = model(input_ids=tokens[:, :-1].repeat(batch, 1),
                        attention_mask=torch.cat([mask.repeat_interleave(c, 0), tmask[:, :-1].repeat(batch, 1)], 1),
                        position_ids=lengths.repeat_interleave(c)[:, None] + torch.arange(steps, device=device),
-                       past_key_values=cache, use_cache=True).logits  # (B*c, T-1, V)
+                       cache=cache, use_cache=True).logits  # (B*c, T-1, V)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:].repeat(batch, 1)[..., None])[..., 0]
         scores[:, labels] += (logp * tmask[:, 1:].repeat(batch, 1)).sum(-1).view(batch, c)
     return scores
