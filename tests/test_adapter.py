@@ -292,7 +292,9 @@ def test_gradient_of_a_task_from_a_mixed_batch_equals_its_rows_alone(family: str
         for param, want in zip(own, torch.autograd.grad(loss, own), strict=True):
             got = mixed_by_param[id(param)]
             assert got is not None and want.abs().max() > 0
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            # the batch sums its rows' gradients in another order than each row alone: float32 rounding of
+            # gradients near 10 is about 1e-6 of them (seen: 1.2e-5 at 11.6 on gpt2)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     n_grads = [mixed_by_param[id(p)] for p in bank.task_parameters("n").values()]
     assert all(g is None or g.abs().max() == 0 for g in n_grads)  # no row of 'n' in the batch
 

@@ -64,13 +64,13 @@ def test_stacks_hold_only_the_tasks_with_parameters_at_the_layer() -> None:
     mixed = _logits(bank, TEXTS, rows)
     _assert_rows(mixed, _alone(bank, TEXTS, tasks))
     for layer in _wrappers(bank, LoRALinear):
-        a, b, scale, where = layer._stacked()
+        stack = layer.stacked.stack()
+        (a, b, scale, _), where = stack.tensors, stack.where
         holders = [t for t in bank.slots if t in layer.lora_A]
         assert a.shape[0] == b.shape[0] == scale.shape[0] == len(holders)  # not one entry per slot
         assert where.shape[0] == len(bank.slots) and int((where >= 0).sum()) == len(holders)
     for layer in _wrappers(bank, AdapterLinear):
-        stack, _ = layer._stacked()
-        assert stack[0].shape[0] == 1
+        assert layer.stacked.stack().tensors[0].shape[0] == 1
 
 
 def test_rows_without_parameters_at_a_layer_pass_through_exactly() -> None:

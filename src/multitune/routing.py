@@ -21,8 +21,17 @@ class Routing:
     single: str | None = None  # the task of every row, when the batch has one task (the fast path)
     disabled: bool = False  # every adapter passes through: the frozen base (reference model for DPO/PPO)
     version: int = 0  # bumped when tasks are added or removed, so layers drop stacked caches
+    batch: int = 0  # bumped for each routed batch: layers keep what they gathered per row for one batch
+    _last: tuple[torch.Tensor, int] | None = field(default=None, repr=False)
 
     def set_rows(self, row_tasks: torch.Tensor) -> None:
+        """Route a batch. The same tensor routed again, unchanged (every decoding step of a batch), is the
+        same batch. A tensor made under ``torch.inference_mode()`` has no version counter to tell whether it
+        was changed in place, so each of its routings is a new batch."""
+        version = -1 if row_tasks.is_inference() else row_tasks._version
+        if self._last is None or row_tasks is not self._last[0] or version < 0 or version != self._last[1]:
+            self.batch += 1
+            self._last = (row_tasks, version)
         self.row_tasks = row_tasks
         first = int(row_tasks[0]) if row_tasks.numel() else 0
         uniform = row_tasks.numel() == 0 or bool((row_tasks == first).all())

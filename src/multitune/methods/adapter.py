@@ -58,6 +58,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
+from multitune.methods.stack import SlotStack, Stack, add_rows, per_row, slot_index
 from multitune.methods.wrap import (
     LINEAR,
     TaskLinear,
@@ -140,16 +141,6 @@ class AdapterConfig:
         return problems
 
 
-def _version_key(routing: Routing, params: list[nn.Parameter]) -> tuple[int, ...]:
-    """Changes when tasks come or go and when any parameter is written in place (optimizer, load)."""
-    return (routing.version, *(p._version for p in params))
-
-
-def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B, k) -> (B, 1, ..., 1, k) to broadcast over the middle dimensions of ``like``."""
-    return values.view(values.shape[0], *([1] * (like.dim() - 2)), values.shape[-1])
-
-
 class AdapterLinear(TaskLinear):
     """An output projection (possibly already wrapped) followed by per-task bottleneck adapters."""
 
@@ -160,8 +151,9 @@ class AdapterLinear(TaskLinear):
         self.up_weight = nn.ParameterDict()  # task -> (d, r)
         self.up_bias = nn.ParameterDict()  # task -> (d,)
         self.activation: dict[str, str] = {}
-        self._stack: tuple[tuple[int, ...], tuple[torch.Tensor, ...] | None, list[str]] | None = None
-        self._rows: tuple[tuple[object, ...], tuple[torch.Tensor | None, ...] | None] | None = None
+        self.acts: list[str] = []  # the activations of this layer's tasks: the stack's activation index
+        self.stacked = SlotStack(routing, self._stack, lambda: [*self.down_weight.values(), *self.down_bias.values(),
+                                                               *self.up_weight.values(), *self.up_bias.values()])
 
     def task_names(self) -> list[str]:
         return list(self.down_weight)
@@ -175,14 +167,16 @@ class AdapterLinear(TaskLinear):
         self.up_weight[task] = nn.Parameter(torch.zeros(d, bottleneck, device=device))
         self.up_bias[task] = nn.Parameter(torch.zeros(d, device=device))
         self.activation[task] = activation
-        self._stack = None
+        self.acts = sorted(set(self.activation.values()))
+        self.stacked.invalidate()
         return {"adapter_down.weight": self.down_weight[task], "adapter_down.bias": self.down_bias[task],
                 "adapter_up.weight": self.up_weight[task], "adapter_up.bias": self.up_bias[task]}
 
     def remove_task(self, task: str) -> None:
         del self.down_weight[task], self.down_bias[task], self.up_weight[task], self.up_bias[task]
         del self.activation[task]
-        self._stack = None
+        self.acts = sorted(set(self.activation.values()))
+        self.stacked.invalidate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # the whole inner chain: base layer plus any inner wrappers
@@ -199,86 +193,44 @@ class AdapterLinear(TaskLinear):
             return y + F.linear(low, self.up_weight[task].to(dt), self.up_bias[task].to(dt))
         return self._mixed(y)
 
-    def _stacked(self) -> tuple[tuple[torch.Tensor, ...] | None, list[str]]:
-        """D (T, R, d), b_D (T, R), U (T, d, R), b_U (T, d), activation index (T,) of the T tasks with an
-        adapter here, and ``where`` (S,): each slot's index into them, -1 for slots whose rows pass through.
+    def _stack(self) -> Stack | None:
+        """D (T, R, d), b_D (T, 1, R), U (T, d, R), b_U (T, 1, d), activation index (T, 1, 1) of the T tasks
+        with an adapter here; slots of other tasks pass through.
 
         R is the largest bottleneck here (smaller ones padded with zeros). Only tasks with an adapter here
-        are stacked, however many tasks the bank holds. Cached between no-grad forwards; rebuilt while
-        training so gradients reach each task's tensors.
+        are stacked, however many tasks the bank holds.
         """
-        routing = self.routing
-        params = [*self.down_weight.values(), *self.down_bias.values(), *self.up_weight.values(),
-                  *self.up_bias.values()]
-        key = _version_key(routing, params)
-        if self._stack is not None and self._stack[0] == key and not torch.is_grad_enabled():
-            return self._stack[1], self._stack[2]
-        tasks = [t for t in routing.slots if t in self.down_weight]
-        acts = sorted({self.activation[t] for t in tasks})
-        stack = None
-        if tasks:
-            rank = max(self.down_weight[t].shape[0] for t in tasks)
-            pads = [rank - self.down_weight[t].shape[0] for t in tasks]
-            position = {t: i for i, t in enumerate(tasks)}
-            device = params[0].device
-            stack = (torch.stack([F.pad(self.down_weight[t], (0, 0, 0, n)) for t, n in zip(tasks, pads, strict=True)]),
-                     torch.stack([F.pad(self.down_bias[t], (0, n)) for t, n in zip(tasks, pads, strict=True)]),
-                     torch.stack([F.pad(self.up_weight[t], (0, n)) for t, n in zip(tasks, pads, strict=True)]),
-                     torch.stack([self.up_bias[t] for t in tasks]),
-                     torch.tensor([acts.index(self.activation[t]) for t in tasks], device=device),
-                     torch.tensor([position.get(t, -1) for t in routing.slots], device=device))
-        if not torch.is_grad_enabled():
-            self._stack = (key, stack, acts)
-        return stack, acts
-
-    def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...] | None:
-        """(idx, D, b_D, U, b_U, activation) for the rows with an adapter here, idx their positions in the
-        batch (None: every row); None when no row has one. Kept without grad while the same ``rows``
-        tensor routes the batch (every decoding step of ``generate``) and the stack is the same."""
-        stack, _ = self._stacked()
-        if stack is None:
+        tasks = [t for t in self.routing.slots if t in self.down_weight]
+        if not tasks:
             return None
-        cached = self._rows
-        if (cached is not None and cached[0][0] is stack[0] and cached[0][1] is rows
-                and cached[0][2:] == (rows._version, dtype) and not torch.is_grad_enabled()):
-            return cached[1]
-        dw, db, uw, ub, act, where = stack
-        index = where[rows]
-        active = index >= 0
-        idx, pick = (None, index) if bool(active.all()) else (active.nonzero(as_tuple=True)[0], None)
-        if idx is not None:
-            pick = index[idx]
-        out: tuple[torch.Tensor | None, ...] | None = None
-        if idx is None or idx.numel():
-            out = (idx, dw[pick].to(dtype), db[pick].to(dtype).unsqueeze(1), uw[pick].to(dtype),
-                   ub[pick].to(dtype).unsqueeze(1), act[pick].view(-1, 1, 1))
-        self._rows = ((dw, rows, rows._version, dtype), out) if not torch.is_grad_enabled() else None
-        return out
+        rank = max(self.down_weight[t].shape[0] for t in tasks)
+        pads = [rank - self.down_weight[t].shape[0] for t in tasks]
+        device = self.down_weight[tasks[0]].device
+        pairs = list(zip(tasks, pads, strict=True))
+        return Stack((torch.stack([F.pad(self.down_weight[t], (0, 0, 0, n)) for t, n in pairs]),
+                      torch.stack([F.pad(self.down_bias[t], (0, n)) for t, n in pairs]).unsqueeze(1),
+                      torch.stack([F.pad(self.up_weight[t], (0, n)) for t, n in pairs]),
+                      torch.stack([self.up_bias[t] for t in tasks]).unsqueeze(1),
+                      torch.tensor([self.acts.index(self.activation[t]) for t in tasks], device=device).view(-1, 1, 1)),
+                     slot_index(self.routing, tasks, device))
 
     def _mixed(self, y: torch.Tensor) -> torch.Tensor:
         """y plus each row's adapter output: batched matmuls over the rows whose task has an adapter here."""
-        rows = self.routing.rows_for(y.shape[0])
-        gathered = self._gathered(rows, y.dtype)
-        if gathered is None:
+        rows = self.stacked.rows(y.shape[0], y.dtype)
+        if rows is None:
             return y
-        idx, dw, db, uw, ub, act = gathered  # (N, R, d), (N, 1, R), (N, d, R), (N, 1, d), (N, 1, 1)
-        acts = self._stacked()[1]
+        dw, db, uw, ub, act = rows.tensors  # (N, R, d), (N, 1, R), (N, d, R), (N, 1, d), (N, 1, 1)
         squeeze = y.dim() == 2
         h = y.unsqueeze(1) if squeeze else y  # (B, L, d)
-        if idx is not None:
-            h = h.index_select(0, idx)  # (N, L, d)
+        if rows.idx is not None:
+            h = h.index_select(0, rows.idx)  # (N, L, d)
         low = torch.baddbmm(db, h, dw.transpose(1, 2))  # (N, L, R)
-        if len(acts) == 1:
-            low = ACTIVATIONS[acts[0]](low)
+        if len(self.acts) == 1:
+            low = ACTIVATIONS[self.acts[0]](low)
         else:  # tasks with different activations share this layer: one pass per activation, not per task
-            low = sum(torch.where(act == i, ACTIVATIONS[name](low), 0.0) for i, name in enumerate(acts))
+            low = sum(torch.where(act == i, ACTIVATIONS[name](low), 0.0) for i, name in enumerate(self.acts))
         out = torch.baddbmm(ub, low, uw.transpose(1, 2))  # (N, L, d)
-        if squeeze:
-            out = out.squeeze(1)
-        if idx is None:
-            return y + out
-        # Rows of other tasks are left exactly as they are; in place when no graph needs y.
-        return y.index_add_(0, idx, out) if not torch.is_grad_enabled() else y.index_add(0, idx, out)
+        return add_rows(y, rows, out.squeeze(1) if squeeze else out)
 
 
 def norm_kind(norm: nn.Module) -> str | None:
@@ -307,7 +259,8 @@ class TaskNorm(nn.Module):
         self.kind = kind
         self.ln_weight = nn.ParameterDict()
         self.ln_bias = nn.ParameterDict()
-        self._stack: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
+        self.stacked = SlotStack(routing, self._stack,
+                                 lambda: [self.base_norm.weight, *self.ln_weight.values(), *self.ln_bias.values()])
 
     @property
     def weight(self) -> torch.Tensor:  # models may read their norms' weight
@@ -326,14 +279,14 @@ class TaskNorm(nn.Module):
         if self.bias is not None:
             self.ln_bias[task] = nn.Parameter(self.bias.detach().float().clone())
             own["ln.bias"] = self.ln_bias[task]
-        self._stack = None
+        self.stacked.invalidate()
         return own
 
     def remove_task(self, task: str) -> None:
         del self.ln_weight[task]
         if task in self.ln_bias:
             del self.ln_bias[task]
-        self._stack = None
+        self.stacked.invalidate()
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
@@ -356,26 +309,22 @@ class TaskNorm(nn.Module):
             if self.kind == "layer":
                 return F.layer_norm(x, self.base_norm.normalized_shape, weight, bias, self.base_norm.eps)
             return weight * self._normalise(x)
-        weight, bias = self._stacked()
-        rows = routing.rows_for(x.shape[0])
-        out = self._normalise(x) * _per_row(weight[rows].to(dt), x)
-        return out if bias is None else out + _per_row(bias[rows].to(dt), x)
+        rows = self.stacked.rows(x.shape[0], dt)
+        assert rows is not None  # every slot has a scale here (the base's for tasks without a copy)
+        weight, bias = rows.tensors
+        out = self._normalise(x) * per_row(weight, x)
+        return out if bias is None else out + per_row(bias, x)
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _stack(self) -> Stack:
         """Scale (S, d) and shift (S, d) or None over the bank's slots; the base's for slots without a copy."""
-        routing = self.routing
-        key = _version_key(routing, [self.base_norm.weight, *self.ln_weight.values(), *self.ln_bias.values()])
-        if self._stack is not None and self._stack[0] == key and not torch.is_grad_enabled():
-            return self._stack[1], self._stack[2]
+        slots = self.routing.slots
         base_w, base_b = self.base_norm.weight.detach().float(), self.bias
-        weight = torch.stack([self.ln_weight.get(t, base_w) for t in routing.slots])
+        weight = torch.stack([self.ln_weight.get(t, base_w) for t in slots])
         bias = None
         if base_b is not None:
             base_b = base_b.detach().float()
-            bias = torch.stack([self.ln_bias.get(t, base_b) for t in routing.slots])
-        if not torch.is_grad_enabled():
-            self._stack = (key, weight, bias)
-        return weight, bias
+            bias = torch.stack([self.ln_bias.get(t, base_b) for t in slots])
+        return Stack((weight, bias), torch.arange(len(slots), device=weight.device))
 
 
 def adapter_sites(bank: MultiTaskModel, config: AdapterConfig) -> list[tuple[str, str | None]]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
+from multitune.methods.stack import SlotStack, Stack, per_row
 from multitune.methods.wrap import (
     TaskLinear,
     find_linear,
@@ -138,7 +139,7 @@ class IA3Linear(TaskLinear):
         self.ia3_l = nn.ParameterDict()  # task -> (out, 1) output scaling, or (1, in) feed-forward
         self.feedforward: dict[str, bool] = {}
         self.merged: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # task -> (vector, kept slices)
-        self._stack: tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None] | None = None
+        self.stacked = SlotStack(routing, self._stack, lambda: self.ia3_l.values())
 
     def task_names(self) -> list[str]:
         return list(self.ia3_l)
@@ -147,14 +148,14 @@ class IA3Linear(TaskLinear):
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         self.ia3_l[task] = nn.Parameter(torch.ones(shape, device=self.base_layer.weight.device))
         self.feedforward[task] = feedforward
-        self._stack = None
+        self.stacked.invalidate()
         return self.ia3_l[task]
 
     def remove_task(self, task: str) -> None:
         if task in self.merged:
             self.unmerge(task)
         del self.ia3_l[task], self.feedforward[task]
-        self._stack = None
+        self.stacked.invalidate()
 
     # ---- merge ---------------------------------------------------------------------------------------
     def _weight_scale(self, vector: torch.Tensor, feedforward: bool) -> torch.Tensor:
@@ -186,7 +187,7 @@ class IA3Linear(TaskLinear):
                     kept["bias"] = inner.bias[tiny].clone()
                 inner.bias.copy_((inner.bias.float() * vector).to(inner.bias.dtype))
         self.merged[task] = (vector, kept)
-        self._stack = None
+        self.stacked.invalidate()
 
     def unmerge(self, task: str) -> None:
         if task not in self.merged:
@@ -205,7 +206,7 @@ class IA3Linear(TaskLinear):
                 inner.bias.copy_((inner.bias.float() / safe).to(inner.bias.dtype))
                 if "bias" in kept:
                     inner.bias[tiny] = kept["bias"]
-        self._stack = None
+        self.stacked.invalidate()
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,48 +222,32 @@ class IA3Linear(TaskLinear):
                 return self.base_layer(x * vector.to(x.dtype))
             y = self.base_layer(x)
             return y * vector.to(y.dtype)
-        scale_in, scale_out = self._stacked()
-        rows = routing.rows_for(x.shape[0])
+        rows = self.stacked.rows(x.shape[0], x.dtype)
+        assert rows is not None  # every slot has a scale here (ones for tasks without a vector)
+        scale_in, scale_out = rows.tensors
         if scale_in is not None:
-            x = x * _per_row(scale_in, rows, x)
+            x = x * per_row(scale_in, x)
         y = self.base_layer(x)
         if scale_out is not None:
-            y = y * _per_row(scale_out, rows, y)
+            y = y * per_row(scale_out.to(y.dtype), y)
         return y
 
-    def _stacked(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Input scales (S, in) and output scales (S, out) over the bank's slots; None when no slot needs one.
-
-        A slot whose task has no vector of that kind here (or is merged) gets ones: its rows pass through
-        exactly. Cached between forwards when no gradient is needed, keyed by the routing version, the
-        merged tasks and the vectors' in-place version counters (an optimizer step or a load changes
-        them); rebuilt while training so gradients reach each task's own vector.
-        """
-        routing = self.routing
-        key = (routing.version, len(self.merged), *(p._version for p in self.ia3_l.values()))
-        if self._stack is not None and self._stack[0] == key and not torch.is_grad_enabled():
-            return self._stack[1], self._stack[2]
+    def _stack(self) -> Stack:
+        """Input scales (S, in) and output scales (S, out) over the bank's slots, each None when no task
+        needs it here. A slot whose task has no vector of that kind here (or is merged) gets ones: its rows
+        pass through exactly."""
         active = {t for t in self.ia3_l if t not in self.merged}
         ref = next(iter(self.ia3_l.values()))
         ones_in, ones_out = ref.new_ones(self.in_features), ref.new_ones(self.out_features)
+        slots = self.routing.slots
         scale_in = scale_out = None
         if any(self.feedforward[t] for t in active):
             scale_in = torch.stack([self.ia3_l[t].reshape(-1) if t in active and self.feedforward[t] else ones_in
-                                    for t in routing.slots])
+                                    for t in slots])
         if any(not self.feedforward[t] for t in active):
             scale_out = torch.stack([self.ia3_l[t].reshape(-1) if t in active and not self.feedforward[t] else ones_out
-                                     for t in routing.slots])
-        if torch.is_grad_enabled():
-            self._stack = None
-        else:
-            self._stack = (key, scale_in, scale_out)
-        return scale_in, scale_out
-
-
-def _per_row(stack: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Each row's vector from a (S, n) stack, shaped (B, 1, ..., n) to broadcast over ``like``."""
-    picked = stack[rows].to(like.dtype)
-    return picked.view(picked.shape[0], *([1] * (like.dim() - 2)), picked.shape[1])
+                                     for t in slots])
+        return Stack((scale_in, scale_out), torch.arange(len(slots), device=ref.device))
 
 
 def attach(bank: MultiTaskModel, task: str, config: IA3Config) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
+from multitune.methods.stack import SlotStack, Stack, add_rows, slot_index
 from multitune.methods.wrap import TaskLinear, find_linear, layers_of, remove_from_layers, wrapper_for
 from multitune.routing import Routing
 
@@ -70,8 +71,7 @@ class LoRALinear(TaskLinear):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.merged: set[str] = set()
-        self._stack: tuple[tuple[int, ...], tuple[torch.Tensor, ...] | None] | None = None
-        self._rows: tuple[tuple[object, ...], tuple[torch.Tensor | None, ...] | None] | None = None
+        self.stacked = SlotStack(routing, self._stack, lambda: [*self.lora_A.values(), *self.lora_B.values()])
 
     def task_names(self) -> list[str]:
         return list(self.lora_A)
@@ -83,14 +83,14 @@ class LoRALinear(TaskLinear):
         self.lora_A[task] = nn.Parameter(a)
         self.lora_B[task] = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         self.scaling[task], self.dropout[task] = scaling, dropout
-        self._stack = None
+        self.stacked.invalidate()
         return self.lora_A[task], self.lora_B[task]
 
     def remove_task(self, task: str) -> None:
         if task in self.merged:
             self.unmerge(task)
         del self.lora_A[task], self.lora_B[task], self.scaling[task], self.dropout[task]
-        self._stack = None
+        self.stacked.invalidate()
 
     def delta_weight(self, task: str) -> torch.Tensor:
         """s * B A in the orientation of the base layer's weight."""
@@ -102,12 +102,14 @@ class LoRALinear(TaskLinear):
             with torch.no_grad():
                 self.base_layer.weight += self.delta_weight(task).to(self.base_layer.weight.dtype)
             self.merged.add(task)
+            self.stacked.invalidate()
 
     def unmerge(self, task: str) -> None:
         if task in self.merged:
             with torch.no_grad():
                 self.base_layer.weight -= self.delta_weight(task).to(self.base_layer.weight.dtype)
             self.merged.discard(task)
+            self.stacked.invalidate()
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, task: str) -> torch.Tensor:
         """y + s * (dropout(x) A^T) B^T, the scale and the sum fused into one addmm.
@@ -136,90 +138,39 @@ class LoRALinear(TaskLinear):
             return self._add_lora(y, x, task)
         return self._mixed(x, y)
 
-    def _stacked(self) -> tuple[torch.Tensor, ...] | None:
-        """A (T, R, in), B (T, out, R) and scale (T,) of the T tasks with an update here, ranks padded to
-        the largest R, and ``where`` (S,): each slot's index into them, -1 for a slot whose task has no
-        LoRA here (or is merged): its rows pass through. None when no task has an update here.
+    def _stack(self) -> Stack | None:
+        """A (T, R, in), B (T, out, R) and scale (T,) of the T tasks with an update here (not merged), ranks
+        padded to the largest R; slots of other tasks pass through. None when no task has an update here.
 
         Only tasks with an update are stacked, so the stack is as large as their parameters however many
-        tasks the bank holds. Cached between forwards when no gradient is needed; rebuilt while training
-        so gradients reach each task's own parameters.
+        tasks the bank holds (:class:`~multitune.methods.stack.SlotStack` caches it and gathers per row).
         """
-        routing = self.routing
-        # An optimizer step or a load changes parameters in place: their version counters are in the key.
-        key = (routing.version, len(self.merged), *(p._version for p in self.lora_A.values()),
-               *(p._version for p in self.lora_B.values()))
-        if self._stack is not None and self._stack[0] == key and not torch.is_grad_enabled():
-            return self._stack[1]
-        tasks = [t for t in routing.slots if t in self.lora_A and t not in self.merged]
-        stack = None
-        if tasks:
-            rank = max(self.lora_A[t].shape[0] for t in tasks)
-            ref = self.lora_A[tasks[0]]
-            a = torch.stack([F.pad(self.lora_A[t], (0, 0, 0, rank - self.lora_A[t].shape[0])) for t in tasks])
-            b = torch.stack([F.pad(self.lora_B[t], (0, rank - self.lora_B[t].shape[1])) for t in tasks])
-            scale = torch.tensor([self.scaling[t] for t in tasks], device=ref.device)
-            position = {t: i for i, t in enumerate(tasks)}
-            where = torch.tensor([position.get(t, -1) for t in routing.slots], device=ref.device)
-            stack = (a, b, scale, where)
-        if not torch.is_grad_enabled():
-            self._stack = (key, stack)
-        return stack
-
-    def _gathered(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...] | None:
-        """(idx, A, B, scale) for the rows with an update here: idx (N,) their positions in the batch (None:
-        every row), A (N, R, in), B (N, out, R), scale (N, 1, 1). None when no row has an update here.
-
-        Without grad the result is kept for as long as the same ``rows`` tensor routes the batch (every
-        decoding step of ``generate``) and the stack is the same.
-        """
-        stack = self._stacked()
-        if stack is None:
+        tasks = [t for t in self.routing.slots if t in self.lora_A and t not in self.merged]
+        if not tasks:
             return None
-        cached = self._rows
-        if (cached is not None and cached[0][0] is stack[0] and cached[0][1] is rows
-                and cached[0][2:] == (rows._version, dtype) and not torch.is_grad_enabled()):
-            return cached[1]
-        a, b, scale, where = stack
-        index = where[rows]  # (B,) each row's index into the stack, -1 for rows that pass through
-        active = index >= 0
-        out: tuple[torch.Tensor | None, ...] | None
-        if bool(active.all()):
-            idx, pick = None, index
-        else:
-            idx = active.nonzero(as_tuple=True)[0]
-            pick = index[idx]
-        if idx is not None and idx.numel() == 0:
-            out = None
-        else:
-            out = (idx, a[pick].to(dtype), b[pick].to(dtype), scale[pick].to(dtype).view(-1, 1, 1))
-        self._rows = ((a, rows, rows._version, dtype), out) if not torch.is_grad_enabled() else None
-        return out
+        rank = max(self.lora_A[t].shape[0] for t in tasks)
+        device = self.lora_A[tasks[0]].device
+        a = torch.stack([F.pad(self.lora_A[t], (0, 0, 0, rank - self.lora_A[t].shape[0])) for t in tasks])
+        b = torch.stack([F.pad(self.lora_B[t], (0, rank - self.lora_B[t].shape[1])) for t in tasks])
+        scale = torch.tensor([self.scaling[t] for t in tasks], device=device).view(-1, 1, 1)
+        keep = torch.tensor([1.0 - self.dropout[t] for t in tasks], device=device).view(-1, 1, 1)
+        return Stack((a, b, scale, keep), slot_index(self.routing, tasks, device))
 
     def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus each row's s_t B_t A_t x: batched matmuls over the rows whose task has an update here."""
-        rows = self.routing.rows_for(x.shape[0])
-        gathered = self._gathered(rows, x.dtype)
-        if gathered is None:
+        rows = self.stacked.rows(x.shape[0], x.dtype)
+        if rows is None:
             return y
-        idx, a_rows, b_rows, scale = gathered  # (N, R, in), (N, out, R), (N, 1, 1)
+        a, b, scale, keep = rows.tensors  # (N, R, in), (N, out, R), (N, 1, 1), (N, 1, 1)
         squeeze = x.dim() == 2
         h = x.unsqueeze(1) if squeeze else x  # (B, L, in)
-        if idx is not None:
-            h = h.index_select(0, idx)  # (N, L, in)
+        if rows.idx is not None:
+            h = h.index_select(0, rows.idx)  # (N, L, in)
         if self.training:
-            p = torch.tensor([self.dropout.get(t, 0.0) for t in self.routing.slots])
-            picked = rows if idx is None else rows[idx]
-            keep = 1.0 - p.to(x.device)[picked].view(-1, 1, 1)
             h = h * torch.bernoulli(keep.expand_as(h)) / keep
-        low = torch.bmm(h, a_rows.transpose(1, 2)) * scale  # (N, L, R)
-        out = torch.bmm(low, b_rows.transpose(1, 2))  # (N, L, out)
-        if squeeze:
-            out = out.squeeze(1)
-        if idx is None:
-            return y + out
-        # Rows of other tasks are left exactly as they are; in place when no graph needs y.
-        return y.index_add_(0, idx, out) if not torch.is_grad_enabled() else y.index_add(0, idx, out)
+        low = torch.bmm(h, a.transpose(1, 2)) * scale  # (N, L, R)
+        out = torch.bmm(low, b.transpose(1, 2))  # (N, L, out)
+        return add_rows(y, rows, out.squeeze(1) if squeeze else out)
 
 
 def attach(bank: MultiTaskModel, task: str, config: LoRAConfig) -> None:
