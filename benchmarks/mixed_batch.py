@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(100, vocab - 1, (args.batch, args.tokens), generator=gen).to(device)
     mask = torch.ones_like(ids)
     task_ids = (torch.arange(args.batch) % args.tasks).to(device)
-    width = max((bank.prompts[bank.slots[int(s)]].shape[0] for s in task_ids.tolist()
-                 if bank.slots[int(s)] in bank.prompts), default=0)
+    prompted = [bank.slots[int(s)] for s in task_ids.tolist()]
+    width = max((bank.virtual_positions(t) for t in prompted if bank.tasks[t].method == "prompt"), default=0)
     long_ids = torch.randint(100, vocab - 1, (args.batch, args.tokens + width), generator=gen).to(device)
     long_mask = torch.ones_like(long_ids)
     tokens = args.batch * args.tokens

@@ -18,6 +18,7 @@ from multitune.ensemble import (
 from multitune.errors import ConfigError
 from multitune.evaluate import evaluate, predict_labels
 from multitune.methods.prompt import PromptConfig
+from multitune.methods.prompt import prompts as prompt_of
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def trained() -> tuple[MultiTaskModel, list[str]]:
 def test_members_differ_and_each_is_a_prompt_task(trained) -> None:
     bank, members = trained
     assert members == ["sent-e0", "sent-e1", "sent-e2"]
-    prompts = [bank.prompts[m].detach() for m in members]
+    prompts = [prompt_of(bank)[m].detach() for m in members]
     assert not torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[1], prompts[2])
 
 

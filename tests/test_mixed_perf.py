@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from conftest import tiny_base
 
-from multitune.bank import MultiTaskModel
+from multitune.bank import ModelInputs, MultiTaskModel
 from multitune.methods.adapter import AdapterConfig, AdapterLinear
 from multitune.methods.lora import LoRAConfig, LoRALinear
 from multitune.methods.prefix import PrefixConfig
-from multitune.methods.prompt import PromptConfig
+from multitune.methods.prompt import PromptConfig, prompts
+from multitune.methods.prompt import inputs as prompt_inputs
 
 TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy and great", "it is", "not bad"]
 
@@ -109,10 +110,15 @@ def test_prompts_and_prefixes_of_a_large_bank_route_rows_of_few_tasks() -> None:
     tasks = ["p11", "prefix", "p4", "soft", "p11", "qv"]
     rows = torch.tensor([bank.slots.index(t) for t in tasks])
     _assert_rows(_logits(bank, TEXTS, rows), _alone(bank, TEXTS, tasks))
-    virtual = bank._prompt_stack(rows, 4)  # right-aligned per row, zeros before and for rows without a prompt
-    assert virtual.shape == (6, 4, bank.base.hidden_size)
-    torch.testing.assert_close(virtual[0, -bank.prompts["p11"].shape[0]:], bank.prompts["p11"], atol=0, rtol=0)
-    assert not virtual[1].any() and not virtual[5].any() and not virtual[2, :4 - bank.prompts["p4"].shape[0]].any()
+    state = ModelInputs(torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1, dtype=torch.long), rows)
+    with torch.no_grad(), bank.routed(rows):
+        prompt_inputs(bank, state)  # right-aligned per row, zeros before and for rows without a prompt
+    virtual, table = state.virtual, prompts(bank)
+    assert virtual is not None and virtual.shape == (6, 4, bank.base.hidden_size)
+    torch.testing.assert_close(virtual[0, -table["p11"].shape[0]:], table["p11"], atol=0, rtol=0)
+    assert not virtual[1].any() and not virtual[5].any() and not virtual[2, :4 - table["p4"].shape[0]].any()
+    assert state.virtual_mask is not None and state.virtual_mask.sum(1).tolist() == [
+        table[t].shape[0] if t in table else 0 for t in tasks]
 
 
 def test_training_gradients_reach_only_the_tasks_in_the_batch_and_match_each_row_alone() -> None:
@@ -137,3 +143,22 @@ def test_training_gradients_reach_only_the_tasks_in_the_batch_and_match_each_row
             if key in mixed[task]:
                 torch.testing.assert_close(mixed[task][key], param.grad, atol=1e-4, rtol=1e-4, msg=f"{task} {key}")
         bank.zero_grad(set_to_none=True)
+
+
+def test_a_task_without_rows_in_a_training_batch_gets_no_gradient_at_all() -> None:
+    """Not zeros: AdamW moves a parameter whose gradient is zero (its moments decay into a step)."""
+    bank = _bank(extra_plain=2)
+    bank.add_task("norms", "generation", "adapter", AdapterConfig(reduction_factor=4, train_layer_norms=True))
+    bank.add_task("ia3", "generation", "ia3", None)
+    bank.train()
+    enc = bank.base.tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    rows = torch.tensor([bank.slots.index("qv"), bank.slots.index("p0")])
+    nll, _ = bank.lm_loss({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "task_ids": rows,
+                           "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)})
+    nll.backward()
+    for task in bank.slots:
+        grads = [p.grad for p in bank.task_parameters(task).values()]
+        if task in ("qv", "p0"):
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), task
+        else:
+            assert all(g is None for g in grads), task

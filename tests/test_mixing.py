@@ -19,8 +19,8 @@ from multitune.methods import get_method
 from multitune.methods.adapter import AdapterConfig
 from multitune.methods.ia3 import IA3Config
 from multitune.methods.lora import LoRAConfig
-from multitune.methods.prefix import PrefixConfig
-from multitune.methods.prompt import PromptConfig
+from multitune.methods.prefix import PrefixConfig, encoders
+from multitune.methods.prompt import PromptConfig, prompts
 from multitune.methods.prompting import PromptingConfig
 
 TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy and great", "it is", "not bad",
@@ -139,7 +139,7 @@ def test_tasks_are_added_and_removed_at_run_time_without_touching_the_others(fam
                 torch.testing.assert_close(_logits(bank, [texts[j]], [task]), before[task], atol=1e-6, rtol=0)
             for method in METHODS:
                 bank.remove_task(f"new-{method}")
-    assert not bank.tasks and not bank.prompts and not bank.prefixes
+    assert not bank.tasks and not prompts(bank) and not encoders(bank)
     # every wrapper is gone: the base's modules and weights are as they were
     state = bank.base.model.state_dict()
     assert state.keys() == base_state.keys()

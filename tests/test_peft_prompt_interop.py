@@ -11,7 +11,7 @@ from conftest import tiny_base, tiny_model
 from multitune.bank import MultiTaskModel
 from multitune.errors import ConfigError
 from multitune.interop.peft import export_peft, import_peft
-from multitune.methods.prefix import PrefixConfig
+from multitune.methods.prefix import PrefixConfig, encoders
 from multitune.methods.prompt import PromptConfig
 
 peft = pytest.importorskip("peft")
@@ -98,7 +98,7 @@ def test_prefix_export_refuses_t5_and_import_refuses_a_foreign_base(tmp_path) ->
     gpt2 = MultiTaskModel(tiny_base("gpt2"))
     with pytest.raises(ConfigError, match="another base"):
         import_peft(gpt2, tmp_path / "llama", "t")
-    assert not gpt2.tasks and not gpt2.prefixes  # nothing half-added
+    assert not gpt2.tasks and not encoders(gpt2)  # nothing half-added
 
 
 def test_import_of_folders_that_are_not_usable_peft_adapters(tmp_path) -> None:

@@ -11,7 +11,7 @@ from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.evaluate import evaluate
 from multitune.methods.lora import LoRAConfig
-from multitune.methods.prefix import PrefixConfig, fold, geometry
+from multitune.methods.prefix import PrefixConfig, encoders, fold, geometry
 from multitune.methods.prompt import PromptConfig
 from multitune.storage import load_adapter, save_adapter
 from multitune.train import train
@@ -187,7 +187,7 @@ def test_remove_task_leaves_the_other_tasks_alone() -> None:
     keep = ["long", "soft", "lora"]
     before = _logits(bank, TEXTS[:3], keep)
     bank.remove_task("short")
-    assert "short" not in bank.prefixes
+    assert "short" not in encoders(bank)
     torch.testing.assert_close(_logits(bank, TEXTS[:3], keep), before, atol=1e-6, rtol=0)
 
 
@@ -197,4 +197,4 @@ def test_bad_prefix_settings_give_clear_errors() -> None:
         bank.add_task("p", "generation", "prefix", PrefixConfig(num_virtual_tokens=200))
     with pytest.raises(ConfigError, match="num_virtual_tokens must be >= 1"):
         bank.add_task("p", "generation", "prefix", PrefixConfig(num_virtual_tokens=0))
-    assert not bank.tasks and not bank.prefixes
+    assert not bank.tasks and not encoders(bank)

@@ -11,7 +11,7 @@ from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.evaluate import evaluate
 from multitune.methods.lora import LoRAConfig
-from multitune.methods.prompt import PromptConfig
+from multitune.methods.prompt import PromptConfig, prompts
 from multitune.storage import load_adapter, save_adapter
 from multitune.train import train
 
@@ -96,10 +96,10 @@ def test_label_initialisation_uses_the_label_token_embeddings() -> None:
     bank.add_task("p", "classification", "prompt", PromptConfig(num_virtual_tokens=5, init="labels"), ["bad", "good"])
     table = base.model.get_input_embeddings().weight
     ids = base.tokenizer(["bad", "good"], add_special_tokens=False).input_ids
-    torch.testing.assert_close(bank.prompts["p"][:2], table[[ids[0][0], ids[1][0]]])
+    torch.testing.assert_close(prompts(bank)["p"][:2], table[[ids[0][0], ids[1][0]]])
     with pytest.raises(ConfigError, match="labels of one token each; 'very good'"):
         bank.add_task("q", "classification", "prompt", PromptConfig(init="labels"), ["very good", "bad"])
-    assert "q" not in bank.tasks and "q" not in bank.prompts
+    assert "q" not in bank.tasks and "q" not in prompts(bank)
 
 
 def test_text_and_random_initialisation() -> None:
@@ -108,9 +108,9 @@ def test_text_and_random_initialisation() -> None:
     bank.add_task("t", "generation", "prompt", PromptConfig(num_virtual_tokens=5, init="text", init_text="good movie"))
     table = base.model.get_input_embeddings().weight
     ids = base.tokenizer("good movie", add_special_tokens=False).input_ids
-    torch.testing.assert_close(bank.prompts["t"], table[(ids * 3)[:5]])
+    torch.testing.assert_close(prompts(bank)["t"], table[(ids * 3)[:5]])
     bank.add_task("r", "generation", "prompt", PromptConfig(num_virtual_tokens=50, init="random"))
-    assert bank.prompts["r"].abs().max() <= 0.5 and bank.prompts["r"].std() > 0.2
+    assert prompts(bank)["r"].abs().max() <= 0.5 and prompts(bank)["r"].std() > 0.2
 
 
 @pytest.mark.parametrize(("config", "expected"), [
@@ -139,4 +139,4 @@ def test_save_load_and_remove(tmp_path) -> None:
         got = fresh.classify(enc.input_ids, enc.attention_mask, fresh.task_ids("p", 4))
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     fresh.remove_task("p")
-    assert not fresh.prompts and not fresh.tasks
+    assert not prompts(fresh) and not fresh.tasks

@@ -15,10 +15,10 @@ fine-tuning, ``head.weight`` / ``head.bias`` for a classification head.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from multitune.routing import Routing
 
 TaskKind = Literal["classification", "generation"]
 Pooling = Literal["mean", "cls", "last"]
+M = TypeVar("M", bound=nn.Module)
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -49,6 +50,44 @@ class TaskSpec:
         return asdict(self)
 
 
+@dataclass
+class ModelInputs:
+    """A batch's inputs as input-side methods build them, before the bank assembles the model's keywords.
+
+    A method's ``inputs`` hook adds its rows' contribution: virtual token embeddings before the text
+    (``virtual`` (B, W, d) with ``virtual_mask`` (B, W)), or a cache that already holds positions before the
+    text (``cache`` with ``cache_mask`` (B, P)). Rows of other tasks get masked positions.
+    """
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L) over the text
+    task_ids: torch.Tensor  # (B,) slots
+    virtual: torch.Tensor | None = None
+    virtual_mask: torch.Tensor | None = None
+    cache: Any = None
+    cache_mask: torch.Tensor | None = None
+
+    def add_virtual(self, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        if self.virtual is not None:
+            raise ConfigError("two input-side methods both prepend virtual tokens; one method per task must")
+        self.virtual, self.virtual_mask = embeds, mask
+
+    def add_cache(self, cache: Any, mask: torch.Tensor) -> None:
+        if self.cache is not None:
+            raise ConfigError("two input-side methods both fill the attention cache; one method per task must")
+        self.cache, self.cache_mask = cache, mask
+
+
+@dataclass
+class Routed:
+    """What :meth:`MultiTaskModel.run` returns: the model's output, the virtual positions before the text
+    (``width``) and the attention mask the model saw (cache positions, virtual positions, text)."""
+
+    out: Any
+    width: int
+    attention_mask: torch.Tensor
+
+
 def default_pooling(base: Base) -> Pooling:
     """Mean over tokens for encoders (what sentence encoders are trained for); the last token for decoders."""
     return "mean" if base.arch == "encoder" else "last"
@@ -62,11 +101,12 @@ class MultiTaskModel(nn.Module):
         self.base = base
         self.model = base.model  # registered, so .to() and state_dict() see the base
         self.heads = nn.ModuleDict()
-        self.prompts = nn.ParameterDict()  # task -> (n, d) virtual token embeddings (prompt tuning)
-        self.prefixes = nn.ModuleDict()  # task -> PrefixEncoder: per-layer key/value prefixes (prefix tuning)
+        self.stores = nn.ModuleDict()  # method name -> the module that holds its tasks' tensors (prompts, prefixes)
         self.tasks: dict[str, TaskSpec] = {}
         self.routing = Routing()
         self._owned: dict[str, dict[str, nn.Parameter]] = {}
+        self._inputs: list[Any] = []
+        self._inputs_version = -1
         self.eval()  # a bank serves until a training loop says otherwise
 
     # ---- tasks -------------------------------------------------------------------------------------
@@ -127,6 +167,16 @@ class MultiTaskModel(nn.Module):
         del self.tasks[name], self._owned[name]
         self.routing.slots.remove(name)
         self.routing.version += 1
+
+    def store(self, method: str, make: Callable[[], M]) -> M:
+        """The module in which ``method`` keeps its tasks' tensors outside the base's layers, made on first use.
+
+        Kept in the bank's module tree, so ``.to()`` and the bank's ``state_dict()`` see it (soft prompts and
+        prefixes live here; linear-layer methods keep theirs in their wrappers).
+        """
+        if method not in self.stores:
+            self.stores[method] = make()
+        return self.stores[method]  # type: ignore[return-value]
 
     def own(self, task: str, key: str, param: nn.Parameter) -> None:
         """Record that ``param`` belongs to ``task`` under the public state-dict ``key``."""
@@ -206,98 +256,101 @@ class MultiTaskModel(nn.Module):
 
     @contextmanager
     def routed(self, task_ids: torch.Tensor) -> Iterator[None]:
+        """Route the rows of the forwards inside to their tasks (re-entrant: an inner routing is undone)."""
+        previous = self.routing.row_tasks, self.routing.single
         self.routing.set_rows(task_ids)
         try:
             yield
         finally:
-            self.routing.clear()
+            self.routing.row_tasks, self.routing.single = previous
 
     # ---- forward -----------------------------------------------------------------------------------
+    def _input_methods(self) -> list[Any]:
+        """The methods of the bank's tasks that contribute to the model's inputs (prompts, prefixes)."""
+        if self._inputs_version != self.routing.version:
+            names = sorted({spec.method for spec in self.tasks.values()})
+            self._inputs = [m for m in map(get_method, names) if m.inputs is not None]
+            self._inputs_version = self.routing.version
+        return self._inputs
+
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      task_ids: torch.Tensor) -> tuple[dict[str, Any], int]:
         """The base model's inputs for a batch, and the number of virtual positions prepended to the text.
 
-        Rows whose task has a soft prompt get its virtual tokens before their text (Lester et al. 2021,
-        section 2). Prompts are right-aligned to the longest one in the batch; the positions before a
-        shorter prompt (or before the text of a row with none) are masked.
-
-        Rows whose task has prefixes (Li & Liang 2021) get them through the model's ``cache`` input, right-aligned
-        the same way, with the prefix positions in front of the attention mask (for T5: of the decoder's,
-        under the private key ``_prefix_mask`` that the callers turn into ``decoder_attention_mask``).
+        Input-side methods contribute through their ``inputs`` hook (see :class:`ModelInputs`): soft prompts
+        as virtual token embeddings before the text (Lester et al. 2021, section 2), prefixes as a cache that
+        already holds their key/value positions (Li & Liang 2021); each right-aligned to the longest in the
+        batch, the positions before a shorter one (or before the text of a row with none) masked. A cache's
+        positions come first in the attention mask (for T5: in the decoder's, under the private key
+        ``_prefix_mask`` that :meth:`run` turns into ``decoder_attention_mask``).
 
         Position ids count only unmasked positions, so every row sees exactly the positions it would see
-        alone: with a prefix of n, its text starts at position n, as in the peft package.
+        alone: with a prefix of n, its text starts at position n, as in the peft package. Decoders always get
+        them (a left-padded row's text starts at position 0, as ``generate`` counts).
         """
+        state = ModelInputs(input_ids, attention_mask, task_ids)
+        if not self.routing.disabled:
+            for method in self._input_methods():
+                method.inputs(self, state)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.routing.disabled or not (self.prompts or self.prefixes):
-            return inputs, 0
-        width = 0
-        if self.prompts:
-            slots = self.slots
-            sizes = torch.tensor([self.prompts[t].shape[0] if t in self.prompts else 0 for t in slots])
-            lengths = sizes[task_ids.cpu()].to(input_ids.device)  # (B,)
-            width = int(lengths.max()) if lengths.numel() else 0
-        if width:
+        width = 0 if state.virtual is None else state.virtual.shape[1]
+        if state.virtual is not None:
             embeds = self.base.model.get_input_embeddings()(input_ids)  # (B, L, d)
-            virtual = self._prompt_stack(task_ids, width).to(embeds.dtype)  # (B, width, d)
-            positions = torch.arange(width, device=input_ids.device)
-            virtual_mask = (positions >= width - lengths[:, None]).to(attention_mask.dtype)  # (B, width)
-            inputs = {"inputs_embeds": torch.cat([virtual, embeds], dim=1),
-                      "attention_mask": torch.cat([virtual_mask, attention_mask], dim=1)}
-        prefix = None
-        if self.prefixes:
-            from multitune.methods.prefix import prefix_cache
-
-            prefix = prefix_cache(self, task_ids, self.base.model.dtype)
-        prefix_mask = attention_mask.new_zeros(input_ids.shape[0], 0)
-        if prefix is not None:
-            inputs["cache"], prefix_mask = prefix[0], prefix[1].to(attention_mask.dtype)
+            assert state.virtual_mask is not None
+            inputs = {"inputs_embeds": torch.cat([state.virtual.to(embeds.dtype), embeds], dim=1),
+                      "attention_mask": torch.cat([state.virtual_mask.to(attention_mask.dtype), attention_mask], 1)}
+        cached = 0
+        if state.cache is not None:
+            assert state.cache_mask is not None
+            cache_mask = state.cache_mask.to(attention_mask.dtype)
+            inputs["cache"] = state.cache
             if self.base.arch == "seq2seq":
-                inputs["_prefix_mask"] = prefix_mask
-                prefix_mask = prefix_mask[:, :0]
+                inputs["_prefix_mask"] = cache_mask
             else:
-                inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
-        if self.base.arch != "seq2seq" and (width or prefix is not None):  # T5's positions are relative
-            full = inputs["attention_mask"]
-            inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, prefix_mask.shape[1]:]
+                inputs["attention_mask"] = torch.cat([cache_mask, inputs["attention_mask"]], dim=1)
+                cached = cache_mask.shape[1]
+        if self.base.arch == "decoder" or (self.base.arch == "encoder" and (width or cached)):
+            full = inputs["attention_mask"]  # T5's positions are relative: none to give
+            inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, cached:]
         return inputs, width
 
-    @staticmethod
-    def _decoder_mask(inputs: dict[str, Any], batch: int, length: int, device: torch.device) -> None:
-        """T5 with prefixes: the decoder's mask is [prefix mask; ones over its own positions]."""
-        prefix_mask = inputs.pop("_prefix_mask", None)
-        if prefix_mask is not None:
-            ones = torch.ones(batch, length, dtype=prefix_mask.dtype, device=device)
-            inputs["decoder_attention_mask"] = torch.cat([prefix_mask, ones], dim=1)
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor, *,
+            backbone: bool = False, decoder_length: int | None = None, **model_kwargs: Any) -> Routed:
+        """One routed forward of the base: the rows' tasks applied at every hook point.
 
-    def _prompt_stack(self, task_ids: torch.Tensor, width: int) -> torch.Tensor:
-        """(B, width, d): each row's prompt right-aligned, zeros for rows of tasks without one.
-
-        Only the slots present in the batch are stacked (P <= B of them, however many tasks the bank
-        holds), then gathered per row.
+        ``backbone``: the model without its LM head (hidden states). ``decoder_length``: for seq2seq, the
+        length of the decoder input (``labels`` or ``decoder_input_ids`` in ``model_kwargs``), for the
+        decoder mask of prefix rows. Other keywords go to the model (``labels``, ``use_cache``,
+        ``logits_to_keep``, ``output_hidden_states``). The output's per-position tensors include the
+        ``width`` virtual positions before the text.
         """
-        slots = self.slots
-        present = sorted(set(task_ids.tolist()))
-        ref = next(iter(self.prompts.values()))
-        rows = []
-        for slot in present:
-            p = self.prompts[slots[slot]] if slots[slot] in self.prompts else ref.new_zeros(0, ref.shape[1])
-            rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)) if p.shape[0] < width else p[-width:])
-        where = torch.zeros(len(slots), dtype=torch.long)
-        where[present] = torch.arange(len(present))
-        return torch.stack(rows)[where.to(task_ids.device)[task_ids]]  # (P, width, d) -> (B, width, d)
+        with self.routed(task_ids):
+            inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
+            prefix_mask = inputs.pop("_prefix_mask", None)
+            if prefix_mask is not None:  # T5 with prefixes: the decoder's mask is [prefix mask; its own positions]
+                length = decoder_length or 1
+                ones = prefix_mask.new_ones(input_ids.shape[0], length)
+                inputs["decoder_attention_mask"] = torch.cat([prefix_mask, ones], dim=1)
+            model = self.base.backbone() if backbone else self.base.model
+            out = model(**inputs, **model_kwargs)
+        return Routed(out, width, inputs["attention_mask"])
+
+    def virtual_positions(self, task: str) -> int:
+        """Positions the task's rows occupy before their text (soft prompt tokens, prefix positions)."""
+        method = get_method(self._spec(task).method)
+        return method.positions(self, task) if method.positions is not None else 0
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       task_ids: torch.Tensor) -> torch.Tensor:
         """The last hidden states of the text positions (B, L, d); for seq2seq, the first decoder step (B, 1, d)."""
-        inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
         if self.base.arch == "seq2seq":
             start = self.base.model.config.decoder_start_token_id or 0
             decoder_input_ids = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
-            self._decoder_mask(inputs, input_ids.shape[0], 1, input_ids.device)
-            out = self.base.model(**inputs, decoder_input_ids=decoder_input_ids, output_hidden_states=True)
-            return out.decoder_hidden_states[-1]
-        return self.base.backbone()(**inputs).last_hidden_state[:, width:]
+            routed = self.run(input_ids, attention_mask, task_ids, decoder_input_ids=decoder_input_ids,
+                              output_hidden_states=True)
+            return routed.out.decoder_hidden_states[-1]
+        routed = self.run(input_ids, attention_mask, task_ids, backbone=True)
+        return routed.out.last_hidden_state[:, routed.width:]
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf.
@@ -355,14 +408,12 @@ class MultiTaskModel(nn.Module):
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
         labels = batch["labels"]
-        with self.routed(batch["task_ids"]):
-            inputs, width = self.model_inputs(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-            if self.base.arch == "seq2seq":
-                self._decoder_mask(inputs, labels.shape[0], labels.shape[1], labels.device)
-                logits = self.base.model(**inputs, labels=labels).logits
-            else:
-                logits = self.base.model(**inputs).logits[:, width:]
-                logits, labels = logits[:, :-1], labels[:, 1:]
+        if self.base.arch == "seq2seq":
+            logits = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"], labels=labels,
+                              decoder_length=labels.shape[1]).out.logits
+        else:
+            routed = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+            logits, labels = routed.out.logits[:, routed.width:-1], labels[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                               ignore_index=-100, reduction="sum")
         return nll, (labels != -100).sum()
@@ -389,7 +440,8 @@ class MultiTaskModel(nn.Module):
                 inputs["decoder_input_ids"] = torch.cat(
                     [torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device),
                      torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)], dim=1)
-                self._decoder_mask(inputs, batch, 1, input_ids.device)
+                prefix_mask = inputs.pop("_prefix_mask")
+                inputs["decoder_attention_mask"] = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=1)
             elif cached and "input_ids" in inputs:
                 placeholder = torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device)
                 inputs["input_ids"] = torch.cat([placeholder, input_ids], dim=1)

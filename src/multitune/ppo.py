@@ -213,11 +213,8 @@ def response_outputs(bank: MultiTaskModel, task_ids: torch.Tensor, input_ids: to
     ``model`` is a separate reference copy of the base (run as a plain model, no routing).
     """
     if model is None:
-        with bank.routed(task_ids):
-            inputs, width = bank.model_inputs(input_ids, attention_mask, task_ids)
-            if "position_ids" not in inputs:
-                inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = bank.base.backbone()(**inputs).last_hidden_state[:, width:]
+        routed = bank.run(input_ids, attention_mask, task_ids, backbone=True)
+        hidden = routed.out.last_hidden_state[:, routed.width:]
         head = bank.base.model.get_output_embeddings()
     else:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)

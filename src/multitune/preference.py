@@ -222,15 +222,10 @@ def _decoder_logps(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slo
     ids, mask = batch["input_ids"], batch["attention_mask"]
     scored = [min(sum(t != IGNORE for t in f["labels"]), len(f["input_ids"]) - 1) for f in features]
     keep = max(1, max(scored))
-    model = bank.base.model
-    with bank.routed(batch["task_ids"]):
-        inputs, _ = bank.model_inputs(ids, mask, batch["task_ids"])
-        if "position_ids" not in inputs:  # left padding: positions count real tokens only (GPT-2's are absolute)
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        if supports_logits_to_keep(model):
-            logits = model(**inputs, logits_to_keep=keep + 1).logits
-        else:
-            logits = model(**inputs).logits[:, -(keep + 1):]
+    if supports_logits_to_keep(bank.base.model):  # left padding: the bank's positions count real tokens only
+        logits = bank.run(ids, mask, batch["task_ids"], logits_to_keep=keep + 1).out.logits
+    else:
+        logits = bank.run(ids, mask, batch["task_ids"]).out.logits[:, -(keep + 1):]
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1)  # (B, keep)
     positions = torch.arange(keep, device=ids.device)
@@ -243,10 +238,8 @@ def _seq2seq_logps(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slo
     pad = bank.base.tokenizer.pad_token_id
     batch = to_device(collate(features, pad, slot), bank.base.device)
     labels = batch["labels"]
-    with bank.routed(batch["task_ids"]):
-        inputs, _ = bank.model_inputs(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-        bank._decoder_mask(inputs, labels.shape[0], labels.shape[1], labels.device)
-        logits = bank.base.model(**inputs, labels=labels).logits
+    logits = bank.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"], labels=labels,
+                      decoder_length=labels.shape[1]).out.logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logp * (labels != IGNORE)).sum(-1)

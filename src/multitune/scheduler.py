@@ -12,7 +12,7 @@ One worker thread owns the engine (the model is never touched from two threads).
 
 Rows of a decoder batch keep one KV cache: a joining group is left-padded (or the running batch is) to the
 longer length and concatenated along the batch; positions are counted over each row's unmasked slots, as
-:meth:`MultiTaskModel.model_inputs` and ``generate`` do, so a row's tokens equal generating it alone.
+:meth:`MultiTaskModel.run` and ``generate`` do, so a row's tokens equal generating it alone.
 Encoder-decoder (T5) generation is served in static batches through :meth:`Engine.generate`.
 
 Reload is atomic: the new version is loaded under a fresh internal name and the public name points to it;
@@ -225,14 +225,10 @@ class DecodeBatch:
             mask[i, width - len(h.prompt_ids):] = 1
         slots = bank.slots
         task_ids = torch.tensor([slots.index(h.internal) for h in handles], dtype=torch.long, device=device)
-        with bank.routed(task_ids):
-            inputs, _ = bank.model_inputs(ids, mask, task_ids)
-            full = inputs["attention_mask"]
-            cached = full.shape[1] - inputs.get("inputs_embeds", ids).shape[1]
-            inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, cached:]
-            if supports_logits_to_keep(bank.base.model):  # the LM head on the last position only, as generate
-                inputs["logits_to_keep"] = 1
-            out = bank.base.model(**inputs, use_cache=True)
+        # the LM head on the last position only, as generate does
+        keep = {"logits_to_keep": 1} if supports_logits_to_keep(bank.base.model) else {}
+        routed = bank.run(ids, mask, task_ids, use_cache=True, **keep)
+        out, full = routed.out, routed.attention_mask
         first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
         self._merge(out.cache, full, handles, torch.tensor(first, device=device))
         return first
@@ -452,9 +448,7 @@ class Scheduler:
 
     @staticmethod
     def _virtual_tokens(bank: Any, internal: str) -> int:
-        if internal in bank.prompts:
-            return int(bank.prompts[internal].shape[0])
-        return 0
+        return bank.virtual_positions(internal)
 
     # ---- admin --------------------------------------------------------------------------------------
     async def _admin_call(self, op: Callable[[], Any]) -> Any:

@@ -18,8 +18,8 @@ import torch
 from multitune.bank import MultiTaskModel
 from multitune.errors import ConfigError
 from multitune.interop.peft import PeftFormat, common_config, register_format
-from multitune.methods.prefix import PrefixConfig, geometry
-from multitune.methods.prompt import PromptConfig
+from multitune.methods.prefix import PrefixConfig, encoders, geometry
+from multitune.methods.prompt import PromptConfig, prompts
 
 KEY = "prompt_embeddings"
 
@@ -29,7 +29,7 @@ def _task_type(bank: MultiTaskModel) -> str:
 
 
 def _prompt_export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    prompt = bank.prompts[task].detach()
+    prompt = prompts(bank)[task].detach()
     base_config = bank.base.model.config
     config = {**common_config(bank, "PROMPT_TUNING"), "task_type": _task_type(bank),
               "num_virtual_tokens": prompt.shape[0], "token_dim": prompt.shape[1],
@@ -64,7 +64,7 @@ def _prefix_export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Ten
                           "also go to cross-attention); export covers decoders and encoders")
     geo = geometry(bank)
     with torch.no_grad():
-        prefixes = bank.prefixes[task]().detach()
+        prefixes = encoders(bank)[task]().detach()
     config = {**common_config(bank, "PREFIX_TUNING"), "task_type": _task_type(bank),
               "num_virtual_tokens": prefixes.shape[0], "token_dim": geo.heads * geo.head_dim,
               "num_transformer_submodules": 1, "num_attention_heads": geo.heads, "num_layers": geo.layers,

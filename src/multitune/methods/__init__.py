@@ -27,7 +27,7 @@ from multitune.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from multitune.bank import MultiTaskModel
+    from multitune.bank import ModelInputs, MultiTaskModel
     from multitune.data import Example
 
 
@@ -57,6 +57,12 @@ class Method:
     fit: Callable[[MultiTaskModel, str, Sequence[Example]], None] | None = None
     render: Callable[[MultiTaskModel, str, Sequence[Example], int], list[Example]] | None = None
     score: Callable[[MultiTaskModel, str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Input-side methods (prompt, prefix). ``inputs``: add the batch rows' contribution to the model's inputs
+    # (virtual embeddings, a cache holding positions before the text; see multitune.bank.ModelInputs); called
+    # for every routed forward of a bank holding a task of the method. ``positions``: how many positions a
+    # task's rows occupy before their text (context-length checks).
+    inputs: Callable[[MultiTaskModel, ModelInputs], None] | None = None
+    positions: Callable[[MultiTaskModel, str], int] | None = None
 
 
 METHODS: dict[str, Method] = {}

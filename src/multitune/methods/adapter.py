@@ -193,14 +193,14 @@ class AdapterLinear(TaskLinear):
             return y + F.linear(low, self.up_weight[task].to(dt), self.up_bias[task].to(dt))
         return self._mixed(y)
 
-    def _stack(self) -> Stack | None:
+    def _stack(self, present: set[str] | None) -> Stack | None:
         """D (T, R, d), b_D (T, 1, R), U (T, d, R), b_U (T, 1, d), activation index (T, 1, 1) of the T tasks
         with an adapter here; slots of other tasks pass through.
 
         R is the largest bottleneck here (smaller ones padded with zeros). Only tasks with an adapter here
         are stacked, however many tasks the bank holds.
         """
-        tasks = [t for t in self.routing.slots if t in self.down_weight]
+        tasks = [t for t in self.routing.slots if t in self.down_weight and (present is None or t in present)]
         if not tasks:
             return None
         rank = max(self.down_weight[t].shape[0] for t in tasks)
@@ -315,15 +315,17 @@ class TaskNorm(nn.Module):
         out = self._normalise(x) * per_row(weight, x)
         return out if bias is None else out + per_row(bias, x)
 
-    def _stack(self) -> Stack:
-        """Scale (S, d) and shift (S, d) or None over the bank's slots; the base's for slots without a copy."""
+    def _stack(self, present: set[str] | None) -> Stack:
+        """Scale (S, d) and shift (S, d) or None over the bank's slots; the base's for slots without a copy
+        (or, while training, without rows in the batch)."""
         slots = self.routing.slots
+        own = [t if present is None or t in present else "" for t in slots]  # "": the base's
         base_w, base_b = self.base_norm.weight.detach().float(), self.bias
-        weight = torch.stack([self.ln_weight.get(t, base_w) for t in slots])
+        weight = torch.stack([self.ln_weight.get(t, base_w) for t in own])
         bias = None
         if base_b is not None:
             base_b = base_b.detach().float()
-            bias = torch.stack([self.ln_bias.get(t, base_b) for t in slots])
+            bias = torch.stack([self.ln_bias.get(t, base_b) for t in own])
         return Stack((weight, bias), torch.arange(len(slots), device=weight.device))
 
 

@@ -232,11 +232,11 @@ class IA3Linear(TaskLinear):
             y = y * per_row(scale_out.to(y.dtype), y)
         return y
 
-    def _stack(self) -> Stack:
+    def _stack(self, present: set[str] | None) -> Stack:
         """Input scales (S, in) and output scales (S, out) over the bank's slots, each None when no task
         needs it here. A slot whose task has no vector of that kind here (or is merged) gets ones: its rows
         pass through exactly."""
-        active = {t for t in self.ia3_l if t not in self.merged}
+        active = {t for t in self.ia3_l if t not in self.merged and (present is None or t in present)}
         ref = next(iter(self.ia3_l.values()))
         ones_in, ones_out = ref.new_ones(self.in_features), ref.new_ones(self.out_features)
         slots = self.routing.slots

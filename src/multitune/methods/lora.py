@@ -138,14 +138,15 @@ class LoRALinear(TaskLinear):
             return self._add_lora(y, x, task)
         return self._mixed(x, y)
 
-    def _stack(self) -> Stack | None:
+    def _stack(self, present: set[str] | None) -> Stack | None:
         """A (T, R, in), B (T, out, R) and scale (T,) of the T tasks with an update here (not merged), ranks
         padded to the largest R; slots of other tasks pass through. None when no task has an update here.
 
         Only tasks with an update are stacked, so the stack is as large as their parameters however many
         tasks the bank holds (:class:`~multitune.methods.stack.SlotStack` caches it and gathers per row).
         """
-        tasks = [t for t in self.routing.slots if t in self.lora_A and t not in self.merged]
+        tasks = [t for t in self.routing.slots
+                 if t in self.lora_A and t not in self.merged and (present is None or t in present)]
         if not tasks:
             return None
         rank = max(self.lora_A[t].shape[0] for t in tasks)

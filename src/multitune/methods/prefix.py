@@ -1,9 +1,10 @@
 """Prefix tuning: per-layer trainable key/value prefixes for attention (Li & Liang 2021).
 
 A task t owns, for each attention layer, n virtual key and value vectors per head. They enter the model
-through its Cache API: before the forward, the bank fills a ``DynamicCache`` with each row's prefixes, so
-every attention layer attends to [prefix keys; text keys] as if n tokens had come before the text, and the
-attention mask carries the prefix positions (masked where a row's task has a shorter prefix or none).
+through its Cache API: before the forward, the ``inputs`` hook fills a ``DynamicCache`` with each row's
+prefixes, so every attention layer attends to [prefix keys; text keys] as if n tokens had come before the
+text, and the attention mask carries the prefix positions (masked where a row's task has a shorter prefix or
+none).
 
 Layout (the peft package's, so that export is a rename): one tensor (n, num_layers * 2 * kv_dim) per task,
 ``kv_dim = kv_heads * head_dim``; for layer i, the key is slice 2i and the value slice 2i + 1 of the
@@ -21,7 +22,7 @@ and the decoder self-attention of T5 (as the peft package's decoder cache; T5's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,11 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
+from multitune.methods.stack import SlotStack, Stack, slot_index
+from multitune.routing import Routing
 
 if TYPE_CHECKING:
-    from multitune.bank import MultiTaskModel
+    from multitune.bank import ModelInputs, MultiTaskModel
 
 
 @dataclass
@@ -105,6 +108,42 @@ class PrefixEncoder(nn.Module):
         return self.mlp(self.embedding) if self.projection else self.embeddings
 
 
+class PrefixStore(nn.Module):
+    """Every prefix-tuned task's encoder, and their prefixes stacked for mixed batches.
+
+    The stack holds the T tasks' prefixes (n, width) right-aligned to the longest, and one row of zeros last,
+    which every slot without prefixes points to. Folded prefixes are plain tensors; while training, the
+    stack runs each encoder's MLP at every forward (and gradients reach it).
+    """
+
+    def __init__(self, routing: Routing) -> None:
+        super().__init__()
+        self.routing = routing
+        self.encoders = nn.ModuleDict()  # task -> PrefixEncoder
+        self.stacked = SlotStack(routing, self._stack, lambda: (p for e in self.encoders.values() for p in e.parameters()))
+
+    def _stack(self, present: set[str] | None) -> Stack | None:
+        tasks = [t for t in self.routing.slots if t in self.encoders and (present is None or t in present)]
+        if not tasks:
+            return None
+        prefixes = [self.encoders[t]() for t in tasks]
+        longest = max(p.shape[0] for p in prefixes)
+        ref = prefixes[0]
+        rows = [F.pad(p, (0, 0, longest - p.shape[0], 0)) for p in prefixes] + [ref.new_zeros(longest, ref.shape[1])]
+        lengths = torch.tensor([p.shape[0] for p in prefixes] + [0], device=ref.device)
+        where = slot_index(self.routing, tasks, ref.device)
+        return Stack((torch.stack(rows), lengths), torch.where(where < 0, len(tasks), where))
+
+
+def encoders(bank: MultiTaskModel) -> nn.ModuleDict:
+    """task -> its :class:`PrefixEncoder`, for every prefix-tuned task of the bank."""
+    return _store(bank).encoders
+
+
+def _store(bank: MultiTaskModel) -> PrefixStore:
+    return bank.store("prefix", lambda: PrefixStore(bank.routing))
+
+
 def attach(bank: MultiTaskModel, task: str, config: PrefixConfig) -> None:
     base = bank.base
     limit = getattr(base.model.config, "max_position_embeddings", None) or getattr(base.model.config, "n_positions", None)
@@ -114,18 +153,23 @@ def attach(bank: MultiTaskModel, task: str, config: PrefixConfig) -> None:
     geo = geometry(bank)
     encoder = PrefixEncoder(config.num_virtual_tokens, base.hidden_size, geo.width, config.projection_hidden,
                             config.projection, base.device)
-    bank.prefixes[task] = encoder
+    store = _store(bank)
+    store.encoders[task] = encoder
+    store.stacked.invalidate()
     for key, param in encoder.named_parameters():
         bank.own(task, f"prefix.{key}", param)
 
 
 def detach(bank: MultiTaskModel, task: str) -> None:
-    del bank.prefixes[task]
+    store = _store(bank)
+    del store.encoders[task]
+    store.stacked.invalidate()
 
 
 def fold(bank: MultiTaskModel, task: str) -> None:
     """Replace a task's embedding + MLP by the plain prefixes they give (for saving and serving)."""
-    encoder = bank.prefixes[task]
+    store = _store(bank)
+    encoder = store.encoders[task]
     if not encoder.projection:
         return
     with torch.no_grad():
@@ -133,49 +177,43 @@ def fold(bank: MultiTaskModel, task: str) -> None:
     folded = PrefixEncoder(plain.shape[0], bank.base.hidden_size, plain.shape[1], None, False, plain.device)
     with torch.no_grad():
         folded.embeddings.copy_(plain)
-    bank.prefixes[task] = folded
+    store.encoders[task] = folded
+    store.stacked.invalidate()
     for key in [k for k in bank.task_parameters(task) if k.startswith("prefix.")]:
         bank.disown(task, key)
     bank.own(task, "prefix.embeddings", folded.embeddings)
     bank.tasks[task].config["projection"] = False
 
 
-def prefix_cache(bank: MultiTaskModel, task_ids: torch.Tensor, dtype: torch.dtype) -> tuple[Any, torch.Tensor] | None:
-    """A cache holding each row's prefixes, right-aligned to the longest, and the prefix mask (B, W).
-
-    None when no row of the batch has a prefix.
-    """
+def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
+    """A cache holding each row's prefixes, right-aligned to the batch's longest, and the prefix mask (B, W)."""
     from transformers import DynamicCache, EncoderDecoderCache
 
-    slots = bank.slots
-    lengths_by_slot = torch.tensor([bank.prefixes[t].length if t in bank.prefixes else 0 for t in slots])
-    lengths = lengths_by_slot[task_ids.cpu()].to(task_ids.device)
-    width = int(lengths.max()) if lengths.numel() else 0
+    rows = _store(bank).stacked.rows(state.input_ids.shape[0], bank.base.model.dtype)
+    if rows is None:
+        return
+    stacked, lengths = rows.tensors  # (B, longest, layers * 2 * kv_dim), (B,)
+    assert stacked is not None and lengths is not None
+    width = int(lengths.max())
     if width == 0:
-        return None
+        return
     geo = geometry(bank)
-    present = sorted({int(s) for s in task_ids.tolist()})
-    ref = next(next(iter(bank.prefixes.values())).parameters())
-    rows = []
-    for slot in present:  # only the slots in the batch are stacked: P <= B of them, however many tasks
-        task = slots[slot]
-        p = bank.prefixes[task]() if task in bank.prefixes else ref.new_zeros(0, geo.width)
-        rows.append(F.pad(p, (0, 0, width - p.shape[0], 0)))
-    where = torch.zeros(len(slots), dtype=torch.long)
-    where[present] = torch.arange(len(present))
-    stack = torch.stack(rows)[where.to(task_ids.device)[task_ids]].to(dtype)  # (B, W, layers * 2 * kv_dim)
-    batch = stack.shape[0]
-    kv = stack.view(batch, width, geo.layers * 2, geo.heads, geo.head_dim).permute(2, 0, 3, 1, 4)
+    batch = stacked.shape[0]
+    kv = stacked[:, stacked.shape[1] - width:].reshape(batch, width, geo.layers * 2, geo.heads, geo.head_dim)
+    kv = kv.permute(2, 0, 3, 1, 4)  # (layers * 2, B, heads, W, head_dim)
     cache = DynamicCache()
     for layer in range(geo.layers):
         cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
     if bank.base.arch == "seq2seq":
         cache = EncoderDecoderCache(cache, DynamicCache())
-    positions = torch.arange(width, device=task_ids.device)
-    mask = (positions >= width - lengths[:, None]).long()
-    return cache, mask
+    positions = torch.arange(width, device=lengths.device)
+    state.add_cache(cache, positions >= width - lengths[:, None])
+
+
+def positions(bank: MultiTaskModel, task: str) -> int:
+    return encoders(bank)[task].length
 
 
 register(Method(name="prefix", config_class=PrefixConfig, attach=attach, detach=detach,
                 summary="trainable key/value prefixes in every attention layer (Li & Liang 2021)",
-                default_learning_rate=1e-2, fold=fold))
+                default_learning_rate=1e-2, fold=fold, inputs=inputs, positions=positions))

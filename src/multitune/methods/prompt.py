@@ -1,9 +1,9 @@
 """Prompt tuning: a task is n trainable virtual-token embeddings before its input (Lester et al. 2021).
 
-The prompt P_t (n, d) lives in ``bank.prompts[task]``; :meth:`multitune.bank.MultiTaskModel.model_inputs`
-prepends it to the rows of task t (right-aligned when prompts of different lengths share a batch, the
-gap masked, positions counted over unmasked slots only). The base is untouched, so any number of
-prompt-tuned tasks share one model and one batch.
+The prompt P_t (n, d) lives in this method's store in the bank (:func:`prompts`); the ``inputs`` hook gives
+each row of a batch its task's prompt as virtual token embeddings before its text (right-aligned when prompts
+of different lengths share a batch, the gap masked; the bank counts positions over unmasked slots only). The
+base is untouched, so any number of prompt-tuned tasks share one model and one batch.
 
 Initialisation (section 3 of the paper, "Prompt Initialization"):
 - ``random``: uniform in [-0.5, 0.5];
@@ -23,9 +23,11 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
+from multitune.methods.stack import SlotStack, Stack, slot_index
+from multitune.routing import Routing
 
 if TYPE_CHECKING:
-    from multitune.bank import MultiTaskModel
+    from multitune.bank import ModelInputs, MultiTaskModel
 
 INITS = ("random", "vocab", "labels", "text")
 
@@ -45,6 +47,60 @@ class PromptConfig:
         if self.init == "text" and not (self.init_text or "").strip():
             problems.append("prompt init=text needs --prompt-init-text 'some words'")
         return problems
+
+
+class PromptStore(nn.Module):
+    """Every prompt-tuned task's prompt, and their stack for mixed batches.
+
+    The stack holds the T prompts right-aligned to the longest (zeros before a shorter one) and one row of
+    zeros last, which every slot without a prompt points to: a batch gathers one (L, d) block per row.
+    """
+
+    def __init__(self, routing: Routing) -> None:
+        super().__init__()
+        self.routing = routing
+        self.prompts = nn.ParameterDict()  # task -> (n, d)
+        self.stacked = SlotStack(routing, self._stack, lambda: self.prompts.values())
+
+    def _stack(self, present: set[str] | None) -> Stack | None:
+        tasks = [t for t in self.routing.slots if t in self.prompts and (present is None or t in present)]
+        if not tasks:
+            return None
+        longest = max(self.prompts[t].shape[0] for t in tasks)
+        ref = self.prompts[tasks[0]]
+        rows = [torch.cat([ref.new_zeros(longest - self.prompts[t].shape[0], ref.shape[1]), self.prompts[t]])
+                for t in tasks]
+        lengths = torch.tensor([self.prompts[t].shape[0] for t in tasks] + [0], device=ref.device)
+        where = slot_index(self.routing, tasks, ref.device)
+        where = torch.where(where < 0, len(tasks), where)  # slots without a prompt: the zero row
+        return Stack((torch.stack(rows + [ref.new_zeros(longest, ref.shape[1])]), lengths), where)
+
+
+def prompts(bank: MultiTaskModel) -> nn.ParameterDict:
+    """task -> its soft prompt (n, d), for every prompt-tuned task of the bank."""
+    return _store(bank).prompts
+
+
+def _store(bank: MultiTaskModel) -> PromptStore:
+    return bank.store("prompt", lambda: PromptStore(bank.routing))
+
+
+def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
+    """Each row's prompt before its text: (B, W, d) right-aligned to the batch's longest, the rest masked."""
+    rows = _store(bank).stacked.rows(state.input_ids.shape[0], bank.base.model.dtype)
+    if rows is None:
+        return
+    stacked, lengths = rows.tensors  # (B, longest, d), (B,)
+    assert stacked is not None and lengths is not None
+    width = int(lengths.max())
+    if width == 0:
+        return
+    positions = torch.arange(width, device=lengths.device)
+    state.add_virtual(stacked[:, stacked.shape[1] - width:], positions >= width - lengths[:, None])
+
+
+def positions(bank: MultiTaskModel, task: str) -> int:
+    return int(prompts(bank)[task].shape[0])
 
 
 def _single_token(tokenizer: object, label: str) -> int | None:
@@ -91,12 +147,16 @@ def attach(bank: MultiTaskModel, task: str, config: PromptConfig) -> None:
         raise ConfigError(f"a soft prompt of {config.num_virtual_tokens} tokens leaves no room for text in a "
                           f"context of {limit} positions; use --prompt-num-virtual-tokens below {limit}")
     prompt = nn.Parameter(initial_prompt(bank, task, config))
-    bank.prompts[task] = prompt
+    store = _store(bank)
+    store.prompts[task] = prompt
+    store.stacked.invalidate()
     bank.own(task, "prompt.embeddings", prompt)
 
 
 def detach(bank: MultiTaskModel, task: str) -> None:
-    del bank.prompts[task]
+    store = _store(bank)
+    del store.prompts[task]
+    store.stacked.invalidate()
 
 
 register(
@@ -107,5 +167,7 @@ register(
         detach=detach,
         summary="trainable virtual-token embeddings before the input (Lester et al. 2021)",
         default_learning_rate=3e-2,
+        inputs=inputs,
+        positions=positions,
     )
 )

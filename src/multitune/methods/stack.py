@@ -9,7 +9,8 @@ same way, in three steps that :class:`SlotStack` does once for all of them:
    ``where`` (S,): each of the bank's S slots' index into the stack, -1 for slots whose rows pass through;
 2. **cache** the stack while no gradient is needed, until a task comes or goes, a task is merged, or a
    parameter is written in place (an optimizer step, a load: their version counters are in the key); while
-   training it is rebuilt at every forward, so each task's gradient reaches only its own tensors;
+   training it is rebuilt at every forward from the tasks of the batch only, so each task's gradient comes
+   from its own rows and a task without rows in the batch gets none (not zeros: AdamW would still move it);
 3. **gather** per row: each row's index into the stack, the rows that pass through left out (``idx``), the
    tensors picked for the others and cast to the batch's dtype; kept for as long as one routed batch lasts
    (every decoding step of ``generate`` and of the server's decode batch, which route the same rows).
@@ -48,12 +49,14 @@ class Rows:
 class SlotStack:
     """Stack, cache and gather the per-task tensors of one hook point (see the module docstring).
 
-    ``build()`` returns the :class:`Stack` over the bank's current slots, or None when no task has
-    parameters here; ``params()`` the tensors whose in-place version counters key the cache. The owner
-    calls :meth:`invalidate` whenever its tasks change (added, removed, merged, unmerged).
+    ``build(present)`` returns the :class:`Stack` over the bank's current slots, or None when no task has
+    parameters here; ``present`` is the set of the routed batch's tasks while a gradient is needed (only
+    their tensors may join the graph; other slots pass through or get the identity), None otherwise.
+    ``params()`` gives the tensors whose in-place version counters key the cache. The owner calls
+    :meth:`invalidate` whenever its tasks change (added, removed, merged, unmerged).
     """
 
-    def __init__(self, routing: Routing, build: Callable[[], Stack | None],
+    def __init__(self, routing: Routing, build: Callable[[set[str] | None], Stack | None],
                  params: Callable[[], Iterable[torch.Tensor]]) -> None:
         self.routing = routing
         self._build, self._params = build, params
@@ -69,10 +72,12 @@ class SlotStack:
         """The stack, cached between forwards that need no gradient."""
         if torch.is_grad_enabled():
             self._stack = self._rows = None
-            return self._build()
+            rows = self.routing.row_tasks
+            slots = self.routing.slots
+            return self._build(set(slots) if rows is None else {slots[i] for i in rows.unique().tolist()})
         key = (self._epoch, self.routing.version, *(p._version for p in self._params()))
         if self._stack is None or self._stack[0] != key:
-            self._stack, self._rows = (key, self._build()), None
+            self._stack, self._rows = (key, self._build(None)), None
         return self._stack[1]
 
     def rows(self, batch: int, dtype: torch.dtype) -> Rows | None:
