@@ -8,14 +8,21 @@
 
 Every write goes to a temporary folder beside the target and is swapped in with renames, so a crash
 leaves either the old adapter or the new one, never a mix.
+
+A command that writes an output folder holds :func:`output_lock` on it for its whole run: a second
+command into the same folder is refused with the holder's pid, and the first one's leftovers of a kill
+(``.NAME.tmp-*``, ``.NAME.old-*``) are cleaned up by the next holder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +39,151 @@ FORMAT = "multitune-adapter"
 VERSION = 1
 CONFIG_FILE = "adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
+
+
+class FolderInUse(ConfigError):
+    """Another live process holds the output folder's lock."""
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of ``folder``: beside it (``.NAME.lock``), so the folder itself may be swapped atomically."""
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _holder_text(fd: int) -> str:
+    """Who holds a lock, from its file: 'multitune train (process 12, host h, since ...)'."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 4096) or b"{}")
+        pid, host = int(holder["pid"]), str(holder["host"])
+        command = str(holder.get("command") or "a multitune command")
+        since = str(holder.get("since") or "?")
+    except (OSError, ValueError, KeyError, TypeError):  # written a moment from now, or not by us
+        return "another process (it has just taken the lock)"
+    alive = host != socket.gethostname() or _pid_alive(pid)
+    gone = "" if alive else "; that process has ended, but a child of it still holds the lock"
+    return f"{command[:200]} (process {pid} on {host[:100]}, since {since}{gone})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
+def is_locked(folder: str | Path) -> bool:
+    """Whether a live process holds ``folder``'s lock now (a lock file of a dead process is not held)."""
+    try:
+        fd = os.open(lock_path(folder), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextmanager
+def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder ``folder`` while the block runs.
+
+    The lock is ``flock`` on ``.NAME.lock`` beside the folder, holding the holder's pid, host and command:
+    the kernel releases it when the process ends in any way (SIGKILL included), so a lock file left by a
+    dead process is simply taken over. A second holder is refused at once with :class:`FolderInUse`,
+    before it changes anything. On taking the lock, the stale temporaries of killed atomic writes in and
+    beside the folder are removed (:func:`remove_stale_temporaries`). The folder is created if missing,
+    and removed again on release if the block left it empty.
+    """
+    folder = Path(folder)
+    existed = folder.exists()
+    path = lock_path(folder)
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the parent was removed between the two calls: try again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(fd)
+            os.close(fd)
+            raise FolderInUse(f"{folder} is in use by {holder}; wait for it to finish, or choose another "
+                              "--output") from None
+        try:  # the holder we waited for may have unlinked the file as it released it: lock the live one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a command that failed before writing anything leaves no empty folder
+        path.unlink(missing_ok=True)  # while still holding it; a waiter re-checks the inode
+        os.close(fd)
+
+
+def _stale(name: str) -> str | None:
+    """'tmp' or 'old' for the names atomic_dir and write_json_atomic give their temporaries, else None."""
+    if name.startswith("."):
+        for kind in ("tmp", "old"):
+            if f".{kind}-" in name:
+                return kind
+    return None
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what killed atomic writes left in ``folder`` (recursively) and beside it; returns what went.
+
+    Call only while holding :func:`output_lock` on ``folder``: then no live process is writing there.
+    Folders below that another process holds locked are left alone. A ``.NAME.old-*`` folder whose
+    ``NAME`` is missing is the previous version of a swap cut between its two renames: it is put back.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+
+    def clean(parent: Path, only: str | None = None) -> None:
+        try:
+            entries = sorted(parent.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            kind = _stale(entry.name)
+            if kind is None:
+                continue
+            target = entry.name[1:].split(f".{kind}-", 1)[0]
+            if only is not None and target != only:
+                continue
+            if kind == "old" and (entry / "x").exists() and not (parent / target).exists():
+                os.replace(entry / "x", parent / target)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+
+    clean(folder.resolve().parent, only=folder.resolve().name)
+    for root, dirs, _ in os.walk(folder):
+        clean(Path(root))
+        dirs[:] = [d for d in dirs if Path(root, d).exists() and not is_locked(Path(root, d))]
+    return removed
 
 
 @contextmanager

@@ -1,0 +1,163 @@
+"""Output folders on disk: the exclusive lock of a command's output folder and the leftovers of killed writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from multitune.storage import (
+    FolderInUse,
+    atomic_dir,
+    is_locked,
+    lock_path,
+    output_lock,
+    remove_stale_temporaries,
+)
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from multitune.storage import output_lock
+    with output_lock(sys.argv[1], "multitune train --output " + sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """A process that takes the lock on ``folder`` and keeps it until killed."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder.parent)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.parent.rglob("*"))}
+
+
+def test_a_second_holder_is_refused_with_the_first_ones_pid_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    holder = _holder(out)
+    try:
+        (out / "metrics.jsonl").write_text("{}\n")
+        before = _snapshot(out)
+        with pytest.raises(FolderInUse) as info, output_lock(out, "multitune train"):
+            pytest.fail("the lock was given twice")
+        message = str(info.value)
+        assert f"process {holder.pid}" in message and "multitune train --output" in message
+        assert "choose another --output" in message and "\n" not in message
+        assert _snapshot(out) == before
+        assert is_locked(out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    holder = _holder(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert json.loads(lock_path(out).read_text())["pid"] == holder.pid  # the file stays behind a SIGKILL
+    assert not is_locked(out)
+    with output_lock(out, "multitune train") as folder:
+        assert folder == out and is_locked(out)
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists() and not is_locked(out)
+
+
+def test_the_lock_is_released_when_the_block_fails_and_an_empty_new_folder_is_removed(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError), output_lock(out, "x"):
+        assert out.is_dir()
+        raise RuntimeError
+    assert not out.exists() and not lock_path(out).exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with output_lock(kept, "x"):
+        pass
+    assert kept.is_dir()  # it existed before: never removed
+    with output_lock(kept, "x"), output_lock(tmp_path / "other", "y"):  # two folders at once: two locks
+        assert is_locked(kept) and is_locked(tmp_path / "other")
+
+
+def test_a_lock_file_of_another_program_does_not_crash_the_refusal(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock_path(out).write_text("not json")
+    with output_lock(out, "x"):  # not held by anyone: taken over
+        pass
+    script = textwrap.dedent("""
+        import fcntl, os, sys, time
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"garbage")
+        print("held", flush=True)
+        time.sleep(600)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script, str(lock_path(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUse, match="in use by another process"), output_lock(out, "x"):
+            pass
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _killed_writes(folder: Path) -> None:
+    """What kills at each point of atomic_dir and write_json_atomic leave behind."""
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter.json").write_text("new")
+    (folder / ".adapter.tmp-abc").mkdir()  # killed while writing the new adapter
+    (folder / ".result.json.tmp-xyz").write_text("{")  # killed while writing result.json
+    (folder / ".checkpoint.old-1" / "x").mkdir(parents=True)  # killed between the swap's two renames
+    (folder / ".checkpoint.old-1" / "x" / "state.json").write_text("previous")
+    (folder / ".checkpoint.tmp-2").mkdir()
+    (folder / "bank" / ".task.tmp-3").mkdir(parents=True)  # deeper down too
+
+
+def test_stale_temporaries_are_removed_when_the_lock_is_taken(tmp_path):
+    out = tmp_path / "run"
+    _killed_writes(out)
+    (tmp_path / ".run.tmp-9").mkdir()  # an atomic write of the whole folder, killed
+    (tmp_path / ".other.tmp-9").mkdir()  # another folder's: not ours to touch
+    (out / ".hidden").write_text("a user's file")
+    with output_lock(out, "x"):
+        names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert names == [".other.tmp-9", ".run.lock", "run", "run/.hidden", "run/adapter", "run/adapter/adapter.json", "run/bank",
+                     "run/checkpoint", "run/checkpoint/state.json"]
+    assert (out / "checkpoint" / "state.json").read_text() == "previous"  # the swap's old side is put back
+    assert (out / "adapter" / "adapter.json").read_text() == "new"
+
+
+def test_temporaries_of_a_folder_another_process_holds_are_left_alone(tmp_path):
+    out = tmp_path / "demo"
+    inner = out / "compare"
+    holder = _holder(inner)
+    (inner / ".results.tmp-1").mkdir()  # the holder's own write in progress
+    try:
+        assert remove_stale_temporaries(out) == []
+        assert (inner / ".results.tmp-1").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_temporaries(out) == [inner / ".results.tmp-1"]
+
+
+def test_a_failed_atomic_write_leaves_nothing_and_a_good_one_no_temporary(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(ValueError), atomic_dir(target) as tmp:
+        (tmp / "a").write_text("2")
+        raise ValueError
+    assert (target / "a").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
