@@ -39,10 +39,13 @@ def encode_example(base: Base, spec: TaskSpec, example: Example, max_length: int
     tokenizer = base.tokenizer
     if spec.kind == "classification":
         if example.text_pair is not None and base.arch == "decoder":
-            enc = tokenizer(example.text + "\n" + example.text_pair, truncation=True, max_length=max_length)
+            texts: tuple[Any, ...] = (example.text + "\n" + example.text_pair,)
         else:
-            enc = tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length)
+            texts = (example.text, example.text_pair)
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
         feature: dict[str, Any] = {"input_ids": list(enc.input_ids)}
+        if len(enc.input_ids) >= max_length:  # cut, or exactly at the limit: only the full count tells which
+            feature["truncated"] = len(tokenizer(*texts).input_ids) > max_length
         if example.label is not None and example.label in spec.labels:
             feature["class_label"] = spec.labels.index(example.label)
         return feature

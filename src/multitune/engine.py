@@ -5,16 +5,23 @@ Requests are ``(task, input)`` pairs in any order. The engine groups them by mod
 the shared base goes into one mixed forward (each row routed to its task), and the rows of a fully
 fine-tuned task, which owns a copy of the base, go into that copy's forward. Results come back in request
 order. Tasks are loaded and removed at run time without touching the others.
+
+What a folder holds is found by :func:`find_adapters`: a bank of task folders (``BANK/TASK/adapter.json``,
+what ``compare`` and ``train-multi`` write), a folder of run folders (``BANK/RUN/adapter/adapter.json``, what
+``train --output BANK/RUN`` writes), one run folder, one adapter folder, or several of these. A task is named
+after its folder (a run's adapter after its run folder), so what ``ls`` shows is what a request names.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from multitune.bank import MultiTaskModel, TaskSpec
 from multitune.data import Example
@@ -25,6 +32,87 @@ from multitune.models import Base, load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
 
 Request = tuple[str, "str | Example"]
+DEFAULT_MAX_LENGTH = 128  # tokens of a classification input, as TrainConfig.max_length defaults
+RUN_CONFIG = "config.yaml"  # beside a run's adapter/ folder: the run's settings
+
+
+@dataclass
+class Classification:
+    """One classified input: its label probabilities (in the task's label order) and whether its tokens were
+    cut to the task's ``max_length`` (the model then saw only the first ``max_length`` tokens)."""
+
+    probabilities: dict[str, float]
+    truncated: bool = False
+
+
+def adapter_of(path: str | Path) -> Path | None:
+    """The adapter folder of ``path`` when it is one (``adapter.json``) or a run folder (``adapter/adapter.json``)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "adapter" / CONFIG_FILE).is_file():
+        return path / "adapter"
+    return None
+
+
+def task_name_of(adapter: Path) -> str:
+    """A task's name: its folder's, or for a run's ``adapter/`` folder, its run folder's."""
+    adapter = Path(adapter).resolve()
+    return adapter.parent.name if adapter.name == "adapter" and adapter.parent.name else adapter.name
+
+
+def find_adapters(paths: str | Path | Iterable[str | Path]) -> dict[str, Path]:
+    """Task name -> adapter folder for every task under ``paths`` (see the module docstring for the layouts).
+
+    Hidden entries (``.x.tmp-*`` of an interrupted save, lock files) are never tasks; two tasks of one name
+    from different folders are an error (which of them a request meant could not be told).
+    """
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    found: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
+                              "run folders, a run folder or an adapter folder")
+        single = adapter_of(path)
+        if single is not None:
+            adapters = [single]
+        else:
+            children = sorted(c for c in path.iterdir() if not c.name.startswith(".") and c.is_dir())
+            adapters = [a for a in map(adapter_of, children) if a is not None]
+        if not adapters:
+            hint = f"; did you mean {path / 'bank'}?" if adapter_of(path / "bank") or (path / "bank").is_dir() else ""
+            raise ConfigError(f"{path} holds no adapter folders (TASK/{CONFIG_FILE} or RUN/adapter/{CONFIG_FILE}); "
+                              f"give a bank folder, a folder of run folders, a run folder or an adapter folder{hint}")
+        for adapter in adapters:
+            name = task_name_of(adapter)
+            other = found.get(name)
+            if other is not None and other.resolve() != adapter.resolve():
+                raise ConfigError(f"two tasks are named '{name}': {other} and {adapter}; a task is named after its "
+                                  "folder, so rename one of the folders")
+            found.setdefault(name, adapter)
+    return found
+
+
+def trained_max_length(adapter: Path) -> int:
+    """The ``max_length`` a run trained with (``RUN/config.yaml`` beside ``RUN/adapter``), else the default.
+
+    The setting is read from the file's ``train:`` section (the layout ``train`` writes) or, failing that,
+    from its top level (flat keys)."""
+    config = Path(adapter).parent / RUN_CONFIG
+    if Path(adapter).name != "adapter" or not config.is_file():
+        return DEFAULT_MAX_LENGTH
+    try:
+        settings = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{config} is not valid YAML ({type(error).__name__}); fix or remove it") from error
+    settings = settings if isinstance(settings, dict) else {}
+    train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
+    value = train.get("max_length", settings.get("max_length"))
+    if value is None:
+        return DEFAULT_MAX_LENGTH
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{config}: max_length must be a positive integer; fix the file or remove the setting")
+    return value
 
 
 class Engine:
@@ -35,22 +123,32 @@ class Engine:
         self.shared = MultiTaskModel(base)
         self.groups: dict[str, MultiTaskModel] = {}  # fully fine-tuned task -> its own bank (model copy)
         self.sources: dict[str, str] = {}  # task -> the adapter folder it was loaded from
+        self.max_lengths: dict[str, int] = {}  # task -> classification inputs are cut to this many tokens
         # Fast tokenizers must not be used from two threads at once (a server tokenizes requests while
         # its worker encodes a batch): every encoding here holds this lock.
         self.tokenizer_lock = threading.Lock()
 
     # ---- tasks -------------------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder: str | Path, model: str | None = None, device: str | None = None) -> Engine:
-        """Every adapter folder under ``folder`` (a bank folder: ``FOLDER/TASK/adapter.json``)."""
-        folder = Path(folder)
-        adapters = sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}"))
-        if not adapters:
-            raise ConfigError(f"{folder} holds no adapter folders (*/{CONFIG_FILE}); give a bank folder")
-        source = model or read_adapter_config(adapters[0])["base_model"]
-        engine = cls(load_base(source, device=device))
-        for adapter in adapters:
-            engine.load(adapter)
+    def from_folder(cls, folder: str | Path | Iterable[str | Path], model: str | None = None,
+                    device: str | None = None) -> Engine:
+        """Every task under ``folder`` (one path or several; the layouts of :func:`find_adapters`).
+
+        Without ``model``, the base is the one the adapters record; adapters that record different bases
+        are refused before anything loads (one engine serves one base).
+        """
+        adapters = find_adapters(folder)
+        metas = {name: read_adapter_config(path) for name, path in adapters.items()}
+        bases: dict[str, list[str]] = {}
+        for name, meta in metas.items():
+            bases.setdefault(str(meta.get("base_model")), []).append(name)
+        if model is None and len(bases) > 1:
+            mixed = "; ".join(f"{base!r} ({', '.join(names)})" for base, names in sorted(bases.items()))
+            raise ConfigError(f"the folders mix base models: {mixed}; one engine serves one base, so serve each "
+                              "base's tasks from their own folder (one server per base)")
+        engine = cls(load_base(model or next(iter(bases)), device=device))
+        for name, adapter in adapters.items():
+            engine.load(adapter, name)
         return engine
 
     @property
@@ -58,9 +156,11 @@ class Engine:
         return {**self.shared.tasks, **{name: bank.tasks[name] for name, bank in self.groups.items()}}
 
     def load(self, folder: str | Path, name: str | None = None) -> TaskSpec:
-        """Add the task saved in an adapter folder (a fully fine-tuned one gets a fresh copy of the base)."""
+        """Add the task saved in an adapter folder or a run folder (``RUN/adapter``), named ``name`` or after
+        its folder (see :func:`task_name_of`); a fully fine-tuned task gets a fresh copy of the base."""
+        folder = adapter_of(folder) or Path(folder)  # not a folder of either kind: read_adapter_config says so
         meta = read_adapter_config(folder)
-        task = name or meta["task"]["name"]
+        task = name or task_name_of(folder)
         if task in self.tasks:
             raise ConfigError(f"task '{task}' is already served; remove it first or load it under another name")
         if get_method(meta["task"]["method"]).changes_base:
@@ -70,6 +170,7 @@ class Engine:
         else:
             spec = load_adapter(self.shared, folder, task)
         self.sources[task] = str(folder)
+        self.max_lengths[task] = trained_max_length(folder)
         return spec
 
     def _base_copy(self) -> Base:
@@ -86,6 +187,8 @@ class Engine:
             self.shared.remove_task(task)
         else:
             raise ConfigError(f"unknown task '{task}'; served tasks: {', '.join(self.tasks) or 'none'}")
+        self.sources.pop(task, None)
+        self.max_lengths.pop(task, None)
 
     def bank_of(self, task: str) -> MultiTaskModel:
         if task in self.groups:
@@ -105,26 +208,30 @@ class Engine:
             groups.setdefault(id(bank), []).append(i)
         return groups
 
-    def _features(self, bank: MultiTaskModel, requests: Sequence[Request], rows: list[int], max_length: int,
+    def _features(self, bank: MultiTaskModel, requests: Sequence[Request], rows: list[int], max_length: int | None,
                   with_target: bool) -> tuple[list[dict[str, Any]], list[int]]:
-        """Features and slots of the given requests, in their order (each task's render hook applied)."""
+        """Features and slots of the given requests, in their order (each task's render hook applied);
+        ``max_length`` None: each task's own (what it was trained with)."""
         features: list[dict[str, Any]] = [{}] * len(rows)
         by_task: dict[str, list[int]] = {}
         for position, i in enumerate(rows):
             by_task.setdefault(requests[i][0], []).append(position)
         for task, positions in by_task.items():
             examples = [_example(requests[rows[p]][1]) for p in positions]
+            length = max_length or self.max_lengths.get(task, DEFAULT_MAX_LENGTH)
             with self.tokenizer_lock:
-                encoded = encode_task(bank, task, examples, max_length, with_target)
+                encoded = encode_task(bank, task, examples, length, with_target)
             for p, feature in zip(positions, encoded, strict=True):
                 features[p] = feature
         slots = [bank.slots.index(requests[i][0]) for i in rows]
         return features, slots
 
     @torch.no_grad()
-    def classify(self, requests: Sequence[Request], max_length: int = 128) -> list[dict[str, float]]:
-        """Label probabilities of each (task, text): one forward per model, rows of many tasks mixed."""
-        out: list[dict[str, float]] = [{}] * len(requests)
+    def classify_rows(self, requests: Sequence[Request], max_length: int | None = None) -> list[Classification]:
+        """Each (task, text) classified, with whether its input was cut: one forward per model, rows of many
+        tasks mixed. Inputs are cut to ``max_length`` tokens, by default each task's training ``max_length``
+        (``RUN/config.yaml``; 128 when the folder does not record it), so a task sees what it was trained on."""
+        out: list[Classification] = [Classification({})] * len(requests)
         for rows in self._grouped(requests, "classification").values():
             bank = self.bank_of(requests[rows[0]][0])
             bank.eval()
@@ -134,8 +241,12 @@ class Engine:
             for row, i in enumerate(rows):
                 labels = bank.tasks[requests[i][0]].labels
                 probs = torch.softmax(logits[row, : len(labels)].float(), dim=-1).tolist()
-                out[i] = dict(zip(labels, probs, strict=True))
+                out[i] = Classification(dict(zip(labels, probs, strict=True)), bool(features[row].get("truncated")))
         return out
+
+    def classify(self, requests: Sequence[Request], max_length: int | None = None) -> list[dict[str, float]]:
+        """Label probabilities of each (task, text) (see :meth:`classify_rows`)."""
+        return [row.probabilities for row in self.classify_rows(requests, max_length)]
 
     @torch.no_grad()
     def generate(self, requests: Sequence[Request], max_new_tokens: int = 64, max_length: int = 128,
