@@ -130,3 +130,16 @@ def test_classification_is_cut_to_the_trained_max_length_and_says_so(adapters, t
     first = " ".join(long_text.split()[:5])
     assert rows[0].probabilities == pytest.approx(engine.classify([("short", first)])[0], abs=1e-6)
     assert engine.classify([("short", long_text)])[0] == pytest.approx(rows[0].probabilities, abs=1e-6)
+
+
+def test_a_bank_may_hold_a_task_named_adapter(adapters, tmp_path):
+    """BANK/adapter/ beside other task folders is a task of the bank, not the sign of a run folder."""
+    bank = tmp_path / "bank"
+    shutil.copytree(adapters / "gen", bank / "adapter")
+    shutil.copytree(adapters / "sent", bank / "sent")
+    assert set(find_adapters(bank)) == {"adapter", "sent"}
+    (bank / "config.yaml").write_text("train:\n  max_length: 7\n")
+    run = tmp_path / "run"
+    shutil.copytree(adapters / "gen", run / "adapter")
+    (run / "checkpoint").mkdir()  # what a run folder holds beside its adapter
+    assert find_adapters(run) == {"run": run / "adapter"}

@@ -55,10 +55,22 @@ def adapter_of(path: str | Path) -> Path | None:
     return None
 
 
-def task_name_of(adapter: Path) -> str:
-    """A task's name: its folder's, or for a run's ``adapter/`` folder, its run folder's."""
-    adapter = Path(adapter).resolve()
-    return adapter.parent.name if adapter.name == "adapter" and adapter.parent.name else adapter.name
+def task_name_of(path: str | Path) -> str:
+    """The name of the task in a run or adapter folder given alone: the folder's, or for a run's ``adapter/``
+    folder, its run folder's."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "adapter" and path.parent.name else path.name
+
+
+def _tasks_in(path: Path) -> list[tuple[str, Path]]:
+    """(task name, adapter folder) of what ``path`` holds; names from the layout, not from adapter.json."""
+    if (path / CONFIG_FILE).is_file():
+        return [(task_name_of(path), path)]
+    children = sorted(c for c in path.iterdir() if not c.name.startswith(".") and c.is_dir())
+    tasks = [(child.name, adapter) for child in children if (adapter := adapter_of(child)) is not None]
+    if len(tasks) == 1 and tasks[0][0] == "adapter" and tasks[0][1] == path / "adapter":
+        return [(task_name_of(path), path / "adapter")]  # a run folder (a bank of one task named "adapter" alike)
+    return tasks
 
 
 def find_adapters(paths: str | Path | Iterable[str | Path]) -> dict[str, Path]:
@@ -73,18 +85,12 @@ def find_adapters(paths: str | Path | Iterable[str | Path]) -> dict[str, Path]:
         if not path.is_dir():
             raise ConfigError(f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
                               "run folders, a run folder or an adapter folder")
-        single = adapter_of(path)
-        if single is not None:
-            adapters = [single]
-        else:
-            children = sorted(c for c in path.iterdir() if not c.name.startswith(".") and c.is_dir())
-            adapters = [a for a in map(adapter_of, children) if a is not None]
-        if not adapters:
-            hint = f"; did you mean {path / 'bank'}?" if adapter_of(path / "bank") or (path / "bank").is_dir() else ""
+        tasks = _tasks_in(path)
+        if not tasks:
+            hint = f"; did you mean {path / 'bank'}?" if (path / "bank").is_dir() else ""
             raise ConfigError(f"{path} holds no adapter folders (TASK/{CONFIG_FILE} or RUN/adapter/{CONFIG_FILE}); "
                               f"give a bank folder, a folder of run folders, a run folder or an adapter folder{hint}")
-        for adapter in adapters:
-            name = task_name_of(adapter)
+        for name, adapter in tasks:
             other = found.get(name)
             if other is not None and other.resolve() != adapter.resolve():
                 raise ConfigError(f"two tasks are named '{name}': {other} and {adapter}; a task is named after its "
