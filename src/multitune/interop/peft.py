@@ -6,6 +6,13 @@ is below; the other formats live in ``interop/peft_{method}.py`` and register th
 
 LoRA keys are ``base_model.model.{module path}.lora_A.weight`` / ``.lora_B.weight``: our public keys
 with PEFT's prefix. The conversion is a key rename; the tensors are identical.
+
+A classification task's head is not part of a PEFT adapter (ours reads a pooled hidden state, PEFT's
+``modules_to_save`` heads are the model's own). Export writes it beside PEFT's files, which PEFT ignores:
+``multitune_task.json`` (kind, labels, pooling) and ``multitune_head.safetensors``; import reads them back,
+so a classification task survives the round trip. For a folder without them the kind comes from PEFT's
+``task_type`` where it tells (SEQ_CLS; CAUSAL_LM, SEQ_2_SEQ_LM), else from the base (an encoder can only
+classify), and a classification import needs its labels given (its head then starts untrained).
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from multitune.bank import MultiTaskModel, TaskKind
+from multitune.bank import MultiTaskModel, TaskKind, TaskSpec
 from multitune.errors import ConfigError
 from multitune.methods.lora import LoRAConfig
 from multitune.storage import atomic_dir
 
 PREFIX = "base_model.model."
+TASK_FILE = "multitune_task.json"  # beside PEFT's files: what a classification task needs besides the adapter
+HEAD_FILE = "multitune_head.safetensors"
+KINDS_BY_TASK_TYPE: dict[str, TaskKind] = {"SEQ_CLS": "classification", "CAUSAL_LM": "generation",
+                                           "SEQ_2_SEQ_LM": "generation"}
 
 
 @dataclass(frozen=True)
@@ -66,23 +77,77 @@ def export_peft(bank: MultiTaskModel, task: str, folder: str | Path) -> Path:
     folder = Path(folder)
     state, config = fmt.export(bank, task)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    spec = bank.tasks[task]
+    head = {k: v.detach().to("cpu").contiguous() for k, v in bank.task_state_dict(task).items() if k.startswith("head.")}
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if spec.kind == "classification":
+            (tmp / TASK_FILE).write_text(json.dumps({"kind": spec.kind, "labels": spec.labels,
+                                                     "pooling": spec.pooling}, indent=2))
+            if head:
+                save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
     return folder
 
 
-def import_peft(bank: MultiTaskModel, folder: str | Path, task: str, kind: TaskKind = "generation",
-                labels: list[str] | None = None) -> None:
-    """Add a PEFT adapter folder to the bank as task ``task`` (a classification head starts untrained)."""
+def read_peft_config(folder: str | Path) -> dict[str, Any]:
+    """A PEFT folder's adapter_config.json; a folder without one or bad JSON is a ConfigError."""
     folder = Path(folder)
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         raise ConfigError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     try:
         cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{config_path} is not valid JSON ({error.msg} at line {error.lineno})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from error
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{config_path} must hold a JSON object (PEFT's adapter config)")
+    return cfg
+
+
+def _task_file(folder: Path) -> dict[str, Any]:
+    path = folder / TASK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        task = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); export the task again") from error
+    return task if isinstance(task, dict) else {}
+
+
+def peft_kind(bank: MultiTaskModel, folder: str | Path, kind: TaskKind | None = None) -> TaskKind:
+    """The kind of task a PEFT folder holds: ``kind`` if given, else what the folder says (our task file,
+    then PEFT's task_type), else what the base can do (an encoder only classifies)."""
+    folder = Path(folder)
+    if kind is not None:  # PEFT's task_type names the model class it wrapped, which a kind given may differ from
+        return kind
+    told = _task_file(folder).get("kind") or KINDS_BY_TASK_TYPE.get(str(read_peft_config(folder).get("task_type")))
+    return told or ("classification" if bank.base.arch == "encoder" else "generation")
+
+
+def import_peft(bank: MultiTaskModel, folder: str | Path, task: str, kind: TaskKind | None = None,
+                labels: list[str] | None = None) -> TaskSpec:
+    """Add a PEFT adapter folder to the bank as task ``task``; returns its spec.
+
+    ``kind``: see :func:`peft_kind`. A classification task takes its labels and head from the folder's
+    multitune files when export wrote them; else ``labels`` must be given and the head starts untrained.
+    """
+    folder = Path(folder)
+    cfg = read_peft_config(folder)
+    kind = peft_kind(bank, folder, kind)
+    sidecar = _task_file(folder)
+    head: dict[str, torch.Tensor] = {}
+    pooling = None
+    if kind == "classification":
+        if not labels and sidecar.get("labels"):
+            labels, pooling = [str(x) for x in sidecar["labels"]], sidecar.get("pooling")
+            if (folder / HEAD_FILE).is_file():
+                head = load_file(str(folder / HEAD_FILE))
+        if not labels:
+            raise ConfigError(f"{folder} is a classification adapter whose labels and head are not in the folder "
+                              "(a PEFT adapter holds no head); pass --labels A,B,... (the head then starts "
+                              "untrained), or export it with 'multitune export-peft', which keeps them")
     by_type = {f.peft_type: f for f in FORMATS.values()}
     peft_type = cfg.get("peft_type")
     if peft_type not in by_type:
@@ -93,13 +158,14 @@ def import_peft(bank: MultiTaskModel, folder: str | Path, task: str, kind: TaskK
                           "multitune never loads); re-save it with safe_serialization=True")
     fmt = by_type[peft_type]
     config, ours = fmt.to_ours(bank, cfg, load_file(str(weights)))
-    bank.add_task(task, kind, fmt.method, config, labels)
+    spec = bank.add_task(task, kind, fmt.method, config, labels, pooling)
     try:
-        heads = {k: v.detach() for k, v in bank.task_parameters(task).items() if k.startswith("head.")}
-        bank.load_task_state_dict(task, {**ours, **heads})
+        fresh = {k: v.detach() for k, v in bank.task_parameters(task).items() if k.startswith("head.")}
+        bank.load_task_state_dict(task, {**ours, **fresh, **head})
     except ConfigError:
         bank.remove_task(task)
         raise
+    return spec
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------
