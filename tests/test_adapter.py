@@ -414,7 +414,7 @@ def test_adapter_flags_reach_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     args = parser.parse_args(["--method", "adapter", "--adapter-reduction-factor", "8", "--adapter-placement",
-                              "pfeiffer", "--adapter-train-layer-norms", "true", "--adapter-modules", "o_proj,down_proj"])
+                              "pfeiffer", "--adapter-train-layer-norms", "--adapter-modules", "o_proj,down_proj"])
     assert load_run_config(args).methods["adapter"] == AdapterConfig(
         reduction_factor=8, placement="pfeiffer", train_layer_norms=True, modules=["o_proj", "down_proj"])
     with pytest.raises(ConfigError, match="--adapter-activation"):

@@ -217,11 +217,26 @@ def test_copy_reference_equals_the_disabled_adapter_and_full_needs_it():
 
     full = policy_bank("full")
     reward = reward_from_function(positive_fraction)
-    with pytest.raises(ConfigError, match="--reference copy"):
+    with pytest.raises(ConfigError, match="--reference initial"):
         train_ppo(full, "policy", PROMPTS, reward, fast_config(steps=1), progress=False)
     history = train_ppo(full, "policy", PROMPTS, reward, fast_config(steps=2, batch_size=8, learning_rate=1e-4,
                                                                      reference="copy"), progress=False)["history"]
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4) and len(history) == 2
+    assert fast_config(reference="copy").reference == "initial"  # PPO's old name is an alias
+
+
+def test_the_initial_reference_is_the_policy_as_it_starts_for_every_method():
+    """A soft prompt is not the identity at its start: 'initial' must be that prompt, not the bare base."""
+    reward = reward_from_function(positive_fraction)
+    for method in ("prompt", "lora"):
+        kls = {}
+        for reference in ("disabled", "initial"):
+            bank = policy_bank(method)
+            perturb(bank, "policy", 3)  # a policy that starts away from the base
+            config = fast_config(steps=1, batch_size=8, minibatch_size=8, ppo_epochs=1, reference=reference)
+            kls[reference] = train_ppo(bank, "policy", PROMPTS, reward, config, progress=False)["history"][0]["kl"]
+            assert list(bank.tasks) == ["policy"]  # the frozen twin of the starting policy is gone again
+        assert kls["initial"] == pytest.approx(0.0, abs=1e-4) and kls["disabled"] > 1e-2, (method, kls)
 
 
 def test_policy_checks():
@@ -304,9 +319,11 @@ def positive(prompts, responses):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    from multitune.config import parse_args
+
     parser = argparse.ArgumentParser()
     add_ppo_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_args(parser, argv)
 
 
 @pytest.fixture()
@@ -327,15 +344,20 @@ def test_cmd_ppo_end_to_end(ppo_inputs, tmp_path, capsys):
                    "--device", "cpu", "--output", str(out), "--quiet"]))
     printed = capsys.readouterr().out
     assert "step    3/3" in printed and "ppo done: 3 steps" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "history.jsonl", "result.json", "value_head.safetensors"]
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json",
+                                                     "value_head.safetensors"]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [1, 2, 3]
+    # config.yaml holds the run's settings as `ppo --config` reads them back, the task named after the folder
+    again = vars(parse(["--config", str(out / "config.yaml")]))
+    assert again["ppo.max_new_tokens"] == 5 and again["methods.lora.rank"] == 4 and again["task"] == "run"
+    assert again["reward_python"] == f"{module}:positive" and again["output"] == str(out)
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 3 and result["reward"] == "--reward-python" and result["method_config"]["rank"] == 4
     assert result["config"]["max_new_tokens"] == 5 and result["peak_rss_mb"] > 0
     fresh = MultiTaskModel(tiny_base("llama"))
     spec = load_adapter(fresh, out / "adapter")
-    assert spec.kind == "generation" and spec.method == "lora" and spec.config["rank"] == 4
+    assert spec.kind == "generation" and spec.method == "lora" and spec.config["rank"] == 4 and spec.name == "run"
     assert any(v.abs().sum() > 0 for k, v in fresh.task_state_dict(spec.name).items() if "lora_B" in k)
     assert load_value_head(out / "value_head.safetensors").weight.shape == (1, 32)
 
@@ -380,6 +402,9 @@ def test_cmd_ppo_one_line_errors(ppo_inputs, tmp_path):
         ([*base, "--prompts", str(prompts), "--reward-classifier", str(tmp_path / "nowhere"), "--reward-label", "x"],
          "does not exist"),
         ([*base, "--prompts", str(prompts), *reward, "--output", str(tmp_path / "full")], "already exists"),
+        ([*base, *reward], "no prompts given; pass --prompts FILE"),
+        ([*base, "--prompts", str(prompts), *reward, "--device", "gpu"], "device must be cpu, cuda"),
+        ([*base, "--prompts", str(prompts), *reward, "--task", "a b"], "task name 'a b' must be"),
     ]
     for argv, message in cases:
         if "--output" not in argv:
@@ -388,3 +413,14 @@ def test_cmd_ppo_one_line_errors(ppo_inputs, tmp_path):
             cmd_ppo(parse(argv))
         assert "\n" not in str(caught.value), argv
     assert not (tmp_path / "out").exists()
+
+
+def test_cmd_ppo_refuses_a_folder_another_command_holds(ppo_inputs, tmp_path):
+    from multitune.storage import FolderInUse, output_lock
+
+    model, prompts, module = ppo_inputs
+    out = tmp_path / "held"
+    with output_lock(out, "multitune ppo (the first)"), pytest.raises(FolderInUse, match="in use by"):
+        cmd_ppo(parse(["--model", str(model), "--prompts", str(prompts), "--reward-python", f"{module}:positive",
+                       "--device", "cpu", "--steps", "1", "--output", str(out), "--quiet"]))
+    assert not out.exists()

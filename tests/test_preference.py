@@ -6,9 +6,11 @@ import argparse
 import csv
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import NEGATIVE, POSITIVE, WORDS, perturb, shared_dataset, tiny_base, tiny_model
 
 from multitune.bank import MultiTaskModel
@@ -362,9 +364,11 @@ def test_dpo_and_reward_refuse_bad_settings() -> None:
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 def _parse(add, argv: list[str]) -> argparse.Namespace:
+    from multitune.config import parse_args
+
     parser = argparse.ArgumentParser()
     add(parser)
-    return parser.parse_args(argv)
+    return parse_args(parser, argv)
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +393,15 @@ def test_reward_cli_writes_a_reloadable_reward_model(llama_dir, pair_files, tmp_
     assert result["pairs"] == {"train": 48, "validation": 16} and result["steps"] == 18
     assert result["trainable_parameters"] > 0 and result["seconds"] > 0
     assert result["validation_pair_accuracy"] >= 0.8
-    assert "held-out pair accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out pair accuracy" in printed and "48 pairs, 18 steps" in printed
+    # a run folder as multitune train writes one: config.yaml, metrics.jsonl (one line per evaluation)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [e["step"] for e in result["evals"]] and metrics[0]["step"] == 0
+    assert all(m["split"] == "validation" and "accuracy" in m and "lr" in m for m in metrics)
+    again = vars(_parse(add_reward_arguments, ["--config", str(out / "config.yaml")]))
+    assert again["methods.lora.rank"] == 4 and again["train.epochs"] == 3 and again["data.data"] == train_file
+    assert again["task"] == "rm" == json.loads((out / "adapter" / "adapter.json").read_text())["task"]["name"]
     bank = MultiTaskModel(load_base(str(llama_dir), device="cpu"))
     load_adapter(bank, out / "adapter", "judge")
     held = load_pairs(held_file)
@@ -413,6 +425,11 @@ def test_dpo_cli_writes_a_reloadable_policy(llama_dir, pair_files, tmp_path, cap
     assert accuracy["before"] == 0.5 and margin["before"] == pytest.approx(0.0, abs=1e-4)  # LoRA starts as the base
     assert accuracy["after"] > 0.7 and margin["after"] > 0.2
     assert "held-out preference accuracy" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(result["evals"]) >= 2
+    again = vars(_parse(add_dpo_arguments, ["--config", str(out / "config.yaml")]))
+    assert again["beta"] == 0.5 and again["validation_ratio"] == 0.25 and again["reference"] == "disabled"
+    assert json.loads((out / "adapter" / "adapter.json").read_text())["task"]["name"] == "dpo"
     bank = MultiTaskModel(load_base(str(llama_dir), device="cpu"))
     load_adapter(bank, out / "adapter", "pol")
     _, held = split_pairs(load_pairs(train_file), 0.25, 0)
@@ -471,3 +488,39 @@ def test_cli_says_when_it_kept_earlier_weights(llama_dir, pair_files, tmp_path, 
     assert result["evals"][-1]["accuracy"] < result["validation_pair_accuracy"]
     assert result["best_step"] < result["steps"]
     assert "kept " in capsys.readouterr().out
+
+
+def test_the_empty_pairs_advice_works_as_printed_and_a_flat_config_file(llama_dir, pair_files, tmp_path,
+                                                                        capsys) -> None:
+    from multitune.cli import main
+
+    rows = [json.loads(line) for line in Path(pair_files[0]).read_text().splitlines()]
+    rows[3]["chosen"] = ""
+    data = write_jsonl(tmp_path / "holes.jsonl", rows)
+    config = tmp_path / "reward.yaml"
+    config.write_text(yaml.safe_dump({"data": data, "model": str(llama_dir), "lora_rank": 2, "max_steps": 1,
+                                      "batch_size": 8, "quiet": True}))
+    out = tmp_path / "rm"
+    assert main(["reward", "--config", str(config), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "line 4" in err and "pass --drop-empty" in err and not out.exists()
+    assert main(["reward", "--config", str(config), "--output", str(out), "--drop-empty"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 1 and result["pairs"]["train"] + result["pairs"]["validation"] == 47
+    assert "1 step," in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["drop_empty"] is True
+    # dpo: the same flag, and PPO's old reference name accepted as the unified one
+    assert main(["dpo", "--config", str(config), "--output", str(tmp_path / "dpo"), "--drop-empty",
+                 "--reference", "copy"]) == 0
+    assert json.loads((tmp_path / "dpo" / "result.json").read_text())["reference"] == "initial"
+
+
+@pytest.mark.parametrize("command", ["reward", "dpo"])
+def test_a_folder_another_command_holds_is_refused(command, llama_dir, pair_files, tmp_path) -> None:
+    from multitune.storage import FolderInUse, output_lock
+
+    add, cmd = (add_reward_arguments, cmd_reward) if command == "reward" else (add_dpo_arguments, cmd_dpo)
+    out = tmp_path / "held"
+    with output_lock(out, "multitune train"), pytest.raises(FolderInUse, match="in use by"):
+        cmd(_parse(add, ["--data", pair_files[0], "--model", str(llama_dir), "--output", str(out), "--quiet"]))
+    assert not out.exists()

@@ -6,10 +6,11 @@ task, its parameters are counted (after folding, for what is stored), and the pr
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from multitune.bank import MultiTaskModel
+from multitune.config import field_default, setting_fields, setting_help
 from multitune.errors import MultituneError
 from multitune.methods import METHODS, Method
 from multitune.models import Base
@@ -34,10 +35,15 @@ class MethodFacts:
 
 
 def settings_of(method: Method) -> list[Setting]:
+    """The method's flags, as ``multitune train --help`` lists them (internal state such as prompting's shot
+    pool is not a setting); ``help`` ends with the default, shown as it would be typed."""
     out = []
-    for f in dataclasses.fields(method.config_class):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append(Setting(f"--{method.name}-{f.name.replace('_', '-')}", default, f.metadata.get("help", "")))
+    for f in setting_fields(method.config_class):
+        flag = f"--{method.name}-{f.name.replace('_', '-')}"
+        if f.type is bool:
+            flag += f" / --no-{method.name}-{f.name.replace('_', '-')}"
+        is_list = any(typing.get_origin(m) is list for m in typing.get_args(f.type) or [f.type])
+        out.append(Setting(flag, field_default(f), setting_help(f.metadata.get("help", ""), field_default(f), is_list)))
     return out
 
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from multitune.config import plural
 from multitune.errors import ConfigError, MultituneError
 
 
@@ -29,9 +30,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_run_config(args)
     summary = run(config, resume=args.resume, progress=not args.quiet)
     print(f"trained {summary['method']} task '{summary['task']}' on {summary['model']}: "
-          f"{summary['trainable_parameters']:,} trainable parameters, {summary['steps']} steps, "
+          f"{plural(summary['trainable_parameters'], 'trainable parameter')}, {plural(summary['steps'], 'step')}, "
           f"{summary['train_seconds']:.1f} s")
-    _print_metrics(f"test ({summary['examples']['test']} examples):", summary["test"])
+    _print_metrics(f"test ({plural(summary['examples']['test'], 'example')}):", summary["test"])
     print(f"adapter: {Path(config.output) / 'adapter'}")
 
 
@@ -45,9 +46,11 @@ def cmd_train_multi(args: argparse.Namespace) -> None:
     print(f"trained {len(summary['tasks'])} tasks together on {summary['model']} ({summary['sampling']} sampling)")
     for name, task in summary["tasks"].items():
         frozen = ", stopped early" if task["stopped_early"] else ""
-        _print_metrics(f"{name} ({task['method']}, {task['trainable_parameters']:,} trainable, {task['steps']} steps"
-                       f"{frozen}) test ({task['examples']['test']} examples):", task["test"])
-    print(f"adapters: {Path(config.output)}/TASK (one folder per task)")
+        _print_metrics(f"{name} ({task['method']}, {task['trainable_parameters']:,} trainable, "
+                       f"{plural(task['steps'], 'step')}{frozen}) test ({plural(task['examples']['test'], 'example')}):",
+                       task["test"])
+    folders = ", ".join(str(Path(config.output) / name) for name in summary["tasks"])
+    print(f"adapters: {folders} (serve them together: multitune serve {config.output})")
 
 
 def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported lazily)
@@ -57,30 +60,64 @@ def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported
                    args.input_column, args.response_column)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from multitune.api import load
+def _device(args: argparse.Namespace) -> str | None:
+    """The --device given (None: auto, cuda when available); a misspelt one is a ConfigError."""
+    from multitune.config import device_problem
+
+    problem = device_problem(args.device)
+    if problem:
+        raise ConfigError(problem)
+    return None if args.device == "auto" else args.device
+
+
+def _examples_to_score(args: argparse.Namespace, kind: str):  # noqa: ANN202  (list[data.Example], lazily)
+    """(examples, where) of eval: --data, or the run's own test split rebuilt from its config.yaml."""
     from multitune.data import load_examples
 
-    task = load(args.run, model=args.model, device=args.device)
     if args.data:
-        examples = load_examples(args.data, task.spec.kind, _columns(args), drop_empty=args.drop_empty)
-        where = args.data
-    else:  # the run's own test split, rebuilt from its config (the split is deterministic)
-        import yaml
+        return load_examples(args.data, kind, _columns(args), drop_empty=args.drop_empty), args.data
+    import yaml
 
-        from multitune.config import DataConfig
+    from multitune.config import DataConfig
 
-        config_file = Path(args.run) / "config.yaml"
-        if not config_file.is_file():
-            raise ConfigError(f"no --data given and {config_file} not found; pass --data FILE to evaluate on")
-        d = yaml.safe_load(config_file.read_text())["data"]
-        examples = DataConfig(**d).splits(task.spec.kind).test
-        where = f"the test split of {d['data']}"
+    config_file = Path(args.run) / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"no --data given and {config_file} not found; pass --data FILE to evaluate on")
+    d = yaml.safe_load(config_file.read_text())["data"]  # the split is deterministic
+    return DataConfig(**d).splits(kind).test, f"the test split of {d['data']}"
+
+
+def _eval_ensemble(args: argparse.Namespace) -> None:
+    from multitune.ensemble import evaluate_ensemble, load_ensemble
+
+    bank, members, max_length = load_ensemble(args.run, model=args.model, device=_device(args))
+    examples, where = _examples_to_score(args, "classification")
+    labels = bank.tasks[members[0]].labels
+    unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(labels))
+    if unseen:
+        raise ConfigError(f"labels {unseen[:5]} in {where} are not among the ensemble's labels {labels[:10]}")
+    metrics = evaluate_ensemble(bank, members, examples, max_length, args.batch_size)
+    each = metrics.pop("members")
+    _print_metrics(f"majority vote of {plural(len(members), 'member')} on {where} "
+                   f"({plural(len(examples), 'example')}):", metrics)
+    print("members: " + ", ".join(f"{m} {r['accuracy']:.4f}" for m, r in each.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**metrics, "members": each}, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from multitune.api import load
+    from multitune.ensemble import is_ensemble
+
+    if is_ensemble(args.run):
+        return _eval_ensemble(args)
+    task = load(args.run, model=args.model, device=_device(args))
+    examples, where = _examples_to_score(args, task.spec.kind)
     unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(task.labels))
     if task.spec.kind == "classification" and unseen:
         raise ConfigError(f"labels {unseen[:5]} in {where} are not among the task's labels {task.labels[:10]}")
     metrics = task.evaluate(examples, batch_size=args.batch_size)
-    _print_metrics(f"{task.task} on {where} ({len(examples)} examples):", metrics)
+    _print_metrics(f"{task.task} on {where} ({plural(len(examples), 'example')}):", metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
 
@@ -88,11 +125,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from multitune.api import adapter_folder, load
     from multitune.data import load_inputs, write_table
+    from multitune.ensemble import ensemble_predictions, is_ensemble, load_ensemble
     from multitune.storage import read_adapter_config
 
+    if is_ensemble(args.run):  # the majority vote, and the share of members that cast it
+        rows, examples = load_inputs(args.input, "classification", _columns(args))
+        bank, members, max_length = load_ensemble(args.run, model=args.model, device=_device(args))
+        for row, (label, agreement) in zip(rows, ensemble_predictions(bank, members, examples, max_length,
+                                                                      args.batch_size), strict=True):
+            row["prediction"], row["agreement"] = label, agreement
+        write_table(args.output, rows)
+        print(f"wrote {plural(len(rows), 'prediction')} (majority vote of {plural(len(members), 'member')}) "
+              f"to {args.output}")
+        return
     kind = read_adapter_config(adapter_folder(args.run))["task"]["kind"]
     rows, examples = load_inputs(args.input, kind, _columns(args))  # the user's file first: it fails fast
-    task = load(args.run, model=args.model, device=args.device)
+    task = load(args.run, model=args.model, device=_device(args))
     if task.spec.kind == "classification":
         probs = task.predict_proba(examples, batch_size=args.batch_size)
         for row, p in zip(rows, probs, strict=True):
@@ -103,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         for row, text in zip(rows, texts, strict=True):
             row["prediction"] = text
     write_table(args.output, rows)
-    print(f"wrote {len(rows)} predictions to {args.output}")
+    print(f"wrote {plural(len(rows), 'prediction')} to {args.output}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -215,7 +263,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     for f in facts:
         print(f"{f.name}: {f.summary}")
         for s in f.settings:
-            print(f"  {s.flag:<34} {s.help} (default: {s.default})")
+            print(f"  {s.flag:<34} {s.help}")
     print("\nuse one: multitune train --method NAME [its flags] --data FILE ...")
 
 
@@ -225,48 +273,60 @@ def cmd_export_peft(args: argparse.Namespace) -> None:
 
     task = load(args.run, model=args.model, device="cpu")
     folder = export_peft(task.bank, task.task, args.output)
-    extra = " (the classification head is not part of a PEFT adapter)" if task.spec.kind == "classification" else ""
+    extra = (f" (the classification head and labels are beside it, in {folder}/multitune_head.safetensors and "
+             "multitune_task.json, which PEFT ignores and import-peft reads)") if task.spec.kind == "classification" else ""
     print(f"wrote the {task.spec.method} adapter of '{task.task}' in the peft package's format to {folder}{extra}")
 
 
 def cmd_import_peft(args: argparse.Namespace) -> None:
     from multitune.bank import MultiTaskModel
-    from multitune.interop.peft import import_peft
+    from multitune.interop.peft import HEAD_FILE, import_peft, read_peft_config
     from multitune.models import load_base
     from multitune.storage import save_adapter
 
     source = Path(args.folder)
-    if not (source / "adapter_config.json").is_file():
-        raise ConfigError(f"{source} is not a PEFT adapter folder (no adapter_config.json)")
-    model = args.model or json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    model = args.model or read_peft_config(source).get("base_model_name_or_path")
     if not model:
         raise ConfigError(f"{source}/adapter_config.json names no base model; pass --model")
     bank = MultiTaskModel(load_base(model, device="cpu"))
-    import_peft(bank, source, args.task, "generation")
+    spec = import_peft(bank, source, args.task, args.kind, args.labels)
     out = save_adapter(bank, args.task, args.output)
-    print(f"imported {bank.tasks[args.task].method} task '{args.task}' on {model} into {out}")
+    head = ""
+    if spec.kind == "classification":
+        head = (f", labels {', '.join(spec.labels)}" + ("" if (source / HEAD_FILE).is_file() and not args.labels
+                                                         else "; its head is untrained: train it before use"))
+    print(f"imported {spec.method} {spec.kind} task '{args.task}' on {model} into {out}{head}")
 
 
 def _add_io(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder (or adapter folder) written by 'multitune train'")
+    from multitune.config import DEVICE_HELP
+
+    parser.add_argument("run", help="run folder (or adapter folder) written by 'multitune train', or the run "
+                        "folder of 'multitune ensemble' (its members vote)")
     parser.add_argument("--model", help="load the adapter onto this base instead of the recorded one")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
     for name in ("text", "text-pair", "label", "prompt", "input", "response"):
         parser.add_argument(f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)")
 
 
-def _methods_list(text: str) -> list[str]:
+def _comma_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     from multitune.compare import DEFAULT_METHODS
-    from multitune.config import DataConfig, TrainConfig, add_arguments
-    from multitune.methods import METHODS
+    from multitune.config import (
+        DataConfig,
+        TrainConfig,
+        add_arguments,
+        add_config_argument,
+        add_method_arguments,
+    )
 
+    add_config_argument(p)
     p.add_argument("--model", default="minilm", help="short name (minilm, smollm2-135m), HF folder or .gguf")
-    p.add_argument("--methods", type=_methods_list, default=list(DEFAULT_METHODS),
+    p.add_argument("--methods", type=_comma_list, default=list(DEFAULT_METHODS),
                    help=f"comma-separated methods to compare (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--trials", type=int, default=8, help="search trials per method (default: 8)")
     p.add_argument("--max-epochs", type=int, default=3, help="largest number of epochs a trial may use (default: 3)")
@@ -274,15 +334,17 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db "
                    "(default: OUTPUT/study.db, SQLite)")
     p.add_argument("--study-name", help="prefix of the study names (default: the task name)")
-    p.add_argument("--search-only", action="store_true",
-                   help="only add trials to the shared studies (a helper worker); no final runs, no report")
-    p.add_argument("--task", default="task", help="task name (default: task)")
-    p.add_argument("--kind", default="classification", choices=["classification", "generation"])
+    p.add_argument("--search-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="only add trials to the shared studies (a helper worker); no final runs, no report "
+                   "(default: off)")
+    p.add_argument("--task", default="task", help="task name; adapters go to OUTPUT/bank/TASK-METHOD (default: task)")
+    p.add_argument("--kind", default="classification", choices=["classification", "generation"],
+                   help="task kind: classification (scored on accuracy) or generation (ROUGE-L) "
+                   "(default: classification)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (trial lines are still printed)")
     add_arguments(p, DataConfig, dest_prefix="data.")
     add_arguments(p, TrainConfig, dest_prefix="train.")
-    for name, method in sorted(METHODS.items()):
-        add_arguments(p, method.config_class, prefix=f"{name}-", dest_prefix=f"methods.{name}.")
+    add_method_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_arguments(p)
     p.set_defaults(func=cmd_compare)
 
-    from multitune import ppo, preference, server
+    from multitune import ensemble, ppo, preference, server
 
     # Commands whose module defines its own flags (add_X_arguments) and entry point (cmd_X).
     for name, module, help_text in [
@@ -320,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("reward", preference, "train a reward model on chosen/rejected pairs (Bradley-Terry)"),
         ("dpo", preference, "preference-tune a policy adapter with DPO (reference = adapter disabled)"),
         ("ppo", ppo, "RLHF: PPO on an adapter with a reward model, classifier or Python function"),
+        ("ensemble", ensemble, "train N soft prompts of one classification task; eval and predict use their "
+         "majority vote"),
     ]:
         p = commands.add_parser(name, help=help_text)
         getattr(module, f"add_{name}_arguments")(p)
@@ -328,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="score a trained task on a labelled file (default: its test split)")
     _add_io(p)
     p.add_argument("--data", help="labelled file to score (default: the run's test split)")
-    p.add_argument("--drop-empty", action="store_true", help="drop rows with an empty text or label")
+    p.add_argument("--drop-empty", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop rows with an empty text or label")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -353,18 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the base to load it on (default: the recorded one)")
     p.set_defaults(func=cmd_export_peft)
 
-    p = commands.add_parser("import-peft", help="turn a peft package adapter folder into a multitune generation task")
+    p = commands.add_parser("import-peft", help="turn a peft package adapter folder into a multitune task")
     p.add_argument("folder", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--output", required=True, help="the multitune adapter folder to write")
     p.add_argument("--task", default="imported", help="task name (default: imported)")
     p.add_argument("--model", help="base model (default: the one the PEFT config names)")
+    p.add_argument("--kind", choices=["classification", "generation"],
+                   help="the task's kind (default: what the folder says: a multitune export's task file, else PEFT's "
+                   "task_type SEQ_CLS / CAUSAL_LM / SEQ_2_SEQ_LM, else classification on an encoder and generation "
+                   "otherwise)")
+    p.add_argument("--labels", type=_comma_list, metavar="A,B,...",
+                   help="classification: the label names, comma-separated, when the folder does not hold them "
+                   "(a folder written by 'multitune export-peft' does, with the head)")
     p.set_defaults(func=cmd_import_peft)
 
     p = commands.add_parser("demo", help="compare every method on a generated task, with a report (minutes on CPU)")
     p.add_argument("--output", default="runs/demo", help="folder for the data and the comparison (default: runs/demo)")
     p.add_argument("--model", default="minilm", help="base model (default: minilm)")
     p.add_argument("--examples", type=int, default=400, help="messages to generate (default: 400)")
-    p.add_argument("--methods", type=_methods_list, default=None, help="methods to compare (default: all seven)")
+    p.add_argument("--methods", type=_comma_list, default=None, help="methods to compare (default: all seven)")
     p.add_argument("--trials", type=int, default=2, help="search trials per method (default: 2)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -378,10 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar shows training; loading bars only clutter the output
+    from multitune.config import parse_args
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
     try:
+        args = parse_args(parser, argv)  # --config FILE: its settings become the defaults of the flags
+        func: Callable[[argparse.Namespace], None] = args.func
         func(args)
     except MultituneError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -46,7 +46,17 @@ import yaml
 from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
-from multitune.config import DataConfig, RunConfig, TrainConfig, _build, read_yaml_mapping, validate
+from multitune.config import (
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    read_yaml_mapping,
+    settings_dict,
+    settings_from_mapping,
+    settings_parser,
+    split_settings,
+    validate,
+)
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
@@ -313,7 +323,9 @@ TASK_KEYS = ("name", "method", "kind", "data", "learning_rate")
 
 
 def _task_config(entry: Any, index: int, model: str, train: TrainConfig, where: str) -> tuple[RunConfig, float | None]:
-    """One entry of ``tasks:`` -> a RunConfig (its data settings may sit in ``data:`` or beside it)."""
+    """One entry of ``tasks:`` -> a RunConfig: name, method, kind, learning_rate, and the data and method
+    settings as ``multitune train``'s --config takes them (``data: FILE`` or a ``data:`` section,
+    ``text_column: review``, ``lora_rank: 4`` or a ``lora:`` section)."""
     if not isinstance(entry, dict):
         raise ConfigError(f"task {index + 1} in {where} must be a mapping with name, method, kind and data")
     entry = dict(entry)
@@ -323,20 +335,13 @@ def _task_config(entry: Any, index: int, model: str, train: TrainConfig, where: 
     method = entry.pop("method", "lora")
     if method not in METHODS:
         raise ConfigError(f"task '{name}': unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}")
-    data = entry.pop("data", None)
-    data_values = dict(data) if isinstance(data, dict) else ({"data": data} if data is not None else {})
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    data_values.update({k: entry.pop(k) for k in list(entry) if k in data_fields})
-    method_values = dict(entry.pop(method, None) or {})
     lr = entry.pop("learning_rate", None)
     kind = entry.pop("kind", "classification")
-    if entry:
-        raise ConfigError(f"unknown setting(s) {', '.join(sorted(entry))} in task '{name}' of {where}; known: "
-                          f"{', '.join(TASK_KEYS)}, the data settings ({', '.join(sorted(data_fields))}) and "
-                          f"a section named after its method ('{method}:')")
+    schema = settings_parser([(DataConfig, "data.")], [method])
+    values = split_settings(settings_from_mapping(entry, schema, f"task '{name}' of {where}", known=TASK_KEYS))
     run = RunConfig(model=model, task=str(name), kind=kind, method=method, output="", train=train)
-    run.data = _build(DataConfig, data_values, f"task '{name}' of {where} (data)")
-    run.methods = {method: _build(METHODS[method].config_class, method_values, f"task '{name}' of {where} ({method})")}
+    run.data = DataConfig(**values.get("data", {}))
+    run.methods = {method: METHODS[method].config_class(**values.get(method, {}))}
     return run, (float(lr) if lr is not None else None)
 
 
@@ -346,17 +351,14 @@ def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     path = Path(path)
     raw = read_yaml_mapping(path, "a mapping with 'tasks:' and shared settings")
     where = f"config file {path}"
-    train_values = dict(raw.pop("train", None) or {})
     entries = raw.pop("tasks", None)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key.startswith("train."):
-            train_values[key[6:]] = value
-        else:
-            raw[key] = value
-    config = _build(MultiRunConfig, raw, where)
-    config.train = _build(TrainConfig, train_values, f"{where} (train)")
+    # shared settings flat (epochs: 2) or in train:, as every --config takes them; then the flags given
+    values = settings_from_mapping(raw, settings_parser([(MultiRunConfig, ""), (TrainConfig, "train.")]), where,
+                                   known=["tasks"])
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    shared = split_settings(values)
+    config = MultiRunConfig(**shared.get("", {}))
+    config.train = TrainConfig(**shared.get("train", {}))
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where} lists no tasks; add 'tasks:' with one entry (name, method, kind, data) per task")
     built = [_task_config(e, i, config.model, config.train, where) for i, e in enumerate(entries)]
@@ -394,7 +396,7 @@ def _to_yaml(config: MultiRunConfig) -> str:
     tasks = []
     for run in config.tasks:
         entry: dict[str, Any] = {"name": run.task, "method": run.method, "kind": run.kind,
-                                 "data": dataclasses.asdict(run.data), run.method: dataclasses.asdict(run.method_config())}
+                                 "data": settings_dict(run.data), run.method: settings_dict(run.method_config())}
         if run.task in config.learning_rates:
             entry["learning_rate"] = config.learning_rates[run.task]
         tasks.append(entry)

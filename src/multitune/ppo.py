@@ -3,8 +3,10 @@
 The policy is one generation task of a bank (LoRA by default, any method with parameters); the value
 head is a small linear layer on the policy's last hidden states, owned by the run. The reference model
 is the same base with every adapter off (``bank.disabled()``), so PPO holds one copy of the base, not
-two; ``reference="copy"`` keeps a separate frozen deep copy instead (full fine-tuning needs it, since
-there the task *is* the base weights; it is also the baseline of the memory comparison).
+two; ``reference="initial"`` (alias ``copy``) is the policy as it starts, frozen: a second task of the
+bank holding a copy of the policy's starting parameters (a soft prompt or prefix is not the identity at
+its start, so this differs from ``disabled``), or, for full fine-tuning, where the task *is* the base
+weights, a separate frozen deep copy of the model (the baseline of the memory comparison).
 
 One step (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; the PPO of
 Schulman et al. 2017 with the token-level KL penalty of Stiennon et al. 2020):
@@ -33,8 +35,8 @@ import copy
 import dataclasses
 import importlib
 import importlib.util
-import json
 import math
+import os
 import resource
 import sys
 import time
@@ -49,15 +51,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
+from multitune.config import plural
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.evaluate import _autocast
 from multitune.methods import METHODS, get_method
+from multitune.preference import REFERENCE_ALIASES, REFERENCE_HELP, REFERENCES, trainable_methods
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 VALUE_HEAD_FILE = "value_head.safetensors"
-REFERENCES = ("disabled", "copy")
 
 
 @dataclass
@@ -82,9 +85,11 @@ class PPOConfig:
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages per rollout"})
     max_length: int = field(default=256, metadata={"help": "truncate prompts to their last N tokens"})
-    reference: str = field(default="disabled", metadata={"help": "reference model: disabled (the base with the "
-                                                                 "adapter off, no copy) or copy (a frozen copy)"})
+    reference: str = field(default="disabled", metadata={"help": REFERENCE_HELP})
     seed: int = field(default=0, metadata={"help": "seed of the value head, prompt order and sampling"})
+
+    def __post_init__(self) -> None:
+        self.reference = REFERENCE_ALIASES.get(self.reference, self.reference)  # 'copy' is 'initial'
 
     def validate(self) -> list[str]:
         problems = []
@@ -108,7 +113,8 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.reference not in REFERENCES:
-            problems.append(f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}')")
+            problems.append(f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}'); "
+                            "fix --reference")
         return problems
 
 
@@ -314,10 +320,25 @@ def check_policy(bank: MultiTaskModel, task: str, config: PPOConfig) -> None:
     method = get_method(spec.method)
     if method.fit is not None or not bank.task_parameters(task):
         raise ConfigError(f"method '{spec.method}' has no trainable parameters for PPO to update; choose one of: "
-                          f"{', '.join(n for n, m in sorted(METHODS.items()) if m.fit is None and n != 'base')}")
+                          f"{', '.join(trainable_methods())}")
     if method.changes_base and config.reference == "disabled":
         raise ConfigError(f"'{spec.method}' trains the base weights themselves, so the base with adapters off is no "
-                          "reference; pass --reference copy (a frozen copy of the starting model)")
+                          "reference; pass --reference initial (a frozen copy of the starting model)")
+
+
+def _initial_reference(bank: MultiTaskModel, task: str) -> tuple[nn.Module | None, str | None]:
+    """The policy as it starts, frozen: (a deep copy of the model, None) when the task owns the base
+    weights, else (None, the name of a twin task holding a copy of the policy's parameters)."""
+    spec = bank.tasks[task]
+    if get_method(spec.method).changes_base:
+        return copy.deepcopy(bank.base.model).requires_grad_(False).eval(), None
+    twin = next(n for n in (f"{task[:54]}-reference{i or ''}" for i in range(100)) if n not in bank.tasks)
+    bank.add_task(twin, spec.kind, spec.method, METHODS[spec.method].config_class(**spec.config),
+                  spec.labels or None)
+    bank.load_task_state_dict(twin, {k: v.detach().clone() for k, v in bank.task_state_dict(task).items()})
+    for param in bank.task_parameters(twin).values():
+        param.requires_grad_(False)
+    return None, twin
 
 
 def _prompt_order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -350,9 +371,6 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
     tokenizer = bank.base.tokenizer
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     slot = bank.slots.index(task)
-    reference = None
-    if config.reference == "copy":
-        reference = copy.deepcopy(bank.base.model).requires_grad_(False).eval()
     value_head = value_head if value_head is not None else make_value_head(bank.base.hidden_size, device)
     params = list(bank.task_parameters(task).values()) + list(value_head.parameters())
     lr = config.learning_rate or get_method(bank.tasks[task].method).default_learning_rate
@@ -364,6 +382,7 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
     bank.eval()  # no dropout: the update's log-probs must be the sampler's
     start = time.perf_counter()
     bar = tqdm(total=config.steps, desc=f"ppo {task}", disable=not progress, dynamic_ncols=True)
+    reference, twin = _initial_reference(bank, task) if config.reference == "initial" else (None, None)
     try:
         for step in range(config.steps):
             tick = time.perf_counter()
@@ -385,7 +404,10 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
                 logits, values = response_outputs(bank, task_ids, input_ids, attention, width,
                                                   config.temperature, value_head)
                 old_logp = token_logprobs(logits, tokens)
-                if reference is None:
+                if twin is not None:  # the frozen copy of the starting policy, routed as a task of its own
+                    ref_logits, _ = response_outputs(bank, bank.task_ids(twin, len(rows)), input_ids,
+                                                     attention, width, config.temperature)
+                elif reference is None:
                     with bank.disabled():
                         ref_logits, _ = response_outputs(bank, task_ids, input_ids, attention, width,
                                                          config.temperature)
@@ -458,6 +480,8 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
                 log(record)
     finally:
         bar.close()
+        if twin is not None:
+            bank.remove_task(twin)
     return {"history": history, "value_head": value_head, "kl_coef": kl_control.value,
             "seconds": time.perf_counter() - start}
 
@@ -465,31 +489,32 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
 # ---- CLI -------------------------------------------------------------------------------------------
 def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``multitune ppo``: model, prompts, one reward source, method, PPO settings, output."""
-    from multitune.config import add_arguments
+    from multitune.config import DEVICE_HELP, add_arguments, add_config_argument, add_method_arguments
 
+    add_config_argument(parser)
     parser.add_argument("--model", default="smollm2-135m", help="base model: short name, HF folder or .gguf "
                         "(default: smollm2-135m)")
-    parser.add_argument("--prompts", required=True, help="prompts file (.jsonl/.json/.csv with a prompt column, "
-                        "or preference pairs whose prompt is split off)")
+    parser.add_argument("--prompts", metavar="FILE", help="prompts file (.jsonl/.json/.csv with a prompt column, "
+                        "or preference pairs whose prompt is split off; required)")
     parser.add_argument("--reward-model", help="adapter folder of a trained reward model (multitune preference)")
     parser.add_argument("--reward-classifier", help="adapter or run folder of a trained classification task")
     parser.add_argument("--reward-label", help="with --reward-classifier: the label whose probability is the reward")
-    parser.add_argument("--reward-include-prompt", action="store_true",
-                        help="with --reward-classifier: classify prompt and response as a pair, not the response alone")
+    parser.add_argument("--reward-include-prompt", action=argparse.BooleanOptionalAction, default=False,
+                        help="with --reward-classifier: classify prompt and response as a pair, not the response "
+                        "alone (default: off)")
     parser.add_argument("--reward-python", help="a Python reward function MODULE:FUNCTION (or path/file.py:FUNCTION) "
                         "taking (prompts, responses) and returning one number per response")
-    parser.add_argument("--task", default="policy", help="name of the policy task (default: policy)")
+    parser.add_argument("--task", help="name of the policy task: letters, digits, _ and - (default: the --output "
+                        "folder's name)")
     parser.add_argument("--method", default="lora", help="adaptation method of the policy: "
-                        + ", ".join(n for n, m in sorted(METHODS.items()) if m.fit is None and n != "base")
-                        + " (default: lora)")
-    parser.add_argument("--max-prompts", type=int, help="use at most the first N prompts")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--output", required=True, help="folder to write: adapter/, value_head.safetensors, "
-                        "history.jsonl, result.json")
+                        + ", ".join(trainable_methods()) + " (default: lora)")
+    parser.add_argument("--max-prompts", type=int, metavar="N", help="use at most the first N prompts")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    parser.add_argument("--output", default="runs/ppo", help="folder to write: config.yaml, metrics.jsonl (one line "
+                        "per step), adapter/, value_head.safetensors, result.json (default: runs/ppo)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (step lines are still printed)")
     add_arguments(parser, PPOConfig, dest_prefix="ppo.")
-    for name, method in sorted(METHODS.items()):
-        add_arguments(parser, method.config_class, prefix=f"{name}-", dest_prefix=f"methods.{name}.")
+    add_method_arguments(parser, trainable_methods())
 
 
 def ppo_config_from_args(args: argparse.Namespace) -> tuple[PPOConfig, Any]:
@@ -580,16 +605,28 @@ def peak_rss_mb() -> float:
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
-    """``multitune ppo``: load the base, add the policy task, build the reward, run PPO, save everything."""
+    """``multitune ppo``: load the base, add the policy task, build the reward, run PPO, save everything.
+
+    The run folder is written as ``multitune train`` writes one: config.yaml (the settings, which
+    ``--config`` reads back) and metrics.jsonl (a line per step, as it happens) first, then adapter/, the
+    value head and, last, result.json.
+    """
     from multitune.api import adapter_folder
+    from multitune.config import TASK_NAME, command_yaml, device_problem, task_name_from_folder
     from multitune.models import load_base
-    from multitune.storage import atomic_dir, save_adapter, write_json_atomic
+    from multitune.preference import run_folder
+    from multitune.storage import save_adapter, write_json_atomic
 
     config, method_config = ppo_config_from_args(args)
+    task = args.task or task_name_from_folder(args.output)
+    if not TASK_NAME.fullmatch(task):
+        raise ConfigError(f"task name '{task}' must be letters, digits, _ and - (at most 64, starting with a letter "
+                          "or digit); fix --task")
+    if device_problem(args.device):
+        raise ConfigError(device_problem(args.device))
     source = _reward_source(args)
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {out} already exists and is not empty; choose another --output")
+    if not args.prompts:
+        raise ConfigError("no prompts given; pass --prompts FILE (.jsonl/.json/.csv with a prompt column, or .txt)")
     prompts = _load_prompts(args.prompts)
     if args.max_prompts is not None:
         if args.max_prompts < 1:
@@ -599,52 +636,57 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.prompts} holds no prompts; give a file with at least one")
     reward_python = load_python_reward(args.reward_python) if args.reward_python else None
     judge_folder = adapter_folder(args.reward_model or args.reward_classifier) if source != "--reward-python" else None
-    device = None if args.device == "auto" else args.device
-    base = load_base(args.model, device=device)
-    torch.manual_seed(config.seed)
-    bank = MultiTaskModel(base)
-    bank.add_task(args.task, "generation", args.method, method_config)
-    check_policy(bank, args.task, config)
-    if judge_folder is not None:
-        judge, judge_task = _judge_bank(bank, args.task, judge_folder, args.model, device)
-        if source == "--reward-model":
-            reward_fn = reward_from_model(judge, judge_task, max_length=config.max_length)
+    resolved = {"task": task, **{f"ppo.{k}": v for k, v in asdict(config).items()},
+                **{f"methods.{args.method}.{k}": v for k, v in asdict(method_config).items()}}
+    out = Path(args.output)
+    with run_folder(out, "multitune ppo") as start:
+        device = None if args.device == "auto" else args.device
+        base = load_base(args.model, device=device)
+        torch.manual_seed(config.seed)
+        bank = MultiTaskModel(base)
+        bank.add_task(task, "generation", args.method, method_config)
+        check_policy(bank, task, config)
+        if judge_folder is not None:
+            judge, judge_task = _judge_bank(bank, task, judge_folder, args.model, device)
+            if source == "--reward-model":
+                reward_fn = reward_from_model(judge, judge_task, max_length=config.max_length)
+            else:
+                reward_fn = reward_from_classifier(judge, judge_task, args.reward_label, args.reward_include_prompt,
+                                                   max_length=config.max_length)
         else:
-            reward_fn = reward_from_classifier(judge, judge_task, args.reward_label, args.reward_include_prompt,
-                                               max_length=config.max_length)
-    else:
-        assert reward_python is not None  # _reward_source guarantees exactly one source
-        reward_fn = reward_python
-    trainable = sum(p.numel() for p in bank.task_parameters(args.task).values())
-    print(f"ppo: {args.method} policy '{args.task}' on {args.model} ({trainable:,} trainable + value head), "
-          f"{len(prompts)} prompts, reward {source} {args.reward_model or args.reward_classifier or args.reward_python}, "
-          f"reference: {config.reference}", flush=True)
+            assert reward_python is not None  # _reward_source guarantees exactly one source
+            reward_fn = reward_python
+        trainable = sum(p.numel() for p in bank.task_parameters(task).values())
+        write_metrics = start(command_yaml(args, resolved))
+        reward_text = args.reward_model or args.reward_classifier or args.reward_python
+        print(f"ppo: {args.method} policy '{task}' on {args.model} ({trainable:,} trainable + value head), "
+              f"{plural(len(prompts), 'prompt')}, reward {source} {reward_text}, "
+              f"reference: {config.reference}", flush=True)
 
-    def log(record: dict[str, Any]) -> None:
-        tqdm.write(f"step {record['step']:>4}/{config.steps}  score {record['score']:8.4f}  reward "
-                   f"{record['reward']:8.4f}  kl {record['kl']:7.4f}  kl_coef {record['kl_coef']:.4f}  "
-                   f"entropy {record['entropy']:.3f}  clip {record['clip_fraction']:.3f}", file=sys.stdout)
-        sys.stdout.flush()
+        def log(record: dict[str, Any]) -> None:
+            write_metrics(record)
+            tqdm.write(f"step {record['step']:>4}/{config.steps}  score {record['score']:8.4f}  reward "
+                       f"{record['reward']:8.4f}  kl {record['kl']:7.4f}  kl_coef {record['kl_coef']:.4f}  "
+                       f"entropy {record['entropy']:.3f}  clip {record['clip_fraction']:.3f}", file=sys.stdout)
+            sys.stdout.flush()
 
-    result = train_ppo(bank, args.task, prompts, reward_fn, config, progress=not args.quiet, log=log)
-    history = result["history"]
-    k = max(1, min(5, len(history) // 3))
-    first, last = (sum(r["score"] for r in part) / len(part) for part in (history[:k], history[-k:]))
-    summary = {
-        "task": args.task, "method": args.method, "model": args.model, "reward": source,
-        "reward_source": args.reward_model or args.reward_classifier or args.reward_python,
-        "reward_label": args.reward_label, "prompts": len(prompts), "trainable_parameters": trainable,
-        "steps": len(history), "score_first": first, "score_last": last, "kl_last": history[-1]["kl"],
-        "kl_coef": result["kl_coef"], "seconds": round(result["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "config": asdict(config), "method_config": asdict(method_config),
-    }
-    with atomic_dir(out) as tmp:
-        save_adapter(bank, args.task, tmp / "adapter", extra={"ppo": {"reward": summary["reward_source"],
-                                                                       "steps": len(history)}})
-        save_value_head(result["value_head"], tmp / VALUE_HEAD_FILE)
-        (tmp / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        write_json_atomic(tmp / "result.json", summary)
-    print(f"ppo done: {len(history)} steps in {summary['seconds']:.1f} s; mean score of the first {k} steps "
-          f"{first:.4f} -> last {k} {last:.4f}; KL {summary['kl_last']:.3f} (kl_coef {result['kl_coef']:.4f}); "
+        result = train_ppo(bank, task, prompts, reward_fn, config, progress=not args.quiet, log=log)
+        history = result["history"]
+        k = max(1, min(5, len(history) // 3))
+        first, last = (sum(r["score"] for r in part) / len(part) for part in (history[:k], history[-k:]))
+        summary = {
+            "task": task, "method": args.method, "model": args.model, "reward": source,
+            "reward_source": reward_text, "reward_label": args.reward_label, "prompts": len(prompts),
+            "trainable_parameters": trainable, "steps": len(history), "score_first": first, "score_last": last,
+            "kl_last": history[-1]["kl"], "kl_coef": result["kl_coef"], "seconds": round(result["seconds"], 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "config": asdict(config), "method_config": asdict(method_config),
+        }
+        save_adapter(bank, task, out / "adapter", extra={"ppo": {"reward": reward_text, "steps": len(history)}})
+        partial = out / f".{VALUE_HEAD_FILE}.tmp-{os.getpid()}"  # a name the lock's clean-up knows as stale
+        save_value_head(result["value_head"], partial)
+        os.replace(partial, out / VALUE_HEAD_FILE)
+        write_json_atomic(out / "result.json", summary)  # last: a folder with result.json is a finished run
+    print(f"ppo done: {plural(len(history), 'step')} in {summary['seconds']:.1f} s; mean score of the first "
+          f"{plural(k, 'step')} {first:.4f} -> last {k} {last:.4f}; KL {summary['kl_last']:.3f} (kl_coef {result['kl_coef']:.4f}); "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB")
     print(f"adapter: {out / 'adapter'} (value head: {out / VALUE_HEAD_FILE})")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel, TaskSpec
-from multitune.config import TrainConfig
+from multitune.config import TrainConfig, plural
 from multitune.data import Example, read_table
 from multitune.encode import IGNORE, collate, encode_task, prompt_ids, to_device
 from multitune.errors import ConfigError, DataError
@@ -48,6 +48,20 @@ ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
 REWARD_LABELS = ["rejected", "chosen"]  # score = logit[chosen] - logit[rejected]
 SHOWN = 5  # row numbers an error message lists before "..."
 TIE = 1e-4  # implicit-reward differences (nats) this small are ties: float noise of a policy equal to its reference
+# The reference models of DPO and PPO, one name set for both; "copy" was PPO's name for "initial".
+REFERENCES = {"disabled": "the base with every adapter off (no copy of the model)",
+              "initial": "the policy as it starts, frozen (with --init-adapter: that adapter, e.g. the SFT model)"}
+REFERENCE_ALIASES = {"copy": "initial"}
+REFERENCE_HELP = ("reference model: " + "; ".join(f"{k}: {v}" for k, v in REFERENCES.items())
+                  + "; 'copy' is accepted for initial")
+
+
+def reference_name(name: str) -> str:
+    """The reference's canonical name (an alias such as 'copy' -> 'initial'); an unknown one is a ConfigError."""
+    name = REFERENCE_ALIASES.get(name, name)
+    if name not in REFERENCES:
+        raise ConfigError(f"reference must be one of {', '.join(REFERENCES)} (got '{name}'); fix --reference")
+    return name
 
 
 @dataclass(frozen=True)
@@ -81,10 +95,6 @@ def split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str] | None:
 
 def _shown(items: Sequence[object]) -> str:
     return ", ".join(str(i) for i in items[:SHOWN]) + (", ..." if len(items) > SHOWN else "")
-
-
-def _plural(count: int, unit: str) -> str:
-    return f"{count} {unit}" + ("s" if count != 1 else "")
 
 
 def _line_numbers(path: Path, count: int) -> tuple[str, list[int]]:
@@ -143,12 +153,12 @@ def load_pairs(path: str | Path, drop_empty: bool = False) -> list[Pair]:
         keys, numbers_ = next(iter(missing.items()))
         first = rows[numbers.index(numbers_[0])]
         count = sum(map(len, missing.values()))
-        more = f" (and {_plural(count - 1, unit)} more)" if count > 1 else ""
+        more = f" (and {plural(count - 1, unit)} more)" if count > 1 else ""
         raise DataError(f"{unit} {numbers_[0]} of {path} lacks '{keys}'{more}; each row needs 'prompt', 'chosen' "
                         f"and 'rejected', or HH dialogues in 'chosen' and 'rejected' (its keys: "
                         f"{', '.join(first) or 'none'})")
     if empty and not drop_empty:
-        raise DataError(f"{path}: {_plural(len(empty), unit)} with an empty chosen or rejected response "
+        raise DataError(f"{path}: {plural(len(empty), unit)} with an empty chosen or rejected response "
                         f"({unit} {_shown(empty)}); remove them or pass --drop-empty")
     if not pairs:
         raise DataError(f"{path}: every pair has an empty chosen or rejected response; fill them in")
@@ -181,7 +191,7 @@ def load_prompts(path: str | Path) -> list[str]:
     prompts = [_text(row.get(column), f"{unit} {n} of {path}", column) for row, n in zip(rows, numbers, strict=True)]
     empty = [n for n, p in zip(numbers, prompts, strict=True) if not p.strip()]
     if empty:
-        raise DataError(f"{path}: {_plural(len(empty), unit)} with an empty '{column}' ({unit} {_shown(empty)}); "
+        raise DataError(f"{path}: {plural(len(empty), unit)} with an empty '{column}' ({unit} {_shown(empty)}); "
                         "fill them in or remove them")
     return prompts
 
@@ -344,10 +354,12 @@ def _check_trainable(method: str, head: bool = False) -> None:
     spec_method = get_method(method)
     if spec_method.fit is not None or spec_method.score is not None or (method == "base" and not head):
         raise ConfigError(f"method '{method}' has no adapter to train here; choose one of: "
-                          f"{', '.join(_trainable_methods())}")
+                          f"{', '.join(trainable_methods())}")
 
 
-def _trainable_methods() -> list[str]:
+def trainable_methods() -> list[str]:
+    """The methods DPO, PPO and a reward model can train: those with parameters (not prompting, not the
+    bare base, whose only parameters would be a classification head)."""
     return [n for n, m in sorted(METHODS.items()) if m.fit is None and m.score is None and n != "base"]
 
 
@@ -403,7 +415,7 @@ def _check_train_config(config: TrainConfig) -> None:
 
 def _optimise(bank: MultiTaskModel, task: str, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, dict]],
               evaluate_now: Callable[[], dict[str, float] | None], config: TrainConfig, progress: bool,
-              desc: str) -> dict[str, Any]:
+              desc: str, on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """AdamW on the task's parameters over ``n`` training pairs; early stopping on held-out pair accuracy.
 
     ``batch_loss(rows)`` gives the mean loss of those pairs and its statistics; ``evaluate_now()`` the
@@ -416,7 +428,7 @@ def _optimise(bank: MultiTaskModel, task: str, n: int, batch_loss: Callable[[lis
     params = list(bank.task_parameters(task).values())
     if not params:
         raise ConfigError(f"task '{task}' ({spec.method}) has no trainable parameters; choose one of: "
-                          f"{', '.join(_trainable_methods())}")
+                          f"{', '.join(trainable_methods())}")
     if n < 1:
         raise ConfigError("no training pairs; give a file with at least one pair")
     torch.manual_seed(config.seed)
@@ -441,8 +453,11 @@ def _optimise(bank: MultiTaskModel, task: str, n: int, batch_loss: Callable[[lis
             scores = evaluate_now()
         if scores is None:
             return False
-        record = {"step": state["step"], "epoch": epoch, **scores, "elapsed": round(time.perf_counter() - start, 2)}
+        record = {"step": state["step"], "epoch": epoch, "split": "validation", **scores,
+                  "lr": scheduler.get_last_lr()[0], "elapsed": round(time.perf_counter() - start, 2)}
         evals.append(record)
+        if on_eval is not None:  # the CLI appends it to metrics.jsonl, as multitune train does
+            on_eval(record)
         key = (scores["accuracy"], -scores["loss"])
         if state["best_key"] is None or key > state["best_key"]:
             state.update(best=bank.task_state_dict(task), best_key=key, best_step=state["step"], bad=0)
@@ -514,7 +529,8 @@ def _optimise(bank: MultiTaskModel, task: str, n: int, batch_loss: Callable[[lis
 
 # ---- reward model -------------------------------------------------------------------------------------
 def train_reward(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation_pairs: Sequence[Pair],
-                 config: TrainConfig, progress: bool = True) -> dict[str, Any]:
+                 config: TrainConfig, progress: bool = True,
+                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train reward task ``task`` on Bradley-Terry ``-log sigmoid(s_chosen - s_rejected)``.
 
     ``config.batch_size`` counts pairs (each step reads 2 x batch_size sequences in one forward). Returns
@@ -541,7 +557,7 @@ def train_reward(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validat
         return _reward_eval(bank, task, validation_pairs, config.max_length, config.eval_batch_size,
                             "held-out pairs" if progress else None)
 
-    return _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"reward {task}")
+    return _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"reward {task}", on_eval)
 
 
 # ---- DPO ----------------------------------------------------------------------------------------------
@@ -559,12 +575,10 @@ def _reference_logps(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], max
                      reference: str = "disabled", desc: str | None = None) -> torch.Tensor:
     """(N, 2) log-probabilities of (chosen, rejected) under the reference, computed once, without gradients.
 
-    ``disabled``: the base with every adapter off. ``initial``: the task as it is now (a policy that
-    starts from a fine-tuned adapter, the usual SFT-then-DPO recipe).
+    ``disabled``: the base with every adapter off. ``initial`` (alias ``copy``): the task as it is now (a
+    policy that starts from a fine-tuned adapter, the usual SFT-then-DPO recipe).
     """
-    if reference not in ("disabled", "initial"):
-        raise ConfigError(f"reference must be 'disabled' (the base, adapters off) or 'initial' (the task's "
-                          f"starting weights), got '{reference}'")
+    reference = reference_name(reference)
     prompts = [p.prompt for p in pairs]
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     with torch.no_grad(), bank.disabled() if reference == "disabled" else contextlib.nullcontext():
@@ -594,7 +608,7 @@ def _dpo_eval(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], reference:
 
 def train_dpo(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation_pairs: Sequence[Pair],
               config: TrainConfig, beta: float = 0.1, progress: bool = True,
-              reference: str = "disabled") -> dict[str, Any]:
+              reference: str = "disabled", on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train generation task ``task`` with DPO's sigmoid loss against the reference (see the module doc).
 
     ``config.batch_size`` counts pairs. Returns ``history`` (loss, margin, reward accuracy per step),
@@ -605,11 +619,12 @@ def train_dpo(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation
     """
     if not beta > 0:
         raise ConfigError(f"beta must be > 0 (got {beta}); it scales the implicit reward, 0.1 is usual")
+    reference = reference_name(reference)
     spec = _check_policy(bank, task)
     _check_train_config(config)
     if get_method(spec.method).fit is not None or not bank.task_parameters(task):
         raise ConfigError(f"method '{spec.method}' has no trainable parameters for DPO; choose one of: "
-                          f"{', '.join(_trainable_methods())}")
+                          f"{', '.join(trainable_methods())}")
     if not pairs:
         raise ConfigError("no training pairs; give a file with at least one pair")
     pairs, validation_pairs = list(pairs), list(validation_pairs)
@@ -635,7 +650,7 @@ def train_dpo(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation
         return _dpo_eval(bank, task, validation_pairs, ref_val, beta, config.max_length, config.eval_batch_size,
                          "held-out pairs" if progress else None)
 
-    result = _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"dpo {task}")
+    result = _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"dpo {task}", on_eval)
     result.update(beta=beta, reference=reference)
     # how often the reference alone already gives the chosen response the higher likelihood (length-biased)
     result["reference_likelihood_accuracy"] = _accuracy(ref_val[:, 0] - ref_val[:, 1]) if validation_pairs else None
@@ -646,11 +661,10 @@ def train_dpo(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser, task: str, output: str) -> None:
-    from multitune.config import add_arguments
+def _add_common_arguments(parser: argparse.ArgumentParser, output: str, methods: list[str]) -> None:
+    from multitune.config import add_arguments, add_config_argument, add_method_arguments
 
-    parser.add_argument("--config", help="YAML file with any of these settings (model, method, data:, train:, "
-                        "method sections); flags override it")
+    add_config_argument(parser)
     parser.add_argument("--data", dest="data.data", metavar="FILE",
                         help="preference pairs (.jsonl .json .csv .parquet): prompt/chosen/rejected columns, or HH "
                         "chosen/rejected dialogues split at the last '\\n\\nAssistant:'")
@@ -663,54 +677,80 @@ def _add_common_arguments(parser: argparse.ArgumentParser, task: str, output: st
                         help="seed of the held-out split (default: 0)")
     parser.add_argument("--max-pairs", dest="data.max_examples", type=int, metavar="N",
                         help="train on at most N pairs (after the held-out split)")
-    parser.add_argument("--drop-empty", dest="data.drop_empty", action="store_true", default=None,
-                        help="drop pairs with an empty chosen or rejected response")
-    parser.add_argument("--model", help=f"base model: short name, HF folder or .gguf (default: {DEFAULT_MODEL})")
-    parser.add_argument("--method", help="adaptation method: " + ", ".join(_trainable_methods()) + " (default: lora)")
-    parser.add_argument("--task", help=f"task name (default: {task})")
-    parser.add_argument("--output", help=f"folder to write: adapter/, result.json (default: {output})")
+    parser.add_argument("--drop-empty", dest="data.drop_empty", action=argparse.BooleanOptionalAction, default=None,
+                        help="drop pairs with an empty chosen or rejected response (default: off)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"base model: short name, HF folder or .gguf (default: {DEFAULT_MODEL})")
+    parser.add_argument("--method", default="lora", help="adaptation method: " + ", ".join(methods)
+                        + " (default: lora)")
+    parser.add_argument("--task", help="task name: letters, digits, _ and - (default: the --output folder's name)")
+    parser.add_argument("--output", default=output,
+                        help=f"folder to write: config.yaml, metrics.jsonl, adapter/, result.json (default: {output})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_arguments(parser, TrainConfig, dest_prefix="train.")
-    for name, method in sorted(METHODS.items()):
-        add_arguments(parser, method.config_class, prefix=f"{name}-", dest_prefix=f"methods.{name}.")
+    add_method_arguments(parser, [m for m in methods if m in METHODS])
 
 
 def add_reward_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``multitune reward``: the data, the base and method (as ``multitune train``), training."""
-    _add_common_arguments(parser, "reward", "runs/reward")
+    _add_common_arguments(parser, "runs/reward", ["base", *trainable_methods()])
 
 
 def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``multitune dpo``: those of ``reward``, plus beta, the reference and a starting adapter."""
-    _add_common_arguments(parser, "policy", "runs/dpo")
+    _add_common_arguments(parser, "runs/dpo", trainable_methods())
     parser.add_argument("--beta", type=float, default=0.1,
                         help="DPO's beta: how far the policy may move from the reference (default: 0.1)")
-    parser.add_argument("--reference", choices=["disabled", "initial"], default="disabled",
-                        help="reference model: the base with adapters off, or the task's starting weights "
-                        "(with --init-adapter: the SFT model) (default: disabled)")
+    parser.add_argument("--reference", choices=[*REFERENCES, *REFERENCE_ALIASES], default="disabled",
+                        help=f"{REFERENCE_HELP} (default: disabled)")
     parser.add_argument("--init-adapter", metavar="DIR",
                         help="start from this trained generation adapter (e.g. an SFT run's RUN/adapter) "
                         "instead of a fresh task")
 
 
-def _run_config(args: argparse.Namespace, task: str, output: str) -> Any:
-    """Defaults < the YAML of --config < flags, validated as ``multitune train`` validates its settings."""
-    from multitune.config import load_run_config, read_yaml_mapping
+def _run_config(args: argparse.Namespace) -> Any:
+    """The flags (defaults < --config file < flags) as a RunConfig, validated as ``multitune train``'s are."""
+    from multitune.config import load_run_config
 
-    raw = read_yaml_mapping(args.config, "a mapping of settings") if getattr(args, "config", None) else {}
-    for key, default in (("model", DEFAULT_MODEL), ("task", task), ("output", output)):
-        if getattr(args, key, None) is None and key not in raw:
-            setattr(args, key, default)
     config = load_run_config(args)
     if not 0 < args.validation_ratio < 1:
         raise ConfigError(f"--validation-ratio must be between 0 and 1 (got {args.validation_ratio})")
     if not config.data.data:
         raise ConfigError("no preference data given; pass --data FILE (.jsonl .json .csv .parquet with "
                           "prompt/chosen/rejected or HH chosen/rejected)")
-    out = Path(config.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output folder {out} already exists; choose another --output or remove it")
     return config
+
+
+@contextlib.contextmanager
+def run_folder(output: str | Path, command: str) -> Any:
+    """Hold the output folder for the block (one command at a time) and refuse one that is not empty.
+
+    Yields ``start(settings)``, to call once the data, the model and the task are ready: it writes
+    config.yaml and an empty metrics.jsonl and returns the ``on_eval(record)`` that appends each
+    evaluation to metrics.jsonl, as ``multitune train`` does. A run refused before ``start`` leaves nothing.
+    """
+    import json
+
+    from multitune.storage import output_lock
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file; choose another --output")
+    with output_lock(out, command):
+        if any(out.iterdir()):
+            raise ConfigError(f"output folder {out} already exists; choose another --output or remove it")
+
+        def start(settings: str) -> Callable[[dict[str, Any]], None]:
+            (out / "config.yaml").write_text(settings)
+            (out / "metrics.jsonl").write_text("")
+
+            def on_eval(record: dict[str, Any]) -> None:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+            return on_eval
+
+        yield start
 
 
 def _load_splits(config: Any, ratio: float) -> tuple[list[Pair], list[Pair]]:
@@ -739,13 +779,19 @@ def _settings(config: Any) -> dict[str, Any]:
     return {"train": dataclasses.asdict(config.train), config.method: dataclasses.asdict(config.method_config())}
 
 
-def _save(bank: MultiTaskModel, task: str, out: Path, summary: dict[str, Any], extra: dict[str, Any]) -> None:
-    """The adapter and result.json, swapped in together: a crash leaves no half-written run."""
-    from multitune.storage import atomic_dir, save_adapter, write_json_atomic
+def _settings_yaml(args: argparse.Namespace, config: Any) -> str:
+    """config.yaml: this command's settings as resolved, in the layout its ``--config`` reads back."""
+    from multitune.config import command_yaml, run_config_values
 
-    with atomic_dir(out) as tmp:
-        save_adapter(bank, task, tmp / "adapter", extra=extra)
-        write_json_atomic(tmp / "result.json", summary)
+    return command_yaml(args, run_config_values(config))
+
+
+def _save(bank: MultiTaskModel, task: str, out: Path, summary: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The adapter (an atomic folder swap), then result.json: a run with a result.json is complete."""
+    from multitune.storage import save_adapter, write_json_atomic
+
+    save_adapter(bank, task, out / "adapter", extra=extra)
+    write_json_atomic(out / "result.json", summary)
 
 
 def _fmt(value: float | None) -> str:
@@ -763,79 +809,87 @@ def _print_kept(result: dict[str, Any]) -> None:
 
 
 def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
-    """``multitune reward``: train a reward model on preference pairs; write DIR/adapter and DIR/result.json."""
-    config = _run_config(args, "reward", "runs/reward")
+    """``multitune reward``: train a reward model on preference pairs; write config.yaml, metrics.jsonl,
+    DIR/adapter and DIR/result.json."""
+    config = _run_config(args)
     _check_trainable(config.method, head=True)
-    train, held = _load_splits(config, args.validation_ratio)  # the user's files first: they fail fast
-    bank = _load_bank(config)
-    add_reward_task(bank, config.task, config.method, config.method_config())
-    trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
-    result = train_reward(bank, config.task, train, held, config.train, progress=not args.quiet)
-    before, after = result["before"] or {}, result["after"] or {}
-    summary = {
-        "command": "reward", "task": config.task, "method": config.method, "model": config.model,
-        "pairs": {"train": len(train), "validation": len(held)}, "trainable_parameters": trainable,
-        "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
-        "seconds": result["seconds"], "learning_rate": result["learning_rate"],
-        "validation_pair_accuracy": result["validation_accuracy"], "validation_margin": after.get("margin"),
-        "validation_loss": after.get("loss"), "before": before, "evals": result["evals"],
-        "score": "logit[chosen] - logit[rejected]", "settings": _settings(config),
-    }
-    out = Path(config.output)
-    _save(bank, config.task, out, summary, {"reward_model": {"labels": REWARD_LABELS, "score": summary["score"]},
-                                            "metrics": {"validation_pair_accuracy": result["validation_accuracy"]}})
+    with run_folder(config.output, "multitune reward") as start:
+        train, held = _load_splits(config, args.validation_ratio)  # the user's files first: they fail fast
+        bank = _load_bank(config)
+        add_reward_task(bank, config.task, config.method, config.method_config())
+        trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
+        result = train_reward(bank, config.task, train, held, config.train, progress=not args.quiet,
+                              on_eval=start(_settings_yaml(args, config)))
+        before, after = result["before"] or {}, result["after"] or {}
+        summary = {
+            "command": "reward", "task": config.task, "method": config.method, "model": config.model,
+            "pairs": {"train": len(train), "validation": len(held)}, "trainable_parameters": trainable,
+            "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
+            "seconds": result["seconds"], "learning_rate": result["learning_rate"],
+            "validation_pair_accuracy": result["validation_accuracy"], "validation_margin": after.get("margin"),
+            "validation_loss": after.get("loss"), "before": before, "evals": result["evals"],
+            "score": "logit[chosen] - logit[rejected]", "settings": _settings(config),
+        }
+        out = Path(config.output)
+        _save(bank, config.task, out, summary, {"reward_model": {"labels": REWARD_LABELS, "score": summary["score"]},
+                                                "metrics": {"validation_pair_accuracy": result["validation_accuracy"]}})
     print(f"trained reward model '{config.task}' ({config.method}) on {config.model}: {trainable:,} trainable "
-          f"parameters, {len(train)} pairs, {result['steps']} steps, {result['seconds']:.1f} s")
+          f"parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, {result['seconds']:.1f} s")
     print(f"held-out pair accuracy: {_fmt(result['validation_accuracy'])} (before training "
-          f"{_fmt(before.get('accuracy'))}) on {len(held)} pairs")
+          f"{_fmt(before.get('accuracy'))}) on {plural(len(held), 'pair')}")
     _print_kept(result)
     print(f"adapter: {out / 'adapter'}")
     return summary
 
 
 def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
-    """``multitune dpo``: DPO on preference pairs; write DIR/adapter and DIR/result.json."""
+    """``multitune dpo``: DPO on preference pairs; write config.yaml, metrics.jsonl, DIR/adapter and
+    DIR/result.json."""
     if not args.beta > 0:
         raise ConfigError(f"--beta must be > 0 (got {args.beta}); 0.1 is usual")
-    config = _run_config(args, "policy", "runs/dpo")
+    reference = reference_name(args.reference)
+    config = _run_config(args)
     if not args.init_adapter:
         _check_trainable(config.method)
-    train, held = _load_splits(config, args.validation_ratio)
-    bank = _load_bank(config)
-    if args.init_adapter:
-        from multitune.api import adapter_folder
-        from multitune.storage import load_adapter
+    with run_folder(config.output, "multitune dpo") as start:
+        train, held = _load_splits(config, args.validation_ratio)
+        bank = _load_bank(config)
+        if args.init_adapter:
+            from multitune.api import adapter_folder
+            from multitune.storage import load_adapter
 
-        spec = load_adapter(bank, adapter_folder(args.init_adapter), config.task)
-        if spec.kind != "generation":
-            raise ConfigError(f"{args.init_adapter} holds a {spec.kind} task; DPO starts from a generation adapter")
-    else:
-        bank.add_task(config.task, "generation", config.method, config.method_config())
-    method = bank.tasks[config.task].method
-    trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
-    result = train_dpo(bank, config.task, train, held, config.train, beta=args.beta, progress=not args.quiet,
-                       reference=args.reference)
-    before, after = result["before"] or {}, result["after"] or {}
-    summary = {
-        "command": "dpo", "task": config.task, "method": method, "model": config.model, "beta": args.beta,
-        "reference": args.reference, "init_adapter": args.init_adapter,
-        "pairs": {"train": len(train), "validation": len(held)}, "trainable_parameters": trainable,
-        "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
-        "seconds": result["seconds"], "learning_rate": result["learning_rate"],
-        "preference_accuracy": {"before": before.get("accuracy"), "after": after.get("accuracy")},
-        "margin": {"before": before.get("margin"), "after": after.get("margin")},
-        "reference_likelihood_accuracy": result["reference_likelihood_accuracy"],
-        "validation_loss": {"before": before.get("loss"), "after": after.get("loss")},
-        "evals": result["evals"], "settings": _settings(config),
-    }
-    out = Path(config.output)
-    _save(bank, config.task, out, summary, {"dpo": {"beta": args.beta, "reference": args.reference},
-                                            "metrics": {"preference_accuracy": summary["preference_accuracy"]}})
+            spec = load_adapter(bank, adapter_folder(args.init_adapter), config.task)
+            if spec.kind != "generation":
+                raise ConfigError(f"{args.init_adapter} holds a {spec.kind} task; DPO starts from a generation "
+                                  "adapter")
+        else:
+            bank.add_task(config.task, "generation", config.method, config.method_config())
+        method = bank.tasks[config.task].method
+        trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
+        _check_policy(bank, config.task)
+        result = train_dpo(bank, config.task, train, held, config.train, beta=args.beta, progress=not args.quiet,
+                           reference=reference, on_eval=start(_settings_yaml(args, config)))
+        before, after = result["before"] or {}, result["after"] or {}
+        summary = {
+            "command": "dpo", "task": config.task, "method": method, "model": config.model, "beta": args.beta,
+            "reference": reference, "init_adapter": args.init_adapter,
+            "pairs": {"train": len(train), "validation": len(held)}, "trainable_parameters": trainable,
+            "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
+            "seconds": result["seconds"], "learning_rate": result["learning_rate"],
+            "preference_accuracy": {"before": before.get("accuracy"), "after": after.get("accuracy")},
+            "margin": {"before": before.get("margin"), "after": after.get("margin")},
+            "reference_likelihood_accuracy": result["reference_likelihood_accuracy"],
+            "validation_loss": {"before": before.get("loss"), "after": after.get("loss")},
+            "evals": result["evals"], "settings": _settings(config),
+        }
+        out = Path(config.output)
+        _save(bank, config.task, out, summary, {"dpo": {"beta": args.beta, "reference": reference},
+                                                "metrics": {"preference_accuracy": summary["preference_accuracy"]}})
     print(f"trained '{config.task}' ({method}) with DPO (beta {args.beta}) on {config.model}: {trainable:,} "
-          f"trainable parameters, {len(train)} pairs, {result['steps']} steps, {result['seconds']:.1f} s")
+          f"trainable parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, "
+          f"{result['seconds']:.1f} s")
     print(f"held-out preference accuracy: {_fmt(before.get('accuracy'))} -> {_fmt(after.get('accuracy'))}, "
-          f"mean margin {_fmt(before.get('margin'))} -> {_fmt(after.get('margin'))} on {len(held)} pairs")
+          f"mean margin {_fmt(before.get('margin'))} -> {_fmt(after.get('margin'))} on {plural(len(held), 'pair')}")
     _print_kept(result)
     print(f"adapter: {out / 'adapter'}")
     return summary
-
