@@ -256,3 +256,9 @@ def test_every_method_setting_has_help_text() -> None:
         internal = {f.name for f in dataclasses.fields(cls)} - {f.name for f in setting_fields(cls)}
         assert internal <= {"pool"}, (cls.__name__, internal)  # prompting's pool: written by fit, not a flag
     assert {f.name for f in setting_fields(RunConfig)} == {"model", "task", "kind", "method", "output"}
+
+
+def test_an_empty_section_sets_nothing_and_a_dict_setting_stays_a_dict(tmp_path) -> None:
+    config = _write(tmp_path, "lora:\nprompting:\n  verbalizers: {pos: great, neg: awful}\n")
+    run = load_run_config(parse_args(build_parser(), ["train", "--config", config]))
+    assert run.methods["lora"].rank == 8 and run.methods["prompting"].verbalizers == {"pos": "great", "neg": "awful"}

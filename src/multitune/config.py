@@ -344,8 +344,8 @@ def settings_from_mapping(raw: dict[str, Any], parser: argparse.ArgumentParser, 
         name = str(key).replace("-", "_")
         if name in ignored:
             continue
-        if name in sections and isinstance(value, dict):
-            for sub, sub_value in value.items():
+        if name in sections and (isinstance(value, dict) or (value is None and name not in flat)):
+            for sub, sub_value in (value or {}).items():  # an empty section ("lora:") sets nothing
                 field_name = str(sub).replace("-", "_")
                 if field_name in sections[name]:
                     put(sections[name][field_name], sub_value, f"{name}.{field_name}")
