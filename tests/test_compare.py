@@ -284,3 +284,63 @@ def test_generation_tasks_compare_on_rouge_l(llama_dir, tmp_path):
         low, high = result["test_ci"]["rouge_l"]
         assert low <= result["test"]["rouge_l"] <= high
     assert (tmp_path / "o" / "report.html").is_file()
+
+
+def test_a_second_compare_into_a_held_folder_is_refused_and_changes_nothing(bert_dir, data_csv, tmp_path, capsys):
+    """Two workers into one folder on one machine too: the second says who holds it and exits 2."""
+    from test_storage import _holder
+
+    out = tmp_path / "cmp"
+    holder = _holder(out)
+    try:
+        for extra in ([], ["--search-only"]):
+            assert main(_args(bert_dir, data_csv, out, "prompting", 1, *extra)) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and f"process {holder.pid}" in err and err.count("\n") == 1
+            assert list(out.iterdir()) == []  # no compare.json, no study.db
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_trial_failed_by_another_process_while_it_runs_is_dropped_not_fatal(bert_dir, data_csv, tmp_path,
+                                                                               monkeypatch):
+    """A worker sharing the study that takes our running trial for a dead one: we say so and run another."""
+    import multitune.compare as compare_module
+
+    config = _config(bert_dir, data_csv, tmp_path / "cmp", ["lora"], trials=2)
+    config.storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    config.search_only = True
+    real = compare_module.fit_and_score
+    calls = []
+
+    def failed_under_us(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # what another worker's stale-trial sweep does to ours
+            other = optuna.load_study(study_name="task-lora", storage=config.storage)
+            for trial in other.get_trials(states=[optuna.trial.TrialState.RUNNING]):
+                other._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "fit_and_score", failed_under_us)
+    lines: list[str] = []
+    compare(config, log=lines.append)
+    assert any("trial 1/2: marked failed by another process" in line for line in lines), lines
+    study = optuna.load_study(study_name="task-lora", storage=config.storage)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+
+
+def test_a_second_demo_into_a_held_folder_is_refused_and_changes_nothing(tmp_path, capsys):
+    from test_storage import _holder
+
+    out = tmp_path / "demo"
+    holder = _holder(out)
+    try:
+        assert main(["demo", "--output", str(out), "--quiet"]) == 2
+        assert f"process {holder.pid}" in capsys.readouterr().err
+        assert list(out.iterdir()) == []  # no data.csv written
+    finally:
+        holder.kill()
+        holder.wait()

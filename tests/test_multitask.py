@@ -399,3 +399,19 @@ def test_train_multi_bad_inputs_print_one_error_line(multi_yaml, tmp_path, capsy
     for part in expected:
         assert part in err[0], err[0]
     assert not out.exists()
+
+
+def test_a_second_train_multi_into_a_held_bank_is_refused_and_changes_nothing(multi_yaml, tmp_path, capsys) -> None:
+    from test_storage import _holder
+
+    out = tmp_path / "bank"
+    config = multi_yaml()
+    holder = _holder(out)
+    try:
+        assert main(["train-multi", "--config", config, "--output", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"process {holder.pid}" in err and "in use by" in err
+        assert list(out.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -151,3 +151,47 @@ def test_resume_with_other_settings_is_refused(tmp_path) -> None:
     other = TrainConfig(epochs=1, batch_size=8, checkpoint_every=1)
     with pytest.raises(ConfigError, match="batch_size"):
         train(_bank("bert"), "t", data, data[:4], other, run_dir=tmp_path, resume=True, progress=False)
+
+
+# ---- the run folder: `multitune train` ---------------------------------------------------------------------
+def _csv(folder, n: int = 48) -> str:
+    import csv
+
+    path = folder / "reviews.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([(ex.text, ex.label) for ex in toy_sentiment(n)])
+    return str(path)
+
+
+def _train_argv(model_dir, data: str, out, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", data, "--output", str(out), "--method", "lora",
+            "--epochs", "1", "--batch-size", "8", "--quiet", *extra]
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_second_train_into_a_held_run_folder_is_refused_and_changes_nothing(bert_dir, tmp_path, capsys, resume):
+    from test_storage import _holder
+
+    from multitune.cli import main
+
+    data = _csv(tmp_path)
+    out = tmp_path / "runs" / "run"
+    holder = _holder(out)
+    try:
+        before = _tree(tmp_path)
+        assert main(_train_argv(bert_dir, data, out, *(["--resume"] if resume else []))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        assert f"in use by multitune train --output {out} (process {holder.pid}" in err
+        assert _tree(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_train_argv(bert_dir, data, out)) == 0  # the holder is gone: its lock is taken over
+    assert (out / "result.json").is_file()

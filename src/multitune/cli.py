@@ -159,23 +159,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from multitune.compare import DEFAULT_METHODS, CompareConfig, compare
     from multitune.config import DataConfig, TrainConfig
     from multitune.demo import write_demo_csv
+    from multitune.storage import output_lock
 
     methods = args.methods or list(DEFAULT_METHODS)
     out = Path(args.output)
-    if not args.resume and (out / "compare" / "compare.json").exists():  # the demo's own folder: start afresh
-        import shutil
+    with output_lock(out, "multitune demo"):  # the data file and the comparison: one demo at a time
+        if not args.resume and (out / "compare" / "compare.json").exists():  # the demo's own folder: start afresh
+            import shutil
 
-        print(f"demo: replacing the previous demo comparison in {out / 'compare'} (--resume continues it instead)")
-        shutil.rmtree(out / "compare")
-    data = write_demo_csv(out / "data.csv", n=args.examples)
-    config = CompareConfig(
-        model=args.model, task="support", methods=methods, trials=args.trials, max_epochs=2,
-        output=str(out / "compare"), progress=not args.quiet, command="multitune " + " ".join(sys.argv[1:]),
-        data=DataConfig(data=str(data), text_column="message", label_column="intent"),
-        train=TrainConfig(batch_size=16, max_length=64))
-    print(f"demo: {', '.join(methods)} on {args.model}, {args.examples} generated support messages "
-          f"(4 intents) in {data}, {args.trials} search trials per method")
-    summary = compare(config)
+            print(f"demo: replacing the previous demo comparison in {out / 'compare'} (--resume continues it instead)")
+            with output_lock(out / "compare", "multitune demo"):  # never under a compare running there
+                shutil.rmtree(out / "compare")
+        data = write_demo_csv(out / "data.csv", n=args.examples)
+        config = CompareConfig(
+            model=args.model, task="support", methods=methods, trials=args.trials, max_epochs=2,
+            output=str(out / "compare"), progress=not args.quiet, command="multitune " + " ".join(sys.argv[1:]),
+            data=DataConfig(data=str(data), text_column="message", label_column="intent"),
+            train=TrainConfig(batch_size=16, max_length=64))
+        print(f"demo: {', '.join(methods)} on {args.model}, {args.examples} generated support messages "
+              f"(4 intents) in {data}, {args.trials} search trials per method")
+        summary = compare(config)
     _print_comparison(summary)
     print("\nyour own CSV: multitune compare --data my.csv --text-column review --label-column stars "
           "--model minilm --trials 8 --output runs/mine")

@@ -41,7 +41,7 @@ import torch
 from multitune.config import DataConfig, TrainConfig
 from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
-from multitune.storage import write_json_atomic
+from multitune.storage import output_lock, write_json_atomic
 
 DEFAULT_METHODS = ["full", "lora", "prefix", "adapter", "prompt", "ia3", "prompting"]
 RESULTS = "results"
@@ -197,12 +197,13 @@ def fit_and_score(config: CompareConfig, method: str, params: dict[str, Any], sp
 
 
 # ---- the search -------------------------------------------------------------------------------------------
-def _storage(url: str) -> Any:
+def _storage(url: str, shared: bool) -> Any:
     import optuna
 
-    if url.startswith("sqlite"):
+    if not shared:
         return optuna.storages.RDBStorage(url)
-    # Workers on several machines: a worker that dies stops beating and its trial is failed after the grace period.
+    # A shared study (any --storage, SQLite too): a worker that dies stops beating and its trial is failed
+    # after the grace period; no worker may fail another's running trial by itself.
     import warnings
 
     with warnings.catch_warnings():
@@ -217,7 +218,7 @@ def open_storage(config: CompareConfig) -> Any:
     if url.startswith("sqlite"):
         config.out.mkdir(parents=True, exist_ok=True)
     try:
-        return _storage(url)
+        return _storage(url, shared=config.storage is not None)
     except ImportError as error:
         missing = getattr(error.__cause__, "name", None) or "its driver"
         raise ConfigError(f"the storage {url.split(':')[0]} needs a database driver ({missing}); "
@@ -231,7 +232,6 @@ def open_study(config: CompareConfig, method: str) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(config)
-    url = config.storage_url()
     direction = "minimize" if config.metric() in ("loss", "perplexity") else "maximize"
     # One seed for a local study (reproducible); independent samplers for workers sharing a study.
     seed = config.seed if config.storage is None else None
@@ -239,7 +239,7 @@ def open_study(config: CompareConfig, method: str) -> Any:
     name = f"{config.study_name or config.task}-{method}"
     study = optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2), load_if_exists=True)
-    if url.startswith("sqlite"):  # a local study has one worker: a trial still 'running' is from a killed run
+    if config.storage is None:  # the folder's own study, under its lock: a trial still 'running' is from a killed run
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     if not study.get_trials(deepcopy=False):
@@ -261,8 +261,10 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
     study = open_study(config, method)
     worker = f"{platform.node()}:{os.getpid()}"
     metric = config.metric()
+    running: list[int] = []  # the number of the trial this worker runs now
 
     def objective(trial: Any) -> float:
+        running[:] = [trial.number]
         trial.set_user_attr("worker", worker)
         params = suggest(trial, method, config.max_epochs)
         number = trial.number + 1
@@ -292,7 +294,17 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
         _fail_stale(study)
         if _counted(study) >= config.trials:
             break
-        study.optimize(objective, n_trials=1, catch=())
+        try:
+            study.optimize(objective, n_trials=1, catch=())
+        except ValueError:
+            # Optuna cannot record a result for a trial that someone else already ended (a worker that
+            # took ours for a dead one): say so and go on, the trial is not counted.
+            ended = [t for t in study.get_trials(deepcopy=False) if running and t.number == running[0]]
+            if not ended or ended[0].state != optuna.trial.TrialState.FAIL:
+                raise
+            log(f"{method} trial {running[0] + 1}/{config.trials}: marked failed by another process while it ran "
+                "(a worker sharing the study took it for a dead one); its result is dropped and another trial runs")
+        running.clear()
     waited = 0.0
     while study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         if waited == 0:
@@ -552,8 +564,17 @@ def validate(config: CompareConfig) -> None:
 
 
 def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every method of ``config``: search, final run, result file; then the report. Returns the summary."""
+    """Every method of ``config``: search, final run, result file; then the report. Returns the summary.
+
+    The output folder is locked for the whole run: a second compare into it (a worker too) is refused
+    before it touches the folder or the study.
+    """
     validate(config)
+    with output_lock(config.out, "multitune compare" + (" --search-only" if config.search_only else "")):
+        return _compare(config, log)
+
+
+def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any]:
     start = time.perf_counter()
     _check_output(config)
     open_storage(config)

@@ -63,7 +63,7 @@ from multitune.errors import ConfigError
 from multitune.evaluate import evaluate
 from multitune.methods import METHODS, get_method
 from multitune.metrics import is_better
-from multitune.storage import save_adapter, write_json_atomic
+from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.train import TrainResult, _accelerator, _fit_only, default_metric, epoch_steps, lr_schedule
 
 SAMPLING = ("proportional", "temperature")
@@ -408,9 +408,14 @@ def _to_yaml(config: MultiRunConfig) -> str:
 def run_multitask(config: MultiRunConfig, progress: bool = True) -> dict[str, Any]:
     """Data -> base -> tasks -> train together -> test each -> OUTPUT/TASK adapters; the summary is
     written to OUTPUT/result.json (OUTPUT/config.yaml and OUTPUT/metrics.jsonl beside the adapters)."""
+    out = Path(config.output)
+    with output_lock(out, "multitune train-multi"):
+        return _run_multitask(config, out, progress)
+
+
+def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[str, Any]:
     from multitune.models import load_base
 
-    out = Path(config.output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output folder {out} already exists and is not empty; choose another --output")
     splits = {t.task: t.data.splits(t.kind) for t in config.tasks}  # every data file read before the model loads

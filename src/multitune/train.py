@@ -32,7 +32,7 @@ from multitune.evaluate import evaluate
 from multitune.methods import get_method
 from multitune.metrics import is_better
 from multitune.models import load_base
-from multitune.storage import atomic_dir, save_adapter, write_json_atomic
+from multitune.storage import atomic_dir, output_lock, save_adapter, write_json_atomic
 
 CHECKPOINT = "checkpoint"
 
@@ -293,8 +293,18 @@ def _rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 # ---- the whole job ----------------------------------------------------------------------------------
 def run(config: RunConfig, resume: bool = False, progress: bool = True,
         on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Data -> base -> task -> train -> test -> adapter; returns the summary written to RUN/result.json."""
+    """Data -> base -> task -> train -> test -> adapter; returns the summary written to RUN/result.json.
+
+    The run folder is locked for the whole job (:func:`multitune.storage.output_lock`): a second run into
+    it is refused before it changes anything.
+    """
     out = Path(config.output)
+    with output_lock(out, "multitune train"):
+        return _run(config, out, resume, progress, on_step)
+
+
+def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
+         on_step: Callable[[int], None] | None) -> dict[str, Any]:
     if (out / "result.json").exists() and resume:
         return json.loads((out / "result.json").read_text())
     if out.exists() and any(out.iterdir()) and not resume:
