@@ -415,3 +415,19 @@ def test_a_second_train_multi_into_a_held_bank_is_refused_and_changes_nothing(mu
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(("max_steps", "eval_every", "steps"), [(3, 5, [3]), (3, 2, [2, 3]), (None, 3, [3, 4])])
+def test_the_last_step_of_a_multi_task_run_is_always_evaluated(tmp_path, max_steps, eval_every, steps) -> None:
+    data = {"a": (toy_sentiment(16), toy_sentiment(8, seed=1)), "b": (toy_three(16), toy_three(8, seed=1))}
+    torch.manual_seed(0)
+    bank = MultiTaskModel(tiny_base("llama"))
+    bank.add_task("a", "classification", "lora", LoRAConfig(rank=2), ["neg", "pos"])
+    bank.add_task("b", "classification", "ia3", None, ["neg", "pos", "question"])
+    cfg = TrainConfig(epochs=1, batch_size=8, max_steps=max_steps, eval_every=eval_every, patience=100)
+    results = train_multitask(bank, data, cfg, run_dir=tmp_path, progress=False)
+    for task in ("a", "b"):
+        assert [r["step"] for r in results[task].history] == steps
+        assert results[task].best_metric is not None
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * len(steps)

@@ -195,3 +195,40 @@ def test_a_second_train_into_a_held_run_folder_is_refused_and_changes_nothing(be
         holder.wait()
     assert main(_train_argv(bert_dir, data, out)) == 0  # the holder is gone: its lock is taken over
     assert (out / "result.json").is_file()
+
+
+def test_the_progress_bar_never_shows_an_epoch_past_the_last(capsys) -> None:
+    import re
+
+    data = toy_sentiment(16)
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3)
+    train(_bank("bert"), "t", data, data[:4], cfg, progress=True)
+    shown = [(int(a), int(b)) for a, b in re.findall(r"epoch (\d+)/(\d+)", capsys.readouterr().err)]
+    assert shown and all(1 <= a <= b == 2 for a, b in shown), shown
+    assert shown[-1] == (2, 2)
+
+
+@pytest.mark.parametrize(("max_steps", "eval_every", "steps"), [
+    (3, None, [3]),  # shorter than an epoch: scored at its last step
+    (3, 2, [2, 3]),
+    (None, 4, [4, 8, 10]),  # the last step of the last epoch, once
+    (None, 5, [5, 10]),  # an eval_every step that is also the end: not scored twice
+    (None, None, [10]),
+])
+def test_the_last_step_of_a_run_is_always_evaluated_once(tmp_path, max_steps, eval_every, steps) -> None:
+    data = toy_sentiment(40)
+    cfg = TrainConfig(epochs=1, batch_size=4, max_steps=max_steps, eval_every=eval_every, patience=100)
+    result = train(_bank("bert"), "t", data, data[:8], cfg, run_dir=tmp_path, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == steps
+    assert result.best_metric is not None and result.steps == steps[-1]
+
+
+def test_max_steps_shorter_than_an_epoch_gives_a_validation_score(bert_dir, tmp_path) -> None:
+    from multitune.cli import main
+
+    out = tmp_path / "run"
+    assert main(_train_argv(bert_dir, _csv(tmp_path), out, "--max-steps", "2")) == 0
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["steps"] == 2 and summary["validation"]["accuracy"] is not None
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]

@@ -282,8 +282,8 @@ def train_multitask(
             step += 1
             bar.update(1)
             bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
-            due = step % config.eval_every == 0 if config.eval_every else (
-                step % steps_per_epoch == 0 or step == total_steps)
+            # every eval_every steps (default: each epoch of the mixture), and always the last step
+            due = step == total_steps or (step % (config.eval_every or steps_per_epoch) == 0)
             if due:
                 evaluate_now(step)
             if on_step is not None:

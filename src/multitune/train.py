@@ -133,10 +133,15 @@ def train(
         _rewrite_metrics(run_dir, state["history"])
 
     def evaluate_now() -> bool:
-        """Score the validation split, keep the best weights; True when patience has run out."""
+        """Score the validation split, keep the best weights; True when patience has run out.
+
+        Once per step: the end of a run may coincide with an ``eval_every`` step or an epoch's end.
+        """
         nonlocal best
         if not validation_examples:
             return False
+        if state["history"] and state["history"][-1]["step"] == state["step"]:
+            return state["bad_evals"] >= config.patience
         scores = evaluate(bank, task, validation_examples, config.max_length, config.eval_batch_size,
                           config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
         if metric not in scores:
@@ -152,8 +157,8 @@ def train(
             best = bank.task_state_dict(task)
         else:
             state["bad_evals"] += 1
-        bar.set_postfix_str(f"epoch {state['epoch'] + 1}/{config.epochs} loss {running:.4f} "
-                            f"{metric} {scores[metric]:.4f}", refresh=False)
+        bar.set_postfix_str(f"{_epoch_text(state, config.epochs)} loss {running:.4f} {metric} {scores[metric]:.4f}",
+                            refresh=False)
         if on_eval is not None:
             on_eval(record)
         return state["bad_evals"] >= config.patience
@@ -185,11 +190,15 @@ def train(
                 state["step"] += 1
                 running = loss.item() * config.grad_accum
                 bar.update(1)
-                bar.set_postfix_str(f"epoch {state['epoch'] + 1}/{config.epochs} loss {running:.4f}", refresh=False)
+                bar.set_postfix_str(f"{_epoch_text(state, config.epochs)} loss {running:.4f}", refresh=False)
                 if config.eval_every and state["step"] % config.eval_every == 0 and evaluate_now():
                     state["stopped_early"] = stop = True
                 if state["step"] >= total_steps:
                     stop = True
+                    # A run that ends mid-epoch (--max-steps) is scored at its last step; at an epoch's end
+                    # the epoch's own evaluation below does it.
+                    if state["batch"] < len(batches) and evaluate_now():
+                        state["stopped_early"] = True
                 if ckpt is not None and (state["step"] % config.checkpoint_every == 0 or stop):
                     _save_checkpoint(ckpt, bank, task, keys, optimizer, scheduler, state, best, config)
                 if on_step is not None:
@@ -199,7 +208,7 @@ def train(
             if state["batch"] >= len(batches):  # a finished epoch; an early stop mid-epoch keeps its place
                 state["epoch"] += 1
                 state["batch"] = 0
-                if not config.eval_every and evaluate_now():
+                if (not config.eval_every or stop) and evaluate_now():  # each epoch, and the run's last step
                     state["stopped_early"] = stop = True
                 if ckpt is not None:
                     _save_checkpoint(ckpt, bank, task, keys, optimizer, scheduler, state, best, config)
@@ -215,6 +224,12 @@ def train(
         fold(bank, task)
     return TrainResult(state["step"], state["best_step"], state["best_metric"], metric, state["stopped_early"],
                        time.perf_counter() - start, state["history"])
+
+
+def _epoch_text(state: dict[str, Any], epochs: int) -> str:
+    """The bar's epoch: an evaluation just after an epoch ended belongs to that epoch (never 'epoch 3/2')."""
+    ended = state["batch"] == 0 and state["epoch"] > 0
+    return f"epoch {state['epoch'] if ended else state['epoch'] + 1}/{epochs}"
 
 
 def _fit_only(bank: MultiTaskModel, task: str, fit: Callable[..., None], train_examples: Sequence[Example],
