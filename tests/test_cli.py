@@ -190,7 +190,10 @@ def test_an_existing_run_is_not_overwritten(bert_dir, sentiment_csv, tmp_path, c
     run = tmp_path / "r"
     run.mkdir()
     (run / "keep.txt").write_text("precious")
-    _fails(capsys, _train_args(bert_dir, sentiment_csv, run), "already exists", "--resume")
+    # not a run folder: the advice is another --output, never --resume (which would write a run into it)
+    _fails(capsys, _train_args(bert_dir, sentiment_csv, run), "already exists", "other files (keep.txt)",
+           "choose another --output")
+    _fails(capsys, _train_args(bert_dir, sentiment_csv, run, "--resume"), "choose another --output")
     assert (run / "keep.txt").read_text() == "precious"
 
 

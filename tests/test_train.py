@@ -232,3 +232,89 @@ def test_max_steps_shorter_than_an_epoch_gives_a_validation_score(bert_dir, tmp_
     summary = json.loads((out / "result.json").read_text())
     assert summary["steps"] == 2 and summary["validation"]["accuracy"] is not None
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def _stop_at(step: int):
+    def on_step(now: int) -> None:
+        if now == step:
+            raise Interrupt
+    return on_step
+
+
+def _run_config(model_dir, data: str, out, **train):
+    from multitune.config import DataConfig, RunConfig
+
+    return RunConfig(model=str(model_dir), method="lora", output=str(out), data=DataConfig(data=data),
+                     train=TrainConfig(epochs=1, batch_size=8, **train))
+
+
+@pytest.mark.parametrize(("make", "what"), [
+    ({"compare.json": "{}", "bank/task-lora/adapter.json": "{}"}, "a comparison folder of 'multitune compare'"),
+    ({"result.json": '{"command": "dpo", "task": "t"}', "adapter/adapter.json": "{}"}, "a run folder of 'multitune dpo'"),
+    ({"result.json": '{"tasks": {}}', "a/adapter.json": "{}"}, "a bank of 'multitune train-multi'"),
+    ({"x/adapter.json": "{}"}, "a bank of adapter folders"),
+    ({"notes.txt": "mine"}, "a folder of other files (notes.txt)"),
+    ({"config.yaml": "model: minilm\nmethod: lora\ntrain: {}\n", "metrics.jsonl": ""}, "a folder of other files"),
+])
+def test_train_into_a_folder_of_something_else_is_refused_with_advice_that_fits_it(bert_dir, tmp_path, capsys,
+                                                                                    make, what) -> None:
+    """Its advice is never --resume (which wrote a run into a comparison folder), and --resume is refused too."""
+    from multitune.cli import main
+
+    data = _csv(tmp_path)
+    out = tmp_path / "cmp"
+    for name, text in make.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = _tree(out)
+    for extra in ([], ["--resume"]):
+        assert main(_train_argv(bert_dir, data, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert what in err and "choose another --output" in err and "pass --resume" not in err, err
+        assert _tree(out) == before
+    assert main(_train_argv(bert_dir, data, tmp_path / "another")) == 0  # the advice, followed
+
+
+def test_the_advice_to_resume_a_run_folder_works_as_printed_and_the_checkpoint_goes_at_the_end(bert_dir, tmp_path,
+                                                                                                capsys) -> None:
+    from multitune.cli import main
+    from multitune.train import run
+
+    data = _csv(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run(_run_config(bert_dir, data, out, checkpoint_every=1), progress=False, on_step=_stop_at(2))
+    assert (out / "checkpoint" / "state.json").is_file()
+    assert main(_train_argv(bert_dir, data, out)) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {out} already exists; pass --resume" in err
+    assert main(_train_argv(bert_dir, data, out, "--resume")) == 0  # as printed
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["command"] == "train" and summary["steps"] == 5
+    assert not (out / "checkpoint").exists()  # 1.2 MB beside a 300 kB adapter, for nothing
+    assert main(_train_argv(bert_dir, data, out)) == 2  # a finished run: the same advice, which still works
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(_train_argv(bert_dir, data, out, "--resume")) == 0
+    assert json.loads((out / "result.json").read_text()) == summary
+
+
+def test_keep_checkpoint_keeps_it_and_a_finished_run_resumes_to_its_result(bert_dir, tmp_path) -> None:
+    from multitune.cli import main
+    from multitune.train import run
+
+    data = _csv(tmp_path)
+    out = tmp_path / "run"
+    summary = run(_run_config(bert_dir, data, out, keep_checkpoint=True), progress=False)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["state"]["step"] == 5
+    assert main(_train_argv(bert_dir, data, out, "--resume", "--keep-checkpoint")) == 0
+    assert (out / "checkpoint").is_dir()
+    assert run(_run_config(bert_dir, data, out), resume=True, progress=False) == summary
+    assert not (out / "checkpoint").exists()  # resumed without the flag: the finished run's checkpoint goes
+
+
+def test_an_output_that_is_a_file_is_one_error_line(bert_dir, tmp_path, capsys) -> None:
+    from multitune.cli import main
+
+    (tmp_path / "out").write_text("x")
+    assert main(_train_argv(bert_dir, _csv(tmp_path), tmp_path / "out")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

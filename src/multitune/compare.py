@@ -84,7 +84,8 @@ class CompareConfig:
         """What a resumed compare must share with the first run (methods may be added)."""
         return {"model": self.model, "task": self.task, "kind": self.kind, "trials": self.trials,
                 "max_epochs": self.max_epochs, "data": dataclasses.asdict(self.data),
-                "train": {k: v for k, v in dataclasses.asdict(self.train).items() if k != "device"}}
+                "train": {k: v for k, v in dataclasses.asdict(self.train).items()
+                          if k not in ("device", "keep_checkpoint")}}
 
 
 # ---- search spaces -------------------------------------------------------------------------------------
@@ -539,7 +540,10 @@ def _check_output(config: CompareConfig) -> None:
             raise ConfigError(f"{config.out} holds a comparison made with other settings ({', '.join(changed)}); "
                               "rerun with the same settings to resume it, or choose another --output")
     elif config.out.exists() and any(p.name != "study.db" for p in config.out.iterdir()):
-        raise ConfigError(f"{config.out} exists and is not a comparison folder; choose another --output")
+        from multitune.storage import describe_folder
+
+        raise ConfigError(f"{config.out} exists and is not a comparison folder: it is {describe_folder(config.out)}; "
+                          "choose another --output")
     config.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state, {"settings": config.fingerprint()})
 

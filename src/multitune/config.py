@@ -78,6 +78,8 @@ class TrainConfig:
     patience: int = field(default=3, metadata={"help": "evaluations without improvement before stopping"})
     metric: str | None = field(default=None, metadata={"help": "early-stopping metric (default: accuracy or loss)"})
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
+    keep_checkpoint: bool = field(default=False, metadata={
+        "help": "keep RUN/checkpoint when the run has finished (default: removed, the adapter is what is kept)"})
     max_length: int = field(default=128, metadata={"help": "truncate inputs to N tokens"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation: tokens to generate in evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})

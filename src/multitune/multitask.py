@@ -417,7 +417,9 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[st
     from multitune.models import load_base
 
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {out} already exists and is not empty; choose another --output")
+        from multitune.storage import describe_folder
+
+        raise ConfigError(f"output folder {out} already exists and is {describe_folder(out)}; choose another --output")
     splits = {t.task: t.data.splits(t.kind) for t in config.tasks}  # every data file read before the model loads
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)

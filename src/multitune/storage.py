@@ -103,6 +103,8 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
     and removed again on release if the block left it empty.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output {folder} is a file, not a folder; choose another --output")
     existed = folder.exists()
     path = lock_path(folder)
     while True:
@@ -184,6 +186,28 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         clean(Path(root))
         dirs[:] = [d for d in dirs if Path(root, d).exists() and not is_locked(Path(root, d))]
     return removed
+
+
+def describe_folder(folder: str | Path) -> str:
+    """What a non-empty folder holds, in words, so that an error's advice can fit what is there."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if "compare.json" in names:
+        return "a comparison folder of 'multitune compare' (compare.json)"
+    if CONFIG_FILE in names:
+        return f"an adapter folder ({CONFIG_FILE})"
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        result = None
+    if isinstance(result, dict) and isinstance(result.get("tasks"), dict):
+        return "a bank of 'multitune train-multi' (result.json lists its tasks)"
+    if isinstance(result, dict) and isinstance(result.get("command"), str) and result["command"].isidentifier():
+        return f"a run folder of 'multitune {result['command']}'"
+    if any((folder / n / CONFIG_FILE).is_file() or (folder / n / "adapter" / CONFIG_FILE).is_file() for n in names):
+        return "a bank of adapter folders"
+    shown = ", ".join(n[:60] for n in names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"a folder of other files ({shown or 'hidden files only'})"
 
 
 @contextmanager

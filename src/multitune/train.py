@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -254,7 +255,8 @@ def _fit_only(bank: MultiTaskModel, task: str, fit: Callable[..., None], train_e
 
 def _fingerprint(config: TrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one (not max_steps: a run may be extended)."""
-    return {k: v for k, v in asdict(config).items() if k not in ("max_steps", "device", "checkpoint_every")}
+    return {k: v for k, v in asdict(config).items()
+            if k not in ("max_steps", "device", "checkpoint_every", "keep_checkpoint")}
 
 
 def _save_checkpoint(folder: Path, bank: MultiTaskModel, task: str, keys: list[str], optimizer: Any,
@@ -318,12 +320,46 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True,
         return _run(config, out, resume, progress, on_step)
 
 
+RUN_MARK = "# multitune train run folder: the settings of this run (--config reads them back)\n"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``multitune train`` (what --resume may continue).
+
+    Marked by the first line of its config.yaml (from the start of the run) and result.json's
+    ``command``; folders of older versions by their checkpoint or by result.json's train-only keys.
+    """
+    if (folder / "compare.json").exists() or (folder / "adapter.json").exists():
+        return False
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        result = None
+    if isinstance(result, dict):
+        return result.get("command", "train") == "train" and "stored_parameters" in result
+    try:
+        if (folder / "config.yaml").read_text().startswith(RUN_MARK):
+            return True
+        meta = json.loads((folder / CHECKPOINT / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"state", "keys", "config"} <= set(meta)
+
+
 def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
          on_step: Callable[[int], None] | None) -> dict[str, Any]:
-    if (out / "result.json").exists() and resume:
+    used = out.is_dir() and any(out.iterdir())
+    if used and not is_run_folder(out):  # never write a run into a comparison, a bank or someone's files
+        from multitune.storage import describe_folder
+
+        what = f"--resume continues a run of 'multitune train', but {out}" if resume else f"{out} already exists and"
+        raise ConfigError(f"{what} is {describe_folder(out)}; choose another --output")
+    if used and not resume:
+        raise ConfigError(f"run folder {out} already exists; pass --resume to continue it, or choose another --output")
+    if resume and (out / "result.json").exists():  # finished: its result, and no checkpoint left behind
+        if not config.train.keep_checkpoint:
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         return json.loads((out / "result.json").read_text())
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ConfigError(f"run folder {out} already exists; pass --resume to continue it or choose another --output")
     splits = config.data.splits(config.kind)
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)
@@ -331,14 +367,14 @@ def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
     bank = MultiTaskModel(base)
     bank.add_task(config.task, config.kind, config.method, config.method_config(), splits.labels)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(config))
+    (out / "config.yaml").write_text(RUN_MARK + to_yaml(config))
     trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
     result = train(bank, config.task, splits.train, splits.validation, config.train, out, resume, progress, on_step)
     test = evaluate(bank, config.task, splits.test, config.train.max_length, config.train.eval_batch_size,
                     config.train.max_new_tokens)
     stored = sum(p.numel() for p in bank.task_parameters(config.task).values())  # after folding
     summary = {
-        "task": config.task, "method": config.method, "model": config.model,
+        "command": "train", "task": config.task, "method": config.method, "model": config.model,
         "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
         "trainable_parameters": trainable, "stored_parameters": stored, "steps": result.steps, "best_step": result.best_step,
         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2),
@@ -346,4 +382,6 @@ def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
     }
     save_adapter(bank, config.task, out / "adapter", extra={"metrics": {"test": test}})
     write_json_atomic(out / "result.json", summary)
+    if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     return summary
