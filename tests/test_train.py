@@ -318,3 +318,19 @@ def test_an_output_that_is_a_file_is_one_error_line(bert_dir, tmp_path, capsys) 
     (tmp_path / "out").write_text("x")
     assert main(_train_argv(bert_dir, _csv(tmp_path), tmp_path / "out")) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_leftovers_of_a_kill_during_the_final_save_go_on_resume(bert_dir, tmp_path) -> None:
+    from multitune.cli import main
+    from multitune.train import run
+
+    data = _csv(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run(_run_config(bert_dir, data, out, checkpoint_every=1), progress=False, on_step=_stop_at(5))
+    (out / ".adapter.tmp-k1ll3d").mkdir()  # what a SIGKILL inside save_adapter's atomic_dir leaves
+    (out / ".result.json.tmp-k1ll3d").write_text("{")
+    (out / ".checkpoint.old-k1ll3d").mkdir()
+    assert main(_train_argv(bert_dir, data, out, "--resume")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.csv", "run"]  # and the lock file is gone
