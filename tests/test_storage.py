@@ -161,3 +161,78 @@ def test_a_failed_atomic_write_leaves_nothing_and_a_good_one_no_temporary(tmp_pa
         raise ValueError
     assert (target / "a").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+# ---- file modes: the umask, not mkstemp's 0600 / mkdtemp's 0700 ------------------------------------------
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in sorted(folder.rglob("*"))
+            if not p.is_symlink()}
+
+
+def _want(folder: Path, mask: int) -> dict[str, int]:
+    return {name: (0o777 if (folder / name).is_dir() else 0o666) & ~mask for name in _modes(folder)}
+
+
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    import torch
+    from safetensors.torch import save_file
+
+    from multitune.storage import umask as read_umask
+    from multitune.storage import write_bytes_atomic, write_json_atomic
+
+    assert read_umask() == umask
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp / "adapter.safetensors"))  # safetensors itself writes 0600
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.json").write_text("{}")
+    write_json_atomic(tmp_path / "result.json", {"a": 1})
+    write_bytes_atomic(tmp_path / "report.html", b"<html>")
+    modes = _modes(tmp_path)
+    assert modes == _want(tmp_path, umask), {k: oct(v) for k, v in modes.items()}
+    assert modes["adapter"] == (0o755 if umask == 0o022 else 0o750)
+    assert modes["result.json"] == (0o644 if umask == 0o022 else 0o640)
+
+
+def test_a_failed_json_write_leaves_no_temporary(tmp_path):
+    from multitune.storage import write_json_atomic
+
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "result.json", {"a": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_and_a_report_are_readable_by_the_group(bert_dir, tmp_path, umask):
+    """Every file a run writes (config, metrics, checkpoint, adapter, result) and the report's files."""
+    from conftest import toy_sentiment
+
+    from multitune.config import DataConfig, RunConfig, TrainConfig
+    from multitune.report import write_report
+    from multitune.train import run
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in toy_sentiment(32)))
+    out = tmp_path / "run"
+    run(RunConfig(model=str(bert_dir), output=str(out), data=DataConfig(data=str(data)),
+                  train=TrainConfig(epochs=1, batch_size=8, keep_checkpoint=True)), progress=False)
+    assert {"adapter/adapter.safetensors", "checkpoint/state.safetensors", "result.json"} <= set(_modes(out))
+    assert _modes(out) == _want(out, umask), {k: oct(v) for k, v in _modes(out).items()}
+    report = tmp_path / "cmp"
+    write_report(report, [{"method": "lora", "metric": "accuracy", "test": {"accuracy": 0.5},
+                           "trainable_parameters": 10, "stored_bytes": 100}], {"metric": "accuracy"})
+    assert _modes(report) == _want(report, umask)
+
+
+def test_the_dequantised_gguf_cache_is_readable_by_the_group(tmp_path, umask, monkeypatch):
+    from conftest import tiny_model, word_tokenizer
+
+    from multitune.models import _save_cache
+
+    _save_cache(tiny_model("llama"), word_tokenizer(), tmp_path / "gguf" / "m-1-2")
+    assert _modes(tmp_path) == _want(tmp_path, umask)

@@ -352,6 +352,9 @@ def write_table(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
                     json.dump(list(rows), f, ensure_ascii=False, indent=1)
                 else:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        from multitune.storage import publish_mode
+
+        publish_mode(tmp)  # the umask's mode, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

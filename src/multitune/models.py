@@ -250,6 +250,9 @@ def _save_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
+        from multitune.storage import publish_mode  # (storage imports the bank, which imports this module)
+
+        publish_mode(tmp)  # mkdtemp's 0700 and safetensors' 0600 would keep the cache from the user's group
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

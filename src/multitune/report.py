@@ -15,8 +15,6 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -507,17 +505,10 @@ def plot_memory(rows: Sequence[Row]) -> bytes:
 
 # ---- writing -------------------------------------------------------------------------------------------
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A reader never sees half a file, and the file gets the umask's mode (not mkstemp's 0600)."""
+    from multitune.storage import write_bytes_atomic
+
+    write_bytes_atomic(path, data)
 
 
 def _header(meta: dict[str, Any], metric: str, higher: bool) -> list[tuple[str, str]]:

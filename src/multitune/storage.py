@@ -210,14 +210,57 @@ def describe_folder(folder: str | Path) -> str:
     return f"a folder of other files ({shown or 'hidden files only'})"
 
 
+_UMASK_FALLBACK: list[int] = []
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status).
+
+    Elsewhere it is read once by setting a strict mask and putting the old one back: a file another
+    thread creates in that instant is only more private, never more open.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if not _UMASK_FALLBACK:
+        old = os.umask(0o077)
+        os.umask(old)
+        _UMASK_FALLBACK.append(old)
+    return _UMASK_FALLBACK[0]
+
+
+def publish_mode(path: str | Path) -> None:
+    """Give ``path`` (and everything below a folder) the modes a plain ``open``/``mkdir`` would have.
+
+    mkstemp and mkdtemp create 0600 files and 0700 folders, and safetensors writes 0600: published
+    as they are, a server or a colleague of the same group could not read a bank.
+    """
+    mask = umask()
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for entry in paths:
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``target`` (old contents removed)."""
+    """Yield an empty temporary folder; on success it replaces ``target`` (old contents removed).
+
+    What is swapped in gets the umask's modes (:func:`publish_mode`), whatever wrote it.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
+        publish_mode(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / "x")
@@ -230,15 +273,25 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a temporary file beside ``path`` with the umask's mode, then rename: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def save_adapter(bank: MultiTaskModel, task: str, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
