@@ -236,3 +236,157 @@ def test_the_dequantised_gguf_cache_is_readable_by_the_group(tmp_path, umask, mo
 
     _save_cache(tiny_model("llama"), word_tokenizer(), tmp_path / "gguf" / "m-1-2")
     assert _modes(tmp_path) == _want(tmp_path, umask)
+
+
+# ---- adapter documents: validated on every read, and tied to their base -----------------------------------
+def _saved_adapter(folder: Path, family: str = "bert", method: str = "lora", base=None) -> Path:
+    import torch
+    from conftest import tiny_base
+
+    from multitune.bank import MultiTaskModel
+    from multitune.storage import save_adapter
+
+    torch.manual_seed(0)
+    bank = MultiTaskModel(base or tiny_base(family))
+    bank.add_task("t", "classification", method, None, ["neg", "pos"])
+    return save_adapter(bank, "t", folder)
+
+
+def _edit(folder: Path, change) -> None:
+    meta = json.loads((folder / "adapter.json").read_text())
+    change(meta)
+    (folder / "adapter.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda m: m["task"].pop("config"), "field 'task.config' is missing"),
+    (lambda m: m["task"]["config"].update(bogus=1), "setting(s) 'bogus' that lora does not know"),
+    (lambda m: m["task"]["config"].update(rank="8"), "task.config.rank have a value of the wrong type"),
+    (lambda m: m["task"]["config"].update(rank=0), "task.config: lora rank must be >= 1"),
+    (lambda m: m["task"].update(kind="regression"), "field 'task.kind' is not one of classification, generation"),
+    (lambda m: m["task"].update(method="nope"), "field 'task.method' is not one of"),
+    (lambda m: m["task"].pop("name"), "field 'task.name' is missing"),
+    (lambda m: m["task"].update(labels="neg,pos"), "field 'task.labels' is not a list of strings"),
+    (lambda m: m["task"].update(labels=["one"]), "needs at least 2 labels"),
+    (lambda m: m.pop("task"), "field 'task' is missing"),
+    (lambda m: m.update(version=99), "newer multitune (version 99"),
+    (lambda m: m.pop("base_model"), "field 'base_model' is missing"),
+])
+def test_a_damaged_adapter_document_is_one_line_naming_the_field_and_the_file(tmp_path, change, expected):
+    from conftest import tiny_base
+
+    from multitune.bank import MultiTaskModel
+    from multitune.errors import ConfigError
+    from multitune.storage import load_adapter
+
+    folder = _saved_adapter(tmp_path / "adapter")
+    _edit(folder, change)
+    bank = MultiTaskModel(tiny_base("bert"))
+    with pytest.raises(ConfigError) as info:
+        load_adapter(bank, folder)
+    message = str(info.value)
+    assert expected in message and str(folder / "adapter.json") in message and "\n" not in message, message
+    assert bank.tasks == {}  # nothing half-added
+
+
+@pytest.mark.parametrize("document", [
+    {"format": "SECRET-VALUE-123"}, ["SECRET-VALUE-123"], "SECRET-VALUE-123", {"SECRET-VALUE-123": 1},
+])
+def test_a_foreign_json_file_is_refused_without_echoing_it(tmp_path, document):
+    from multitune.errors import ConfigError
+    from multitune.storage import read_adapter_config
+
+    (tmp_path / "adapter.json").write_text(json.dumps(document))
+    with pytest.raises(ConfigError) as info:
+        read_adapter_config(tmp_path)
+    assert "is not a multitune adapter (no format 'multitune-adapter')" in str(info.value)
+    assert "SECRET" not in str(info.value)
+    (tmp_path / "adapter.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        read_adapter_config(tmp_path)
+
+
+def _bert_with_tokenizer(shuffle: bool = False, hidden: int = 32):
+    """A tiny bert whose vocabulary has the same size, but (shuffled) other token ids: every shape fits."""
+    import random
+
+    import transformers as t
+    from conftest import WORDS, word_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from multitune.models import base_from_model
+
+    config = t.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    tokenizer = word_tokenizer()
+    if shuffle:
+        words = list(WORDS)
+        random.Random(1).shuffle(words)
+        vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", *words])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer = t.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    return base_from_model(t.BertModel(config), tokenizer, source="other-bert")
+
+
+def test_an_adapter_of_another_base_is_refused_naming_both_bases(tmp_path):
+    from conftest import tiny_base
+
+    from multitune.bank import MultiTaskModel
+    from multitune.errors import ModelError
+    from multitune.storage import load_adapter
+
+    folder = _saved_adapter(tmp_path / "adapter")
+    assert json.loads((folder / "adapter.json").read_text())["base"] == tiny_base("bert").fingerprint
+    for other, differ in ((_bert_with_tokenizer(shuffle=True), "tokenizer"), (tiny_base("gpt2"), "model_type")):
+        bank = MultiTaskModel(other)
+        with pytest.raises(ModelError) as info:
+            load_adapter(bank, folder)
+        message = str(info.value)
+        assert "trained on 'tiny-bert'" in message and f"the base loaded is '{other.source}'" in message
+        assert differ in message and bank.tasks == {}
+    load_adapter(MultiTaskModel(_bert_with_tokenizer()), folder)  # another source, the same model: loads
+
+
+def test_an_adapter_saved_before_fingerprints_is_checked_on_its_model_type(tmp_path):
+    from conftest import tiny_base
+
+    from multitune.bank import MultiTaskModel
+    from multitune.errors import ModelError
+    from multitune.storage import load_adapter
+
+    folder = _saved_adapter(tmp_path / "adapter")
+    _edit(folder, lambda m: m.pop("base"))
+    load_adapter(MultiTaskModel(_bert_with_tokenizer(shuffle=True)), folder)  # nothing else recorded: loads
+    with pytest.raises(ModelError, match="model_type bert.*model_type gpt2"):
+        load_adapter(MultiTaskModel(tiny_base("gpt2")), folder)
+
+
+def test_every_command_that_reads_an_adapter_gives_the_one_line(bert_dir, tmp_path, capsys):
+    """eval, predict, export-peft and the Python API, on a run whose adapter.json lost task.config."""
+    import shutil
+
+    from conftest import toy_sentiment
+
+    import multitune
+    from multitune.cli import main
+    from multitune.errors import ConfigError
+
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"{ex.text},{ex.label}\n" for ex in toy_sentiment(32)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--data", str(data), "--output", str(run), "--epochs", "1",
+                 "--quiet"]) == 0
+    _edit(run / "adapter", lambda m: m["task"].pop("config"))
+    capsys.readouterr()
+    for argv in (["eval", str(run)], ["predict", str(run), "--input", str(data), "--output", str(tmp_path / "p.csv")],
+                 ["export-peft", str(run), "--output", str(tmp_path / "peft")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "field 'task.config' is missing" in err, (argv, err)
+    with pytest.raises(ConfigError, match="task.config"):
+        multitune.load(run)
+    # --model pointing at another copy of the same base: the same fingerprint, it loads
+    shutil.copytree(bert_dir, tmp_path / "moved")
+    _edit(run / "adapter", lambda m: m["task"].update(config={}))
+    assert multitune.load(run, model=str(tmp_path / "moved")).predict(["good movie"])[0] in ("neg", "pos")

@@ -13,6 +13,7 @@ of transformer blocks lives (for freezing the first N layers).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -81,6 +82,21 @@ class Base:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """Cheap, stable facts an adapter depends on, recorded at save and checked at every load.
+
+        The architecture (model type, hidden size, depth, embedding rows) and a hash of the tokenizer's
+        vocabulary: equal for the same model reached another way (a GGUF file, its cached copy, a moved
+        folder), different for another base even when every tensor shape happens to fit.
+        """
+        config = self.model.config
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+        return {"model_type": getattr(config, "model_type", None), "hidden_size": self.hidden_size,
+                "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
+                "tokenizer": f"{len(self.tokenizer)} tokens, sha256 {digest}"}
 
     def backbone(self) -> nn.Module:
         """The model without its LM head: what classification reads hidden states from."""

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from multitune.bank import MultiTaskModel, TaskSpec
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, ModelError
 from multitune.methods import get_method
 
 FORMAT = "multitune-adapter"
@@ -295,7 +295,11 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 
 def save_adapter(bank: MultiTaskModel, task: str, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write one task's adapter folder atomically; returns the folder."""
+    """Write one task's adapter folder atomically; returns the folder.
+
+    ``base`` records the base's fingerprint (:attr:`multitune.models.Base.fingerprint`), which every
+    load checks.
+    """
     spec = bank.tasks[task]
     folder = Path(folder)
     meta = {
@@ -304,6 +308,7 @@ def save_adapter(bank: MultiTaskModel, task: str, folder: str | Path, extra: dic
         "task": spec.to_json(),
         "base_model": bank.base.source,
         "model_type": getattr(bank.base.model.config, "model_type", None),
+        "base": bank.base.fingerprint,
         **(extra or {}),
     }
     with atomic_dir(folder) as tmp:
@@ -312,25 +317,147 @@ def save_adapter(bank: MultiTaskModel, task: str, folder: str | Path, extra: dic
     return folder
 
 
+# ---- reading an adapter document: every field checked, nothing of the file echoed --------------------------
+KINDS = ("classification", "generation")
+POOLINGS = ("mean", "cls", "last")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (int, float, bool, str, list[...], Literal, X | None)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # an annotation outside this list: the method's validate() judges it
+
+
+def _names(keys: Any) -> str:
+    """Field names from a file, shown safely: the first three, each cut short and quoted."""
+    shown = [repr(str(k)[:40]) for k in sorted(map(str, keys))[:3]]
+    return ", ".join(shown) + (", ..." if len(keys) > 3 else "")
+
+
+def adapter_problems(meta: Any) -> list[str]:
+    """What is wrong with an adapter document, one phrase per field (empty: it loads)."""
+    import dataclasses
+    import typing
+
+    from multitune.methods import METHODS
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return [f"it is not a multitune adapter (no format '{FORMAT}')"]
+    problems = []
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        problems.append("field 'version' is missing or not a number")
+    elif version > VERSION:
+        problems.append(f"it was written by a newer multitune (version {version}, this one reads {VERSION}); upgrade")
+    if not isinstance(meta.get("base_model"), str):
+        problems.append("field 'base_model' is missing or not a string")
+    if "base" in meta and not isinstance(meta["base"], dict):
+        problems.append("field 'base' is not a mapping")
+    task = meta.get("task")
+    if not isinstance(task, dict):
+        return [*problems, "field 'task' is missing or not a mapping"]
+    for key, ok in (("name", isinstance(task.get("name"), str) and task.get("name")),
+                    ("kind", task.get("kind") in KINDS),
+                    ("method", task.get("method") in METHODS),
+                    ("labels", isinstance(task.get("labels", []), list)
+                     and all(isinstance(x, str) for x in task.get("labels", []))),
+                    ("pooling", task.get("pooling") is None or task.get("pooling") in POOLINGS)):
+        if not ok:
+            wanted = {"kind": f"one of {', '.join(KINDS)}", "method": f"one of {', '.join(sorted(METHODS))}",
+                      "labels": "a list of strings", "pooling": f"one of {', '.join(POOLINGS)} or null"}
+            what = "missing" if key not in task else f"not {wanted.get(key, 'a non-empty string')}"
+            problems.append(f"field 'task.{key}' is {what}")
+    if task.get("kind") == "classification" and isinstance(task.get("labels"), list) and len(task["labels"]) < 2:
+        problems.append("field 'task.labels' needs at least 2 labels for a classification task")
+    config = task.get("config")
+    if not isinstance(config, dict):
+        problems.append(f"field 'task.config' is {'missing' if 'config' not in task else 'not a mapping'}")
+    elif task.get("method") in METHODS:
+        cls = METHODS[task["method"]].config_class
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - fields
+        if unknown:
+            problems.append(f"field 'task.config' has setting(s) {_names(unknown)} that {task['method']} does not "
+                            "know")
+        wrong = [k for k in sorted(set(config) & fields) if not _fits(config[k], hints[k])]
+        if wrong:
+            problems.append(f"field(s) {', '.join(f'task.config.{k}' for k in wrong[:3])} have a value of the "
+                            "wrong type")
+        if not unknown and not wrong:
+            problems += [f"task.config: {p}" for p in cls(**config).validate()]
+    return problems
+
+
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """The adapter document of ``folder``, checked field by field: a damaged one is one ConfigError line."""
     folder = Path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} is not a multitune adapter folder (no {CONFIG_FILE}); give the folder "
                           "written by 'multitune train' (RUN/adapter)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); re-save the adapter") from error
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a multitune adapter (format {meta.get('format')!r})")
+    except (UnicodeDecodeError, OSError) as error:
+        raise ConfigError(f"cannot read {path} as UTF-8 text ({type(error).__name__}); re-save the adapter") from error
+    problems = adapter_problems(meta)
+    if problems:
+        advice = "" if problems[0].startswith("it is not") else "; train or save the adapter again"
+        raise ConfigError(f"{path}: " + "; ".join(problems) + advice)
     return meta
 
 
+def _described(facts: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {str(v)[:60]}" for k, v in facts.items())
+
+
+def check_base(meta: dict[str, Any], base: Any, folder: Path) -> None:
+    """Refuse an adapter saved on another base: its recorded fingerprint must match the loaded base's.
+
+    Adapters from before fingerprints were recorded are compared on what they have (``model_type``).
+    """
+    recorded = meta.get("base") or ({"model_type": meta["model_type"]} if meta.get("model_type") else {})
+    actual = base.fingerprint
+    differ = [k for k in recorded if k in actual and recorded[k] != actual[k]]
+    if differ:
+        shown = {k: recorded[k] for k in differ}
+        raise ModelError(f"the adapter {folder} was trained on '{str(meta['base_model'])[:200]}' ({_described(shown)}), "
+                         f"but the base loaded is '{base.source}' ({_described({k: actual[k] for k in differ})}); load "
+                         "it on the base it was trained on, or train it again on this one")
+
+
 def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = None) -> TaskSpec:
-    """Add the task stored in ``folder`` to the bank (under ``name`` if given) and load its weights."""
+    """Add the task stored in ``folder`` to the bank (under ``name`` if given) and load its weights.
+
+    The document is checked first (:func:`read_adapter_config`), then its base against the bank's
+    (:func:`check_base`): nothing is added to the bank when either fails.
+    """
     folder = Path(folder)
     meta = read_adapter_config(folder)
+    check_base(meta, bank.base, folder)
     task = meta["task"]
     method = get_method(task["method"])
     config = method.config_class(**task["config"])
@@ -338,7 +465,8 @@ def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = No
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as error:
         raise ConfigError(f"cannot read {folder / WEIGHTS_FILE}: {' '.join(str(error).split())}") from error
-    spec = bank.add_task(name or task["name"], task["kind"], task["method"], config, task["labels"], task["pooling"])
+    spec = bank.add_task(name or task["name"], task["kind"], task["method"], config, task.get("labels", []),
+                         task.get("pooling"))
     try:
         bank.load_task_state_dict(spec.name, state)
     except ConfigError:
