@@ -143,3 +143,15 @@ def test_a_bank_may_hold_a_task_named_adapter(adapters, tmp_path):
     shutil.copytree(adapters / "gen", run / "adapter")
     (run / "checkpoint").mkdir()  # what a run folder holds beside its adapter
     assert find_adapters(run) == {"run": run / "adapter"}
+
+
+def test_folder_names_become_task_names_as_train_makes_them(adapters, tmp_path):
+    """'train --output runs/my.run' names its task 'my-run'; serving the run finds it under that name."""
+    bank = tmp_path / "runs"
+    run_folder(adapters / "sent", bank / "my.run")
+    shutil.copytree(adapters / "topic", bank / "v2.topic")
+    assert set(find_adapters(bank)) == {"my-run", "v2-topic"}
+    assert set(Engine.from_folder(bank, device="cpu").tasks) == {"my-run", "v2-topic"}
+    shutil.copytree(adapters / "gen", bank / "my-run")
+    with pytest.raises(ConfigError, match="two tasks are named 'my-run'"):
+        find_adapters(bank)

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from multitune.bank import MultiTaskModel, TaskSpec
+from multitune.config import task_name_from_folder
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
@@ -57,9 +58,9 @@ def adapter_of(path: str | Path) -> Path | None:
 
 def task_name_of(path: str | Path) -> str:
     """The name of the task in a run or adapter folder given alone: the folder's, or for a run's ``adapter/``
-    folder, its run folder's."""
+    folder, its run folder's (made a valid task name as ``train`` makes its default: ``my.run`` -> ``my-run``)."""
     path = Path(path).resolve()
-    return path.parent.name if path.name == "adapter" and path.parent.name else path.name
+    return task_name_from_folder(path.parent if path.name == "adapter" and path.parent.name else path)
 
 
 def _tasks_in(path: Path) -> list[tuple[str, Path]]:
@@ -67,7 +68,7 @@ def _tasks_in(path: Path) -> list[tuple[str, Path]]:
     if (path / CONFIG_FILE).is_file():
         return [(task_name_of(path), path)]
     children = sorted(c for c in path.iterdir() if not c.name.startswith(".") and c.is_dir())
-    tasks = [(child.name, adapter) for child in children if (adapter := adapter_of(child)) is not None]
+    tasks = [(task_name_from_folder(child), adapter) for child in children if (adapter := adapter_of(child))]
     if len(tasks) == 1 and tasks[0][0] == "adapter" and tasks[0][1] == path / "adapter":
         return [(task_name_of(path), path / "adapter")]  # a run folder (a bank of one task named "adapter" alike)
     return tasks
