@@ -1,10 +1,12 @@
 """An in-memory stand-in for :class:`multitune.scheduler.Scheduler`, for testing the HTTP layer without a model.
 
 Two tasks: "sentiment" (classification, labels neg/pos: pos when the text has more positive words than
-negative ones) and "echo" (generation: the prompt's words reversed, one word per piece, the first bare and the
-next with a leading space). ``max_tokens`` counts words, stop strings cut the text as the real scheduler does,
-``delay`` seconds pass before each piece (so that streams, cancellations and timeouts take measurable time),
-and ``hold()`` / ``release()`` stop every request at the door (so that tests can fill the queue).
+negative ones among its first ``MAX_LENGTH`` words; a longer text is answered ``truncated``) and "echo"
+(generation: the prompt's words reversed, one word per piece, the first bare and the next with a leading
+space). ``max_tokens`` counts words, stop strings cut the text as the real scheduler does, ``delay`` seconds
+pass before each piece (so that streams, cancellations and timeouts take measurable time), and ``hold()`` /
+``release()`` stop every request at the door (so that tests can fill the queue). Its ``stats`` is the real
+scheduler's :class:`~multitune.scheduler.Stats` (one "decode" batch per piece, one "classify" per request).
 
 It records what the server did to it: ``cancelled`` (the prompts of cancelled generations), ``handles`` (every
 generation submitted, with the task version it was admitted under), ``started`` / ``stopped``.
@@ -21,22 +23,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from multitune.scheduler import QueueFull, RequestError, SamplingParams
+from multitune.engine import Classification
+from multitune.scheduler import QueueFull, RequestError, SamplingParams, Stats
 
 POSITIVE = {"good", "great", "fine", "nice", "happy", "love", "excellent"}
 NEGATIVE = {"bad", "awful", "poor", "sad", "hate", "terrible"}
 CONTEXT = 512  # words: a prompt plus max_tokens beyond it is refused, as the real scheduler does with tokens
+MAX_LENGTH = 64  # words of a text to classify: the rest is cut (and the answer says truncated), as with tokens
 _DONE = object()
-
-
-class FakeStats:
-    def __init__(self, owner: FakeScheduler) -> None:
-        self.owner = owner
-        self.batch_sizes: list[int] = []  # the server drains this list into its histogram
-
-    @property
-    def queue_depth(self) -> int:
-        return self.owner.pending
 
 
 class FakeHandle:
@@ -77,7 +71,7 @@ class FakeHandle:
                     return
                 self._emit(full[len(self.text):])
                 self.completion_tokens += 1
-                self.owner.stats.batch_sizes.append(1)
+                self.owner.stats.record("decode", 1)
                 if self.completion_tokens >= self.params.max_tokens:
                     self._finish("length")
                     return
@@ -143,7 +137,7 @@ class FakeHandle:
 class FakeScheduler:
     def __init__(self, delay: float = 0.0, queue_size: int = 64, timeout_s: float = 60.0) -> None:
         self.delay, self.queue_size, self.timeout_s = delay, queue_size, timeout_s
-        self.stats = FakeStats(self)
+        self.stats = Stats()  # the real shape: the server drains it into its batch-size histogram
         self._tasks: dict[str, dict[str, Any]] = {
             "sentiment": {"kind": "classification", "method": "lora", "labels": ["neg", "pos"], "version": 1},
             "echo": {"kind": "generation", "method": "prompt", "labels": [], "version": 1},
@@ -173,10 +167,12 @@ class FakeScheduler:
             if self._pending >= self.queue_size:
                 raise QueueFull(self._pending)
             self._pending += 1
+            self.stats.queue_depth = self._pending
 
     def _leave(self, _: Any = None) -> None:
         with self._lock:
             self._pending -= 1
+            self.stats.queue_depth = self._pending
 
     def _fail(self) -> None:
         error, self.fail_next = self.fail_next, None
@@ -204,7 +200,7 @@ class FakeScheduler:
             raise RequestError(400, f"task '{task}' is a {spec['kind']} task; use {verb}")
         return spec
 
-    async def classify(self, task: str, texts: list[str]) -> list[dict[str, float]]:
+    async def classify(self, task: str, texts: list[str]) -> list[Classification]:
         self._fail()
         self._resolve(task, "classification")
         if not texts or any(not isinstance(t, str) for t in texts):
@@ -214,13 +210,13 @@ class FakeScheduler:
             while self.held.is_set():
                 await asyncio.sleep(0.01)
             await asyncio.sleep(self.delay)
-            self.stats.batch_sizes.append(len(texts))
+            self.stats.record("classify", len(texts))
             out = []
             for text in texts:
                 words = text.lower().split()
-                score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+                score = sum(w in POSITIVE for w in words[:MAX_LENGTH]) - sum(w in NEGATIVE for w in words[:MAX_LENGTH])
                 pos = 0.9 if score > 0 else 0.1 if score < 0 else 0.5
-                out.append({"neg": 1 - pos, "pos": pos})
+                out.append(Classification({"neg": 1 - pos, "pos": pos}, truncated=len(words) > MAX_LENGTH))
             return out
         finally:
             self._leave()

@@ -63,8 +63,14 @@ def fake():
 
 
 @pytest.fixture(scope="module")
-def url(fake):
-    with running(create_app(fake, api_key=KEY, model_name="tiny-base")) as base:
+def loadable(tmp_path_factory):
+    """The one folder the module's server may load from."""
+    return tmp_path_factory.mktemp("loadable")
+
+
+@pytest.fixture(scope="module")
+def url(fake, loadable):
+    with running(create_app(fake, admin_key=KEY, model_name="tiny-base", load_from=[loadable])) as base:
         yield base
 
 
@@ -232,10 +238,11 @@ def test_metrics(http, fake):
     assert moved("multitune_requests_total", endpoint="/v1/completions", task="unknown", status="404") == 1
     assert moved("multitune_generated_tokens_total", task="echo") == 12
     assert moved("multitune_request_seconds_count", endpoint="/v1/completions") == 4
-    assert moved("multitune_batch_size_count", kind="forward") >= 13  # 12 pieces + one classify forward
-    assert moved("multitune_batch_size_sum", kind="forward") >= 14
+    assert moved("multitune_batch_size_count", kind="decode") == 12  # one piece per word
+    assert moved("multitune_batch_size_count", kind="classify") == 1
+    assert moved("multitune_batch_size_sum", kind="classify") == 2
     assert ("multitune_queue_depth", ()) in after and ("multitune_tasks", ()) in after
-    assert fake.stats.batch_sizes == []  # drained into the histogram
+    assert len(fake.stats.batch_sizes) == 0  # drained into the histogram
 
 
 # ---- admin -------------------------------------------------------------------------------------------------
@@ -249,7 +256,9 @@ def test_admin_requires_the_key(http, tmp_path):
     assert http.post("/v1/completions", json={"model": "echo", "prompt": "still here"}).status_code == 200
 
 
-def test_admin_load_reload_unload(http, fake, tmp_path):
+def test_admin_load_reload_unload(http, fake, loadable):
+    tmp_path = loadable / "load-reload-unload"
+    tmp_path.mkdir()
     auth = {"Authorization": f"Bearer {KEY}"}
     reply = http.post("/admin/load", json={"name": "extra", "path": str(tmp_path)}, headers=auth)
     assert reply.status_code == 200 and reply.json()["version"] == 1 and reply.json()["kind"] == "generation"
@@ -268,7 +277,7 @@ def test_admin_load_reload_unload(http, fake, tmp_path):
     assert_error(http.post("/admin/reload", json={"name": "extra"}, headers=auth), 404)
 
 
-def test_reload_lets_requests_in_flight_finish(http, fake, url, tmp_path):
+def test_reload_lets_requests_in_flight_finish(http, fake, url, loadable):
     """A generation admitted before a reload finishes (on the version it was admitted under); none is dropped."""
     fake.delay = 0.02
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -276,7 +285,7 @@ def test_reload_lets_requests_in_flight_finish(http, fake, url, tmp_path):
     with httpx.Client(base_url=url, timeout=10) as other, ThreadPoolExecutor(1) as pool:
         running_request = pool.submit(other.post, "/v1/completions", json={"model": "echo", "prompt": words})
         assert wait_for(lambda: any(h.prompt == words for h in fake.handles))
-        assert http.post("/admin/reload", json={"name": "echo", "path": str(tmp_path)}, headers=auth).json()[
+        assert http.post("/admin/reload", json={"name": "echo", "path": str(loadable)}, headers=auth).json()[
             "version"] == 2
         reply = running_request.result(timeout=10)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == " ".join(reversed(words.split()))
@@ -287,7 +296,7 @@ def test_reload_lets_requests_in_flight_finish(http, fake, url, tmp_path):
 
 def test_admin_is_open_without_a_key(tmp_path):
     fake = FakeScheduler()
-    with running(create_app(fake)) as base:
+    with running(create_app(fake, load_from=[tmp_path])) as base:
         reply = httpx.post(f"{base}/admin/load", json={"name": "more", "path": str(tmp_path)})
         assert reply.status_code == 200 and "more" in fake.tasks()
         assert fake.started
@@ -446,9 +455,9 @@ def test_serve_arguments_and_early_errors(tmp_path, monkeypatch):
     args = parser.parse_args([str(tmp_path), "--port", "9123", "--max-batch-size", "8", "--timeout", "5",
                               "--threads", "2"])
     seen = {}
-    monkeypatch.setattr(server_module, "serve", lambda bank, **kwargs: seen.update(bank=bank, **kwargs))
+    monkeypatch.setattr(server_module, "serve", lambda paths, **kwargs: seen.update(paths=paths, **kwargs))
     server_module.cmd_serve(args)
-    assert seen["bank"] == str(tmp_path) and seen["port"] == 9123 and seen["max_batch_size"] == 8
+    assert seen["paths"] == [str(tmp_path)] and seen["port"] == 9123 and seen["max_batch_size"] == 8
     assert seen["timeout_s"] == 5 and seen["host"] == "127.0.0.1" and seen["api_key"] is None
     assert seen["threads"] == 2
     monkeypatch.undo()
@@ -590,7 +599,8 @@ def test_real_scheduler_mixed_methods_and_hot_reload_under_load(tmp_path):
     assert versions["v1"] != versions["v2"]
 
     scheduler = _real_scheduler()(engine, max_batch_size=16, max_wait_ms=5)
-    with running(create_app(scheduler, api_key=KEY)) as base, httpx.Client(base_url=base, timeout=60) as http:
+    with running(create_app(scheduler, admin_key=KEY, load_from=[bank_dir, spare])) as base, \
+            httpx.Client(base_url=base, timeout=60) as http:
         for task, probs in expected.items():
             reply = http.post("/v1/classify", json={"model": task, "input": texts})
             assert reply.status_code == 200

@@ -17,6 +17,11 @@ Encoder-decoder (T5) generation is served in static batches through :meth:`Engin
 
 Reload is atomic: the new version is loaded under a fresh internal name and the public name points to it;
 rows already admitted finish on the old version, which is removed once no row uses it.
+
+One bad request never takes its batch with it. Requests are checked before they are queued (texts a tokenizer
+can read, seeds and temperatures the sampler can use); when a forward still fails, its requests are run one by
+one so that only the guilty one fails (a 400 for a :class:`~multitune.errors.MultituneError`, else a 500, logged
+with its traceback), and every request taken from a queue is answered, whatever happens.
 """
 
 from __future__ import annotations
@@ -25,18 +30,28 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import itertools
+import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from multitune.engine import Classification
 from multitune.errors import MultituneError
 from multitune.models import supports_logits_to_keep
+
+log = logging.getLogger("multitune.scheduler")
+T = TypeVar("T")
+
+MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows float32 (1e-300 gave inf, then NaN probabilities)
+MAX_TEMPERATURE = 2.0
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 
 
 class RequestError(MultituneError):
@@ -52,8 +67,27 @@ class QueueFull(RequestError):
         super().__init__(429, f"the server's queue is full ({size} requests waiting); retry shortly")
 
 
+def check_text(text: Any, field: str) -> None:
+    """Refuse a text the tokenizer cannot read, naming ``field``: JSON may carry a lone surrogate ("\\udc80"),
+    which is valid JSON but no character, and fast tokenizers raise TypeError on it in the middle of a batch."""
+    if not isinstance(text, str):
+        raise RequestError(400, f"{field} must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(400, f"{field} holds a lone surrogate (U+{ord(text[error.start]):04X}) at character "
+                                f"{error.start}; send valid Unicode text") from None
+
+
 @dataclass
 class SamplingParams:
+    """How a generation request samples.
+
+    ``temperature`` 0 is greedy; otherwise it lies in [0.01, 2] (a smaller one overflows the division of the
+    logits and is refused rather than silently changed). ``seed`` (0 <= seed < 2**64) makes sampling repeat;
+    without it every request draws from its own clock-seeded stream.
+    """
+
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -61,14 +95,22 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise RequestError(400, f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
-        if not 0 <= self.temperature <= 2:
-            raise RequestError(400, f"temperature must be between 0 and 2 (got {self.temperature!r})")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise RequestError(400, f"temperature must be between 0 and {MAX_TEMPERATURE:g} (got {self.temperature!r})")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise RequestError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got "
+                                    f"{self.temperature!r}): a smaller one overflows; send 0 for greedy decoding")
         if not 0 < self.top_p <= 1:
             raise RequestError(400, f"top_p must be in (0, 1] (got {self.top_p!r})")
         if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 4:
             raise RequestError(400, "stop must be up to 4 non-empty strings")
+        for i, stop in enumerate(self.stop):
+            check_text(stop, f"stop.{i}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < SEED_LIMIT):
+            raise RequestError(400, f"seed must be an integer with 0 <= seed < 2**64 (got {self.seed!r})")
 
 
 @dataclass
@@ -233,12 +275,18 @@ class DecodeBatch:
         self._merge(out.cache, full, handles, torch.tensor(first, device=device))
         return first
 
-    def _merge(self, cache: Any, mask: torch.Tensor, handles: list[Handle], last: torch.Tensor) -> None:
+    def _merge(self, cache: Any, mask: torch.Tensor, handles: list[Handle], last: torch.Tensor,
+               generated: list[list[int]] | None = None) -> None:
+        """Append rows (their cache, mask, next tokens, tokens so far) to the batch, left-padding the shorter.
+
+        Every new tensor is built before any is assigned, so a failure leaves the batch as it was."""
+        generated = [[] for _ in handles] if generated is None else generated
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.last = cache, mask, last
-            self.rows, self.generated = list(handles), [[] for _ in handles]
+            self.rows, self.generated = list(handles), list(generated)
             self._task_ids = None
             return
+        assert self.mask is not None and self.last is not None
         length = max(self.mask.shape[1], mask.shape[1])
 
         def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -249,27 +297,57 @@ class DecodeBatch:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0)
-            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0)
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
-        self.last = torch.cat([self.last, last])
+        layers = [(torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0),
+                   torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0))
+                  for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)]
+        merged_mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
+        merged_last = torch.cat([self.last, last])
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        self.mask, self.last = merged_mask, merged_last
         self.rows += handles
-        self.generated += [[] for _ in handles]
+        self.generated += generated
         self._task_ids = None
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One decode step of every row: (B, vocab) logits of the next token."""
+        """One decode step of every row: (B, vocab) logits of the next token.
+
+        The mask and cache are the batch's only once the forward has returned; a forward that raises may
+        have appended this step's positions to some layers of the cache, which :meth:`split` cuts off."""
         assert self.mask is not None and self.last is not None
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = (self.mask.sum(dim=1, keepdim=True) - 1)
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        positions = (mask.sum(dim=1, keepdim=True) - 1)
         task_ids = self.task_ids()
         with self.bank.routed(task_ids):
-            out = self.bank.base.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=positions,
+            out = self.bank.base.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions,
                                        cache=self.cache, use_cache=True)
-        self.cache = out.cache
+        self.mask, self.cache = mask, out.cache
         return out.logits[:, -1].float()
+
+    def split(self) -> list[DecodeBatch]:
+        """One batch per row, sharing no state with this one: its rows of the cache, cut to the mask's length
+        (what the cache held before a failed step). To run each row alone when a step of all of them failed."""
+        assert self.mask is not None and self.last is not None
+        length = self.mask.shape[1]
+        parts = []
+        for i in range(len(self.rows)):
+            part = DecodeBatch(self.bank)
+            part.cache = copy.copy(self.cache)
+            part.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            for layer in part.cache.layers:
+                layer.keys, layer.values = layer.keys[i:i + 1, :, :length], layer.values[i:i + 1, :, :length]
+            part.mask, part.last = self.mask[i:i + 1], self.last[i:i + 1]
+            part.rows, part.generated = [self.rows[i]], [self.generated[i]]
+            parts.append(part)
+        return parts
+
+    def absorb(self, parts: list[DecodeBatch]) -> None:
+        """This batch becomes the concatenation of ``parts`` (batches of its bank), in order."""
+        self.keep([])
+        for part in parts:
+            assert part.mask is not None and part.last is not None
+            self._merge(part.cache, part.mask, part.rows, part.last, part.generated)
 
     def keep(self, indices: list[int]) -> None:
         """Only the rows at ``indices`` stay; columns no remaining row attends to are cut from the left."""
@@ -322,6 +400,7 @@ class Scheduler:
         self._counter = itertools.count(2)
         self._thread: threading.Thread | None = None
         self._running = False
+        self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -339,15 +418,18 @@ class Scheduler:
             self._thread.join(timeout=30)
             self._thread = None
         stopped = RequestError(503, "the server is shutting down; retry on another instance")
-        for item in list(self._classify):
-            item.future.set_exception(stopped)
-        for handle in list(self._waiting):
+        with self._lock:
+            classify, waiting, static = list(self._classify), list(self._waiting), list(self._static)
+            self._classify.clear()
+            self._waiting.clear()
+            self._static.clear()
+        for item in classify:
+            _settle(item.future, error=stopped)
+        for handle in waiting + static:
             handle._finish("error", stopped)
         for batch in self._decoders.values():
             for handle in batch.rows:
                 handle._finish("error", stopped)
-        self._classify.clear()
-        self._waiting.clear()
 
     # ---- tasks --------------------------------------------------------------------------------------
     def tasks(self) -> dict[str, dict[str, Any]]:
@@ -369,9 +451,12 @@ class Scheduler:
         return internal
 
     # ---- classification -----------------------------------------------------------------------------
-    async def classify(self, task: str, texts: list[str]) -> list[dict[str, float]]:
+    async def classify(self, task: str, texts: list[str]) -> list[Classification]:
+        """Each text's label probabilities (and whether it was cut to the task's max_length)."""
         if not texts or any(not isinstance(t, str) for t in texts):
             raise RequestError(400, "input must be a string or a non-empty list of strings")
+        for i, text in enumerate(texts):
+            check_text(text, f"input.{i}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
             internal = self._resolve(task, "classification")
@@ -396,6 +481,8 @@ class Scheduler:
         trained on single prompts), or the whole conversation through the tokenizer's chat template."""
         if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages):
             raise RequestError(400, "messages must be a non-empty list of {role, content} objects")
+        for i, message in enumerate(messages):
+            check_text(message["content"], f"messages.{i}.content")
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
             raise RequestError(400, "messages holds no message with role 'user'")
@@ -406,6 +493,7 @@ class Scheduler:
     def submit_generate(self, task: str, prompt: str, params: SamplingParams) -> Handle:
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "prompt must be a non-empty string")
+        check_text(prompt, "prompt")
         params.validate()
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -502,6 +590,10 @@ class Scheduler:
             self.engine.load(folder, internal)
         except MultituneError as error:
             raise RequestError(400, str(error)) from error
+        except Exception as error:  # noqa: BLE001  (its text may quote the file: only the log gets it)
+            log.exception("loading %s failed", folder)
+            raise RequestError(500, f"loading {folder} failed ({type(error).__name__}); the server's log has the "
+                                    "details") from error
         with self._lock:
             self._names[name] = internal
 
@@ -538,20 +630,49 @@ class Scheduler:
                     item.future.set_result(item.op())
                 except BaseException as error:  # noqa: BLE001  (the caller gets it)
                     item.future.set_exception(error)
+            self._taken = []
             try:
                 if not self._turn():
                     with self._wake:
                         self._wake.wait(timeout=self.max_wait / 4)
-            except Exception as error:  # noqa: BLE001  (never let one bad batch stop the server)
-                self._fail_all(RequestError(500, f"internal error: {' '.join(str(error).split())[:300]}"))
-            if self._retired:
-                self._collect_retired()
+                if self._retired:
+                    self._collect_retired()
+            except Exception as error:  # noqa: BLE001  (a fault of the scheduler itself: never stop serving)
+                log.exception("the scheduler's turn failed; answering every request it held with a 500")
+                self._fail_all(_as_request_error(error, "the scheduler's turn", logged=True))
 
     def _fail_all(self, error: RequestError) -> None:
+        """The safety net: answer every request taken from a queue this turn and every running row."""
+        for item in self._taken:
+            if isinstance(item, _Classify):
+                _settle(item.future, error=error)
+            else:
+                item._finish("error", error)
+        self._taken = []
         for batch in self._decoders.values():
             for handle in batch.rows:
                 handle._finish("error", error)
             batch.keep([])
+
+    def _isolated(self, items: list[T], run: Callable[[list[T]], None], fail: Callable[[T, RequestError], None],
+                  what: str) -> None:
+        """``run(items)``; when it raises, ``run([item])`` for each item, so that only a guilty one fails.
+
+        ``run`` must leave no trace when it raises (the batch is run again without the failing item)."""
+        try:
+            run(items)
+            return
+        except Exception as error:  # noqa: BLE001  (retried below; a lone item's error is its answer)
+            if len(items) == 1:
+                fail(items[0], _as_request_error(error, what))
+                return
+            log.warning("%s of %d requests failed (%s: %s); running them one by one", what, len(items),
+                        type(error).__name__, " ".join(str(error).split())[:200])
+        for item in items:
+            try:
+                run([item])
+            except Exception as error:  # noqa: BLE001  (this request's answer)
+                fail(item, _as_request_error(error, what))
 
     def _turn(self) -> bool:
         """One turn of the worker; False when it found nothing ready (a batch is still filling)."""
@@ -578,22 +699,21 @@ class Scheduler:
                     continue
                 items.append(item)
                 total += len(item.texts)
+            self._taken.extend(items)
         if not items:
             return
-        requests = [(internal, text) for item in items for internal, text in zip(item.internal, item.texts,
-                                                                                  strict=True)]
-        try:
-            probs = self.engine.classify(requests)
-        except MultituneError as error:
-            for item in items:
-                item.future.set_exception(RequestError(400, str(error)))
-            return
-        self.stats.record("classify", len(requests))
-        start = 0
-        for item in items:
-            if not item.future.cancelled():
-                item.future.set_result(probs[start:start + len(item.texts)])
-            start += len(item.texts)
+
+        def run(batch: list[_Classify]) -> None:
+            requests = [(internal, text) for item in batch
+                        for internal, text in zip(item.internal, item.texts, strict=True)]
+            results = self.engine.classify_rows(requests)
+            self.stats.record("classify", len(requests))
+            start = 0
+            for item in batch:
+                _settle(item.future, results[start:start + len(item.texts)])
+                start += len(item.texts)
+
+        self._isolated(items, run, lambda item, error: _settle(item.future, error=error), "classification")
 
     def _admit(self) -> None:
         """Waiting generation requests join their bank's running batch (one prefill per bank)."""
@@ -609,12 +729,8 @@ class Scheduler:
             room = self.max_batch_size - active
             while self._waiting and room > 0:
                 handle = self._waiting.popleft()
-                if handle.cancelled:
-                    handle._finish("cancelled")
-                    continue
-                if time.monotonic() > handle.deadline:
-                    handle._finish("timeout", RequestError(504, f"the request waited longer than {self.timeout_s:g} s "
-                                                                "in the queue; retry or raise the server's --timeout"))
+                self._taken.append(handle)
+                if self._expired(handle, "in the queue"):
                     continue
                 bank = self.engine.bank_of(handle.internal)
                 if bank.base.arch == "seq2seq":
@@ -628,20 +744,57 @@ class Scheduler:
             if batch.bank is not bank:  # a bank id reused after a removal
                 batch = self._decoders[id(bank)] = DecodeBatch(bank)
             bank.eval()
-            start = len(batch)
-            first = batch.join(handles, self._sample)
-            self.stats.record("prefill", len(handles))
-            self._advance(batch, list(range(start, start + len(handles))), first)
+
+            def run(group: list[Handle], batch: DecodeBatch = batch) -> None:
+                start = len(batch)
+                first = batch.join(group, self._sample)  # raises before it changes the batch
+                self.stats.record("prefill", len(group))
+                self._advance(batch, list(range(start, start + len(group))), first)
+
+            self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "prefill")
+
+    def _expired(self, handle: Handle, where: str) -> bool:
+        """Finish a cancelled or timed-out request that has not started; True when it was."""
+        if handle.cancelled:
+            handle._finish("cancelled")
+        elif time.monotonic() > handle.deadline:
+            handle._finish("timeout", RequestError(504, f"the request waited longer than {self.timeout_s:g} s "
+                                                        f"{where}; retry or raise the server's --timeout"))
+        return handle.done
 
     def _decode_step(self) -> None:
         for key, batch in list(self._decoders.items()):
             if not len(batch):
                 del self._decoders[key]
                 continue
-            logits = batch.step()
+            try:
+                logits = batch.step()
+            except Exception as error:  # noqa: BLE001  (each row alone: only a guilty one fails)
+                logits = self._step_rows_alone(batch, error)
+                if logits is None:
+                    continue
             self.stats.record("decode", len(batch))
             tokens = self._sample(logits, batch.rows, batch.generated)
             self._advance(batch, list(range(len(batch))), tokens)
+
+    def _step_rows_alone(self, batch: DecodeBatch, error: Exception) -> torch.Tensor | None:
+        """After a failed decode step, the step of each row alone: a row that fails again is answered with
+        its error, the others go on as one batch again. Returns their logits (None when no row is left)."""
+        if len(batch) == 1:
+            batch.rows[0]._finish("error", _as_request_error(error, "decode step"))
+            batch.keep([])
+            return None
+        log.warning("a decode step of %d rows failed (%s: %s); running each row alone", len(batch),
+                    type(error).__name__, " ".join(str(error).split())[:200])
+        kept, logits = [], []
+        for part in batch.split():
+            try:
+                logits.append(part.step())
+                kept.append(part)
+            except Exception as alone:  # noqa: BLE001  (this row's answer)
+                part.rows[0]._finish("error", _as_request_error(alone, "decode step"))
+        batch.absorb(kept)
+        return torch.cat(logits) if logits else None
 
     def _advance(self, batch: DecodeBatch, rows: list[int], tokens: list[int]) -> None:
         """Append each row's new token, emit its text, and let finished rows leave."""
@@ -652,75 +805,114 @@ class Scheduler:
             handle, generated = batch.rows[row], batch.generated[row]
             if handle.done:
                 continue
-            if handle.cancelled:
-                handle._finish("cancelled")
-                continue
-            if token in eos:
-                handle._finish("stop")
-                continue
-            generated.append(token)
-            handle.completion_tokens = len(generated)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            stop = _first_stop(text, handle.params.stop)
-            if stop is not None:
-                text = text[:stop]
-            if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
-                piece = text[len(handle.text):]
-                handle.text = text
-                if piece:
-                    handle._emit(piece)
-            if stop is not None:
-                handle._finish("stop")
-            elif len(generated) >= handle.params.max_tokens:
-                handle._finish("length")
-            elif now > handle.deadline:
-                handle._finish("timeout", RequestError(504, f"the request took longer than {self.timeout_s:g} s; "
-                                                            "ask for fewer tokens or raise the server's --timeout"))
+            try:
+                self._append(handle, generated, token, tokenizer, eos, now)
+            except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
+                handle._finish("error", _as_request_error(error, "decoding a token"))
         # every row still running has just appended its token: that token is what it feeds next
         batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
 
+    def _append(self, handle: Handle, generated: list[int], token: int, tokenizer: Any, eos: set[int],
+                now: float) -> None:
+        """One new token of one row: its text piece out, and the row finished when it is done."""
+        if handle.cancelled:
+            handle._finish("cancelled")
+            return
+        if token in eos:
+            handle._finish("stop")
+            return
+        generated.append(token)
+        handle.completion_tokens = len(generated)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        stop = _first_stop(text, handle.params.stop)
+        if stop is not None:
+            text = text[:stop]
+        if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
+            piece = text[len(handle.text):]
+            handle.text = text
+            if piece:
+                handle._emit(piece)
+        if stop is not None:
+            handle._finish("stop")
+        elif len(generated) >= handle.params.max_tokens:
+            handle._finish("length")
+        elif now > handle.deadline:
+            handle._finish("timeout", RequestError(504, f"the request took longer than {self.timeout_s:g} s; "
+                                                        "ask for fewer tokens or raise the server's --timeout"))
+
     def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
-        """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed)."""
+        """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
+
+        A row whose sampling fails is answered with its error (its token is then never used)."""
         tokens = logits.argmax(dim=-1).tolist()
         for i, handle in enumerate(handles):
-            p = handle.params
-            if p.temperature <= 0:
+            if handle.params.temperature <= 0 or handle.done:
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-            if p.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            if handle.generator is None:  # on the handle, not in a table keyed by id(): ids are reused
-                handle.generator = torch.Generator(device=probs.device)
-                handle.generator.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
-            tokens[i] = int(torch.multinomial(probs, 1, generator=handle.generator))
+            try:
+                tokens[i] = _draw(logits[i], handle)
+            except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
+                handle._finish("error", _as_request_error(error, "sampling"))
         return tokens
 
     def _static_batch(self) -> None:
-        """Encoder-decoder rows: one Engine.generate over all of them (greedy settings of the first row)."""
-        if not self._static:
-            return
-        handles, self._static = [], []
+        """Encoder-decoder rows: one Engine.generate per distinct max_tokens (greedy)."""
         with self._lock:
             pending, self._static = self._static, []
+        self._taken.extend(pending)
+        groups: dict[int, list[Handle]] = {}
         for handle in pending:
-            if handle.cancelled:
-                handle._finish("cancelled")
-            else:
-                handles.append(handle)
-        if not handles:
-            return
-        longest = max(h.params.max_tokens for h in handles)
-        texts = self.engine.generate([(h.internal, h.prompt) for h in handles], max_new_tokens=longest,
-                                     max_length=10**6)
-        self.stats.record("seq2seq", len(handles))
-        for handle, text in zip(handles, texts, strict=True):
-            stop = _first_stop(text, handle.params.stop)
-            handle.text = text[:stop] if stop is not None else text
-            handle._emit(handle.text)
-            handle._finish("stop")
+            if not self._expired(handle, "in the queue"):
+                groups.setdefault(handle.params.max_tokens, []).append(handle)
+        for tokens, handles in groups.items():
+            def run(group: list[Handle], tokens: int = tokens) -> None:
+                texts = self.engine.generate([(h.internal, h.prompt) for h in group], max_new_tokens=tokens,
+                                             max_length=10**6)
+                self.stats.record("seq2seq", len(group))
+                for handle, text in zip(group, texts, strict=True):
+                    stop = _first_stop(text, handle.params.stop)
+                    handle.text = text[:stop] if stop is not None else text
+                    handle._emit(handle.text)
+                    handle._finish("stop")
+
+            self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "seq2seq generation")
+
+
+def _draw(logits: torch.Tensor, handle: Handle) -> int:
+    """One token of one row from softmax(logits / temperature), within the top_p nucleus, from the row's own
+    generator (on the handle, not in a table keyed by id(): ids are reused)."""
+    p = handle.params
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    if handle.generator is None:
+        handle.generator = torch.Generator(device=probs.device)
+        handle.generator.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
+    return int(torch.multinomial(probs, 1, generator=handle.generator))
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer a request's future once; one its client has given up on (cancelled) is left alone."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _as_request_error(error: BaseException, what: str, logged: bool = False) -> RequestError:
+    """What a request that failed with ``error`` is answered: its own status for a RequestError, 400 for any
+    other user error, else a 500 (the traceback logged: it is a fault of ours or of the model's code)."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, MultituneError):
+        return RequestError(400, str(error))
+    if not logged:
+        log.error("%s failed", what, exc_info=error)
+    return RequestError(500, f"internal error in {what} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it")
 
 
 def in_passing_thread(load: Callable[[], Any]) -> Any:

@@ -1,4 +1,4 @@
-"""``multitune serve BANK_DIR``: many tasks behind one OpenAI-compatible HTTP API, from one frozen base.
+"""``multitune serve PATH...``: many tasks behind one OpenAI-compatible HTTP API, from one frozen base.
 
 The HTTP layer only translates: it parses and checks requests, hands them to the
 :class:`multitune.scheduler.Scheduler` (which owns the model and batches rows of every task into shared
@@ -7,8 +7,16 @@ names the task.
 
 Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gives server-sent events),
 ``POST /v1/classify``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and the admin
-endpoints ``POST /admin/load``, ``/admin/unload``, ``/admin/reload`` (``Authorization: Bearer KEY`` when the
-server has an API key).
+endpoints ``POST /admin/load``, ``/admin/unload``, ``/admin/reload``.
+
+Keys, as vLLM does: with an API key every endpoint but ``/health`` (``/v1/*``, ``/metrics``, ``/docs``,
+``/openapi.json``...) needs ``Authorization: Bearer KEY``; ``/admin/*`` needs the admin key, which is the API
+key unless one of its own is given. Keys are compared in constant time, on the header exactly as sent.
+The admin endpoints load only from the served folders and those named with ``--allow-load-from``.
+
+Limits: a body over ``max_request_bytes`` (by its Content-Length, or counted as it streams in) and a text over
+``max_input_chars`` are a 413 naming the limit; classification inputs longer than the task's ``max_length``
+tokens are cut as in training, and the answer's ``truncated`` says so.
 
 No input crashes the server: every mistake is a 4xx in OpenAI's error shape with one line naming the field
 and the fix; an unexpected failure is a 500 for that request alone. A full queue answers 429 (back-pressure),
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -30,7 +39,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,17 +55,22 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multitune.errors import ConfigError, MultituneError
-from multitune.scheduler import RequestError, SamplingParams
+from multitune.scheduler import RequestError, SamplingParams, check_text
 
 log = logging.getLogger("multitune.server")
 T = TypeVar("T")
 
 API_KEY_ENV = "MULTITUNE_API_KEY"
+ADMIN_KEY_ENV = "MULTITUNE_ADMIN_KEY"
 MAX_INPUTS = 1024  # texts in one /v1/classify request
+MAX_INPUT_CHARS = 100_000  # characters of one text (a prompt, a message, an input to classify)
+MAX_REQUEST_BYTES = 8 * 2**20  # bytes of one request body
+MAX_PATH_CHARS = 4096  # an admin body's path (Linux's PATH_MAX), whatever --max-input-chars says
+OPEN_PATHS = ("/health",)  # answered without any key (a load balancer's probe)
 GRACE_S = 10.0  # the server's own deadline is the scheduler's plus this (a safety net: the scheduler times out first)
 DISCONNECT_POLL_S = 0.2
 ADMIN_PATHS = ("/admin/load", "/admin/unload", "/admin/reload")
@@ -114,18 +128,31 @@ class ClassifyRequest(_Body):
     input: str | list[str]
 
 
+_TASK_FIELD = "the task's public name, as in the 'model' field of the other endpoints ('name' is accepted too)"
+
+
 class LoadRequest(_Body):
-    name: str = Field(min_length=1)
-    path: str = Field(min_length=1)
+    """``POST /admin/load``: serve one more task, read from a folder the server may load from."""
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"), description=_TASK_FIELD)
+    path: str = Field(min_length=1, description="a run folder (RUN, as 'multitune train --output RUN' writes it) or "
+                                                "an adapter folder (RUN/adapter, BANK/TASK), inside the served "
+                                                "folders or a folder named with --allow-load-from")
 
 
 class UnloadRequest(_Body):
-    name: str = Field(min_length=1)
+    """``POST /admin/unload``: stop serving a task (requests already running on it finish first)."""
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"), description=_TASK_FIELD)
 
 
 class ReloadRequest(_Body):
-    name: str = Field(min_length=1)
-    path: str | None = None
+    """``POST /admin/reload``: replace a served task by a new version, atomically (running requests finish on
+    the old one)."""
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"), description=_TASK_FIELD)
+    path: str | None = Field(None, description="where to read the new version (as for /admin/load); default: the "
+                                               "folder the task was loaded from")
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
@@ -142,6 +169,8 @@ def _error_type(status: int) -> str:
 
 
 def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    # a message may quote what the client sent: a lone surrogate in it could not be encoded as UTF-8
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _error_type(status), "param": param, "code": status}}
 
 
@@ -184,6 +213,26 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return f"{field}: {error.get('msg', 'invalid value')}", field
 
 
+def check_body(body: BaseModel, max_chars: int) -> None:
+    """Every text of a parsed request body, before anything is queued: one a tokenizer cannot read is a 400,
+    one over ``max_chars`` characters a 413, each naming the field as the client wrote it (``messages.1.content``)."""
+
+    def walk(value: Any, field: str) -> None:
+        if isinstance(value, str):
+            check_text(value, field)
+            if len(value) > max_chars:
+                raise RequestError(413, f"{field} holds {len(value)} characters; this server takes at most "
+                                        f"{max_chars} per text (its --max-input-chars)")
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), f"{field}.{name}" if field else name)
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(item, f"{field}.{i}")
+
+    walk(body, "")
+
+
 # ---- metrics -----------------------------------------------------------------------------------------------
 class Metrics:
     """The app's own Prometheus registry (not the global one: tests build many apps in one process)."""
@@ -213,51 +262,48 @@ class Metrics:
             return {}
 
     def _queue_depth(self) -> float:
-        stats = getattr(self.scheduler, "stats", None)
-        return float(getattr(stats, "queue_depth", 0) or 0)
+        return float(self.scheduler.stats.queue_depth)
 
     def task_label(self, task: str | None) -> str:
         """The task's name when it is served, else "unknown": labels must not grow with what clients send."""
         return task if task and task in self._tasks() else "unknown"
 
     def drain_batches(self) -> None:
-        """Move the batch sizes the scheduler recorded since the last call into the histogram."""
-        stats = getattr(self.scheduler, "stats", None)
-        if stats is None:
-            return
-        if callable(getattr(stats, "drain", None)):
-            items = stats.drain()
-        else:
-            source = getattr(stats, "batch_sizes", None)
-            if callable(source):
-                items = source()
-            elif source is None:
-                return
-            else:
-                items = list(source)
-                if isinstance(source, list):
-                    del source[: len(items)]
-                else:
-                    for _ in items:
-                        source.popleft()
-        for item in items or ():
-            kind, size = item if isinstance(item, tuple | list) else ("forward", item)
-            self.batch_size.labels(kind=str(kind)).observe(float(size))
+        """Move the batch sizes the scheduler recorded since the last call (``Stats.drain``) into the histogram."""
+        for kind, size in self.scheduler.stats.drain():
+            self.batch_size.labels(kind=kind).observe(float(size))
 
     def render(self) -> bytes:
         self.drain_batches()
         return generate_latest(self.registry)
 
 
+def _digest(key: str | None) -> bytes | None:
+    # compared as digests, so that hmac.compare_digest sees equal lengths and the key's length is not timed
+    return None if key is None else hashlib.sha256(key.encode()).digest()
+
+
+def _key_matches(scope: dict, digest: bytes) -> bool:
+    """Whether the request's ``Authorization`` header is exactly ``Bearer KEY`` (the scheme in any case, one
+    space, the key as sent: " KEY" or "KEY " is another key), compared in constant time."""
+    raw = dict(scope.get("headers") or []).get(b"authorization")
+    if raw is None:
+        return False
+    scheme, _, token = raw.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(hashlib.sha256(token).digest(), digest)
+
+
 class _Observe:
-    """Pure ASGI middleware: the admin key check, and per request its count, latency and in-flight gauge.
+    """Pure ASGI middleware: keys, the body limit, and per request its count, latency and in-flight gauge.
 
     It measures to the last byte sent, so a stream's latency is its whole duration. Any exception the
     routes let escape becomes a 500 for that request alone (logged with its traceback); the server goes on.
     """
 
-    def __init__(self, app: Any, metrics: Metrics, api_key: str | None) -> None:
-        self.app, self.metrics, self.api_key = app, metrics, api_key
+    def __init__(self, app: Any, metrics: Metrics, api_key: str | None, admin_key: str | None,
+                 max_request_bytes: int) -> None:
+        self.app, self.metrics, self.max_request_bytes = app, metrics, max_request_bytes
+        self.api, self.admin = _digest(api_key), _digest(admin_key or api_key)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -278,11 +324,17 @@ class _Observe:
         if api:
             self.metrics.in_flight.inc()
         try:
-            if path.startswith("/admin/") and not self._authorized(scope):
-                await error_response(401, "admin endpoints need the header 'Authorization: Bearer KEY' with the "
-                                          "server's API key")(scope, receive, tracked_send)
+            denied = self._denied(scope, path)
+            if denied is not None:
+                await denied(scope, receive, tracked_send)
             else:
-                await self.app(scope, receive, tracked_send)
+                replay = await self._read_body(scope, receive)
+                if isinstance(replay, Response):
+                    await replay(scope, receive, tracked_send)
+                elif replay is not None:
+                    await self.app(scope, replay, tracked_send)
+                else:
+                    sent["status"] = CLIENT_GONE
         except Exception as error:  # noqa: BLE001  (one request fails; the server keeps serving)
             log.exception("unexpected error answering %s %s", scope.get("method"), path)
             if not sent["started"]:
@@ -300,12 +352,49 @@ class _Observe:
                                          status=str(status)).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
-    def _authorized(self, scope: dict) -> bool:
-        if self.api_key is None:
-            return True
-        headers = dict(scope.get("headers") or [])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+    def _denied(self, scope: dict, path: str) -> Response | None:
+        """The 401 for a request without the key its path needs; None when it may go on."""
+        if path in OPEN_PATHS:
+            return None
+        if path == "/admin" or path.startswith("/admin/"):
+            if self.admin is None or _key_matches(scope, self.admin):
+                return None
+            return error_response(401, "admin endpoints need the header 'Authorization: Bearer KEY' with the "
+                                       "server's admin key (--admin-key, or the --api-key when it has none)")
+        if self.api is None or _key_matches(scope, self.api):
+            return None
+        return error_response(401, "this endpoint needs the header 'Authorization: Bearer KEY' with the server's "
+                                   "API key (--api-key)")
+
+    async def _read_body(self, scope: dict, receive: Callable) -> Callable | Response | None:
+        """The request's body read up to the limit, as a ``receive`` that replays it (then passes on what comes
+        next: a disconnect); a 413 once it is over (by its Content-Length, before reading, or as it streams in:
+        a chunked body has none); None when the client left before sending all of it."""
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.strip().isdigit() and int(declared) > self.max_request_bytes:
+            return self._too_large()
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                return self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> dict:
+            return pending.pop() if pending else await receive()
+
+        return replay
+
+    def _too_large(self) -> Response:
+        return error_response(413, f"the request body is over {self.max_request_bytes} bytes, this server's limit "
+                                   "(its --max-request-bytes); send less in one request")
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -417,11 +506,15 @@ class _EventStream(StreamingResponse):
 
 
 # ---- the app -----------------------------------------------------------------------------------------------
-def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "") -> FastAPI:
+def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "", *, admin_key: str | None = None,
+               load_from: Sequence[str | Path] = (), max_input_chars: int = MAX_INPUT_CHARS,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The HTTP API over a :class:`~multitune.scheduler.Scheduler` (started and stopped with the app).
 
-    ``api_key``: when set, the admin endpoints need ``Authorization: Bearer api_key``. ``model_name``: the
-    base model, reported by ``/health`` and ``/v1/models``.
+    ``api_key``: every endpoint but ``/health`` needs ``Authorization: Bearer api_key``. ``admin_key``: what
+    ``/admin/*`` needs (default: ``api_key``; neither: admin is open). ``load_from``: the folders whose
+    contents ``/admin/load`` and ``/admin/reload`` may read (symlinks followed; none: no path is accepted).
+    ``model_name``: the base model, reported by ``/health`` and ``/v1/models``.
     """
     metrics = Metrics(scheduler)
 
@@ -445,7 +538,9 @@ def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "")
     app = FastAPI(title="multitune", summary="Many tasks from one frozen base, OpenAI-compatible",
                   lifespan=lifespan)
     app.state.scheduler, app.state.metrics = scheduler, metrics
-    app.add_middleware(_Observe, metrics=metrics, api_key=api_key)
+    app.add_middleware(_Observe, metrics=metrics, api_key=api_key, admin_key=admin_key,
+                       max_request_bytes=max_request_bytes)
+    roots = [Path(root).resolve() for root in load_from]
 
     def deadline() -> float:
         return float(getattr(scheduler, "timeout_s", 60.0) or 60.0) + GRACE_S
@@ -548,6 +643,7 @@ def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "")
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _note(request, body.model)
+        check_body(body, max_input_chars)
         prompt = _prompt(body)
         params = _sampling(body, body.max_tokens)
         handle = scheduler.submit_generate(body.model, prompt, params)  # on the loop: stream() needs it
@@ -570,6 +666,7 @@ def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "")
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         _note(request, body.model)
+        check_body(body, max_input_chars)
         if not body.messages:
             raise RequestError(400, "messages must hold at least one {role, content} message")
         params = _sampling(body, body.max_completion_tokens if body.max_tokens is None else body.max_tokens)
@@ -598,14 +695,16 @@ def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "")
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request) -> Response:
         _note(request, body.model)
+        check_body(body, max_input_chars)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         if not texts:
             raise RequestError(400, "input must be a string or a non-empty list of strings")
         if len(texts) > MAX_INPUTS:
             raise RequestError(413, f"input holds {len(texts)} texts; send at most {MAX_INPUTS} per request")
-        probabilities = await _unless_gone(request, scheduler.classify(body.model, texts), deadline(), lambda: None)
-        data = [{"index": i, "label": max(probs, key=probs.__getitem__) if probs else None,
-                 "probabilities": probs} for i, probs in enumerate(probabilities)]
+        results = await _unless_gone(request, scheduler.classify(body.model, texts), deadline(), lambda: None)
+        data = [{"index": i, "label": max(r.probabilities, key=r.probabilities.__getitem__) if r.probabilities
+                 else None, "probabilities": r.probabilities, "truncated": r.truncated}
+                for i, r in enumerate(results)]
         return JSONResponse({"object": "classification", "model": body.model, "data": data})
 
     # ---- information ---------------------------------------------------------------------------------
@@ -636,22 +735,40 @@ def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "")
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ---- admin ---------------------------------------------------------------------------------------
-    @app.post("/admin/load")
+    def confined(path: str) -> str:
+        """``path`` resolved (symlinks followed, ``..`` gone) when it lies in a folder the server may load
+        from; else 403. The message names the path as given, never anything read from it."""
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte
+            raise RequestError(400, f"path {path!r} cannot be resolved ({type(error).__name__})") from error
+        if any(resolved.is_relative_to(root) for root in roots):
+            return str(resolved)
+        allowed = ", ".join(str(root) for root in roots) or "none"
+        raise RequestError(403, f"path {path!r} is outside the folders this server may load from ({allowed}); "
+                                "start it with --allow-load-from DIR to allow another folder")
+
+    @app.post("/admin/load", summary="Serve one more task from a run or adapter folder")
     async def load(body: LoadRequest, request: Request) -> Response:
-        info = await scheduler.load(body.name, body.path)
-        _note(request, body.name)
-        return JSONResponse({"object": "task", "name": body.name, "loaded": True, **dict(info or {})})
+        check_body(body, MAX_PATH_CHARS)
+        info = await scheduler.load(body.model, confined(body.path))
+        _note(request, body.model)
+        return JSONResponse({"object": "task", "model": body.model, "name": body.model, "loaded": True,
+                             **dict(info or {})})
 
-    @app.post("/admin/unload")
+    @app.post("/admin/unload", summary="Stop serving a task")
     async def unload(body: UnloadRequest, request: Request) -> Response:
-        await scheduler.unload(body.name)
-        return JSONResponse({"object": "task", "name": body.name, "unloaded": True})
+        check_body(body, MAX_PATH_CHARS)
+        await scheduler.unload(body.model)
+        return JSONResponse({"object": "task", "model": body.model, "name": body.model, "unloaded": True})
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", summary="Replace a task by a new version, atomically")
     async def reload(body: ReloadRequest, request: Request) -> Response:
-        info = await scheduler.reload(body.name, body.path)
-        _note(request, body.name)
-        return JSONResponse({"object": "task", "name": body.name, "reloaded": True, **dict(info or {})})
+        check_body(body, MAX_PATH_CHARS)
+        info = await scheduler.reload(body.model, None if body.path is None else confined(body.path))
+        _note(request, body.model)
+        return JSONResponse({"object": "task", "model": body.model, "name": body.model, "reloaded": True,
+                             **dict(info or {})})
 
     return app
 
@@ -678,27 +795,45 @@ def _check_port(host: str, port: int) -> None:
                               "or --host") from error
 
 
-def serve(bank_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 32, max_wait_ms: float = 5, queue_size: int = 256, timeout_s: float = 60,
-          model: str | None = None, device: str | None = None, log_level: str = "info",
-          threads: int | None = None) -> None:
-    """Serve every adapter of ``bank_dir`` (``BANK_DIR/TASK/adapter.json``) until interrupted."""
+def serve(paths: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_batch_size: int = 32, max_wait_ms: float = 5, queue_size: int = 256,
+          timeout_s: float = 60, model: str | None = None, device: str | None = None, log_level: str = "info",
+          threads: int | None = None, admin_key: str | None = None, insecure_no_admin_key: bool = False,
+          allow_load_from: Sequence[str | Path] = (), max_input_chars: int = MAX_INPUT_CHARS,
+          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+    """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
+    :func:`multitune.engine.find_adapters`) until interrupted.
+
+    Keys default to ``$MULTITUNE_API_KEY`` and ``$MULTITUNE_ADMIN_KEY``. On an address other machines can
+    reach, the server refuses to start without an admin key unless ``insecure_no_admin_key``.
+    """
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
     for name, value, low in (("--max-batch-size", max_batch_size, 1), ("--queue-size", queue_size, 1),
-                             ("--max-wait-ms", max_wait_ms, 0), ("--threads", 1 if threads is None else threads, 1)):
+                             ("--max-wait-ms", max_wait_ms, 0), ("--threads", 1 if threads is None else threads, 1),
+                             ("--max-input-chars", max_input_chars, 1), ("--max-request-bytes", max_request_bytes, 1)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low} (got {value})")
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {timeout_s})")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535 (got {port})")
-    if not Path(bank_dir).is_dir():
-        raise ConfigError(f"{bank_dir} is not a folder; give a bank folder (BANK_DIR/TASK/adapter.json), "
-                          "e.g. the bank/ of 'multitune compare'")
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ConfigError(f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
+                              "run folders, a run folder or an adapter folder")
+    for path in allow_load_from:
+        if not Path(path).is_dir():
+            raise ConfigError(f"--allow-load-from {path} is not a folder; name an existing folder")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
+    if admin_key is None and api_key is None and not _is_loopback(host):
+        if not insecure_no_admin_key:
+            raise ConfigError(f"--host {host} can be reached from other machines and the server has no admin key, "
+                              f"so anyone could load and unload tasks; set --admin-key (or ${ADMIN_KEY_ENV}, or "
+                              "--api-key), or pass --insecure-no-admin-key to serve without one")
+        print(f"warning: no admin key: anyone who reaches {host}:{port} can load and unload tasks "
+              "(--insecure-no-admin-key)", file=sys.stderr)
     _check_port(host, port)
-    if api_key is None and not _is_loopback(host):
-        print(f"warning: no API key: anyone who reaches {host}:{port} can load and unload tasks; set "
-              f"{API_KEY_ENV} or --api-key", file=sys.stderr)
 
     import uvicorn
 
@@ -709,10 +844,12 @@ def serve(bank_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
         import torch
 
         torch.set_num_threads(threads)  # read by every thread that starts a parallel region
-    engine = in_passing_thread(lambda: Engine.from_folder(bank_dir, model, device))
+    engine = in_passing_thread(lambda: Engine.from_folder(paths, model, device))
     scheduler = Scheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
                           timeout_s=timeout_s)
-    app = create_app(scheduler, api_key=api_key, model_name=str(engine.base.source))
+    app = create_app(scheduler, api_key=api_key, model_name=str(engine.base.source), admin_key=admin_key,
+                     load_from=[*paths, *allow_load_from], max_input_chars=max_input_chars,
+                     max_request_bytes=max_request_bytes)
     names = ", ".join(sorted(engine.tasks))
     print(f"serving {len(engine.tasks)} task(s) ({names}) on {engine.base.source} at http://{host}:{port}",
           file=sys.stderr)
@@ -720,11 +857,25 @@ def serve(bank_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bank", metavar="BANK_DIR", help="bank folder: one adapter folder per task (TASK/adapter.json)")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="what to serve: bank folders (BANK/TASK/adapter.json), folders of run folders "
+                             "(BANK/RUN/adapter), run folders or adapter folders; a task is named after its folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--api-key", help=f"key the admin endpoints require as 'Authorization: Bearer KEY' "
-                                          f"(default: ${API_KEY_ENV}; none: admin open to whoever reaches --host)")
+    parser.add_argument("--api-key", help=f"key every endpoint but /health requires as 'Authorization: Bearer KEY' "
+                                          f"(default: ${API_KEY_ENV}; none: open)")
+    parser.add_argument("--admin-key", help=f"key /admin/* requires (default: ${ADMIN_KEY_ENV}, else the API key; "
+                                            "required on a --host other machines can reach)")
+    parser.add_argument("--insecure-no-admin-key", action="store_true",
+                        help="serve on a non-loopback --host without an admin key: anyone may load and unload tasks")
+    parser.add_argument("--allow-load-from", action="append", default=[], metavar="DIR",
+                        help="a folder /admin/load and /admin/reload may read from, besides the served ones "
+                             "(repeatable)")
+    parser.add_argument("--max-input-chars", type=int, default=MAX_INPUT_CHARS,
+                        help=f"characters of one text (prompt, message, input); beyond it 413 "
+                             f"(default: {MAX_INPUT_CHARS})")
+    parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                        help=f"bytes of one request body; beyond it 413 (default: {MAX_REQUEST_BYTES})")
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows in one forward (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for a batch to fill (default: 5)")
@@ -740,9 +891,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    serve(args.bank, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
+    serve(args.paths, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
           max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout, model=args.model,
-          device=args.device, log_level=args.log_level, threads=args.threads)
+          device=args.device, log_level=args.log_level, threads=args.threads, admin_key=args.admin_key,
+          insecure_no_admin_key=args.insecure_no_admin_key, allow_load_from=args.allow_load_from,
+          max_input_chars=args.max_input_chars, max_request_bytes=args.max_request_bytes)
 
 
 __all__ = ["create_app", "serve", "add_serve_arguments", "cmd_serve", "error_response", "validation_message",
