@@ -258,3 +258,42 @@ def test_texts_a_tokenizer_cannot_read_are_refused_naming_the_field(engine):
         scheduler.chat_prompt("lora", [{"role": "system", "content": "x"}, {"role": "user", "content": "\ud800"}])
     with pytest.raises(RequestError, match=r"^input\.1 holds a lone surrogate"):
         asyncio.run(scheduler.classify("sent", ["fine", "\udc80 x"]))
+
+
+def test_over_http_a_poisoned_classification_among_concurrent_good_ones(engine):
+    """Six classify requests sent at once, one of them poisoned: the five good ones get their normal answer (the
+    issue's reproduction had all six time out), the poisoned one a 500; a lone surrogate is a 400 up front."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from test_server import running
+
+    from multitune.server import create_app
+
+    classify_rows = engine.classify_rows
+    texts = [_prompt(i, 2 + i % 4) for i in range(5)]
+    expected = [classify_rows([("sent", t)])[0].probabilities for t in texts]
+
+    def marked(requests, *args, **kwargs):
+        if any(text == POISON for _, text in requests):
+            raise TypeError("the tokenizer cannot read this")
+        return classify_rows(requests, *args, **kwargs)
+
+    engine.classify_rows = marked
+    scheduler = Scheduler(engine, max_batch_size=32, max_wait_ms=200, timeout_s=TIMEOUT)
+    with running(create_app(scheduler)) as base, httpx.Client(base_url=base, timeout=60) as http:
+        def ask(text):
+            return http.post("/v1/classify", json={"model": "sent", "input": text})
+
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(ask, [*texts[:2], POISON, *texts[2:]]))
+        assert replies.pop(2).status_code == 500
+        for reply, want in zip(replies, expected, strict=True):
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["data"][0]["probabilities"] == pytest.approx(want, abs=1e-6)
+        reply = http.post("/v1/classify", content=b'{"model": "sent", "input": ["\\udc80 x"]}',
+                          headers={"Content-Type": "application/json"})
+        assert reply.status_code == 400 and "input.0 holds a lone surrogate" in reply.json()["error"]["message"]
+        long = " ".join(["good"] * 200)
+        data = http.post("/v1/classify", json={"model": "sent", "input": [long, "fine"]}).json()["data"]
+        assert [d["truncated"] for d in data] == [True, False]

@@ -452,12 +452,12 @@ def test_sixteen_concurrent_clients_mixing_tasks(fake, url):
 def test_serve_arguments_and_early_errors(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     server_module.add_serve_arguments(parser)
-    args = parser.parse_args([str(tmp_path), "--port", "9123", "--max-batch-size", "8", "--timeout", "5",
-                              "--threads", "2"])
+    args = parser.parse_args([str(tmp_path), str(tmp_path / "b"), "--port", "9123", "--max-batch-size", "8",
+                              "--timeout", "5", "--threads", "2"])
     seen = {}
     monkeypatch.setattr(server_module, "serve", lambda paths, **kwargs: seen.update(paths=paths, **kwargs))
     server_module.cmd_serve(args)
-    assert seen["paths"] == [str(tmp_path)] and seen["port"] == 9123 and seen["max_batch_size"] == 8
+    assert seen["paths"] == [str(tmp_path), str(tmp_path / "b")] and seen["port"] == 9123 and seen["max_batch_size"] == 8
     assert seen["timeout_s"] == 5 and seen["host"] == "127.0.0.1" and seen["api_key"] is None
     assert seen["threads"] == 2
     monkeypatch.undo()
