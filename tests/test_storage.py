@@ -130,10 +130,13 @@ def test_stale_temporaries_are_removed_when_the_lock_is_taken(tmp_path):
     (tmp_path / ".run.tmp-9").mkdir()  # an atomic write of the whole folder, killed
     (tmp_path / ".other.tmp-9").mkdir()  # another folder's: not ours to touch
     (out / ".hidden").write_text("a user's file")
+    (out / ".notes.tmp").write_text("a user's file")  # not a temporary's name
+    (out / "bank" / "t" / ".deep.tmp-1").mkdir(parents=True)  # deeper than multitune writes: left alone
     with output_lock(out, "x"):
         names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert names == [".other.tmp-9", ".run.lock", "run", "run/.hidden", "run/adapter", "run/adapter/adapter.json", "run/bank",
-                     "run/checkpoint", "run/checkpoint/state.json"]
+    assert names == [".other.tmp-9", ".run.lock", "run", "run/.hidden", "run/.notes.tmp", "run/adapter",
+                     "run/adapter/adapter.json", "run/bank", "run/bank/t", "run/bank/t/.deep.tmp-1", "run/checkpoint",
+                     "run/checkpoint/state.json"]
     assert (out / "checkpoint" / "state.json").read_text() == "previous"  # the swap's old side is put back
     assert (out / "adapter" / "adapter.json").read_text() == "new"
 

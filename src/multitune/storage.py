@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -142,19 +143,20 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
         os.close(fd)
 
 
+_TEMPORARY = re.compile(r"^\.(.+)\.(tmp|old)-[A-Za-z0-9_]+$")  # mkstemp/mkdtemp's suffix, or a pid
+
+
 def _stale(name: str) -> str | None:
     """'tmp' or 'old' for the names atomic_dir and write_json_atomic give their temporaries, else None."""
-    if name.startswith("."):
-        for kind in ("tmp", "old"):
-            if f".{kind}-" in name:
-                return kind
-    return None
+    match = _TEMPORARY.match(name)
+    return match[2] if match else None
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove what killed atomic writes left in ``folder`` (recursively) and beside it; returns what went.
 
     Call only while holding :func:`output_lock` on ``folder``: then no live process is writing there.
+    Only the folder and its subfolders are cleaned (where multitune's own writes go), not deeper.
     Folders below that another process holds locked are left alone. A ``.NAME.old-*`` folder whose
     ``NAME`` is missing is the previous version of a swap cut between its two renames: it is put back.
     """
@@ -170,7 +172,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             kind = _stale(entry.name)
             if kind is None:
                 continue
-            target = entry.name[1:].split(f".{kind}-", 1)[0]
+            target = _TEMPORARY.match(entry.name)[1]  # type: ignore[index]  (a stale name matched)
             if only is not None and target != only:
                 continue
             if kind == "old" and (entry / "x").exists() and not (parent / target).exists():
@@ -182,9 +184,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             removed.append(entry)
 
     clean(folder.resolve().parent, only=folder.resolve().name)
+    # Two levels down is where multitune writes (RUN/.adapter.tmp-*, OUT/bank/.TASK.tmp-*, OUT/results/...):
+    # an --output that is a big folder of other things is neither walked nor cleaned further down.
     for root, dirs, _ in os.walk(folder):
         clean(Path(root))
-        dirs[:] = [d for d in dirs if Path(root, d).exists() and not is_locked(Path(root, d))]
+        depth = len(Path(root).relative_to(folder).parts)
+        dirs[:] = [] if depth >= 1 else [d for d in dirs if Path(root, d).exists() and not is_locked(Path(root, d))]
     return removed
 
 
