@@ -131,7 +131,7 @@ def test_seeded_sampling_repeats_after_rows_that_ended_on_eos(engine, monkeypatc
         list(probe.tokens())
         ids = tokenizer(probe.text, add_special_tokens=False)["input_ids"]
         stop_id = ids[len(ids) // 2]
-        monkeypatch.setattr(scheduler_module, "_eos_ids", lambda tokenizer: {stop_id})  # every run ends on "EOS"
+        monkeypatch.setattr(scheduler_module, "eos_ids", lambda tokenizer: {stop_id})  # every run ends on "EOS"
         texts = [scheduler.generate_sync("lora", "a nice film", SamplingParams(**params.__dict__))
                  for _ in range(12)]
         assert texts[0][1] == "stop" and len(set(texts)) == 1

@@ -18,7 +18,8 @@ from test_server import assert_error, running
 from multitune import server as server_module
 from multitune.cli import main as cli_main
 from multitune.errors import ConfigError
-from multitune.server import _digest, _key_matches, create_app
+from multitune.http_guard import digest, key_matches
+from multitune.server import create_app
 
 API, ADMIN = "api-key-1", "admin-key-2"
 PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/echo"), ("GET", "/metrics"), ("GET", "/docs"),
@@ -89,16 +90,16 @@ def test_the_admin_key_defaults_to_the_api_key_and_alone_leaves_v1_open(roots):
 def test_the_key_is_the_header_exactly_as_sent():
     """HTTP servers drop a header's trailing whitespace before the app sees it; what reaches the check is
     compared as is, never stripped."""
-    digest = _digest(API)
+    key = digest(API)
 
     def scope(value: bytes) -> dict:
         return {"headers": [(b"authorization", value)]}
 
-    assert _key_matches(scope(f"Bearer {API}".encode()), digest)
-    assert _key_matches(scope(f"BEARER {API}".encode()), digest)
+    assert key_matches(scope(f"Bearer {API}".encode()), key)
+    assert key_matches(scope(f"BEARER {API}".encode()), key)
     for value in (f"Bearer {API} ", f"Bearer  {API}", f" Bearer {API}", f"Bearer\t{API}", f"Bearer {API}\n", API):
-        assert not _key_matches(scope(value.encode()), digest), value
-    assert not _key_matches({"headers": []}, digest)
+        assert not key_matches(scope(value.encode()), key), value
+    assert not key_matches({"headers": []}, key)
 
 
 # ---- refusing to serve admin to the network -------------------------------------------------------------------

@@ -10,10 +10,9 @@ One worker thread owns the engine (the model is never touched from two threads).
    step, whatever its task and method; a row leaves as soon as it is done (stop token, stop string,
    ``max_tokens``, timeout or cancellation) and its place is free for the next step.
 
-Rows of a decoder batch keep one KV cache: a joining group is left-padded (or the running batch is) to the
-longer length and concatenated along the batch; positions are counted over each row's unmasked slots, as
-:meth:`MultiTaskModel.run` and ``generate`` do, so a row's tokens equal generating it alone.
-Encoder-decoder (T5) generation is served in static batches through :meth:`Engine.generate`.
+Rows of a decoder batch keep one KV cache (:class:`multitune.decoding.DecodeBatch`), so a row's tokens equal
+generating it alone. Encoder-decoder (T5) generation is served in static batches through
+:meth:`Engine.generate`, one per distinct ``max_tokens``.
 
 Reload is atomic: the new version is loaded under a fresh internal name and the public name points to it;
 rows already admitted finish on the old version, which is removed once no row uses it.
@@ -30,87 +29,32 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import copy
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
+from multitune.decoding import (
+    DecodeBatch,
+    Handle,
+    QueueFull,
+    RequestError,
+    SamplingParams,
+    check_text,
+    draw,
+    eos_ids,
+    first_stop,
+)
 from multitune.engine import Classification
 from multitune.errors import MultituneError
-from multitune.models import supports_logits_to_keep
 
 log = logging.getLogger("multitune.scheduler")
 T = TypeVar("T")
-
-MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows float32 (1e-300 gave inf, then NaN probabilities)
-MAX_TEMPERATURE = 2.0
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
-
-
-class RequestError(MultituneError):
-    """A request the server answers with a 4xx/5xx status and a one-line message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class QueueFull(RequestError):
-    def __init__(self, size: int) -> None:
-        super().__init__(429, f"the server's queue is full ({size} requests waiting); retry shortly")
-
-
-def check_text(text: Any, field: str) -> None:
-    """Refuse a text the tokenizer cannot read, naming ``field``: JSON may carry a lone surrogate ("\\udc80"),
-    which is valid JSON but no character, and fast tokenizers raise TypeError on it in the middle of a batch."""
-    if not isinstance(text, str):
-        raise RequestError(400, f"{field} must be a string")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise RequestError(400, f"{field} holds a lone surrogate (U+{ord(text[error.start]):04X}) at character "
-                                f"{error.start}; send valid Unicode text") from None
-
-
-@dataclass
-class SamplingParams:
-    """How a generation request samples.
-
-    ``temperature`` 0 is greedy; otherwise it lies in [0.01, 2] (a smaller one overflows the division of the
-    logits and is refused rather than silently changed). ``seed`` (0 <= seed < 2**64) makes sampling repeat;
-    without it every request draws from its own clock-seeded stream.
-    """
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise RequestError(400, f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
-        if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise RequestError(400, f"temperature must be between 0 and {MAX_TEMPERATURE:g} (got {self.temperature!r})")
-        if 0 < self.temperature < MIN_TEMPERATURE:
-            raise RequestError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got "
-                                    f"{self.temperature!r}): a smaller one overflows; send 0 for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(400, f"top_p must be in (0, 1] (got {self.top_p!r})")
-        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 4:
-            raise RequestError(400, "stop must be up to 4 non-empty strings")
-        for i, stop in enumerate(self.stop):
-            check_text(stop, f"stop.{i}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < SEED_LIMIT):
-            raise RequestError(400, f"seed must be an integer with 0 <= seed < 2**64 (got {self.seed!r})")
 
 
 @dataclass
@@ -132,85 +76,6 @@ class Stats:
         return out
 
 
-_DONE = object()
-
-
-class Handle:
-    """One generation request: its text pieces as they come, its result, and a way to cancel it."""
-
-    def __init__(self, task: str, internal: str, prompt_ids: list[int], params: SamplingParams,
-                 deadline: float, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.task, self.internal, self.prompt_ids, self.params = task, internal, prompt_ids, params
-        self.prompt = ""
-        self.deadline = deadline
-        self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.error: RequestError | None = None
-        self.cancelled = False
-        self.generator: torch.Generator | None = None  # its own sampling stream (seeded when asked)
-        self._pieces: queue.Queue = queue.Queue()
-        self._loop = loop
-        self._apieces: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._done = threading.Event()
-
-    # ---- worker side -------------------------------------------------------------------------------
-    def _emit(self, piece: Any) -> None:
-        self._pieces.put(piece)
-        if self._loop is not None and self._apieces is not None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
-                self._loop.call_soon_threadsafe(self._apieces.put_nowait, piece)
-
-    def _finish(self, reason: str, error: RequestError | None = None) -> None:
-        if self._done.is_set():
-            return
-        self.finish_reason, self.error = reason, error
-        self._done.set()
-        self._emit(_DONE)
-
-    # ---- client side -------------------------------------------------------------------------------
-    def cancel(self) -> None:
-        """The client went away: the row leaves the batch at the next step."""
-        self.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def tokens(self) -> Iterator[str]:
-        while True:
-            piece = self._pieces.get()
-            if piece is _DONE:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield piece
-
-    async def stream(self) -> AsyncIterator[str]:
-        assert self._apieces is not None, "stream() needs the handle to be submitted from an event loop"
-        while True:
-            piece = await self._apieces.get()
-            if piece is _DONE:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield piece
-
-    async def result(self) -> tuple[str, str]:
-        """(text, finish_reason) once done; right away when the pieces were already read (stream())."""
-        if self._done.is_set():
-            pass
-        elif self._apieces is not None:
-            async for _ in self.stream():
-                pass
-        else:
-            await asyncio.to_thread(self._done.wait)
-        if self.error is not None:
-            raise self.error
-        return self.text, self.finish_reason or "stop"
-
-
 @dataclass
 class _Classify:
     internal: list[str]
@@ -223,151 +88,6 @@ class _Classify:
 class _Admin:
     op: Callable[[], Any]
     future: concurrent.futures.Future
-
-
-# ---- continuous batching over one bank -------------------------------------------------------------------
-class DecodeBatch:
-    """The generation rows of one bank (the shared base or a fully fine-tuned copy) and their KV cache."""
-
-    def __init__(self, bank: Any) -> None:
-        self.bank = bank
-        self.rows: list[Handle] = []
-        self.generated: list[list[int]] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # (B, T) over the cache's positions
-        self.last: torch.Tensor | None = None  # (B,) the token each row feeds next
-        self._task_ids: torch.Tensor | None = None
-        self._routing_version = -1
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def task_ids(self) -> torch.Tensor:
-        """Slot of each row, recomputed when the bank's tasks change (a removal shifts the slots)."""
-        version = self.bank.routing.version
-        if self._task_ids is None or self._routing_version != version or len(self._task_ids) != len(self.rows):
-            slots = self.bank.slots
-            self._task_ids = torch.tensor([slots.index(h.internal) for h in self.rows], dtype=torch.long,
-                                          device=self.bank.base.device)
-            self._routing_version = version
-        return self._task_ids
-
-    @torch.no_grad()
-    def join(self, handles: list[Handle], sample: Callable[[torch.Tensor, list[Handle], list[list[int]]],
-                                                            list[int]]) -> list[int]:
-        """Prefill ``handles`` together and merge them into the running batch; returns their first tokens."""
-        bank = self.bank
-        device = bank.base.device
-        width = max(len(h.prompt_ids) for h in handles)
-        pad = bank.base.tokenizer.pad_token_id
-        ids = torch.full((len(handles), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(handles), width), dtype=torch.long, device=device)
-        for i, h in enumerate(handles):  # left padding, as generate expects
-            ids[i, width - len(h.prompt_ids):] = torch.tensor(h.prompt_ids, device=device)
-            mask[i, width - len(h.prompt_ids):] = 1
-        slots = bank.slots
-        task_ids = torch.tensor([slots.index(h.internal) for h in handles], dtype=torch.long, device=device)
-        # the LM head on the last position only, as generate does
-        keep = {"logits_to_keep": 1} if supports_logits_to_keep(bank.base.model) else {}
-        routed = bank.run(ids, mask, task_ids, use_cache=True, **keep)
-        out, full = routed.out, routed.attention_mask
-        first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
-        self._merge(out.cache, full, handles, torch.tensor(first, device=device))
-        return first
-
-    def _merge(self, cache: Any, mask: torch.Tensor, handles: list[Handle], last: torch.Tensor,
-               generated: list[list[int]] | None = None) -> None:
-        """Append rows (their cache, mask, next tokens, tokens so far) to the batch, left-padding the shorter.
-
-        Every new tensor is built before any is assigned, so a failure leaves the batch as it was."""
-        generated = [[] for _ in handles] if generated is None else generated
-        if self.cache is None or not self.rows:
-            self.cache, self.mask, self.last = cache, mask, last
-            self.rows, self.generated = list(handles), list(generated)
-            self._task_ids = None
-            return
-        assert self.mask is not None and self.last is not None
-        length = max(self.mask.shape[1], mask.shape[1])
-
-        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = length - t.shape[dim]
-            if not missing:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        layers = [(torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0),
-                   torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0))
-                  for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)]
-        merged_mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
-        merged_last = torch.cat([self.last, last])
-        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
-            layer.keys, layer.values = keys, values
-        self.mask, self.last = merged_mask, merged_last
-        self.rows += handles
-        self.generated += generated
-        self._task_ids = None
-
-    @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """One decode step of every row: (B, vocab) logits of the next token.
-
-        The mask and cache are the batch's only once the forward has returned; a forward that raises may
-        have appended this step's positions to some layers of the cache, which :meth:`split` cuts off."""
-        assert self.mask is not None and self.last is not None
-        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = (mask.sum(dim=1, keepdim=True) - 1)
-        task_ids = self.task_ids()
-        with self.bank.routed(task_ids):
-            out = self.bank.base.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions,
-                                       cache=self.cache, use_cache=True)
-        self.mask, self.cache = mask, out.cache
-        return out.logits[:, -1].float()
-
-    def split(self) -> list[DecodeBatch]:
-        """One batch per row, sharing no state with this one: its rows of the cache, cut to the mask's length
-        (what the cache held before a failed step). To run each row alone when a step of all of them failed."""
-        assert self.mask is not None and self.last is not None
-        length = self.mask.shape[1]
-        parts = []
-        for i in range(len(self.rows)):
-            part = DecodeBatch(self.bank)
-            part.cache = copy.copy(self.cache)
-            part.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-            for layer in part.cache.layers:
-                layer.keys, layer.values = layer.keys[i:i + 1, :, :length], layer.values[i:i + 1, :, :length]
-            part.mask, part.last = self.mask[i:i + 1], self.last[i:i + 1]
-            part.rows, part.generated = [self.rows[i]], [self.generated[i]]
-            parts.append(part)
-        return parts
-
-    def absorb(self, parts: list[DecodeBatch]) -> None:
-        """This batch becomes the concatenation of ``parts`` (batches of its bank), in order."""
-        self.keep([])
-        for part in parts:
-            assert part.mask is not None and part.last is not None
-            self._merge(part.cache, part.mask, part.rows, part.last, part.generated)
-
-    def keep(self, indices: list[int]) -> None:
-        """Only the rows at ``indices`` stay; columns no remaining row attends to are cut from the left."""
-        if not indices:
-            self.rows, self.generated, self.cache, self.mask, self.last, self._task_ids = [], [], None, None, None, None
-            return
-        if len(indices) == len(self.rows):
-            return
-        index = torch.tensor(indices, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.last = self.mask[index], self.last[index]
-        self.rows = [self.rows[i] for i in indices]
-        self.generated = [self.generated[i] for i in indices]
-        self._task_ids = None
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-            self.mask = self.mask[:, start:]
 
 
 # ---- the scheduler ------------------------------------------------------------------------------------------
@@ -799,7 +519,7 @@ class Scheduler:
     def _advance(self, batch: DecodeBatch, rows: list[int], tokens: list[int]) -> None:
         """Append each row's new token, emit its text, and let finished rows leave."""
         tokenizer = batch.bank.base.tokenizer
-        eos = _eos_ids(tokenizer)
+        eos = eos_ids(tokenizer)
         now = time.monotonic()
         for row, token in zip(rows, tokens, strict=True):
             handle, generated = batch.rows[row], batch.generated[row]
@@ -825,7 +545,7 @@ class Scheduler:
         generated.append(token)
         handle.completion_tokens = len(generated)
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        stop = _first_stop(text, handle.params.stop)
+        stop = first_stop(text, handle.params.stop)
         if stop is not None:
             text = text[:stop]
         if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
@@ -850,7 +570,7 @@ class Scheduler:
             if handle.params.temperature <= 0 or handle.done:
                 continue
             try:
-                tokens[i] = _draw(logits[i], handle)
+                tokens[i] = draw(logits[i], handle)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
                 handle._finish("error", _as_request_error(error, "sampling"))
         return tokens
@@ -870,27 +590,12 @@ class Scheduler:
                                              max_length=10**6)
                 self.stats.record("seq2seq", len(group))
                 for handle, text in zip(group, texts, strict=True):
-                    stop = _first_stop(text, handle.params.stop)
+                    stop = first_stop(text, handle.params.stop)
                     handle.text = text[:stop] if stop is not None else text
                     handle._emit(handle.text)
                     handle._finish("stop")
 
             self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "seq2seq generation")
-
-
-def _draw(logits: torch.Tensor, handle: Handle) -> int:
-    """One token of one row from softmax(logits / temperature), within the top_p nucleus, from the row's own
-    generator (on the handle, not in a table keyed by id(): ids are reused)."""
-    p = handle.params
-    probs = torch.softmax(logits / p.temperature, dim=-1)
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    if handle.generator is None:
-        handle.generator = torch.Generator(device=probs.device)
-        handle.generator.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
-    return int(torch.multinomial(probs, 1, generator=handle.generator))
 
 
 def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -929,12 +634,5 @@ def in_passing_thread(load: Callable[[], Any]) -> Any:
         return pool.submit(load).result()
 
 
-def _eos_ids(tokenizer: Any) -> set[int]:
-    eos = tokenizer.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    return {i for i in ids if i is not None}
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
+__all__ = ["Scheduler", "Stats", "in_passing_thread", "RequestError", "QueueFull", "SamplingParams", "Handle",
+           "DecodeBatch", "check_text"]
