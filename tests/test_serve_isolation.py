@@ -297,3 +297,25 @@ def test_over_http_a_poisoned_classification_among_concurrent_good_ones(engine):
         long = " ".join(["good"] * 200)
         data = http.post("/v1/classify", json={"model": "sent", "input": [long, "fine"]}).json()["data"]
         assert [d["truncated"] for d in data] == [True, False]
+
+
+def test_a_fault_of_the_scheduler_itself_answers_every_request_it_held(engine, caplog):
+    """The safety net: whatever fails in a turn outside a forward, each request taken from a queue in it gets
+    a 500 (before, it waited for an answer that never came), and the next requests are served."""
+    scheduler = Scheduler(engine, max_batch_size=16, timeout_s=TIMEOUT)
+    handles = [scheduler.submit_generate("lora", _prompt(i, 3), SamplingParams(max_tokens=3)) for i in range(3)]
+    bank_of = engine.bank_of
+    engine.bank_of = lambda task: (_ for _ in ()).throw(RuntimeError("lookup broke"))
+    with caplog.at_level(logging.ERROR, logger="multitune.scheduler"):
+        scheduler.start()
+        try:
+            for handle in handles:
+                with pytest.raises(RequestError, match="lookup broke") as error:
+                    list(handle.tokens())
+                assert error.value.status == 500
+            engine.bank_of = bank_of
+            text, _ = scheduler.generate_sync("lora", "a film", SamplingParams(max_tokens=3))
+            assert text.strip() == _alone(engine, "lora", "a film", 3)
+        finally:
+            scheduler.stop()
+    assert any("turn failed" in r.getMessage() and r.exc_info for r in caplog.records)
