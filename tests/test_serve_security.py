@@ -184,6 +184,8 @@ def test_admin_loads_only_from_the_allowed_folders(keyed, roots):
         message = assert_error(keyed.post("/admin/load", json={"model": "x", "path": path}, headers=auth), 403,
                                "outside the folders", "--allow-load-from")
         assert path in message
+        assert keyed.post("/admin/load", json={"model": "x", "path": path}, headers=auth).json()["error"][
+            "type"] == "permission_error"
         assert_error(keyed.post("/admin/reload", json={"model": "echo", "path": path}, headers=auth), 403)
     assert keyed.post("/admin/load", json={"model": "inside", "path": str(allowed / "task")},
                       headers=auth).status_code == 200
