@@ -130,7 +130,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, grad_
     interrupted = _bank("llama", config=lora)
     with pytest.raises(Interrupt):
         train(interrupted, "t", data, data[:8], cfg, run_dir=tmp_path / "b", progress=False, on_step=stop_at_step_10)
-    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["state"]["step"] == 8
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["loop"]["step"] == 8
     resumed = _bank("llama", config=LoRAConfig(rank=4, dropout=0.3))
     torch.manual_seed(123)  # a different global RNG state: the checkpoint must restore its own
     train(resumed, "t", data, data[:8], cfg, run_dir=tmp_path / "b", resume=True, progress=False)
@@ -305,7 +305,7 @@ def test_keep_checkpoint_keeps_it_and_a_finished_run_resumes_to_its_result(bert_
     data = _csv(tmp_path)
     out = tmp_path / "run"
     summary = run(_run_config(bert_dir, data, out, keep_checkpoint=True), progress=False)
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["state"]["step"] == 5
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["loop"]["step"] == 5
     assert main(_train_argv(bert_dir, data, out, "--resume", "--keep-checkpoint")) == 0
     assert (out / "checkpoint").is_dir()
     assert run(_run_config(bert_dir, data, out), resume=True, progress=False) == summary

@@ -160,7 +160,7 @@ class MultiTaskModel(nn.Module):
         return spec
 
     def remove_task(self, name: str) -> None:
-        spec = self._spec(name)
+        spec = self.spec(name)
         get_method(spec.method).detach(self, name)
         if name in self.heads:
             del self.heads[name]
@@ -189,7 +189,7 @@ class MultiTaskModel(nn.Module):
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         """Exactly the task's own trainable parameters, by public key."""
-        self._spec(task)
+        self.spec(task)
         return self._owned[task]
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
@@ -218,20 +218,21 @@ class MultiTaskModel(nn.Module):
         head = self.base.model.get_output_embeddings() if hasattr(self.base.model, "get_output_embeddings") else None
         return {n for n, m in self.base.model.named_modules() if head is not None and m is head}
 
-    def _spec(self, task: str) -> TaskSpec:
+    def spec(self, task: str) -> TaskSpec:
+        """The task's spec; an unknown task is an error naming the bank's tasks."""
         if task not in self.tasks:
             known = ", ".join(self.tasks) or "none"
             raise ConfigError(f"unknown task '{task}'; tasks in this bank: {known}")
         return self.tasks[task]
 
     def task_ids(self, task: str, batch: int) -> torch.Tensor:
-        self._spec(task)
+        self.spec(task)
         return torch.full((batch,), self.slots.index(task), dtype=torch.long, device=self.base.device)
 
     # ---- merge / disable ---------------------------------------------------------------------------
     def merge(self, task: str) -> None:
         """Fold a task into the base weights (LoRA, (IA)^3: single-task deployment); :meth:`unmerge` undoes it."""
-        method = get_method(self._spec(task).method)
+        method = get_method(self.spec(task).method)
         if method.merge is None:
             foldable = ", ".join(n for n, m in METHODS.items() if m.merge is not None)
             raise ConfigError(f"'{task}' uses {method.name}, which cannot be folded into the base weights; "
@@ -241,7 +242,7 @@ class MultiTaskModel(nn.Module):
         method.merge(self, task)
 
     def unmerge(self, task: str) -> None:
-        method = get_method(self._spec(task).method)
+        method = get_method(self.spec(task).method)
         if method.unmerge is not None:
             method.unmerge(self, task)
 
@@ -337,7 +338,7 @@ class MultiTaskModel(nn.Module):
 
     def virtual_positions(self, task: str) -> int:
         """Positions the task's rows occupy before their text (soft prompt tokens, prefix positions)."""
-        method = get_method(self._spec(task).method)
+        method = get_method(self.spec(task).method)
         return method.positions(self, task) if method.positions is not None else 0
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
 from multitune.config import (
@@ -62,9 +60,9 @@ from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.evaluate import evaluate
 from multitune.methods import METHODS, get_method
-from multitune.metrics import is_better
 from multitune.storage import output_lock, save_adapter, write_json_atomic
-from multitune.train import TrainResult, _accelerator, _fit_only, default_metric, epoch_steps, lr_schedule
+from multitune.train import default_metric, fit_only
+from multitune.training.loop import Objective, TrainResult, epoch_steps, fit
 
 SAMPLING = ("proportional", "temperature")
 
@@ -168,6 +166,7 @@ def train_multitask(
     progress: bool = True,
     learning_rates: Mapping[str, float] | None = None,
     on_step: Callable[[int], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, TrainResult]:
     """Train the bank's ``tasks`` (name -> (train, validation) examples) together from mixed batches.
 
@@ -175,38 +174,28 @@ def train_multitask(
     the method's). ``on_step(step)`` is called after each optimizer step. Methods with nothing to
     optimise (prompting) are fitted and scored once, at step 0. Returns each task's result: ``steps``
     is the step at which it was frozen (or the last step), ``stopped_early`` whether it was frozen.
+    ``run_dir``: metrics.jsonl and the checkpoint; ``resume`` continues from that checkpoint.
     """
-    # ---- setup -------------------------------------------------------------------------------------
     _check_tasks(bank, tasks)
     unknown = sorted(set(learning_rates or {}) - set(tasks))
     if unknown:
         raise ConfigError(f"learning rates given for tasks not being trained: {', '.join(unknown)}")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("")
-    start = time.perf_counter()
     metrics = {t: config.metric or default_metric(bank.tasks[t].kind) for t in tasks}
     results: dict[str, TrainResult] = {}
-
-    def log(task: str, record: dict[str, Any]) -> None:
-        if run_dir is not None:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"task": task, **record}) + "\n")
-
+    preamble: list[dict[str, Any]] = []
     for task, (train_examples, validation_examples) in tasks.items():
-        fit = get_method(bank.tasks[task].method).fit
-        if fit is not None:
-            results[task] = _fit_only(bank, task, fit, train_examples, validation_examples, config, None,
+        fit_method = get_method(bank.tasks[task].method).fit
+        if fit_method is not None:  # nothing to optimise (prompting): fitted and scored once, at step 0
+            results[task] = fit_only(bank, task, fit_method, train_examples, validation_examples, config, None,
                                       metrics[task])
-            for record in results[task].history:
-                log(task, record)
+            preamble += [{"task": task, **record} for record in results[task].history]
     names = [t for t in tasks if t not in results]
     if not names:
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preamble))
         return results
     probabilities = task_probabilities([len(tasks[t][0]) for t in names], sampling, temperature)
-    accelerator = _accelerator(config.device)
-    accelerator.prepare_model(bank)
     features, slots = [], []
     for task in names:
         if not tasks[task][0]:
@@ -217,92 +206,49 @@ def train_multitask(
                               f"{bank.tasks[task].labels}")
         features.append(encoded)
         slots.append(bank.slots.index(task))
-    params = [[bank.task_parameters(t)[k] for k in sorted(bank.task_parameters(t))] for t in names]
     rates = [(learning_rates or {}).get(t) or config.learning_rate or get_method(bank.tasks[t].method).default_learning_rate
              for t in names]
-    optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in zip(params, rates, strict=True)],
-                                  weight_decay=config.weight_decay)
-    examples = sum(len(f) for f in features)
-    steps_per_epoch = epoch_steps(config, examples)
-    scheduler, total_steps = lr_schedule(optimizer, config, examples)
     sampler = RowSampler([len(f) for f in features], probabilities, config.seed)
-    state = [{"best_metric": None, "best_step": None, "bad_evals": 0, "frozen": False, "steps": 0,
-              "seconds": 0.0, "history": []} for _ in names]
-    best: list[dict[str, torch.Tensor] | None] = [None] * len(names)
+    micro = epoch_steps(config, sum(len(f) for f in features)) * config.grad_accum  # an epoch of the mixture
 
-    def freeze(i: int, step: int) -> None:
-        """Patience has run out: the task's weights stop changing and its rows stop being drawn."""
-        optimizer.param_groups[i]["lr"] = 0.0
-        scheduler.base_lrs[i] = 0.0  # the scheduler rescales base_lrs at every step
-        state[i].update(frozen=True, steps=step, seconds=time.perf_counter() - start)
+    def loss(rows: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, float]]:
+        value = mixed_loss(bank, [features[t][i] for t, i in rows], [slots[t] for t, _ in rows])
+        return value, {"loss": float(value.detach())}
 
-    def evaluate_now(step: int) -> None:
-        for i, task in enumerate(names):
-            validation = tasks[task][1]
-            if state[i]["frozen"] or not validation:
-                continue
-            metric = metrics[task]
-            scores = evaluate(bank, task, validation, config.max_length, config.eval_batch_size,
-                              config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
-            if metric not in scores:
-                raise ConfigError(f"metric '{metric}' is not computed for task '{task}' ({bank.tasks[task].kind}); "
-                                  f"choose one of: {', '.join(scores)}")
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "validation", **scores,
-                      "lr": optimizer.param_groups[i]["lr"], "elapsed": round(time.perf_counter() - start, 2)}
-            state[i]["history"].append(record)
-            log(task, record)
-            if is_better(metric, scores[metric], state[i]["best_metric"]):
-                state[i].update(best_metric=scores[metric], best_step=step, bad_evals=0)
-                best[i] = bank.task_state_dict(task)
-            else:
-                state[i]["bad_evals"] += 1
-                if state[i]["bad_evals"] >= config.patience:
-                    freeze(i, step)
+    def scores(task: str) -> dict[str, float] | None:
+        validation = tasks[task][1]
+        if not validation:
+            return None
+        return evaluate(bank, task, validation, config.max_length, config.eval_batch_size, config.max_new_tokens,
+                        generate=metrics[task] not in ("loss", "perplexity"))
 
-    # ---- steps -------------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, desc=f"train {len(names)} tasks", disable=not progress, dynamic_ncols=True)
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    step = 0
-    with torch.random.fork_rng(devices=cuda):  # dropout draws from the seed, the caller's RNG is left alone
-        torch.manual_seed(config.seed)
-        bank.train()
-        while step < total_steps and not all(s["frozen"] for s in state):
-            active = [not s["frozen"] for s in state]
-            for _ in range(config.grad_accum):
-                rows = sampler.draw(config.batch_size, active)
-                with accelerator.autocast():
-                    loss = mixed_loss(bank, [features[t][i] for t, i in rows], [slots[t] for t, _ in rows])
-                accelerator.backward(loss / config.grad_accum)
-            if config.max_grad_norm > 0:
-                for group in params:  # per task: one task's large gradient does not shrink another's step
-                    accelerator.clip_grad_norm_(group, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
-            # every eval_every steps (default: each epoch of the mixture), and always the last step
-            due = step == total_steps or (step % (config.eval_every or steps_per_epoch) == 0)
-            if due:
-                evaluate_now(step)
-            if on_step is not None:
-                on_step(step)
-        bank.eval()
-    bar.close()
-
-    # ---- restore the best, fold ------------------------------------------------------------------------
-    for i, task in enumerate(names):
-        if best[i] is not None:
-            bank.load_task_state_dict(task, best[i])
-        fold = get_method(bank.tasks[task].method).fold
-        if fold is not None:
-            fold(bank, task)
-        s = state[i]
-        frozen = s["frozen"]
-        results[task] = TrainResult(s["steps"] if frozen else step, s["best_step"], s["best_metric"], metrics[task],
-                                    frozen, s["seconds"] if frozen else time.perf_counter() - start, s["history"])
+    objective = Objective(names, rates, MixedBatches(sampler, config.batch_size, micro), loss, scores,
+                          {t: metrics[t] for t in names})
+    results.update(fit(bank, objective, config, run_dir, resume, progress, f"train {len(names)} tasks",
+                       on_step=on_step, preamble=preamble))
     return {t: results[t] for t in tasks}
+
+
+class MixedBatches:
+    """The loop's batches of a multi-task run: ``batch_size`` rows drawn by a :class:`RowSampler` per micro-batch,
+    ``micro`` micro-batches an epoch of the mixture. Its state (the sampler's generator and draw counts) goes into
+    the checkpoint, so a resumed run draws the rows the uninterrupted one would have."""
+
+    def __init__(self, sampler: RowSampler, batch_size: int, micro: int) -> None:
+        self.sampler, self.batch_size, self.micro = sampler, batch_size, micro
+
+    def count(self, epoch: int) -> int:
+        return self.micro
+
+    def get(self, epoch: int, index: int, active: Sequence[bool]) -> list[tuple[int, int]]:
+        return self.sampler.draw(self.batch_size, active)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.sampler.generator.get_state(), "drawn": torch.tensor(self.sampler.drawn)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sampler.generator.set_state(state["generator"])
+        self.sampler.drawn = [int(n) for n in state["drawn"]]
 
 
 # ---- the whole job: a YAML of tasks -> a bank folder ----------------------------------------------------

@@ -263,7 +263,7 @@ def reward_from_classifier(bank: MultiTaskModel, task: str, label: str, include_
 
     The classifier reads the response alone, or prompt and response as a text pair with ``include_prompt``.
     """
-    spec = bank._spec(task)
+    spec = bank.spec(task)
     if spec.kind != "classification":
         raise ConfigError(f"task '{task}' is a {spec.kind} task; a reward classifier must be a classification task")
     if label not in spec.labels:
@@ -293,7 +293,7 @@ def reward_from_model(bank: MultiTaskModel, task: str, max_length: int = 256, ba
     """A trained reward model task (multitune.preference): its score logit[chosen] - logit[rejected]."""
     from multitune.preference import reward_scores
 
-    bank._spec(task)
+    bank.spec(task)
     for param in bank.task_parameters(task).values():
         param.requires_grad_(False)
 
@@ -308,7 +308,7 @@ def reward_from_model(bank: MultiTaskModel, task: str, max_length: int = 256, ba
 # ---- the loop --------------------------------------------------------------------------------------
 def check_policy(bank: MultiTaskModel, task: str, config: PPOConfig) -> None:
     """The errors a PPO run would otherwise hit late: wrong kind, architecture, method or reference."""
-    spec = bank._spec(task)
+    spec = bank.spec(task)
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
@@ -615,7 +615,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     from multitune.config import TASK_NAME, command_yaml, device_problem, task_name_from_folder
     from multitune.models import load_base
     from multitune.preference import run_folder
-    from multitune.storage import save_adapter, write_json_atomic
+    from multitune.storage import publish_mode, save_adapter, write_json_atomic
 
     config, method_config = ppo_config_from_args(args)
     task = args.task or task_name_from_folder(args.output)
@@ -684,6 +684,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         save_adapter(bank, task, out / "adapter", extra={"ppo": {"reward": reward_text, "steps": len(history)}})
         partial = out / f".{VALUE_HEAD_FILE}.tmp-{os.getpid()}"  # a name the lock's clean-up knows as stale
         save_value_head(result["value_head"], partial)
+        publish_mode(partial)  # safetensors writes 0600: the umask's mode, as every other file of the run
         os.replace(partial, out / VALUE_HEAD_FILE)
         write_json_atomic(out / "result.json", summary)  # last: a folder with result.json is a finished run
     print(f"ppo done: {plural(len(history), 'step')} in {summary['seconds']:.1f} s; mean score of the first "

@@ -25,7 +25,6 @@ import dataclasses
 import math
 import os
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from multitune.errors import ConfigError, DataError
 from multitune.evaluate import _autocast
 from multitune.methods import METHODS, get_method
 from multitune.models import supports_logits_to_keep
+from multitune.training.loop import Objective, Shuffled, fit
 
 ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
 REWARD_LABELS = ["rejected", "chosen"]  # score = logit[chosen] - logit[rejected]
@@ -264,7 +264,7 @@ def sequence_logps(bank: MultiTaskModel, task: str, prompts: Sequence[str], resp
     ``max_length``). Differentiable; wrap in ``torch.no_grad()`` to score, in ``bank.disabled()`` for the
     reference model. ``desc``: show a progress bar over the batches with this title.
     """
-    spec = bank._spec(task)
+    spec = bank.spec(task)
     if spec.kind != "generation":
         raise ConfigError(f"task '{task}' is a {spec.kind} task; response log-probabilities need a generation task")
     if bank.base.arch == "encoder":
@@ -309,7 +309,7 @@ def _joined_ids(bank: MultiTaskModel, prompt: str, response: str, max_length: in
 
 
 def _check_reward_task(bank: MultiTaskModel, task: str) -> TaskSpec:
-    spec = bank._spec(task)
+    spec = bank.spec(task)
     if spec.kind != "classification" or spec.labels != REWARD_LABELS:
         raise ConfigError(f"task '{task}' is not a reward model (a classification task with labels {REWARD_LABELS}); "
                           "add one with add_reward_task or train it with 'multitune reward'")
@@ -387,20 +387,13 @@ def pair_accuracy(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], max_le
     A reward task compares its scores; a generation task (a DPO policy) its implicit rewards
     ``log pi(y|x) - log ref(y|x)`` against the base with adapters off (the sign does not depend on beta).
     """
-    if bank._spec(task).kind == "generation":
+    if bank.spec(task).kind == "generation":
         return _dpo_eval(bank, task, pairs, _reference_logps(bank, task, pairs, max_length, batch_size), 1.0,
                          max_length, batch_size)["accuracy"]
     return _reward_eval(bank, task, pairs, max_length, batch_size)["accuracy"]
 
 
 # ---- the shared loop ------------------------------------------------------------------------------------
-def _order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a permutation that depends only on (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 def _check_train_config(config: TrainConfig) -> None:
     problems = [f"{name} must be >= 1 (got {getattr(config, name)})"
                 for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "patience")
@@ -415,122 +408,45 @@ def _check_train_config(config: TrainConfig) -> None:
 
 def _optimise(bank: MultiTaskModel, task: str, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, dict]],
               evaluate_now: Callable[[], dict[str, float] | None], config: TrainConfig, progress: bool,
-              desc: str, on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """AdamW on the task's parameters over ``n`` training pairs; early stopping on held-out pair accuracy.
+              desc: str, run_dir: str | Path | None = None, resume: bool = False,
+              on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The one training loop (:func:`multitune.training.loop.fit`) over ``n`` training pairs, in eval mode.
 
     ``batch_loss(rows)`` gives the mean loss of those pairs and its statistics; ``evaluate_now()`` the
     held-out record (accuracy, margin, loss) or None without held-out pairs. The weights before the first
     step are a candidate too: training that only makes things worse returns the task unchanged. The best
-    evaluation (accuracy, then lower loss) is restored at the end.
+    evaluation (accuracy, then lower loss) is restored at the end; a method that folds is scored again after.
     """
     _check_train_config(config)
-    spec = bank._spec(task)
-    params = list(bank.task_parameters(task).values())
-    if not params:
+    spec = bank.spec(task)
+    if not bank.task_parameters(task):
         raise ConfigError(f"task '{task}' ({spec.method}) has no trainable parameters; choose one of: "
                           f"{', '.join(trainable_methods())}")
     if n < 1:
         raise ConfigError("no training pairs; give a file with at least one pair")
-    torch.manual_seed(config.seed)
     lr = config.learning_rate or get_method(spec.method).default_learning_rate
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    batches_per_epoch = math.ceil(n / config.batch_size)
-    total = config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
-                              optimizer, num_warmup_steps=int(config.warmup_ratio * total), num_training_steps=total)
-    start = time.perf_counter()
-    history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"step": 0, "best": None, "best_key": None, "best_step": None, "bad": 0}
-
-    def check(epoch: int) -> bool:
-        """Score the held-out pairs and keep the best weights; True when patience has run out."""
-        with torch.no_grad():
-            scores = evaluate_now()
-        if scores is None:
-            return False
-        record = {"step": state["step"], "epoch": epoch, "split": "validation", **scores,
-                  "lr": scheduler.get_last_lr()[0], "elapsed": round(time.perf_counter() - start, 2)}
-        evals.append(record)
-        if on_eval is not None:  # the CLI appends it to metrics.jsonl, as multitune train does
-            on_eval(record)
-        key = (scores["accuracy"], -scores["loss"])
-        if state["best_key"] is None or key > state["best_key"]:
-            state.update(best=bank.task_state_dict(task), best_key=key, best_step=state["step"], bad=0)
-        else:
-            state["bad"] += 1
-        return state["bad"] >= config.patience
-
-    bank.eval()
-    check(0)
-    bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
-    stop, stopped_early = total == 0, False
-    try:
-        for epoch in range(config.epochs):
-            if stop:
-                break
-            batches = _order(n, config.batch_size, config.seed, epoch)
-            sums: dict[str, float] = {}
-            counted = 0
-            for index, rows in enumerate(batches):
-                loss, stats = batch_loss(rows)
-                (loss / config.grad_accum).backward()
-                counted += 1
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                if (index + 1) % config.grad_accum and index + 1 < len(batches):
-                    continue
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                record = {"step": state["step"], "epoch": epoch + 1, **{k: v / counted for k, v in sums.items()},
-                          "lr": scheduler.get_last_lr()[0]}
-                history.append(record)
-                sums, counted = {}, 0
-                bar.update(1)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f} "
-                                    f"acc {record['accuracy']:.2f}", refresh=False)
-                if config.eval_every and state["step"] % config.eval_every == 0 and check(epoch + 1):
-                    stop = stopped_early = True
-                if state["step"] >= total:
-                    stop = True
-                if stop:
-                    break
-            else:
-                if not config.eval_every and check(epoch + 1):
-                    stop = stopped_early = True
-        if evals and evals[-1]["step"] != state["step"]:
-            check(config.epochs)
-    finally:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
-    if state["best"] is not None and state["best_step"] != state["step"]:
-        bank.load_task_state_dict(task, state["best"])
-    fold = get_method(spec.method).fold
-    after = next((e for e in evals if e["step"] == state["best_step"]), None)
-    if fold is not None:  # training-time parameters become what is saved and served; score what is saved
-        fold(bank, task)
+    objective = Objective([task], [lr], Shuffled(n, config.batch_size, config.seed), batch_loss,
+                          lambda _: evaluate_now(), {task: "accuracy"},
+                          key=lambda _, scores: (scores["accuracy"], -scores["loss"]))
+    result = fit(bank, objective, config, run_dir, resume, progress, desc, score_start=True, train_mode=False,
+                 on_step=on_step)[task]
+    evals = result.history
+    after = next((e for e in evals if e["step"] == result.best_step), None)
+    if get_method(spec.method).fold is not None:  # what is saved is the folded task: score it
         with torch.no_grad():
             scores = evaluate_now()
         if after is not None and scores is not None:
             after = {**after, **scores}
-    return {"steps": state["step"], "best_step": state["best_step"], "stopped_early": stopped_early,
-            "seconds": round(time.perf_counter() - start, 2), "learning_rate": lr, "history": history, "evals": evals,
+    return {"steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 2), "learning_rate": lr, "history": result.log, "evals": evals,
             "before": evals[0] if evals else None, "after": after,
             "validation_accuracy": after["accuracy"] if after else None}
 
 
 # ---- reward model -------------------------------------------------------------------------------------
 def train_reward(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation_pairs: Sequence[Pair],
-                 config: TrainConfig, progress: bool = True,
-                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 config: TrainConfig, progress: bool = True, run_dir: str | Path | None = None,
+                 resume: bool = False, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train reward task ``task`` on Bradley-Terry ``-log sigmoid(s_chosen - s_rejected)``.
 
     ``config.batch_size`` counts pairs (each step reads 2 x batch_size sequences in one forward). Returns
@@ -557,12 +473,13 @@ def train_reward(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validat
         return _reward_eval(bank, task, validation_pairs, config.max_length, config.eval_batch_size,
                             "held-out pairs" if progress else None)
 
-    return _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"reward {task}", on_eval)
+    return _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"reward {task}", run_dir,
+                     resume, on_step)
 
 
 # ---- DPO ----------------------------------------------------------------------------------------------
 def _check_policy(bank: MultiTaskModel, task: str) -> TaskSpec:
-    spec = bank._spec(task)
+    spec = bank.spec(task)
     if spec.kind != "generation":
         raise ConfigError(f"task '{task}' is a {spec.kind} task; DPO trains a generation task")
     if bank.base.arch == "encoder":
@@ -608,7 +525,8 @@ def _dpo_eval(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], reference:
 
 def train_dpo(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation_pairs: Sequence[Pair],
               config: TrainConfig, beta: float = 0.1, progress: bool = True,
-              reference: str = "disabled", on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              reference: str = "disabled", run_dir: str | Path | None = None, resume: bool = False,
+              on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train generation task ``task`` with DPO's sigmoid loss against the reference (see the module doc).
 
     ``config.batch_size`` counts pairs. Returns ``history`` (loss, margin, reward accuracy per step),
@@ -650,7 +568,8 @@ def train_dpo(bank: MultiTaskModel, task: str, pairs: Sequence[Pair], validation
         return _dpo_eval(bank, task, validation_pairs, ref_val, beta, config.max_length, config.eval_batch_size,
                          "held-out pairs" if progress else None)
 
-    result = _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"dpo {task}", on_eval)
+    result = _optimise(bank, task, len(pairs), batch_loss, evaluate_now, config, progress, f"dpo {task}", run_dir,
+                       resume, on_step)
     result.update(beta=beta, reference=reference)
     # how often the reference alone already gives the chosen response the higher likelihood (length-biased)
     result["reference_likelihood_accuracy"] = _accuracy(ref_val[:, 0] - ref_val[:, 1]) if validation_pairs else None
@@ -686,6 +605,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser, output: str, methods:
     parser.add_argument("--task", help="task name: letters, digits, _ and - (default: the --output folder's name)")
     parser.add_argument("--output", default=output,
                         help=f"folder to write: config.yaml, metrics.jsonl, adapter/, result.json (default: {output})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --output from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_arguments(parser, TrainConfig, dest_prefix="train.")
     add_method_arguments(parser, [m for m in methods if m in METHODS])
@@ -722,35 +643,65 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 @contextlib.contextmanager
-def run_folder(output: str | Path, command: str) -> Any:
-    """Hold the output folder for the block (one command at a time) and refuse one that is not empty.
+def run_folder(output: str | Path, command: str, resume: bool = False) -> Any:
+    """Hold the output folder for the block (one command at a time); refuse one that is not this command's.
 
-    Yields ``start(settings)``, to call once the data, the model and the task are ready: it writes
-    config.yaml and an empty metrics.jsonl and returns the ``on_eval(record)`` that appends each
-    evaluation to metrics.jsonl, as ``multitune train`` does. A run refused before ``start`` leaves nothing.
+    Yields ``start(settings)``, to call once the data, the model and the task are ready: it writes config.yaml
+    (the training loop writes metrics.jsonl and the checkpoint). With ``resume``, an interrupted run of the same
+    command in the folder continues from its checkpoint; without it, only an empty folder is taken. A run
+    refused before ``start`` leaves nothing.
     """
-    import json
-
     from multitune.storage import output_lock
 
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file; choose another --output")
     with output_lock(out, command):
-        if any(out.iterdir()):
-            raise ConfigError(f"output folder {out} already exists; choose another --output or remove it")
+        ours = _is_run_of(out, command)
+        if resume and any(out.iterdir()) and not ours:
+            raise ConfigError(f"--resume continues a run of '{command}', and {out} holds none; choose another "
+                              "--output")
+        if not resume and any(out.iterdir()):
+            hint = "pass --resume to continue it, or" if ours else ""
+            raise ConfigError(f"output folder {out} already exists; {hint} choose another --output or remove it")
 
         def start(settings: str) -> Callable[[dict[str, Any]], None]:
-            (out / "config.yaml").write_text(settings)
-            (out / "metrics.jsonl").write_text("")
+            """Write config.yaml; returns ``append(record)``, which adds a line to metrics.jsonl (PPO's steps;
+            the training loop of reward and DPO writes its own lines there)."""
+            import json
 
-            def on_eval(record: dict[str, Any]) -> None:
-                with open(out / "metrics.jsonl", "a") as f:
+            (out / "config.yaml").write_text(_RUN_MARK.format(command=command) + settings)
+            metrics = out / "metrics.jsonl"
+            if not metrics.exists():
+                metrics.write_text("")
+
+            def append(record: dict[str, Any]) -> None:
+                with open(metrics, "a") as f:
                     f.write(json.dumps(record) + "\n")
 
-            return on_eval
+            return append
 
         yield start
+
+
+_RUN_MARK = "# {command} run folder: the settings of this run (--config reads them back)\n"
+
+
+def _is_run_of(folder: Path, command: str) -> bool:
+    try:
+        return (folder / "config.yaml").read_text().startswith(_RUN_MARK.format(command=command))
+    except OSError:
+        return False
+
+
+def _finished(folder: Path) -> dict[str, Any] | None:
+    """The result of a run that already finished in ``folder`` (resuming it changes nothing)."""
+    import json
+
+    try:
+        return json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _load_splits(config: Any, ratio: float) -> tuple[list[Pair], list[Pair]]:
@@ -786,12 +737,19 @@ def _settings_yaml(args: argparse.Namespace, config: Any) -> str:
     return command_yaml(args, run_config_values(config))
 
 
-def _save(bank: MultiTaskModel, task: str, out: Path, summary: dict[str, Any], extra: dict[str, Any]) -> None:
-    """The adapter (an atomic folder swap), then result.json: a run with a result.json is complete."""
+def _save(bank: MultiTaskModel, task: str, out: Path, summary: dict[str, Any], keep_checkpoint: bool,
+          extra: dict[str, Any]) -> None:
+    """The adapter (an atomic folder swap), then result.json: a run with a result.json is complete; its
+    checkpoint goes unless ``keep_checkpoint``."""
+    import shutil
+
     from multitune.storage import save_adapter, write_json_atomic
+    from multitune.training.loop import CHECKPOINT
 
     save_adapter(bank, task, out / "adapter", extra=extra)
     write_json_atomic(out / "result.json", summary)
+    if not keep_checkpoint:
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -813,13 +771,18 @@ def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
     DIR/adapter and DIR/result.json."""
     config = _run_config(args)
     _check_trainable(config.method, head=True)
-    with run_folder(config.output, "multitune reward") as start:
+    with run_folder(config.output, "multitune reward", args.resume) as start:
+        done = _finished(Path(config.output)) if args.resume else None
+        if done is not None:
+            print(f"reward model '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}")
+            return done
         train, held = _load_splits(config, args.validation_ratio)  # the user's files first: they fail fast
         bank = _load_bank(config)
         add_reward_task(bank, config.task, config.method, config.method_config())
         trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
+        start(_settings_yaml(args, config))
         result = train_reward(bank, config.task, train, held, config.train, progress=not args.quiet,
-                              on_eval=start(_settings_yaml(args, config)))
+                              run_dir=config.output, resume=args.resume)
         before, after = result["before"] or {}, result["after"] or {}
         summary = {
             "command": "reward", "task": config.task, "method": config.method, "model": config.model,
@@ -831,7 +794,8 @@ def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
             "score": "logit[chosen] - logit[rejected]", "settings": _settings(config),
         }
         out = Path(config.output)
-        _save(bank, config.task, out, summary, {"reward_model": {"labels": REWARD_LABELS, "score": summary["score"]},
+        _save(bank, config.task, out, summary, config.train.keep_checkpoint,
+              {"reward_model": {"labels": REWARD_LABELS, "score": summary["score"]},
                                                 "metrics": {"validation_pair_accuracy": result["validation_accuracy"]}})
     print(f"trained reward model '{config.task}' ({config.method}) on {config.model}: {trainable:,} trainable "
           f"parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, {result['seconds']:.1f} s")
@@ -851,7 +815,11 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
     config = _run_config(args)
     if not args.init_adapter:
         _check_trainable(config.method)
-    with run_folder(config.output, "multitune dpo") as start:
+    with run_folder(config.output, "multitune dpo", args.resume) as start:
+        done = _finished(Path(config.output)) if args.resume else None
+        if done is not None:
+            print(f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}")
+            return done
         train, held = _load_splits(config, args.validation_ratio)
         bank = _load_bank(config)
         if args.init_adapter:
@@ -867,8 +835,9 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
         method = bank.tasks[config.task].method
         trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
         _check_policy(bank, config.task)
+        start(_settings_yaml(args, config))
         result = train_dpo(bank, config.task, train, held, config.train, beta=args.beta, progress=not args.quiet,
-                           reference=reference, on_eval=start(_settings_yaml(args, config)))
+                           reference=reference, run_dir=config.output, resume=args.resume)
         before, after = result["before"] or {}, result["after"] or {}
         summary = {
             "command": "dpo", "task": config.task, "method": method, "model": config.model, "beta": args.beta,
@@ -883,7 +852,8 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
             "evals": result["evals"], "settings": _settings(config),
         }
         out = Path(config.output)
-        _save(bank, config.task, out, summary, {"dpo": {"beta": args.beta, "reference": reference},
+        _save(bank, config.task, out, summary, config.train.keep_checkpoint,
+              {"dpo": {"beta": args.beta, "reference": reference},
                                                 "metrics": {"preference_accuracy": summary["preference_accuracy"]}})
     print(f"trained '{config.task}' ({method}) with DPO (beta {args.beta}) on {config.model}: {trainable:,} "
           f"trainable parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, "

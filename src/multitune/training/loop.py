@@ -1,0 +1,413 @@
+"""The one training loop: setup -> steps -> evaluate -> early stop -> checkpoint, for every trainer.
+
+Single-task training, multi-task training, the reward model and DPO differ only in what a batch is, what its
+loss is and how a task is scored; they hand those to :func:`fit` as an :class:`Objective`, and the loop does
+the rest once: AdamW with one parameter group per trained task, warmup and decay, gradient accumulation,
+clipping per task (one task's large gradient does not shrink another's step), evaluation every
+``eval_every`` steps or at each epoch's end and always at the last step, early stopping per task (a task
+whose score has not improved for ``patience`` evaluations is frozen: its learning rate becomes 0 and the
+batches stop drawing its rows; the run ends when every task is frozen), each task's best weights restored
+at the end, then its method's ``fold``.
+
+Resuming: every ``checkpoint_every`` steps, at each epoch's end and when the run stops, ``RUN/checkpoint`` is
+written atomically (the tasks' weights and best weights, AdamW's moments, the schedule, the RNG, the loop's
+position and early-stopping state, the batch source's state). Batches are a pure function of the seed and
+that state, and the RNG is the run's own (forked from the caller's and seeded), so a resumed run replays the
+batches, dropout masks and updates of an uninterrupted one and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from multitune.bank import MultiTaskModel
+from multitune.config import TrainConfig
+from multitune.errors import ConfigError
+from multitune.methods import get_method
+from multitune.storage import atomic_dir
+
+CHECKPOINT = "checkpoint"
+FORMAT = 2  # checkpoints of the one loop; version 1 (before it) held a single task without a task prefix
+LOWER_IS_BETTER = ("loss", "perplexity")
+DROPOUT_SEED = 1_000_003  # the run's RNG starts at seed + this: a stream apart from the task's initialisation
+
+
+@dataclass
+class TrainResult:
+    """One task's run: ``steps`` is the step it was frozen at (or the last), ``history`` its evaluations."""
+
+    steps: int
+    best_step: int | None
+    best_metric: float | None
+    metric: str
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    log: list[dict[str, Any]] = field(default_factory=list)  # each step's mean training statistics (the run's)
+
+
+class Batches(Protocol):
+    """The micro-batches of a run: ``count(epoch)`` of them in an epoch, the ``index``-th by ``get``.
+
+    ``active`` tells which of the objective's tasks still train (a source may stop drawing the others).
+    ``state_dict``/``load_state_dict`` carry whatever the source needs to continue after a resume.
+    """
+
+    def count(self, epoch: int) -> int: ...
+
+    def get(self, epoch: int, index: int, active: Sequence[bool]) -> Any: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class Shuffled:
+    """Epochs over ``n`` items in batches of ``batch_size``: one permutation per (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def count(self, epoch: int) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def get(self, epoch: int, index: int, active: Sequence[bool]) -> list[int]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, batch_order(self.n, self.batch_size, self.seed, epoch))
+        return self._epoch[1][index]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclass
+class Objective:
+    """The caller's part of a run.
+
+    ``tasks`` are trained together (one parameter group each, at ``learning_rates``); ``loss(batch)`` gives a
+    micro-batch's mean loss and statistics to log (floats); ``evaluate(task)`` the task's validation scores,
+    or None when it has no validation data; ``metrics`` each task's early-stopping metric; ``key(task,
+    scores)``, when given, orders evaluations (larger is better) instead of the metric alone.
+    """
+
+    tasks: list[str]
+    learning_rates: list[float]
+    batches: Batches
+    loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[str], dict[str, float] | None]
+    metrics: dict[str, str]
+    key: Callable[[str, dict[str, float]], tuple[float, ...]] | None = None
+
+    def score_key(self, task: str, scores: dict[str, float]) -> tuple[float, ...]:
+        if self.key is not None:
+            return self.key(task, scores)
+        value = float(scores[self.metrics[task]])
+        return (-value if self.metrics[task] in LOWER_IS_BETTER else value,)
+
+
+def accelerator_for(device: str) -> Any:
+    """accelerate's device placement, autocast (bf16 on GPUs that support it) and backward."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+
+
+def epoch_steps(config: TrainConfig, examples: int) -> int:
+    """Optimizer steps in one pass over ``examples`` (batches, then gradient accumulation)."""
+    return math.ceil(math.ceil(examples / config.batch_size) / config.grad_accum)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """The warmup + decay schedule of ``config`` over ``total_steps``."""
+    from transformers import get_scheduler
+
+    return get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+                         optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    steps = config.epochs * steps_per_epoch
+    return steps if config.max_steps is None else min(steps, config.max_steps)
+
+
+@dataclass
+class _Task:
+    """The loop's state of one trained task (JSON in the checkpoint, with its best weights as tensors)."""
+
+    best_key: list[float] | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    frozen: bool = False
+    steps: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir: str | Path | None = None,
+        resume: bool = False, progress: bool = True, desc: str = "train", score_start: bool = False,
+        train_mode: bool = True, on_step: Callable[[int], None] | None = None,
+        on_eval: Callable[[dict[str, Any]], None] | None = None,
+        preamble: Sequence[dict[str, Any]] = ()) -> dict[str, TrainResult]:
+    """Train ``objective.tasks`` of ``bank``; each ends with its best weights (see the module docstring).
+
+    ``score_start``: the weights before the first step are scored too, and kept if no step beats them.
+    ``train_mode``: dropout on (False: the model stays in eval mode, as preference training wants).
+    ``on_step(step)`` after each optimizer step; ``on_eval(record)`` after each validation (a search prunes
+    trials from it by raising). ``run_dir``: metrics.jsonl and the checkpoint go there; ``resume``
+    continues from its checkpoint. ``preamble``: metrics.jsonl lines written before the loop's own (the
+    step-0 scores of tasks that had nothing to train).
+    """
+    # ---- setup -------------------------------------------------------------------------------------
+    tasks, multi = objective.tasks, len(objective.tasks) > 1
+    run_dir = Path(run_dir) if run_dir is not None else None
+    accelerator = accelerator_for(config.device)
+    model = accelerator.prepare_model(bank)
+    keys = {t: sorted(bank.task_parameters(t)) for t in tasks}
+    groups = [[bank.task_parameters(t)[k] for k in keys[t]] for t in tasks]
+    optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in zip(groups, objective.learning_rates,
+                                                                           strict=True)],
+                                  weight_decay=config.weight_decay)
+    batches = objective.batches
+    per_epoch = math.ceil(batches.count(0) / config.grad_accum)
+    total = total_steps(config, per_epoch)
+    scheduler = lr_schedule(optimizer, config, total)
+    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "stopped": False, "log": []}
+    state = {t: _Task() for t in tasks}
+    best: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(tasks)
+    ckpt = run_dir / CHECKPOINT if run_dir is not None else None
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=cuda):  # the run's own RNG: dropout draws from the seed alone ...
+        torch.manual_seed(config.seed + DROPOUT_SEED)  # ... not the numbers that initialised the task
+        if resume and ckpt is not None and (ckpt / "state.json").exists():
+            loop = _load_checkpoint(ckpt, bank, objective, keys, optimizer, scheduler, config, state, best)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lines = [_logged(t, r, multi) for t in tasks for r in state[t].history]
+            lines = [*preamble, *sorted(lines, key=lambda r: r["step"])]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+        def freeze(i: int) -> None:
+            optimizer.param_groups[i]["lr"] = 0.0
+            scheduler.base_lrs[i] = 0.0  # the scheduler rescales base_lrs at every step
+            state[tasks[i]].frozen = True
+
+        def evaluate_now() -> None:
+            """Score every task still training (once per step); keep the best weights; freeze the stale."""
+            step = loop["step"]
+            for i, task in enumerate(tasks):
+                s = state[task]
+                if s.frozen or (s.history and s.history[-1]["step"] == step):
+                    continue
+                with torch.no_grad():
+                    scores = objective.evaluate(task)
+                if scores is None:
+                    continue
+                metric = objective.metrics[task]
+                if metric not in scores:
+                    raise ConfigError(f"metric '{metric}' is not computed for task '{task}'; choose one of: "
+                                      f"{', '.join(scores)}")
+                record = {"step": step, "epoch": step // max(per_epoch, 1), "split": "validation", **scores,
+                          "lr": optimizer.param_groups[i]["lr"], "elapsed": round(time.perf_counter() - start, 2)}
+                s.history.append(record)
+                if run_dir is not None:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(_logged(task, record, multi)) + "\n")
+                key = list(objective.score_key(task, scores))
+                if s.best_key is None or key > s.best_key:
+                    s.best_key, s.best_metric, s.best_step, s.bad_evals = key, float(scores[metric]), step, 0
+                    best[task] = bank.task_state_dict(task)
+                else:
+                    s.bad_evals += 1
+                    if s.bad_evals >= config.patience:
+                        freeze(i)
+                        s.steps, s.seconds = step, time.perf_counter() - start
+                if on_eval is not None:
+                    on_eval(_logged(task, record, multi))
+            if multi:
+                bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
+            elif state[tasks[0]].history:
+                last, metric = state[tasks[0]].history[-1], objective.metrics[tasks[0]]
+                bar.set_postfix_str(f"{_epoch_text(loop, config.epochs)} loss {running:.4f} {metric} "
+                                    f"{last[metric]:.4f}", refresh=False)
+
+        def save() -> None:
+            if ckpt is not None:
+                _save_checkpoint(ckpt, bank, objective, keys, optimizer, scheduler, config, loop, state, best)
+
+        # ---- steps ---------------------------------------------------------------------------------
+        bar = tqdm(total=total, initial=loop["step"], desc=desc, disable=not progress, dynamic_ncols=True)
+        running = float("nan")
+        model.train(train_mode)
+        if score_start and loop["step"] == 0:
+            evaluate_now()
+        stop = loop["stopped"] or loop["step"] >= total or all(s.frozen for s in state.values())
+        try:
+            while not stop and loop["epoch"] < config.epochs:
+                count = batches.count(loop["epoch"])
+                sums: dict[str, float] = {}
+                while loop["batch"] < count:
+                    active = [not state[t].frozen for t in tasks]
+                    batch = batches.get(loop["epoch"], loop["batch"], active)
+                    with accelerator.autocast():
+                        loss, stats = objective.loss(batch)
+                    accelerator.backward(loss / config.grad_accum)
+                    loop["batch"] += 1
+                    for name, value in stats.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                    if loop["batch"] % config.grad_accum and loop["batch"] < count:
+                        continue
+                    if config.max_grad_norm > 0:
+                        for group in groups:
+                            accelerator.clip_grad_norm_(group, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loop["step"] += 1
+                    micro = (loop["batch"] - 1) % config.grad_accum + 1
+                    means = {name: value / micro for name, value in sums.items()}
+                    running = means.get("loss", float(loss.detach()))
+                    loop["log"].append({"step": loop["step"], "epoch": loop["epoch"] + 1, **means,
+                                        "lr": scheduler.get_last_lr()[0]})
+                    sums = {}
+                    bar.update(1)
+                    bar.set_postfix_str(f"{_epoch_text(loop, config.epochs)} loss {running:.4f}", refresh=False)
+                    if config.eval_every and loop["step"] % config.eval_every == 0:
+                        evaluate_now()
+                    if loop["step"] >= total:
+                        stop = True
+                        if loop["batch"] < count:  # ends mid-epoch (--max-steps): scored at its last step
+                            evaluate_now()
+                    if all(s.frozen for s in state.values()):
+                        loop["stopped"] = stop = True
+                    if loop["step"] % config.checkpoint_every == 0 or stop:
+                        save()
+                    if on_step is not None:
+                        on_step(loop["step"])
+                    if stop:
+                        break
+                if loop["batch"] >= count:  # a finished epoch; a stop mid-epoch keeps its place
+                    loop["epoch"] += 1
+                    loop["batch"] = 0
+                    if not config.eval_every or stop or loop["epoch"] >= config.epochs:
+                        evaluate_now()  # each epoch, and always the run's last step
+                    if all(s.frozen for s in state.values()):
+                        loop["stopped"] = stop = True
+                    save()
+            if not loop["stopped"]:
+                evaluate_now()  # a run that ended between evaluations is scored at its last step
+        finally:  # also when on_eval stops the run by raising (a pruned trial)
+            bar.close()
+            model.eval()
+
+    # ---- restore the best, fold ------------------------------------------------------------------------
+    results = {}
+    for task in tasks:
+        s = state[task]
+        if best[task] is not None:
+            bank.load_task_state_dict(task, best[task])  # type: ignore[arg-type]
+        fold = get_method(bank.tasks[task].method).fold
+        if fold is not None:  # training-time parameters become what is saved and served
+            fold(bank, task)
+        results[task] = TrainResult(s.steps if s.frozen else loop["step"], s.best_step, s.best_metric,
+                                    objective.metrics[task], s.frozen,
+                                    s.seconds if s.frozen else time.perf_counter() - start, s.history, loop["log"])
+    return results
+
+
+def _logged(task: str, record: dict[str, Any], multi: bool) -> dict[str, Any]:
+    return {"task": task, **record} if multi else record
+
+
+def _epoch_text(loop: dict[str, Any], epochs: int) -> str:
+    """The bar's epoch: an evaluation just after an epoch ended belongs to that epoch (never 'epoch 3/2')."""
+    ended = loop["batch"] == 0 and loop["epoch"] > 0
+    return f"epoch {loop['epoch'] if ended else loop['epoch'] + 1}/{epochs}"
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the interrupted one (not max_steps: a run may be extended)."""
+    return {k: v for k, v in asdict(config).items()
+            if k not in ("max_steps", "device", "checkpoint_every", "keep_checkpoint")}
+
+
+def _save_checkpoint(folder: Path, bank: MultiTaskModel, objective: Objective, keys: dict[str, list[str]],
+                     optimizer: Any, scheduler: Any, config: TrainConfig, loop: dict[str, Any],
+                     state: dict[str, _Task], best: dict[str, dict[str, torch.Tensor] | None]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for task in objective.tasks:
+        tensors.update({f"param/{task}/{k}": v for k, v in bank.task_state_dict(task).items()})
+        tensors.update({f"best/{task}/{k}": v for k, v in (best[task] or {}).items()})
+    opt = optimizer.state_dict()
+    for index, slot_state in opt["state"].items():
+        for name, value in slot_state.items():
+            tensors[f"opt/{index}/{name}"] = value.detach().cpu().contiguous()
+    tensors.update({f"batches/{k}": v for k, v in objective.batches.state_dict().items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    meta = {"format": FORMAT, "loop": loop, "tasks": {t: asdict(s) for t, s in state.items()}, "keys": keys,
+            "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "config": fingerprint(config)}
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
+
+
+def _load_checkpoint(folder: Path, bank: MultiTaskModel, objective: Objective, keys: dict[str, list[str]],
+                     optimizer: Any, scheduler: Any, config: TrainConfig, state: dict[str, _Task],
+                     best: dict[str, dict[str, torch.Tensor] | None]) -> dict[str, Any]:
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"the checkpoint in {folder} was written by an older multitune; start a new run "
+                          "without --resume (or into another --output)")
+    if meta["keys"] != keys or meta["config"] != fingerprint(config):
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != fingerprint(config).get(k))
+        raise ConfigError(f"the checkpoint in {folder} was written with other settings "
+                          f"({', '.join(changed) or 'tasks or weights'}); resume with the same settings, or start "
+                          "a new run without --resume")
+    tensors = load_file(str(folder / "state.safetensors"))
+    for task in objective.tasks:
+        bank.load_task_state_dict(task, _under(tensors, f"param/{task}/"))
+        best[task] = _under(tensors, f"best/{task}/") or None
+        state[task] = _Task(**meta["tasks"][task])
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in _under(tensors, "opt/").items():
+        index, name = key.split("/", 1)
+        opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    objective.batches.load_state_dict(_under(tensors, "batches/"))
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return meta["loop"]
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
