@@ -18,7 +18,7 @@ from pathlib import Path
 
 from multitune.config import RunConfig
 from multitune.methods import METHODS
-from multitune.train import run
+from multitune.training.train import run
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
 LEARNING_RATES = {"full": 5e-5, "lora": 2e-3, "prefix": 1e-2, "adapter": 2e-3, "ia3": 1e-2, "prompt": 1e-2,

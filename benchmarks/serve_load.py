@@ -110,7 +110,7 @@ def reference(bank_dir: Path, requests: list[tuple[str, str]], max_tokens: int) 
     """Each (task, prompt) alone, greedy, by a loop that feeds the whole sequence at every step (no cache)."""
     import torch
 
-    from multitune.engine import Engine
+    from multitune.serve.engine import Engine
 
     engine = Engine.from_folder(bank_dir, device="cpu")
     tokenizer = engine.base.tokenizer
@@ -191,7 +191,7 @@ def summary(wall: float, latencies: list[float], tokens: int, answers: dict) -> 
 
 def in_process(bank_dir: Path, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
     """(ii): Engine.generate over the requests, one static batch per round of the clients' requests."""
-    from multitune.engine import Engine
+    from multitune.serve.engine import Engine
 
     engine = Engine.from_folder(bank_dir, device="cpu")
     engine.generate([jobs[0][0]], max_new_tokens=2)  # warm-up
@@ -216,9 +216,9 @@ def baseline_app(bank_dir: Path) -> Any:
     import torch
     from fastapi import FastAPI
 
-    from multitune.engine import Engine
     from multitune.interop.peft import export_peft
     from multitune.models import load_base
+    from multitune.serve.engine import Engine
 
     engine = Engine.from_folder(bank_dir, device="cpu")  # for its prompt encoding and the exported weights
     bank = engine.shared

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import toy_generation, toy_sentiment
+from helpers import toy_generation, toy_sentiment
 
 from multitune.cli import main
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from conftest import toy_sentiment
+from helpers import toy_sentiment
 
 from multitune.cli import main
 
@@ -133,7 +133,7 @@ def test_import_peft_of_a_classification_export_keeps_its_kind_labels_and_head(b
 
 
 def test_peft_task_type_tells_the_kind(llama_dir, tmp_path) -> None:
-    from conftest import perturb
+    from helpers import perturb
 
     from multitune.bank import MultiTaskModel
     from multitune.interop.peft import export_peft, import_peft, peft_kind
@@ -180,7 +180,7 @@ def test_a_prompt_ensemble_from_the_cli_votes_in_eval_and_predict(bert_dir, revi
     # three members, two labels: the winner has two or three votes
     assert all(min(abs(float(r["agreement"]) - share) for share in (2 / 3, 1.0)) < 1e-5 for r in rows)
 
-    from multitune.ensemble import ensemble_predict, load_ensemble
+    from multitune.training.ensemble import ensemble_predict, load_ensemble
 
     bank, members, max_length = load_ensemble(run)
     assert [r["prediction"] for r in rows] == ensemble_predict(bank, members, [ex for ex in toy_sentiment(6, seed=9)],

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import has_package, shared_dataset
+from helpers import has_package, shared_dataset
 
 from multitune.bank import MultiTaskModel
 from multitune.config import TrainConfig
 from multitune.data import Columns, load_examples, prepare_splits
-from multitune.evaluate import evaluate, generate_texts
 from multitune.methods.lora import LoRAConfig
 from multitune.methods.prompting import PromptingConfig
 from multitune.models import load_base
-from multitune.train import train
+from multitune.training.evaluate import evaluate, generate_texts
+from multitune.training.train import train
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import has_package
+from helpers import has_package
 
 from multitune.errors import ModelError
 from multitune.models import SHORT_NAMES, resolve_source

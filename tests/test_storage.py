@@ -213,11 +213,11 @@ def test_a_failed_json_write_leaves_no_temporary(tmp_path):
 
 def test_a_run_folder_and_a_report_are_readable_by_the_group(bert_dir, tmp_path, umask):
     """Every file a run writes (config, metrics, checkpoint, adapter, result) and the report's files."""
-    from conftest import toy_sentiment
+    from helpers import toy_sentiment
 
+    from multitune.compare.report import write_report
     from multitune.config import DataConfig, RunConfig, TrainConfig
-    from multitune.report import write_report
-    from multitune.train import run
+    from multitune.training.train import run
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in toy_sentiment(32)))
@@ -233,7 +233,7 @@ def test_a_run_folder_and_a_report_are_readable_by_the_group(bert_dir, tmp_path,
 
 
 def test_the_dequantised_gguf_cache_is_readable_by_the_group(tmp_path, umask, monkeypatch):
-    from conftest import tiny_model, word_tokenizer
+    from helpers import tiny_model, word_tokenizer
 
     from multitune.models import _save_cache
 
@@ -244,7 +244,7 @@ def test_the_dequantised_gguf_cache_is_readable_by_the_group(tmp_path, umask, mo
 # ---- adapter documents: validated on every read, and tied to their base -----------------------------------
 def _saved_adapter(folder: Path, family: str = "bert", method: str = "lora", base=None) -> Path:
     import torch
-    from conftest import tiny_base
+    from helpers import tiny_base
 
     from multitune.bank import MultiTaskModel
     from multitune.storage import save_adapter
@@ -276,7 +276,7 @@ def _edit(folder: Path, change) -> None:
     (lambda m: m.pop("base_model"), "field 'base_model' is missing"),
 ])
 def test_a_damaged_adapter_document_is_one_line_naming_the_field_and_the_file(tmp_path, change, expected):
-    from conftest import tiny_base
+    from helpers import tiny_base
 
     from multitune.bank import MultiTaskModel
     from multitune.errors import ConfigError
@@ -314,7 +314,7 @@ def _bert_with_tokenizer(shuffle: bool = False, hidden: int = 32):
     import random
 
     import transformers as t
-    from conftest import WORDS, word_tokenizer
+    from helpers import WORDS, word_tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from multitune.models import base_from_model
@@ -333,7 +333,7 @@ def _bert_with_tokenizer(shuffle: bool = False, hidden: int = 32):
 
 
 def test_an_adapter_of_another_base_is_refused_naming_both_bases(tmp_path):
-    from conftest import tiny_base
+    from helpers import tiny_base
 
     from multitune.bank import MultiTaskModel
     from multitune.errors import ModelError
@@ -352,7 +352,7 @@ def test_an_adapter_of_another_base_is_refused_naming_both_bases(tmp_path):
 
 
 def test_an_adapter_saved_before_fingerprints_is_checked_on_its_model_type(tmp_path):
-    from conftest import tiny_base
+    from helpers import tiny_base
 
     from multitune.bank import MultiTaskModel
     from multitune.errors import ModelError
@@ -369,7 +369,7 @@ def test_every_command_that_reads_an_adapter_gives_the_one_line(bert_dir, tmp_pa
     """eval, predict, export-peft and the Python API, on a run whose adapter.json lost task.config."""
     import shutil
 
-    from conftest import toy_sentiment
+    from helpers import toy_sentiment
 
     import multitune
     from multitune.cli import main

@@ -17,9 +17,9 @@ import torch
 from multitune.bank import MultiTaskModel
 from multitune.data import Example
 from multitune.errors import ConfigError
-from multitune.evaluate import evaluate, generate_texts, predict_labels, predict_proba
 from multitune.models import load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
+from multitune.training.evaluate import evaluate, generate_texts, predict_labels, predict_proba
 
 
 def adapter_folder(path: str | Path) -> Path:

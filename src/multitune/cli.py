@@ -25,7 +25,7 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from multitune.config import load_run_config
-    from multitune.train import run
+    from multitune.training.train import run
 
     config = load_run_config(args)
     summary = run(config, resume=args.resume, progress=not args.quiet)
@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_multi(args: argparse.Namespace) -> None:
-    from multitune.multitask import load_multi_config, run_multitask
+    from multitune.training.multitask import load_multi_config, run_multitask
 
     overrides = {k: v for k, v in vars(args).items() if k in ("model", "output", "sampling", "temperature")
                  or k.startswith("train.")}
@@ -88,7 +88,7 @@ def _examples_to_score(args: argparse.Namespace, kind: str):  # noqa: ANN202  (l
 
 
 def _eval_ensemble(args: argparse.Namespace) -> None:
-    from multitune.ensemble import evaluate_ensemble, load_ensemble
+    from multitune.training.ensemble import evaluate_ensemble, load_ensemble
 
     bank, members, max_length = load_ensemble(args.run, model=args.model, device=_device(args))
     examples, where = _examples_to_score(args, "classification")
@@ -107,7 +107,7 @@ def _eval_ensemble(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from multitune.api import load
-    from multitune.ensemble import is_ensemble
+    from multitune.training.ensemble import is_ensemble
 
     if is_ensemble(args.run):
         return _eval_ensemble(args)
@@ -125,8 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from multitune.api import adapter_folder, load
     from multitune.data import load_inputs, write_table
-    from multitune.ensemble import ensemble_predictions, is_ensemble, load_ensemble
     from multitune.storage import read_adapter_config
+    from multitune.training.ensemble import ensemble_predictions, is_ensemble, load_ensemble
 
     if is_ensemble(args.run):  # the majority vote, and the share of members that cast it
         rows, examples = load_inputs(args.input, "classification", _columns(args))
@@ -156,12 +156,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The README's first command: every method compared on a task the project generates itself."""
-    from multitune.compare import DEFAULT_METHODS, CompareConfig, compare
+    from multitune.compare.run import compare
+    from multitune.compare.settings import CompareConfig, default_methods
     from multitune.config import DataConfig, TrainConfig
     from multitune.demo import write_demo_csv
     from multitune.storage import output_lock
 
-    methods = args.methods or list(DEFAULT_METHODS)
+    methods = args.methods or default_methods()
     out = Path(args.output)
     with output_lock(out, "multitune demo"):  # the data file and the comparison: one demo at a time
         if not args.resume and (out / "compare" / "compare.json").exists():  # the demo's own folder: start afresh
@@ -188,7 +189,7 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
     """The compare command's settings: its own flags, the data/train flags, and fixed method settings."""
     import dataclasses
 
-    from multitune.compare import CompareConfig
+    from multitune.compare.settings import CompareConfig
     from multitune.config import DataConfig, TrainConfig
     from multitune.methods import METHODS
 
@@ -215,7 +216,7 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from multitune.compare import compare
+    from multitune.compare.run import compare
 
     config = compare_config(args)
     summary = compare(config)
@@ -243,7 +244,7 @@ def _print_comparison(summary: dict) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    from multitune.catalog import base_parameters, method_facts
+    from multitune.compare.catalog import base_parameters, method_facts
     from multitune.models import load_base
 
     if args.labels < 2:
@@ -318,7 +319,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    from multitune.compare import DEFAULT_METHODS
+    from multitune.compare.settings import default_methods
     from multitune.config import (
         DataConfig,
         TrainConfig,
@@ -329,8 +330,8 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
     add_config_argument(p)
     p.add_argument("--model", default="minilm", help="short name (minilm, smollm2-135m), HF folder or .gguf")
-    p.add_argument("--methods", type=_comma_list, default=list(DEFAULT_METHODS),
-                   help=f"comma-separated methods to compare (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--methods", type=_comma_list, default=default_methods(),
+                   help=f"comma-separated methods to compare (default: {','.join(default_methods())})")
     p.add_argument("--trials", type=int, default=8, help="search trials per method (default: 8)")
     p.add_argument("--max-epochs", type=int, default=3, help="largest number of epochs a trial may use (default: 3)")
     p.add_argument("--output", default="runs/compare", help="folder: study, results, bank of adapters, report")
@@ -377,14 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_arguments(p)
     p.set_defaults(func=cmd_compare)
 
-    from multitune import ensemble, ppo, preference, server
+    from multitune.preference import cli as preference
+    from multitune.serve import cli as server
+    from multitune.training import ensemble
 
     # Commands whose module defines its own flags (add_X_arguments) and entry point (cmd_X).
     for name, module, help_text in [
         ("serve", server, "serve a bank of tasks over an OpenAI-compatible HTTP API (mixed batches)"),
         ("reward", preference, "train a reward model on chosen/rejected pairs (Bradley-Terry)"),
         ("dpo", preference, "preference-tune a policy adapter with DPO (reference = adapter disabled)"),
-        ("ppo", ppo, "RLHF: PPO on an adapter with a reward model, classifier or Python function"),
+        ("ppo", preference, "RLHF: PPO on an adapter with a reward model, classifier or Python function"),
         ("ensemble", ensemble, "train N soft prompts of one classification task; eval and predict use their "
          "majority vote"),
     ]:

@@ -7,13 +7,18 @@ Each method is one module in this package with one registration line::
 A method attaches a task's parameters to the bank's frozen base at its hook point (see
 docs/architecture.md) and detaches them again; the bank does the rest (routing, heads, saving).
 
-Checklist for adding a method:
-1. ``methods/NAME.py`` with a dataclass config (field docs in ``metadata={"help": ...}``), ``attach``
-   and ``detach``; the parameters it creates are registered under the base model's module tree with
-   the task name as the last key, so that ``bank.task_parameters(task)`` finds exactly them.
-2. One ``register(...)`` line at the end of that module; every module of this package is imported
-   below, so nothing else needs editing.
-3. Tests: a row in the method x family matrix of tests/test_methods.py.
+Checklist for adding a method (one file: nothing else names it):
+1. ``methods/NAME.py`` with a dataclass config (field docs in ``metadata={"help": ...}``, a ``validate()``
+   returning problems), ``attach`` and ``detach``; every tensor it creates is given to ``bank.own(task, key,
+   param)``, so that ``bank.task_parameters(task)`` is exactly the task's parameters. Linear-layer methods wrap
+   layers with a :class:`~multitune.methods.wrap.TaskLinear`; input-side methods keep their tensors in
+   ``bank.store(NAME, ...)`` and add their rows' inputs through ``inputs``. Mixed batches stack and gather
+   per-task tensors with :class:`~multitune.methods.stack.SlotStack`.
+2. One ``register(Method(...))`` line at the end of that module, with its ``search`` space for compare;
+   every module of this package is imported below.
+3. That is all: the CLI flags, ``multitune methods``, compare's method list and search, and the tests'
+   method x family matrix and mixed-batch pairs (tests/methods/test_methods.py, test_mixing.py) read the
+   registry; tests/methods/test_toy_method.py shows a method added from one file.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ class Method:
     # task's rows occupy before their text (context-length checks).
     inputs: Callable[[MultiTaskModel, ModelInputs], None] | None = None
     positions: Callable[[MultiTaskModel, str], int] | None = None
+    # What ``multitune compare`` searches besides the learning rate and epochs (methods with ``fit``: instead of
+    # them): an Optuna trial -> {"METHOD.field": value}; it may derive settings from the suggested ones (LoRA's
+    # alpha from its rank), as it is also read back from a finished trial's parameters. ``compared``: whether
+    # compare runs the method by default (the linear probe ``base`` is a baseline, not a method to compare).
+    search: Callable[[Any], dict[str, Any]] | None = None
+    compared: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -85,7 +96,7 @@ def _import_all() -> None:
     import pkgutil
 
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name != "wrap" and not info.name.startswith("_"):
+        if info.name not in ("wrap", "stack") and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -411,6 +411,10 @@ def detach(bank: MultiTaskModel, task: str) -> None:
                 replace_module(model, name, norm.base_norm)
 
 
+def search(trial: Any) -> dict[str, Any]:
+    return {"adapter.reduction_factor": trial.suggest_categorical("adapter.reduction_factor", [8, 16, 32])}
+
+
 register(Method(name="adapter", config_class=AdapterConfig, attach=attach, detach=detach,
                 summary="bottleneck adapters after attention and feed-forward blocks (Houlsby et al. 2019)",
-                default_learning_rate=1e-3))
+                default_learning_rate=1e-3, search=search))

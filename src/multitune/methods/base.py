@@ -31,4 +31,4 @@ def detach(bank: MultiTaskModel, task: str) -> None:
 
 register(Method(name="base", config_class=BaseConfig, attach=attach, detach=detach,
                 summary="the frozen base, no adapter (classification: a trained head only, a linear probe)",
-                default_learning_rate=1e-3))
+                default_learning_rate=1e-3, compared=False))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +210,12 @@ def unmerge(bank: MultiTaskModel, task: str) -> None:
         layer.unmerge(task)
 
 
+def search(trial: Any) -> dict[str, Any]:
+    """compare's LoRA settings: the rank, with alpha = 2r (the usual ratio, so that the scale alpha/r stays 2)."""
+    rank = trial.suggest_categorical("lora.rank", [4, 8, 16])
+    return {"lora.rank": rank, "lora.alpha": 2.0 * rank}
+
+
 register(Method(name="lora", config_class=LoRAConfig, attach=attach, detach=detach,
                 summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
-                default_learning_rate=5e-4, merge=merge, unmerge=unmerge))
+                default_learning_rate=5e-4, merge=merge, unmerge=unmerge, search=search))

@@ -22,7 +22,7 @@ and the decoder self-attention of T5 (as the peft package's decoder cache; T5's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +214,10 @@ def positions(bank: MultiTaskModel, task: str) -> int:
     return encoders(bank)[task].length
 
 
+def search(trial: Any) -> dict[str, Any]:
+    return {"prefix.num_virtual_tokens": trial.suggest_categorical("prefix.num_virtual_tokens", [5, 10, 20])}
+
+
 register(Method(name="prefix", config_class=PrefixConfig, attach=attach, detach=detach,
                 summary="trainable key/value prefixes in every attention layer (Li & Liang 2021)",
-                default_learning_rate=1e-2, fold=fold, inputs=inputs, positions=positions))
+                default_learning_rate=1e-2, fold=fold, inputs=inputs, positions=positions, search=search))

@@ -16,7 +16,7 @@ Initialisation (section 3 of the paper, "Prompt Initialization"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -159,6 +159,10 @@ def detach(bank: MultiTaskModel, task: str) -> None:
     store.stacked.invalidate()
 
 
+def search(trial: Any) -> dict[str, Any]:
+    return {"prompt.num_virtual_tokens": trial.suggest_categorical("prompt.num_virtual_tokens", [8, 20, 40])}
+
+
 register(
     Method(
         name="prompt",
@@ -169,5 +173,6 @@ register(
         default_learning_rate=3e-2,
         inputs=inputs,
         positions=positions,
+        search=search,
     )
 )

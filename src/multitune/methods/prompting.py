@@ -593,6 +593,15 @@ def prototype_scores(bank: MultiTaskModel, task: str, config: PromptingConfig, i
     return F.cosine_similarity(x.unsqueeze(1), prototypes, dim=-1) / config.temperature
 
 
+def search(trial: Any) -> dict[str, Any]:
+    """compare's prompting settings (nothing is trained): the number of shots, then how they are chosen."""
+    shots = trial.suggest_categorical("prompting.shots", [0, 2, 4, 8])
+    params: dict[str, Any] = {"prompting.shots": shots}
+    if shots:
+        params["prompting.selection"] = trial.suggest_categorical("prompting.selection", list(SELECTIONS))
+    return params
+
+
 register(
     Method(
         name="prompting",
@@ -603,5 +612,6 @@ register(
         fit=fit,
         render=render,
         score=score,
+        search=search,
     )
 )

@@ -1,0 +1,235 @@
+"""``multitune compare``: search, train, evaluate and compare adaptation methods on the user's data.
+
+For each method, in plain view:
+
+1. **search**: an Optuna study over the method's key settings (learning rate, epochs, LoRA rank, prompt or
+   prefix length, adapter reduction factor; shots for prompting), each trial trained on the train split and
+   scored on the validation split; poor trials are pruned after an epoch (median rule). The first trial is
+   the method's defaults. The study lives in a database: ``OUTPUT/study.db`` (SQLite) by default, or any
+   ``--storage`` URL (``postgresql://...``) that several workers on different machines share: each worker
+   runs trials until the study holds ``--trials`` of them.
+2. **final run**: the best settings retrained with early stopping, in a process of its own so that its peak
+   memory is the method's alone; the test split scored with a bootstrap 95% interval; training time,
+   latency per example, parameters and bytes stored measured; the adapter saved to ``OUTPUT/bank/TASK``.
+3. **report**: ``OUTPUT/report.md``, ``report.html`` and ``plots/`` (:mod:`multitune.compare.report`).
+
+Resuming: a method's result is written to ``OUTPUT/results/METHOD.json`` when it is done; a rerun skips the
+methods found there, and a method interrupted mid-search continues its study (its finished trials are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitune.compare.measure import PeakMemory, folder_bytes, latency_ms, score_test
+from multitune.compare.search import describe, fit_and_score, open_storage, search
+from multitune.compare.settings import BANK, RESULTS, CompareConfig, from_json, to_json
+from multitune.errors import ConfigError, MultituneError
+from multitune.methods import METHODS, get_method
+from multitune.storage import output_lock, write_json_atomic
+
+
+def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Retrain the best settings, measure everything, save the adapter; returns the method's result."""
+    from multitune.compare.catalog import base_parameters
+    from multitune.storage import save_adapter
+
+    splits = config.data.splits(config.kind)
+    with PeakMemory() as memory:
+        bank, task, result, trainable = fit_and_score(config, method, params, splits, desc=f"{method} final")
+    metrics, intervals, throughput = score_test(bank, task, splits.test, config)
+    latency = latency_ms(bank, task, splits.test, config)
+    folder = config.out / BANK / task
+    save_adapter(bank, task, folder, extra={"metrics": {"test": metrics}, "compare": {"params": params}})
+    stored = folder_bytes(folder)
+    base_bytes = sum(p.numel() * p.element_size() for p in bank.base.model.parameters())
+    if get_method(method).changes_base:
+        base_bytes = 0  # every task is a whole model: nothing is shared
+    metric = config.metric()
+    return {
+        "method": method, "task": task, "kind": config.kind, "metric": metric,
+        "higher_is_better": metric not in ("loss", "perplexity"),
+        "best_params": params,
+        "trainable_parameters": trainable,
+        "trainable_percent": round(100 * trainable / base_parameters(bank.base), 4),
+        "stored_bytes": stored, "base_bytes": base_bytes, "storage_100_tasks_bytes": base_bytes + 100 * stored,
+        "peak_memory_bytes": memory.peak, "memory_kind": "cuda" if memory.cuda else "rss",
+        "train_seconds": round(result.seconds, 2), "steps": result.steps, "stopped_early": result.stopped_early,
+        "latency_ms": latency, "throughput_per_s": round(throughput, 2),
+        "validation": {metric: result.best_metric},
+        "test": metrics, "test_ci": intervals, "test_examples": len(splits.test),
+        "adapter": str(Path(BANK) / task),
+    }
+
+
+def child_main(payload_file: str) -> None:
+    """The final run's own process (``python -m multitune.compare.run PAYLOAD``): its result or error goes to a file."""
+    payload = json.loads(Path(payload_file).read_text())
+    target = Path(payload["target"])
+    try:
+        result = final_run(from_json(payload["config"]), payload["method"], payload["params"])
+        write_json_atomic(target, {"result": result})
+    except MultituneError as error:
+        write_json_atomic(target, {"error": str(error)})
+    except BaseException:  # noqa: BLE001  (anything else: the parent shows the child's traceback)
+        write_json_atomic(target, {"crash": traceback.format_exc()})
+
+
+def _die_with_parent() -> None:
+    """Linux: the final run ends when compare is killed (nothing keeps training for a dead parent)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The final run in a fresh Python process, so that its peak memory is this method's alone."""
+    if not config.isolate:
+        return final_run(config, method, params)
+    folder = config.out / RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    target, payload = folder / f".{method}.child.json", folder / f".{method}.payload.json"
+    target.unlink(missing_ok=True)
+    write_json_atomic(payload, {"config": to_json(config), "method": method, "params": params,
+                                "target": str(target)})
+    process = subprocess.run([sys.executable, "-m", "multitune.compare.run", str(payload)], check=False,
+                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    payload.unlink(missing_ok=True)
+    if not target.exists():
+        raise RuntimeError(f"the final run of {method} died (exit code {process.returncode}) before writing a result")
+    answer = json.loads(target.read_text())
+    target.unlink()
+    if "error" in answer:
+        raise ConfigError(answer["error"])
+    if "crash" in answer:
+        raise RuntimeError(f"the final run of {method} failed:\n{answer['crash']}")
+    return answer["result"]
+
+
+# ---- the whole job ----------------------------------------------------------------------------------------
+def _check_output(config: CompareConfig) -> None:
+    state = config.out / "compare.json"
+    if state.exists():
+        previous = json.loads(state.read_text())["settings"]
+        now = json.loads(json.dumps(config.fingerprint()))
+        changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(f"{config.out} holds a comparison made with other settings ({', '.join(changed)}); "
+                              "rerun with the same settings to resume it, or choose another --output")
+    elif config.out.exists() and any(p.name != "study.db" for p in config.out.iterdir()):
+        from multitune.storage import describe_folder
+
+        raise ConfigError(f"{config.out} exists and is not a comparison folder: it is {describe_folder(config.out)}; "
+                          "choose another --output")
+    config.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state, {"settings": config.fingerprint()})
+
+
+def validate(config: CompareConfig) -> None:
+    problems = []
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        problems.append(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))}")
+    if not config.methods:
+        problems.append("no methods given; pass --methods lora,prompt,...")
+    if len(set(config.methods)) != len(config.methods):
+        problems.append("a method is named twice in --methods")
+    if config.trials < 1:
+        problems.append(f"--trials must be >= 1 (got {config.trials})")
+    if config.max_epochs < 1:
+        problems.append(f"--max-epochs must be >= 1 (got {config.max_epochs})")
+    if config.kind not in ("classification", "generation"):
+        problems.append(f"--kind must be classification or generation (got '{config.kind}')")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every method of ``config``: search, final run, result file; then the report. Returns the summary.
+
+    The output folder is locked for the whole run: a second compare into it (a worker too) is refused
+    before it touches the folder or the study.
+    """
+    validate(config)
+    with output_lock(config.out, "multitune compare" + (" --search-only" if config.search_only else "")):
+        return _compare(config, log)
+
+
+def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    start = time.perf_counter()
+    _check_output(config)
+    open_storage(config)
+    splits = config.data.splits(config.kind)
+    if not splits.validation:
+        raise ConfigError("compare needs a validation split to search on; give --validation-data or a --split with "
+                          "a validation share")
+    log(f"compare {', '.join(config.methods)} on {config.model}: {len(splits.train)} train, "
+        f"{len(splits.validation)} validation, {len(splits.test)} test examples; {config.trials} trials each; "
+        f"study {config.storage_url().split('?')[0]}")
+    results: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    for method in config.methods:
+        done = config.out / RESULTS / f"{method}.json"
+        if done.exists():
+            results.append(json.loads(done.read_text()))
+            log(f"{method}: done in an earlier run ({done}); kept")
+            continue
+        try:
+            method_start = time.perf_counter()
+            study = search(config, method, splits, log)
+            if config.search_only:
+                log(f"{method}: best {config.metric()} {study.best_value:.4f} with {describe(study.best_params)}")
+                continue
+            search_seconds = time.perf_counter() - method_start
+            params = study.best_params
+            log(f"{method}: final run with {describe(params)}")
+            result = final_isolated(config, method, params)
+        except MultituneError as error:
+            failures[method] = str(error)
+            log(f"error: {method}: {' '.join(str(error).split())}")
+            continue
+        import optuna
+
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        result["trials"] = {"complete": states.count(optuna.trial.TrialState.COMPLETE),
+                            "pruned": states.count(optuna.trial.TrialState.PRUNED),
+                            "failed": states.count(optuna.trial.TrialState.FAIL)}
+        result["search_seconds"] = round(search_seconds, 2)
+        write_json_atomic(done, result)
+        results.append(result)
+        test = result["test"].get(result["metric"])
+        ci = result["test_ci"].get(result["metric"])
+        log(f"{method}: test {result['metric']} {test:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s")
+    summary: dict[str, Any] = {"results": results, "failures": failures, "wall_seconds": time.perf_counter() - start}
+    if config.search_only or not results:
+        return summary
+    meta = {"model": config.model, "data": config.data.data, "task": config.task, "kind": config.kind,
+            "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+            "trials": config.trials, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "command": config.command, "wall_seconds": round(summary["wall_seconds"], 1), "metric": config.metric(),
+            "higher_is_better": config.metric() not in ("loss", "perplexity"),
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - summary["wall_seconds"]))}
+    from multitune.compare.report import write_report
+
+    summary["report"] = {k: str(v) for k, v in write_report(config.out, results, meta).items()}
+    return summary
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # as the CLI does: the parent's trial lines are the progress shown
+    child_main(sys.argv[1])

@@ -1,0 +1,73 @@
+"""The settings of one comparison (what ``multitune compare`` is asked to do), and what a rerun must share."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multitune.config import DataConfig, TrainConfig
+from multitune.methods import METHODS
+
+RESULTS = "results"
+BANK = "bank"
+
+
+def default_methods() -> list[str]:
+    """Every registered method compare runs by default (the registry's ``compared``), by name."""
+    return sorted(name for name, method in METHODS.items() if method.compared)
+
+
+@dataclass
+class CompareConfig:
+    model: str = "minilm"
+    task: str = "task"
+    kind: str = "classification"
+    methods: list[str] = field(default_factory=default_methods)
+    trials: int = 8
+    max_epochs: int = 3
+    output: str = "runs/compare"
+    storage: str | None = None
+    study_name: str | None = None
+    search_only: bool = False
+    isolate: bool = True
+    latency_examples: int = 32
+    bootstrap: int = 1000
+    seed: int = 0
+    progress: bool = True
+    command: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method_settings: dict[str, Any] = field(default_factory=dict)  # fixed (not searched) settings per method
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output)
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+    def metric(self) -> str:
+        return self.train.metric or ("accuracy" if self.kind == "classification" else "rouge_l")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed compare must share with the first run (methods may be added)."""
+        return {"model": self.model, "task": self.task, "kind": self.kind, "trials": self.trials,
+                "max_epochs": self.max_epochs, "data": dataclasses.asdict(self.data),
+                "train": {k: v for k, v in dataclasses.asdict(self.train).items()
+                          if k not in ("device", "keep_checkpoint")}}
+
+
+def to_json(config: CompareConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["method_settings"] = {n: dataclasses.asdict(c) for n, c in config.method_settings.items()}
+    return data
+
+
+def from_json(data: dict[str, Any]) -> CompareConfig:
+    data = dict(data)
+    data["data"] = DataConfig(**data["data"])
+    data["train"] = TrainConfig(**data["train"])
+    data["method_settings"] = {n: METHODS[n].config_class(**v) for n, v in data["method_settings"].items()}
+    return CompareConfig(**data)

@@ -1,0 +1,313 @@
+"""The comparison table: one row per method, its cells, and the sentences read from it ("Reading the table").
+
+Results come from files written by earlier (possibly older or interrupted) runs, so every field is optional:
+a missing, null or NaN value is shown as ``n/a`` and a sentence that needs it is skipped. The formatters here
+take anything and answer "n/a" for what they cannot read; the plots and the report use them too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+NA = "n/a"
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def num(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, null, NaN, text, bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def get_field(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or None where any level is missing or not a dict."""
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def human_bytes(value: Any) -> str:
+    """Decimal units, three significant digits at most: 301234 -> '301 kB', 9026458400 -> '9.0 GB'."""
+    n = num(value)
+    if n is None or n < 0:
+        return NA
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        n /= 1000
+        if n < 999.5 or unit == "PB":
+            return f"{n:.1f} {unit}" if n < 9.95 else f"{n:.0f} {unit}"
+    return NA  # unreachable
+
+
+def _percent(value: Any) -> str:
+    p = num(value)
+    if p is None:
+        return NA
+    if p == 0:
+        return "0%"
+    if p >= 9.95:
+        return f"{p:.0f}%"
+    if p >= 1:
+        return f"{p:.1f}%"
+    return f"{p:.2g}%"
+
+
+def count_text(value: Any) -> str:
+    n = num(value)
+    return NA if n is None else f"{n:,.0f}"
+
+
+def compact(n: float) -> str:
+    """A count for a plot label: 74498 -> '74.5k', 22713218 -> '22.7M'."""
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= limit:
+            return f"{n / limit:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def seconds_text(value: Any) -> str:
+    s = num(value)
+    if s is None:
+        return NA
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def short(value: float) -> str:
+    """A number in at most three significant digits, without exponent noise: 250.0 -> '250', 8.123 -> '8.12'."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _metric(value: Any) -> str:
+    v = num(value)
+    return NA if v is None else f"{v:.3f}"
+
+
+def _interval(ci: Any) -> tuple[float, float] | None:
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return None
+    lo, hi = num(ci[0]), num(ci[1])
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def _param_value(value: Any) -> str:
+    v = num(value)
+    if v is None or isinstance(value, int):
+        return str(value)
+    if v != 0 and abs(v) < 0.01:
+        mantissa, exponent = f"{v:.1e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{v:.3g}"
+
+
+def describe_params(params: Any) -> str:
+    """Compact settings: {'learning_rate': 0.002, 'lora.rank': 8, 'epochs': 2} -> 'lr 2e-3, rank 8, 2 epochs'."""
+    if not isinstance(params, dict) or not params:
+        return NA
+    parts = []
+    for key, value in params.items():
+        name = str(key).split(".", 1)[-1]
+        name = {"learning_rate": "lr", "num_virtual_tokens": "tokens", "reduction_factor": "factor"}.get(name, name)
+        if name == "epochs" and num(value) is not None:
+            parts.append(f"{_param_value(value)} epoch{'' if value == 1 else 's'}")
+        else:
+            parts.append(f"{name} {_param_value(value)}")
+    return ", ".join(parts)
+
+
+# ---- what the table shows ------------------------------------------------------------------------------
+def main_metric(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, bool]:
+    """(metric, higher is better): the meta's, else the first result's; direction from the name if absent."""
+    metric = meta.get("metric") if isinstance(meta.get("metric"), str) else None
+    for result in results:
+        if metric is None and isinstance(result.get("metric"), str):
+            metric = result["metric"]
+    metric = metric or "accuracy"
+    higher = meta.get("higher_is_better")
+    if not isinstance(higher, bool):
+        higher = next((r["higher_is_better"] for r in results if isinstance(r.get("higher_is_better"), bool)
+                       and r.get("metric") == metric), metric not in LOWER_IS_BETTER)
+    return metric, higher
+
+
+def _storage_100(result: dict[str, Any]) -> float | None:
+    """Bytes for 100 tasks: as measured, else base + 100 x stored (for full, base is 0: each task a model)."""
+    given = num(result.get("storage_100_tasks_bytes"))
+    if given is not None:
+        return given
+    base, stored = num(result.get("base_bytes")), num(result.get("stored_bytes"))
+    return None if base is None or stored is None else base + 100 * stored
+
+
+class Row:
+    """One method's numbers, read once, tolerant of anything missing."""
+
+    def __init__(self, result: dict[str, Any], metric: str) -> None:
+        self.result = result
+        self.method = str(result.get("method") or result.get("task") or NA)
+        self.test = num(get_field(result, "test", metric))
+        self.ci = _interval(get_field(result, "test_ci", metric))
+        self.validation = num(get_field(result, "validation", metric))
+        self.parameters = num(result.get("trainable_parameters"))
+        self.percent = num(result.get("trainable_percent"))
+        self.stored = num(result.get("stored_bytes"))
+        self.storage_100 = _storage_100(result)
+        self.memory = num(result.get("peak_memory_bytes"))
+        kind = result.get("memory_kind")
+        self.memory_kind = kind if isinstance(kind, str) else None
+        self.seconds = num(result.get("train_seconds"))
+        self.steps = num(result.get("steps"))
+        self.latency = num(result.get("latency_ms"))
+        self.throughput = num(result.get("throughput_per_s"))
+        self.examples = num(result.get("test_examples"))
+        self.is_full = self.method == "full" or num(result.get("base_bytes")) == 0
+        self.untrained = self.parameters == 0 or self.steps == 0
+
+    @property
+    def name(self) -> str:
+        """The method as a sentence names it."""
+        return "full fine-tuning" if self.method == "full" else self.method
+
+    def parts(self) -> dict[str, tuple[str, str]]:
+        """Plain-text cells (not escaped) keyed by column, each as (main value, detail or "")."""
+        r = self.result
+        parameters = (count_text(self.parameters), _percent(self.percent) if self.percent is not None else "")
+        if self.parameters == 0:
+            parameters = ("0", "no training")
+        storage = (human_bytes(self.storage_100), "100 models" if self.storage_100 is not None and self.is_full else "")
+        memory = (human_bytes(self.memory), (self.memory_kind or "") if self.memory is not None else "")
+        training = (seconds_text(self.seconds), "")
+        if self.steps is not None:
+            steps = int(self.steps)
+            if steps == 0:
+                training = ("no training", "") if not self.seconds else (training[0], "no training")
+            else:
+                training = (training[0], f"{steps:,} step{'' if steps == 1 else 's'}")
+        latency = (NA if self.latency is None else f"{short(self.latency)} ms",
+                   "" if self.throughput is None else f"{short(self.throughput)}/s")
+        test = (_metric(self.test), f"[{self.ci[0]:.3f}, {self.ci[1]:.3f}]" if self.test is not None and self.ci else "")
+        trials = r.get("trials") if isinstance(r.get("trials"), dict) else {}
+        complete, pruned, failed = (num(trials.get(k)) for k in ("complete", "pruned", "failed"))
+        trial_text = (f"{count_text(complete)} / {count_text(pruned)}" if complete is not None or pruned is not None else NA,
+                      f"{failed:.0f} failed" if failed else "")
+        return {"method": (self.method, ""), "settings": (describe_params(r.get("best_params")), ""),
+                "parameters": parameters, "stored": (human_bytes(self.stored), ""), "storage_100": storage,
+                "memory": memory, "training": training, "latency": latency, "test": test,
+                "validation": (_metric(self.validation), ""), "trials": trial_text}
+
+    def cells(self) -> dict[str, str]:
+        """One line per cell: '74,498 (0.33%)', '0.910 [0.880, 0.930]'."""
+        return {key: main if not detail else f"{main} {detail}" if key == "test" else f"{main} ({detail})"
+                for key, (main, detail) in self.parts().items()}
+
+
+def table_columns(metric: str, higher: bool) -> list[tuple[str, str]]:
+    direction = "higher is better" if higher else "lower is better"
+    return [("method", "Method"), ("settings", "Best settings"), ("parameters", "Trainable parameters"),
+            ("stored", "Stored per task"), ("storage_100", "Storage, 100 tasks"), ("memory", "Peak memory"),
+            ("training", "Training time"), ("latency", "Latency / example (batched)"),
+            ("test", f"Test {metric} [95% CI] ({direction})"), ("validation", f"Validation {metric}"),
+            ("trials", "Trials (complete / pruned)")]
+
+
+def best_rows(rows: Sequence[Row], higher: bool) -> set[int]:
+    """Indexes of the rows with the best test metric (ties all win)."""
+    scored = [(i, r.test) for i, r in enumerate(rows) if r.test is not None]
+    if not scored:
+        return set()
+    target = (max if higher else min)(v for _, v in scored)
+    return {i for i, v in scored if v == target}
+
+
+# ---- "Reading the table": sentences computed from the rows, each skipped when its data is missing --------
+def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
+    """Facts read off the table, as plain-text sentences (not escaped)."""
+    facts: list[str] = []
+    scored = sorted((r for r in rows if r.test is not None), key=lambda r: r.test or 0.0, reverse=higher)
+    direction = "higher is better" if higher else "lower is better"
+    if scored:
+        best = scored[0]
+        text = f"Best test {metric} ({direction}): {best.name}, {_metric(best.test)}"
+        if best.ci:
+            text += f" [{best.ci[0]:.3f}, {best.ci[1]:.3f}]"
+        if best.examples is not None:
+            text += f" on {best.examples:,.0f} test examples"
+        facts.append(text + ".")
+        if len(scored) > 1:
+            second = scored[1]
+            if best.ci and second.ci:
+                overlap = best.ci[0] <= second.ci[1] and second.ci[0] <= best.ci[1]
+                facts.append(
+                    f"Runner-up: {second.name}, {_metric(second.test)}; the two 95% intervals "
+                    + ("overlap, so this test set does not clearly separate them." if overlap
+                       else "do not overlap."))
+            else:
+                facts.append(f"Runner-up: {second.name}, {_metric(second.test)}.")
+    efficiency = []
+    for r in rows:
+        if r.test is None or (r.percent is None and r.parameters is None):
+            continue
+        if r.parameters == 0:
+            efficiency.append(f"{r.name} {_metric(r.test)} with no training")
+        elif r.percent is not None:
+            efficiency.append(f"{r.name} {_metric(r.test)} with {_percent(r.percent)} of the parameters")
+        else:
+            efficiency.append(f"{r.name} {_metric(r.test)} with {count_text(r.parameters)} trainable parameters")
+    if efficiency:
+        facts.append(f"Test {metric} against what is trained: " + "; ".join(efficiency) + ".")
+    stored = sorted((r for r in rows if r.storage_100 is not None), key=lambda r: r.storage_100 or 0.0)
+    if len(stored) > 1:
+        fulls = [r for r in stored if r.is_full]
+        others = ", ".join(f"{human_bytes(r.storage_100)} for {r.name}" for r in stored if r not in fulls[:1])
+        if fulls:
+            facts.append(f"For 100 tasks {fulls[0].name} stores {human_bytes(fulls[0].storage_100)} "
+                         f"(100 whole models) against {others}.")
+        else:
+            facts.append(f"For 100 tasks (one shared base plus 100 adapters): {others}.")
+    trained = [r for r in rows if r.seconds is not None and not r.untrained]
+    if len(trained) > 1:
+        fast, slow = min(trained, key=lambda r: r.seconds or 0.0), max(trained, key=lambda r: r.seconds or 0.0)
+        if fast is not slow:
+            facts.append(f"Training took from {seconds_text(fast.seconds)} ({fast.name}) to {seconds_text(slow.seconds)} "
+                         f"({slow.name}).")
+    memory = [r for r in rows if r.memory is not None]
+    if len(memory) > 1:
+        low, high = min(memory, key=lambda r: r.memory or 0.0), max(memory, key=lambda r: r.memory or 0.0)
+        kinds = {r.memory_kind for r in memory}
+        if low is not high:
+            facts.append(f"Peak memory ranged from {human_bytes(low.memory)} ({low.name}) to "
+                         f"{human_bytes(high.memory)} ({high.name})"
+                         + ("; the figures mix CPU resident sets and CUDA peaks, so they are not comparable."
+                            if len(kinds - {None}) > 1 else "."))
+    meaning = {"rss": "rss is the peak resident set of the process that trained the method (base model, Python "
+                      "and libraries included)", "cuda": "cuda is the CUDA allocator's peak"}
+    shown = [text for kind, text in meaning.items() if any(r.memory_kind == kind for r in memory)]
+    if shown:
+        facts.append("Memory: " + "; ".join(shown) + ".")
+    latency = [r for r in rows if r.latency is not None]
+    if len(latency) > 1:
+        quick, slow = min(latency, key=lambda r: r.latency or 0.0), max(latency, key=lambda r: r.latency or 0.0)
+        if quick is not slow:
+            facts.append(f"Latency ranged from {short(quick.latency or 0.0)} ms per example ({quick.name}) to "
+                         f"{short(slow.latency or 0.0)} ms ({slow.name}).")
+    for r in rows:
+        failed = num(get_field(r.result, "trials", "failed"))
+        if failed:
+            facts.append(f"{r.name}: {failed:.0f} search trial{'' if failed == 1 else 's'} failed.")
+    return facts
+
+
+# ---- plots ---------------------------------------------------------------------------------------------

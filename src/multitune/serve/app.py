@@ -1,0 +1,429 @@
+"""The HTTP API: many tasks behind OpenAI-compatible endpoints, over one :class:`~multitune.serve.scheduler.Scheduler`.
+
+The HTTP layer only translates: it parses and checks requests (:mod:`multitune.serve.openai`), hands them to the
+scheduler (which owns the model and batches rows of every task into shared forwards), and turns the answers,
+streams and errors into OpenAI's shapes. The ``model`` field of a request names the task.
+
+Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gives server-sent events),
+``POST /v1/classify``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and the admin
+endpoints ``POST /admin/load``, ``/admin/unload``, ``/admin/reload``. Each route is a module function that
+reads the server's :class:`Served` state from ``request.app.state``; :func:`create_app` only assembles them.
+
+Keys, as vLLM does: with an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY``;
+``/admin/*`` needs the admin key, which is the API key unless one of its own is given
+(:class:`~multitune.serve.guard.Guard` checks them and the body limit). The admin endpoints load only from the
+served folders and those named with ``--allow-load-from``.
+
+Limits: a body over ``max_request_bytes`` and a text over ``max_input_chars`` are a 413 naming the limit;
+classification inputs longer than the task's ``max_length`` tokens are cut as in training, and the answer's
+``truncated`` says so. No input crashes the server: every mistake is a 4xx with one line naming the field and
+the fix; an unexpected failure is a 500 for that request alone. A full queue answers 429, a request past the
+scheduler's deadline 504, and a client that goes away cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from multitune.errors import MultituneError
+from multitune.serve.decode import RequestError
+from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES, Guard
+from multitune.serve.observe import Metrics
+from multitune.serve.openai import (
+    CLIENT_GONE,
+    ChatRequest,
+    ClassifyRequest,
+    ClientGone,
+    CompletionRequest,
+    EventStream,
+    LoadRequest,
+    ReloadRequest,
+    UnloadRequest,
+    chat_messages,
+    check_body,
+    completion_prompt,
+    error_body,
+    error_response,
+    finish_reason,
+    sampling_params,
+    sse,
+    usage,
+    validation_message,
+)
+
+log = logging.getLogger("multitune.serve")
+T = TypeVar("T")
+
+MAX_INPUTS = 1024  # texts in one /v1/classify request
+MAX_PATH_CHARS = 4096  # an admin body's path (Linux's PATH_MAX), whatever --max-input-chars says
+GRACE_S = 10.0  # the server's own deadline is the scheduler's plus this (a safety net: the scheduler times out first)
+DISCONNECT_POLL_S = 0.2
+
+router = APIRouter()
+
+
+@dataclass
+class Served:
+    """What every route reads: the scheduler, the metrics, the base's name, the limits, the loadable folders."""
+
+    scheduler: Any
+    metrics: Metrics
+    model_name: str
+    max_input_chars: int
+    roots: list[Path]
+
+    def deadline(self) -> float:
+        return float(getattr(self.scheduler, "timeout_s", 60.0) or 60.0) + GRACE_S
+
+
+def _served(request: Request) -> Served:
+    return request.app.state.served
+
+
+def _note(request: Request, task: str) -> None:
+    """Tell the metrics middleware which task the request was for."""
+    info = request.scope.get("multitune")
+    if info is not None:
+        info["task"] = task
+
+
+# ---- the app -----------------------------------------------------------------------------------------------
+def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "", *, admin_key: str | None = None,
+               load_from: Sequence[str | Path] = (), max_input_chars: int = MAX_INPUT_CHARS,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The HTTP API over a :class:`~multitune.serve.scheduler.Scheduler` (started and stopped with the app).
+
+    ``api_key``: every endpoint but ``/health`` needs ``Authorization: Bearer api_key``. ``admin_key``: what
+    ``/admin/*`` needs (default: ``api_key``; neither: admin is open). ``load_from``: the folders whose
+    contents ``/admin/load`` and ``/admin/reload`` may read (symlinks followed; none: no path is accepted).
+    ``model_name``: the base model, reported by ``/health`` and ``/v1/models``.
+    """
+    served = Served(scheduler, Metrics(scheduler), model_name, max_input_chars,
+                    [Path(root).resolve() for root in load_from])
+    app = FastAPI(title="multitune", summary="Many tasks from one frozen base, OpenAI-compatible",
+                  lifespan=_lifespan)
+    app.state.served = served
+    app.state.scheduler, app.state.metrics = scheduler, served.metrics
+    app.add_middleware(Guard, metrics=served.metrics, api_key=api_key, admin_key=admin_key,
+                       max_request_bytes=max_request_bytes)
+    for error, handler in ((RequestValidationError, _invalid), (RequestError, _refused),
+                           (MultituneError, _mistaken), (StarletteHTTPException, _http_error), (ClientGone, _gone)):
+        app.add_exception_handler(error, handler)  # type: ignore[arg-type]
+    app.include_router(router)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    served: Served = app.state.served
+    served.scheduler.start()
+
+    async def drain() -> None:  # keep the histogram fed even when nobody scrapes /metrics for a while
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                served.metrics.drain_batches()
+
+    drainer = asyncio.create_task(drain())
+    try:
+        yield
+    finally:
+        drainer.cancel()
+        await asyncio.to_thread(served.scheduler.stop)
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(list(error.errors()))
+    return error_response(400, message, param)
+
+
+async def _refused(request: Request, error: RequestError) -> JSONResponse:
+    status = error.status if isinstance(getattr(error, "status", None), int) else 400
+    return error_response(status, " ".join(str(error).split()))
+
+
+async def _mistaken(request: Request, error: MultituneError) -> JSONResponse:
+    return error_response(400, " ".join(str(error).split()))
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    if error.status_code == 404:
+        message = f"no endpoint {request.method} {request.url.path}; see /v1/models, /v1/completions, " \
+                  "/v1/chat/completions, /v1/classify, /health, /metrics"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(error.detail)
+    return error_response(error.status_code, message)
+
+
+async def _gone(request: Request, error: ClientGone) -> Response:
+    info = request.scope.get("multitune")
+    if info is not None:
+        info["status"] = CLIENT_GONE
+    return Response(status_code=CLIENT_GONE)
+
+
+# ---- waiting for the scheduler -------------------------------------------------------------------------------
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _unless_gone(request: Request, work: Awaitable[T], deadline: float, abandon: Callable[[], None]) -> T:
+    """``work``'s result, unless the client disconnects first (then ``abandon()``: the scheduler drops the
+    request) or ``deadline`` seconds pass (504). Best effort: the disconnect is polled every 0.2 s."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the server shuts down under us
+        abandon()
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    abandon()
+    task.cancel()
+    if watch in done:
+        raise ClientGone()
+    raise RequestError(504, f"no answer within {deadline:g} s; retry, ask for fewer tokens or raise --timeout")
+
+
+def _count_tokens(served: Served, task: str, handle: Any) -> None:
+    served.metrics.tokens.labels(task=served.metrics.task_label(task)).inc(int(handle.completion_tokens or 0))
+
+
+async def _answer(request: Request, handle: Any, task: str) -> tuple[str, str]:
+    served = _served(request)
+    try:
+        return await _unless_gone(request, handle.result(), served.deadline(), handle.cancel)
+    finally:
+        _count_tokens(served, task, handle)
+
+
+def _stream(request: Request, handle: Any, task: str, chunk: Callable[[str | None, str | None], dict],
+            include_usage: bool) -> EventStream:
+    """The generation as server-sent events: ``chunk(piece, finish_reason)`` shapes each event; a client that
+    goes away cancels the row, and the tokens are counted once however the stream ends."""
+    served = _served(request)
+    state = {"finished": False, "counted": False}
+    info = request.scope.get("multitune")
+
+    def close() -> None:
+        if not state["finished"]:
+            state["finished"] = True
+            with contextlib.suppress(Exception):
+                handle.cancel()
+            if info is not None:
+                info["status"] = CLIENT_GONE
+        if not state["counted"]:
+            state["counted"] = True
+            _count_tokens(served, task, handle)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            first = chunk(None, None)
+            if first:
+                yield sse(first)
+            # The deadline spans only the waits for pieces, never a yield (a slow reader is not the
+            # scheduler's fault, and a timeout must not fire while Starlette is sending).
+            loop = asyncio.get_running_loop()
+            end = loop.time() + served.deadline()
+            pieces = handle.stream().__aiter__()
+            while True:
+                try:
+                    piece = await asyncio.wait_for(pieces.__anext__(), max(0.0, end - loop.time()))
+                except StopAsyncIteration:
+                    break
+                if piece:
+                    yield sse(chunk(piece, None))
+            state["finished"] = True
+            yield sse(chunk("", finish_reason(handle)))
+            if include_usage:
+                yield sse({**chunk("", None), "choices": [], "usage": usage(handle)})
+            yield "data: [DONE]\n\n"
+        except RequestError as error:  # the scheduler ended it (timeout, shutdown): say so in the stream
+            state["finished"] = True
+            yield sse(error_body(error.status, " ".join(str(error).split())))
+            yield "data: [DONE]\n\n"
+        except TimeoutError:  # the server's own deadline: the scheduler did not answer
+            yield sse(error_body(504, f"no answer within {served.deadline():g} s; retry or raise --timeout"))
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001  (headers are sent: report in the stream, not as a 500)
+            log.exception("stream of task %r failed", task)
+            yield sse(error_body(500, f"internal error ({type(error).__name__}: {error})"))
+            yield "data: [DONE]\n\n"
+        finally:
+            close()
+
+    return EventStream(events(), close)
+
+
+# ---- generation --------------------------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    served = _served(request)
+    _note(request, body.model)
+    check_body(body, served.max_input_chars)
+    prompt = completion_prompt(body)
+    params = sampling_params(body, body.max_tokens)
+    handle = served.scheduler.submit_generate(body.model, prompt, params)  # on the loop: the stream needs it
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(piece: str | None, reason: str | None) -> dict:
+        if piece is None:
+            return {}
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
+
+    if body.stream:
+        return _stream(request, handle, body.model, chunk, bool(body.stream_options and
+                                                               body.stream_options.include_usage))
+    text, reason = await _answer(request, handle, body.model)
+    return JSONResponse({**chunk(text, reason), "usage": usage(handle)})
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, request: Request) -> Response:
+    served = _served(request)
+    _note(request, body.model)
+    check_body(body, served.max_input_chars)
+    if not body.messages:
+        raise RequestError(400, "messages must hold at least one {role, content} message")
+    params = sampling_params(body, body.max_completion_tokens if body.max_tokens is None else body.max_tokens)
+    prompt = served.scheduler.chat_prompt(body.model, chat_messages(body))
+    handle = served.scheduler.submit_generate(body.model, prompt, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(piece: str | None, reason: str | None) -> dict:
+        if piece is None:  # OpenAI's first chunk: the role, no content yet
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+        else:
+            delta = {"content": piece} if piece else {}
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    if body.stream:
+        return _stream(request, handle, body.model, chunk, bool(body.stream_options and
+                                                               body.stream_options.include_usage))
+    text, reason = await _answer(request, handle, body.model)
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": reason}],
+                         "usage": usage(handle)})
+
+
+# ---- classification ----------------------------------------------------------------------------------------
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, request: Request) -> Response:
+    served = _served(request)
+    _note(request, body.model)
+    check_body(body, served.max_input_chars)
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not texts:
+        raise RequestError(400, "input must be a string or a non-empty list of strings")
+    if len(texts) > MAX_INPUTS:
+        raise RequestError(413, f"input holds {len(texts)} texts; send at most {MAX_INPUTS} per request")
+    results = await _unless_gone(request, served.scheduler.classify(body.model, texts), served.deadline(),
+                                 lambda: None)
+    data = [{"index": i, "label": max(r.probabilities, key=r.probabilities.__getitem__) if r.probabilities
+             else None, "probabilities": r.probabilities, "truncated": r.truncated}
+            for i, r in enumerate(results)]
+    return JSONResponse({"object": "classification", "model": body.model, "data": data})
+
+
+# ---- information -------------------------------------------------------------------------------------------
+def _model_card(served: Served, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "multitune", "kind": spec.get("kind"),
+            "method": spec.get("method"), "labels": list(spec.get("labels") or []),
+            "version": spec.get("version"), "base": served.model_name or None}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    served = _served(request)
+    return JSONResponse({"object": "list", "data": [_model_card(served, name, spec)
+                                                    for name, spec in sorted(served.scheduler.tasks().items())]})
+
+
+@router.get("/v1/models/{name:path}")
+async def model(name: str, request: Request) -> Response:
+    served = _served(request)
+    _note(request, name)
+    tasks = served.scheduler.tasks()
+    if name not in tasks:
+        raise RequestError(404, f"unknown task '{name}'; served tasks: {', '.join(sorted(tasks)) or 'none'}")
+    return JSONResponse(_model_card(served, name, tasks[name]))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    served = _served(request)
+    return JSONResponse({"status": "ok", "tasks": len(served.scheduler.tasks()), "model": served.model_name or None})
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    return Response(_served(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---- admin -------------------------------------------------------------------------------------------------
+def _confined(served: Served, path: str) -> str:
+    """``path`` resolved (symlinks followed, ``..`` gone) when it lies in a folder the server may load from;
+    else 403. The message names the path as given, never anything read from it."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte
+        raise RequestError(400, f"path {path!r} cannot be resolved ({type(error).__name__})") from error
+    if any(resolved.is_relative_to(root) for root in served.roots):
+        return str(resolved)
+    allowed = ", ".join(str(root) for root in served.roots) or "none"
+    raise RequestError(403, f"path {path!r} is outside the folders this server may load from ({allowed}); "
+                            "start it with --allow-load-from DIR to allow another folder")
+
+
+@router.post("/admin/load", summary="Serve one more task from a run or adapter folder")
+async def load(body: LoadRequest, request: Request) -> Response:
+    served = _served(request)
+    check_body(body, MAX_PATH_CHARS)
+    info = await served.scheduler.load(body.model, _confined(served, body.path))
+    _note(request, body.model)
+    return JSONResponse({"object": "task", "model": body.model, "name": body.model, "loaded": True,
+                         **dict(info or {})})
+
+
+@router.post("/admin/unload", summary="Stop serving a task")
+async def unload(body: UnloadRequest, request: Request) -> Response:
+    check_body(body, MAX_PATH_CHARS)
+    await _served(request).scheduler.unload(body.model)
+    return JSONResponse({"object": "task", "model": body.model, "name": body.model, "unloaded": True})
+
+
+@router.post("/admin/reload", summary="Replace a task by a new version, atomically")
+async def reload(body: ReloadRequest, request: Request) -> Response:
+    served = _served(request)
+    check_body(body, MAX_PATH_CHARS)
+    path = None if body.path is None else _confined(served, body.path)
+    info = await served.scheduler.reload(body.model, path)
+    _note(request, body.model)
+    return JSONResponse({"object": "task", "model": body.model, "name": body.model, "reloaded": True,
+                         **dict(info or {})})

@@ -1,0 +1,637 @@
+"""The serving scheduler: requests of many tasks and methods batched into shared forwards.
+
+One worker thread owns the engine (the model is never touched from two threads). Each turn of its loop:
+
+1. admin operations (load / unload / reload a task) run between forwards, so none lands mid-batch;
+2. waiting classification requests, up to ``max_batch_size`` rows of any tasks, go through one
+   :meth:`Engine.classify` (one forward per model);
+3. generation is **continuously batched**: waiting requests join the running batch after one prefill
+   (their soft prompts and prefix caches applied), then every active row advances one token per decode
+   step, whatever its task and method; a row leaves as soon as it is done (stop token, stop string,
+   ``max_tokens``, timeout or cancellation) and its place is free for the next step.
+
+Rows of a decoder batch keep one KV cache (:class:`multitune.serve.decode.DecodeBatch`), so a row's tokens equal
+generating it alone. Encoder-decoder (T5) generation is served in static batches through
+:meth:`Engine.generate`, one per distinct ``max_tokens``.
+
+Reload is atomic: the new version is loaded under a fresh internal name and the public name points to it;
+rows already admitted finish on the old version, which is removed once no row uses it.
+
+One bad request never takes its batch with it. Requests are checked before they are queued (texts a tokenizer
+can read, seeds and temperatures the sampler can use); when a forward still fails, its requests are run one by
+one so that only the guilty one fails (a 400 for a :class:`~multitune.errors.MultituneError`, else a 500, logged
+with its traceback), and every request taken from a queue is answered, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from multitune.errors import MultituneError
+from multitune.serve.decode import (
+    DecodeBatch,
+    Handle,
+    QueueFull,
+    RequestError,
+    SamplingParams,
+    check_text,
+    draw,
+    eos_ids,
+    first_stop,
+)
+from multitune.serve.engine import Classification
+
+log = logging.getLogger("multitune.serve.scheduler")
+T = TypeVar("T")
+
+
+@dataclass
+class Stats:
+    """What the server exports: recent forward batch sizes (drained by the metrics endpoint) and the queue."""
+
+    batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+    queue_depth: int = 0
+    forwards: int = 0
+
+    def record(self, kind: str, size: int) -> None:
+        self.batch_sizes.append((kind, size))
+        self.forwards += 1
+
+    def drain(self) -> list[tuple[str, int]]:
+        out = []
+        while self.batch_sizes:
+            out.append(self.batch_sizes.popleft())
+        return out
+
+
+@dataclass
+class _Classify:
+    internal: list[str]
+    texts: list[str]
+    future: concurrent.futures.Future
+    enqueued: float
+
+
+@dataclass
+class _Admin:
+    op: Callable[[], Any]
+    future: concurrent.futures.Future
+
+
+# ---- the scheduler ------------------------------------------------------------------------------------------
+class Scheduler:
+    """Requests in, mixed batches through the engine, answers out (see the module docstring).
+
+    On CPU, load ``engine`` with :func:`in_passing_thread` (as ``multitune serve`` does): an engine loaded in a
+    thread that goes on living leaves an OpenMP pool beside the worker's, and the worker's forwards run up to
+    2x slower.
+    """
+
+    def __init__(self, engine: Any, max_batch_size: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
+                 timeout_s: float = 60.0) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self.timeout_s = timeout_s
+        self.stats = Stats()
+        self._lock = threading.Lock()  # guards the queues, the name map and the tokenizer
+        self._wake = threading.Condition(self._lock)
+        self._classify: collections.deque[_Classify] = collections.deque()
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._admin: collections.deque[_Admin] = collections.deque()
+        self._decoders: dict[int, DecodeBatch] = {}
+        self._static: list[Handle] = []  # seq2seq rows, served in static batches
+        self._names: dict[str, str] = {name: name for name in engine.tasks}  # public -> internal
+        self._versions: dict[str, int] = dict.fromkeys(engine.tasks, 1)
+        self._retired: set[str] = set()  # internal names of replaced versions, removed once unused
+        self._counter = itertools.count(2)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="multitune-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        stopped = RequestError(503, "the server is shutting down; retry on another instance")
+        with self._lock:
+            classify, waiting, static = list(self._classify), list(self._waiting), list(self._static)
+            self._classify.clear()
+            self._waiting.clear()
+            self._static.clear()
+        for item in classify:
+            _settle(item.future, error=stopped)
+        for handle in waiting + static:
+            handle._finish("error", stopped)
+        for batch in self._decoders.values():
+            for handle in batch.rows:
+                handle._finish("error", stopped)
+
+    # ---- tasks --------------------------------------------------------------------------------------
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            specs = self.engine.tasks
+            return {name: {"kind": specs[internal].kind, "method": specs[internal].method,
+                           "labels": list(specs[internal].labels or []), "version": self._versions[name]}
+                    for name, internal in self._names.items()}
+
+    def _resolve(self, task: str, kind: str) -> str:
+        internal = self._names.get(task) if isinstance(task, str) else None
+        if internal is None:
+            served = ", ".join(sorted(self._names)) or "none"
+            raise RequestError(404, f"unknown task '{task}'; served tasks: {served}")
+        actual = self.engine.tasks[internal].kind
+        if actual != kind:
+            verb = "/v1/classify" if actual == "classification" else "/v1/completions"
+            raise RequestError(400, f"task '{task}' is a {actual} task; use {verb}")
+        return internal
+
+    # ---- classification -----------------------------------------------------------------------------
+    async def classify(self, task: str, texts: list[str]) -> list[Classification]:
+        """Each text's label probabilities (and whether it was cut to the task's max_length)."""
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise RequestError(400, "input must be a string or a non-empty list of strings")
+        for i, text in enumerate(texts):
+            check_text(text, f"input.{i}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            internal = self._resolve(task, "classification")
+            self._check_room()
+            self._classify.append(_Classify([internal] * len(texts), list(texts), future, time.monotonic()))
+            self._wake.notify()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError as error:
+            future.cancel()
+            raise RequestError(504, f"the request took longer than {self.timeout_s:g} s; retry or raise "
+                                    "the server's --timeout") from error
+
+    def _check_room(self) -> None:
+        depth = len(self._classify) + len(self._waiting)
+        if depth >= self.queue_size:
+            raise QueueFull(depth)
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def chat_prompt(self, task: str, messages: list[dict[str, Any]]) -> str:
+        """A chat conversation as the task's prompt text: the last user message alone (as the task was
+        trained on single prompts), or the whole conversation through the tokenizer's chat template."""
+        if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages):
+            raise RequestError(400, "messages must be a non-empty list of {role, content} objects")
+        for i, message in enumerate(messages):
+            check_text(message["content"], f"messages.{i}.content")
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users:
+            raise RequestError(400, "messages holds no message with role 'user'")
+        if len(messages) == 1 or all(m.get("role") in ("system", "user") for m in messages) and len(users) == 1:
+            return users[-1]["content"]
+        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
+
+    def submit_generate(self, task: str, prompt: str, params: SamplingParams) -> Handle:
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "prompt must be a non-empty string")
+        check_text(prompt, "prompt")
+        params.validate()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            internal = self._resolve(task, "generation")
+            self._check_room()
+            bank = self.engine.bank_of(internal)
+        ids = self._prompt_ids(bank, internal, prompt)
+        context = self._context(bank)
+        virtual = self._virtual_tokens(bank, internal)
+        if context and len(ids) + virtual + params.max_tokens > context:
+            raise RequestError(400, f"prompt has {len(ids)} tokens (+{virtual} virtual) and max_tokens is "
+                                    f"{params.max_tokens}; the model's context is {context}: shorten the "
+                                    "prompt or lower max_tokens")
+        with self._wake:
+            self._check_room()
+            handle = Handle(task, internal, ids, params, time.monotonic() + self.timeout_s, loop)
+            handle.prompt = prompt
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def generate_sync(self, task: str, prompt: str, params: SamplingParams) -> tuple[str, str]:
+        handle = self.submit_generate(task, prompt, params)
+        for _ in handle.tokens():
+            pass
+        return handle.text, handle.finish_reason or "stop"
+
+    def _prompt_ids(self, bank: Any, internal: str, prompt: str) -> list[int]:
+        """The prompt's token ids exactly as Engine.generate encodes them (the engine's tokenizer lock held)."""
+        features, _ = self.engine._features(bank, [(internal, prompt)], [0], 10**6, False)
+        return list(features[0]["input_ids"])
+
+    @staticmethod
+    def _context(bank: Any) -> int:
+        config = bank.base.model.config
+        return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+
+    @staticmethod
+    def _virtual_tokens(bank: Any, internal: str) -> int:
+        return bank.virtual_positions(internal)
+
+    # ---- admin --------------------------------------------------------------------------------------
+    async def _admin_call(self, op: Callable[[], Any]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._admin.append(_Admin(op, future))
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
+
+    async def load(self, name: str, folder: str) -> dict[str, Any]:
+        def op() -> dict[str, Any]:
+            if name in self._names:
+                raise RequestError(409, f"task '{name}' is already served; use reload to replace it")
+            self._load_as(name, name, folder)
+            self._versions[name] = 1
+            return self.tasks()[name]
+
+        return await self._admin_call(op)
+
+    async def unload(self, name: str) -> None:
+        def op() -> None:
+            if name not in self._names:
+                raise RequestError(404, f"unknown task '{name}'; served tasks: {', '.join(sorted(self._names))}")
+            with self._lock:
+                internal = self._names.pop(name)
+                self._versions.pop(name, None)
+            self._retired.add(internal)  # removed once no admitted row uses it
+            self._collect_retired()
+
+        return await self._admin_call(op)
+
+    async def reload(self, name: str, folder: str | None = None) -> dict[str, Any]:
+        def op() -> dict[str, Any]:
+            if name not in self._names:
+                raise RequestError(404, f"unknown task '{name}'; load it first")
+            source = folder or self.engine.sources.get(self._names[name])
+            if source is None:
+                raise RequestError(400, f"task '{name}' was not loaded from a folder; give path")
+            old = self._names[name]
+            internal = f"{name[:56]}--v{next(self._counter)}"  # a valid task name of its own
+            self._load_as(name, internal, source)
+            self._versions[name] = self._versions.get(name, 1) + 1
+            self._retired.add(old)
+            self._collect_retired()
+            return self.tasks()[name]
+
+        return await self._admin_call(op)
+
+    def _load_as(self, name: str, internal: str, folder: str) -> None:
+        try:
+            self.engine.load(folder, internal)
+        except MultituneError as error:
+            raise RequestError(400, str(error)) from error
+        except Exception as error:  # noqa: BLE001  (its text may quote the file: only the log gets it)
+            log.exception("loading %s failed", folder)
+            raise RequestError(500, f"loading {folder} failed ({type(error).__name__}); the server's log has the "
+                                    "details") from error
+        with self._lock:
+            self._names[name] = internal
+
+    def _in_use(self) -> set[str]:
+        used = {h.internal for h in self._waiting} | {h.internal for h in self._static}
+        used |= {i for item in self._classify for i in item.internal}
+        for batch in self._decoders.values():
+            used |= {h.internal for h in batch.rows}
+        return used
+
+    def _collect_retired(self) -> None:
+        with self._lock:
+            used = self._in_use()
+        for internal in sorted(self._retired - used):
+            self.engine.remove(internal)
+            self._retired.discard(internal)
+
+    # ---- the worker ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                if not self._running:
+                    return
+                idle = not (self._classify or self._waiting or self._admin or self._static
+                            or any(len(b) for b in self._decoders.values()))
+                if idle:
+                    self._wake.wait(timeout=0.5)
+                    continue
+                admin = list(self._admin)
+                self._admin.clear()
+                self.stats.queue_depth = len(self._classify) + len(self._waiting)
+            for item in admin:
+                try:
+                    item.future.set_result(item.op())
+                except BaseException as error:  # noqa: BLE001  (the caller gets it)
+                    item.future.set_exception(error)
+            self._taken = []
+            try:
+                if not self._turn():
+                    with self._wake:
+                        self._wake.wait(timeout=self.max_wait / 4)
+                if self._retired:
+                    self._collect_retired()
+            except Exception as error:  # noqa: BLE001  (a fault of the scheduler itself: never stop serving)
+                log.exception("the scheduler's turn failed; answering every request it held with a 500")
+                self._fail_all(_as_request_error(error, "the scheduler's turn", logged=True))
+
+    def _fail_all(self, error: RequestError) -> None:
+        """The safety net: answer every request taken from a queue this turn and every running row."""
+        for item in self._taken:
+            if isinstance(item, _Classify):
+                _settle(item.future, error=error)
+            else:
+                item._finish("error", error)
+        self._taken = []
+        for batch in self._decoders.values():
+            for handle in batch.rows:
+                handle._finish("error", error)
+            batch.keep([])
+
+    def _isolated(self, items: list[T], run: Callable[[list[T]], None], fail: Callable[[T, RequestError], None],
+                  what: str) -> None:
+        """``run(items)``; when it raises, ``run([item])`` for each item, so that only a guilty one fails.
+
+        ``run`` must leave no trace when it raises (the batch is run again without the failing item)."""
+        try:
+            run(items)
+            return
+        except Exception as error:  # noqa: BLE001  (retried below; a lone item's error is its answer)
+            if len(items) == 1:
+                fail(items[0], _as_request_error(error, what))
+                return
+            log.warning("%s of %d requests failed (%s: %s); running them one by one", what, len(items),
+                        type(error).__name__, " ".join(str(error).split())[:200])
+        for item in items:
+            try:
+                run([item])
+            except Exception as error:  # noqa: BLE001  (this request's answer)
+                fail(item, _as_request_error(error, what))
+
+    def _turn(self) -> bool:
+        """One turn of the worker; False when it found nothing ready (a batch is still filling)."""
+        forwards = self.stats.forwards
+        self._classify_batch()
+        self._admit()
+        self._decode_step()
+        self._static_batch()
+        return self.stats.forwards != forwards
+
+    def _classify_batch(self) -> None:
+        with self._lock:
+            if not self._classify:
+                return
+            waited = time.monotonic() - self._classify[0].enqueued
+            rows = sum(len(c.texts) for c in self._classify)
+            busy = any(len(b) for b in self._decoders.values()) or self._waiting
+            if rows < self.max_batch_size and waited < self.max_wait and not busy:
+                return  # wait a moment for more rows to share the forward
+            items, total = [], 0
+            while self._classify and (not items or total + len(self._classify[0].texts) <= self.max_batch_size):
+                item = self._classify.popleft()
+                if item.future.cancelled():
+                    continue
+                items.append(item)
+                total += len(item.texts)
+            self._taken.extend(items)
+        if not items:
+            return
+
+        def run(batch: list[_Classify]) -> None:
+            requests = [(internal, text) for item in batch
+                        for internal, text in zip(item.internal, item.texts, strict=True)]
+            results = self.engine.classify_rows(requests)
+            self.stats.record("classify", len(requests))
+            start = 0
+            for item in batch:
+                _settle(item.future, results[start:start + len(item.texts)])
+                start += len(item.texts)
+
+        self._isolated(items, run, lambda item, error: _settle(item.future, error=error), "classification")
+
+    def _admit(self) -> None:
+        """Waiting generation requests join their bank's running batch (one prefill per bank)."""
+        with self._lock:
+            if not self._waiting:
+                return
+            active = sum(len(b) for b in self._decoders.values()) + len(self._static)
+            if not active and len(self._waiting) < self.max_batch_size:
+                first = self._waiting[0].deadline - self.timeout_s
+                if time.monotonic() - first < self.max_wait:
+                    return  # an idle server waits a moment so that a burst prefills together
+            joining: dict[int, list[Handle]] = {}
+            room = self.max_batch_size - active
+            while self._waiting and room > 0:
+                handle = self._waiting.popleft()
+                self._taken.append(handle)
+                if self._expired(handle, "in the queue"):
+                    continue
+                bank = self.engine.bank_of(handle.internal)
+                if bank.base.arch == "seq2seq":
+                    self._static.append(handle)
+                else:
+                    joining.setdefault(id(bank), []).append(handle)
+                room -= 1
+        for handles in joining.values():
+            bank = self.engine.bank_of(handles[0].internal)
+            batch = self._decoders.setdefault(id(bank), DecodeBatch(bank))
+            if batch.bank is not bank:  # a bank id reused after a removal
+                batch = self._decoders[id(bank)] = DecodeBatch(bank)
+            bank.eval()
+
+            def run(group: list[Handle], batch: DecodeBatch = batch) -> None:
+                start = len(batch)
+                first = batch.join(group, self._sample)  # raises before it changes the batch
+                self.stats.record("prefill", len(group))
+                self._advance(batch, list(range(start, start + len(group))), first)
+
+            self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "prefill")
+
+    def _expired(self, handle: Handle, where: str) -> bool:
+        """Finish a cancelled or timed-out request that has not started; True when it was."""
+        if handle.cancelled:
+            handle._finish("cancelled")
+        elif time.monotonic() > handle.deadline:
+            handle._finish("timeout", RequestError(504, f"the request waited longer than {self.timeout_s:g} s "
+                                                        f"{where}; retry or raise the server's --timeout"))
+        return handle.done
+
+    def _decode_step(self) -> None:
+        for key, batch in list(self._decoders.items()):
+            if not len(batch):
+                del self._decoders[key]
+                continue
+            try:
+                logits = batch.step()
+            except Exception as error:  # noqa: BLE001  (each row alone: only a guilty one fails)
+                logits = self._step_rows_alone(batch, error)
+                if logits is None:
+                    continue
+            self.stats.record("decode", len(batch))
+            tokens = self._sample(logits, batch.rows, batch.generated)
+            self._advance(batch, list(range(len(batch))), tokens)
+
+    def _step_rows_alone(self, batch: DecodeBatch, error: Exception) -> torch.Tensor | None:
+        """After a failed decode step, the step of each row alone: a row that fails again is answered with
+        its error, the others go on as one batch again. Returns their logits (None when no row is left)."""
+        if len(batch) == 1:
+            batch.rows[0]._finish("error", _as_request_error(error, "decode step"))
+            batch.keep([])
+            return None
+        log.warning("a decode step of %d rows failed (%s: %s); running each row alone", len(batch),
+                    type(error).__name__, " ".join(str(error).split())[:200])
+        kept, logits = [], []
+        for part in batch.split():
+            try:
+                logits.append(part.step())
+                kept.append(part)
+            except Exception as alone:  # noqa: BLE001  (this row's answer)
+                part.rows[0]._finish("error", _as_request_error(alone, "decode step"))
+        batch.absorb(kept)
+        return torch.cat(logits) if logits else None
+
+    def _advance(self, batch: DecodeBatch, rows: list[int], tokens: list[int]) -> None:
+        """Append each row's new token, emit its text, and let finished rows leave."""
+        tokenizer = batch.bank.base.tokenizer
+        eos = eos_ids(tokenizer)
+        now = time.monotonic()
+        for row, token in zip(rows, tokens, strict=True):
+            handle, generated = batch.rows[row], batch.generated[row]
+            if handle.done:
+                continue
+            try:
+                self._append(handle, generated, token, tokenizer, eos, now)
+            except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
+                handle._finish("error", _as_request_error(error, "decoding a token"))
+        # every row still running has just appended its token: that token is what it feeds next
+        batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
+        batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
+
+    def _append(self, handle: Handle, generated: list[int], token: int, tokenizer: Any, eos: set[int],
+                now: float) -> None:
+        """One new token of one row: its text piece out, and the row finished when it is done."""
+        if handle.cancelled:
+            handle._finish("cancelled")
+            return
+        if token in eos:
+            handle._finish("stop")
+            return
+        generated.append(token)
+        handle.completion_tokens = len(generated)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        stop = first_stop(text, handle.params.stop)
+        if stop is not None:
+            text = text[:stop]
+        if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
+            piece = text[len(handle.text):]
+            handle.text = text
+            if piece:
+                handle._emit(piece)
+        if stop is not None:
+            handle._finish("stop")
+        elif len(generated) >= handle.params.max_tokens:
+            handle._finish("length")
+        elif now > handle.deadline:
+            handle._finish("timeout", RequestError(504, f"the request took longer than {self.timeout_s:g} s; "
+                                                        "ask for fewer tokens or raise the server's --timeout"))
+
+    def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
+        """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
+
+        A row whose sampling fails is answered with its error (its token is then never used)."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, handle in enumerate(handles):
+            if handle.params.temperature <= 0 or handle.done:
+                continue
+            try:
+                tokens[i] = draw(logits[i], handle)
+            except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
+                handle._finish("error", _as_request_error(error, "sampling"))
+        return tokens
+
+    def _static_batch(self) -> None:
+        """Encoder-decoder rows: one Engine.generate per distinct max_tokens (greedy)."""
+        with self._lock:
+            pending, self._static = self._static, []
+        self._taken.extend(pending)
+        groups: dict[int, list[Handle]] = {}
+        for handle in pending:
+            if not self._expired(handle, "in the queue"):
+                groups.setdefault(handle.params.max_tokens, []).append(handle)
+        for tokens, handles in groups.items():
+            def run(group: list[Handle], tokens: int = tokens) -> None:
+                texts = self.engine.generate([(h.internal, h.prompt) for h in group], max_new_tokens=tokens,
+                                             max_length=10**6)
+                self.stats.record("seq2seq", len(group))
+                for handle, text in zip(group, texts, strict=True):
+                    stop = first_stop(text, handle.params.stop)
+                    handle.text = text[:stop] if stop is not None else text
+                    handle._emit(handle.text)
+                    handle._finish("stop")
+
+            self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "seq2seq generation")
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer a request's future once; one its client has given up on (cancelled) is left alone."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _as_request_error(error: BaseException, what: str, logged: bool = False) -> RequestError:
+    """What a request that failed with ``error`` is answered: its own status for a RequestError, 400 for any
+    other user error, else a 500 (the traceback logged: it is a fault of ours or of the model's code)."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, MultituneError):
+        return RequestError(400, str(error))
+    if not logged:
+        log.error("%s failed", what, exc_info=error)
+    return RequestError(500, f"internal error in {what} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it")
+
+
+def in_passing_thread(load: Callable[[], Any]) -> Any:
+    """``load()`` run in a thread that ends before this returns: load the engine a scheduler will serve.
+
+    libgomp (torch's OpenMP on Linux) keeps a pool of threads for every thread that ran a parallel region, and
+    when the pools hold more threads than the machine has cores it spins only briefly before sleeping between
+    regions. The scheduler runs every forward in its worker thread; had the engine been loaded in the main
+    thread, the main thread's idle pool would count too, and each of the thousands of small parallel regions of
+    a decode step would pay a wake-up: measured on 2 cores, 280 ms per step of 16 rows instead of 135 ms.
+    A thread that ends frees its pool, which leaves the worker's the only one.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="multitune-load") as pool:
+        return pool.submit(load).result()
+
+
+__all__ = ["Scheduler", "Stats", "in_passing_thread"]

@@ -1,0 +1,189 @@
+"""Single-task training: :func:`train` one task of a bank; :func:`run`, the whole ``multitune train`` job.
+
+:func:`train` gives the one training loop (:mod:`multitune.training.loop`: steps, evaluation, early stopping,
+best weights, checkpoints and resume) what a single task needs: epochs over its encoded examples in seeded
+order, the bank's loss of a batch, the task's validation metrics. :func:`run` reads and splits the data, loads
+the base, adds the task, trains, scores the test split and saves the adapter, holding the run folder's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitune.bank import MultiTaskModel
+from multitune.config import RunConfig, TrainConfig, to_yaml
+from multitune.data import Example
+from multitune.encode import collate, encode_task, to_device
+from multitune.errors import ConfigError
+from multitune.methods import get_method
+from multitune.models import load_base
+from multitune.storage import output_lock, save_adapter, write_json_atomic
+from multitune.training.evaluate import evaluate
+from multitune.training.loop import CHECKPOINT, Objective, Shuffled, TrainResult, fit
+
+
+def default_metric(kind: str) -> str:
+    return "accuracy" if kind == "classification" else "loss"
+
+
+def train(
+    bank: MultiTaskModel,
+    task: str,
+    train_examples: Sequence[Example],
+    validation_examples: Sequence[Example],
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    desc: str | None = None,
+) -> TrainResult:
+    """Train ``task`` of ``bank`` on ``train_examples``; early-stop on ``validation_examples``.
+
+    On return the task holds the weights of its best evaluation (or the last step if none was run).
+    ``on_step(step)`` is called after each optimizer step (a test uses it to interrupt a run);
+    ``on_eval(record)`` after each validation (a hyperparameter search prunes poor trials from it).
+    """
+    spec = bank.tasks[task]
+    metric = config.metric or default_metric(spec.kind)
+    fit_method = get_method(spec.method).fit
+    if fit_method is not None:  # nothing to optimise (prompting): fit, then score the validation split once
+        return fit_only(bank, task, fit_method, train_examples, validation_examples, config,
+                         Path(run_dir) if run_dir is not None else None, metric)
+    slot = bank.slots.index(task)
+    pad_id = bank.base.tokenizer.pad_token_id
+    features = encode_task(bank, task, train_examples, config.max_length)
+    if spec.kind == "classification" and any("class_label" not in f for f in features):
+        raise ConfigError(f"some training labels of task '{task}' are not in its label set {spec.labels}")
+    if not features:
+        raise ConfigError(f"task '{task}' has no training examples; give it some data")
+
+    def loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        value = bank(to_device(collate([features[i] for i in rows], pad_id, slot), bank.base.device))
+        return value, {"loss": float(value.detach())}
+
+    def scores(_: str) -> dict[str, float] | None:
+        if not validation_examples:
+            return None
+        return evaluate(bank, task, validation_examples, config.max_length, config.eval_batch_size,
+                        config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
+
+    lr = config.learning_rate or get_method(spec.method).default_learning_rate
+    objective = Objective([task], [lr], Shuffled(len(features), config.batch_size, config.seed), loss, scores,
+                          {task: metric})
+    return fit(bank, objective, config, run_dir, resume, progress, desc or f"train {task}", on_step=on_step,
+               on_eval=on_eval)[task]
+
+
+def fit_only(bank: MultiTaskModel, task: str, fit: Callable[..., None], train_examples: Sequence[Example],
+              validation_examples: Sequence[Example], config: TrainConfig, run_dir: Path | None,
+              metric: str) -> TrainResult:
+    """A method without parameters: ``fit`` it, score the validation split once (step 0), as train() records it."""
+    start = time.perf_counter()
+    fit(bank, task, train_examples)
+    history: list[dict[str, Any]] = []
+    if validation_examples:
+        scores = evaluate(bank, task, validation_examples, config.max_length, config.eval_batch_size,
+                          config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
+        if metric not in scores:
+            raise ConfigError(f"metric '{metric}' is not computed for {bank.tasks[task].kind}; choose one of: {', '.join(scores)}")
+        history.append({"step": 0, "epoch": 0, "split": "validation", **scores, "lr": 0.0,
+                        "elapsed": round(time.perf_counter() - start, 2)})
+    if run_dir is not None:
+        _rewrite_metrics(run_dir, history)
+    best = history[-1][metric] if history else None
+    return TrainResult(0, 0 if history else None, best, metric, False, time.perf_counter() - start, history)
+
+
+def _rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl holds exactly the evaluations of the state we continue from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+# ---- the whole job ----------------------------------------------------------------------------------
+def run(config: RunConfig, resume: bool = False, progress: bool = True,
+        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Data -> base -> task -> train -> test -> adapter; returns the summary written to RUN/result.json.
+
+    The run folder is locked for the whole job (:func:`multitune.storage.output_lock`): a second run into
+    it is refused before it changes anything.
+    """
+    out = Path(config.output)
+    with output_lock(out, "multitune train"):
+        return _run(config, out, resume, progress, on_step)
+
+
+RUN_MARK = "# multitune train run folder: the settings of this run (--config reads them back)\n"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``multitune train`` (what --resume may continue).
+
+    Marked by the first line of its config.yaml (from the start of the run) and result.json's
+    ``command``; folders of older versions by their checkpoint or by result.json's train-only keys.
+    """
+    if (folder / "compare.json").exists() or (folder / "adapter.json").exists():
+        return False
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        result = None
+    if isinstance(result, dict):
+        return result.get("command", "train") == "train" and "stored_parameters" in result
+    try:
+        if (folder / "config.yaml").read_text().startswith(RUN_MARK):
+            return True
+        meta = json.loads((folder / CHECKPOINT / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ({"state", "keys", "config"} <= set(meta) or {"loop", "keys", "config"} <= set(meta))
+
+
+def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
+         on_step: Callable[[int], None] | None) -> dict[str, Any]:
+    used = out.is_dir() and any(out.iterdir())
+    if used and not is_run_folder(out):  # never write a run into a comparison, a bank or someone's files
+        from multitune.storage import describe_folder
+
+        what = f"--resume continues a run of 'multitune train', but {out}" if resume else f"{out} already exists and"
+        raise ConfigError(f"{what} is {describe_folder(out)}; choose another --output")
+    if used and not resume:
+        raise ConfigError(f"run folder {out} already exists; pass --resume to continue it, or choose another --output")
+    if resume and (out / "result.json").exists():  # finished: its result, and no checkpoint left behind
+        if not config.train.keep_checkpoint:
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        return json.loads((out / "result.json").read_text())
+    splits = config.data.splits(config.kind)
+    device = None if config.train.device == "auto" else config.train.device
+    base = load_base(config.model, device=device)
+    torch.manual_seed(config.train.seed)
+    bank = MultiTaskModel(base)
+    bank.add_task(config.task, config.kind, config.method, config.method_config(), splits.labels)  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(RUN_MARK + to_yaml(config))
+    trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
+    result = train(bank, config.task, splits.train, splits.validation, config.train, out, resume, progress, on_step)
+    test = evaluate(bank, config.task, splits.test, config.train.max_length, config.train.eval_batch_size,
+                    config.train.max_new_tokens)
+    stored = sum(p.numel() for p in bank.task_parameters(config.task).values())  # after folding
+    summary = {
+        "command": "train", "task": config.task, "method": config.method, "model": config.model,
+        "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "trainable_parameters": trainable, "stored_parameters": stored, "steps": result.steps, "best_step": result.best_step,
+        "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2),
+        "validation": {result.metric: result.best_metric}, "test": test,
+    }
+    save_adapter(bank, config.task, out / "adapter", extra={"metrics": {"test": test}})
+    write_json_atomic(out / "result.json", summary)
+    if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    return summary

@@ -1,0 +1,273 @@
+"""The compare report: table formatting, missing fields, escaping, plots, and the HTML in a real browser."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from multitune.compare.report import write_report
+from multitune.compare.table import describe_params, human_bytes
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+META = {"model": "minilm", "data": "/path/data.csv", "task": "demo", "kind": "classification",
+        "examples": {"train": 640, "validation": 80, "test": 80}, "trials": 4, "device": "cpu",
+        "command": "multitune compare --data /path/data.csv --methods lora,full,prompting",
+        "wall_seconds": 312.4, "metric": "accuracy", "higher_is_better": True, "started": "2026-11-24 16:40 UTC"}
+
+LORA = {"method": "lora", "task": "demo-lora", "kind": "classification", "metric": "accuracy",
+        "higher_is_better": True, "best_params": {"learning_rate": 0.002, "lora.rank": 8, "epochs": 2},
+        "trials": {"complete": 3, "pruned": 1, "failed": 0}, "search_seconds": 40.2,
+        "trainable_parameters": 74498, "trainable_percent": 0.33,
+        "stored_bytes": 301234, "base_bytes": 90264584, "storage_100_tasks_bytes": 120387984,
+        "peak_memory_bytes": 812000000, "memory_kind": "rss", "train_seconds": 12.3, "steps": 80,
+        "latency_ms": 8.1, "throughput_per_s": 250.0, "validation": {"accuracy": 0.9},
+        "test": {"accuracy": 0.91, "macro_f1": 0.9, "loss": 0.3}, "test_ci": {"accuracy": [0.88, 0.93]},
+        "test_examples": 160, "adapter": "bank/demo-lora"}
+FULL = {**LORA, "method": "full", "task": "demo-full", "best_params": {"learning_rate": 5e-05, "epochs": 3},
+        "trainable_parameters": 22713218, "trainable_percent": 100.0, "stored_bytes": 90264584, "base_bytes": 0,
+        "storage_100_tasks_bytes": 9026458400, "peak_memory_bytes": 1450000000, "train_seconds": 140.0,
+        "steps": 120, "latency_ms": 8.0, "validation": {"accuracy": 0.93},
+        "test": {"accuracy": 0.92, "macro_f1": 0.91, "loss": 0.25}, "test_ci": {"accuracy": [0.89, 0.95]}}
+PROMPTING = {**LORA, "method": "prompting", "task": "demo-prompting",
+             "best_params": {"prompting.shots": 4, "prompting.selection": "similar"},
+             "trainable_parameters": 0, "trainable_percent": 0.0, "stored_bytes": 812,
+             "storage_100_tasks_bytes": 90264584 + 81200, "peak_memory_bytes": 400000000, "train_seconds": 0.0,
+             "steps": 0, "latency_ms": 30.5, "throughput_per_s": 40.0, "validation": {"accuracy": 0.6},
+             "test": {"accuracy": 0.61}, "test_ci": {"accuracy": [0.55, 0.68]},
+             "trials": {"complete": 4, "pruned": 0, "failed": 0}}
+
+
+def results() -> list[dict]:
+    return copy.deepcopy([LORA, FULL, PROMPTING])
+
+
+def md_rows(md: str) -> list[list[str]]:
+    """The body rows of the first Markdown table, as lists of cells."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Method"))
+    body = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return body
+
+
+@pytest.fixture
+def report(tmp_path):
+    paths = write_report(tmp_path / "out", results(), META)
+    return paths, paths["md"].read_text(), paths["html"].read_text()
+
+
+def test_files_exist_and_are_returned(report, tmp_path):
+    paths, _, html = report
+    assert set(paths) == {"md", "html", "quality_vs_parameters", "quality_vs_time", "memory"}
+    out = tmp_path / "out"
+    assert paths["md"] == out / "report.md" and paths["html"] == out / "report.html"
+    for name in ("quality_vs_parameters", "quality_vs_time", "memory"):
+        assert paths[name] == out / "plots" / f"{name}.png"
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    assert html.count('<img class="plot"') == 3
+
+
+def test_markdown_table_has_a_row_per_method_with_formatted_numbers(report):
+    _, md, _ = report
+    rows = md_rows(md)
+    assert [r[0] for r in rows] == ["lora", "full", "prompting"]
+    lora, full, prompting = rows
+    assert lora[1] == "lr 2e-3, rank 8, 2 epochs"
+    assert lora[2] == "74,498 (0.33%)"
+    assert lora[3] == "301 kB"
+    assert lora[4] == "120 MB"
+    assert lora[5] == "812 MB (rss)"
+    assert lora[6] == "12.3 s (80 steps)"
+    assert lora[7] == "8.1 ms (250/s)"
+    assert lora[8] == "0.910 [0.880, 0.930]"
+    assert lora[9] == "0.900"
+    assert lora[10] == "3 / 1"
+    assert full[4] == "9.0 GB (100 models)"
+    assert full[8] == "**0.920 [0.890, 0.950]**", "the best test metric is bold"
+    assert prompting[2] == "0 (no training)" and prompting[6] == "no training"
+    assert sum("**" in cell for row in rows for cell in row) == 1
+    for path in ("plots/quality_vs_parameters.png", "plots/quality_vs_time.png", "plots/memory.png"):
+        assert f"]({path})" in md
+
+
+def test_reading_the_table_is_computed_from_the_data(report):
+    _, md, _ = report
+    reading = md.split("## Reading the table", 1)[1].split("## Plots", 1)[0]
+    assert "Best test accuracy (higher is better): full fine-tuning, 0.920 [0.890, 0.950] on 160" in reading
+    assert "lora 0.910 with 0.33% of the parameters" in reading
+    assert "prompting 0.610 with no training" in reading
+    assert ("For 100 tasks full fine-tuning stores 9.0 GB (100 whole models) against 90 MB for prompting, "
+            "120 MB for lora.") in reading
+    assert "overlap" in reading  # [0.89, 0.95] and [0.88, 0.93]
+    # Changing the data changes the facts: nothing is canned.
+    changed = results()
+    changed[0]["test"]["accuracy"] = 0.97
+    changed[0]["test_ci"]["accuracy"] = [0.96, 0.98]
+    md2 = write_report(Path(report[0]["md"]).parent / "again", changed, META)["md"].read_text()
+    assert "Best test accuracy (higher is better): lora, 0.970 [0.960, 0.980]" in md2
+    assert "do not overlap" in md2
+
+
+def test_helpers():
+    assert human_bytes(301234) == "301 kB"
+    assert human_bytes(9026458400) == "9.0 GB"
+    assert human_bytes(999) == "999 B"
+    assert human_bytes(999_600) == "1.0 MB"
+    assert human_bytes(None) == "n/a" and human_bytes(float("nan")) == "n/a"
+    assert describe_params({"learning_rate": 0.00025, "prefix.num_virtual_tokens": 10, "epochs": 1}) == \
+        "lr 2.5e-4, tokens 10, 1 epoch"
+    assert describe_params(None) == "n/a"
+
+
+def test_missing_fields_render_na(tmp_path):
+    sparse = {"method": "ia3", "test": {"accuracy": None}, "test_ci": None, "trials": None,
+              "peak_memory_bytes": float("nan")}
+    paths = write_report(tmp_path, [*results(), sparse, {"method": "adapter"}], {})
+    rows = md_rows(paths["md"].read_text())
+    assert [r[0] for r in rows] == ["lora", "full", "prompting", "ia3", "adapter"]
+    for row in rows[3:]:
+        assert row[1:] == ["n/a"] * 10
+    html = paths["html"].read_text()
+    assert len(re.findall(r'<td class="\w+">n/a</td>', html)) == 20, "10 cells of each sparse row"
+    assert "<dt>Model</dt><dd>n/a</dd>" in html
+
+
+def test_no_results_and_nothing_plottable_still_writes_everything(tmp_path):
+    paths = write_report(tmp_path, [{"method": "lora"}], {"metric": "accuracy"})
+    for path in paths.values():
+        assert path.stat().st_size > 100
+    paths = write_report(tmp_path / "empty", [], {})
+    assert "No numbers to compare." in paths["md"].read_text()
+
+
+def test_zero_parameter_prompting_alone_is_plotted(tmp_path):
+    from PIL import Image
+
+    paths = write_report(tmp_path, [copy.deepcopy(PROMPTING)], META)
+    with Image.open(paths["quality_vs_parameters"]) as image:
+        assert image.width > 500 and len(image.convert("RGB").getcolors(1 << 20)) > 20
+
+
+def test_html_is_self_contained(report):
+    _, _, html = report
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
+    assert len(re.findall(r'<img class="plot" [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 3
+    assert re.search(r'<table id="comparison">', html)
+    for text in ("minilm", "/path/data.csv", "640 train, 80 validation, 80 test", "cpu", "5.2 min",
+                 "multitune compare --data /path/data.csv"):
+        assert text in html
+
+
+def test_user_strings_are_escaped(tmp_path):
+    evil = "<script>alert(1)</script>"
+    bad = results()
+    bad[0]["method"] = f"lora{evil}"
+    bad[1]["best_params"] = {"note": evil}
+    meta = {**META, "data": f"/tmp/{evil}.csv", "command": f"multitune compare {evil}", "model": '"><b>x</b>'}
+    paths = write_report(tmp_path, bad, meta)
+    html, md = paths["html"].read_text(), paths["md"].read_text()
+    assert "<script" not in html and "<b>x</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in md.split("```")[0] + md.split("```")[-1]
+    assert md_rows(md)[0][0] == "lora&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def test_lower_is_better_bolds_the_lowest(tmp_path):
+    generation = results()
+    for result, loss in zip(generation, (2.5, 1.9, 3.0), strict=True):
+        result.update(kind="generation", metric="loss", higher_is_better=False, test={"loss": loss, "rouge_l": 0.3},
+                      test_ci={"rouge_l": [0.2, 0.4]}, validation={"loss": loss + 0.1})
+    meta = {**META, "kind": "generation", "metric": "loss", "higher_is_better": False}
+    paths = write_report(tmp_path, generation, meta)
+    rows = md_rows(paths["md"].read_text())
+    assert [r[8] for r in rows] == ["2.500", "**1.900**", "3.000"]
+    html = paths["html"].read_text()
+    assert "<strong>1.900</strong>" in html and html.count("<strong>") == 1
+    assert "lower is better" in paths["md"].read_text()
+
+
+def test_rewriting_replaces_the_report(tmp_path):
+    write_report(tmp_path, results(), META)
+    paths = write_report(tmp_path, results()[:1], META)
+    assert [r[0] for r in md_rows(paths["md"].read_text())] == ["lora"]
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+# ---- the HTML in a real browser --------------------------------------------------------------------------
+def distinct_colours(png: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        colours = image.convert("RGB").getcolors(1 << 24)
+    return len(colours or [])
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt install chromium)")
+@pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                    reason="needs the playwright package (pip install -e .[dev])")
+def test_html_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    many = [*results(), {**copy.deepcopy(LORA), "method": "adapter", "trainable_parameters": 300000,
+                         "trainable_percent": 1.3, "train_seconds": 30.0, "test": {"accuracy": 0.9}}]
+    paths = write_report(tmp_path / "out", many, META)
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(paths["html"].resolve().as_uri(), wait_until="load")
+            table = page.locator("table#comparison")
+            assert table.is_visible()
+            assert table.locator("tbody tr").count() == len(many)
+            assert table.locator("tbody tr th").all_inner_texts() == ["lora", "full", "prompting", "adapter"]
+            plots = page.locator("img.plot")
+            assert plots.count() == 3
+            for i in range(3):
+                plot = plots.nth(i)
+                assert plot.is_visible()
+                assert plot.evaluate("img => img.complete && img.naturalWidth") > 100
+                box = plot.bounding_box()
+                assert box is not None and box["width"] > 100 and box["height"] > 100
+                shot = plot.screenshot()
+                assert distinct_colours(shot) > 20, f"plot {i} looks blank"
+            # The table fits the page: no horizontal scrolling at 1280 px.
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+            full = tmp_path / "report.png"
+            page.screenshot(path=str(full), full_page=True)
+        finally:
+            browser.close()
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+    with Image.open(full) as image:
+        assert image.format == "PNG"
+        assert image.width >= 1280 and image.height > 900
+    assert distinct_colours(full.read_bytes()) > 200
+
+
+def test_plots_leave_matplotlib_global_state_alone(tmp_path):
+    import sys
+
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    figures = sys.modules["matplotlib.pyplot"].get_fignums() if "matplotlib.pyplot" in sys.modules else None
+    write_report(tmp_path, results(), META)
+    assert matplotlib.get_backend() == backend
+    if figures is not None:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == figures
