@@ -19,14 +19,19 @@ from multitune.storage import load_adapter, save_adapter
 from multitune.training.evaluate import evaluate, predict_proba
 from multitune.training.train import train
 
-# A learning rate per method for the toy task (soft prompts and prefixes want larger steps).
-TRAINABLE = {"base": 5e-2, "lora": 1e-2, "prompt": 5e-2, "prefix": 1e-2, "adapter": 1e-2, "ia3": 5e-2, "full": 1e-3}
+# Every registered method with something to train, on every family. The toy task's learning rate: the
+# method's default times ten (the tiny models learn in 30 steps), but for those whose default suits them.
+TRAINABLE = sorted(name for name, method in METHODS.items() if method.fit is None)
+LEARNING_RATES = {"base": 5e-2, "lora": 1e-2, "prompt": 5e-2, "prefix": 1e-2, "ia3": 5e-2, "full": 1e-3}
 MATRIX = [(m, f) for m in TRAINABLE for f in FAMILIES]
 
 
+def _learning_rate(method: str) -> float:
+    return LEARNING_RATES.get(method, 10 * METHODS[method].default_learning_rate)
+
+
 def test_the_matrix_covers_every_registered_trainable_method() -> None:
-    untrained = {name for name, method in METHODS.items() if getattr(method, "fit", None) is not None}
-    assert set(TRAINABLE) == set(METHODS) - untrained
+    assert {"base", "lora", "prompt", "prefix", "adapter", "ia3", "full"} <= set(TRAINABLE)
 
 
 @pytest.mark.parametrize(("method", "family"), MATRIX)
@@ -56,7 +61,7 @@ def test_method_on_family(method: str, family: str, tmp_path) -> None:
 
     # 30 steps lower the loss
     before = evaluate(bank, "t", data)["loss"]
-    cfg = TrainConfig(max_steps=30, epochs=100, batch_size=8, learning_rate=TRAINABLE[method], warmup_ratio=0.0,
+    cfg = TrainConfig(max_steps=30, epochs=100, batch_size=8, learning_rate=_learning_rate(method), warmup_ratio=0.0,
                       patience=1000, eval_every=1000)
     result = train(bank, "t", data, data[:8], cfg, progress=False)
     assert result.steps == 30

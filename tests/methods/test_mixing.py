@@ -15,6 +15,7 @@ import torch
 from helpers import FAMILIES, perturb, tiny_base, toy_generation, toy_sentiment
 
 from multitune.bank import MultiTaskModel
+from multitune.methods import METHODS as REGISTRY
 from multitune.methods import get_method
 from multitune.methods.adapter import AdapterConfig
 from multitune.methods.ia3 import IA3Config
@@ -28,7 +29,8 @@ TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy a
 
 
 def variants(method: str) -> list[Any]:
-    """Two settings of each method (different ranks, lengths, placements, targets)."""
+    """Two settings of each method (different ranks, lengths, placements, targets); a method registered
+    without known variants mixes with its defaults twice."""
     return {
         "base": [None, None],
         "lora": [LoRAConfig(rank=2), LoRAConfig(rank=4, target_modules=["all-linear"], rslora=True)],
@@ -38,10 +40,11 @@ def variants(method: str) -> list[Any]:
                     AdapterConfig(reduction_factor=4, placement="pfeiffer", activation="gelu", train_layer_norms=True)],
         "ia3": [IA3Config(), IA3Config(target_modules=["all-linear"], feedforward_modules=[])],
         "prompting": [PromptingConfig(), PromptingConfig(shots=2)],
-    }[method]
+    }.get(method, [None, None])
 
 
-METHODS = ["base", "lora", "prompt", "prefix", "adapter", "ia3", "prompting"]
+# every registered method that shares the base (full fine-tuning owns a copy of it: a bank of its own)
+METHODS = sorted(name for name, method in REGISTRY.items() if not method.changes_base)
 
 
 def _add(bank: MultiTaskModel, name: str, method: str, config: Any, kind: str, labels: list[str] | None) -> None:

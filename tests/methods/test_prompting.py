@@ -19,7 +19,7 @@ from multitune.config import TrainConfig
 from multitune.data import Example
 from multitune.encode import collate, encode_task
 from multitune.errors import ConfigError
-from multitune.methods import prompting
+from multitune.methods import label_scores, prompting
 from multitune.methods.lora import LoRAConfig
 from multitune.methods.prompting import PromptingConfig, render
 from multitune.storage import load_adapter, save_adapter
@@ -143,7 +143,7 @@ def _brute_force(bank: MultiTaskModel, prompt: str, words: list[str]) -> torch.T
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
 @pytest.mark.parametrize(("words", "max_rows"), [(MULTI, 256), (MULTI, 2), (SINGLE, 256)])
 def test_verbaliser_scores_equal_brute_force(family: str, words: dict[str, str], max_rows: int, monkeypatch) -> None:
-    monkeypatch.setattr(prompting, "MAX_ROWS", max_rows)  # 2: one label per continuation forward
+    monkeypatch.setattr(label_scores, "MAX_ROWS", max_rows)  # 2: one label per continuation forward
     config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=words, shots=1)
     bank = _bank(family, config, pool=toy_sentiment(6, seed=2))
     batch = _batch(bank, "p", QUERIES)

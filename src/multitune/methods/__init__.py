@@ -90,13 +90,16 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+HELPERS = ("wrap", "stack", "label_scores")  # modules of this package that are not methods
+
+
 def _import_all() -> None:
     """Import every method module of this package: each registers itself."""
     import importlib
     import pkgutil
 
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name not in ("wrap", "stack") and not info.name.startswith("_"):
+        if info.name not in HELPERS and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

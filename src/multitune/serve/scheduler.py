@@ -29,7 +29,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -52,6 +51,7 @@ from multitune.serve.decode import (
     first_stop,
 )
 from multitune.serve.engine import Classification
+from multitune.serve.names import TaskNames
 
 log = logging.getLogger("multitune.serve.scheduler")
 T = TypeVar("T")
@@ -114,10 +114,7 @@ class Scheduler:
         self._admin: collections.deque[_Admin] = collections.deque()
         self._decoders: dict[int, DecodeBatch] = {}
         self._static: list[Handle] = []  # seq2seq rows, served in static batches
-        self._names: dict[str, str] = {name: name for name in engine.tasks}  # public -> internal
-        self._versions: dict[str, int] = dict.fromkeys(engine.tasks, 1)
-        self._retired: set[str] = set()  # internal names of replaced versions, removed once unused
-        self._counter = itertools.count(2)
+        self.names = TaskNames(engine, self._lock)  # public name -> the version it runs on (atomic reload)
         self._thread: threading.Thread | None = None
         self._running = False
         self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
@@ -154,21 +151,7 @@ class Scheduler:
     # ---- tasks --------------------------------------------------------------------------------------
     def tasks(self) -> dict[str, dict[str, Any]]:
         with self._lock:
-            specs = self.engine.tasks
-            return {name: {"kind": specs[internal].kind, "method": specs[internal].method,
-                           "labels": list(specs[internal].labels or []), "version": self._versions[name]}
-                    for name, internal in self._names.items()}
-
-    def _resolve(self, task: str, kind: str) -> str:
-        internal = self._names.get(task) if isinstance(task, str) else None
-        if internal is None:
-            served = ", ".join(sorted(self._names)) or "none"
-            raise RequestError(404, f"unknown task '{task}'; served tasks: {served}")
-        actual = self.engine.tasks[internal].kind
-        if actual != kind:
-            verb = "/v1/classify" if actual == "classification" else "/v1/completions"
-            raise RequestError(400, f"task '{task}' is a {actual} task; use {verb}")
-        return internal
+            return self.names.cards()
 
     # ---- classification -----------------------------------------------------------------------------
     async def classify(self, task: str, texts: list[str]) -> list[Classification]:
@@ -179,7 +162,7 @@ class Scheduler:
             check_text(text, f"input.{i}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
-            internal = self._resolve(task, "classification")
+            internal = self.names.resolve(task, "classification")
             self._check_room()
             self._classify.append(_Classify([internal] * len(texts), list(texts), future, time.monotonic()))
             self._wake.notify()
@@ -220,7 +203,7 @@ class Scheduler:
         except RuntimeError:
             loop = None
         with self._lock:
-            internal = self._resolve(task, "generation")
+            internal = self.names.resolve(task, "generation")
             self._check_room()
             bank = self.engine.bank_of(internal)
         ids = self._prompt_ids(bank, internal, prompt)
@@ -268,54 +251,25 @@ class Scheduler:
 
     async def load(self, name: str, folder: str) -> dict[str, Any]:
         def op() -> dict[str, Any]:
-            if name in self._names:
-                raise RequestError(409, f"task '{name}' is already served; use reload to replace it")
-            self._load_as(name, name, folder)
-            self._versions[name] = 1
+            self.names.load(name, folder)
             return self.tasks()[name]
 
         return await self._admin_call(op)
 
     async def unload(self, name: str) -> None:
         def op() -> None:
-            if name not in self._names:
-                raise RequestError(404, f"unknown task '{name}'; served tasks: {', '.join(sorted(self._names))}")
-            with self._lock:
-                internal = self._names.pop(name)
-                self._versions.pop(name, None)
-            self._retired.add(internal)  # removed once no admitted row uses it
-            self._collect_retired()
+            self.names.unload(name)
+            self._collect_retired()  # now, or once no admitted row uses it
 
         return await self._admin_call(op)
 
     async def reload(self, name: str, folder: str | None = None) -> dict[str, Any]:
         def op() -> dict[str, Any]:
-            if name not in self._names:
-                raise RequestError(404, f"unknown task '{name}'; load it first")
-            source = folder or self.engine.sources.get(self._names[name])
-            if source is None:
-                raise RequestError(400, f"task '{name}' was not loaded from a folder; give path")
-            old = self._names[name]
-            internal = f"{name[:56]}--v{next(self._counter)}"  # a valid task name of its own
-            self._load_as(name, internal, source)
-            self._versions[name] = self._versions.get(name, 1) + 1
-            self._retired.add(old)
+            self.names.reload(name, folder)
             self._collect_retired()
             return self.tasks()[name]
 
         return await self._admin_call(op)
-
-    def _load_as(self, name: str, internal: str, folder: str) -> None:
-        try:
-            self.engine.load(folder, internal)
-        except MultituneError as error:
-            raise RequestError(400, str(error)) from error
-        except Exception as error:  # noqa: BLE001  (its text may quote the file: only the log gets it)
-            log.exception("loading %s failed", folder)
-            raise RequestError(500, f"loading {folder} failed ({type(error).__name__}); the server's log has the "
-                                    "details") from error
-        with self._lock:
-            self._names[name] = internal
 
     def _in_use(self) -> set[str]:
         used = {h.internal for h in self._waiting} | {h.internal for h in self._static}
@@ -327,9 +281,7 @@ class Scheduler:
     def _collect_retired(self) -> None:
         with self._lock:
             used = self._in_use()
-        for internal in sorted(self._retired - used):
-            self.engine.remove(internal)
-            self._retired.discard(internal)
+        self.names.collect(used)
 
     # ---- the worker ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -355,7 +307,7 @@ class Scheduler:
                 if not self._turn():
                     with self._wake:
                         self._wake.wait(timeout=self.max_wait / 4)
-                if self._retired:
+                if self.names.retired:
                     self._collect_retired()
             except Exception as error:  # noqa: BLE001  (a fault of the scheduler itself: never stop serving)
                 log.exception("the scheduler's turn failed; answering every request it held with a 500")
