@@ -21,8 +21,15 @@ from multitune.methods import METHODS
 from multitune.training.train import run
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
-LEARNING_RATES = {"full": 5e-5, "lora": 2e-3, "prefix": 1e-2, "adapter": 2e-3, "ia3": 1e-2, "prompt": 1e-2,
-                  "prompting": 0.0}
+LEARNING_RATES = {
+    "full": 5e-5,
+    "lora": 2e-3,
+    "prefix": 1e-2,
+    "adapter": 2e-3,
+    "ia3": 1e-2,
+    "prompt": 1e-2,
+    "prompting": 0.0,
+}
 
 
 def sst2_config(method: str, out: Path, epochs: int, learning_rate: float | None) -> RunConfig:
@@ -62,15 +69,27 @@ def main() -> None:
         config = sst2_config(method, Path(args.out) / method, args.epochs, LEARNING_RATES.get(method) or None)
         config.data.max_examples = args.train
         rows[method] = summary = timed_run(config)
-        print(json.dumps({"method": method, "dev": summary["validation"], "test": summary["test"],
-                          "trainable": summary["trainable_parameters"], "train_s": summary["train_seconds"],
-                          "wall_s": summary["wall_seconds"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "method": method,
+                    "dev": summary["validation"],
+                    "test": summary["test"],
+                    "trainable": summary["trainable_parameters"],
+                    "train_s": summary["train_seconds"],
+                    "wall_s": summary["wall_seconds"],
+                }
+            ),
+            flush=True,
+        )
     print(f"\nMiniLM on SST-2: {args.train} training sentences, {args.epochs} epochs, batch 32, 64 tokens\n")
     print("| method | trainable params | train s | dev acc | test acc | test macro-F1 |")
     print("|---|---|---|---|---|---|")
     for method, s in rows.items():
-        print(f"| {method} | {s['trainable_parameters']:,} | {s['train_seconds']:.0f} | "
-              f"{s['validation']['accuracy']:.4f} | {s['test']['accuracy']:.4f} | {s['test']['macro_f1']:.4f} |")
+        print(
+            f"| {method} | {s['trainable_parameters']:,} | {s['train_seconds']:.0f} | "
+            f"{s['validation']['accuracy']:.4f} | {s['test']['accuracy']:.4f} | {s['test']['macro_f1']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

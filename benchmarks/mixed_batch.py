@@ -108,14 +108,19 @@ def run_rounds(variants: dict[str, Callable[[], Any]], rounds: int, device: torc
         variants[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(timed(variants[name], device))
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names), file=sys.stderr)
+        print(
+            f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
+            file=sys.stderr,
+        )
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def mixed_forward(bank: Any, ids: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor) -> Callable[[], Any]:
+def mixed_forward(
+    bank: Any, ids: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor
+) -> Callable[[], Any]:
     def run() -> Any:
         rows = task_ids.clone()  # a new batch's routing: nothing cached for the previous one applies
         with torch.no_grad(), bank.routed(rows):
@@ -125,8 +130,14 @@ def mixed_forward(bank: Any, ids: torch.Tensor, mask: torch.Tensor, task_ids: to
     return run
 
 
-def peft_variant(bank: Any, base_copies: Callable[[], Any], ids: torch.Tensor, mask: torch.Tensor,
-                 task_ids: torch.Tensor, folder: Path) -> Callable[[], Any]:
+def peft_variant(
+    bank: Any,
+    base_copies: Callable[[], Any],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    task_ids: torch.Tensor,
+    folder: Path,
+) -> Callable[[], Any]:
     """peft's best serving of the bank's tasks: one mixed LoRA forward, one forward per other task."""
     import peft
 
@@ -143,8 +154,9 @@ def peft_variant(bank: Any, base_copies: Callable[[], Any], ids: torch.Tensor, m
 
     def one_peft_model(tasks: list[str]) -> Any:
         """One PeftModel on a fresh base copy holding every task of ``tasks`` as a named adapter."""
-        model = peft.PeftModel.from_pretrained(base_copies(), str(export_peft(bank, tasks[0], folder / tasks[0])),
-                                               adapter_name=tasks[0])
+        model = peft.PeftModel.from_pretrained(
+            base_copies(), str(export_peft(bank, tasks[0], folder / tasks[0])), adapter_name=tasks[0]
+        )
         for task in tasks[1:]:
             model.load_adapter(str(export_peft(bank, task, folder / task)), adapter_name=task)
         return model.eval()
@@ -154,7 +166,9 @@ def peft_variant(bank: Any, base_copies: Callable[[], Any], ids: torch.Tensor, m
         model = one_peft_model(lora)
         rows = torch.cat([rows_of[t] for t in lora])
         names = [t for t in lora for _ in range(len(rows_of[t]))]
-        calls.append(lambda m=model, r=rows, n=names: m(input_ids=ids[r], attention_mask=mask[r], adapter_names=n))
+        calls.append(
+            lambda m=model, r=rows, n=names: m(input_ids=ids[r], attention_mask=mask[r], adapter_names=n)
+        )
 
     ia3 = by_method.get("ia3", [])
     if ia3:
@@ -192,13 +206,19 @@ def peft_variant(bank: Any, base_copies: Callable[[], Any], ids: torch.Tensor, m
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=16, help="tasks in the mixed bank (round-robin over 7 kinds)")
+    parser.add_argument(
+        "--tasks", type=int, default=16, help="tasks in the mixed bank (round-robin over 7 kinds)"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="text tokens per row")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--scale", type=int, default=256, help="tasks in the large bank of the scaling test (0: skip)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row (0: skip generation)")
+    parser.add_argument(
+        "--scale", type=int, default=256, help="tasks in the large bank of the scaling test (0: skip)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, help="generated tokens per row (0: skip generation)"
+    )
     parser.add_argument("--skip-peft", action="store_true")
     args = parser.parse_args(argv)
 
@@ -230,20 +250,36 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory()
     if not args.skip_peft:
         variants["peft grouped"] = peft_variant(
-            bank, lambda: load_base(MODEL, device=device, dtype=dtype).model, ids, mask, task_ids, Path(tmp.name))
+            bank,
+            lambda: load_base(MODEL, device=device, dtype=dtype).model,
+            ids,
+            mask,
+            task_ids,
+            Path(tmp.name),
+        )
     if args.scale:
         small_names = [SCALE_KINDS[i % 4] for i in range(4)]
         large_names = [SCALE_KINDS[i % 4] for i in range(args.scale)]
         small = build_bank(load_base(MODEL, device=device, dtype=dtype), small_names, seed=2)
         large = build_bank(load_base(MODEL, device=device, dtype=dtype), large_names, seed=3)
         per_kind = args.scale // 4
-        spread = torch.tensor([4 * ((i // 4) * per_kind // max(1, args.batch // 4) % per_kind) + i % 4
-                               for i in range(args.batch)], device=device)
-        variants["scale: 4 tasks"] = mixed_forward(small, ids, mask, torch.arange(args.batch, device=device) % 4)
+        spread = torch.tensor(
+            [
+                4 * ((i // 4) * per_kind // max(1, args.batch // 4) % per_kind) + i % 4
+                for i in range(args.batch)
+            ],
+            device=device,
+        )
+        variants["scale: 4 tasks"] = mixed_forward(
+            small, ids, mask, torch.arange(args.batch, device=device) % 4
+        )
         variants[f"scale: {args.scale} tasks"] = mixed_forward(large, ids, mask, spread)
 
-    print(f"forward: {MODEL}, batch {args.batch} x {args.tokens} tokens, {args.tasks} tasks, "
-          f"prompt width {width}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
+    print(
+        f"forward: {MODEL}, batch {args.batch} x {args.tokens} tokens, {args.tasks} tasks, "
+        f"prompt width {width}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}",
+        file=sys.stderr,
+    )
     seconds = run_rounds(variants, args.rounds, device)
 
     gen_seconds: dict[str, float] = {}
@@ -252,11 +288,15 @@ def main(argv: list[str] | None = None) -> None:
         prompt_ids = torch.full((args.batch, args.tokens), base.tokenizer.pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros_like(prompt_ids)
         for i, n in enumerate(lengths.tolist()):  # left padding
-            prompt_ids[i, args.tokens - n:] = torch.randint(100, vocab - 1, (n,), generator=gen)
-            prompt_mask[i, args.tokens - n:] = 1
+            prompt_ids[i, args.tokens - n :] = torch.randint(100, vocab - 1, (n,), generator=gen)
+            prompt_mask[i, args.tokens - n :] = 1
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        opts = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
-                "pad_token_id": base.tokenizer.pad_token_id}
+        opts = {
+            "max_new_tokens": args.new_tokens,
+            "min_new_tokens": args.new_tokens,
+            "do_sample": False,
+            "pad_token_id": base.tokenizer.pad_token_id,
+        }
 
         def bank_generate() -> Any:
             out = bank.generate(prompt_ids, prompt_mask, task_ids.clone(), **opts)
@@ -270,22 +310,37 @@ def main(argv: list[str] | None = None) -> None:
             return out
 
         # The base on the positions the bank runs: W more (masked) positions before every prompt, as (b).
-        wide_ids = torch.cat([torch.full((args.batch, width), base.tokenizer.pad_token_id, dtype=torch.long,
-                                         device=device), prompt_ids], dim=1)
-        wide_mask = torch.cat([torch.zeros((args.batch, width), dtype=torch.long, device=device), prompt_mask], dim=1)
+        wide_ids = torch.cat(
+            [
+                torch.full((args.batch, width), base.tokenizer.pad_token_id, dtype=torch.long, device=device),
+                prompt_ids,
+            ],
+            dim=1,
+        )
+        wide_mask = torch.cat(
+            [torch.zeros((args.batch, width), dtype=torch.long, device=device), prompt_mask], dim=1
+        )
 
         def base_generate_wide() -> Any:
             with torch.no_grad():
                 return plain.model.generate(input_ids=wide_ids, attention_mask=wide_mask, **opts)
 
         print(f"generation: {args.batch} prompts, {args.new_tokens} new tokens", file=sys.stderr)
-        gen_seconds = run_rounds({"multitune generate": bank_generate, "base generate": base_generate,
-                                  f"base generate (+{width} pos)": base_generate_wide},
-                                 max(3, args.rounds // 2), device)
+        gen_seconds = run_rounds(
+            {
+                "multitune generate": bank_generate,
+                "base generate": base_generate,
+                f"base generate (+{width} pos)": base_generate_wide,
+            },
+            max(3, args.rounds // 2),
+            device,
+        )
     tmp.cleanup()
 
     rate = {n: tokens / s for n, s in seconds.items()}
-    print(f"\n{MODEL}, batch {args.batch} x {args.tokens}, {args.tasks} tasks, {device}, median of {args.rounds}")
+    print(
+        f"\n{MODEL}, batch {args.batch} x {args.tokens}, {args.tasks} tasks, {device}, median of {args.rounds}"
+    )
     print(f"{'variant':<28}{'seconds':>10}{'tokens/s':>12}")
     for name, s in seconds.items():
         print(f"{name:<28}{s:>10.3f}{rate[name]:>12.0f}")
@@ -295,12 +350,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'target':<44}{'ratio':>8}{'goal':>8}  met")
     checks = [("(a) multitune / (b) base", rate["multitune mixed"] / rate["base (plain copy)"], 0.85)]
     if "peft grouped" in rate:
-        checks.append(("(a) multitune / (c) peft (lower bound)", rate["multitune mixed"] / rate["peft grouped"], 1.5))
+        checks.append(
+            ("(a) multitune / (c) peft (lower bound)", rate["multitune mixed"] / rate["peft grouped"], 1.5)
+        )
     if args.scale:
-        checks.append((f"(a) {args.scale} tasks / (a) 4 tasks",
-                       rate[f"scale: {args.scale} tasks"] / rate["scale: 4 tasks"], 0.9))
+        checks.append(
+            (
+                f"(a) {args.scale} tasks / (a) 4 tasks",
+                rate[f"scale: {args.scale} tasks"] / rate["scale: 4 tasks"],
+                0.9,
+            )
+        )
     if gen_rate:
-        checks.append(("generate: multitune / base", gen_rate["multitune generate"] / gen_rate["base generate"], 0.8))
+        checks.append(
+            ("generate: multitune / base", gen_rate["multitune generate"] / gen_rate["base generate"], 0.8)
+        )
         wide = next(n for n in gen_rate if n.startswith("base generate (+"))
         checks.append((f"generate: multitune / {wide}", gen_rate["multitune generate"] / gen_rate[wide], 0.8))
     for name, ratio, goal in checks:

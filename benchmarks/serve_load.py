@@ -45,9 +45,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "smollm2-135m"
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS = ["Write one sentence about the sea.", "Name a fruit that is yellow.", "What is two plus three?",
-           "Say hello in French.", "Give a synonym of happy.", "Describe a cat in five words.",
-           "What colour is the sky?", "Suggest a name for a dog."]
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "Name a fruit that is yellow.",
+    "What is two plus three?",
+    "Say hello in French.",
+    "Give a synonym of happy.",
+    "Describe a cat in five words.",
+    "What colour is the sky?",
+    "Suggest a name for a dog.",
+]
 
 
 def kinds() -> list[tuple[str, str, Any]]:
@@ -55,9 +62,13 @@ def kinds() -> list[tuple[str, str, Any]]:
     from multitune.methods.lora import LoRAConfig
     from multitune.methods.prompt import PromptConfig
 
-    return [("lora4", "lora", LoRAConfig(rank=4, alpha=8)), ("lora8", "lora", LoRAConfig(rank=8, alpha=16)),
-            ("lora16", "lora", LoRAConfig(rank=16, alpha=32, target_modules=ALL_PROJ)),
-            ("ia3", "ia3", IA3Config()), ("prompt10", "prompt", PromptConfig(num_virtual_tokens=10, init="vocab"))]
+    return [
+        ("lora4", "lora", LoRAConfig(rank=4, alpha=8)),
+        ("lora8", "lora", LoRAConfig(rank=8, alpha=16)),
+        ("lora16", "lora", LoRAConfig(rank=16, alpha=32, target_modules=ALL_PROJ)),
+        ("ia3", "ia3", IA3Config()),
+        ("prompt10", "prompt", PromptConfig(num_virtual_tokens=10, init="vocab")),
+    ]
 
 
 def build_bank(folder: Path, n: int) -> list[str]:
@@ -77,7 +88,9 @@ def build_bank(folder: Path, n: int) -> list[str]:
         bank.add_task(task, "generation", method, config)
         with torch.no_grad():
             for param in bank.task_parameters(task).values():
-                param.add_(torch.randn(param.shape, generator=generator) * (0.01 if method == "prompt" else 0.02))
+                param.add_(
+                    torch.randn(param.shape, generator=generator) * (0.01 if method == "prompt" else 0.02)
+                )
         save_adapter(bank, task, folder / task)
         names.append(task)
     return names
@@ -139,9 +152,13 @@ def ask(url: str, requests: list[tuple[str, str]], max_tokens: int, **extra: Any
     import httpx
 
     with httpx.Client(timeout=600) as http:
-        return [http.post(url + "/v1/completions", json={"model": task, "prompt": prompt, "max_tokens": max_tokens,
-                                                         "temperature": 0, **extra}).json()["choices"][0]["text"]
-                for task, prompt in requests]
+        return [
+            http.post(
+                url + "/v1/completions",
+                json={"model": task, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra},
+            ).json()["choices"][0]["text"]
+            for task, prompt in requests
+        ]
 
 
 def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
@@ -158,8 +175,10 @@ def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> d
         with httpx.Client(timeout=600) as http:
             for j, (task, prompt) in enumerate(jobs[c]):
                 start = time.perf_counter()
-                reply = http.post(url + "/v1/completions", json={"model": task, "prompt": prompt,
-                                                                 "max_tokens": max_tokens, "temperature": 0})
+                reply = http.post(
+                    url + "/v1/completions",
+                    json={"model": task, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                )
                 elapsed = time.perf_counter() - start
                 if reply.status_code != 200:
                     errors.append(f"{reply.status_code} {reply.text[:200]}")
@@ -185,8 +204,14 @@ def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> d
 def summary(wall: float, latencies: list[float], tokens: int, answers: dict) -> dict[str, Any]:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-    return {"wall_s": wall, "requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
-            "p50_s": statistics.median(ordered), "p99_s": p99, "answers": answers}
+    return {
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall,
+        "tokens_per_s": tokens / wall,
+        "p50_s": statistics.median(ordered),
+        "p99_s": p99,
+        "answers": answers,
+    }
 
 
 def in_process(bank_dir: Path, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
@@ -231,16 +256,20 @@ def baseline_app(bank_dir: Path) -> Any:
         tasks = by_method.get(method, [])
         if not tasks:
             continue
-        model = peft.PeftModel.from_pretrained(load_base(MODEL, device="cpu").model,
-                                               str(export_peft(bank, tasks[0], export / tasks[0])), adapter_name=tasks[0])
+        model = peft.PeftModel.from_pretrained(
+            load_base(MODEL, device="cpu").model,
+            str(export_peft(bank, tasks[0], export / tasks[0])),
+            adapter_name=tasks[0],
+        )
         for task in tasks[1:]:
             model.load_adapter(str(export_peft(bank, task, export / task)), adapter_name=task)
         for task in tasks:
             models[task] = model.eval()
     shared = load_base(MODEL, device="cpu").model
     for task in by_method.get("prompt", []):
-        models[task] = peft.PeftModel.from_pretrained(shared, str(export_peft(bank, task, export / task)),
-                                                      adapter_name=task).eval()
+        models[task] = peft.PeftModel.from_pretrained(
+            shared, str(export_peft(bank, task, export / task)), adapter_name=task
+        ).eval()
     tokenizer = engine.base.tokenizer
     app = FastAPI()
 
@@ -260,9 +289,17 @@ def baseline_app(bank_dir: Path) -> Any:
             model = models[task]
             if len(models) > 1 and hasattr(model, "set_adapter") and task in model.peft_config:
                 model.set_adapter(task)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=use_cache)
-            new = out[0, ids.shape[1]:]  # peft returns the prompt's ids first (virtual tokens are not in them)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=use_cache,
+            )
+            new = out[
+                0, ids.shape[1] :
+            ]  # peft returns the prompt's ids first (virtual tokens are not in them)
             eos = tokenizer.eos_token_id
             ids_list = new.tolist()
             count = ids_list.index(eos) + 1 if eos in ids_list else len(ids_list)
@@ -278,8 +315,9 @@ def run_baseline(bank_dir: str, port: int) -> None:
     uvicorn.run(baseline_app(Path(bank_dir)), host="127.0.0.1", port=port, log_level="warning")
 
 
-def serve(argv: list[str], url: str, jobs: list[list[tuple[str, str]]], max_tokens: int,
-          after: Any = None) -> dict[str, Any]:
+def serve(
+    argv: list[str], url: str, jobs: list[list[tuple[str, str]]], max_tokens: int, after: Any = None
+) -> dict[str, Any]:
     """Start a server process, warm it up, load-test it; ``after(url)`` runs before it is stopped."""
     log = Path(tempfile.mkstemp(prefix="serve-load-", suffix=".log")[1])
     with log.open("w") as sink:  # a file, not a pipe: nobody reads the server's log while it runs
@@ -296,8 +334,12 @@ def serve(argv: list[str], url: str, jobs: list[list[tuple[str, str]]], max_toke
         process.wait(timeout=60)
 
 
-def compare_answers(results: dict[str, dict[str, Any]], jobs: list[list[tuple[str, str]]],
-                    truth: dict[tuple[str, str], str], kinds_of: dict[str, str]) -> None:
+def compare_answers(
+    results: dict[str, dict[str, Any]],
+    jobs: list[list[tuple[str, str]]],
+    truth: dict[tuple[str, str], str],
+    kinds_of: dict[str, str],
+) -> None:
     """Print how many answers of each variant equal the reference, and which differ and why."""
     print("\nanswers equal to the reference (each request alone, greedy, full forward without a cache):")
     for name, r in results.items():
@@ -316,9 +358,11 @@ def compare_answers(results: dict[str, dict[str, Any]], jobs: list[list[tuple[st
 
             fixed, asked = explained
             rest = f"; {asked - fixed} still differ" if fixed < asked else ""
-            print(f"    asked again with peft's use_cache=False: {fixed}/{asked} then equal the reference, so those "
-                  f"{fixed} differ because of peft {peft.__version__}'s cached generate on transformers "
-                  f"{transformers.__version__}, not because of the adapters' weights{rest}")
+            print(
+                f"    asked again with peft's use_cache=False: {fixed}/{asked} then equal the reference, so those "
+                f"{fixed} differ because of peft {peft.__version__}'s cached generate on transformers "
+                f"{transformers.__version__}, not because of the adapters' weights{rest}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,16 +383,38 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
     names = build_bank(folder / "bank", args.tasks)
     rng = random.Random(0)
-    jobs = [[(rng.choice(names), rng.choice(PROMPTS)) for _ in range(args.requests)] for _ in range(args.clients)]
-    print(f"{MODEL}, {args.tasks} tasks ({', '.join(names)}), {args.clients} clients x {args.requests} requests, "
-          f"{args.max_tokens} new tokens, greedy", file=sys.stderr)
+    jobs = [
+        [(rng.choice(names), rng.choice(PROMPTS)) for _ in range(args.requests)] for _ in range(args.clients)
+    ]
+    print(
+        f"{MODEL}, {args.tasks} tasks ({', '.join(names)}), {args.clients} clients x {args.requests} requests, "
+        f"{args.max_tokens} new tokens, greedy",
+        file=sys.stderr,
+    )
 
     results: dict[str, dict[str, Any]] = {}
     port = free_port()
     results["(i) multitune serve"] = serve(
-        [sys.executable, "-m", "multitune", "serve", str(folder / "bank"), "--port", str(port), "--device", "cpu",
-         "--max-batch-size", str(max(32, args.clients)), "--log-level", "warning", *shlex.split(args.serve_args)],
-        f"http://127.0.0.1:{port}", jobs, args.max_tokens)
+        [
+            sys.executable,
+            "-m",
+            "multitune",
+            "serve",
+            str(folder / "bank"),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-batch-size",
+            str(max(32, args.clients)),
+            "--log-level",
+            "warning",
+            *shlex.split(args.serve_args),
+        ],
+        f"http://127.0.0.1:{port}",
+        jobs,
+        args.max_tokens,
+    )
     print("  (i) done", file=sys.stderr)
     results["(ii) in-process engine"] = in_process(folder / "bank", jobs, args.max_tokens)
     print("  (ii) done", file=sys.stderr)
@@ -356,37 +422,64 @@ def main(argv: list[str] | None = None) -> None:
     truth = reference(folder / "bank", requests, args.max_tokens)
     print("  reference done", file=sys.stderr)
     if not args.skip_baseline:
+
         def recheck(url: str, result: dict[str, Any]) -> tuple[int, int]:
             """The differing answers asked again without peft's cache: how many then equal the reference."""
-            differing = sorted({jobs[c][j] for (c, j), text in result["answers"].items()
-                                if text.strip() != truth[jobs[c][j]]})
+            differing = sorted(
+                {
+                    jobs[c][j]
+                    for (c, j), text in result["answers"].items()
+                    if text.strip() != truth[jobs[c][j]]
+                }
+            )
             texts = ask(url, differing, args.max_tokens, use_cache=False)
-            return sum(text.strip() == truth[job] for job, text in zip(differing, texts, strict=True)), len(differing)
+            return sum(text.strip() == truth[job] for job, text in zip(differing, texts, strict=True)), len(
+                differing
+            )
 
         port = free_port()
         results["(iii) peft, one at a time"] = serve(
             [sys.executable, __file__, "--baseline-server", str(folder / "bank"), "--port", str(port)],
-            f"http://127.0.0.1:{port}", jobs, args.max_tokens, after=recheck)
+            f"http://127.0.0.1:{port}",
+            jobs,
+            args.max_tokens,
+            after=recheck,
+        )
         print("  (iii) done", file=sys.stderr)
 
-    print(f"\n{MODEL}, {args.clients} concurrent clients x {args.requests} requests, {args.max_tokens} new tokens")
+    print(
+        f"\n{MODEL}, {args.clients} concurrent clients x {args.requests} requests, {args.max_tokens} new tokens"
+    )
     print(f"{'variant':<28}{'req/s':>8}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'wall s':>8}")
     for name, r in results.items():
-        print(f"{name:<28}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
-              f"{r['wall_s']:>8.1f}")
+        print(
+            f"{name:<28}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
+            f"{r['wall_s']:>8.1f}"
+        )
     server = results["(i) multitune serve"]
-    checks = [("(i) / (ii) in-process", server["requests_per_s"] / results["(ii) in-process engine"]["requests_per_s"],
-               0.7)]
+    checks = [
+        (
+            "(i) / (ii) in-process",
+            server["requests_per_s"] / results["(ii) in-process engine"]["requests_per_s"],
+            0.7,
+        )
+    ]
     if "(iii) peft, one at a time" in results:
         base = results["(iii) peft, one at a time"]
-        checks.append(("(i) / (iii) peft one at a time", server["requests_per_s"] / base["requests_per_s"], 3.0))
+        checks.append(
+            ("(i) / (iii) peft one at a time", server["requests_per_s"] / base["requests_per_s"], 3.0)
+        )
     kinds_of = {name: kinds()[i % len(kinds())][1] for i, name in enumerate(names)}
     compare_answers(results, jobs, truth, kinds_of)
     print(f"\n{'target':<36}{'ratio':>8}{'goal':>8}  met")
     for name, ratio, goal in checks:
         print(f"{name:<36}{ratio:>8.2f}{goal:>8.2f}  {'yes' if ratio >= goal else 'NO'}")
-    (folder / "result.json").write_text(json.dumps({k: {m: v for m, v in r.items() if m not in ("answers", "after")}
-                                                   for k, r in results.items()}, indent=2))
+    (folder / "result.json").write_text(
+        json.dumps(
+            {k: {m: v for m, v in r.items() if m not in ("answers", "after")} for k, r in results.items()},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,14 +36,26 @@ def main() -> None:
         if method == "lora":
             config.methods["lora"] = LoRAConfig(target_modules=args.lora_targets.split(","))
         rows[method] = summary = timed_run(config)
-        print(json.dumps({"method": method, "test": summary["test"], "validation": summary["validation"],
-                          "trainable": summary["trainable_parameters"], "train_s": summary["train_seconds"],
-                          "wall_s": summary["wall_seconds"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "method": method,
+                    "test": summary["test"],
+                    "validation": summary["validation"],
+                    "trainable": summary["trainable_parameters"],
+                    "train_s": summary["train_seconds"],
+                    "wall_s": summary["wall_seconds"],
+                }
+            ),
+            flush=True,
+        )
     print("\n| method | trainable params | train s | dev acc (best) | test acc | test macro-F1 |")
     print("|---|---|---|---|---|---|")
     for method, s in rows.items():
-        print(f"| {method} | {s['trainable_parameters']:,} | {s['train_seconds']:.0f} | "
-              f"{s['validation']['accuracy']:.4f} | {s['test']['accuracy']:.4f} | {s['test']['macro_f1']:.4f} |")
+        print(
+            f"| {method} | {s['trainable_parameters']:,} | {s['train_seconds']:.0f} | "
+            f"{s['validation']['accuracy']:.4f} | {s['test']['accuracy']:.4f} | {s['test']['macro_f1']:.4f} |"
+        )
     if {"full", "lora"} <= rows.keys():
         gap = 100 * (rows["lora"]["test"]["accuracy"] - rows["full"]["test"]["accuracy"])
         print(f"\nLoRA - full fine-tuning: {gap:+.2f} accuracy points on the SST-2 test split")

@@ -43,8 +43,13 @@ def make_batches(base: Any, model: str, n: int) -> list[dict[str, torch.Tensor]]
     out = []
     for _ in range(n):
         ids = torch.randint(100, vocab - 1, (batch, length), generator=generator)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "class_labels": torch.randint(0, 2, (batch,), generator=generator)})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "class_labels": torch.randint(0, 2, (batch,), generator=generator),
+            }
+        )
     return out
 
 
@@ -59,8 +64,13 @@ def build(variant: str, model: str, device: str) -> tuple[Any, list[torch.nn.Par
     torch.manual_seed(0)
     if variant == "multitune":
         bank = MultiTaskModel(base)
-        bank.add_task("t", "classification" if classification else "generation", "lora",
-                      LoRAConfig(rank=8, alpha=16, dropout=0.05), ["a", "b"] if classification else None)
+        bank.add_task(
+            "t",
+            "classification" if classification else "generation",
+            "lora",
+            LoRAConfig(rank=8, alpha=16, dropout=0.05),
+            ["a", "b"] if classification else None,
+        )
         bank.train()
         slot = torch.zeros(SHAPES[model][0], dtype=torch.long, device=device)
 
@@ -75,8 +85,9 @@ def build(variant: str, model: str, device: str) -> tuple[Any, list[torch.nn.Par
     import peft
 
     targets = list(base.family.lora_targets)
-    model_ = peft.get_peft_model(base.model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                             target_modules=targets))
+    model_ = peft.get_peft_model(
+        base.model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
+    )
     model_.train()
     head = torch.nn.Linear(base.hidden_size, 2, device=device) if classification else None
     params = [p for p in model_.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
@@ -125,8 +136,10 @@ def probe(variant: str, model: str, steps: int, device: str) -> dict[str, float]
         for b in batches:
             step(b)
         torch.cuda.synchronize()
-        return {"delta_mb": (torch.cuda.max_memory_allocated() - before) / 2**20,
-                "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+        return {
+            "delta_mb": (torch.cuda.max_memory_allocated() - before) / 2**20,
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+        }
     before, peak, done = rss(), [rss()], threading.Event()
 
     def sample() -> None:
@@ -182,12 +195,27 @@ def main() -> None:
         median = time_both(model, args.steps, args.rounds, args.device)
         memory = {}
         for variant in ("multitune", "peft"):
-            out = subprocess.run([sys.executable, __file__, "--probe", variant, "--models", model, "--steps",
-                                  str(args.steps), "--device", args.device], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--probe",
+                    variant,
+                    "--models",
+                    model,
+                    "--steps",
+                    str(args.steps),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         row = {
-            "model": model, "batch": "x".join(map(str, SHAPES[model])),
+            "model": model,
+            "batch": "x".join(map(str, SHAPES[model])),
             "steps_per_s": {v: round(1 / t, 3) for v, t in median.items()},
             "time_ratio": round(median["multitune"] / median["peft"], 3),
             "train_memory_mb": {v: round(m["delta_mb"], 1) for v, m in memory.items()},
@@ -197,14 +225,18 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| model | batch | steps/s multitune | steps/s peft | time ratio | train memory MB (mt / peft) | "
-          "memory ratio | peak MB (mt / peft) | peak ratio |")
+    print(
+        "\n| model | batch | steps/s multitune | steps/s peft | time ratio | train memory MB (mt / peft) | "
+        "memory ratio | peak MB (mt / peft) | peak ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s, m, p = r["steps_per_s"], r["train_memory_mb"], r["peak_rss_mb"]
-        print(f"| {r['model']} | {r['batch']} | {s['multitune']} | {s['peft']} | {r['time_ratio']} | "
-              f"{m['multitune']} / {m['peft']} | {r['memory_ratio']} | {p['multitune']} / {p['peft']} | "
-              f"{r['peak_ratio']} |")
+        print(
+            f"| {r['model']} | {r['batch']} | {s['multitune']} | {s['peft']} | {r['time_ratio']} | "
+            f"{m['multitune']} / {m['peft']} | {r['memory_ratio']} | {p['multitune']} / {p['peft']} | "
+            f"{r['peak_ratio']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import FAMILIES, save_tiny
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,10 +27,6 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
-
-
-
-
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,27 @@ def _fails(capsys, argv: list[str], *expected: str) -> str:
 
 
 def _train_args(model, data, out, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--data", data, "--text-column", "review", "--label-column", "stars",
-            "--output", str(out), "--epochs", "6", "--batch-size", "8", "--learning-rate", "0.01", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        data,
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--output",
+        str(out),
+        "--epochs",
+        "6",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "0.01",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_train_eval_predict_round_trip(bert_dir, sentiment_csv, tmp_path, capsys) -> None:
@@ -60,8 +79,21 @@ def test_train_eval_predict_round_trip(bert_dir, sentiment_csv, tmp_path, capsys
 
     unlabelled = tmp_path / "new.jsonl"
     unlabelled.write_text("".join(json.dumps({"review": ex.text}) + "\n" for ex in toy_sentiment(10, seed=3)))
-    assert main(["predict", str(run), "--input", str(unlabelled), "--output", str(tmp_path / "p.csv"),
-                 "--text-column", "review"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                "--input",
+                str(unlabelled),
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--text-column",
+                "review",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
     assert len(rows) == 10 and all(r["prediction"] in ("neg", "pos") for r in rows)
 
@@ -73,28 +105,78 @@ def test_train_eval_predict_round_trip(bert_dir, sentiment_csv, tmp_path, capsys
 
 def test_config_file_with_flag_overrides(bert_dir, sentiment_csv, tmp_path, capsys) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": str(bert_dir), "method": "lora", "task": "reviews",
-                                      "data": {"data": sentiment_csv, "text_column": "review", "label_column": "stars"},
-                                      "train": {"epochs": 1, "batch_size": 16}, "lora": {"rank": 2}}))
-    assert main(["train", "--config", str(config), "--output", str(tmp_path / "r"), "--lora-rank", "3",
-                 "--quiet"]) == 0
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(bert_dir),
+                "method": "lora",
+                "task": "reviews",
+                "data": {"data": sentiment_csv, "text_column": "review", "label_column": "stars"},
+                "train": {"epochs": 1, "batch_size": 16},
+                "lora": {"rank": 2},
+            }
+        )
+    )
+    assert (
+        main(
+            ["train", "--config", str(config), "--output", str(tmp_path / "r"), "--lora-rank", "3", "--quiet"]
+        )
+        == 0
+    )
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["task"] == "reviews" and saved["lora"]["rank"] == 3 and saved["train"]["batch_size"] == 16
 
 
 def test_generation_train_and_predict(llama_dir, tmp_path, capsys) -> None:
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"instruction": ex.text, "output": ex.response}) + "\n"
-                            for ex in toy_generation(40)))
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": ex.text, "output": ex.response}) + "\n" for ex in toy_generation(40)
+        )
+    )
     run = tmp_path / "gen"
-    assert main(["train", "--model", str(llama_dir), "--kind", "generation", "--data", str(data), "--output",
-                 str(run), "--epochs", "2", "--batch-size", "8", "--max-new-tokens", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(llama_dir),
+                "--kind",
+                "generation",
+                "--data",
+                str(data),
+                "--output",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--max-new-tokens",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     test = json.loads((run / "result.json").read_text())["test"]
     assert {"loss", "perplexity", "exact_match", "rouge_l"} <= set(test)
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt\nthe movie was good\nthe film was bad\n")
-    assert main(["predict", str(run), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                "--input",
+                str(prompts),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [x["prompt"] for x in lines] == ["the movie was good", "the film was bad"]
     assert all(isinstance(x["prediction"], str) for x in lines)
@@ -102,8 +184,24 @@ def test_generation_train_and_predict(llama_dir, tmp_path, capsys) -> None:
 
 def test_full_fine_tuning_from_the_cli(bert_dir, sentiment_csv, tmp_path, capsys) -> None:
     run = tmp_path / "full"
-    assert main(_train_args(bert_dir, sentiment_csv, run, "--method", "full", "--full-freeze-layers", "1",
-                            "--learning-rate", "0.001", "--epochs", "1")) == 0
+    assert (
+        main(
+            _train_args(
+                bert_dir,
+                sentiment_csv,
+                run,
+                "--method",
+                "full",
+                "--full-freeze-layers",
+                "1",
+                "--learning-rate",
+                "0.001",
+                "--epochs",
+                "1",
+            )
+        )
+        == 0
+    )
     meta = json.loads((run / "adapter" / "adapter.json").read_text())
     assert meta["task"]["method"] == "full" and meta["task"]["config"] == {"freeze_layers": 1}
 
@@ -113,8 +211,20 @@ def test_help_lists_every_setting(capsys) -> None:
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--lora-rank", "--lora-rslora", "--lora-target-modules", "--full-freeze-layers", "--epochs",
-                 "--patience", "--grad-accum", "--scheduler", "--text-column", "--split", "--resume", "--config"):
+    for flag in (
+        "--lora-rank",
+        "--lora-rslora",
+        "--lora-target-modules",
+        "--full-freeze-layers",
+        "--epochs",
+        "--patience",
+        "--grad-accum",
+        "--scheduler",
+        "--text-column",
+        "--split",
+        "--resume",
+        "--config",
+    ):
         assert flag in text
 
 
@@ -145,10 +255,13 @@ def test_unseen_labels_in_a_given_test_file(bert_dir, sentiment_csv, tmp_path, c
     _fails(capsys, _train_args(bert_dir, sentiment_csv, tmp_path / "r", "--test-data", str(test)), "meh")
 
 
-@pytest.mark.parametrize(("model", "expected"), [
-    ("someorg/some-model", "never downloads from the hub"),
-    ("/no/such/folder", "not found"),
-])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("someorg/some-model", "never downloads from the hub"),
+        ("/no/such/folder", "not found"),
+    ],
+)
 def test_unusable_models(model, expected, sentiment_csv, tmp_path, capsys) -> None:
     _fails(capsys, _train_args(model, sentiment_csv, tmp_path / "r"), expected)
 
@@ -160,23 +273,46 @@ def test_unsupported_architecture(tmp_path, sentiment_csv, capsys) -> None:
     _fails(capsys, _train_args(folder, sentiment_csv, tmp_path / "r"), "cannot read the model config")
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
-    (["--method", "magic"], "unknown method 'magic'"),
-    (["--lora-rank", "0"], "rank must be >= 1"),
-    (["--epochs", "0", "--batch-size", "0"], "epochs must be >= 1 (got 0); fix --epochs; batch_size must be >= 1"),
-    (["--split", "0.5,0.1"], "split must be three"),
-    (["--lora-target-modules", "qkv"], "target modules qkv not found"),
-])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--lora-rank", "0"], "rank must be >= 1"),
+        (
+            ["--epochs", "0", "--batch-size", "0"],
+            "epochs must be >= 1 (got 0); fix --epochs; batch_size must be >= 1",
+        ),
+        (["--split", "0.5,0.1"], "split must be three"),
+        (["--lora-target-modules", "qkv"], "target modules qkv not found"),
+    ],
+)
 def test_bad_settings(bert_dir, sentiment_csv, tmp_path, capsys, extra, expected) -> None:
     _fails(capsys, _train_args(bert_dir, sentiment_csv, tmp_path / "r", *extra), expected)
 
 
 def test_generation_on_an_encoder_is_refused(bert_dir, tmp_path, capsys) -> None:
     data = tmp_path / "g.jsonl"
-    data.write_text(json.dumps({"prompt": "the film", "response": "good"}) + "\n" + json.dumps(
-        {"prompt": "a movie", "response": "bad"}) + "\n")
-    _fails(capsys, ["train", "--model", str(bert_dir), "--kind", "generation", "--data", str(data),
-                    "--output", str(tmp_path / "r")], "generation needs a causal LM or a seq2seq model")
+    data.write_text(
+        json.dumps({"prompt": "the film", "response": "good"})
+        + "\n"
+        + json.dumps({"prompt": "a movie", "response": "bad"})
+        + "\n"
+    )
+    _fails(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(bert_dir),
+            "--kind",
+            "generation",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "r"),
+        ],
+        "generation needs a causal LM or a seq2seq model",
+    )
 
 
 def test_bad_config_files(bert_dir, sentiment_csv, tmp_path, capsys) -> None:
@@ -191,8 +327,13 @@ def test_an_existing_run_is_not_overwritten(bert_dir, sentiment_csv, tmp_path, c
     run.mkdir()
     (run / "keep.txt").write_text("precious")
     # not a run folder: the advice is another --output, never --resume (which would write a run into it)
-    _fails(capsys, _train_args(bert_dir, sentiment_csv, run), "already exists", "other files (keep.txt)",
-           "choose another --output")
+    _fails(
+        capsys,
+        _train_args(bert_dir, sentiment_csv, run),
+        "already exists",
+        "other files (keep.txt)",
+        "choose another --output",
+    )
     _fails(capsys, _train_args(bert_dir, sentiment_csv, run, "--resume"), "choose another --output")
     assert (run / "keep.txt").read_text() == "precious"
 
@@ -204,16 +345,33 @@ def test_predict_errors_keep_an_existing_output(bert_dir, sentiment_csv, tmp_pat
     output = tmp_path / "out.csv"
     output.write_text("old predictions\n")
     (tmp_path / "in.csv").write_text("body\nhello\n")
-    _fails(capsys, ["predict", str(run), "--input", str(tmp_path / "in.csv"), "--output", str(output)],
-           "no text column found", "columns found: body")
+    _fails(
+        capsys,
+        ["predict", str(run), "--input", str(tmp_path / "in.csv"), "--output", str(output)],
+        "no text column found",
+        "columns found: body",
+    )
     assert output.read_text() == "old predictions\n"
     _fails(capsys, ["eval", str(tmp_path / "missing-run")], "does not exist")
     _fails(capsys, ["eval", str(tmp_path)], "holds no trained adapter")
 
 
 def test_a_real_process_prints_no_traceback(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "multitune", "train", "--data", str(tmp_path / "x.csv"),
-                           "--model", "someorg/model"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "multitune",
+            "train",
+            "--data",
+            str(tmp_path / "x.csv"),
+            "--model",
+            "someorg/model",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
 
@@ -226,13 +384,41 @@ def test_export_to_peft_and_import_back_keep_the_outputs(llama_dir, tmp_path, ca
     import multitune
 
     data = tmp_path / "gen.jsonl"
-    data.write_text("".join(json.dumps({"prompt": ex.text, "response": ex.response}) + "\n" for ex in toy_generation(24)))
-    assert main(["train", "--model", str(llama_dir), "--data", str(data), "--kind", "generation", "--method", "prefix",
-                 "--prefix-num-virtual-tokens", "3", "--output", str(tmp_path / "run"), "--epochs", "1",
-                 "--batch-size", "8", "--quiet"]) == 0
+    data.write_text(
+        "".join(json.dumps({"prompt": ex.text, "response": ex.response}) + "\n" for ex in toy_generation(24))
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(llama_dir),
+                "--data",
+                str(data),
+                "--kind",
+                "generation",
+                "--method",
+                "prefix",
+                "--prefix-num-virtual-tokens",
+                "3",
+                "--output",
+                str(tmp_path / "run"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["export-peft", str(tmp_path / "run"), "--output", str(tmp_path / "peft")]) == 0
-    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "peft")
-    assert main(["import-peft", str(tmp_path / "peft"), "--output", str(tmp_path / "back"), "--task", "g"]) == 0
+    reference = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "peft"
+    )
+    assert (
+        main(["import-peft", str(tmp_path / "peft"), "--output", str(tmp_path / "back"), "--task", "g"]) == 0
+    )
     capsys.readouterr()
     task = multitune.load(tmp_path / "back")
     ids = task.bank.base.tokenizer(["good movie"], return_tensors="pt").input_ids
@@ -242,5 +428,9 @@ def test_export_to_peft_and_import_back_keep_the_outputs(llama_dir, tmp_path, ca
         ours = task.bank.base.model(**inputs).logits
         theirs = reference.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    _fails(capsys, ["import-peft", str(tmp_path), "--output", str(tmp_path / "x")], "not a PEFT adapter folder")
-    _fails(capsys, ["export-peft", str(tmp_path / "missing"), "--output", str(tmp_path / "y")], "does not exist")
+    _fails(
+        capsys, ["import-peft", str(tmp_path), "--output", str(tmp_path / "x")], "not a PEFT adapter folder"
+    )
+    _fails(
+        capsys, ["export-peft", str(tmp_path / "missing"), "--output", str(tmp_path / "y")], "does not exist"
+    )

@@ -50,10 +50,15 @@ BOOL_FLAGS = {
     "eval": ["drop-empty"],
     "ensemble": ["drop-empty"],
 }
-DESTS = {"drop-empty": "data.drop_empty", "lora-rslora": "methods.lora.rslora",
-         "prefix-projection": "methods.prefix.projection", "adapter-train-layer-norms": "methods.adapter.train_layer_norms",
-         "whiten-advantages": "ppo.whiten_advantages", "search-only": "search_only",
-         "reward-include-prompt": "reward_include_prompt"}
+DESTS = {
+    "drop-empty": "data.drop_empty",
+    "lora-rslora": "methods.lora.rslora",
+    "prefix-projection": "methods.prefix.projection",
+    "adapter-train-layer-norms": "methods.adapter.train_layer_norms",
+    "whiten-advantages": "ppo.whiten_advantages",
+    "search-only": "search_only",
+    "reward-include-prompt": "reward_include_prompt",
+}
 REQUIRED = {"eval": ["RUN"], "train": [], "compare": [], "reward": [], "dpo": [], "ppo": [], "ensemble": []}
 
 
@@ -71,7 +76,10 @@ def test_no_setting_takes_true_or_false_as_a_value() -> None:
     for name, sub in _subparsers().items():
         for action in sub._actions:
             if getattr(action, "annotation", None) is bool:
-                assert action.nargs == 0 and any(o.startswith("--no-") for o in action.option_strings), (name, action)
+                assert action.nargs == 0 and any(o.startswith("--no-") for o in action.option_strings), (
+                    name,
+                    action,
+                )
 
 
 def test_an_absent_bool_flag_leaves_the_file_and_the_default_alone(tmp_path) -> None:
@@ -84,8 +92,19 @@ def test_an_absent_bool_flag_leaves_the_file_and_the_default_alone(tmp_path) -> 
 
 # ---- config files: flat keys named as the flags, or the nested layout --------------------------------------
 def test_flat_keys_named_as_the_flags(tmp_path) -> None:
-    config = _write(tmp_path, {"data": "my.csv", "max_steps": 3, "text_column": "review", "lora_rank": 4,
-                               "drop_empty": True, "split": [0.7, 0.2, 0.1], "lora-alpha": 8, "method": "lora"})
+    config = _write(
+        tmp_path,
+        {
+            "data": "my.csv",
+            "max_steps": 3,
+            "text_column": "review",
+            "lora_rank": 4,
+            "drop_empty": True,
+            "split": [0.7, 0.2, 0.1],
+            "lora-alpha": 8,
+            "method": "lora",
+        },
+    )
     run = load_run_config(parse_args(build_parser(), ["train", "--config", config]))
     assert run.data.data == "my.csv" and run.train.max_steps == 3 and run.data.text_column == "review"
     assert run.methods["lora"].rank == 4 and run.methods["lora"].alpha == 8.0
@@ -93,11 +112,21 @@ def test_flat_keys_named_as_the_flags(tmp_path) -> None:
 
 
 def test_nested_sections_and_flags_over_the_file(tmp_path) -> None:
-    config = _write(tmp_path, {"data": {"data": "my.csv", "label_column": "stars"}, "train": {"epochs": 2},
-                               "lora": {"rank": 2}, "split": "0.6,0.2,0.2"})
-    run = load_run_config(parse_args(build_parser(), ["train", "--config", config, "--lora-rank", "5",
-                                                      "--epochs", "1"]))
-    assert run.data.data == "my.csv" and run.data.label_column == "stars" and run.data.split == [0.6, 0.2, 0.2]
+    config = _write(
+        tmp_path,
+        {
+            "data": {"data": "my.csv", "label_column": "stars"},
+            "train": {"epochs": 2},
+            "lora": {"rank": 2},
+            "split": "0.6,0.2,0.2",
+        },
+    )
+    run = load_run_config(
+        parse_args(build_parser(), ["train", "--config", config, "--lora-rank", "5", "--epochs", "1"])
+    )
+    assert (
+        run.data.data == "my.csv" and run.data.label_column == "stars" and run.data.split == [0.6, 0.2, 0.2]
+    )
     assert run.train.epochs == 1 and run.methods["lora"].rank == 5
 
 
@@ -106,27 +135,32 @@ def test_a_written_config_yaml_reads_back_for_every_method(tmp_path) -> None:
     from multitune.methods import METHODS
 
     for method in sorted(METHODS):
-        args = parse_args(build_parser(), ["train", "--method", method, "--data", "d.csv", "--output", "runs/x"])
+        args = parse_args(
+            build_parser(), ["train", "--method", method, "--data", "d.csv", "--output", "runs/x"]
+        )
         first = load_run_config(args)
         config = _write(tmp_path, to_yaml(first), f"{method}.yaml")
         again = load_run_config(parse_args(build_parser(), ["train", "--config", config]))
         assert to_yaml(again) == to_yaml(first), method
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    ({"lora_rnak": 4}, "lora_rnak (did you mean lora_rank?)"),
-    ({"train": {"epoch": 3}}, "epoch in train: (did you mean epochs?)"),
-    ({"max_step": 3}, "did you mean max_steps?"),
-    ({"max_steps": "many"}, "max_steps must be a whole number (got 'many')"),
-    ({"max_steps": 2.5}, "must be a whole number"),
-    ({"drop_empty": "maybe"}, "drop_empty must be true or false"),
-    ({"epochs": None}, "epochs cannot be empty"),
-    ({"train": 3}, "'train:' must be a section of settings"),
-    ({"max_steps": 3, "train": {"max_steps": 4}}, "given twice"),
-    ({"lora": {"rank": [1, 2]}}, "lora.rank must be a number"),
-    ("- a\n- b\n", "must hold a mapping"),
-    ("train: [unclosed", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"lora_rnak": 4}, "lora_rnak (did you mean lora_rank?)"),
+        ({"train": {"epoch": 3}}, "epoch in train: (did you mean epochs?)"),
+        ({"max_step": 3}, "did you mean max_steps?"),
+        ({"max_steps": "many"}, "max_steps must be a whole number (got 'many')"),
+        ({"max_steps": 2.5}, "must be a whole number"),
+        ({"drop_empty": "maybe"}, "drop_empty must be true or false"),
+        ({"epochs": None}, "epochs cannot be empty"),
+        ({"train": 3}, "'train:' must be a section of settings"),
+        ({"max_steps": 3, "train": {"max_steps": 4}}, "given twice"),
+        ({"lora": {"rank": [1, 2]}}, "lora.rank must be a number"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("train: [unclosed", "not valid YAML"),
+    ],
+)
 def test_bad_config_files_are_one_line_errors(tmp_path, data, expected) -> None:
     assert expected in _error(["train", "--config", _write(tmp_path, data)])
 
@@ -137,8 +171,11 @@ def test_a_missing_config_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("command", COMMANDS_WITH_CONFIG)
 def test_every_command_with_config_takes_its_flags_flat_and_nested(command, tmp_path) -> None:
-    method, setting, dest = ("prompt", "num_virtual_tokens", "methods.prompt.num_virtual_tokens") \
-        if command == "ensemble" else ("lora", "rank", "methods.lora.rank")
+    method, setting, dest = (
+        ("prompt", "num_virtual_tokens", "methods.prompt.num_virtual_tokens")
+        if command == "ensemble"
+        else ("lora", "rank", "methods.lora.rank")
+    )
     section = "ppo" if command == "ppo" else "train"
     flat = {"max_length": 17, f"{method}_{setting}": 3, "seed": 5}
     nested = {section: {"max_length": 17, "seed": 5}, method: {setting: 3}}
@@ -154,13 +191,23 @@ def test_every_command_with_config_takes_its_flags_flat_and_nested(command, tmp_
 
 
 def test_compare_reads_its_own_flags_from_the_file(tmp_path) -> None:
-    config = _write(tmp_path, {"methods": ["lora", "ia3"], "trials": 2, "data": "d.csv", "epochs": 2,
-                               "lora": {"rank": 4}, "kind": "classification"})
+    config = _write(
+        tmp_path,
+        {
+            "methods": ["lora", "ia3"],
+            "trials": 2,
+            "data": "d.csv",
+            "epochs": 2,
+            "lora": {"rank": 4},
+            "kind": "classification",
+        },
+    )
     settings = compare_config(parse_args(build_parser(), ["compare", "--config", config, "--trials", "3"]))
     assert settings.methods == ["lora", "ia3"] and settings.trials == 3 and settings.data.data == "d.csv"
     assert settings.train.epochs == 2 and settings.method_settings["lora"].rank == 4
     assert "must be one of classification, generation" in _error(
-        ["compare", "--config", _write(tmp_path, {"kind": "regression"}, "k.yaml")])
+        ["compare", "--config", _write(tmp_path, {"kind": "regression"}, "k.yaml")]
+    )
 
 
 def test_preference_commands_offer_only_the_methods_they_can_train(tmp_path) -> None:
@@ -171,7 +218,8 @@ def test_preference_commands_offer_only_the_methods_they_can_train(tmp_path) -> 
     # a prompting section in a file is reported as a setting the command does not have
     config = _write(tmp_path, {"prompting": {"shots": 2}})
     assert "unknown setting(s) prompting: (the settings of a method this command does not offer)" in _error(
-        ["dpo", "--config", config])
+        ["dpo", "--config", config]
+    )
 
 
 # ---- defaults shown as typed; help text -----------------------------------------------------------------------
@@ -210,7 +258,9 @@ def test_one_wording_for_the_device_and_the_reference(capsys) -> None:
         assert device.help.startswith(DEVICE_HELP), command
     helps = {c: " ".join(_help(c, capsys).split()) for c in ("dpo", "ppo")}
     for text in helps.values():
-        assert "disabled: the base with every adapter off" in text and "initial: the policy as it starts" in text
+        assert (
+            "disabled: the base with every adapter off" in text and "initial: the policy as it starts" in text
+        )
         assert "'copy' is accepted for initial" in text
     assert vars(parse_args(build_parser(), ["dpo", "--reference", "copy"]))["reference"] == "copy"
 
@@ -227,10 +277,17 @@ def test_methods_lists_settings_not_internal_state(capsys) -> None:
 
 
 # ---- task names -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("folder", "name"), [
-    ("runs/bank/subj", "subj"), ("runs/My Run.v2", "My-Run-v2"), ("runs/_x_", "x_"), ("runs/" + "a" * 80, "a" * 64),
-    ("runs/...", "task"), ("runs/élan", "lan"),
-])
+@pytest.mark.parametrize(
+    ("folder", "name"),
+    [
+        ("runs/bank/subj", "subj"),
+        ("runs/My Run.v2", "My-Run-v2"),
+        ("runs/_x_", "x_"),
+        ("runs/" + "a" * 80, "a" * 64),
+        ("runs/...", "task"),
+        ("runs/élan", "lan"),
+    ],
+)
 def test_task_name_from_the_output_folder(folder, name) -> None:
     from multitune.config import TASK_NAME
 
@@ -239,10 +296,16 @@ def test_task_name_from_the_output_folder(folder, name) -> None:
 
 def test_train_names_the_task_after_the_output_folder(tmp_path) -> None:
     assert load_run_config(parse_args(build_parser(), ["train", "--output", "runs/bank/subj"])).task == "subj"
-    assert load_run_config(parse_args(build_parser(), ["train", "--output", "x", "--task", "mine"])).task == "mine"
+    assert (
+        load_run_config(parse_args(build_parser(), ["train", "--output", "x", "--task", "mine"])).task
+        == "mine"
+    )
     assert load_run_config(parse_args(build_parser(), ["train"])).task == "run"
-    assert "task name 'a b' must be letters" in str(pytest.raises(
-        ConfigError, load_run_config, parse_args(build_parser(), ["train", "--task", "a b"])).value)
+    assert "task name 'a b' must be letters" in str(
+        pytest.raises(
+            ConfigError, load_run_config, parse_args(build_parser(), ["train", "--task", "a b"])
+        ).value
+    )
 
 
 def test_every_method_setting_has_help_text() -> None:
@@ -261,4 +324,7 @@ def test_every_method_setting_has_help_text() -> None:
 def test_an_empty_section_sets_nothing_and_a_dict_setting_stays_a_dict(tmp_path) -> None:
     config = _write(tmp_path, "lora:\nprompting:\n  verbalizers: {pos: great, neg: awful}\n")
     run = load_run_config(parse_args(build_parser(), ["train", "--config", config]))
-    assert run.methods["lora"].rank == 8 and run.methods["prompting"].verbalizers == {"pos": "great", "neg": "awful"}
+    assert run.methods["lora"].rank == 8 and run.methods["prompting"].verbalizers == {
+        "pos": "great",
+        "neg": "awful",
+    }

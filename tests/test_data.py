@@ -97,14 +97,21 @@ def test_tsv_quotes_are_literal(tmp_path: Path) -> None:
     path = tmp_path / "s.tsv"
     path.write_text('Label\tSMS\nham\t"quoted start but no end\nspam\tnext row\n')
     examples = load_examples(path, "classification")
-    assert [(e.label, e.text) for e in examples] == [("ham", '"quoted start but no end'),
-                                                     ("spam", "next row")]
+    assert [(e.label, e.text) for e in examples] == [
+        ("ham", '"quoted start but no end'),
+        ("spam", "next row"),
+    ]
 
 
 # ---- columns ------------------------------------------------------------------------------------------
 def test_auto_detection_is_case_insensitive_and_prefers_the_first_candidate(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.jsonl", [{"id": 1, "Sentence": "s1", "Text": "t1", "Sentiment": "p"},
-                                        {"id": 2, "Sentence": "s2", "Text": "t2", "Sentiment": "n"}])
+    path = write(
+        tmp_path / "a.jsonl",
+        [
+            {"id": 1, "Sentence": "s1", "Text": "t1", "Sentiment": "p"},
+            {"id": 2, "Sentence": "s2", "Text": "t2", "Sentiment": "n"},
+        ],
+    )
     examples = load_examples(path, "classification")
     assert [(e.text, e.label) for e in examples] == [("t1", "p"), ("t2", "n")]
     assert all(e.text_pair is None and e.response is None for e in examples)
@@ -129,12 +136,17 @@ def test_int_labels_become_strings_and_sort_numerically(tmp_path: Path) -> None:
 
 
 def test_generation_alpaca_shape(tmp_path: Path) -> None:
-    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
-            {"instruction": "Say hi.", "input": "", "output": "hi"},
-            {"instruction": "Echo.", "input": "   ", "output": "ok"}]
+    rows = [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Echo.", "input": "   ", "output": "ok"},
+    ]
     examples = load_examples(write(tmp_path / "alpaca.json", rows), "generation")
-    assert examples == [Example(text="Add.\n\n2 and 3", response="5"), Example(text="Say hi.", response="hi"),
-                        Example(text="Echo.", response="ok")]
+    assert examples == [
+        Example(text="Add.\n\n2 and 3", response="5"),
+        Example(text="Say hi.", response="hi"),
+        Example(text="Echo.", response="ok"),
+    ]
 
 
 def test_generation_without_input_column_and_explicit_columns(tmp_path: Path) -> None:
@@ -157,11 +169,19 @@ def test_missing_file_directory_and_unknown_extension(tmp_path: Path) -> None:
     assert "book.xlsx" in msg and ".csv" in msg and ".parquet" in msg and ".jsonl" in msg
 
 
-@pytest.mark.parametrize(("name", "content"), [
-    ("zero.csv", b""), ("blank.tsv", b"  \n\n"), ("header.csv", b"text,label\n"),
-    ("header_blank.csv", b"text,label\n\n,\n"),
-    ("list.json", b"[]"), ("wrapped.json", b'{"data": []}'), ("lines.jsonl", b"\n\n"), ("zero.parquet", b""),
-])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("zero.csv", b""),
+        ("blank.tsv", b"  \n\n"),
+        ("header.csv", b"text,label\n"),
+        ("header_blank.csv", b"text,label\n\n,\n"),
+        ("list.json", b"[]"),
+        ("wrapped.json", b'{"data": []}'),
+        ("lines.jsonl", b"\n\n"),
+        ("zero.parquet", b""),
+    ],
+)
 def test_empty_files(tmp_path: Path, name: str, content: bytes) -> None:
     path = tmp_path / name
     path.write_bytes(content)
@@ -203,8 +223,13 @@ def test_columns_of_the_other_kind_or_used_twice_are_rejected(tmp_path: Path) ->
 
 
 def test_empty_texts_and_labels_are_counted_and_located(tmp_path: Path) -> None:
-    rows = [{"text": "ok", "label": "a"}, {"text": "  ", "label": "b"}, {"text": "x", "label": ""},
-            {"text": "", "label": "a"}, {"text": "y", "label": "b"}]
+    rows = [
+        {"text": "ok", "label": "a"},
+        {"text": "  ", "label": "b"},
+        {"text": "x", "label": ""},
+        {"text": "", "label": "a"},
+        {"text": "y", "label": "b"},
+    ]
     path = write(tmp_path / "holes.csv", rows)
     msg = error(DataError, load_examples, path, "classification")
     assert "holes.csv" in msg and "2 rows have an empty 'text' (rows 2, 4)" in msg
@@ -228,32 +253,60 @@ def test_many_empty_rows_list_only_the_first_few(tmp_path: Path) -> None:
     assert "9 rows" in msg and "rows 1, 2, 3, 4, 5, ..." in msg and "6" not in msg.split("rows 1")[1]
 
 
-@pytest.mark.parametrize(("name", "content", "expected"), [
-    ("bad.csv", b"text,label\nok,a\n" + b"x" * 105 + b"\xff,b\n",
-     ["bad.csv is not valid UTF-8 (byte 0xff at offset 121)", "re-save it as UTF-8"]),
-    ("bom_bad.csv", b"\xef\xbb\xbftext\n\xc3(", ["byte 0xc3 at offset 8"]),
-    ("utf16.csv", "text,label\nx,y\n".encode("utf-16"), ["UTF-16", "re-save it as UTF-8"]),
-    ("csv.json", b"text,label\nhello,a\n",
-     ["csv.json is not valid JSON", "line 1 column 1", "rename it to .csv"]),
-    ("lines.json", b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n', ["rename it to .jsonl"]),
-    ("scalar.json", b'"just a string"', ["holds a JSON str", "array of row objects"]),
-    ("two.json", b'{"train": [], "test": []}', ["keys train, test", "exactly one list"]),
-    ("rows.json", b'[{"text": "a", "label": "x"}, [1, 2]]', ["row 2 of", "is a list, not an object"]),
-    ("badline.jsonl", b'{"text": "a", "label": "x"}\n\n{"text": "b", label: y}\n',
-     ["line 3 of", "badline.jsonl", "not valid JSON"]),
-    ("array.jsonl", b'[{"text": "a", "label": "x"},\n {"text": "b", "label": "y"}]', ["line 1 of",
-                                                                                     "rename it to .json"]),
-    ("scalar.jsonl", b'{"text": "a", "label": "x"}\n42\n', ["line 2 of", "holds a number, not an object"]),
-    ("fake.parquet", b"text,label\nx,y\n", ["fake.parquet is not a Parquet file", "PAR1"]),
-    ("cut.parquet", b"PAR1" + b"\x00" * 20 + b"PAR1", ["cut.parquet cannot be read as Parquet"]),
-    ("binary.csv", b"text,label\nab\x00cd,y\n", ["binary.csv looks binary (NUL byte at offset 13)"]),
-    ("array.csv", json.dumps(ROWS).encode(), ["array.csv holds JSON, not CSV", "rename it to .json"]),
-    ("lines.csv", b'{"text": "a"}\n{"text": "b"}\n', ["holds JSON Lines", "rename it to .jsonl"]),
-    ("wide.csv", b"text,label\nhello, world,a\n", ["line 2 of", "3 fields but the header has 2", "quote"]),
-    ("nested.json", b'[{"text": ["a", "b"], "label": "x"}]', ["row 1 of", "'text' holds a list"]),
-])
-def test_files_that_are_not_what_they_claim(tmp_path: Path, name: str, content: bytes,
-                                            expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (
+            "bad.csv",
+            b"text,label\nok,a\n" + b"x" * 105 + b"\xff,b\n",
+            ["bad.csv is not valid UTF-8 (byte 0xff at offset 121)", "re-save it as UTF-8"],
+        ),
+        ("bom_bad.csv", b"\xef\xbb\xbftext\n\xc3(", ["byte 0xc3 at offset 8"]),
+        ("utf16.csv", "text,label\nx,y\n".encode("utf-16"), ["UTF-16", "re-save it as UTF-8"]),
+        (
+            "csv.json",
+            b"text,label\nhello,a\n",
+            ["csv.json is not valid JSON", "line 1 column 1", "rename it to .csv"],
+        ),
+        (
+            "lines.json",
+            b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n',
+            ["rename it to .jsonl"],
+        ),
+        ("scalar.json", b'"just a string"', ["holds a JSON str", "array of row objects"]),
+        ("two.json", b'{"train": [], "test": []}', ["keys train, test", "exactly one list"]),
+        ("rows.json", b'[{"text": "a", "label": "x"}, [1, 2]]', ["row 2 of", "is a list, not an object"]),
+        (
+            "badline.jsonl",
+            b'{"text": "a", "label": "x"}\n\n{"text": "b", label: y}\n',
+            ["line 3 of", "badline.jsonl", "not valid JSON"],
+        ),
+        (
+            "array.jsonl",
+            b'[{"text": "a", "label": "x"},\n {"text": "b", "label": "y"}]',
+            ["line 1 of", "rename it to .json"],
+        ),
+        (
+            "scalar.jsonl",
+            b'{"text": "a", "label": "x"}\n42\n',
+            ["line 2 of", "holds a number, not an object"],
+        ),
+        ("fake.parquet", b"text,label\nx,y\n", ["fake.parquet is not a Parquet file", "PAR1"]),
+        ("cut.parquet", b"PAR1" + b"\x00" * 20 + b"PAR1", ["cut.parquet cannot be read as Parquet"]),
+        ("binary.csv", b"text,label\nab\x00cd,y\n", ["binary.csv looks binary (NUL byte at offset 13)"]),
+        ("array.csv", json.dumps(ROWS).encode(), ["array.csv holds JSON, not CSV", "rename it to .json"]),
+        ("lines.csv", b'{"text": "a"}\n{"text": "b"}\n', ["holds JSON Lines", "rename it to .jsonl"]),
+        (
+            "wide.csv",
+            b"text,label\nhello, world,a\n",
+            ["line 2 of", "3 fields but the header has 2", "quote"],
+        ),
+        ("nested.json", b'[{"text": ["a", "b"], "label": "x"}]', ["row 1 of", "'text' holds a list"]),
+    ],
+)
+def test_files_that_are_not_what_they_claim(
+    tmp_path: Path, name: str, content: bytes, expected: list[str]
+) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     msg = error(DataError, load_examples, path, "classification")
@@ -398,11 +451,14 @@ real = pytest.mark.skipif(not DATASETS.exists(), reason="shared datasets folder 
 
 
 @real
-@pytest.mark.parametrize(("name", "rows", "labels"), [
-    ("sst2/train.csv", 6920, ["negative", "positive"]),
-    ("trec/train.jsonl", 5452, ["0", "1", "2", "3", "4", "5"]),
-    ("sms_spam/SMSSpamCollection.tsv", 5574, ["ham", "spam"]),
-])
+@pytest.mark.parametrize(
+    ("name", "rows", "labels"),
+    [
+        ("sst2/train.csv", 6920, ["negative", "positive"]),
+        ("trec/train.jsonl", 5452, ["0", "1", "2", "3", "4", "5"]),
+        ("sms_spam/SMSSpamCollection.tsv", 5574, ["ham", "spam"]),
+    ],
+)
 def test_real_classification_files(name: str, rows: int, labels: list[str]) -> None:
     examples = load_examples(DATASETS / name, "classification")
     assert len(examples) == rows and label_set(examples) == labels

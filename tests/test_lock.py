@@ -66,10 +66,13 @@ def installed_closure() -> dict[str, str]:
 
 def lock_text() -> str:
     lines = [f"{name}=={Version(version).public}" for name, version in sorted(installed_closure().items())]
-    return ("# The exact versions the tests ran with: pyproject's dependencies, its dev and postgres extras, and\n"
-            "# everything they pull in (Linux, Python 3.11). `make install` installs with it. Regenerate from an\n"
-            "# installed environment with `make lock` (python3 tests/test_lock.py > constraints.txt).\n"
-            + "\n".join(lines) + "\n")
+    return (
+        "# The exact versions the tests ran with: pyproject's dependencies, its dev and postgres extras, and\n"
+        "# everything they pull in (Linux, Python 3.11). `make install` installs with it. Regenerate from an\n"
+        "# installed environment with `make lock` (python3 tests/test_lock.py > constraints.txt).\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def locked() -> dict[str, str]:
@@ -113,14 +116,17 @@ def test_the_lock_is_closed_under_the_pinned_packages_requirements():
                 continue
             dep = canonicalize_name(req.name)
             assert dep in pins, f"{name} needs {req}, which constraints.txt does not pin"
-            assert req.specifier.contains(pins[dep], prereleases=True), f"{name} needs {req}; locked {pins[dep]}"
+            assert req.specifier.contains(pins[dep], prereleases=True), (
+                f"{name} needs {req}; locked {pins[dep]}"
+            )
 
 
 def test_what_is_installed_is_what_is_locked():
     """The tests run on the locked versions (a machine set up otherwise: make install)."""
     pins = locked()
-    differ = {n: (metadata.version(n), pins[n]) for n in pins
-              if Version(metadata.version(n)).public != pins[n]}
+    differ = {
+        n: (metadata.version(n), pins[n]) for n in pins if Version(metadata.version(n)).public != pins[n]
+    }
     assert not differ, f"installed != constraints.txt (run make install): {differ}"
 
 

@@ -13,8 +13,9 @@ from multitune.errors import ModelError
 from multitune.models import SHORT_NAMES, resolve_source
 
 
-@pytest.mark.parametrize("name", ["bert-base-uncased", "gpt2", "google-bert/bert-base-uncased",
-                                  "HuggingFaceTB/SmolLM2-135M"])
+@pytest.mark.parametrize(
+    "name", ["bert-base-uncased", "gpt2", "google-bert/bert-base-uncased", "HuggingFaceTB/SmolLM2-135M"]
+)
 def test_a_hub_id_gets_the_advice_to_download_it_once(name):
     with pytest.raises(ModelError) as info:
         resolve_source(name)
@@ -54,8 +55,9 @@ def _gemma_gguf(tmp_path_factory) -> str:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("source", ["smollm2-135m", "gemma-3-270m"])
-def test_the_first_load_of_a_gguf_file_is_the_model_later_loads_give(source, tmp_path, tmp_path_factory,
-                                                                     monkeypatch):
+def test_the_first_load_of_a_gguf_file_is_the_model_later_loads_give(
+    source, tmp_path, tmp_path_factory, monkeypatch
+):
     from multitune.bank import MultiTaskModel
     from multitune.models import load_base
 

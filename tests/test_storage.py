@@ -38,8 +38,10 @@ def _holder(folder: Path) -> subprocess.Popen:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder.parent)): p.read_bytes() if p.is_file() else b"<dir>"
-            for p in sorted(folder.parent.rglob("*"))}
+    return {
+        str(p.relative_to(folder.parent)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(folder.parent.rglob("*"))
+    }
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid_and_changes_nothing(tmp_path):
@@ -102,7 +104,9 @@ def test_a_lock_file_of_another_program_does_not_crash_the_refusal(tmp_path):
         print("held", flush=True)
         time.sleep(600)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script, str(lock_path(out))], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(lock_path(out))], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout.readline().strip() == "held"
         with pytest.raises(FolderInUse, match="in use by another process"), output_lock(out, "x"):
@@ -134,9 +138,20 @@ def test_stale_temporaries_are_removed_when_the_lock_is_taken(tmp_path):
     (out / "bank" / "t" / ".deep.tmp-1").mkdir(parents=True)  # deeper than multitune writes: left alone
     with output_lock(out, "x"):
         names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert names == [".other.tmp-9", ".run.lock", "run", "run/.hidden", "run/.notes.tmp", "run/adapter",
-                     "run/adapter/adapter.json", "run/bank", "run/bank/t", "run/bank/t/.deep.tmp-1", "run/checkpoint",
-                     "run/checkpoint/state.json"]
+    assert names == [
+        ".other.tmp-9",
+        ".run.lock",
+        "run",
+        "run/.hidden",
+        "run/.notes.tmp",
+        "run/adapter",
+        "run/adapter/adapter.json",
+        "run/bank",
+        "run/bank/t",
+        "run/bank/t/.deep.tmp-1",
+        "run/checkpoint",
+        "run/checkpoint/state.json",
+    ]
     assert (out / "checkpoint" / "state.json").read_text() == "previous"  # the swap's old side is put back
     assert (out / "adapter" / "adapter.json").read_text() == "new"
 
@@ -175,8 +190,11 @@ def umask(request):
 
 
 def _modes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in sorted(folder.rglob("*"))
-            if not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): p.stat().st_mode & 0o777
+        for p in sorted(folder.rglob("*"))
+        if not p.is_symlink()
+    }
 
 
 def _want(folder: Path, mask: int) -> dict[str, int]:
@@ -220,15 +238,35 @@ def test_a_run_folder_and_a_report_are_readable_by_the_group(bert_dir, tmp_path,
     from multitune.training.train import run
 
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in toy_sentiment(32)))
+    data.write_text(
+        "".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in toy_sentiment(32))
+    )
     out = tmp_path / "run"
-    run(RunConfig(model=str(bert_dir), output=str(out), data=DataConfig(data=str(data)),
-                  train=TrainConfig(epochs=1, batch_size=8, keep_checkpoint=True)), progress=False)
+    run(
+        RunConfig(
+            model=str(bert_dir),
+            output=str(out),
+            data=DataConfig(data=str(data)),
+            train=TrainConfig(epochs=1, batch_size=8, keep_checkpoint=True),
+        ),
+        progress=False,
+    )
     assert {"adapter/adapter.safetensors", "checkpoint/state.safetensors", "result.json"} <= set(_modes(out))
     assert _modes(out) == _want(out, umask), {k: oct(v) for k, v in _modes(out).items()}
     report = tmp_path / "cmp"
-    write_report(report, [{"method": "lora", "metric": "accuracy", "test": {"accuracy": 0.5},
-                           "trainable_parameters": 10, "stored_bytes": 100}], {"metric": "accuracy"})
+    write_report(
+        report,
+        [
+            {
+                "method": "lora",
+                "metric": "accuracy",
+                "test": {"accuracy": 0.5},
+                "trainable_parameters": 10,
+                "stored_bytes": 100,
+            }
+        ],
+        {"metric": "accuracy"},
+    )
     assert _modes(report) == _want(report, umask)
 
 
@@ -261,20 +299,26 @@ def _edit(folder: Path, change) -> None:
     (folder / "adapter.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    (lambda m: m["task"].pop("config"), "field 'task.config' is missing"),
-    (lambda m: m["task"]["config"].update(bogus=1), "setting(s) 'bogus' that lora does not know"),
-    (lambda m: m["task"]["config"].update(rank="8"), "task.config.rank have a value of the wrong type"),
-    (lambda m: m["task"]["config"].update(rank=0), "task.config: lora rank must be >= 1"),
-    (lambda m: m["task"].update(kind="regression"), "field 'task.kind' is not one of classification, generation"),
-    (lambda m: m["task"].update(method="nope"), "field 'task.method' is not one of"),
-    (lambda m: m["task"].pop("name"), "field 'task.name' is missing"),
-    (lambda m: m["task"].update(labels="neg,pos"), "field 'task.labels' is not a list of strings"),
-    (lambda m: m["task"].update(labels=["one"]), "needs at least 2 labels"),
-    (lambda m: m.pop("task"), "field 'task' is missing"),
-    (lambda m: m.update(version=99), "newer multitune (version 99"),
-    (lambda m: m.pop("base_model"), "field 'base_model' is missing"),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda m: m["task"].pop("config"), "field 'task.config' is missing"),
+        (lambda m: m["task"]["config"].update(bogus=1), "setting(s) 'bogus' that lora does not know"),
+        (lambda m: m["task"]["config"].update(rank="8"), "task.config.rank have a value of the wrong type"),
+        (lambda m: m["task"]["config"].update(rank=0), "task.config: lora rank must be >= 1"),
+        (
+            lambda m: m["task"].update(kind="regression"),
+            "field 'task.kind' is not one of classification, generation",
+        ),
+        (lambda m: m["task"].update(method="nope"), "field 'task.method' is not one of"),
+        (lambda m: m["task"].pop("name"), "field 'task.name' is missing"),
+        (lambda m: m["task"].update(labels="neg,pos"), "field 'task.labels' is not a list of strings"),
+        (lambda m: m["task"].update(labels=["one"]), "needs at least 2 labels"),
+        (lambda m: m.pop("task"), "field 'task' is missing"),
+        (lambda m: m.update(version=99), "newer multitune (version 99"),
+        (lambda m: m.pop("base_model"), "field 'base_model' is missing"),
+    ],
+)
 def test_a_damaged_adapter_document_is_one_line_naming_the_field_and_the_file(tmp_path, change, expected):
     from helpers import tiny_base
 
@@ -292,9 +336,15 @@ def test_a_damaged_adapter_document_is_one_line_naming_the_field_and_the_file(tm
     assert bank.tasks == {}  # nothing half-added
 
 
-@pytest.mark.parametrize("document", [
-    {"format": "SECRET-VALUE-123"}, ["SECRET-VALUE-123"], "SECRET-VALUE-123", {"SECRET-VALUE-123": 1},
-])
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"format": "SECRET-VALUE-123"},
+        ["SECRET-VALUE-123"],
+        "SECRET-VALUE-123",
+        {"SECRET-VALUE-123": 1},
+    ],
+)
 def test_a_foreign_json_file_is_refused_without_echoing_it(tmp_path, document):
     from multitune.errors import ConfigError
     from multitune.storage import read_adapter_config
@@ -319,8 +369,15 @@ def _bert_with_tokenizer(shuffle: bool = False, hidden: int = 32):
 
     from multitune.models import base_from_model
 
-    config = t.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    config = t.BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     tokenizer = word_tokenizer()
     if shuffle:
         words = list(WORDS)
@@ -341,7 +398,10 @@ def test_an_adapter_of_another_base_is_refused_naming_both_bases(tmp_path):
 
     folder = _saved_adapter(tmp_path / "adapter")
     assert json.loads((folder / "adapter.json").read_text())["base"] == tiny_base("bert").fingerprint
-    for other, differ in ((_bert_with_tokenizer(shuffle=True), "tokenizer"), (tiny_base("gpt2"), "model_type")):
+    for other, differ in (
+        (_bert_with_tokenizer(shuffle=True), "tokenizer"),
+        (tiny_base("gpt2"), "model_type"),
+    ):
         bank = MultiTaskModel(other)
         with pytest.raises(ModelError) as info:
             load_adapter(bank, folder)
@@ -378,12 +438,30 @@ def test_every_command_that_reads_an_adapter_gives_the_one_line(bert_dir, tmp_pa
     data = tmp_path / "data.csv"
     data.write_text("text,label\n" + "".join(f"{ex.text},{ex.label}\n" for ex in toy_sentiment(32)))
     run = tmp_path / "run"
-    assert main(["train", "--model", str(bert_dir), "--data", str(data), "--output", str(run), "--epochs", "1",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(bert_dir),
+                "--data",
+                str(data),
+                "--output",
+                str(run),
+                "--epochs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     _edit(run / "adapter", lambda m: m["task"].pop("config"))
     capsys.readouterr()
-    for argv in (["eval", str(run)], ["predict", str(run), "--input", str(data), "--output", str(tmp_path / "p.csv")],
-                 ["export-peft", str(run), "--output", str(tmp_path / "peft")]):
+    for argv in (
+        ["eval", str(run)],
+        ["predict", str(run), "--input", str(data), "--output", str(tmp_path / "p.csv")],
+        ["export-peft", str(run), "--output", str(tmp_path / "peft")],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "field 'task.config' is missing" in err, (argv, err)

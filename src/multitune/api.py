@@ -1,9 +1,9 @@
 """The Python API for trained tasks: load one and predict.
 
-    >>> import multitune
-    >>> task = multitune.load("runs/demo")            # a run folder or an adapter folder
-    >>> task.predict(["where is my parcel?"])
-    ['shipping']
+>>> import multitune
+>>> task = multitune.load("runs/demo")            # a run folder or an adapter folder
+>>> task.predict(["where is my parcel?"])
+['shipping']
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ def adapter_folder(path: str | Path) -> Path:
     if (path / "adapter" / CONFIG_FILE).is_file():
         return path / "adapter"
     if not path.exists():
-        raise ConfigError(f"{path} does not exist; give a run folder written by 'multitune train' or its adapter folder")
-    raise ConfigError(f"{path} holds no trained adapter (no {CONFIG_FILE} nor adapter/{CONFIG_FILE}); "
-                      "has its training finished? Resume it with 'multitune train --resume ...'")
+        raise ConfigError(
+            f"{path} does not exist; give a run folder written by 'multitune train' or its adapter folder"
+        )
+    raise ConfigError(
+        f"{path} holds no trained adapter (no {CONFIG_FILE} nor adapter/{CONFIG_FILE}); "
+        "has its training finished? Resume it with 'multitune train --resume ...'"
+    )
 
 
 def _examples(items: Sequence[str | Example]) -> list[Example]:
@@ -50,17 +54,27 @@ class TrainedTask:
     def labels(self) -> list[str]:
         return self.spec.labels
 
-    def predict(self, items: Sequence[str | Example], batch_size: int = 64, **generate_kwargs: Any) -> list[str]:
+    def predict(
+        self, items: Sequence[str | Example], batch_size: int = 64, **generate_kwargs: Any
+    ) -> list[str]:
         """Labels for classification; generated text for generation."""
         examples = _examples(items)
         if self.spec.kind == "classification":
             return predict_labels(self.bank, self.task, examples, self.max_length, batch_size)
-        return generate_texts(self.bank, self.task, examples, self.max_length,
-                              batch_size=max(1, batch_size // 4), **generate_kwargs)
+        return generate_texts(
+            self.bank,
+            self.task,
+            examples,
+            self.max_length,
+            batch_size=max(1, batch_size // 4),
+            **generate_kwargs,
+        )
 
     def predict_proba(self, items: Sequence[str | Example], batch_size: int = 64) -> torch.Tensor:
         if self.spec.kind != "classification":
-            raise ConfigError(f"task '{self.task}' is a generation task; probabilities are for classification")
+            raise ConfigError(
+                f"task '{self.task}' is a generation task; probabilities are for classification"
+            )
         return predict_proba(self.bank, self.task, _examples(items), self.max_length, batch_size)
 
     def evaluate(self, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
@@ -79,5 +93,7 @@ def load(path: str | Path, model: str | None = None, device: str | None = None) 
     if config_file.is_file():
         import yaml
 
-        max_length = int((yaml.safe_load(config_file.read_text()) or {}).get("train", {}).get("max_length", 128))
+        max_length = int(
+            (yaml.safe_load(config_file.read_text()) or {}).get("train", {}).get("max_length", 128)
+        )
     return TrainedTask(bank, spec.name, max_length)

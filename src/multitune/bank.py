@@ -74,7 +74,9 @@ class ModelInputs:
 
     def add_cache(self, cache: Any, mask: torch.Tensor) -> None:
         if self.cache is not None:
-            raise ConfigError("two input-side methods both fill the attention cache; one method per task must")
+            raise ConfigError(
+                "two input-side methods both fill the attention cache; one method per task must"
+            )
         self.cache, self.cache_mask = cache, mask
 
 
@@ -101,7 +103,9 @@ class MultiTaskModel(nn.Module):
         self.base = base
         self.model = base.model  # registered, so .to() and state_dict() see the base
         self.heads = nn.ModuleDict()
-        self.stores = nn.ModuleDict()  # method name -> the module that holds its tasks' tensors (prompts, prefixes)
+        self.stores = (
+            nn.ModuleDict()
+        )  # method name -> the module that holds its tasks' tensors (prompts, prefixes)
         self.tasks: dict[str, TaskSpec] = {}
         self.routing = Routing()
         self._owned: dict[str, dict[str, nn.Parameter]] = {}
@@ -125,7 +129,9 @@ class MultiTaskModel(nn.Module):
     ) -> TaskSpec:
         """Attach a new task's parameters (and its head, for classification); other tasks are untouched."""
         if not _TASK_NAME.match(name):
-            raise ConfigError(f"task name '{name}' must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+            raise ConfigError(
+                f"task name '{name}' must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+            )
         if name in self.tasks:
             raise ConfigError(f"task '{name}' is already in the bank; remove it first or choose another name")
         spec_method = get_method(method)
@@ -140,8 +146,14 @@ class MultiTaskModel(nn.Module):
                 f"generation needs a causal LM or a seq2seq model; {self.base.source} is an encoder. "
                 "Use a decoder such as smollm2-135m, or a classification task"
             )
-        spec = TaskSpec(name, kind, method, asdict(config), list(labels or []),
-                        (pooling or default_pooling(self.base)) if kind == "classification" else None)
+        spec = TaskSpec(
+            name,
+            kind,
+            method,
+            asdict(config),
+            list(labels or []),
+            (pooling or default_pooling(self.base)) if kind == "classification" else None,
+        )
         self._owned[name] = {}
         self.tasks[name] = spec  # before attach: a method may read the task's labels (prompt init)
         try:
@@ -193,7 +205,9 @@ class MultiTaskModel(nn.Module):
         return self._owned[task]
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
-        return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in self.task_parameters(task).items()}
+        return {
+            k: p.detach().to("cpu", copy=True).contiguous() for k, p in self.task_parameters(task).items()
+        }
 
     def load_task_state_dict(self, task: str, state: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors into a task's parameters; every key and shape must match."""
@@ -215,7 +229,11 @@ class MultiTaskModel(nn.Module):
 
     def output_layer_names(self) -> set[str]:
         """Linear layers that methods never wrap: the LM head."""
-        head = self.base.model.get_output_embeddings() if hasattr(self.base.model, "get_output_embeddings") else None
+        head = (
+            self.base.model.get_output_embeddings()
+            if hasattr(self.base.model, "get_output_embeddings")
+            else None
+        )
         return {n for n, m in self.base.model.named_modules() if head is not None and m is head}
 
     def spec(self, task: str) -> TaskSpec:
@@ -235,10 +253,14 @@ class MultiTaskModel(nn.Module):
         method = get_method(self.spec(task).method)
         if method.merge is None:
             foldable = ", ".join(n for n, m in METHODS.items() if m.merge is not None)
-            raise ConfigError(f"'{task}' uses {method.name}, which cannot be folded into the base weights; "
-                              f"methods that can: {foldable}")
+            raise ConfigError(
+                f"'{task}' uses {method.name}, which cannot be folded into the base weights; "
+                f"methods that can: {foldable}"
+            )
         if len(self.tasks) > 1:
-            raise ConfigError(f"merging '{task}' would change the base under the bank's other tasks; merge in a bank of one task")
+            raise ConfigError(
+                f"merging '{task}' would change the base under the bank's other tasks; merge in a bank of one task"
+            )
         method.merge(self, task)
 
     def unmerge(self, task: str) -> None:
@@ -274,8 +296,9 @@ class MultiTaskModel(nn.Module):
             self._inputs_version = self.routing.version
         return self._inputs
 
-    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     task_ids: torch.Tensor) -> tuple[dict[str, Any], int]:
+    def model_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor
+    ) -> tuple[dict[str, Any], int]:
         """The base model's inputs for a batch, and the number of virtual positions prepended to the text.
 
         Input-side methods contribute through their ``inputs`` hook (see :class:`ModelInputs`): soft prompts
@@ -298,8 +321,10 @@ class MultiTaskModel(nn.Module):
         if state.virtual is not None:
             embeds = self.base.model.get_input_embeddings()(input_ids)  # (B, L, d)
             assert state.virtual_mask is not None
-            inputs = {"inputs_embeds": torch.cat([state.virtual.to(embeds.dtype), embeds], dim=1),
-                      "attention_mask": torch.cat([state.virtual_mask.to(attention_mask.dtype), attention_mask], 1)}
+            inputs = {
+                "inputs_embeds": torch.cat([state.virtual.to(embeds.dtype), embeds], dim=1),
+                "attention_mask": torch.cat([state.virtual_mask.to(attention_mask.dtype), attention_mask], 1),
+            }
         cached = 0
         if state.cache is not None:
             assert state.cache_mask is not None
@@ -315,8 +340,16 @@ class MultiTaskModel(nn.Module):
             inputs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, cached:]
         return inputs, width
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor, *,
-            backbone: bool = False, decoder_length: int | None = None, **model_kwargs: Any) -> Routed:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task_ids: torch.Tensor,
+        *,
+        backbone: bool = False,
+        decoder_length: int | None = None,
+        **model_kwargs: Any,
+    ) -> Routed:
         """One routed forward of the base: the rows' tasks applied at every hook point.
 
         ``backbone``: the model without its LM head (hidden states). ``decoder_length``: for seq2seq, the
@@ -328,7 +361,9 @@ class MultiTaskModel(nn.Module):
         with self.routed(task_ids):
             inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
             prefix_mask = inputs.pop("_prefix_mask", None)
-            if prefix_mask is not None:  # T5 with prefixes: the decoder's mask is [prefix mask; its own positions]
+            if (
+                prefix_mask is not None
+            ):  # T5 with prefixes: the decoder's mask is [prefix mask; its own positions]
                 length = decoder_length or 1
                 ones = prefix_mask.new_ones(input_ids.shape[0], length)
                 inputs["decoder_attention_mask"] = torch.cat([prefix_mask, ones], dim=1)
@@ -341,19 +376,29 @@ class MultiTaskModel(nn.Module):
         method = get_method(self.spec(task).method)
         return method.positions(self, task) if method.positions is not None else 0
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      task_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor
+    ) -> torch.Tensor:
         """The last hidden states of the text positions (B, L, d); for seq2seq, the first decoder step (B, 1, d)."""
         if self.base.arch == "seq2seq":
             start = self.base.model.config.decoder_start_token_id or 0
-            decoder_input_ids = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
-            routed = self.run(input_ids, attention_mask, task_ids, decoder_input_ids=decoder_input_ids,
-                              output_hidden_states=True)
+            decoder_input_ids = torch.full(
+                (input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device
+            )
+            routed = self.run(
+                input_ids,
+                attention_mask,
+                task_ids,
+                decoder_input_ids=decoder_input_ids,
+                output_hidden_states=True,
+            )
             return routed.out.decoder_hidden_states[-1]
         routed = self.run(input_ids, attention_mask, task_ids, backbone=True)
-        return routed.out.last_hidden_state[:, routed.width:]
+        return routed.out.last_hidden_state[:, routed.width :]
 
-    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def classify(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf.
 
         Rows of a task whose method scores labels itself (prompting) get that method's scores, not a head's.
@@ -377,13 +422,18 @@ class MultiTaskModel(nn.Module):
             head = self.heads[task]
             out = head(pooled.to(head.weight.dtype))
             if len(present) == 1:
-                logits = out if out.shape[1] == width else F.pad(out, (0, width - out.shape[1]), value=float("-inf"))
+                logits = (
+                    out
+                    if out.shape[1] == width
+                    else F.pad(out, (0, width - out.shape[1]), value=float("-inf"))
+                )
             else:
                 logits[rows, : out.shape[1]] = out
         return logits
 
-    def _classify_scored(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         task_ids: torch.Tensor) -> torch.Tensor | None:
+    def _classify_scored(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor
+    ) -> torch.Tensor | None:
         """Logits of a batch with rows whose method has ``score``: those rows by it, the rest by their heads."""
         slots = self.slots
         present = sorted({int(t) for t in task_ids.tolist()})
@@ -410,18 +460,28 @@ class MultiTaskModel(nn.Module):
         """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
         labels = batch["labels"]
         if self.base.arch == "seq2seq":
-            logits = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"], labels=labels,
-                              decoder_length=labels.shape[1]).out.logits
+            logits = self.run(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["task_ids"],
+                labels=labels,
+                decoder_length=labels.shape[1],
+            ).out.logits
         else:
             routed = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-            logits, labels = routed.out.logits[:, routed.width:-1], labels[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                              ignore_index=-100, reduction="sum")
+            logits, labels = routed.out.logits[:, routed.width : -1], labels[:, 1:]
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         return nll, (labels != -100).sum()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor,
-                 **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         """Generated token ids; decoders return only the new tokens (inputs must be left-padded).
 
         With prefixes, ``generate`` is given a cache that already holds n positions; it expects the
@@ -439,21 +499,29 @@ class MultiTaskModel(nn.Module):
             if self.base.arch == "seq2seq" and cached:
                 start = self.base.model.config.decoder_start_token_id or 0
                 inputs["decoder_input_ids"] = torch.cat(
-                    [torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device),
-                     torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)], dim=1)
+                    [
+                        torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device),
+                        torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device),
+                    ],
+                    dim=1,
+                )
                 prefix_mask = inputs.pop("_prefix_mask")
-                inputs["decoder_attention_mask"] = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=1)
+                inputs["decoder_attention_mask"] = torch.cat(
+                    [prefix_mask, prefix_mask.new_ones(batch, 1)], dim=1
+                )
             elif cached and "input_ids" in inputs:
                 placeholder = torch.full((batch, cached), pad, dtype=torch.long, device=input_ids.device)
                 inputs["input_ids"] = torch.cat([placeholder, input_ids], dim=1)
             elif cached:
                 embeds = inputs["inputs_embeds"]
-                inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(batch, cached, embeds.shape[-1]), embeds], dim=1)
+                inputs["inputs_embeds"] = torch.cat(
+                    [embeds.new_zeros(batch, cached, embeds.shape[-1]), embeds], dim=1
+                )
             out = self.base.model.generate(**inputs, **kwargs)
         if self.base.arch == "seq2seq":
             return out[:, cached:]
         if "input_ids" in inputs:
-            return out[:, inputs["input_ids"].shape[1]:]
+            return out[:, inputs["input_ids"].shape[1] :]
         return out  # from inputs_embeds, a decoder returns only the new tokens
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -37,17 +37,33 @@ DEVICE_HELP = "where to run: cpu, cuda (or cuda:N) or auto, which takes cuda whe
 
 @dataclass
 class DataConfig:
-    data: str | None = field(default=None, metadata={"help": "training data file (.csv .tsv .json .jsonl .parquet)"})
-    validation_data: str | None = field(default=None, metadata={"help": "validation file (default: split from --data)"})
+    data: str | None = field(
+        default=None, metadata={"help": "training data file (.csv .tsv .json .jsonl .parquet)"}
+    )
+    validation_data: str | None = field(
+        default=None, metadata={"help": "validation file (default: split from --data)"}
+    )
     test_data: str | None = field(default=None, metadata={"help": "test file (default: split from --data)"})
-    text_column: str | None = field(default=None, metadata={"help": "column with the input text (default: auto)"})
-    text_pair_column: str | None = field(default=None, metadata={"help": "column with a second text, for pairs"})
-    label_column: str | None = field(default=None, metadata={"help": "column with the class label (default: auto)"})
-    prompt_column: str | None = field(default=None, metadata={"help": "generation: prompt or instruction column"})
-    input_column: str | None = field(default=None, metadata={"help": "generation: extra input appended to the prompt"})
+    text_column: str | None = field(
+        default=None, metadata={"help": "column with the input text (default: auto)"}
+    )
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "column with a second text, for pairs"}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "column with the class label (default: auto)"}
+    )
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "generation: prompt or instruction column"}
+    )
+    input_column: str | None = field(
+        default=None, metadata={"help": "generation: extra input appended to the prompt"}
+    )
     response_column: str | None = field(default=None, metadata={"help": "generation: target text column"})
-    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1],
-                               metadata={"help": "train,validation,test ratios when splitting one file"})
+    split: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1],
+        metadata={"help": "train,validation,test ratios when splitting one file"},
+    )
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split"})
     drop_empty: bool = field(default=False, metadata={"help": "drop rows with an empty text or label"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most N training examples"})
@@ -56,10 +72,25 @@ class DataConfig:
         """Read, validate and split the data as these settings say."""
         if not self.data:
             raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
-        columns = Columns(self.text_column, self.text_pair_column, self.label_column, self.prompt_column,
-                          self.input_column, self.response_column)
-        return prepare_splits(self.data, kind, columns, self.validation_data, self.test_data,  # type: ignore[arg-type]
-                              tuple(self.split), self.split_seed, self.drop_empty, self.max_examples)
+        columns = Columns(
+            self.text_column,
+            self.text_pair_column,
+            self.label_column,
+            self.prompt_column,
+            self.input_column,
+            self.response_column,
+        )
+        return prepare_splits(
+            self.data,
+            kind,
+            columns,
+            self.validation_data,
+            self.test_data,  # type: ignore[arg-type]
+            tuple(self.split),
+            self.split_seed,
+            self.drop_empty,
+            self.max_examples,
+        )
 
 
 @dataclass
@@ -68,18 +99,32 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={"help": "stop after N optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per forward pass in evaluation"})
-    learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "peak learning rate (default: the method's)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
-    scheduler: str = field(default="linear", metadata={"help": "learning-rate decay: linear, cosine or constant"})
+    scheduler: str = field(
+        default="linear", metadata={"help": "learning-rate decay: linear, cosine or constant"}
+    )
     grad_accum: int = field(default=1, metadata={"help": "batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    eval_every: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: each epoch)"})
+    eval_every: int | None = field(
+        default=None, metadata={"help": "evaluate every N steps (default: each epoch)"}
+    )
     patience: int = field(default=3, metadata={"help": "evaluations without improvement before stopping"})
-    metric: str | None = field(default=None, metadata={"help": "early-stopping metric (default: accuracy or loss)"})
-    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
-    keep_checkpoint: bool = field(default=False, metadata={
-        "help": "keep RUN/checkpoint when the run has finished (default: removed, the adapter is what is kept)"})
+    metric: str | None = field(
+        default=None, metadata={"help": "early-stopping metric (default: accuracy or loss)"}
+    )
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "write a resumable checkpoint every N steps"}
+    )
+    keep_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "keep RUN/checkpoint when the run has finished (default: removed, the adapter is what is kept)"
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "truncate inputs to N tokens"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation: tokens to generate in evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
@@ -88,12 +133,18 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: str = field(default="minilm", metadata={"help": "short name (minilm, smollm2-135m), HF folder or .gguf"})
-    task: str | None = field(default=None, metadata={
-        "help": "task name: letters, digits, _ and - (default: the --output folder's name)"})
+    model: str = field(
+        default="minilm", metadata={"help": "short name (minilm, smollm2-135m), HF folder or .gguf"}
+    )
+    task: str | None = field(
+        default=None,
+        metadata={"help": "task name: letters, digits, _ and - (default: the --output folder's name)"},
+    )
     kind: str = field(default="classification", metadata={"help": "classification or generation"})
     method: str = field(default="lora", metadata={"help": "adaptation method: " + ", ".join(sorted(METHODS))})
-    output: str = field(default="runs/run", metadata={"help": "run folder: config, metrics, checkpoints, adapter"})
+    output: str = field(
+        default="runs/run", metadata={"help": "run folder: config, metrics, checkpoints, adapter"}
+    )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict[str, Any] = field(default_factory=dict)  # method name -> its config dataclass
@@ -203,7 +254,9 @@ def _escape(text: str) -> str:
     return text.replace("%", "%%")  # argparse %-formats help strings
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", dest_prefix: str = "") -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", dest_prefix: str = ""
+) -> None:
     """One flag per setting of ``cls``; bools are ``--x`` / ``--no-x``.
 
     Defaults stay None, so that only the flags given override a config file and the dataclass defaults;
@@ -215,15 +268,28 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
         is_list = any(typing.get_origin(m) is list for m in _members(f.type))
         help_text = _escape(setting_help(f.metadata.get("help", ""), field_default(f), is_list))
         if f.type is bool:
-            action = group.add_argument(flag, dest=dest_prefix + f.name, action=argparse.BooleanOptionalAction,
-                                        default=None, help=help_text)
+            action = group.add_argument(
+                flag,
+                dest=dest_prefix + f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
         else:
-            action = group.add_argument(flag, dest=dest_prefix + f.name, type=_flag_type(f.type), default=None,
-                                        metavar=f.name.upper(), help=help_text)
+            action = group.add_argument(
+                flag,
+                dest=dest_prefix + f.name,
+                type=_flag_type(f.type),
+                default=None,
+                metavar=f.name.upper(),
+                help=help_text,
+            )
         action.annotation = f.type  # type: ignore[attr-defined]
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, methods: typing.Iterable[str] | None = None) -> None:
+def add_method_arguments(
+    parser: argparse.ArgumentParser, methods: typing.Iterable[str] | None = None
+) -> None:
     """The flags of each method's settings (``--lora-rank``), of ``methods`` or of every registered one."""
     for name in sorted(METHODS if methods is None else methods):
         add_arguments(parser, METHODS[name].config_class, prefix=f"{name}-", dest_prefix=f"methods.{name}.")
@@ -245,34 +311,50 @@ class ConfigFileAction(argparse.Action):
     """``--config FILE``: stores the path and remembers the parser it belongs to (a subcommand's), so that
     :func:`parse_args` reads the file against that command's flags and no other's."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, values)
         setattr(namespace, _OWNER, parser)
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action=ConfigFileAction, metavar="FILE",
-                        help="YAML file of settings: any flag of this command as a key named as the flag "
-                        "(max_steps: 3, lora_rank: 4) or in its section (train: {max_steps: 3}, lora: {rank: 4}), "
-                        "as a run's config.yaml holds them; flags given override it")
+    parser.add_argument(
+        "--config",
+        action=ConfigFileAction,
+        metavar="FILE",
+        help="YAML file of settings: any flag of this command as a key named as the flag "
+        "(max_steps: 3, lora_rank: 4) or in its section (train: {max_steps: 3}, lora: {rank: 4}), "
+        "as a run's config.yaml holds them; flags given override it",
+    )
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: typing.Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: typing.Sequence[str] | None = None
+) -> argparse.Namespace:
     """Parse ``argv``; when it gives ``--config FILE``, the file's settings become the defaults of a second
     parse, so that the flags given still win. A bad file raises ConfigError (one line)."""
     args = parser.parse_args(argv)
     owner = vars(args).pop(_OWNER, None)
     if owner is None or not args.config:
         return args
-    owner.set_defaults(**settings_from_mapping(read_yaml_mapping(args.config, "a mapping of settings"), owner,
-                                               f"config file {args.config}"))
+    owner.set_defaults(
+        **settings_from_mapping(
+            read_yaml_mapping(args.config, "a mapping of settings"), owner, f"config file {args.config}"
+        )
+    )
     args = parser.parse_args(argv)
     vars(args).pop(_OWNER, None)
     return args
 
 
-def _settable(parser: argparse.ArgumentParser) -> tuple[dict[str, argparse.Action], dict[str, dict[str, argparse.Action]]]:
+def _settable(
+    parser: argparse.ArgumentParser,
+) -> tuple[dict[str, argparse.Action], dict[str, dict[str, argparse.Action]]]:
     """(flat keys, sections) of a parser's flags: ``max_steps`` and ``train: max_steps`` for ``--max-steps``
     (destination ``train.max_steps``); ``lora_rank`` and ``lora: rank`` for ``methods.lora.rank``."""
     flat: dict[str, argparse.Action] = {}
@@ -293,7 +375,9 @@ def _suggest(name: str, known: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def settings_parser(sections: typing.Sequence[tuple[type, str]], methods: typing.Iterable[str] = ()) -> argparse.ArgumentParser:
+def settings_parser(
+    sections: typing.Sequence[tuple[type, str]], methods: typing.Iterable[str] = ()
+) -> argparse.ArgumentParser:
     """A parser that only describes settings (never parses a command line): the flags of each
     ``(config class, destination prefix)`` and of ``methods``, for :func:`settings_from_mapping` to check a
     mapping against where no command's parser applies (the task entries of ``train-multi``)."""
@@ -315,8 +399,13 @@ def split_settings(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def settings_from_mapping(raw: dict[str, Any], parser: argparse.ArgumentParser, where: str,
-                          ignore: typing.Iterable[str] = (), known: typing.Iterable[str] = ()) -> dict[str, Any]:
+def settings_from_mapping(
+    raw: dict[str, Any],
+    parser: argparse.ArgumentParser,
+    where: str,
+    ignore: typing.Iterable[str] = (),
+    known: typing.Iterable[str] = (),
+) -> dict[str, Any]:
     """The values of a config mapping by flag destination (``{"train.max_steps": 3}``), checked against
     ``parser``'s flags: flat keys named as the flags or sections, every problem in one ConfigError.
 
@@ -356,8 +445,10 @@ def settings_from_mapping(raw: dict[str, Any], parser: argparse.ArgumentParser, 
         elif name in flat:
             put(flat[name], value, name)
         elif name in sections:
-            problems.append(f"'{name}:' must be a section of settings such as {', '.join(list(sections[name])[:3])} "
-                            f"(got {type(value).__name__}); or give them flat ({next(iter(sections[name]))}: ...)")
+            problems.append(
+                f"'{name}:' must be a section of settings such as {', '.join(list(sections[name])[:3])} "
+                f"(got {type(value).__name__}); or give them flat ({next(iter(sections[name]))}: ...)"
+            )
         elif name in METHODS and not value:
             continue
         elif name in METHODS:
@@ -365,8 +456,11 @@ def settings_from_mapping(raw: dict[str, Any], parser: argparse.ArgumentParser, 
         else:
             unknown.append(f"{key}{_suggest(name, [*flat, *sections, *known])}")
     if unknown:
-        problems.insert(0, f"unknown setting(s) {', '.join(unknown)} in {where}; keys are the flags' names "
-                        f"(max_steps for --max-steps) or sit in the sections {', '.join(s + ':' for s in sections)}")
+        problems.insert(
+            0,
+            f"unknown setting(s) {', '.join(unknown)} in {where}; keys are the flags' names "
+            f"(max_steps for --max-steps) or sit in the sections {', '.join(s + ':' for s in sections)}",
+        )
     if problems:
         raise ConfigError("; ".join(problems) if unknown else f"{where}: {'; '.join(problems)}")
     return values
@@ -427,7 +521,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(known))}"
+        )
     return cls(**values)
 
 
@@ -441,7 +537,9 @@ def read_yaml_mapping(path: str | Path, expected: str) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
     except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason}); save it as UTF-8") from error
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({error.reason}); save it as UTF-8"
+        ) from error
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold {expected}")
     return raw
@@ -481,8 +579,10 @@ def validate(config: RunConfig) -> None:
     if config.kind not in ("classification", "generation"):
         problems.append(f"kind must be classification or generation (got '{config.kind}')")
     if not TASK_NAME.fullmatch(config.task or ""):
-        problems.append(f"task name '{config.task}' must be letters, digits, _ and - (at most 64, starting with a "
-                        "letter or digit); fix --task")
+        problems.append(
+            f"task name '{config.task}' must be letters, digits, _ and - (at most 64, starting with a "
+            "letter or digit); fix --task"
+        )
     t = config.train
     for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "checkpoint_every", "max_length"):
         if getattr(t, name) < 1:
@@ -499,8 +599,10 @@ def validate(config: RunConfig) -> None:
         problems.append(device_problem(t.device))  # type: ignore[arg-type]
     d = config.data
     if len(d.split) != 3 or any(r < 0 for r in d.split) or abs(sum(d.split) - 1) > 1e-6:
-        problems.append(f"split must be three non-negative ratios summing to 1, e.g. 0.8,0.1,0.1 (got "
-                        f"{','.join(map(str, d.split))})")
+        problems.append(
+            f"split must be three non-negative ratios summing to 1, e.g. 0.8,0.1,0.1 (got "
+            f"{','.join(map(str, d.split))})"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -516,7 +618,9 @@ def run_config_values(config: RunConfig) -> dict[str, Any]:
     values: dict[str, Any] = settings_dict(config)
     values.update({f"data.{k}": v for k, v in settings_dict(config.data).items()})
     values.update({f"train.{k}": v for k, v in settings_dict(config.train).items()})
-    values.update({f"methods.{config.method}.{k}": v for k, v in settings_dict(config.method_config()).items()})
+    values.update(
+        {f"methods.{config.method}.{k}": v for k, v in settings_dict(config.method_config()).items()}
+    )
     return values
 
 

@@ -27,14 +27,29 @@ from multitune.errors import ConfigError, DataError
 
 TaskKind = Literal["classification", "generation"]
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-           ".parquet": "parquet"}
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
 SUPPORTED = ".csv .tsv .json .jsonl .ndjson .parquet"
 
 # Common column names, best first: auto-detection takes the first name present (case-insensitive).
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "text": ("text", "sentence", "review", "question", "content", "sms", "document", "input_text",
-             "utterance"),
+    "text": (
+        "text",
+        "sentence",
+        "review",
+        "question",
+        "content",
+        "sms",
+        "document",
+        "input_text",
+        "utterance",
+    ),
     "text_pair": (),  # never guessed: a wrong guess would silently turn a task into a pair task
     "label": ("label", "labels", "category", "class", "target", "intent", "sentiment"),
     "prompt": ("prompt", "instruction", "question", "query"),
@@ -97,8 +112,10 @@ def read_table(path: str | Path) -> list[dict[str, object]]:
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path} has an unsupported extension '{path.suffix}'; use one of {SUPPORTED} "
-                        "(export spreadsheets as .csv)")
+        raise DataError(
+            f"{path} has an unsupported extension '{path.suffix}'; use one of {SUPPORTED} "
+            "(export spreadsheets as .csv)"
+        )
     if not path.exists():
         raise DataError(f"{path} does not exist; check the path")
     if path.is_dir():
@@ -125,23 +142,29 @@ def _decode(path: Path, raw: bytes, fmt: str) -> str:
         raise DataError(f"{path} is UTF-16 text, not UTF-8; re-save it as UTF-8")
     nul = raw.find(b"\x00")
     if nul >= 0:
-        raise DataError(f"{path} looks binary (NUL byte at offset {nul}), not {fmt.upper()} text; "
-                        f"pass a text {fmt.upper()} file or use the extension that matches its format")
+        raise DataError(
+            f"{path} looks binary (NUL byte at offset {nul}), not {fmt.upper()} text; "
+            f"pass a text {fmt.upper()} file or use the extension that matches its format"
+        )
     bom = len(b"\xef\xbb\xbf") if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
         return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
         at = bom + e.start
-        raise DataError(f"{path} is not valid UTF-8 (byte 0x{raw[at]:02x} at offset {at}); "
-                        "re-save it as UTF-8") from None
+        raise DataError(
+            f"{path} is not valid UTF-8 (byte 0x{raw[at]:02x} at offset {at}); re-save it as UTF-8"
+        ) from None
 
 
 def _read_csv(path: Path, text: str) -> list[dict[str, object]]:
     """CSV with the usual quoting; TSV the IANA way (tabs separate, quotes are literal, as in SMS Spam)."""
     _reject_json_in_csv(path, text)
     tsv = path.suffix.lower() == ".tsv"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
-                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    reader = csv.reader(
+        io.StringIO(text, newline=""),
+        delimiter="\t" if tsv else ",",
+        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+    )
     try:
         header = next(reader, None)
         if header is None:
@@ -151,13 +174,16 @@ def _read_csv(path: Path, text: str) -> list[dict[str, object]]:
             if not any(f.strip() for f in fields):
                 continue  # blank line
             if len(fields) > len(header):
-                raise DataError(f"line {reader.line_num} of {path} has {len(fields)} fields but the header "
-                                f"has {len(header)}; quote fields that contain the separator")
+                raise DataError(
+                    f"line {reader.line_num} of {path} has {len(fields)} fields but the header "
+                    f"has {len(header)}; quote fields that contain the separator"
+                )
             rows.append({name: (fields[i] if i < len(fields) else "") for i, name in enumerate(header)})
     except csv.Error as e:
         fmt = "TSV" if tsv else "CSV"
-        raise DataError(f"line {reader.line_num} of {path} cannot be parsed as {fmt} ({e}); "
-                        "fix the quoting on that line") from None
+        raise DataError(
+            f"line {reader.line_num} of {path} cannot be parsed as {fmt} ({e}); fix the quoting on that line"
+        ) from None
     return rows
 
 
@@ -194,16 +220,20 @@ def _read_json(path: Path, text: str) -> list[dict[str, object]]:
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(f"{path} holds a JSON object with keys {_shown(list(data))}; expected an array "
-                            "of row objects, or an object with exactly one list of rows such as "
-                            "{\"data\": [...]}")
+            raise DataError(
+                f"{path} holds a JSON object with keys {_shown(list(data))}; expected an array "
+                "of row objects, or an object with exactly one list of rows such as "
+                '{"data": [...]}'
+            )
         data = data[lists[0]]
     if not isinstance(data, list):
         raise DataError(f"{path} holds a JSON {type(data).__name__}; expected an array of row objects")
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise DataError(f"row {i} of {path} is a {_json_type(row)}, not an object; "
-                            "each row must be an object such as {\"text\": ..., \"label\": ...}")
+            raise DataError(
+                f"row {i} of {path} is a {_json_type(row)}, not an object; "
+                'each row must be an object such as {"text": ..., "label": ...}'
+            )
     return data
 
 
@@ -219,11 +249,14 @@ def _read_jsonl(path: Path, text: str) -> list[dict[str, object]]:
             hint = "each line must hold one JSON object"
             if number == 1 and text.lstrip().startswith("[") and _parses(text):
                 hint = "the file is one JSON array, so rename it to .json"
-            raise DataError(f"line {number} of {path} is not valid JSON ({e.msg} at column {e.colno}); "
-                            f"{hint}") from None
+            raise DataError(
+                f"line {number} of {path} is not valid JSON ({e.msg} at column {e.colno}); {hint}"
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"line {number} of {path} holds a {_json_type(row)}, not an object; "
-                            "each line must hold one JSON object such as {\"text\": ..., \"label\": ...}")
+            raise DataError(
+                f"line {number} of {path} holds a {_json_type(row)}, not an object; "
+                'each line must hold one JSON object such as {"text": ..., "label": ...}'
+            )
         rows.append(row)
     return rows
 
@@ -236,8 +269,10 @@ def _json_type(value: object) -> str:
 def _read_parquet(path: Path, raw: bytes) -> list[dict[str, object]]:
     """Parquet via pyarrow; checks the magic bytes first so a mislabelled file gets a plain message."""
     if not (raw.startswith(b"PAR1") and raw.endswith(b"PAR1")):
-        raise DataError(f"{path} is not a Parquet file (no PAR1 magic bytes); "
-                        "use the extension that matches its format (.csv .tsv .json .jsonl)")
+        raise DataError(
+            f"{path} is not a Parquet file (no PAR1 magic bytes); "
+            "use the extension that matches its format (.csv .tsv .json .jsonl)"
+        )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -252,8 +287,9 @@ def _read_parquet(path: Path, raw: bytes) -> list[dict[str, object]]:
 
 
 # ---- rows to examples ---------------------------------------------------------------------------------
-def load_examples(path: str | Path, kind: TaskKind, columns: Columns = Columns(),
-                  drop_empty: bool = False) -> list[Example]:
+def load_examples(
+    path: str | Path, kind: TaskKind, columns: Columns = Columns(), drop_empty: bool = False
+) -> list[Example]:
     """Read ``path`` and turn each row into an :class:`Example` for ``kind``.
 
     Rows whose required fields (text/label, or prompt/response, and the text pair when given) are empty
@@ -266,21 +302,29 @@ def load_examples(path: str | Path, kind: TaskKind, columns: Columns = Columns()
     rows = read_table(path)
     found = list(dict.fromkeys(k for row in rows for k in row))  # union of keys, first-seen order
     mapping = _resolve_columns(path, kind, columns, found)
-    values = {role: [_as_text(path, i, col, row.get(col)) for i, row in enumerate(rows, 1)]
-              for role, col in mapping.items()}
+    values = {
+        role: [_as_text(path, i, col, row.get(col)) for i, row in enumerate(rows, 1)]
+        for role, col in mapping.items()
+    }
     checked = [r for r in (*REQUIRED[kind], "text_pair") if r in mapping]
     empty = {r: [i for i, v in enumerate(values[r], 1) if not v.strip()] for r in checked}
     bad_rows = sorted({i for rows_ in empty.values() for i in rows_})
     if bad_rows and not drop_empty:
-        problems = [f"{len(rs)} rows have an empty '{mapping[r]}' (rows {_shown(rs)})"
-                    for r, rs in empty.items() if rs]
-        raise DataError(f"{path}: {'; '.join(problems)} (row 1 is the first data row); "
-                        "remove them or pass --drop-empty")
+        problems = [
+            f"{len(rs)} rows have an empty '{mapping[r]}' (rows {_shown(rs)})"
+            for r, rs in empty.items()
+            if rs
+        ]
+        raise DataError(
+            f"{path}: {'; '.join(problems)} (row 1 is the first data row); remove them or pass --drop-empty"
+        )
     bad = set(bad_rows)
     keep = [i for i in range(len(rows)) if i + 1 not in bad]
     if not keep:
-        raise DataError(f"{path}: all {len(rows)} rows have an empty "
-                        f"{' or '.join(repr(mapping[r]) for r in checked)}; fill them in")
+        raise DataError(
+            f"{path}: all {len(rows)} rows have an empty "
+            f"{' or '.join(repr(mapping[r]) for r in checked)}; fill them in"
+        )
     return [_example(kind, values, i) for i in keep]
 
 
@@ -299,8 +343,9 @@ def _example(kind: str, values: dict[str, list[str]], i: int) -> Example:
 INPUTS = {"classification": ("text",), "generation": ("prompt",)}
 
 
-def load_inputs(path: str | Path, kind: TaskKind, columns: Columns = Columns()) -> tuple[list[dict[str, object]],
-                                                                                        list[Example]]:
+def load_inputs(
+    path: str | Path, kind: TaskKind, columns: Columns = Columns()
+) -> tuple[list[dict[str, object]], list[Example]]:
     """Rows to predict and their examples: only the input column is required; labels are used if present.
 
     Every row gets a prediction, so a row with an empty input is an error naming it, not dropped.
@@ -311,13 +356,17 @@ def load_inputs(path: str | Path, kind: TaskKind, columns: Columns = Columns()) 
     rows = read_table(path)
     found = list(dict.fromkeys(k for row in rows for k in row))
     mapping = _resolve_columns(path, kind, columns, found, required=INPUTS[kind])
-    values = {role: [_as_text(path, i, col, row.get(col)) for i, row in enumerate(rows, 1)]
-              for role, col in mapping.items()}
+    values = {
+        role: [_as_text(path, i, col, row.get(col)) for i, row in enumerate(rows, 1)]
+        for role, col in mapping.items()
+    }
     role = INPUTS[kind][0]
     empty = [i for i, v in enumerate(values[role], 1) if not v.strip()]
     if empty:
-        raise DataError(f"{path}: {len(empty)} rows have an empty '{mapping[role]}' (rows {_shown(empty)}, "
-                        "row 1 is the first data row); fill them in or remove them")
+        raise DataError(
+            f"{path}: {len(empty)} rows have an empty '{mapping[role]}' (rows {_shown(empty)}, "
+            "row 1 is the first data row); fill them in or remove them"
+        )
     return rows, [_example(kind, values, i) for i in range(len(rows))]
 
 
@@ -343,9 +392,13 @@ def write_table(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
         else:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                 if fmt in ("csv", "tsv"):
-                    writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t" if fmt == "tsv" else ",",
-                                            quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
-                                            escapechar="\\" if fmt == "tsv" else None)
+                    writer = csv.DictWriter(
+                        f,
+                        fieldnames=fields,
+                        delimiter="\t" if fmt == "tsv" else ",",
+                        quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+                        escapechar="\\" if fmt == "tsv" else None,
+                    )
                     writer.writeheader()
                     writer.writerows(rows)
                 elif fmt == "json":
@@ -362,15 +415,18 @@ def write_table(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
     return path
 
 
-def _resolve_columns(path: Path, kind: str, columns: Columns, found: list[str],
-                     required: Sequence[str] | None = None) -> dict[str, str]:
+def _resolve_columns(
+    path: Path, kind: str, columns: Columns, found: list[str], required: Sequence[str] | None = None
+) -> dict[str, str]:
     """Role -> actual column name; reports every missing column at once, each with its flag."""
     required = REQUIRED[kind] if required is None else required
     other = "generation" if kind == "classification" else "classification"
     wrong = [_flag(r) for r in ROLES[other] if getattr(columns, r) is not None]
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)} apply to {other} tasks but this task is {kind}; "
-                          "drop them or change the task kind")
+        raise ConfigError(
+            f"{', '.join(wrong)} apply to {other} tasks but this task is {kind}; "
+            "drop them or change the task kind"
+        )
     by_lower: dict[str, str] = {}
     for name in found:
         by_lower.setdefault(name.strip().lower(), name)
@@ -395,16 +451,20 @@ def _resolve_columns(path: Path, kind: str, columns: Columns, found: list[str],
         if guess is not None:
             mapping[role] = guess
         elif role in required:
-            problems.append(f"no {role} column found in {path} (looked for {', '.join(CANDIDATES[role])}); "
-                            f"{listing}. Pass {_flag(role)} NAME")
+            problems.append(
+                f"no {role} column found in {path} (looked for {', '.join(CANDIDATES[role])}); "
+                f"{listing}. Pass {_flag(role)} NAME"
+            )
     if problems:
         raise DataError("; ".join(problems))
     used = list(mapping.values())
     twice = sorted({c for c in used if used.count(c) > 1})
     if twice:
         roles = [r for r, c in mapping.items() if c == twice[0]]
-        raise DataError(f"column '{twice[0]}' of {path} is used for both {' and '.join(roles)}; "
-                        f"pass a different column to {_flag(roles[-1])}")
+        raise DataError(
+            f"column '{twice[0]}' of {path} is used for both {' and '.join(roles)}; "
+            f"pass a different column to {_flag(roles[-1])}"
+        )
     return mapping
 
 
@@ -415,8 +475,10 @@ def _as_text(path: Path, row: int, column: str, value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, list | dict):
-        raise DataError(f"row {row} of {path}: column '{column}' holds a {_json_type(value)}, not a text or "
-                        "label; pick another column or flatten the data")
+        raise DataError(
+            f"row {row} of {path}: column '{column}' holds a {_json_type(value)}, not a text or "
+            "label; pick another column or flatten the data"
+        )
     return str(value)
 
 
@@ -434,9 +496,11 @@ def label_set(examples: Sequence[Example]) -> list[str]:
 
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
     if len(ratios) != 3 or any(not math.isfinite(r) or r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise ConfigError(f"split ratios {', '.join(str(r) for r in ratios)} are invalid; give three "
-                          "non-negative numbers (train, validation, test) that sum to 1, "
-                          "e.g. --split 0.8,0.1,0.1")
+        raise ConfigError(
+            f"split ratios {', '.join(str(r) for r in ratios)} are invalid; give three "
+            "non-negative numbers (train, validation, test) that sum to 1, "
+            "e.g. --split 0.8,0.1,0.1"
+        )
     return float(ratios[0]), float(ratios[1]), float(ratios[2])
 
 
@@ -451,8 +515,12 @@ def _groups(examples: Sequence[Example], stratify: bool) -> list[list[Example]]:
     return [by_label[lab] for lab in order if lab in by_label]
 
 
-def split_examples(examples: Sequence[Example], ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
-                   stratify: bool = True) -> tuple[list[Example], list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example],
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    stratify: bool = True,
+) -> tuple[list[Example], list[Example], list[Example]]:
     """Deterministic train/validation/test split, stratified by label when the examples have labels.
 
     Per group (class), validation and test get ``round(n * ratio)`` examples, shrunk if needed so that
@@ -476,8 +544,8 @@ def split_examples(examples: Sequence[Example], ratios: Sequence[float] = (0.8, 
             else:
                 n_val -= 1
         val += group[:n_val]
-        test += group[n_val:n_val + n_test]
-        train += group[n_val + n_test:]
+        test += group[n_val : n_val + n_test]
+        train += group[n_val + n_test :]
     for split in (train, val, test):
         rng.shuffle(split)
     return train, val, test
@@ -496,17 +564,24 @@ def _sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     shares = [(len(g) - t) * left / (len(examples) - sum(take)) for g, t in zip(groups, take, strict=True)]
     extra = [math.floor(s) for s in shares]
     by_remainder = sorted(range(len(groups)), key=lambda i: (-(shares[i] - extra[i]), i))
-    for i in by_remainder[:left - sum(extra)]:
+    for i in by_remainder[: left - sum(extra)]:
         extra[i] += 1
-    chosen = [ex for g, t, e in zip(groups, take, extra, strict=True) for ex in g[:t + e]]
+    chosen = [ex for g, t, e in zip(groups, take, extra, strict=True) for ex in g[: t + e]]
     rng.shuffle(chosen)
     return chosen
 
 
-def prepare_splits(train_path: str | Path, kind: TaskKind, columns: Columns = Columns(),
-                   validation_path: str | Path | None = None, test_path: str | Path | None = None,
-                   ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, drop_empty: bool = False,
-                   max_examples: int | None = None) -> Splits:
+def prepare_splits(
+    train_path: str | Path,
+    kind: TaskKind,
+    columns: Columns = Columns(),
+    validation_path: str | Path | None = None,
+    test_path: str | Path | None = None,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    drop_empty: bool = False,
+    max_examples: int | None = None,
+) -> Splits:
     """Load the data, carve the splits not given as files, cap train at ``max_examples``, check the labels.
 
     Separate validation/test files are used as-is; only the missing splits are carved from the train
@@ -537,14 +612,23 @@ def prepare_splits(train_path: str | Path, kind: TaskKind, columns: Columns = Co
     return Splits(train=train, validation=val, test=test, labels=labels)
 
 
-def _check_labels(train_path: str | Path, labels: list[str], full_train: list[Example],
-                  validation_path: str | Path | None, val: list[Example],
-                  test_path: str | Path | None, test: list[Example]) -> None:
+def _check_labels(
+    train_path: str | Path,
+    labels: list[str],
+    full_train: list[Example],
+    validation_path: str | Path | None,
+    val: list[Example],
+    test_path: str | Path | None,
+    test: list[Example],
+) -> None:
     """Classification needs two labels in train, and no evaluation label the classifier head cannot output."""
     all_known = set(label_set(full_train))
     if len(labels) < 2:
-        fix = (f"raise --max-examples to at least {len(all_known)}" if len(all_known) >= 2
-               else "classification needs examples of at least two labels")
+        fix = (
+            f"raise --max-examples to at least {len(all_known)}"
+            if len(all_known) >= 2
+            else "classification needs examples of at least two labels"
+        )
         raise DataError(f"the train split of {train_path} has only one label ({labels[0]!r}); {fix}")
     known = set(labels)
     for name, path, split in (("validation", validation_path, val), ("test", test_path, test)):
@@ -556,5 +640,7 @@ def _check_labels(train_path: str | Path, labels: list[str], full_train: list[Ex
             fix = f"raise --max-examples to at least {len(all_known)} so every label is kept"
         else:
             fix = f"fix those labels in {path or train_path} or add training examples of them"
-        raise DataError(f"the {name} {source} has {len(unseen)} labels not in the training data "
-                        f"({_shown([repr(u) for u in unseen])}); {fix}")
+        raise DataError(
+            f"the {name} {source} has {len(unseen)} labels not in the training data "
+            f"({_shown([repr(u) for u in unseen])}); {fix}"
+        )

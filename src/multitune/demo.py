@@ -11,10 +11,28 @@ import csv
 import random
 from pathlib import Path
 
-_OPENERS = ["", "Hi, ", "Hello, ", "Hey team, ", "Good morning, ", "Sorry to bother you, ", "Quick question: "]
+_OPENERS = [
+    "",
+    "Hi, ",
+    "Hello, ",
+    "Hey team, ",
+    "Good morning, ",
+    "Sorry to bother you, ",
+    "Quick question: ",
+]
 _CLOSERS = ["", " Thanks.", " Please help.", " Any update?", " This is urgent.", " Thank you in advance!"]
-_THINGS = ["my order", "the package", "my parcel", "the headphones", "the blue jacket", "my laptop bag",
-           "the coffee machine", "the running shoes", "the phone case", "my desk lamp"]
+_THINGS = [
+    "my order",
+    "the package",
+    "my parcel",
+    "the headphones",
+    "the blue jacket",
+    "my laptop bag",
+    "the coffee machine",
+    "the running shoes",
+    "the phone case",
+    "my desk lamp",
+]
 _INTENTS: dict[str, list[str]] = {
     "billing": [
         "I was charged twice for {thing}.",

@@ -27,14 +27,16 @@ def prompt_ids(base: Base, prompt: str) -> list[int]:
     if base.arch == "seq2seq":
         return list(tokenizer(prompt).input_ids)
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer(prompt + "\n").input_ids)
 
 
-def encode_example(base: Base, spec: TaskSpec, example: Example, max_length: int,
-                   with_target: bool = True) -> dict[str, Any]:
+def encode_example(
+    base: Base, spec: TaskSpec, example: Example, max_length: int, with_target: bool = True
+) -> dict[str, Any]:
     """One example as token ids; ``with_target=False`` gives the generation prompt alone (for generate)."""
     tokenizer = base.tokenizer
     if spec.kind == "classification":
@@ -53,18 +55,21 @@ def encode_example(base: Base, spec: TaskSpec, example: Example, max_length: int
     if not with_target or example.response is None:
         return {"input_ids": prompt[-max_length:]}
     if base.arch == "seq2seq":
-        target = list(tokenizer(text_target=example.response, truncation=True, max_length=max_length).input_ids)
+        target = list(
+            tokenizer(text_target=example.response, truncation=True, max_length=max_length).input_ids
+        )
         return {"input_ids": prompt[:max_length], "labels": target}
     response = list(tokenizer(example.response, add_special_tokens=False).input_ids)
     if tokenizer.eos_token_id is not None:
         response.append(tokenizer.eos_token_id)
     response = response[: max(1, max_length // 2)] if len(prompt) + len(response) > max_length else response
-    prompt = prompt[-(max_length - len(response)):]
+    prompt = prompt[-(max_length - len(response)) :]
     return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
 
 
-def encode_task(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int,
-                with_target: bool = True) -> list[dict[str, Any]]:
+def encode_task(
+    bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int, with_target: bool = True
+) -> list[dict[str, Any]]:
     """Features of a task's examples: its method's ``render`` first (prompting's templates), then
     :func:`encode_example`. Every encoding of a task's examples goes through here."""
     spec = bank.tasks[task]
@@ -74,8 +79,12 @@ def encode_task(bank: MultiTaskModel, task: str, examples: Sequence[Example], ma
     return [encode_example(bank.base, spec, ex, max_length, with_target) for ex in examples]
 
 
-def collate(features: Sequence[dict[str, Any]], pad_id: int, task_slot: int | Sequence[int],
-            padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(
+    features: Sequence[dict[str, Any]],
+    pad_id: int,
+    task_slot: int | Sequence[int],
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
     """Pad a list of features into a batch; ``task_slot`` is one slot for every row, or one per row."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)

@@ -99,9 +99,13 @@ class Base:
         config = self.model.config
         vocab = sorted(self.tokenizer.get_vocab().items())
         digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-        return {"model_type": getattr(config, "model_type", None), "hidden_size": self.hidden_size,
-                "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
-                "tokenizer": f"{len(self.tokenizer)} tokens, sha256 {digest}"}
+        return {
+            "model_type": getattr(config, "model_type", None),
+            "hidden_size": self.hidden_size,
+            "layers": getattr(config, "num_hidden_layers", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+            "tokenizer": f"{len(self.tokenizer)} tokens, sha256 {digest}",
+        }
 
     def backbone(self) -> nn.Module:
         """The model without its LM head: what classification reads hidden states from."""
@@ -180,8 +184,12 @@ def resolve_source(name: str) -> tuple[Path, str | None]:
         if len(ggufs) == 1:
             return path, ggufs[0]
         if len(ggufs) > 1:
-            raise ModelError(f"folder {path} holds several GGUF files ({', '.join(ggufs)}); give one file's path")
-        raise ModelError(f"folder {path} has no config.json and no .gguf file; give a Hugging Face model folder")
+            raise ModelError(
+                f"folder {path} holds several GGUF files ({', '.join(ggufs)}); give one file's path"
+            )
+        raise ModelError(
+            f"folder {path} has no config.json and no .gguf file; give a Hugging Face model folder"
+        )
     known = ", ".join(SHORT_NAMES)
     if HUB_ID.match(name) and not name.lower().endswith(".gguf"):  # 'bert-base-uncased' as well as 'org/name'
         raise ModelError(
@@ -307,7 +315,9 @@ def base_from_model(model: nn.Module, tokenizer: Any, source: str = "<in-memory>
     """Wrap an already-built model (a tiny random config in tests, a user's own model) as a Base."""
     model.requires_grad_(False)
     model.eval()
-    return Base(model=model, tokenizer=prepare_tokenizer(tokenizer), family=family_for(model.config), source=source)
+    return Base(
+        model=model, tokenizer=prepare_tokenizer(tokenizer), family=family_for(model.config), source=source
+    )
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
@@ -324,7 +334,9 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct last names of the linear layers of a model (what LoRA could target)."""
     from transformers.pytorch_utils import Conv1D
 
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)
+    }
     return sorted(names)
 
 

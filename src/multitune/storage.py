@@ -119,8 +119,9 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
         except BlockingIOError:
             holder = _holder_text(fd)
             os.close(fd)
-            raise FolderInUse(f"{folder} is in use by {holder}; wait for it to finish, or choose another "
-                              "--output") from None
+            raise FolderInUse(
+                f"{folder} is in use by {holder}; wait for it to finish, or choose another --output"
+            ) from None
         try:  # the holder we waited for may have unlinked the file as it released it: lock the live one
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -129,8 +130,12 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
             break
         os.close(fd)
     try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +194,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for root, dirs, _ in os.walk(folder):
         clean(Path(root))
         depth = len(Path(root).relative_to(folder).parts)
-        dirs[:] = [] if depth >= 1 else [d for d in dirs if Path(root, d).exists() and not is_locked(Path(root, d))]
+        dirs[:] = (
+            [] if depth >= 1 else [d for d in dirs if Path(root, d).exists() and not is_locked(Path(root, d))]
+        )
     return removed
 
 
@@ -207,9 +214,16 @@ def describe_folder(folder: str | Path) -> str:
         result = None
     if isinstance(result, dict) and isinstance(result.get("tasks"), dict):
         return "a bank of 'multitune train-multi' (result.json lists its tasks)"
-    if isinstance(result, dict) and isinstance(result.get("command"), str) and result["command"].isidentifier():
+    if (
+        isinstance(result, dict)
+        and isinstance(result.get("command"), str)
+        and result["command"].isidentifier()
+    ):
         return f"a run folder of 'multitune {result['command']}'"
-    if any((folder / n / CONFIG_FILE).is_file() or (folder / n / "adapter" / CONFIG_FILE).is_file() for n in names):
+    if any(
+        (folder / n / CONFIG_FILE).is_file() or (folder / n / "adapter" / CONFIG_FILE).is_file()
+        for n in names
+    ):
         return "a bank of adapter folders"
     shown = ", ".join(n[:60] for n in names[:4]) + (", ..." if len(names) > 4 else "")
     return f"a folder of other files ({shown or 'hidden files only'})"
@@ -299,7 +313,9 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_bytes_atomic(path, json.dumps(data, indent=2).encode())
 
 
-def save_adapter(bank: MultiTaskModel, task: str, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(
+    bank: MultiTaskModel, task: str, folder: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
     """Write one task's adapter folder atomically; returns the folder.
 
     ``base`` records the base's fingerprint (:attr:`multitune.models.Base.fingerprint`), which every
@@ -374,7 +390,9 @@ def adapter_problems(meta: Any) -> list[str]:
     if not isinstance(version, int) or isinstance(version, bool):
         problems.append("field 'version' is missing or not a number")
     elif version > VERSION:
-        problems.append(f"it was written by a newer multitune (version {version}, this one reads {VERSION}); upgrade")
+        problems.append(
+            f"it was written by a newer multitune (version {version}, this one reads {VERSION}); upgrade"
+        )
     if not isinstance(meta.get("base_model"), str):
         problems.append("field 'base_model' is missing or not a string")
     if "base" in meta and not isinstance(meta["base"], dict):
@@ -382,18 +400,31 @@ def adapter_problems(meta: Any) -> list[str]:
     task = meta.get("task")
     if not isinstance(task, dict):
         return [*problems, "field 'task' is missing or not a mapping"]
-    for key, ok in (("name", isinstance(task.get("name"), str) and task.get("name")),
-                    ("kind", task.get("kind") in KINDS),
-                    ("method", task.get("method") in METHODS),
-                    ("labels", isinstance(task.get("labels", []), list)
-                     and all(isinstance(x, str) for x in task.get("labels", []))),
-                    ("pooling", task.get("pooling") is None or task.get("pooling") in POOLINGS)):
+    for key, ok in (
+        ("name", isinstance(task.get("name"), str) and task.get("name")),
+        ("kind", task.get("kind") in KINDS),
+        ("method", task.get("method") in METHODS),
+        (
+            "labels",
+            isinstance(task.get("labels", []), list)
+            and all(isinstance(x, str) for x in task.get("labels", [])),
+        ),
+        ("pooling", task.get("pooling") is None or task.get("pooling") in POOLINGS),
+    ):
         if not ok:
-            wanted = {"kind": f"one of {', '.join(KINDS)}", "method": f"one of {', '.join(sorted(METHODS))}",
-                      "labels": "a list of strings", "pooling": f"one of {', '.join(POOLINGS)} or null"}
+            wanted = {
+                "kind": f"one of {', '.join(KINDS)}",
+                "method": f"one of {', '.join(sorted(METHODS))}",
+                "labels": "a list of strings",
+                "pooling": f"one of {', '.join(POOLINGS)} or null",
+            }
             what = "missing" if key not in task else f"not {wanted.get(key, 'a non-empty string')}"
             problems.append(f"field 'task.{key}' is {what}")
-    if task.get("kind") == "classification" and isinstance(task.get("labels"), list) and len(task["labels"]) < 2:
+    if (
+        task.get("kind") == "classification"
+        and isinstance(task.get("labels"), list)
+        and len(task["labels"]) < 2
+    ):
         problems.append("field 'task.labels' needs at least 2 labels for a classification task")
     config = task.get("config")
     if not isinstance(config, dict):
@@ -404,12 +435,14 @@ def adapter_problems(meta: Any) -> list[str]:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(config) - fields
         if unknown:
-            problems.append(f"field 'task.config' has setting(s) {_names(unknown)} that {task['method']} does not "
-                            "know")
+            problems.append(
+                f"field 'task.config' has setting(s) {_names(unknown)} that {task['method']} does not know"
+            )
         wrong = [k for k in sorted(set(config) & fields) if not _fits(config[k], hints[k])]
         if wrong:
-            problems.append(f"field(s) {', '.join(f'task.config.{k}' for k in wrong[:3])} have a value of the "
-                            "wrong type")
+            problems.append(
+                f"field(s) {', '.join(f'task.config.{k}' for k in wrong[:3])} have a value of the wrong type"
+            )
         if not unknown and not wrong:
             problems += [f"task.config: {p}" for p in cls(**config).validate()]
     return problems
@@ -420,14 +453,20 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{folder} is not a multitune adapter folder (no {CONFIG_FILE}); give the folder "
-                          "written by 'multitune train' (RUN/adapter)")
+        raise ConfigError(
+            f"{folder} is not a multitune adapter folder (no {CONFIG_FILE}); give the folder "
+            "written by 'multitune train' (RUN/adapter)"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ConfigError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); re-save the adapter") from error
+        raise ConfigError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}); re-save the adapter"
+        ) from error
     except (UnicodeDecodeError, OSError) as error:
-        raise ConfigError(f"cannot read {path} as UTF-8 text ({type(error).__name__}); re-save the adapter") from error
+        raise ConfigError(
+            f"cannot read {path} as UTF-8 text ({type(error).__name__}); re-save the adapter"
+        ) from error
     problems = adapter_problems(meta)
     if problems:
         advice = "" if problems[0].startswith("it is not") else "; train or save the adapter again"
@@ -449,9 +488,11 @@ def check_base(meta: dict[str, Any], base: Any, folder: Path) -> None:
     differ = [k for k in recorded if k in actual and recorded[k] != actual[k]]
     if differ:
         shown = {k: recorded[k] for k in differ}
-        raise ModelError(f"the adapter {folder} was trained on '{str(meta['base_model'])[:200]}' ({_described(shown)}), "
-                         f"but the base loaded is '{base.source}' ({_described({k: actual[k] for k in differ})}); load "
-                         "it on the base it was trained on, or train it again on this one")
+        raise ModelError(
+            f"the adapter {folder} was trained on '{str(meta['base_model'])[:200]}' ({_described(shown)}), "
+            f"but the base loaded is '{base.source}' ({_described({k: actual[k] for k in differ})}); load "
+            "it on the base it was trained on, or train it again on this one"
+        )
 
 
 def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = None) -> TaskSpec:
@@ -470,8 +511,14 @@ def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = No
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as error:
         raise ConfigError(f"cannot read {folder / WEIGHTS_FILE}: {' '.join(str(error).split())}") from error
-    spec = bank.add_task(name or task["name"], task["kind"], task["method"], config, task.get("labels", []),
-                         task.get("pooling"))
+    spec = bank.add_task(
+        name or task["name"],
+        task["kind"],
+        task["method"],
+        config,
+        task.get("labels", []),
+        task.get("pooling"),
+    )
     try:
         bank.load_task_state_dict(spec.name, state)
     except ConfigError:

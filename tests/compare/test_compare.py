@@ -34,16 +34,43 @@ def data_csv(tmp_path_factory) -> str:
 
 
 def _args(bert_dir, data_csv, out, methods="lora,prompting", trials=2, *extra: str) -> list[str]:
-    return ["compare", "--model", str(bert_dir), "--data", data_csv, "--text-column", "review", "--label-column",
-            "stars", "--methods", methods, "--trials", str(trials), "--max-epochs", "2", "--batch-size", "8",
-            "--output", str(out), "--quiet", *extra]
+    return [
+        "compare",
+        "--model",
+        str(bert_dir),
+        "--data",
+        data_csv,
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--methods",
+        methods,
+        "--trials",
+        str(trials),
+        "--max-epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def _config(bert_dir, data_csv, out, methods, trials=2, isolate=False) -> CompareConfig:
-    return CompareConfig(model=str(bert_dir), methods=methods, trials=trials, max_epochs=2, output=str(out),
-                         isolate=isolate, progress=False,
-                         data=DataConfig(data=data_csv, text_column="review", label_column="stars"),
-                         train=TrainConfig(batch_size=8))
+    return CompareConfig(
+        model=str(bert_dir),
+        methods=methods,
+        trials=trials,
+        max_epochs=2,
+        output=str(out),
+        isolate=isolate,
+        progress=False,
+        data=DataConfig(data=data_csv, text_column="review", label_column="stars"),
+        train=TrainConfig(batch_size=8),
+    )
 
 
 def test_compare_end_to_end(bert_dir, data_csv, tmp_path, capsys):
@@ -62,8 +89,9 @@ def test_compare_end_to_end(bert_dir, data_csv, tmp_path, capsys):
         assert result["storage_100_tasks_bytes"] == result["base_bytes"] + 100 * result["stored_bytes"]
         assert result["latency_ms"] > 0 and result["throughput_per_s"] > 0
         assert method in printed
-    lora, prompting, prefix = (json.loads((out / "results" / f"{m}.json").read_text())
-                               for m in ("lora", "prompting", "prefix"))
+    lora, prompting, prefix = (
+        json.loads((out / "results" / f"{m}.json").read_text()) for m in ("lora", "prompting", "prefix")
+    )
     assert prompting["trainable_parameters"] == 0 and prompting["steps"] == 0
     assert lora["trainable_parameters"] > 0 and lora["steps"] > 0
     # prefix tuning trains an MLP and stores the folded prefixes: stored bytes < 4 x trainable parameters
@@ -118,7 +146,11 @@ def test_killed_compare_resumes_without_retraining(bert_dir, data_csv, tmp_path)
     done = out / "results" / "lora.json"
     second_final = out / "results" / ".adapter.payload.json"  # the second method's final run has started
     deadline = time.time() + 180
-    while not (second_final.exists() and _final_runs_of(out)) and process.poll() is None and time.time() < deadline:
+    while (
+        not (second_final.exists() and _final_runs_of(out))
+        and process.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.05)
     assert done.exists() and _final_runs_of(out), process.communicate()[0].decode()[-2000:]
     process.send_signal(signal.SIGKILL)
@@ -169,8 +201,13 @@ def test_search_spaces_cover_the_key_settings():
         for key in params:
             if key.startswith(f"{method}."):
                 assert getattr(method_config, key.split(".", 1)[1]) == params[key]
-    assert {n for n, m in METHODS.items() if m.search is not None} == {"lora", "prefix", "prompt", "adapter",
-                                                                       "prompting"}
+    assert {n for n, m in METHODS.items() if m.search is not None} == {
+        "lora",
+        "prefix",
+        "prompt",
+        "adapter",
+        "prompting",
+    }
     lora, _ = settings_for(_config("m", "d.csv", "o", ["lora"]), "lora", {"lora.rank": 16})
     assert lora.rank == 16 and lora.alpha == 32
 
@@ -178,19 +215,24 @@ def test_search_spaces_cover_the_key_settings():
 def test_fixed_method_flags_are_kept(bert_dir, data_csv, tmp_path):
     from multitune.cli import build_parser, compare_config
 
-    args = build_parser().parse_args(_args(bert_dir, data_csv, tmp_path / "o", "lora", 2, "--lora-dropout", "0.2"))
+    args = build_parser().parse_args(
+        _args(bert_dir, data_csv, tmp_path / "o", "lora", 2, "--lora-dropout", "0.2")
+    )
     config = compare_config(args)
     method_config, _ = settings_for(config, "lora", {"lora.rank": 4})
     assert method_config.dropout == 0.2 and method_config.rank == 4
 
 
-@pytest.mark.parametrize(("extra", "expected"), [
-    (["--methods", "lora,nope"], "unknown method(s) nope"),
-    (["--trials", "0"], "--trials must be >= 1"),
-    (["--methods", "lora,lora"], "named twice"),
-    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the study storage"),
-    (["--storage", "mysql://x@127.0.0.1:1/none"], "needs a database driver"),
-])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--methods", "lora,nope"], "unknown method(s) nope"),
+        (["--trials", "0"], "--trials must be >= 1"),
+        (["--methods", "lora,lora"], "named twice"),
+        (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the study storage"),
+        (["--storage", "mysql://x@127.0.0.1:1/none"], "needs a database driver"),
+    ],
+)
 def test_bad_input_is_one_line(bert_dir, data_csv, tmp_path, capsys, extra, expected):
     assert main(_args(bert_dir, data_csv, tmp_path / "o") + extra) == 2
     err = capsys.readouterr().err
@@ -215,7 +257,9 @@ def test_changed_settings_do_not_resume(bert_dir, data_csv, tmp_path, capsys):
 def test_a_failing_method_is_reported_and_the_exit_is_nonzero(bert_dir, data_csv, tmp_path, capsys):
     """One method's user error does not stop the others; the command says which failed and exits 2."""
     out = tmp_path / "o"
-    argv = _args(bert_dir, data_csv, out, "prompt,prompting", 1, "--prompt-init", "text")  # init=text, no text
+    argv = _args(
+        bert_dir, data_csv, out, "prompt,prompting", 1, "--prompt-init", "text"
+    )  # init=text, no text
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "error: prompt: " in captured.out and "init" in captured.out
@@ -238,11 +282,21 @@ def test_two_workers_share_one_study_in_postgres(bert_dir, data_csv, tmp_path, p
     optuna.storages.RDBStorage(postgres_url)  # the schema, created once before the workers race for it
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     shared = ["--storage", postgres_url, "--study-name", "shared"]
-    workers = [subprocess.Popen([sys.executable, "-m", "multitune",
-                                 *_args(bert_dir, data_csv, tmp_path / f"worker{i}", "lora", 4, *shared,
-                                        "--search-only")],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "multitune",
+                *_args(bert_dir, data_csv, tmp_path / f"worker{i}", "lora", 4, *shared, "--search-only"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = optuna.load_study(study_name="shared-lora", storage=postgres_url)
@@ -268,10 +322,18 @@ def test_generation_tasks_compare_on_rouge_l(llama_dir, tmp_path):
         writer = csv.writer(f)
         writer.writerow(["prompt", "response"])
         writer.writerows([(ex.text, ex.response) for ex in toy_generation(40)])
-    config = CompareConfig(model=str(llama_dir), kind="generation", methods=["lora", "prompting"], trials=1,
-                           max_epochs=1, output=str(tmp_path / "o"), isolate=False, progress=False,
-                           data=DataConfig(data=str(data), prompt_column="prompt", response_column="response"),
-                           train=TrainConfig(batch_size=8, max_new_tokens=4))
+    config = CompareConfig(
+        model=str(llama_dir),
+        kind="generation",
+        methods=["lora", "prompting"],
+        trials=1,
+        max_epochs=1,
+        output=str(tmp_path / "o"),
+        isolate=False,
+        progress=False,
+        data=DataConfig(data=str(data), prompt_column="prompt", response_column="response"),
+        train=TrainConfig(batch_size=8, max_new_tokens=4),
+    )
     summary = compare(config, log=lambda _: None)
     for result in summary["results"]:
         assert result["metric"] == "rouge_l" and result["higher_is_better"]
@@ -281,7 +343,9 @@ def test_generation_tasks_compare_on_rouge_l(llama_dir, tmp_path):
     assert (tmp_path / "o" / "report.html").is_file()
 
 
-def test_a_second_compare_into_a_held_folder_is_refused_and_changes_nothing(bert_dir, data_csv, tmp_path, capsys):
+def test_a_second_compare_into_a_held_folder_is_refused_and_changes_nothing(
+    bert_dir, data_csv, tmp_path, capsys
+):
     """Two workers into one folder on one machine too: the second says who holds it and exits 2."""
     from test_storage import _holder
 
@@ -298,8 +362,9 @@ def test_a_second_compare_into_a_held_folder_is_refused_and_changes_nothing(bert
         holder.wait()
 
 
-def test_a_trial_failed_by_another_process_while_it_runs_is_dropped_not_fatal(bert_dir, data_csv, tmp_path,
-                                                                               monkeypatch):
+def test_a_trial_failed_by_another_process_while_it_runs_is_dropped_not_fatal(
+    bert_dir, data_csv, tmp_path, monkeypatch
+):
     """A worker sharing the study that takes our running trial for a dead one: we say so and run another."""
     import multitune.compare.search as compare_module
 

@@ -76,8 +76,12 @@ def test_two_workers_share_one_study(postgres_url, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     procs = {
-        name: subprocess.Popen([sys.executable, str(script), url, name, str(TARGET), str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, str(script), url, name, str(TARGET), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in WORKERS
     }
     try:
@@ -109,8 +113,9 @@ def test_two_workers_share_one_study(postgres_url, tmp_path):
     assert len(set(numbers)) == len(numbers)
     assert sorted(numbers) == list(range(len(trials)))
     assert all(ran[name] for name in WORKERS), f"a worker ran no trial: {ran}"
-    by_worker = {name: sorted(t.number for t in trials if t.user_attrs.get("worker") == name)
-                 for name in WORKERS}
+    by_worker = {
+        name: sorted(t.number for t in trials if t.user_attrs.get("worker") == name) for name in WORKERS
+    }
     assert by_worker == {name: sorted(ran[name]) for name in WORKERS}
     assert sum(len(v) for v in by_worker.values()) == len(trials)
 

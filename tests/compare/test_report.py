@@ -14,35 +14,94 @@ from multitune.compare.report import write_report
 from multitune.compare.table import describe_params, human_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-META = {"model": "minilm", "data": "/path/data.csv", "task": "demo", "kind": "classification",
-        "examples": {"train": 640, "validation": 80, "test": 80}, "trials": 4, "device": "cpu",
-        "command": "multitune compare --data /path/data.csv --methods lora,full,prompting",
-        "wall_seconds": 312.4, "metric": "accuracy", "higher_is_better": True, "started": "2026-11-24 16:40 UTC"}
+META = {
+    "model": "minilm",
+    "data": "/path/data.csv",
+    "task": "demo",
+    "kind": "classification",
+    "examples": {"train": 640, "validation": 80, "test": 80},
+    "trials": 4,
+    "device": "cpu",
+    "command": "multitune compare --data /path/data.csv --methods lora,full,prompting",
+    "wall_seconds": 312.4,
+    "metric": "accuracy",
+    "higher_is_better": True,
+    "started": "2026-11-24 16:40 UTC",
+}
 
-LORA = {"method": "lora", "task": "demo-lora", "kind": "classification", "metric": "accuracy",
-        "higher_is_better": True, "best_params": {"learning_rate": 0.002, "lora.rank": 8, "epochs": 2},
-        "trials": {"complete": 3, "pruned": 1, "failed": 0}, "search_seconds": 40.2,
-        "trainable_parameters": 74498, "trainable_percent": 0.33,
-        "stored_bytes": 301234, "base_bytes": 90264584, "storage_100_tasks_bytes": 120387984,
-        "peak_memory_bytes": 812000000, "memory_kind": "rss", "train_seconds": 12.3, "steps": 80,
-        "latency_ms": 8.1, "throughput_per_s": 250.0, "validation": {"accuracy": 0.9},
-        "test": {"accuracy": 0.91, "macro_f1": 0.9, "loss": 0.3}, "test_ci": {"accuracy": [0.88, 0.93]},
-        "test_examples": 160, "adapter": "bank/demo-lora"}
-FULL = {**LORA, "method": "full", "task": "demo-full", "best_params": {"learning_rate": 5e-05, "epochs": 3},
-        "trainable_parameters": 22713218, "trainable_percent": 100.0, "stored_bytes": 90264584, "base_bytes": 0,
-        "storage_100_tasks_bytes": 9026458400, "peak_memory_bytes": 1450000000, "train_seconds": 140.0,
-        "steps": 120, "latency_ms": 8.0, "validation": {"accuracy": 0.93},
-        "test": {"accuracy": 0.92, "macro_f1": 0.91, "loss": 0.25}, "test_ci": {"accuracy": [0.89, 0.95]}}
-PROMPTING = {**LORA, "method": "prompting", "task": "demo-prompting",
-             "best_params": {"prompting.shots": 4, "prompting.selection": "similar"},
-             "trainable_parameters": 0, "trainable_percent": 0.0, "stored_bytes": 812,
-             "storage_100_tasks_bytes": 90264584 + 81200, "peak_memory_bytes": 400000000, "train_seconds": 0.0,
-             "steps": 0, "latency_ms": 30.5, "throughput_per_s": 40.0, "validation": {"accuracy": 0.6},
-             "test": {"accuracy": 0.61}, "test_ci": {"accuracy": [0.55, 0.68]},
-             "trials": {"complete": 4, "pruned": 0, "failed": 0}}
+LORA = {
+    "method": "lora",
+    "task": "demo-lora",
+    "kind": "classification",
+    "metric": "accuracy",
+    "higher_is_better": True,
+    "best_params": {"learning_rate": 0.002, "lora.rank": 8, "epochs": 2},
+    "trials": {"complete": 3, "pruned": 1, "failed": 0},
+    "search_seconds": 40.2,
+    "trainable_parameters": 74498,
+    "trainable_percent": 0.33,
+    "stored_bytes": 301234,
+    "base_bytes": 90264584,
+    "storage_100_tasks_bytes": 120387984,
+    "peak_memory_bytes": 812000000,
+    "memory_kind": "rss",
+    "train_seconds": 12.3,
+    "steps": 80,
+    "latency_ms": 8.1,
+    "throughput_per_s": 250.0,
+    "validation": {"accuracy": 0.9},
+    "test": {"accuracy": 0.91, "macro_f1": 0.9, "loss": 0.3},
+    "test_ci": {"accuracy": [0.88, 0.93]},
+    "test_examples": 160,
+    "adapter": "bank/demo-lora",
+}
+FULL = {
+    **LORA,
+    "method": "full",
+    "task": "demo-full",
+    "best_params": {"learning_rate": 5e-05, "epochs": 3},
+    "trainable_parameters": 22713218,
+    "trainable_percent": 100.0,
+    "stored_bytes": 90264584,
+    "base_bytes": 0,
+    "storage_100_tasks_bytes": 9026458400,
+    "peak_memory_bytes": 1450000000,
+    "train_seconds": 140.0,
+    "steps": 120,
+    "latency_ms": 8.0,
+    "validation": {"accuracy": 0.93},
+    "test": {"accuracy": 0.92, "macro_f1": 0.91, "loss": 0.25},
+    "test_ci": {"accuracy": [0.89, 0.95]},
+}
+PROMPTING = {
+    **LORA,
+    "method": "prompting",
+    "task": "demo-prompting",
+    "best_params": {"prompting.shots": 4, "prompting.selection": "similar"},
+    "trainable_parameters": 0,
+    "trainable_percent": 0.0,
+    "stored_bytes": 812,
+    "storage_100_tasks_bytes": 90264584 + 81200,
+    "peak_memory_bytes": 400000000,
+    "train_seconds": 0.0,
+    "steps": 0,
+    "latency_ms": 30.5,
+    "throughput_per_s": 40.0,
+    "validation": {"accuracy": 0.6},
+    "test": {"accuracy": 0.61},
+    "test_ci": {"accuracy": [0.55, 0.68]},
+    "trials": {"complete": 4, "pruned": 0, "failed": 0},
+}
 
 
 def results() -> list[dict]:
@@ -54,7 +113,7 @@ def md_rows(md: str) -> list[list[str]]:
     lines = md.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| Method"))
     body = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         body.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
@@ -108,8 +167,10 @@ def test_reading_the_table_is_computed_from_the_data(report):
     assert "Best test accuracy (higher is better): full fine-tuning, 0.920 [0.890, 0.950] on 160" in reading
     assert "lora 0.910 with 0.33% of the parameters" in reading
     assert "prompting 0.610 with no training" in reading
-    assert ("For 100 tasks full fine-tuning stores 9.0 GB (100 whole models) against 90 MB for prompting, "
-            "120 MB for lora.") in reading
+    assert (
+        "For 100 tasks full fine-tuning stores 9.0 GB (100 whole models) against 90 MB for prompting, "
+        "120 MB for lora."
+    ) in reading
     assert "overlap" in reading  # [0.89, 0.95] and [0.88, 0.93]
     # Changing the data changes the facts: nothing is canned.
     changed = results()
@@ -126,14 +187,21 @@ def test_helpers():
     assert human_bytes(999) == "999 B"
     assert human_bytes(999_600) == "1.0 MB"
     assert human_bytes(None) == "n/a" and human_bytes(float("nan")) == "n/a"
-    assert describe_params({"learning_rate": 0.00025, "prefix.num_virtual_tokens": 10, "epochs": 1}) == \
-        "lr 2.5e-4, tokens 10, 1 epoch"
+    assert (
+        describe_params({"learning_rate": 0.00025, "prefix.num_virtual_tokens": 10, "epochs": 1})
+        == "lr 2.5e-4, tokens 10, 1 epoch"
+    )
     assert describe_params(None) == "n/a"
 
 
 def test_missing_fields_render_na(tmp_path):
-    sparse = {"method": "ia3", "test": {"accuracy": None}, "test_ci": None, "trials": None,
-              "peak_memory_bytes": float("nan")}
+    sparse = {
+        "method": "ia3",
+        "test": {"accuracy": None},
+        "test_ci": None,
+        "trials": None,
+        "peak_memory_bytes": float("nan"),
+    }
     paths = write_report(tmp_path, [*results(), sparse, {"method": "adapter"}], {})
     rows = md_rows(paths["md"].read_text())
     assert [r[0] for r in rows] == ["lora", "full", "prompting", "ia3", "adapter"]
@@ -165,10 +233,19 @@ def test_html_is_self_contained(report):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
-    assert len(re.findall(r'<img class="plot" [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 3
+    assert (
+        len(re.findall(r'<img class="plot" [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html))
+        == 3
+    )
     assert re.search(r'<table id="comparison">', html)
-    for text in ("minilm", "/path/data.csv", "640 train, 80 validation, 80 test", "cpu", "5.2 min",
-                 "multitune compare --data /path/data.csv"):
+    for text in (
+        "minilm",
+        "/path/data.csv",
+        "640 train, 80 validation, 80 test",
+        "cpu",
+        "5.2 min",
+        "multitune compare --data /path/data.csv",
+    ):
         assert text in html
 
 
@@ -189,8 +266,14 @@ def test_user_strings_are_escaped(tmp_path):
 def test_lower_is_better_bolds_the_lowest(tmp_path):
     generation = results()
     for result, loss in zip(generation, (2.5, 1.9, 3.0), strict=True):
-        result.update(kind="generation", metric="loss", higher_is_better=False, test={"loss": loss, "rouge_l": 0.3},
-                      test_ci={"rouge_l": [0.2, 0.4]}, validation={"loss": loss + 0.1})
+        result.update(
+            kind="generation",
+            metric="loss",
+            higher_is_better=False,
+            test={"loss": loss, "rouge_l": 0.3},
+            test_ci={"rouge_l": [0.2, 0.4]},
+            validation={"loss": loss + 0.1},
+        )
     meta = {**META, "kind": "generation", "metric": "loss", "higher_is_better": False}
     paths = write_report(tmp_path, generation, meta)
     rows = md_rows(paths["md"].read_text())
@@ -216,15 +299,28 @@ def distinct_colours(png: bytes) -> int:
     return len(colours or [])
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt install chromium)")
-@pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                    reason="needs the playwright package (pip install -e .[dev])")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt install chromium)"
+)
+@pytest.mark.skipif(
+    importlib.util.find_spec("playwright") is None,
+    reason="needs the playwright package (pip install -e .[dev])",
+)
 def test_html_renders_in_headless_chromium(tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    many = [*results(), {**copy.deepcopy(LORA), "method": "adapter", "trainable_parameters": 300000,
-                         "trainable_percent": 1.3, "train_seconds": 30.0, "test": {"accuracy": 0.9}}]
+    many = [
+        *results(),
+        {
+            **copy.deepcopy(LORA),
+            "method": "adapter",
+            "trainable_parameters": 300000,
+            "trainable_percent": 1.3,
+            "train_seconds": 30.0,
+            "test": {"accuracy": 0.9},
+        },
+    ]
     paths = write_report(tmp_path / "out", many, META)
     requests: list[str] = []
     with sync_playwright() as p:

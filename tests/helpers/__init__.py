@@ -15,7 +15,45 @@ import torch
 DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 FAMILIES = ["llama", "gpt2", "bert", "t5"]
 
-WORDS = ["good", "great", "fine", "nice", "happy", "love", "excellent", "bad", "awful", "poor", "sad", "hate", "terrible", "movie", "film", "food", "place", "service", "the", "a", "is", "was", "very", "not", "really", "quite", "it", "this", "that", "and", "but", "so", "what", "why", "how", "where", "who"]
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "nice",
+    "happy",
+    "love",
+    "excellent",
+    "bad",
+    "awful",
+    "poor",
+    "sad",
+    "hate",
+    "terrible",
+    "movie",
+    "film",
+    "food",
+    "place",
+    "service",
+    "the",
+    "a",
+    "is",
+    "was",
+    "very",
+    "not",
+    "really",
+    "quite",
+    "it",
+    "this",
+    "that",
+    "and",
+    "but",
+    "so",
+    "what",
+    "why",
+    "how",
+    "where",
+    "who",
+]
 POSITIVE = WORDS[:7]
 NEGATIVE = WORDS[7:13]
 
@@ -32,8 +70,14 @@ def word_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="[BOS] $A", pair="[BOS] $A [SEP] $B", special_tokens=[("[BOS]", 2), ("[SEP]", 4)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        sep_token="[SEP]",
+    )
 
 
 def tiny_model(family: str):
@@ -43,21 +87,57 @@ def tiny_model(family: str):
     vocab = len(WORDS) + 5
     torch.manual_seed(0)
     if family == "llama":
-        config = t.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                               pad_token_id=0, bos_token_id=2, eos_token_id=3, initializer_range=0.2)
+        config = t.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            initializer_range=0.2,
+        )
         return t.LlamaForCausalLM(config)
     if family == "gpt2":
-        config = t.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                              bos_token_id=2, eos_token_id=3, pad_token_id=0, initializer_range=0.2)
+        config = t.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
         return t.GPT2LMHeadModel(config)
     if family == "bert":
-        config = t.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)
+        config = t.BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
         return t.BertModel(config)
     if family == "t5":
-        config = t.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                            pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+        config = t.T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
+        )
         return t.T5ForConditionalGeneration(config)
     raise ValueError(family)
 
@@ -110,11 +190,13 @@ def save_tiny(family: str, folder: Path) -> Path:
     word_tokenizer().save_pretrained(folder)
     return folder
 
+
 def shared_dataset(*parts: str) -> Path:
     path = DATASETS.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} not available (../shared absent)")
     return path
+
 
 def has_package(module: str) -> bool:
     import importlib.util

@@ -30,12 +30,16 @@ from multitune.serve.scheduler import Stats
 POSITIVE = {"good", "great", "fine", "nice", "happy", "love", "excellent"}
 NEGATIVE = {"bad", "awful", "poor", "sad", "hate", "terrible"}
 CONTEXT = 512  # words: a prompt plus max_tokens beyond it is refused, as the real scheduler does with tokens
-MAX_LENGTH = 64  # words of a text to classify: the rest is cut (and the answer says truncated), as with tokens
+MAX_LENGTH = (
+    64  # words of a text to classify: the rest is cut (and the answer says truncated), as with tokens
+)
 _DONE = object()
 
 
 class FakeHandle:
-    def __init__(self, owner: FakeScheduler, task: str, prompt: str, params: SamplingParams, version: int) -> None:
+    def __init__(
+        self, owner: FakeScheduler, task: str, prompt: str, params: SamplingParams, version: int
+    ) -> None:
         self.owner, self.task, self.prompt, self.params, self.version = owner, task, prompt, params, version
         self.prompt_tokens = len(prompt.split())
         self.completion_tokens = 0
@@ -67,10 +71,10 @@ class FakeHandle:
                 full = f"{self.text} {word}" if self.text else word
                 cut = _first_stop(full, self.params.stop)
                 if cut is not None:
-                    self._emit(full[:cut][len(self.text):])
+                    self._emit(full[:cut][len(self.text) :])
                     self._finish("stop")
                     return
-                self._emit(full[len(self.text):])
+                self._emit(full[len(self.text) :])
                 self.completion_tokens += 1
                 self.owner.stats.record("decode", 1)
                 if self.completion_tokens >= self.params.max_tokens:
@@ -88,7 +92,9 @@ class FakeHandle:
             self._finish("error", RequestError(503, "the server is shutting down"))
             return True
         if time.monotonic() > self.deadline:
-            self._finish("timeout", RequestError(504, f"the request took longer than {self.owner.timeout_s:g} s"))
+            self._finish(
+                "timeout", RequestError(504, f"the request took longer than {self.owner.timeout_s:g} s")
+            )
             return True
         return False
 
@@ -215,7 +221,9 @@ class FakeScheduler:
             out = []
             for text in texts:
                 words = text.lower().split()
-                score = sum(w in POSITIVE for w in words[:MAX_LENGTH]) - sum(w in NEGATIVE for w in words[:MAX_LENGTH])
+                score = sum(w in POSITIVE for w in words[:MAX_LENGTH]) - sum(
+                    w in NEGATIVE for w in words[:MAX_LENGTH]
+                )
                 pos = 0.9 if score > 0 else 0.1 if score < 0 else 0.5
                 out.append(Classification({"neg": 1 - pos, "pos": pos}, truncated=len(words) > MAX_LENGTH))
             return out
@@ -238,8 +246,11 @@ class FakeScheduler:
         spec = self._resolve(task, "generation")
         words = len(prompt.split())
         if words + params.max_tokens > CONTEXT:
-            raise RequestError(400, f"prompt has {words} tokens and max_tokens is {params.max_tokens}; the model's "
-                                    f"context is {CONTEXT}: shorten the prompt or lower max_tokens")
+            raise RequestError(
+                400,
+                f"prompt has {words} tokens and max_tokens is {params.max_tokens}; the model's "
+                f"context is {CONTEXT}: shorten the prompt or lower max_tokens",
+            )
         self._enter()
         handle = FakeHandle(self, task, prompt, params, spec["version"])
         self.handles.append(handle)

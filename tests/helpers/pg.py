@@ -114,8 +114,11 @@ def start_postgres(folder: Path) -> PostgresServer:
     try:
         _init_cluster(binaries["initdb"], root, run_as)
         server.port = _start(server)
-        _run([str(binaries["createdb"]), "-h", "127.0.0.1", "-p", str(server.port), "-U", USER, DATABASE],
-             run_as=None, cwd=root)
+        _run(
+            [str(binaries["createdb"]), "-h", "127.0.0.1", "-p", str(server.port), "-U", USER, DATABASE],
+            run_as=None,
+            cwd=root,
+        )
     except BaseException:
         server.stop()
         raise
@@ -144,8 +147,21 @@ def _init_cluster(initdb: Path, root: Path, run_as: str | None) -> None:
             os.chown(path, owner.pw_uid, owner.pw_gid)
         if _run(["test", "-w", str(root)], run_as=run_as, cwd="/", check=False).returncode != 0:
             raise PostgresError(f"the {run_as} user cannot write to {root}; set TMPDIR to one it reaches")
-    _run([str(initdb), "-D", str(root / "data"), "-U", USER, "--auth=trust", "--no-sync", "--locale=C",
-          "--encoding=UTF8"], run_as=run_as, cwd=root)
+    _run(
+        [
+            str(initdb),
+            "-D",
+            str(root / "data"),
+            "-U",
+            USER,
+            "--auth=trust",
+            "--no-sync",
+            "--locale=C",
+            "--encoding=UTF8",
+        ],
+        run_as=run_as,
+        cwd=root,
+    )
     data = root / "data"
     (data / "pg_hba.conf").write_text(
         "# loopback only: the server listens on 127.0.0.1 and its socket dir is private to the test\n"
@@ -170,8 +186,24 @@ def _start(server: PostgresServer, attempts: int = 3) -> int:
     output = ""
     for _ in range(attempts):
         port = _free_port()
-        result = _run([str(server.pg_ctl), "-D", str(server.data), "-l", str(log), "-w", "-t", "30",
-                       "-o", f"-p {port}", "start"], run_as=server.run_as, cwd=server.root, check=False)
+        result = _run(
+            [
+                str(server.pg_ctl),
+                "-D",
+                str(server.data),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                f"-p {port}",
+                "start",
+            ],
+            run_as=server.run_as,
+            cwd=server.root,
+            check=False,
+        )
         if result.returncode == 0:
             return port
         output = result.stdout + result.stderr
@@ -188,13 +220,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], run_as: str | None, cwd: Path | str,
-         check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    command: list[str], run_as: str | None, cwd: Path | str, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a PostgreSQL program (as ``run_as`` through runuser when given); raise PostgresError on failure."""
     if run_as is not None:
         command = ["runuser", "-u", run_as, "--", *command]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL
+    )
     if check and result.returncode != 0:
         output = result.stdout + result.stderr
         raise PostgresError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")

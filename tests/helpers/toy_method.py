@@ -24,11 +24,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class ToyConfig:
-    targets: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "layers to add a bias to"})
+    targets: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "layers to add a bias to"}
+    )
     init: float = field(default=0.0, metadata={"help": "the biases' starting value"})
 
     def validate(self) -> list[str]:
-        return [] if self.targets else ["toy targets must name at least one layer; try --toy-targets all-linear"]
+        return (
+            [] if self.targets else ["toy targets must name at least one layer; try --toy-targets all-linear"]
+        )
 
 
 class ToyLinear(TaskLinear):
@@ -68,7 +72,9 @@ class ToyLinear(TaskLinear):
             return y
         bias = rows.tensors[0]  # (N, out)
         picked = y if rows.idx is None else y.index_select(0, rows.idx)
-        return add_rows(y, rows, torch.zeros_like(picked) + bias.view(bias.shape[0], *([1] * (y.dim() - 2)), -1))
+        return add_rows(
+            y, rows, torch.zeros_like(picked) + bias.view(bias.shape[0], *([1] * (y.dim() - 2)), -1)
+        )
 
 
 def attach(bank: MultiTaskModel, task: str, config: ToyConfig) -> None:
@@ -86,6 +92,14 @@ def search(trial: Any) -> dict[str, Any]:
     return {"toy.init": trial.suggest_categorical("toy.init", [0.0, 0.01])}
 
 
-METHOD = register(Method(name="toy", config_class=ToyConfig, attach=attach, detach=detach,
-                         summary="a learned bias per task on linear layers' outputs (a test's toy method)",
-                         default_learning_rate=1e-2, search=search))
+METHOD = register(
+    Method(
+        name="toy",
+        config_class=ToyConfig,
+        attach=attach,
+        detach=detach,
+        summary="a learned bias per task on linear layers' outputs (a test's toy method)",
+        default_learning_rate=1e-2,
+        search=search,
+    )
+)

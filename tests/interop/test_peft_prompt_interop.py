@@ -16,16 +16,31 @@ from multitune.methods.prompt import PromptConfig
 
 peft = pytest.importorskip("peft")
 
-CASES = [("prompt", "llama"), ("prompt", "gpt2"), ("prompt", "bert"), ("prompt", "t5"),
-         ("prefix", "llama"), ("prefix", "gpt2"), ("prefix", "bert")]
+CASES = [
+    ("prompt", "llama"),
+    ("prompt", "gpt2"),
+    ("prompt", "bert"),
+    ("prompt", "t5"),
+    ("prefix", "llama"),
+    ("prefix", "gpt2"),
+    ("prefix", "bert"),
+]
 
 
 def _bank(method: str, family: str) -> MultiTaskModel:
     bank = MultiTaskModel(tiny_base(family))
-    config = (PrefixConfig(num_virtual_tokens=3, projection=False) if method == "prefix"
-              else PromptConfig(num_virtual_tokens=3, init="random"))
-    bank.add_task("t", "classification" if family == "bert" else "generation", method, config,
-                  ["a", "b"] if family == "bert" else None)
+    config = (
+        PrefixConfig(num_virtual_tokens=3, projection=False)
+        if method == "prefix"
+        else PromptConfig(num_virtual_tokens=3, init="random")
+    )
+    bank.add_task(
+        "t",
+        "classification" if family == "bert" else "generation",
+        method,
+        config,
+        ["a", "b"] if family == "bert" else None,
+    )
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for param in bank.task_parameters("t").values():
@@ -47,19 +62,25 @@ def _ours(bank: MultiTaskModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.
 def _theirs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, seq2seq: bool) -> torch.Tensor:
     with torch.no_grad():
         if seq2seq:
-            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros_like(ids[:, :1])).logits
+            return model(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros_like(ids[:, :1])
+            ).logits
         out = model(input_ids=ids, attention_mask=mask)
         full = out.logits if hasattr(out, "logits") else out.last_hidden_state
-        return full[:, -ids.shape[1]:]  # PEFT's prompt tuning returns the virtual positions too
+        return full[:, -ids.shape[1] :]  # PEFT's prompt tuning returns the virtual positions too
 
 
 def _inputs(bank: MultiTaskModel) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = bank.base.tokenizer(["good movie", "the film was very bad and not nice"], padding=True, return_tensors="pt")
+    enc = bank.base.tokenizer(
+        ["good movie", "the film was very bad and not nice"], padding=True, return_tensors="pt"
+    )
     return enc.input_ids, enc.attention_mask
 
 
 @pytest.mark.parametrize(("method", "family"), CASES)
-def test_exported_adapter_gives_the_same_outputs_in_the_peft_package(method: str, family: str, tmp_path) -> None:
+def test_exported_adapter_gives_the_same_outputs_in_the_peft_package(
+    method: str, family: str, tmp_path
+) -> None:
     bank = _bank(method, family)
     export_peft(bank, "t", tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -80,8 +101,13 @@ def test_a_peft_adapter_imports_with_the_same_outputs(method: str, family: str, 
     reference = peft.PeftModel.from_pretrained(tiny_model(family), tmp_path / "a").eval()
     reference.save_pretrained(tmp_path / "b")  # written by the peft package itself
     other = MultiTaskModel(tiny_base(family))
-    import_peft(other, tmp_path / "b", "t", "classification" if family == "bert" else "generation",
-                ["a", "b"] if family == "bert" else None)
+    import_peft(
+        other,
+        tmp_path / "b",
+        "t",
+        "classification" if family == "bert" else "generation",
+        ["a", "b"] if family == "bert" else None,
+    )
     ids, mask = _inputs(other)
     theirs = _theirs(reference, ids, mask, family == "t5")
     real = mask.bool() if family != "t5" else torch.ones(ids.shape[0], 1, dtype=torch.bool)
@@ -108,7 +134,9 @@ def test_import_of_folders_that_are_not_usable_peft_adapters(tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     with pytest.raises(ConfigError, match="PEFT LOHA adapter; import covers"):
         import_peft(bank, tmp_path, "t")
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2})
+    )
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(ConfigError, match="never loads"):
         import_peft(bank, tmp_path, "t")

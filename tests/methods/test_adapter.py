@@ -30,7 +30,11 @@ ATTENTION = {
     "bert": [f"encoder.layer.{i}.attention.output.dense" for i in range(2)],
     "distilbert": [f"transformer.layer.{i}.attention.out_lin" for i in range(2)],
     "t5": [f"encoder.block.{i}.layer.0.SelfAttention.o" for i in range(2)]
-    + [f"decoder.block.{i}.layer.{j}.{n}.o" for i in range(2) for j, n in ((0, "SelfAttention"), (1, "EncDecAttention"))],
+    + [
+        f"decoder.block.{i}.layer.{j}.{n}.o"
+        for i in range(2)
+        for j, n in ((0, "SelfAttention"), (1, "EncDecAttention"))
+    ],
 }
 FFN = {
     "llama": [f"model.layers.{i}.mlp.down_proj" for i in range(2)],
@@ -40,9 +44,19 @@ FFN = {
     "t5": [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]
     + [f"decoder.block.{i}.layer.2.DenseReluDense.wo" for i in range(2)],
 }
-NORM_SIZE = {"llama": D, "gpt2": 2 * D, "bert": 2 * D, "distilbert": 2 * D, "t5": D}  # RMS: weight; LayerNorm: +bias
-LORA_ON_ADAPTER_LAYERS = {"llama": ["o_proj", "down_proj"], "gpt2": ["c_proj"], "bert": ["output.dense"],
-                          "t5": ["o", "wo"]}
+NORM_SIZE = {
+    "llama": D,
+    "gpt2": 2 * D,
+    "bert": 2 * D,
+    "distilbert": 2 * D,
+    "t5": D,
+}  # RMS: weight; LayerNorm: +bias
+LORA_ON_ADAPTER_LAYERS = {
+    "llama": ["o_proj", "down_proj"],
+    "gpt2": ["c_proj"],
+    "bert": ["output.dense"],
+    "t5": ["o", "wo"],
+}
 
 
 def _base(family: str):
@@ -51,8 +65,15 @@ def _base(family: str):
     import transformers as t
 
     torch.manual_seed(0)
-    config = t.DistilBertConfig(vocab_size=42, dim=D, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=128,
-                                pad_token_id=0)
+    config = t.DistilBertConfig(
+        vocab_size=42,
+        dim=D,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     return base_from_model(t.DistilBertModel(config), word_tokenizer(), source="tiny-distilbert")
 
 
@@ -70,7 +91,9 @@ def _kind(family: str) -> str:
 
 
 def _encode(base, n: int = len(TEXTS), left: bool = False):
-    enc = base.tokenizer(TEXTS[:n], padding=True, return_tensors="pt", padding_side="left" if left else "right")
+    enc = base.tokenizer(
+        TEXTS[:n], padding=True, return_tensors="pt", padding_side="left" if left else "right"
+    )
     return enc.input_ids, enc.attention_mask
 
 
@@ -120,7 +143,9 @@ def test_adapter_learns_generation(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 @pytest.mark.parametrize("norms", [False, True])
-def test_trainable_parameters_are_exactly_the_adapter_tensors(family: str, placement: str, norms: bool) -> None:
+def test_trainable_parameters_are_exactly_the_adapter_tensors(
+    family: str, placement: str, norms: bool
+) -> None:
     bank = MultiTaskModel(tiny_base(family))
     config = AdapterConfig(reduction_factor=8, placement=placement, train_layer_norms=norms)
     bank.add_task("t", "classification", "adapter", config, ["a", "b"])
@@ -132,7 +157,9 @@ def test_trainable_parameters_are_exactly_the_adapter_tensors(family: str, place
     expected = len(sites) * (per_site + (NORM_SIZE[family] if norms else 0)) + D * 2 + 2
     assert sum(p.numel() for p in own.values()) == expected
     adapter_keys = {k for k in own if ".adapter_" in k}
-    assert adapter_keys == {f"{s}.adapter_{m}.{w}" for s in sites for m in ("down", "up") for w in ("weight", "bias")}
+    assert adapter_keys == {
+        f"{s}.adapter_{m}.{w}" for s in sites for m in ("down", "up") for w in ("weight", "bias")
+    }
     assert len([k for k in own if k.endswith(".ln.weight")]) == (len(sites) if norms else 0)
 
 
@@ -147,8 +174,13 @@ def test_a_fresh_adapter_starts_exactly_at_the_base(family: str) -> None:
     """U = 0 and norm copies equal to the base: the outputs are equal to the bit (tolerance 0)."""
     base = tiny_base(family)
     bank = MultiTaskModel(base)
-    bank.add_task("t", _kind(family), "adapter", AdapterConfig(reduction_factor=4, train_layer_norms=True),
-                  labels=["a", "b"] if family == "bert" else None)
+    bank.add_task(
+        "t",
+        _kind(family),
+        "adapter",
+        AdapterConfig(reduction_factor=4, train_layer_norms=True),
+        labels=["a", "b"] if family == "bert" else None,
+    )
     ids, mask = _encode(base)
     with torch.no_grad():
         got = _logits(bank, ids, mask, bank.task_ids("t", ids.shape[0]))
@@ -197,7 +229,13 @@ def test_every_allowed_activation_maps_zero_to_zero() -> None:
 def test_placements_wrap_the_expected_layers(family: str, placement: str) -> None:
     base = _base(family)
     bank = MultiTaskModel(base)
-    bank.add_task("t", "classification", "adapter", AdapterConfig(placement=placement, train_layer_norms=True), ["a", "b"])
+    bank.add_task(
+        "t",
+        "classification",
+        "adapter",
+        AdapterConfig(placement=placement, train_layer_norms=True),
+        ["a", "b"],
+    )
     expected = (ATTENTION[family] if placement == "houlsby" else []) + FFN[family]
     assert _wrapped(base.model) == sorted(expected)
     assert len([m for m in base.model.modules() if isinstance(m, TaskNorm)]) == len(expected)
@@ -208,16 +246,30 @@ def _mixed_bank(family: str, lora_first: bool) -> MultiTaskModel:
     """Two adapter tasks (r 8 houlsby gelu + norms; r 4 pfeiffer relu), LoRA on the same layers, LoRA elsewhere."""
     bank = MultiTaskModel(tiny_base(family))
     labels = ["x", "y"]
-    lora_same = ("l", "classification", "lora", LoRAConfig(rank=3, dropout=0.0,
-                                                          target_modules=LORA_ON_ADAPTER_LAYERS[family]), labels)
+    lora_same = (
+        "l",
+        "classification",
+        "lora",
+        LoRAConfig(rank=3, dropout=0.0, target_modules=LORA_ON_ADAPTER_LAYERS[family]),
+        labels,
+    )
     if lora_first:
         bank.add_task(*lora_same)
-    bank.add_task("a", "classification", "adapter",
-                  AdapterConfig(reduction_factor=4, activation="gelu", train_layer_norms=True), labels)
-    bank.add_task("b", "classification", "adapter", AdapterConfig(reduction_factor=8, placement="pfeiffer"), labels)
+    bank.add_task(
+        "a",
+        "classification",
+        "adapter",
+        AdapterConfig(reduction_factor=4, activation="gelu", train_layer_norms=True),
+        labels,
+    )
+    bank.add_task(
+        "b", "classification", "adapter", AdapterConfig(reduction_factor=8, placement="pfeiffer"), labels
+    )
     if not lora_first:
         bank.add_task(*lora_same)
-    bank.add_task("n", "classification", "lora", LoRAConfig(rank=2, dropout=0.0), labels)  # no adapter anywhere
+    bank.add_task(
+        "n", "classification", "lora", LoRAConfig(rank=2, dropout=0.0), labels
+    )  # no adapter anywhere
     for i, task in enumerate(bank.slots):
         _randomize(bank, task, seed=i + 3)
     return bank
@@ -238,10 +290,12 @@ def test_mixed_batch_rows_equal_each_row_alone(family: str, lora_first: bool) ->
         logits = _logits(bank, ids, mask, rows)
         for r, s in enumerate(rows.tolist()):
             one = torch.tensor([s])
-            torch.testing.assert_close(mixed[r : r + 1], bank.classify(ids[r : r + 1], mask[r : r + 1], one),
-                                       atol=1e-5, rtol=0)
-            torch.testing.assert_close(logits[r : r + 1], _logits(bank, ids[r : r + 1], mask[r : r + 1], one),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                mixed[r : r + 1], bank.classify(ids[r : r + 1], mask[r : r + 1], one), atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                logits[r : r + 1], _logits(bank, ids[r : r + 1], mask[r : r + 1], one), atol=1e-5, rtol=0
+            )
         with bank.disabled():
             plain = _logits(bank, ids, mask, rows)
         assert all((logits[r] - plain[r]).abs().max() > 1e-3 for r in (0, 1, 4))  # the adapters matter
@@ -254,8 +308,9 @@ def test_mixed_batch_rows_equal_each_row_alone(family: str, lora_first: bool) ->
         gen_ids, gen_mask = _encode(bank.base, 3, left=bank.base.arch == "decoder")
         got = bank.generate(gen_ids, gen_mask, gen_rows, max_new_tokens=4, do_sample=False)
         for r, s in enumerate(gen_rows.tolist()):
-            alone = bank.generate(gen_ids[r : r + 1], gen_mask[r : r + 1], torch.tensor([s]), max_new_tokens=4,
-                                  do_sample=False)
+            alone = bank.generate(
+                gen_ids[r : r + 1], gen_mask[r : r + 1], torch.tensor([s]), max_new_tokens=4, do_sample=False
+            )
             assert torch.equal(got[r, : alone.shape[1]], alone[0])
 
 
@@ -315,15 +370,28 @@ def test_trained_norms_leave_the_base_and_other_tasks_unchanged(family: str) -> 
         with bank.disabled():
             base_before = _logits(bank, ids, mask, other_rows)
 
-    bank.add_task("t", "classification", "adapter", AdapterConfig(reduction_factor=4, train_layer_norms=True),
-                  ["neg", "pos"])
+    bank.add_task(
+        "t",
+        "classification",
+        "adapter",
+        AdapterConfig(reduction_factor=4, train_layer_norms=True),
+        ["neg", "pos"],
+    )
     data = toy_sentiment(32)
-    train(bank, "t", data, data[:8], TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0),
-          progress=False)
+    train(
+        bank,
+        "t",
+        data,
+        data[:8],
+        TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0),
+        progress=False,
+    )
 
     norms = {k: p for k, p in bank.task_parameters("t").items() if k.endswith(".ln.weight")}
-    assert norms and all((p - base.model.get_submodule(k.removesuffix(".ln.weight")).weight).abs().max() > 0
-                         for k, p in norms.items())  # the copies trained
+    assert norms and all(
+        (p - base.model.get_submodule(k.removesuffix(".ln.weight")).weight).abs().max() > 0
+        for k, p in norms.items()
+    )  # the copies trained
     for param, saved in frozen:
         torch.testing.assert_close(param, saved, atol=0, rtol=0)
     with torch.no_grad():
@@ -336,7 +404,9 @@ def test_trained_norms_leave_the_base_and_other_tasks_unchanged(family: str) -> 
 def test_save_and_load_round_trip_gives_identical_outputs(family: str, tmp_path) -> None:
     base = tiny_base(family)
     bank = MultiTaskModel(base)
-    config = AdapterConfig(reduction_factor=4, placement="pfeiffer", activation="tanh", train_layer_norms=True)
+    config = AdapterConfig(
+        reduction_factor=4, placement="pfeiffer", activation="tanh", train_layer_norms=True
+    )
     bank.add_task("t", "classification", "adapter", config, ["a", "b", "c"])
     _randomize(bank, "t", seed=2)
     ids, mask = _encode(base)
@@ -368,30 +438,42 @@ def test_remove_task_restores_the_plain_model() -> None:
     bank.remove_task("a")
     assert _wrapped(base.model) == FFN["llama"]
     assert sorted(n for n, m in base.model.named_modules() if isinstance(m, TaskNorm)) == [
-        f"model.layers.{i}.post_attention_layernorm" for i in range(2)]
+        f"model.layers.{i}.post_attention_layernorm" for i in range(2)
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(_logits(bank, ids, mask, bank.task_ids("b", ids.shape[0])), b_before, atol=0, rtol=0)
+        torch.testing.assert_close(
+            _logits(bank, ids, mask, bank.task_ids("b", ids.shape[0])), b_before, atol=0, rtol=0
+        )
     bank.remove_task("b")
     assert not any(isinstance(m, AdapterLinear | TaskNorm) for m in base.model.modules())
     assert isinstance(base.model.get_submodule("model.layers.0.self_attn.o_proj"), LoRALinear)
     bank.remove_task("l")
     plain = tiny_model("llama")
-    assert [(n, type(m)) for n, m in base.model.named_modules()] == [(n, type(m)) for n, m in plain.named_modules()]
+    assert [(n, type(m)) for n, m in base.model.named_modules()] == [
+        (n, type(m)) for n, m in plain.named_modules()
+    ]
     assert base.model.state_dict().keys() == plain.state_dict().keys()
     with torch.no_grad():
-        torch.testing.assert_close(base.model(input_ids=ids, attention_mask=mask).logits,
-                                   plain(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            base.model(input_ids=ids, attention_mask=mask).logits,
+            plain(input_ids=ids, attention_mask=mask).logits,
+            atol=0,
+            rtol=0,
+        )
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("config", "flag"), [
-    (AdapterConfig(reduction_factor=0), "--adapter-reduction-factor"),
-    (AdapterConfig(placement="middle"), "--adapter-placement"),
-    (AdapterConfig(activation="swish"), "--adapter-activation"),
-    (AdapterConfig(modules=[]), "--adapter-modules"),
-    (AdapterConfig(modules=["nope"]), "--adapter-modules"),
-    (AdapterConfig(modules=["q_proj"], train_layer_norms=True), "--adapter-train-layer-norms"),
-])
+@pytest.mark.parametrize(
+    ("config", "flag"),
+    [
+        (AdapterConfig(reduction_factor=0), "--adapter-reduction-factor"),
+        (AdapterConfig(placement="middle"), "--adapter-placement"),
+        (AdapterConfig(activation="swish"), "--adapter-activation"),
+        (AdapterConfig(modules=[]), "--adapter-modules"),
+        (AdapterConfig(modules=["nope"]), "--adapter-modules"),
+        (AdapterConfig(modules=["q_proj"], train_layer_norms=True), "--adapter-train-layer-norms"),
+    ],
+)
 def test_bad_adapter_configs_name_the_flag(config: AdapterConfig, flag: str) -> None:
     bank = MultiTaskModel(tiny_base("llama"))
     with pytest.raises(ConfigError, match=flag):
@@ -405,17 +487,32 @@ def test_a_family_outside_the_table_needs_modules() -> None:
     bank = MultiTaskModel(base)
     with pytest.raises(ConfigError, match=r"--adapter-modules.*o_proj"):
         bank.add_task("t", "generation", "adapter")
-    bank.add_task("t", "generation", "adapter", AdapterConfig(modules=["o_proj", "up_proj"], placement="pfeiffer"))
-    assert _wrapped(base.model) == sorted([f"model.layers.{i}.{n}" for i in range(2)
-                                           for n in ("self_attn.o_proj", "mlp.up_proj")])
+    bank.add_task(
+        "t", "generation", "adapter", AdapterConfig(modules=["o_proj", "up_proj"], placement="pfeiffer")
+    )
+    assert _wrapped(base.model) == sorted(
+        [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.o_proj", "mlp.up_proj")]
+    )
 
 
 def test_adapter_flags_reach_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
-    args = parser.parse_args(["--method", "adapter", "--adapter-reduction-factor", "8", "--adapter-placement",
-                              "pfeiffer", "--adapter-train-layer-norms", "--adapter-modules", "o_proj,down_proj"])
+    args = parser.parse_args(
+        [
+            "--method",
+            "adapter",
+            "--adapter-reduction-factor",
+            "8",
+            "--adapter-placement",
+            "pfeiffer",
+            "--adapter-train-layer-norms",
+            "--adapter-modules",
+            "o_proj,down_proj",
+        ]
+    )
     assert load_run_config(args).methods["adapter"] == AdapterConfig(
-        reduction_factor=8, placement="pfeiffer", train_layer_norms=True, modules=["o_proj", "down_proj"])
+        reduction_factor=8, placement="pfeiffer", train_layer_norms=True, modules=["o_proj", "down_proj"]
+    )
     with pytest.raises(ConfigError, match="--adapter-activation"):
         load_run_config(parser.parse_args(["--method", "adapter", "--adapter-activation", "swish"]))

@@ -18,7 +18,14 @@ from multitune.storage import load_adapter, save_adapter
 from multitune.training.evaluate import evaluate
 from multitune.training.train import train
 
-TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy", "this is not quite fine", "bad"]
+TEXTS = [
+    "good movie",
+    "the film was very bad and not nice",
+    "what",
+    "so happy",
+    "this is not quite fine",
+    "bad",
+]
 # A second (IA)^3 target set per family; its feed-forward layer is one the defaults scale at the output.
 OTHER = {
     "llama": IA3Config(target_modules=["v_proj", "up_proj"], feedforward_modules=["v_proj"]),
@@ -74,8 +81,11 @@ def test_default_layers_are_pefts(family: str) -> None:
     kind, labels = _kind(family)
     bank.add_task("t", kind, "ia3", labels=labels)
     reference = peft.get_peft_model(tiny_model(family), peft.IA3Config())
-    want = {name.removeprefix("base_model.model."): module.is_feedforward
-            for name, module in reference.named_modules() if hasattr(module, "ia3_l") and "default" in module.ia3_l}
+    want = {
+        name.removeprefix("base_model.model."): module.is_feedforward
+        for name, module in reference.named_modules()
+        if hasattr(module, "ia3_l") and "default" in module.ia3_l
+    }
     assert _layers(bank, "t") == want
     assert any(want.values()) and not all(want.values())
 
@@ -85,13 +95,18 @@ def test_distilbert_defaults_follow_berts_choice() -> None:
 
     from multitune.models import base_from_model
 
-    config = t.DistilBertConfig(vocab_size=45, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    config = t.DistilBertConfig(
+        vocab_size=45, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+    )
     torch.manual_seed(0)
     bank = MultiTaskModel(base_from_model(t.DistilBertModel(config), word_tokenizer(), "tiny-distilbert"))
     bank.add_task("t", "classification", "ia3", labels=["a", "b"])
     layers = _layers(bank, "t")
     assert sorted({n.split(".", 3)[-1] for n in layers}) == ["attention.k_lin", "attention.v_lin", "ffn.lin2"]
-    assert [n for n, ff in layers.items() if ff] == ["transformer.layer.0.ffn.lin2", "transformer.layer.1.ffn.lin2"]
+    assert [n for n, ff in layers.items() if ff] == [
+        "transformer.layer.0.ffn.lin2",
+        "transformer.layer.1.ffn.lin2",
+    ]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -151,7 +166,9 @@ def test_export_writes_full_paths_when_peft_would_match_other_layers(tmp_path) -
     base = tiny_base("gpt2")
     bank = MultiTaskModel(base)
     # PEFT's feed-forward test is name.endswith("c_proj"): it would also catch attn.c_proj.
-    bank.add_task("t", "generation", "ia3", IA3Config(target_modules=["c_proj"], feedforward_modules=["mlp.c_proj"]))
+    bank.add_task(
+        "t", "generation", "ia3", IA3Config(target_modules=["c_proj"], feedforward_modules=["mlp.c_proj"])
+    )
     _randomize(bank, "t", seed=2)
     export_peft(bank, "t", tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -175,8 +192,12 @@ def test_trainable_parameters_are_exactly_the_vectors_and_the_head() -> None:
     assert trainable == {id(p) for p in own.values()}
     # per layer: key (32, 1), value (32, 1), attention.output.dense (1, 32), output.dense (1, 64); 2 layers
     shapes = {k.split(".", 3)[-1]: tuple(p.shape) for k, p in own.items() if k.startswith("encoder.layer.0.")}
-    assert shapes == {"attention.self.key.ia3_l": (32, 1), "attention.self.value.ia3_l": (32, 1),
-                      "attention.output.dense.ia3_l": (1, 32), "output.dense.ia3_l": (1, 64)}
+    assert shapes == {
+        "attention.self.key.ia3_l": (32, 1),
+        "attention.self.value.ia3_l": (32, 1),
+        "attention.output.dense.ia3_l": (1, 32),
+        "output.dense.ia3_l": (1, 64),
+    }
     assert sum(p.numel() for p in own.values()) == 2 * (32 + 32 + 32 + 64) + 32 * 2 + 2
     assert all(torch.equal(p, torch.ones_like(p)) for k, p in own.items() if k.endswith(".ia3_l"))
     assert get_method("ia3").default_learning_rate == pytest.approx(3e-3)
@@ -192,8 +213,11 @@ def test_ia3_learns_the_toy_classification_task(family: str) -> None:
     cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=3e-2, warmup_ratio=0.0, patience=100)
     train(bank, "t", data, data[:16], cfg, progress=False)
     assert evaluate(bank, "t", data)["loss"] < 0.85 * before
-    assert any(not torch.equal(p, torch.ones_like(p)) for k, p in bank.task_parameters("t").items()
-               if k.endswith(".ia3_l"))
+    assert any(
+        not torch.equal(p, torch.ones_like(p))
+        for k, p in bank.task_parameters("t").items()
+        if k.endswith(".ia3_l")
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
@@ -227,7 +251,9 @@ def test_merge_gives_identical_outputs_and_unmerge_restores_the_base(family: str
     with torch.no_grad():
         before = bank.classify(ids, mask, rows)
         bank.merge("t")
-        changed = [k for k, v in base.model.state_dict().items() if k in original and not torch.equal(v, original[k])]
+        changed = [
+            k for k, v in base.model.state_dict().items() if k in original and not torch.equal(v, original[k])
+        ]
         merged = bank.classify(ids, mask, rows)
         with bank.disabled():
             merged_base = bank.classify(ids, mask, rows)
@@ -251,10 +277,20 @@ def _mixed_bank(family: str, lora_first: bool) -> MultiTaskModel:
     adds = {
         "a": lambda: bank.add_task("a", "classification", "ia3", None, ["x", "y"]),
         "b": lambda: bank.add_task("b", "classification", "ia3", OTHER[family], ["x", "y", "z"]),
-        "c": lambda: bank.add_task("c", "classification", "lora", LoRAConfig(rank=3, dropout=0.0,
-                                                                              target_modules=["all-linear"]), ["p", "q"]),
-        "d": lambda: bank.add_task("d", "classification", "lora", LoRAConfig(rank=2, dropout=0.0,
-                                                                              target_modules=ELSEWHERE[family]), ["u", "v"]),
+        "c": lambda: bank.add_task(
+            "c",
+            "classification",
+            "lora",
+            LoRAConfig(rank=3, dropout=0.0, target_modules=["all-linear"]),
+            ["p", "q"],
+        ),
+        "d": lambda: bank.add_task(
+            "d",
+            "classification",
+            "lora",
+            LoRAConfig(rank=2, dropout=0.0, target_modules=ELSEWHERE[family]),
+            ["u", "v"],
+        ),
     }
     for task in ("c", "d", "a", "b") if lora_first else ("a", "b", "c", "d"):
         adds[task]()
@@ -299,8 +335,14 @@ def test_gradient_of_a_task_from_a_mixed_batch_equals_its_rows_alone(family: str
         logits = bank.classify(ids[select], mask[select], rows[select])
         finite = torch.where(torch.isinf(logits), torch.zeros_like(logits), logits)
         (finite * weights[select, : logits.shape[1]]).sum().backward()
-        return {t: {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                    for k, p in bank.task_parameters(t).items() if k.endswith(".ia3_l")} for t in "ab"}
+        return {
+            t: {
+                k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                for k, p in bank.task_parameters(t).items()
+                if k.endswith(".ia3_l")
+            }
+            for t in "ab"
+        }
 
     mixed = grads(list(range(len(order))))
     for task in "ab":
@@ -345,12 +387,17 @@ def test_save_and_load_round_trip_gives_identical_outputs(family: str, tmp_path)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    (IA3Config(target_modules=["qkv"]), r"target modules qkv not found.*k_proj.*--ia3-target-modules"),
-    (IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]),
-     r"feed-forward modules down_proj are not among the targeted layers; --ia3-feedforward-modules"),
-    (IA3Config(target_modules=[]), r"empty; pass --ia3-target-modules"),
-])
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (IA3Config(target_modules=["qkv"]), r"target modules qkv not found.*k_proj.*--ia3-target-modules"),
+        (
+            IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]),
+            r"feed-forward modules down_proj are not among the targeted layers; --ia3-feedforward-modules",
+        ),
+        (IA3Config(target_modules=[]), r"empty; pass --ia3-target-modules"),
+    ],
+)
 def test_bad_configs_are_refused_with_the_flag(config: IA3Config, expected: str) -> None:
     bank = MultiTaskModel(tiny_base("llama"))
     with pytest.raises(ConfigError, match=expected):
@@ -368,7 +415,9 @@ def test_a_family_without_defaults_needs_target_modules() -> None:
     bank = MultiTaskModel(base)
     with pytest.raises(ConfigError, match=r"no default \(IA\)\^3 targets.*--ia3-target-modules.*down_proj"):
         bank.add_task("t", "generation", "ia3")
-    bank.add_task("t", "generation", "ia3", IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]))
+    bank.add_task(
+        "t", "generation", "ia3", IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])
+    )
     assert list(_layers(bank, "t").values()) == [True, True]
 
 

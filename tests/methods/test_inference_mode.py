@@ -17,8 +17,15 @@ from multitune.methods import get_method
 from multitune.serve.engine import Engine
 
 METHODS = ["base", "lora", "prompt", "prefix", "adapter", "ia3", "prompting"]
-TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy and great", "it is", "not bad",
-         "poor service"]
+TEXTS = [
+    "good movie",
+    "the film was very bad and not nice",
+    "what",
+    "so happy and great",
+    "it is",
+    "not bad",
+    "poor service",
+]
 
 
 def _bank(family: str, kind: str) -> MultiTaskModel:

@@ -11,7 +11,12 @@ from multitune.errors import ConfigError
 from multitune.methods.lora import LoRAConfig, LoRALinear
 from multitune.storage import load_adapter, save_adapter
 
-PEFT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}
+PEFT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v"],
+}
 TEXTS = ["good movie", "the film was very bad and not nice", "what"]
 
 
@@ -43,17 +48,34 @@ def test_same_weights_give_the_same_outputs_as_peft(family: str, rslora: bool) -
     base = tiny_base(family)
     bank = MultiTaskModel(base)
     config = LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=PEFT_TARGETS[family], rslora=rslora)
-    bank.add_task("t", "generation" if family != "bert" else "classification", "lora", config,
-                  labels=None if family != "bert" else ["a", "b"])
+    bank.add_task(
+        "t",
+        "generation" if family != "bert" else "classification",
+        "lora",
+        config,
+        labels=None if family != "bert" else ["a", "b"],
+    )
     _randomize(bank, "t")
 
-    reference = peft.get_peft_model(tiny_model(family), peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PEFT_TARGETS[family], use_rslora=rslora,
-        fan_in_fan_out=family == "gpt2"))
+    reference = peft.get_peft_model(
+        tiny_model(family),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=PEFT_TARGETS[family],
+            use_rslora=rslora,
+            fan_in_fan_out=family == "gpt2",
+        ),
+    )
     from multitune.interop.peft import to_peft_state_dict
 
-    ours = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
-            for k, v in to_peft_state_dict(bank, "t").items()}
+    ours = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        ): v
+        for k, v in to_peft_state_dict(bank, "t").items()
+    }
     missing, unexpected = reference.load_state_dict(ours, strict=False)
     assert not unexpected and not [k for k in missing if "lora" in k]
     reference.eval()
@@ -74,7 +96,9 @@ def test_same_weights_give_the_same_outputs_as_peft(family: str, rslora: bool) -
 def test_merge_gives_identical_outputs_and_unmerge_restores_the_base(family: str) -> None:
     base = tiny_base(family)
     bank = MultiTaskModel(base)
-    bank.add_task("t", "classification", "lora", LoRAConfig(rank=4, target_modules=["all-linear"]), ["a", "b"])
+    bank.add_task(
+        "t", "classification", "lora", LoRAConfig(rank=4, target_modules=["all-linear"]), ["a", "b"]
+    )
     _randomize(bank, "t")
     bank.eval()
     ids, mask = _batch(base)
@@ -142,7 +166,9 @@ def test_mixed_batch_rows_equal_each_task_alone(family: str) -> None:
     base = tiny_base(family)
     bank = MultiTaskModel(base)
     bank.add_task("a", "classification", "lora", LoRAConfig(rank=2), ["x", "y"])
-    bank.add_task("b", "classification", "lora", LoRAConfig(rank=6, target_modules=["all-linear"]), ["x", "y", "z"])
+    bank.add_task(
+        "b", "classification", "lora", LoRAConfig(rank=6, target_modules=["all-linear"]), ["x", "y", "z"]
+    )
     bank.add_task("c", "classification", "full" if False else "lora", LoRAConfig(rank=3), ["p", "q"])
     for i, task in enumerate("abc"):
         _randomize(bank, task, seed=i + 5)
@@ -207,7 +233,9 @@ def test_mixed_forward_without_gradients_sees_weights_changed_in_place() -> None
     rows = torch.tensor([0, 1, 0])
     with torch.no_grad():
         first = bank.classify(ids, mask, rows)  # builds and caches the stacked weights
-        bank.task_parameters("a")["model.layers.0.self_attn.q_proj.lora_B.weight"].add_(0.5)  # an optimizer step
+        bank.task_parameters("a")["model.layers.0.self_attn.q_proj.lora_B.weight"].add_(
+            0.5
+        )  # an optimizer step
         second = bank.classify(ids, mask, rows)
         alone = bank.classify(ids[:1], mask[:1], bank.task_ids("a", 1))
     assert not torch.allclose(first[0], second[0])

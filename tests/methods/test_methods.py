@@ -52,8 +52,14 @@ def test_method_on_family(method: str, family: str, tmp_path) -> None:
     batch = bank.base.tokenizer([ex.text for ex in data[:8]], padding=True, return_tensors="pt")
     labels = torch.tensor([0 if ex.label == "neg" else 1 for ex in data[:8]])
     bank.train()
-    loss = bank({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                 "task_ids": bank.task_ids("t", 8), "class_labels": labels})
+    loss = bank(
+        {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "task_ids": bank.task_ids("t", 8),
+            "class_labels": labels,
+        }
+    )
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in own.values())
@@ -61,8 +67,15 @@ def test_method_on_family(method: str, family: str, tmp_path) -> None:
 
     # 30 steps lower the loss
     before = evaluate(bank, "t", data)["loss"]
-    cfg = TrainConfig(max_steps=30, epochs=100, batch_size=8, learning_rate=_learning_rate(method), warmup_ratio=0.0,
-                      patience=1000, eval_every=1000)
+    cfg = TrainConfig(
+        max_steps=30,
+        epochs=100,
+        batch_size=8,
+        learning_rate=_learning_rate(method),
+        warmup_ratio=0.0,
+        patience=1000,
+        eval_every=1000,
+    )
     result = train(bank, "t", data, data[:8], cfg, progress=False)
     assert result.steps == 30
     after = evaluate(bank, "t", data)["loss"]

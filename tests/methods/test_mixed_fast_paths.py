@@ -29,7 +29,9 @@ def _bank(extra_plain: int = 0) -> MultiTaskModel:
     bank.add_task("soft", "generation", "prompt", PromptConfig(num_virtual_tokens=3, init="random"))
     bank.add_task("prefix", "generation", "prefix", PrefixConfig(num_virtual_tokens=4, projection=False))
     for i in range(extra_plain):
-        bank.add_task(f"p{i}", "generation", "prompt", PromptConfig(num_virtual_tokens=2 + i % 3, init="random"))
+        bank.add_task(
+            f"p{i}", "generation", "prompt", PromptConfig(num_virtual_tokens=2 + i % 3, init="random")
+        )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for task in bank.slots:
@@ -55,7 +57,7 @@ def _wrappers(bank: MultiTaskModel, cls: type) -> list[Any]:
 
 def _assert_rows(mixed: torch.Tensor, alone: list[torch.Tensor]) -> None:
     for i, one in enumerate(alone):
-        torch.testing.assert_close(mixed[i, -one.shape[1]:], one[0], atol=1e-5, rtol=0, msg=f"row {i}")
+        torch.testing.assert_close(mixed[i, -one.shape[1] :], one[0], atol=1e-5, rtol=0, msg=f"row {i}")
 
 
 def test_stacks_hold_only_the_tasks_with_parameters_at_the_layer() -> None:
@@ -92,7 +94,9 @@ def test_a_reused_task_ids_tensor_never_serves_stale_weights_or_routes() -> None
     tasks = ["qv", "all", "adapter", "soft"]
     rows = torch.tensor([bank.slots.index(t) for t in tasks])
     before = _logits(bank, TEXTS[:4], rows)
-    torch.testing.assert_close(_logits(bank, TEXTS[:4], rows), before, atol=0, rtol=0)  # served from the caches
+    torch.testing.assert_close(
+        _logits(bank, TEXTS[:4], rows), before, atol=0, rtol=0
+    )  # served from the caches
     with torch.no_grad():  # an in-place update (an optimizer step, a load) of one task
         bank.task_parameters("all")["model.layers.0.self_attn.k_proj.lora_B.weight"].add_(0.5)
         bank.task_parameters("adapter")["model.layers.1.mlp.down_proj.adapter_up.weight"].add_(0.5)
@@ -115,10 +119,11 @@ def test_prompts_and_prefixes_of_a_large_bank_route_rows_of_few_tasks() -> None:
         prompt_inputs(bank, state)  # right-aligned per row, zeros before and for rows without a prompt
     virtual, table = state.virtual, prompts(bank)
     assert virtual is not None and virtual.shape == (6, 4, bank.base.hidden_size)
-    torch.testing.assert_close(virtual[0, -table["p11"].shape[0]:], table["p11"], atol=0, rtol=0)
-    assert not virtual[1].any() and not virtual[5].any() and not virtual[2, :4 - table["p4"].shape[0]].any()
+    torch.testing.assert_close(virtual[0, -table["p11"].shape[0] :], table["p11"], atol=0, rtol=0)
+    assert not virtual[1].any() and not virtual[5].any() and not virtual[2, : 4 - table["p4"].shape[0]].any()
     assert state.virtual_mask is not None and state.virtual_mask.sum(1).tolist() == [
-        table[t].shape[0] if t in table else 0 for t in tasks]
+        table[t].shape[0] if t in table else 0 for t in tasks
+    ]
 
 
 def test_training_gradients_reach_only_the_tasks_in_the_batch_and_match_each_row_alone() -> None:
@@ -127,21 +132,38 @@ def test_training_gradients_reach_only_the_tasks_in_the_batch_and_match_each_row
     tasks = ["qv", "all", "adapter", "p1"]
     enc = bank.base.tokenizer(TEXTS[:4], padding=True, return_tensors="pt", padding_side="left")
     rows = torch.tensor([bank.slots.index(t) for t in tasks])
-    batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "task_ids": rows,
-             # no target for padding nor for a first token (alone, nothing precedes it)
-             "labels": enc.input_ids.masked_fill((enc.attention_mask == 0) | (enc.attention_mask.cumsum(1) == 1), -100)}
+    batch = {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "task_ids": rows,
+        # no target for padding nor for a first token (alone, nothing precedes it)
+        "labels": enc.input_ids.masked_fill(
+            (enc.attention_mask == 0) | (enc.attention_mask.cumsum(1) == 1), -100
+        ),
+    }
     nll, _ = bank.lm_loss(batch)
     nll.backward()
-    mixed = {t: {k: p.grad.clone() for k, p in bank.task_parameters(t).items() if p.grad is not None} for t in tasks}
+    mixed = {
+        t: {k: p.grad.clone() for k, p in bank.task_parameters(t).items() if p.grad is not None}
+        for t in tasks
+    }
     assert all(p.grad is None for t in ["soft", "prefix", "p0"] for p in bank.task_parameters(t).values())
     bank.zero_grad(set_to_none=True)
     for i, task in enumerate(tasks):
         one = bank.base.tokenizer([TEXTS[i]], return_tensors="pt")  # unpadded: positions as the row alone
-        bank.lm_loss({"input_ids": one.input_ids, "attention_mask": one.attention_mask,
-                      "task_ids": bank.task_ids(task, 1), "labels": one.input_ids})[0].backward()
+        bank.lm_loss(
+            {
+                "input_ids": one.input_ids,
+                "attention_mask": one.attention_mask,
+                "task_ids": bank.task_ids(task, 1),
+                "labels": one.input_ids,
+            }
+        )[0].backward()
         for key, param in bank.task_parameters(task).items():
             if key in mixed[task]:
-                torch.testing.assert_close(mixed[task][key], param.grad, atol=1e-4, rtol=1e-4, msg=f"{task} {key}")
+                torch.testing.assert_close(
+                    mixed[task][key], param.grad, atol=1e-4, rtol=1e-4, msg=f"{task} {key}"
+                )
         bank.zero_grad(set_to_none=True)
 
 
@@ -153,8 +175,14 @@ def test_a_task_without_rows_in_a_training_batch_gets_no_gradient_at_all() -> No
     bank.train()
     enc = bank.base.tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
     rows = torch.tensor([bank.slots.index("qv"), bank.slots.index("p0")])
-    nll, _ = bank.lm_loss({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "task_ids": rows,
-                           "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)})
+    nll, _ = bank.lm_loss(
+        {
+            "input_ids": enc.input_ids,
+            "attention_mask": enc.attention_mask,
+            "task_ids": rows,
+            "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100),
+        }
+    )
     nll.backward()
     for task in bank.slots:
         grads = [p.grad for p in bank.task_parameters(task).values()]

@@ -24,8 +24,20 @@ from multitune.methods.prefix import PrefixConfig, encoders
 from multitune.methods.prompt import PromptConfig, prompts
 from multitune.methods.prompting import PromptingConfig
 
-TEXTS = ["good movie", "the film was very bad and not nice", "what", "so happy and great", "it is", "not bad",
-         "the food was awful", "really quite fine", "how", "love it", "poor service", "nice place"]
+TEXTS = [
+    "good movie",
+    "the film was very bad and not nice",
+    "what",
+    "so happy and great",
+    "it is",
+    "not bad",
+    "the food was awful",
+    "really quite fine",
+    "how",
+    "love it",
+    "poor service",
+    "nice place",
+]
 
 
 def variants(method: str) -> list[Any]:
@@ -34,10 +46,17 @@ def variants(method: str) -> list[Any]:
     return {
         "base": [None, None],
         "lora": [LoRAConfig(rank=2), LoRAConfig(rank=4, target_modules=["all-linear"], rslora=True)],
-        "prompt": [PromptConfig(num_virtual_tokens=2, init="random"), PromptConfig(num_virtual_tokens=5, init="random")],
+        "prompt": [
+            PromptConfig(num_virtual_tokens=2, init="random"),
+            PromptConfig(num_virtual_tokens=5, init="random"),
+        ],
         "prefix": [PrefixConfig(num_virtual_tokens=3), PrefixConfig(num_virtual_tokens=6, projection=False)],
-        "adapter": [AdapterConfig(reduction_factor=8),
-                    AdapterConfig(reduction_factor=4, placement="pfeiffer", activation="gelu", train_layer_norms=True)],
+        "adapter": [
+            AdapterConfig(reduction_factor=8),
+            AdapterConfig(
+                reduction_factor=4, placement="pfeiffer", activation="gelu", train_layer_norms=True
+            ),
+        ],
         "ia3": [IA3Config(), IA3Config(target_modules=["all-linear"], feedforward_modules=[])],
         "prompting": [PromptingConfig(), PromptingConfig(shots=2)],
     }.get(method, [None, None])
@@ -47,13 +66,17 @@ def variants(method: str) -> list[Any]:
 METHODS = sorted(name for name, method in REGISTRY.items() if not method.changes_base)
 
 
-def _add(bank: MultiTaskModel, name: str, method: str, config: Any, kind: str, labels: list[str] | None) -> None:
+def _add(
+    bank: MultiTaskModel, name: str, method: str, config: Any, kind: str, labels: list[str] | None
+) -> None:
     bank.add_task(name, kind, method, config, labels)
     fit = get_method(method).fit
     if fit is not None:
         data = toy_sentiment(16) if kind == "classification" else toy_generation(8)
         if kind == "classification":
-            data = [type(ex)(text=ex.text, label={"pos": labels[0], "neg": labels[1]}[ex.label]) for ex in data]
+            data = [
+                type(ex)(text=ex.text, label={"pos": labels[0], "neg": labels[1]}[ex.label]) for ex in data
+            ]
         fit(bank, name, data)
     perturb(bank, name, len(bank.slots), scale=0.15)
 
@@ -70,7 +93,9 @@ def _check_rows_alone(bank: MultiTaskModel, texts: list[str], tasks: list[str]) 
     for i, task in enumerate(tasks):
         alone = _logits(bank, [texts[i]], [task])
         width = alone.shape[1]
-        torch.testing.assert_close(mixed[i : i + 1, :width], alone, atol=1e-5, rtol=0, msg=f"row {i} ({task})")
+        torch.testing.assert_close(
+            mixed[i : i + 1, :width], alone, atol=1e-5, rtol=0, msg=f"row {i} ({task})"
+        )
         assert torch.isinf(mixed[i, width:]).all()  # label columns beyond the task's own are -inf
 
 
@@ -79,7 +104,9 @@ PAIRS = [(a, b) for a, b in itertools.combinations_with_replacement(METHODS, 2)]
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("first", "second"), PAIRS)
-def test_every_pair_of_methods_in_one_batch_equals_each_row_alone(first: str, second: str, family: str) -> None:
+def test_every_pair_of_methods_in_one_batch_equals_each_row_alone(
+    first: str, second: str, family: str
+) -> None:
     bank = MultiTaskModel(tiny_base(family))
     _add(bank, "a", first, variants(first)[0], "classification", ["neg", "pos"])
     _add(bank, "b", second, variants(second)[1], "classification", ["neg", "pos", "other"])
@@ -106,18 +133,28 @@ def test_a_batch_of_every_method_twice_equals_each_row_alone(family: str) -> Non
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
 def test_mixed_generation_with_the_cache_equals_each_task_generating_alone(family: str) -> None:
     bank = _everything(family, "generation")
-    tasks = [t for t in bank.slots if not t.startswith("prompting")]  # prompting rewrites the text, not the model
+    tasks = [
+        t for t in bank.slots if not t.startswith("prompting")
+    ]  # prompting rewrites the text, not the model
     tokenizer = bank.base.tokenizer
     texts = (TEXTS * 2)[: len(tasks)]
     side = "left" if family != "t5" else "right"
     enc = tokenizer(texts, padding=True, return_tensors="pt", padding_side=side)
     rows = torch.tensor([bank.slots.index(t) for t in tasks])
-    mixed = bank.generate(enc.input_ids, enc.attention_mask, rows, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    mixed = bank.generate(
+        enc.input_ids, enc.attention_mask, rows, max_new_tokens=6, do_sample=False, eos_token_id=None
+    )
     outputs = set()
     for i, task in enumerate(tasks):
         one = tokenizer([texts[i]], return_tensors="pt")
-        alone = bank.generate(one.input_ids, one.attention_mask, bank.task_ids(task, 1), max_new_tokens=6,
-                              do_sample=False, eos_token_id=None)
+        alone = bank.generate(
+            one.input_ids,
+            one.attention_mask,
+            bank.task_ids(task, 1),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+        )
         assert mixed[i].tolist() == alone[0].tolist(), task
         outputs.add((texts[i], tuple(alone[0].tolist())))
     assert len({out for _, out in outputs}) > 1  # the tasks really generate differently

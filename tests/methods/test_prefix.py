@@ -34,8 +34,15 @@ def test_prefix_tuning_learns_the_toy_task_and_folds_to_plain_prefixes(family: s
     geo = geometry(bank)
     d, w = 32, geo.width
     counts = {k: p.numel() for k, p in bank.task_parameters("p").items()}
-    assert counts == {"prefix.embedding": 4 * d, "prefix.mlp.0.weight": d * d, "prefix.mlp.0.bias": d,
-                      "prefix.mlp.2.weight": w * d, "prefix.mlp.2.bias": w, "head.weight": 2 * d, "head.bias": 2}
+    assert counts == {
+        "prefix.embedding": 4 * d,
+        "prefix.mlp.0.weight": d * d,
+        "prefix.mlp.0.bias": d,
+        "prefix.mlp.2.weight": w * d,
+        "prefix.mlp.2.bias": w,
+        "head.weight": 2 * d,
+        "head.bias": 2,
+    }
     data = toy_sentiment(64)
     before = evaluate(bank, "p", data)["loss"]
     cfg = TrainConfig(epochs=8, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, patience=100)
@@ -43,7 +50,10 @@ def test_prefix_tuning_learns_the_toy_task_and_folds_to_plain_prefixes(family: s
     assert evaluate(bank, "p", data)["loss"] < 0.85 * before
     # train() folded the MLP away: what is left is the (n, layers * 2 * kv_dim) prefix tensor and the head
     assert {k: p.numel() for k, p in bank.task_parameters("p").items()} == {
-        "prefix.embeddings": 4 * w, "head.weight": 2 * d, "head.bias": 2}
+        "prefix.embeddings": 4 * w,
+        "head.weight": 2 * d,
+        "head.bias": 2,
+    }
     assert bank.tasks["p"].config["projection"] is False
 
 
@@ -75,10 +85,13 @@ def test_generate_with_prefixes_equals_greedy_decoding_without_cache(family: str
     bank = MultiTaskModel(base)
     bank.add_task("g", "generation", "prefix", PrefixConfig(num_virtual_tokens=3, projection=False))
     perturb(bank, "g", 2, scale=1.0)
-    enc = base.tokenizer(["good movie", "the film was bad"], padding=True, return_tensors="pt", padding_side="left")
+    enc = base.tokenizer(
+        ["good movie", "the film was bad"], padding=True, return_tensors="pt", padding_side="left"
+    )
     rows = bank.task_ids("g", 2)
-    got = bank.generate(enc.input_ids, enc.attention_mask, rows, max_new_tokens=5, do_sample=False,
-                        eos_token_id=None)
+    got = bank.generate(
+        enc.input_ids, enc.attention_mask, rows, max_new_tokens=5, do_sample=False, eos_token_id=None
+    )
     ids, mask, want = enc.input_ids, enc.attention_mask, []
     with torch.no_grad():
         for _ in range(5):  # the whole sequence each step, a fresh prefix cache each time
@@ -89,8 +102,9 @@ def test_generate_with_prefixes_equals_greedy_decoding_without_cache(family: str
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     assert torch.equal(got, torch.cat(want, 1))
     with bank.disabled():
-        plain = bank.generate(enc.input_ids, enc.attention_mask, rows, max_new_tokens=5, do_sample=False,
-                              eos_token_id=None)
+        plain = bank.generate(
+            enc.input_ids, enc.attention_mask, rows, max_new_tokens=5, do_sample=False, eos_token_id=None
+        )
     assert not torch.equal(plain, got)  # the prefixes change what is generated
 
 
@@ -124,11 +138,19 @@ def test_mixed_generation_equals_each_row_alone(family: str) -> None:
     tasks = ["short", "long", "soft", "lora"]
     enc = tokenizer(TEXTS[:4], padding=True, return_tensors="pt", padding_side=side)
     rows = torch.tensor([bank.slots.index(t) for t in tasks])
-    mixed = bank.generate(enc.input_ids, enc.attention_mask, rows, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    mixed = bank.generate(
+        enc.input_ids, enc.attention_mask, rows, max_new_tokens=6, do_sample=False, eos_token_id=None
+    )
     for i, task in enumerate(tasks):
         one = tokenizer([TEXTS[i]], return_tensors="pt")
-        alone = bank.generate(one.input_ids, one.attention_mask, bank.task_ids(task, 1), max_new_tokens=6,
-                              do_sample=False, eos_token_id=None)
+        alone = bank.generate(
+            one.input_ids,
+            one.attention_mask,
+            bank.task_ids(task, 1),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+        )
         assert mixed[i].tolist() == alone[0].tolist(), task
 
 
@@ -157,7 +179,9 @@ def test_gradients_of_a_task_come_only_from_its_own_rows() -> None:
 def test_disabled_prefixes_give_the_base_outputs(family: str) -> None:
     bank = MultiTaskModel(tiny_base(family))
     bank.add_task("p", "classification", "prefix", PrefixConfig(num_virtual_tokens=3), ["a", "b"])
-    bank.add_task("none", "classification", "lora", LoRAConfig(rank=1, target_modules=["all-linear"]), ["a", "b"])
+    bank.add_task(
+        "none", "classification", "lora", LoRAConfig(rank=1, target_modules=["all-linear"]), ["a", "b"]
+    )
     perturb(bank, "p", 3, scale=1.0)
     with torch.no_grad():  # the same head on a task whose adapter is a no-op (LoRA's B starts at zero)
         bank.heads["none"].load_state_dict(bank.heads["p"].state_dict())

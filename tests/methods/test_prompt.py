@@ -55,7 +55,9 @@ def test_generate_with_a_soft_prompt_equals_greedy_decoding_without_cache(family
     base = tiny_base(family)
     bank = MultiTaskModel(base)
     bank.add_task("g", "generation", "prompt", PromptConfig(num_virtual_tokens=3, init="random"))
-    enc = base.tokenizer(["good movie", "the film was bad"], padding=True, return_tensors="pt", padding_side="left")
+    enc = base.tokenizer(
+        ["good movie", "the film was bad"], padding=True, return_tensors="pt", padding_side="left"
+    )
     rows = bank.task_ids("g", 2)
     got = bank.generate(enc.input_ids, enc.attention_mask, rows, max_new_tokens=5, do_sample=False)
     ids, mask = enc.input_ids, enc.attention_mask
@@ -86,14 +88,18 @@ def test_mixed_rows_with_prompts_of_different_lengths_equal_each_row_alone(famil
         mixed = bank.classify(enc.input_ids, enc.attention_mask, rows)
         for r, slot in enumerate(rows.tolist()):
             n = int(enc.attention_mask[r].sum())  # alone: no padding at all
-            alone = bank.classify(enc.input_ids[r : r + 1, :n], enc.attention_mask[r : r + 1, :n], torch.tensor([slot]))
+            alone = bank.classify(
+                enc.input_ids[r : r + 1, :n], enc.attention_mask[r : r + 1, :n], torch.tensor([slot])
+            )
             torch.testing.assert_close(mixed[r : r + 1, : alone.shape[1]], alone, atol=1e-5, rtol=0)
 
 
 def test_label_initialisation_uses_the_label_token_embeddings() -> None:
     base = tiny_base("bert")
     bank = MultiTaskModel(base)
-    bank.add_task("p", "classification", "prompt", PromptConfig(num_virtual_tokens=5, init="labels"), ["bad", "good"])
+    bank.add_task(
+        "p", "classification", "prompt", PromptConfig(num_virtual_tokens=5, init="labels"), ["bad", "good"]
+    )
     table = base.model.get_input_embeddings().weight
     ids = base.tokenizer(["bad", "good"], add_special_tokens=False).input_ids
     torch.testing.assert_close(prompts(bank)["p"][:2], table[[ids[0][0], ids[1][0]]])
@@ -105,7 +111,9 @@ def test_label_initialisation_uses_the_label_token_embeddings() -> None:
 def test_text_and_random_initialisation() -> None:
     base = tiny_base("llama")
     bank = MultiTaskModel(base)
-    bank.add_task("t", "generation", "prompt", PromptConfig(num_virtual_tokens=5, init="text", init_text="good movie"))
+    bank.add_task(
+        "t", "generation", "prompt", PromptConfig(num_virtual_tokens=5, init="text", init_text="good movie")
+    )
     table = base.model.get_input_embeddings().weight
     ids = base.tokenizer("good movie", add_special_tokens=False).input_ids
     torch.testing.assert_close(prompts(bank)["t"], table[(ids * 3)[:5]])
@@ -113,12 +121,15 @@ def test_text_and_random_initialisation() -> None:
     assert prompts(bank)["r"].abs().max() <= 0.5 and prompts(bank)["r"].std() > 0.2
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    (PromptConfig(num_virtual_tokens=0), "num_virtual_tokens must be >= 1"),
-    (PromptConfig(init="magic"), "init must be one of"),
-    (PromptConfig(init="text"), "needs --prompt-init-text"),
-    (PromptConfig(num_virtual_tokens=500), "leaves no room for text in a context of 128"),
-])
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (PromptConfig(num_virtual_tokens=0), "num_virtual_tokens must be >= 1"),
+        (PromptConfig(init="magic"), "init must be one of"),
+        (PromptConfig(init="text"), "needs --prompt-init-text"),
+        (PromptConfig(num_virtual_tokens=500), "leaves no room for text in a context of 128"),
+    ],
+)
 def test_bad_prompt_configs(config: PromptConfig, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         MultiTaskModel(tiny_base("gpt2")).add_task("p", "generation", "prompt", config)

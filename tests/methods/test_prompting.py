@@ -29,12 +29,17 @@ from multitune.training.train import train
 MULTI = {"pos": "very good", "neg": "not really bad", "meh": "fine"}  # 2, 3 and 1 tokens
 SINGLE = {"pos": "good", "neg": "bad", "meh": "fine"}
 BINARY = {"pos": "good", "neg": "bad"}
-QUERIES = [Example("good movie", label="pos"), Example("the film was very bad and not nice", label="neg"),
-           Example("what", label="meh"), Example("so happy", label="pos")]
+QUERIES = [
+    Example("good movie", label="pos"),
+    Example("the film was very bad and not nice", label="neg"),
+    Example("what", label="meh"),
+    Example("so happy", label="pos"),
+]
 
 
-def _bank(family: str, config: PromptingConfig, labels: list[str] | None = None,
-          pool: list[Example] | None = None) -> MultiTaskModel:
+def _bank(
+    family: str, config: PromptingConfig, labels: list[str] | None = None, pool: list[Example] | None = None
+) -> MultiTaskModel:
     bank = MultiTaskModel(tiny_base(family))
     bank.add_task("p", "classification", "prompting", config, labels or ["neg", "pos", "meh"])
     if pool is not None:
@@ -55,25 +60,43 @@ def _mean_hidden(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 # ---- templates and shots ---------------------------------------------------------------------------
 def test_zero_shot_renders_the_template_and_the_instruction() -> None:
-    config = PromptingConfig(template="Review: {text}\\nSentiment: {label}", instruction="Pick {labels}.",
-                             verbalizers="pos=very good,neg=bad", shot_separator=" || ")
-    assert config.template == "Review: {text}\nSentiment: {label}" and config.verbalizers == {"pos": "very good", "neg": "bad"}
+    config = PromptingConfig(
+        template="Review: {text}\\nSentiment: {label}",
+        instruction="Pick {labels}.",
+        verbalizers="pos=very good,neg=bad",
+        shot_separator=" || ",
+    )
+    assert config.template == "Review: {text}\nSentiment: {label}" and config.verbalizers == {
+        "pos": "very good",
+        "neg": "bad",
+    }
     bank = _bank("llama", config, ["neg", "pos"])
     out = render(bank, "p", [Example("good movie", label="pos")], 128)
     assert out == [Example(text="Pick bad, very good. || Review: good movie\nSentiment:", label="pos")]
     defaults = _bank("gpt2", PromptingConfig(), ["neg", "pos"])
     assert render(defaults, "p", [Example("good movie"), Example("a", text_pair="b")], 128) == [
         Example(text="Answer with one of: neg, pos.\n\ngood movie\nAnswer:"),
-        Example(text="Answer with one of: neg, pos.\n\na\nb\nAnswer:")]
+        Example(text="Answer with one of: neg, pos.\n\na\nb\nAnswer:"),
+    ]
     generation = MultiTaskModel(tiny_base("llama"))
-    generation.add_task("g", "generation", "prompting", PromptingConfig(template="Q: {input} A: {response} ."))
-    assert render(generation, "g", [Example("why", response="so")], 128) == [Example(text="Q: why A:", response="so")]
+    generation.add_task(
+        "g", "generation", "prompting", PromptingConfig(template="Q: {input} A: {response} .")
+    )
+    assert render(generation, "g", [Example("why", response="so")], 128) == [
+        Example(text="Q: why A:", response="so")
+    ]
 
 
 def test_random_shots_are_seeded_per_input_never_the_input_and_balanced() -> None:
     pool = toy_sentiment(12, seed=1)
-    config = PromptingConfig(template="{text} it was {label}", instruction="", verbalizers=SINGLE, shots=3,
-                             shot_separator=" | ", pool_size=8)
+    config = PromptingConfig(
+        template="{text} it was {label}",
+        instruction="",
+        verbalizers=SINGLE,
+        shots=3,
+        shot_separator=" | ",
+        pool_size=8,
+    )
     bank = _bank("llama", config, pool=pool)
     kept = bank.tasks["p"].config["pool"]["examples"]
     assert len(kept) == 8 and sum(e["label"] == "pos" for e in kept) == 4  # labels in turn: balanced
@@ -93,31 +116,57 @@ def test_random_shots_are_seeded_per_input_never_the_input_and_balanced() -> Non
 
 def test_similar_shots_are_the_nearest_pool_examples_nearest_last() -> None:
     # The query itself is in the pool (twice: "good  movie" has the same tokens) and is never its own shot.
-    pool = [Example(t, label=lab) for t, lab in [("good movie", "pos"), ("awful sad film", "neg"), ("good  movie", "neg"),
-                                                 ("what why how", "meh"), ("good film", "pos"), ("the bad food", "neg"),
-                                                 ("good movie film", "meh")]]
-    config = PromptingConfig(template="{text} it was {label}", instruction="", verbalizers=SINGLE, shots=3,
-                             selection="similar", shot_separator=" | ")
+    pool = [
+        Example(t, label=lab)
+        for t, lab in [
+            ("good movie", "pos"),
+            ("awful sad film", "neg"),
+            ("good  movie", "neg"),
+            ("what why how", "meh"),
+            ("good film", "pos"),
+            ("the bad food", "neg"),
+            ("good movie film", "meh"),
+        ]
+    ]
+    config = PromptingConfig(
+        template="{text} it was {label}",
+        instruction="",
+        verbalizers=SINGLE,
+        shots=3,
+        selection="similar",
+        shot_separator=" | ",
+    )
     bank = _bank("llama", config, pool=pool)
-    shots = [b.rsplit(" it was ", 1)[0] for b in render(bank, "p", QUERIES[:1], 128)[0].text.split(" | ")[:-1]]
+    shots = [
+        b.rsplit(" it was ", 1)[0] for b in render(bank, "p", QUERIES[:1], 128)[0].text.split(" | ")[:-1]
+    ]
     tokenizer, backbone = bank.base.tokenizer, bank.base.model.model
     query = _mean_hidden(backbone, tokenizer("good movie").input_ids)
-    sims = {ex.text: float(F.cosine_similarity(query, _mean_hidden(backbone, tokenizer(ex.text).input_ids), dim=0))
-            for ex in pool if ex.text.split() != ["good", "movie"]}
+    sims = {
+        ex.text: float(
+            F.cosine_similarity(query, _mean_hidden(backbone, tokenizer(ex.text).input_ids), dim=0)
+        )
+        for ex in pool
+        if ex.text.split() != ["good", "movie"]
+    }
     assert shots == sorted(sims, key=sims.get)[-3:]  # ascending: the nearest next to the query
     assert len(set(sims.values())) == len(sims)  # no ties: the order is the known answer
 
 
 def test_long_prompts_drop_shots_then_cut_the_input_never_the_answer_slot() -> None:
-    pool = [Example("good movie and the film was very nice and really great", label="pos"),
-            Example("bad food and the service was very poor and really awful", label="neg")]
+    pool = [
+        Example("good movie and the film was very nice and really great", label="pos"),
+        Example("bad food and the service was very poor and really awful", label="neg"),
+    ]
     config = PromptingConfig(template="{text} it was {label}", instruction="", verbalizers=BINARY, shots=2)
     bank = _bank("llama", config, ["neg", "pos"], pool=pool)
     count = lambda text: len(bank.base.tokenizer(text).input_ids)  # noqa: E731
     assert count(render(bank, "p", QUERIES[:1], 128)[0].text) == 1 + 14 + 14 + 4
     one = render(bank, "p", QUERIES[:1], 20)[0].text
     assert count(one) <= 20 and one.count("it was") == 2 and one.endswith("good movie it was")
-    cut = render(bank, "p", [Example("the film was very bad and not nice so sad and the food was poor")], 8)[0].text
+    cut = render(bank, "p", [Example("the film was very bad and not nice so sad and the food was poor")], 8)[
+        0
+    ].text
     assert count(cut) <= 8 and cut.endswith("it was") and cut.startswith("the film")
 
 
@@ -142,7 +191,9 @@ def _brute_force(bank: MultiTaskModel, prompt: str, words: list[str]) -> torch.T
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
 @pytest.mark.parametrize(("words", "max_rows"), [(MULTI, 256), (MULTI, 2), (SINGLE, 256)])
-def test_verbaliser_scores_equal_brute_force(family: str, words: dict[str, str], max_rows: int, monkeypatch) -> None:
+def test_verbaliser_scores_equal_brute_force(
+    family: str, words: dict[str, str], max_rows: int, monkeypatch
+) -> None:
     monkeypatch.setattr(label_scores, "MAX_ROWS", max_rows)  # 2: one label per continuation forward
     config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=words, shots=1)
     bank = _bank(family, config, pool=toy_sentiment(6, seed=2))
@@ -151,7 +202,9 @@ def test_verbaliser_scores_equal_brute_force(family: str, words: dict[str, str],
     with torch.no_grad():
         logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
     prompts = render(bank, "p", QUERIES, 128)
-    want = torch.stack([_brute_force(bank, p.text, [words[c] for c in ["neg", "pos", "meh"]]) for p in prompts])
+    want = torch.stack(
+        [_brute_force(bank, p.text, [words[c] for c in ["neg", "pos", "meh"]]) for p in prompts]
+    )
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
     probs = predict_proba(bank, "p", QUERIES)
     torch.testing.assert_close(probs, torch.softmax(want, -1), atol=1e-5, rtol=0)
@@ -159,8 +212,11 @@ def test_verbaliser_scores_equal_brute_force(family: str, words: dict[str, str],
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_prompting_rows_and_lora_rows_in_one_batch_equal_each_alone(family: str) -> None:
-    bank = _bank(family, PromptingConfig(template="{text} it was {label}", verbalizers=MULTI, shots=1),
-                 pool=toy_sentiment(6, seed=2))
+    bank = _bank(
+        family,
+        PromptingConfig(template="{text} it was {label}", verbalizers=MULTI, shots=1),
+        pool=toy_sentiment(6, seed=2),
+    )
     bank.add_task("lora", "classification", "lora", LoRAConfig(rank=2), ["x", "y"])
     with torch.no_grad():
         for param in bank.task_parameters("lora").values():
@@ -173,7 +229,9 @@ def test_prompting_rows_and_lora_rows_in_one_batch_equal_each_alone(family: str)
         mixed = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
         for r, i in enumerate(order):
             alone_batch = collate([features[i]], bank.base.tokenizer.pad_token_id, slots[i])
-            alone = bank.classify(alone_batch["input_ids"], alone_batch["attention_mask"], alone_batch["task_ids"])
+            alone = bank.classify(
+                alone_batch["input_ids"], alone_batch["attention_mask"], alone_batch["task_ids"]
+            )
             torch.testing.assert_close(mixed[r : r + 1, : alone.shape[1]], alone, atol=1e-5, rtol=0)
     assert torch.isinf(mixed[[0, 2], 2]).all() and torch.isfinite(mixed[[1, 3]]).all()  # 2 labels vs 3
 
@@ -196,8 +254,12 @@ def test_encoder_scores_are_cosines_to_the_verbaliser_prototypes() -> None:
 def test_encoder_shots_pull_a_label_prototype_towards_similar_examples() -> None:
     # With two similar shots, both 'meh', the 'meh' prototype becomes the mean of u(e('what')) and the
     # shots' unit embeddings, and wins; zero-shot picks by the verbalisers alone and does not.
-    pool = [Example("good movie film", label="meh"), Example("awful sad", label="neg"), Example("the good movie", label="meh"),
-            Example("nice food", label="pos")]
+    pool = [
+        Example("good movie film", label="meh"),
+        Example("awful sad", label="neg"),
+        Example("the good movie", label="meh"),
+        Example("nice food", label="pos"),
+    ]
     words = {"pos": "good", "neg": "bad", "meh": "what"}
     zero = _bank("bert", PromptingConfig(verbalizers=words), pool=pool)
     two = _bank("bert", PromptingConfig(verbalizers=words, shots=2, selection="similar"), pool=pool)
@@ -209,7 +271,9 @@ def test_encoder_shots_pull_a_label_prototype_towards_similar_examples() -> None
     prototypes = [unit(w) for w in ["bad", "good", "what"]]
     prototypes[2] = (prototypes[2] + sum(unit(ex.text) for ex in nearest)) / 3
     want = torch.stack([F.cosine_similarity(x, p, dim=0) / 0.05 for p in prototypes])
-    torch.testing.assert_close(predict_proba(two, "p", QUERIES[:1]), want.softmax(-1)[None], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        predict_proba(two, "p", QUERIES[:1]), want.softmax(-1)[None], atol=1e-5, rtol=0
+    )
     assert predict_proba(two, "p", QUERIES[:1]).argmax() == 2
     assert predict_proba(zero, "p", QUERIES[:1]).argmax() != 2
 
@@ -236,7 +300,9 @@ def test_train_fits_with_zero_steps_no_parameters_and_scores_validation(family: 
     assert result.steps == 0 and result.best_step == 0 and result.metric == "accuracy"
     assert set(result.history[0]) >= {"step", "split", "accuracy", "macro_f1", "loss"}
     assert result.best_metric == result.history[0]["accuracy"]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["accuracy"] == result.best_metric
+    assert (
+        json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["accuracy"] == result.best_metric
+    )
     assert len(bank.tasks["p"].config["pool"]["examples"]) == 10
     assert set(evaluate(bank, "p", data[32:])) == {"accuracy", "macro_f1", "loss"}
 
@@ -253,12 +319,19 @@ def test_generation_prompting_puts_shots_with_responses_before_the_input(family:
     blocks = rendered.text.split(" | ")
     assert len(blocks) == 3 and blocks[-1] == data[8].text and rendered.response == data[8].response
     assert all(len(b.split("\n")) == 2 and b.split("\n")[1].startswith("it is") for b in blocks[:-1])
-    assert set(evaluate(bank, "g", data[8:], max_new_tokens=3)) == {"loss", "perplexity", "exact_match", "rouge_l"}
+    assert set(evaluate(bank, "g", data[8:], max_new_tokens=3)) == {
+        "loss",
+        "perplexity",
+        "exact_match",
+        "rouge_l",
+    }
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_save_and_load_give_identical_probabilities(family: str, tmp_path) -> None:
-    config = PromptingConfig(template="{text} it was {label}", verbalizers=MULTI, shots=2, selection="similar")
+    config = PromptingConfig(
+        template="{text} it was {label}", verbalizers=MULTI, shots=2, selection="similar"
+    )
     bank = _bank(family, config, pool=toy_sentiment(10, seed=4))
     want = predict_proba(bank, "p", QUERIES)
     save_adapter(bank, "p", tmp_path / "a")
@@ -279,10 +352,31 @@ def test_cli_train_eval_predict(tmp_path, llama_dir) -> None:
         writer.writerow(["review", "stars"])
         writer.writerows([(ex.text, ex.label) for ex in toy_sentiment(40)])
     run = tmp_path / "run"
-    argv = ["train", "--model", str(model_dir), "--data", str(data), "--text-column", "review", "--label-column",
-            "stars", "--output", str(run), "--quiet", "--method", "prompting", "--prompting-shots", "2",
-            "--prompting-verbalizers", "pos=very good,neg=bad", "--prompting-template", "{text}\\nit was {label}"]
-    done = subprocess.run([sys.executable, "-m", "multitune", *argv], capture_output=True, text=True, timeout=300)
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--output",
+        str(run),
+        "--quiet",
+        "--method",
+        "prompting",
+        "--prompting-shots",
+        "2",
+        "--prompting-verbalizers",
+        "pos=very good,neg=bad",
+        "--prompting-template",
+        "{text}\\nit was {label}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "multitune", *argv], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "0 trainable parameters, 0 steps" in done.stdout
     result = json.loads((run / "result.json").read_text())
@@ -292,38 +386,74 @@ def test_cli_train_eval_predict(tmp_path, llama_dir) -> None:
     assert len(adapter["task"]["config"]["pool"]["examples"]) == 32
 
     assert main(["eval", str(run), "--json", str(tmp_path / "m.json")]) == 0
-    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(
+        result["test"]["accuracy"]
+    )
     inputs = tmp_path / "new.jsonl"
     inputs.write_text("".join(json.dumps({"review": ex.text}) + "\n" for ex in toy_sentiment(6, seed=3)))
-    assert main(["predict", str(run), "--input", str(inputs), "--output", str(tmp_path / "p.csv"),
-                 "--text-column", "review"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                "--input",
+                str(inputs),
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--text-column",
+                "review",
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["prediction"] for r in rows} <= {"pos", "neg"}
 
 
 def test_cli_reports_a_bad_prompting_flag(tmp_path, capsys) -> None:
-    assert main(["train", "--data", "x.csv", "--method", "prompting", "--prompting-shots", "-2",
-                 "--output", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "x.csv",
+                "--method",
+                "prompting",
+                "--prompting-shots",
+                "-2",
+                "--output",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--prompting-shots" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize(("kind", "config", "flag"), [
-    ("classification", PromptingConfig(template="{text} {lable}"), "unknown placeholder(s) {lable}"),
-    ("classification", PromptingConfig(instruction="say {text}"), "--prompting-instruction"),
-    ("classification", PromptingConfig(template="{text} is it"), "needs {label}"),
-    ("classification", PromptingConfig(template="{label} {response} {text}"), "--prompting-template"),
-    ("classification", PromptingConfig(template="it was {label}"), "has no {text}"),
-    ("classification", PromptingConfig(shots=-1), "--prompting-shots"),
-    ("classification", PromptingConfig(selection="nearest"), "--prompting-selection"),
-    ("classification", PromptingConfig(verbalizers="pos:good"), "--prompting-verbalizers"),
-    ("classification", PromptingConfig(verbalizers={"positive": "good"}), "label(s) ['positive']"),
-    ("classification", PromptingConfig(verbalizers={"pos": "good", "neg": "good"}), "share the verbaliser"),
-    ("classification", PromptingConfig(shots=8, pool_size=4), "--prompting-pool-size"),
-    ("classification", PromptingConfig(temperature=0.0), "--prompting-temperature"),
-    ("generation", PromptingConfig(template="{text} it was {label}"), "needs {response}"),
-])
+@pytest.mark.parametrize(
+    ("kind", "config", "flag"),
+    [
+        ("classification", PromptingConfig(template="{text} {lable}"), "unknown placeholder(s) {lable}"),
+        ("classification", PromptingConfig(instruction="say {text}"), "--prompting-instruction"),
+        ("classification", PromptingConfig(template="{text} is it"), "needs {label}"),
+        ("classification", PromptingConfig(template="{label} {response} {text}"), "--prompting-template"),
+        ("classification", PromptingConfig(template="it was {label}"), "has no {text}"),
+        ("classification", PromptingConfig(shots=-1), "--prompting-shots"),
+        ("classification", PromptingConfig(selection="nearest"), "--prompting-selection"),
+        ("classification", PromptingConfig(verbalizers="pos:good"), "--prompting-verbalizers"),
+        ("classification", PromptingConfig(verbalizers={"positive": "good"}), "label(s) ['positive']"),
+        (
+            "classification",
+            PromptingConfig(verbalizers={"pos": "good", "neg": "good"}),
+            "share the verbaliser",
+        ),
+        ("classification", PromptingConfig(shots=8, pool_size=4), "--prompting-pool-size"),
+        ("classification", PromptingConfig(temperature=0.0), "--prompting-temperature"),
+        ("generation", PromptingConfig(template="{text} it was {label}"), "needs {response}"),
+    ],
+)
 def test_bad_configs_name_the_flag(kind: str, config: PromptingConfig, flag: str) -> None:
     bank = MultiTaskModel(tiny_base("llama"))
     with pytest.raises(ConfigError, match=re.escape(flag)):

@@ -41,8 +41,14 @@ def test_the_toy_method_trains_and_lowers_the_loss(toy) -> None:
     assert all(k.endswith(".toy_bias") or k.startswith("head.") for k in bank.task_parameters("t"))
     data = toy_sentiment(48)
     before = evaluate(bank, "t", data)["loss"]
-    train(bank, "t", data, data[:16], TrainConfig(epochs=6, batch_size=8, learning_rate=5e-2, patience=100),
-          progress=False)
+    train(
+        bank,
+        "t",
+        data,
+        data[:16],
+        TrainConfig(epochs=6, batch_size=8, learning_rate=5e-2, patience=100),
+        progress=False,
+    )
     assert evaluate(bank, "t", data)["loss"] < 0.8 * before
 
 
@@ -60,7 +66,9 @@ def test_the_toy_method_mixes_with_lora_rows_equal_to_each_alone(toy, family: st
     tasks = ["toy", "lora", "lora", "toy"]
     enc = bank.base.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        mixed = bank.classify(enc.input_ids, enc.attention_mask, torch.tensor([bank.slots.index(t) for t in tasks]))
+        mixed = bank.classify(
+            enc.input_ids, enc.attention_mask, torch.tensor([bank.slots.index(t) for t in tasks])
+        )
         for i, task in enumerate(tasks):
             one = bank.base.tokenizer([texts[i]], return_tensors="pt")
             alone = bank.classify(one.input_ids, one.attention_mask, bank.task_ids(task, 1))
@@ -79,11 +87,38 @@ def test_the_toy_method_is_compared_listed_and_has_its_flags(toy, tmp_path, caps
     model = save_tiny("bert", tmp_path / "bert")
     data = tmp_path / "data.csv"
     data.write_text("text,label\n" + "".join(f"{ex.text},{ex.label}\n" for ex in toy_sentiment(40)))
-    assert main(["train", "--method", "toy", "--toy-init", "0.01", "--model", str(model), "--data", str(data),
-                 "--epochs", "1", "--output", str(tmp_path / "run"), "--quiet"]) == 0
-    config = CompareConfig(model=str(model), methods=["toy"], trials=2, max_epochs=1, output=str(tmp_path / "cmp"),
-                           isolate=False, progress=False, data=DataConfig(data=str(data)),
-                           train=TrainConfig(batch_size=8))
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "toy",
+                "--toy-init",
+                "0.01",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--epochs",
+                "1",
+                "--output",
+                str(tmp_path / "run"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    config = CompareConfig(
+        model=str(model),
+        methods=["toy"],
+        trials=2,
+        max_epochs=1,
+        output=str(tmp_path / "cmp"),
+        isolate=False,
+        progress=False,
+        data=DataConfig(data=str(data)),
+        train=TrainConfig(batch_size=8),
+    )
     lines: list[str] = []
     summary = compare(config, log=lines.append)
     (result,) = summary["results"]

@@ -36,8 +36,16 @@ def positive_fraction(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def fast_config(**overrides) -> PPOConfig:
-    settings = dict(steps=30, batch_size=64, minibatch_size=32, ppo_epochs=4, max_new_tokens=NEW_TOKENS,
-                    learning_rate=5e-3, init_kl_coef=0.05, seed=0)
+    settings = dict(
+        steps=30,
+        batch_size=64,
+        minibatch_size=32,
+        ppo_epochs=4,
+        max_new_tokens=NEW_TOKENS,
+        learning_rate=5e-3,
+        init_kl_coef=0.05,
+        seed=0,
+    )
     settings.update(overrides)
     return PPOConfig(**settings)
 
@@ -107,7 +115,9 @@ def test_response_mask_ends_at_the_first_eos():
     assert response_mask(tokens, 3).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: absolute positions, so padding must not shift them
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2"]
+)  # gpt2: absolute positions, so padding must not shift them
 def test_response_outputs_score_what_generate_sampled(family):
     """Greedy tokens are the argmax of the rollout forward: prompt positions and padding line up."""
     from multitune.data import Example
@@ -116,16 +126,33 @@ def test_response_outputs_score_what_generate_sampled(family):
     bank = MultiTaskModel(tiny_base(family))
     bank.add_task("policy", "generation", "lora")
     perturb(bank, "policy", 1)
-    features = encode_task(bank, "policy", [Example(text=p) for p in ("the movie", "a", "this film is really bad")],
-                           64, with_target=False)
+    features = encode_task(
+        bank,
+        "policy",
+        [Example(text=p) for p in ("the movie", "a", "this film is really bad")],
+        64,
+        with_target=False,
+    )
     batch = collate(features, 0, 0, padding_side="left")
-    tokens = bank.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"], do_sample=False,
-                           max_new_tokens=5, eos_token_id=3)
+    tokens = bank.generate(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["task_ids"],
+        do_sample=False,
+        max_new_tokens=5,
+        eos_token_id=3,
+    )
     mask = response_mask(tokens, 3)
     ids = torch.cat([batch["input_ids"], torch.where(mask.bool(), tokens, 0)], 1)
     with torch.no_grad():
-        logits, _ = response_outputs(bank, batch["task_ids"], ids, torch.cat([batch["attention_mask"], mask.long()], 1),
-                                     batch["input_ids"].shape[1], 1.0)
+        logits, _ = response_outputs(
+            bank,
+            batch["task_ids"],
+            ids,
+            torch.cat([batch["attention_mask"], mask.long()], 1),
+            batch["input_ids"].shape[1],
+            1.0,
+        )
     assert ((logits.argmax(-1) == tokens) | ~mask.bool()).all()
 
 
@@ -135,7 +162,9 @@ def lora_run():
     bank = policy_bank("lora")
     base_before = {k: v.clone() for k, v in bank.base.model.state_dict().items() if "lora_" not in k}
     task_before = bank.task_state_dict("policy")
-    result = train_ppo(bank, "policy", PROMPTS, reward_from_function(positive_fraction), fast_config(), progress=False)
+    result = train_ppo(
+        bank, "policy", PROMPTS, reward_from_function(positive_fraction), fast_config(), progress=False
+    )
     return bank, base_before, task_before, result
 
 
@@ -147,11 +176,24 @@ def test_ppo_raises_the_reward_while_kl_stays_bounded(lora_run):
     last = sum(r["score"] for r in history[-5:]) / 5
     assert last > first + 0.1, (first, last)  # about 0.17 -> 0.37 over seeds 0-4
     assert max(r["kl"] for r in history) < 8.0
-    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # LoRA starts as the identity: policy == reference
-    for key in ("reward", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss", "value_loss", "seconds"):
+    assert history[0]["kl"] == pytest.approx(
+        0.0, abs=1e-4
+    )  # LoRA starts as the identity: policy == reference
+    for key in (
+        "reward",
+        "kl_coef",
+        "entropy",
+        "clip_fraction",
+        "approx_kl",
+        "policy_loss",
+        "value_loss",
+        "seconds",
+    ):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in history), key
     assert any(r["clip_fraction"] > 0 for r in history)
-    assert history[-1]["reward"] == pytest.approx(history[-1]["score"] - history[-1]["kl_coef"] * history[-1]["kl"])
+    assert history[-1]["reward"] == pytest.approx(
+        history[-1]["score"] - history[-1]["kl_coef"] * history[-1]["kl"]
+    )
 
 
 def test_ppo_changes_only_the_task_and_the_value_head(lora_run):
@@ -176,9 +218,12 @@ def test_the_kl_penalty_holds_the_policy_near_the_reference():
     runs = {}
     for coef in (0.0, 0.5):
         bank = policy_bank()
-        config = fast_config(steps=12, batch_size=32, minibatch_size=16, learning_rate=1e-2, init_kl_coef=coef)
-        history = train_ppo(bank, "policy", PROMPTS, reward_from_function(positive_fraction), config,
-                            progress=False)["history"]
+        config = fast_config(
+            steps=12, batch_size=32, minibatch_size=16, learning_rate=1e-2, init_kl_coef=coef
+        )
+        history = train_ppo(
+            bank, "policy", PROMPTS, reward_from_function(positive_fraction), config, progress=False
+        )["history"]
         runs[coef] = sum(r["kl"] for r in history[-4:]) / 4
     assert runs[0.5] < 0.5 * runs[0.0], runs  # about 0.7 against 4
 
@@ -189,8 +234,15 @@ def test_ppo_with_other_methods(method):
     before = bank.task_state_dict("policy")
     seen = []
     config = fast_config(steps=4, batch_size=16, minibatch_size=8, ppo_epochs=2, learning_rate=None)
-    result = train_ppo(bank, "policy", PROMPTS, reward_from_function(positive_fraction), config, progress=False,
-                       log=seen.append)
+    result = train_ppo(
+        bank,
+        "policy",
+        PROMPTS,
+        reward_from_function(positive_fraction),
+        config,
+        progress=False,
+        log=seen.append,
+    )
     assert len(seen) == 4 and seen == result["history"]
     assert all(torch.isfinite(torch.tensor([r["kl"], r["value_loss"], r["policy_loss"]])).all() for r in seen)
     assert any(not torch.equal(v, before[k]) for k, v in bank.task_state_dict("policy").items())
@@ -217,8 +269,14 @@ def test_copy_reference_equals_the_disabled_adapter_and_full_needs_it():
     reward = reward_from_function(positive_fraction)
     with pytest.raises(ConfigError, match="--reference initial"):
         train_ppo(full, "policy", PROMPTS, reward, fast_config(steps=1), progress=False)
-    history = train_ppo(full, "policy", PROMPTS, reward, fast_config(steps=2, batch_size=8, learning_rate=1e-4,
-                                                                     reference="copy"), progress=False)["history"]
+    history = train_ppo(
+        full,
+        "policy",
+        PROMPTS,
+        reward,
+        fast_config(steps=2, batch_size=8, learning_rate=1e-4, reference="copy"),
+        progress=False,
+    )["history"]
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4) and len(history) == 2
     assert fast_config(reference="copy").reference == "initial"  # PPO's old name is an alias
 
@@ -232,7 +290,9 @@ def test_the_initial_reference_is_the_policy_as_it_starts_for_every_method():
             bank = policy_bank(method)
             perturb(bank, "policy", 3)  # a policy that starts away from the base
             config = fast_config(steps=1, batch_size=8, minibatch_size=8, ppo_epochs=1, reference=reference)
-            kls[reference] = train_ppo(bank, "policy", PROMPTS, reward, config, progress=False)["history"][0]["kl"]
+            kls[reference] = train_ppo(bank, "policy", PROMPTS, reward, config, progress=False)["history"][0][
+                "kl"
+            ]
             assert list(bank.tasks) == ["policy"]  # the frozen twin of the starting policy is gone again
         assert kls["initial"] == pytest.approx(0.0, abs=1e-4) and kls["disabled"] > 1e-2, (method, kls)
 
@@ -258,7 +318,10 @@ def test_policy_checks():
 
 # ---- rewards ---------------------------------------------------------------------------------------
 def test_reward_function_is_checked():
-    assert reward_from_function(lambda p, r: [len(x) for x in r])(["a", "b"], ["xy", ""]).tolist() == [2.0, 0.0]
+    assert reward_from_function(lambda p, r: [len(x) for x in r])(["a", "b"], ["xy", ""]).tolist() == [
+        2.0,
+        0.0,
+    ]
     with pytest.raises(ConfigError, match="returned 1 scores for 2 responses"):
         reward_from_function(lambda p, r: [1.0])(["a", "b"], ["x", "y"])
     with pytest.raises(ConfigError, match="NaN or infinite"):
@@ -280,10 +343,14 @@ def test_reward_from_classifier_is_a_label_probability_on_the_same_bank():
     expected = predict_proba(bank, "judge", [Example(text=r) for r in responses])[:, 1]
     assert torch.allclose(scores, expected, atol=1e-6)
     assert len(set(scores.tolist())) == 3  # the text matters
-    paired = reward_from_classifier(bank, "judge", "pos", include_prompt=True)(["good", "bad", "c"], responses)
+    paired = reward_from_classifier(bank, "judge", "pos", include_prompt=True)(
+        ["good", "bad", "c"], responses
+    )
     assert not torch.allclose(paired, scores)
     assert not any(p.requires_grad for p in bank.task_parameters("judge").values())
-    with pytest.raises(ConfigError, match="label 'maybe' is not a label of task 'judge'; its labels: neg, pos"):
+    with pytest.raises(
+        ConfigError, match="label 'maybe' is not a label of task 'judge'; its labels: neg, pos"
+    ):
         reward_from_classifier(bank, "judge", "maybe")
     with pytest.raises(ConfigError, match="must be a classification task"):
         reward_from_classifier(bank, "policy", "pos")
@@ -304,16 +371,18 @@ def test_reward_from_a_trained_reward_model():
     scores = reward(["a", "b"], ["good good", "bad bad"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     assert torch.allclose(scores, reward_scores(bank, "rm", ["a", "b"], ["good good", "bad bad"]).float())
-    history = train_ppo(bank, "policy", PROMPTS, reward, fast_config(steps=2, batch_size=8), progress=False)["history"]
+    history = train_ppo(bank, "policy", PROMPTS, reward, fast_config(steps=2, batch_size=8), progress=False)[
+        "history"
+    ]
     assert len(history) == 2
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-REWARD_MODULE = '''
+REWARD_MODULE = """
 def positive(prompts, responses):
     words = {"good", "great", "fine", "nice", "happy", "love", "excellent"}
     return [sum(w in words for w in r.split()) / 6 for r in responses]
-'''
+"""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -336,14 +405,46 @@ def ppo_inputs(tmp_path, llama_dir):
 def test_cmd_ppo_end_to_end(ppo_inputs, tmp_path, capsys):
     model, prompts, module = ppo_inputs
     out = tmp_path / "run"
-    cmd_ppo(parse(["--model", str(model), "--prompts", str(prompts), "--reward-python", f"{module}:positive",
-                   "--method", "lora", "--lora-rank", "4", "--steps", "3", "--batch-size", "8",
-                   "--minibatch-size", "4", "--max-new-tokens", "5", "--learning-rate", "0.005",
-                   "--device", "cpu", "--output", str(out), "--quiet"]))
+    cmd_ppo(
+        parse(
+            [
+                "--model",
+                str(model),
+                "--prompts",
+                str(prompts),
+                "--reward-python",
+                f"{module}:positive",
+                "--method",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--minibatch-size",
+                "4",
+                "--max-new-tokens",
+                "5",
+                "--learning-rate",
+                "0.005",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+    )
     printed = capsys.readouterr().out
     assert "step    3/3" in printed and "ppo done: 3 steps" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json",
-                                                     "value_head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "config.yaml",
+        "metrics.jsonl",
+        "result.json",
+        "value_head.safetensors",
+    ]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [1, 2, 3]
     # config.yaml holds the run's settings as `ppo --config` reads them back, the task named after the folder
@@ -351,11 +452,20 @@ def test_cmd_ppo_end_to_end(ppo_inputs, tmp_path, capsys):
     assert again["ppo.max_new_tokens"] == 5 and again["methods.lora.rank"] == 4 and again["task"] == "run"
     assert again["reward_python"] == f"{module}:positive" and again["output"] == str(out)
     result = json.loads((out / "result.json").read_text())
-    assert result["steps"] == 3 and result["reward"] == "--reward-python" and result["method_config"]["rank"] == 4
+    assert (
+        result["steps"] == 3
+        and result["reward"] == "--reward-python"
+        and result["method_config"]["rank"] == 4
+    )
     assert result["config"]["max_new_tokens"] == 5 and result["peak_rss_mb"] > 0
     fresh = MultiTaskModel(tiny_base("llama"))
     spec = load_adapter(fresh, out / "adapter")
-    assert spec.kind == "generation" and spec.method == "lora" and spec.config["rank"] == 4 and spec.name == "run"
+    assert (
+        spec.kind == "generation"
+        and spec.method == "lora"
+        and spec.config["rank"] == 4
+        and spec.name == "run"
+    )
     assert any(v.abs().sum() > 0 for k, v in fresh.task_state_dict(spec.name).items() if "lora_B" in k)
     assert load_value_head(out / "value_head.safetensors").weight.shape == (1, 32)
 
@@ -368,8 +478,23 @@ def test_cmd_ppo_with_a_reward_classifier(ppo_inputs, tmp_path, capsys):
     judge.add_task("sentiment", "classification", "lora", labels=["neg", "pos"])
     perturb(judge, "sentiment", 5)
     save_adapter(judge, "sentiment", tmp_path / "judge")
-    common = ["--model", str(model), "--prompts", str(prompts), "--reward-classifier", str(tmp_path / "judge"),
-              "--steps", "2", "--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu", "--quiet"]
+    common = [
+        "--model",
+        str(model),
+        "--prompts",
+        str(prompts),
+        "--reward-classifier",
+        str(tmp_path / "judge"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     with pytest.raises(ConfigError, match="label 'happy' is not a label of task"):
         cmd_ppo(parse([*common, "--reward-label", "happy", "--output", str(tmp_path / "bad")]))
     cmd_ppo(parse([*common, "--reward-label", "pos", "--output", str(tmp_path / "run")]))
@@ -387,7 +512,10 @@ def test_cmd_ppo_one_line_errors(ppo_inputs, tmp_path):
     cases = [
         ([*base, "--prompts", str(tmp_path / "missing.jsonl"), *reward], "prompts file .* not found"),
         ([*base, "--prompts", str(prompts)], "no reward given"),
-        ([*base, "--prompts", str(prompts), *reward, "--reward-model", str(tmp_path)], "several rewards given"),
+        (
+            [*base, "--prompts", str(prompts), *reward, "--reward-model", str(tmp_path)],
+            "several rewards given",
+        ),
         ([*base, "--prompts", str(prompts), "--reward-classifier", str(tmp_path)], "needs --reward-label"),
         ([*base, "--prompts", str(prompts), *reward, "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         ([*base, "--prompts", str(prompts), *reward, "--top-p", "1.5"], "top_p must be in"),
@@ -395,10 +523,26 @@ def test_cmd_ppo_one_line_errors(ppo_inputs, tmp_path):
         ([*base, "--prompts", str(prompts), *reward, "--method", "nope"], "unknown method 'nope'"),
         ([*base, "--prompts", str(prompts), *reward, "--method", "prompting"], "no trainable parameters"),
         ([*base, "--prompts", str(prompts), "--reward-python", "no_colon"], "MODULE:FUNCTION"),
-        ([*base, "--prompts", str(prompts), "--reward-python", f"{module}:absent"], "has no function 'absent'"),
-        ([*base, "--prompts", str(prompts), "--reward-python", "multitune_no_such_module:f"], "cannot import"),
-        ([*base, "--prompts", str(prompts), "--reward-classifier", str(tmp_path / "nowhere"), "--reward-label", "x"],
-         "does not exist"),
+        (
+            [*base, "--prompts", str(prompts), "--reward-python", f"{module}:absent"],
+            "has no function 'absent'",
+        ),
+        (
+            [*base, "--prompts", str(prompts), "--reward-python", "multitune_no_such_module:f"],
+            "cannot import",
+        ),
+        (
+            [
+                *base,
+                "--prompts",
+                str(prompts),
+                "--reward-classifier",
+                str(tmp_path / "nowhere"),
+                "--reward-label",
+                "x",
+            ],
+            "does not exist",
+        ),
         ([*base, "--prompts", str(prompts), *reward, "--output", str(tmp_path / "full")], "already exists"),
         ([*base, *reward], "no prompts given; pass --prompts FILE"),
         ([*base, "--prompts", str(prompts), *reward, "--device", "gpu"], "device must be cpu, cuda"),
@@ -419,6 +563,23 @@ def test_cmd_ppo_refuses_a_folder_another_command_holds(ppo_inputs, tmp_path):
     model, prompts, module = ppo_inputs
     out = tmp_path / "held"
     with output_lock(out, "multitune ppo (the first)"), pytest.raises(FolderInUse, match="in use by"):
-        cmd_ppo(parse(["--model", str(model), "--prompts", str(prompts), "--reward-python", f"{module}:positive",
-                       "--device", "cpu", "--steps", "1", "--output", str(out), "--quiet"]))
+        cmd_ppo(
+            parse(
+                [
+                    "--model",
+                    str(model),
+                    "--prompts",
+                    str(prompts),
+                    "--reward-python",
+                    f"{module}:positive",
+                    "--device",
+                    "cpu",
+                    "--steps",
+                    "1",
+                    "--output",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+        )
     assert not out.exists()

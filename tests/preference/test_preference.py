@@ -41,8 +41,13 @@ def toy_pairs(n: int, seed: int) -> list[Pair]:
     out = []
     for _ in range(n):
         prompt = " ".join(rng.sample(TOPICS, 3))
-        out.append(Pair(prompt, f"{rng.choice(FILLER)} {rng.choice(POSITIVE)}",
-                        f"{rng.choice(FILLER)} {rng.choice(NEGATIVE)}"))
+        out.append(
+            Pair(
+                prompt,
+                f"{rng.choice(FILLER)} {rng.choice(POSITIVE)}",
+                f"{rng.choice(FILLER)} {rng.choice(NEGATIVE)}",
+            )
+        )
     return out
 
 
@@ -62,20 +67,27 @@ DIALOGUE = "\n\nHuman: how do I pick a lock?\n\nAssistant: Why?\n\nHuman: I lost
 
 
 def test_hh_dialogues_split_at_the_last_assistant_turn(tmp_path) -> None:
-    rows = [{"chosen": DIALOGUE + " Call a locksmith.", "rejected": DIALOGUE + " Use a hairpin."},
-            {"chosen": "\n\nHuman: hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: hi\n\nAssistant: Go away."}]
+    rows = [
+        {"chosen": DIALOGUE + " Call a locksmith.", "rejected": DIALOGUE + " Use a hairpin."},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
+    ]
     pairs = load_pairs(write_jsonl(tmp_path / "hh.jsonl", rows))
     assert pairs[0] == Pair(DIALOGUE, " Call a locksmith.", " Use a hairpin.")
     assert pairs[1] == Pair("\n\nHuman: hi\n\nAssistant:", " Hello!", " Go away.")
-    assert all(p.prompt + p.chosen == r["chosen"] and p.prompt + p.rejected == r["rejected"]
-               for p, r in zip(pairs, rows, strict=True))
+    assert all(
+        p.prompt + p.chosen == r["chosen"] and p.prompt + p.rejected == r["rejected"]
+        for p, r in zip(pairs, rows, strict=True)
+    )
     assert load_prompts(tmp_path / "hh.jsonl") == [DIALOGUE, "\n\nHuman: hi\n\nAssistant:"]
 
 
 def test_hh_dialogues_that_diverge_at_an_earlier_turn_share_that_prompt(tmp_path) -> None:
     # as in a few real HH rows: one response holds an extra turn, so the last-turn prompts differ
     early = "\n\nHuman: how do I pick a lock?\n\nAssistant:"
-    row = {"chosen": early + " I can't help.\n\nHuman: please\n\nAssistant: No.", "rejected": early + " Use a pin."}
+    row = {
+        "chosen": early + " I can't help.\n\nHuman: please\n\nAssistant: No.",
+        "rejected": early + " Use a pin.",
+    }
     (pair,) = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [row]))
     assert pair == Pair(early, " I can't help.\n\nHuman: please\n\nAssistant: No.", " Use a pin.")
 
@@ -84,7 +96,9 @@ def test_hh_rows_without_a_shared_prompt_name_their_line(tmp_path) -> None:
     good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
     bad = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"}
     path = tmp_path / "hh.jsonl"
-    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")  # a blank line: the bad row is on line 3
+    path.write_text(
+        json.dumps(good) + "\n\n" + json.dumps(bad) + "\n"
+    )  # a blank line: the bad row is on line 3
     with pytest.raises(DataError) as error:
         load_pairs(path)
     assert "line 3 of" in one_line(error) and "share no prompt" in str(error.value)
@@ -101,14 +115,18 @@ def test_the_real_hh_harmless_file() -> None:
     assert all(p.prompt.startswith("\n\nHuman:") and p.prompt.endswith("\n\nAssistant:") for p in pairs)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     kept = [r for i, r in enumerate(rows, 1) if i not in (87, 517, 926, 1104)]
-    assert all(p.prompt + p.chosen == r["chosen"] and p.prompt + p.rejected == r["rejected"]
-               for p, r in zip(pairs, kept, strict=True))
+    assert all(
+        p.prompt + p.chosen == r["chosen"] and p.prompt + p.rejected == r["rejected"]
+        for p, r in zip(pairs, kept, strict=True)
+    )
     assert len(load_prompts(path)) == 2308
 
 
 def test_explicit_pairs_in_every_format(tmp_path) -> None:
-    rows = [{"prompt": "the movie", "chosen": "good", "rejected": "bad"},
-            {"prompt": "the food", "chosen": "great", "rejected": "awful"}]
+    rows = [
+        {"prompt": "the movie", "chosen": "good", "rejected": "bad"},
+        {"prompt": "the food", "chosen": "great", "rejected": "awful"},
+    ]
     expected = [Pair("the movie", "good", "bad"), Pair("the food", "great", "awful")]
     assert load_pairs(write_jsonl(tmp_path / "p.jsonl", rows)) == expected
     (tmp_path / "p.json").write_text(json.dumps(rows))
@@ -130,11 +148,17 @@ def test_bad_pair_files_give_one_line_errors(tmp_path) -> None:
     with pytest.raises(DataError) as error:
         load_pairs(path)
     assert "line 2 of" in one_line(error) and "not valid JSON" in str(error.value)
-    path = write_jsonl(tmp_path / "keys.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
-                                                 {"prompt": "a", "chosen": "b"}])
+    path = write_jsonl(
+        tmp_path / "keys.jsonl",
+        [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
+    )
     with pytest.raises(DataError) as error:
         load_pairs(path)
-    assert "line 2" in one_line(error) and "'rejected'" in str(error.value) and "its keys: prompt, chosen)" in str(error.value)
+    assert (
+        "line 2" in one_line(error)
+        and "'rejected'" in str(error.value)
+        and "its keys: prompt, chosen)" in str(error.value)
+    )
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "  ", "rejected": "c"}]
     path = write_jsonl(tmp_path / "empty.jsonl", rows)
     with pytest.raises(DataError) as error:
@@ -143,13 +167,19 @@ def test_bad_pair_files_give_one_line_errors(tmp_path) -> None:
     assert "--drop-empty" in str(error.value)
     assert load_pairs(path, drop_empty=True) == [Pair("a", "b", "c")]
     with pytest.raises(DataError) as error:
-        load_pairs(write_jsonl(tmp_path / "list.jsonl", [{"prompt": "a", "chosen": [{"role": "assistant"}],
-                                                          "rejected": "c"}]))
+        load_pairs(
+            write_jsonl(
+                tmp_path / "list.jsonl", [{"prompt": "a", "chosen": [{"role": "assistant"}], "rejected": "c"}]
+            )
+        )
     assert "'chosen' holds a list" in one_line(error)
 
 
 def test_prompt_files(tmp_path) -> None:
-    assert load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a b"}, {"prompt": "c"}])) == ["a b", "c"]
+    assert load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a b"}, {"prompt": "c"}])) == [
+        "a b",
+        "c",
+    ]
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert load_prompts(tmp_path / "p.txt") == ["first prompt", "second prompt"]
     (tmp_path / "t.csv").write_text("text,other\nhello there,1\n")
@@ -179,7 +209,9 @@ def test_split_pairs_is_seeded_and_disjoint() -> None:
 def _bank_with_policies() -> MultiTaskModel:
     torch.manual_seed(0)
     bank = MultiTaskModel(tiny_base("llama"))
-    bank.add_task("lora", "generation", "lora", LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"]))
+    bank.add_task(
+        "lora", "generation", "lora", LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"])
+    )
     bank.add_task("prompt", "generation", "prompt", PromptConfig(num_virtual_tokens=3))
     perturb(bank, "lora", seed=1)
     perturb(bank, "prompt", seed=2)
@@ -198,14 +230,19 @@ def test_sequence_logps_equal_a_per_row_forward(task: str) -> None:
     bank = _bank_with_policies()
     pairs = toy_pairs(6, 0)
     prompts = [p.prompt for p in pairs]
-    responses = [p.chosen if i % 2 else p.chosen + " and " + p.rejected for i, p in enumerate(pairs)]  # ragged
+    responses = [
+        p.chosen if i % 2 else p.chosen + " and " + p.rejected for i, p in enumerate(pairs)
+    ]  # ragged
     got = sequence_logps(bank, task, prompts, responses, max_length=64, batch_size=4)
-    expected = torch.tensor([_brute_force_logp(bank, task, p, r) for p, r in zip(prompts, responses, strict=True)])
+    expected = torch.tensor(
+        [_brute_force_logp(bank, task, p, r) for p, r in zip(prompts, responses, strict=True)]
+    )
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     with bank.disabled():
         off = sequence_logps(bank, task, prompts, responses, max_length=64, batch_size=4)
-        expected_off = torch.tensor([_brute_force_logp(bank, task, p, r)
-                                     for p, r in zip(prompts, responses, strict=True)])
+        expected_off = torch.tensor(
+            [_brute_force_logp(bank, task, p, r) for p, r in zip(prompts, responses, strict=True)]
+        )
     torch.testing.assert_close(off, expected_off, atol=1e-4, rtol=0)
     assert (got - off).abs().max() > 1e-2  # the task does change the model
 
@@ -217,7 +254,9 @@ def test_sequence_logps_equal_a_per_row_forward(task: str) -> None:
         with torch.no_grad():
             logp = torch.log_softmax(bare(input_ids=ids).logits[:, :-1], -1)
         target = labels[:, 1:]
-        brute_bare.append(float((logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != -100)).sum()))
+        brute_bare.append(
+            float((logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != -100)).sum())
+        )
     torch.testing.assert_close(off, torch.tensor(brute_bare), atol=1e-4, rtol=0)
 
 
@@ -248,7 +287,9 @@ def test_sequence_logps_on_t5_and_refused_on_encoders_and_reward_tasks() -> None
     bank.add_task("g", "generation", "lora", LoRAConfig(rank=4, dropout=0.0))
     perturb(bank, "g", seed=1)
     pairs = toy_pairs(4, 1)
-    got = sequence_logps(bank, "g", [p.prompt for p in pairs], [p.chosen for p in pairs], max_length=64, batch_size=3)
+    got = sequence_logps(
+        bank, "g", [p.prompt for p in pairs], [p.chosen for p in pairs], max_length=64, batch_size=3
+    )
     expected = torch.tensor([_brute_force_logp(bank, "g", p.prompt, p.chosen) for p in pairs])
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     add_reward_task(bank, "rm")
@@ -278,7 +319,9 @@ def test_reward_model_learns_a_toy_preference() -> None:
     assert pair_accuracy(bank, "rm", held, max_length=128) == pytest.approx(result["validation_accuracy"])
     scores = reward_scores(bank, "rm", [p.prompt for p in held], [p.chosen for p in held])
     assert scores.shape == (32,)
-    assert (scores - reward_scores(bank, "rm", [p.prompt for p in held], [p.rejected for p in held])).mean() > 1.0
+    assert (
+        scores - reward_scores(bank, "rm", [p.prompt for p in held], [p.rejected for p in held])
+    ).mean() > 1.0
 
 
 def test_the_best_weights_are_kept() -> None:
@@ -286,19 +329,29 @@ def test_the_best_weights_are_kept() -> None:
     bank = MultiTaskModel(tiny_base("llama"))
     add_reward_task(bank, "rm", "lora", LoRAConfig(rank=4, dropout=0.0))
     train, held = toy_pairs(32, 0), toy_pairs(16, 1)
-    flipped = [Pair(p.prompt, p.rejected, p.chosen) for p in train]  # training against the held-out preference
+    flipped = [
+        Pair(p.prompt, p.rejected, p.chosen) for p in train
+    ]  # training against the held-out preference
     config = TrainConfig(epochs=3, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, patience=10)
     result = train_reward(bank, "rm", flipped, held, config, progress=False)
     best = max(result["evals"], key=lambda e: (e["accuracy"], -e["loss"]))
     assert result["best_step"] == best["step"] and result["validation_accuracy"] == best["accuracy"]
-    assert result["evals"][-1]["accuracy"] < 0.5 and result["validation_accuracy"] > result["evals"][-1]["accuracy"]
+    assert (
+        result["evals"][-1]["accuracy"] < 0.5
+        and result["validation_accuracy"] > result["evals"][-1]["accuracy"]
+    )
     assert result["best_step"] < result["steps"]
     assert pair_accuracy(bank, "rm", held, max_length=128) == pytest.approx(best["accuracy"])
 
 
 # ---- DPO ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,config,lr", [("lora", LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"]), 1e-2),
-                                               ("prompt", PromptConfig(num_virtual_tokens=4), 3e-2)])
+@pytest.mark.parametrize(
+    "method,config,lr",
+    [
+        ("lora", LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"]), 1e-2),
+        ("prompt", PromptConfig(num_virtual_tokens=4), 3e-2),
+    ],
+)
 def test_dpo_widens_the_margin_and_raises_preference_accuracy(method: str, config, lr: float) -> None:
     torch.manual_seed(0)
     bank = MultiTaskModel(tiny_base("llama"))
@@ -323,8 +376,10 @@ def test_gradients_reach_only_the_trained_tasks_parameters() -> None:
     perturb(bank, "pol", seed=1)
     pairs = toy_pairs(4, 0)
     prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
-    for task, loss in (("pol", lambda: sequence_logps(bank, "pol", prompts, responses).sum()),
-                       ("rm", lambda: score_rows(bank, "rm", prompts, responses).sum())):
+    for task, loss in (
+        ("pol", lambda: sequence_logps(bank, "pol", prompts, responses).sum()),
+        ("rm", lambda: score_rows(bank, "rm", prompts, responses).sum()),
+    ):
         for param in bank.parameters():
             param.grad = None
         with bank.disabled(), torch.no_grad():
@@ -363,19 +418,48 @@ def _parse(add, argv: list[str]) -> argparse.Namespace:
 def pair_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     rows = lambda pairs: [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]  # noqa: E731
-    return (write_jsonl(folder / "train.jsonl", rows(toy_pairs(48, 0))),
-            write_jsonl(folder / "held.jsonl", rows(toy_pairs(16, 1))))
+    return (
+        write_jsonl(folder / "train.jsonl", rows(toy_pairs(48, 0))),
+        write_jsonl(folder / "held.jsonl", rows(toy_pairs(16, 1))),
+    )
 
 
-TRAIN_FLAGS = ["--epochs", "3", "--batch-size", "8", "--learning-rate", "1e-2", "--warmup-ratio", "0", "--quiet"]
+TRAIN_FLAGS = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--learning-rate",
+    "1e-2",
+    "--warmup-ratio",
+    "0",
+    "--quiet",
+]
 
 
 def test_reward_cli_writes_a_reloadable_reward_model(llama_dir, pair_files, tmp_path, capsys) -> None:
     train_file, held_file = pair_files
     out = tmp_path / "rm"
-    args = _parse(add_reward_arguments, ["--data", train_file, "--validation-data", held_file, "--model", str(llama_dir),
-                                         "--method", "lora", "--lora-rank", "4", "--lora-target-modules", "all-linear",
-                                         "--output", str(out), *TRAIN_FLAGS])
+    args = _parse(
+        add_reward_arguments,
+        [
+            "--data",
+            train_file,
+            "--validation-data",
+            held_file,
+            "--model",
+            str(llama_dir),
+            "--method",
+            "lora",
+            "--lora-rank",
+            "4",
+            "--lora-target-modules",
+            "all-linear",
+            "--output",
+            str(out),
+            *TRAIN_FLAGS,
+        ],
+    )
     cmd_reward(args)
     result = json.loads((out / "result.json").read_text())
     assert result["pairs"] == {"train": 48, "validation": 16} and result["steps"] == 18
@@ -393,24 +477,46 @@ def test_reward_cli_writes_a_reloadable_reward_model(llama_dir, pair_files, tmp_
     bank = MultiTaskModel(load_base(str(llama_dir), device="cpu"))
     load_adapter(bank, out / "adapter", "judge")
     held = load_pairs(held_file)
-    assert pair_accuracy(bank, "judge", held, max_length=128) == pytest.approx(result["validation_pair_accuracy"])
+    assert pair_accuracy(bank, "judge", held, max_length=128) == pytest.approx(
+        result["validation_pair_accuracy"]
+    )
     prompts = [p.prompt for p in held]
-    diff = (reward_scores(bank, "judge", prompts, [p.chosen for p in held], 128)
-            - reward_scores(bank, "judge", prompts, [p.rejected for p in held], 128))
+    diff = reward_scores(bank, "judge", prompts, [p.chosen for p in held], 128) - reward_scores(
+        bank, "judge", prompts, [p.rejected for p in held], 128
+    )
     assert float(diff.mean()) == pytest.approx(result["validation_margin"], abs=1e-4)
 
 
 def test_dpo_cli_writes_a_reloadable_policy(llama_dir, pair_files, tmp_path, capsys) -> None:
     train_file, held_file = pair_files
     out = tmp_path / "dpo"
-    args = _parse(add_dpo_arguments, ["--data", train_file, "--model", str(llama_dir), "--validation-ratio", "0.25",
-                                      "--beta", "0.5", "--lora-rank", "4", "--lora-target-modules", "all-linear",
-                                      "--output", str(out), *TRAIN_FLAGS])
+    args = _parse(
+        add_dpo_arguments,
+        [
+            "--data",
+            train_file,
+            "--model",
+            str(llama_dir),
+            "--validation-ratio",
+            "0.25",
+            "--beta",
+            "0.5",
+            "--lora-rank",
+            "4",
+            "--lora-target-modules",
+            "all-linear",
+            "--output",
+            str(out),
+            *TRAIN_FLAGS,
+        ],
+    )
     cmd_dpo(args)
     result = json.loads((out / "result.json").read_text())
     assert result["pairs"] == {"train": 36, "validation": 12} and result["beta"] == 0.5
     accuracy, margin = result["preference_accuracy"], result["margin"]
-    assert accuracy["before"] == 0.5 and margin["before"] == pytest.approx(0.0, abs=1e-4)  # LoRA starts as the base
+    assert accuracy["before"] == 0.5 and margin["before"] == pytest.approx(
+        0.0, abs=1e-4
+    )  # LoRA starts as the base
     assert accuracy["after"] > 0.7 and margin["after"] > 0.2
     assert "held-out preference accuracy" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json"]
@@ -436,10 +542,13 @@ def test_dpo_cli_writes_a_reloadable_policy(llama_dir, pair_files, tmp_path, cap
 def test_cli_errors_are_one_line(command, llama_dir, pair_files, tmp_path) -> None:
     add, cmd = (add_reward_arguments, cmd_reward) if command == "reward" else (add_dpo_arguments, cmd_dpo)
     base = ["--model", str(llama_dir), "--output", str(tmp_path / "out"), "--quiet"]
-    cases = [([], "no preference data given"), (["--data", str(tmp_path / "absent.jsonl")], "does not exist"),
-             (["--data", pair_files[0], "--epochs", "0"], "epochs must be >= 1"),
-             (["--data", pair_files[0], "--method", "prompting"], "no adapter to train"),
-             (["--data", pair_files[0], "--validation-ratio", "1.5"], "--validation-ratio")]
+    cases = [
+        ([], "no preference data given"),
+        (["--data", str(tmp_path / "absent.jsonl")], "does not exist"),
+        (["--data", pair_files[0], "--epochs", "0"], "epochs must be >= 1"),
+        (["--data", pair_files[0], "--method", "prompting"], "no adapter to train"),
+        (["--data", pair_files[0], "--validation-ratio", "1.5"], "--validation-ratio"),
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
     cases.append((["--data", str(bad)], "line 2 of"))
@@ -467,27 +576,53 @@ def test_words_used_by_the_toy_pairs_are_in_the_tiny_vocabulary() -> None:
 
 def test_cli_says_when_it_kept_earlier_weights(llama_dir, pair_files, tmp_path, capsys) -> None:
     train_file, held_file = pair_files
-    flipped = [{"prompt": p.prompt, "chosen": p.rejected, "rejected": p.chosen} for p in load_pairs(train_file)]
+    flipped = [
+        {"prompt": p.prompt, "chosen": p.rejected, "rejected": p.chosen} for p in load_pairs(train_file)
+    ]
     out = tmp_path / "rm"
-    args = _parse(add_reward_arguments, ["--data", write_jsonl(tmp_path / "flipped.jsonl", flipped), "--validation-data",
-                                         held_file, "--model", str(llama_dir), "--lora-rank", "4", "--output", str(out),
-                                         *TRAIN_FLAGS])
+    args = _parse(
+        add_reward_arguments,
+        [
+            "--data",
+            write_jsonl(tmp_path / "flipped.jsonl", flipped),
+            "--validation-data",
+            held_file,
+            "--model",
+            str(llama_dir),
+            "--lora-rank",
+            "4",
+            "--output",
+            str(out),
+            *TRAIN_FLAGS,
+        ],
+    )
     result = cmd_reward(args)
     assert result["evals"][-1]["accuracy"] < result["validation_pair_accuracy"]
     assert result["best_step"] < result["steps"]
     assert "kept " in capsys.readouterr().out
 
 
-def test_the_empty_pairs_advice_works_as_printed_and_a_flat_config_file(llama_dir, pair_files, tmp_path,
-                                                                        capsys) -> None:
+def test_the_empty_pairs_advice_works_as_printed_and_a_flat_config_file(
+    llama_dir, pair_files, tmp_path, capsys
+) -> None:
     from multitune.cli import main
 
     rows = [json.loads(line) for line in Path(pair_files[0]).read_text().splitlines()]
     rows[3]["chosen"] = ""
     data = write_jsonl(tmp_path / "holes.jsonl", rows)
     config = tmp_path / "reward.yaml"
-    config.write_text(yaml.safe_dump({"data": data, "model": str(llama_dir), "lora_rank": 2, "max_steps": 1,
-                                      "batch_size": 8, "quiet": True}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": data,
+                "model": str(llama_dir),
+                "lora_rank": 2,
+                "max_steps": 1,
+                "batch_size": 8,
+                "quiet": True,
+            }
+        )
+    )
     out = tmp_path / "rm"
     assert main(["reward", "--config", str(config), "--output", str(out)]) == 2
     err = capsys.readouterr().err
@@ -498,8 +633,21 @@ def test_the_empty_pairs_advice_works_as_printed_and_a_flat_config_file(llama_di
     assert "1 step," in capsys.readouterr().out
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["drop_empty"] is True
     # dpo: the same flag, and PPO's old reference name accepted as the unified one
-    assert main(["dpo", "--config", str(config), "--output", str(tmp_path / "dpo"), "--drop-empty",
-                 "--reference", "copy"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--config",
+                str(config),
+                "--output",
+                str(tmp_path / "dpo"),
+                "--drop-empty",
+                "--reference",
+                "copy",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "dpo" / "result.json").read_text())["reference"] == "initial"
 
 
@@ -510,5 +658,7 @@ def test_a_folder_another_command_holds_is_refused(command, llama_dir, pair_file
     add, cmd = (add_reward_arguments, cmd_reward) if command == "reward" else (add_dpo_arguments, cmd_dpo)
     out = tmp_path / "held"
     with output_lock(out, "multitune train"), pytest.raises(FolderInUse, match="in use by"):
-        cmd(_parse(add, ["--data", pair_files[0], "--model", str(llama_dir), "--output", str(out), "--quiet"]))
+        cmd(
+            _parse(add, ["--data", pair_files[0], "--model", str(llama_dir), "--output", str(out), "--quiet"])
+        )
     assert not out.exists()

@@ -17,11 +17,22 @@ from multitune.serve.engine import Engine
 from multitune.storage import save_adapter
 from multitune.training.evaluate import generate_texts, predict_proba
 
-GENERATION = {"g-lora": ("lora", None), "g-prompt": ("prompt", PromptConfig(num_virtual_tokens=4, init="random")),
-              "g-prefix": ("prefix", PrefixConfig(num_virtual_tokens=3)), "g-adapter": ("adapter", None),
-              "g-ia3": ("ia3", None), "g-prompting": ("prompting", PromptingConfig(shots=1)), "g-full": ("full", None)}
-CLASSIFICATION = {"c-lora": ("lora", None), "c-prefix": ("prefix", None), "c-base": ("base", None),
-                  "c-prompting": ("prompting", None), "c-full": ("full", None)}
+GENERATION = {
+    "g-lora": ("lora", None),
+    "g-prompt": ("prompt", PromptConfig(num_virtual_tokens=4, init="random")),
+    "g-prefix": ("prefix", PrefixConfig(num_virtual_tokens=3)),
+    "g-adapter": ("adapter", None),
+    "g-ia3": ("ia3", None),
+    "g-prompting": ("prompting", PromptingConfig(shots=1)),
+    "g-full": ("full", None),
+}
+CLASSIFICATION = {
+    "c-lora": ("lora", None),
+    "c-prefix": ("prefix", None),
+    "c-base": ("base", None),
+    "c-prompting": ("prompting", None),
+    "c-full": ("full", None),
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +51,9 @@ def bank_dir(tmp_path_factory):
             fit(bank, name, toy_generation(8) if kind == "generation" else toy_sentiment(8))
         with torch.no_grad():
             for param in bank.task_parameters(name).values():
-                param.add_(torch.randn(param.shape, generator=generator) * (0.02 if method == "full" else 0.3))
+                param.add_(
+                    torch.randn(param.shape, generator=generator) * (0.02 if method == "full" else 0.3)
+                )
         fold = get_method(method).fold
         if fold is not None:
             fold(bank, name)
@@ -65,8 +78,9 @@ def test_mixed_generation_requests_equal_each_task_alone(engine) -> None:
     requests = [(task, prompts[i]) for i, task in enumerate(list(GENERATION) * 2)]
     got = engine.generate(requests, max_new_tokens=5)
     for (task, prompt), text in zip(requests, got, strict=True):
-        alone = generate_texts(engine.bank_of(task), task, [type(toy_generation(1)[0])(text=prompt)],
-                               max_new_tokens=5)
+        alone = generate_texts(
+            engine.bank_of(task), task, [type(toy_generation(1)[0])(text=prompt)], max_new_tokens=5
+        )
         assert text == alone[0], task
     assert len(set(got)) > 1
 

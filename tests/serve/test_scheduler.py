@@ -101,7 +101,9 @@ def test_streamed_pieces_make_the_text_and_stop_strings_cut(engine):
         assert handle.completion_tokens == 6
         full = handle.text
         stop = full.split()[2] if len(full.split()) > 2 else full.split()[-1]
-        text, reason = scheduler.generate_sync("lora", "the movie was good", SamplingParams(max_tokens=6, stop=[stop]))
+        text, reason = scheduler.generate_sync(
+            "lora", "the movie was good", SamplingParams(max_tokens=6, stop=[stop])
+        )
         assert reason == "stop" and text == full[: full.find(stop)]
     finally:
         scheduler.stop()
@@ -132,18 +134,27 @@ def test_seeded_sampling_repeats_after_rows_that_ended_on_eos(engine, monkeypatc
         list(probe.tokens())
         ids = tokenizer(probe.text, add_special_tokens=False)["input_ids"]
         stop_id = ids[len(ids) // 2]
-        monkeypatch.setattr(scheduler_module, "eos_ids", lambda tokenizer: {stop_id})  # every run ends on "EOS"
-        texts = [scheduler.generate_sync("lora", "a nice film", SamplingParams(**params.__dict__))
-                 for _ in range(12)]
+        monkeypatch.setattr(
+            scheduler_module, "eos_ids", lambda tokenizer: {stop_id}
+        )  # every run ends on "EOS"
+        texts = [
+            scheduler.generate_sync("lora", "a nice film", SamplingParams(**params.__dict__))
+            for _ in range(12)
+        ]
         assert texts[0][1] == "stop" and len(set(texts)) == 1
     finally:
         scheduler.stop()
 
 
-@pytest.mark.parametrize(("params", "field"), [
-    (SamplingParams(max_tokens=0), "max_tokens"), (SamplingParams(temperature=-1), "temperature"),
-    (SamplingParams(top_p=0), "top_p"), (SamplingParams(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(temperature=-1), "temperature"),
+        (SamplingParams(top_p=0), "top_p"),
+        (SamplingParams(stop=[""]), "stop"),
+    ],
+)
 def test_bad_sampling_parameters(engine, params, field):
     scheduler = Scheduler(engine)
     with pytest.raises(RequestError) as error:

@@ -123,8 +123,14 @@ def test_classification_is_cut_to_the_trained_max_length_and_says_so(adapters, t
     engine = Engine.from_folder([run, adapters / "topic"], device="cpu")
     assert engine.max_lengths == {"short": 6, "topic": 128}
     long_text = " ".join(WORDS[i % len(WORDS)] for i in range(40))
-    rows = engine.classify_rows([("short", long_text), ("short", "a good film"), ("topic", long_text),
-                                 ("short", " ".join(long_text.split()[:5]))])
+    rows = engine.classify_rows(
+        [
+            ("short", long_text),
+            ("short", "a good film"),
+            ("topic", long_text),
+            ("short", " ".join(long_text.split()[:5])),
+        ]
+    )
     assert [r.truncated for r in rows] == [True, False, False, False]  # 5 words + BOS = 6 tokens: not cut
     # the cut row equals its first tokens alone: what training saw
     first = " ".join(long_text.split()[:5])

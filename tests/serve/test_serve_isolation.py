@@ -36,12 +36,16 @@ def _bank(tmp_path_factory, family: str, tasks: dict) -> Engine:
 
 @pytest.fixture(scope="module")
 def llama_bank(tmp_path_factory):
-    return _bank(tmp_path_factory, "llama", {
-        "lora": ("generation", "lora", LoRAConfig(rank=4)),
-        "prompt": ("generation", "prompt", PromptConfig(num_virtual_tokens=3, init="random")),
-        "prefix": ("generation", "prefix", PrefixConfig(num_virtual_tokens=2, projection=False)),
-        "sent": ("classification", "lora", LoRAConfig(rank=2)),
-    })
+    return _bank(
+        tmp_path_factory,
+        "llama",
+        {
+            "lora": ("generation", "lora", LoRAConfig(rank=4)),
+            "prompt": ("generation", "prompt", PromptConfig(num_virtual_tokens=3, init="random")),
+            "prefix": ("generation", "prefix", PrefixConfig(num_virtual_tokens=2, projection=False)),
+            "sent": ("classification", "lora", LoRAConfig(rank=2)),
+        },
+    )
 
 
 @pytest.fixture
@@ -86,7 +90,11 @@ def _marked_forward(module, when):
 
 
 def _failed_alone(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "multitune.serve.scheduler" and r.levelno == logging.ERROR and r.exc_info]
+    return [
+        r
+        for r in caplog.records
+        if r.name == "multitune.serve.scheduler" and r.levelno == logging.ERROR and r.exc_info
+    ]
 
 
 def test_a_poisoned_classification_fails_alone(engine, caplog):
@@ -128,10 +136,14 @@ def test_a_poisoned_classification_fails_alone(engine, caplog):
 
 def test_a_poisoned_prefill_fails_alone(engine, caplog):
     marker = word_tokenizer().convert_tokens_to_ids(POISON)
-    embed = engine.shared.base.model.get_input_embeddings()  # sees the ids also where the model gets embeddings
+    embed = (
+        engine.shared.base.model.get_input_embeddings()
+    )  # sees the ids also where the model gets embeddings
     embed.forward = _marked_forward(embed, lambda ids: ids.shape[1] > 1 and bool((ids == marker).any()))
-    jobs = [(task, _prompt(i, 2 + i % 5), SamplingParams(max_tokens=5)) for i, task in
-            enumerate(["lora", "prompt", "prefix", "lora", "prefix"])]
+    jobs = [
+        (task, _prompt(i, 2 + i % 5), SamplingParams(max_tokens=5))
+        for i, task in enumerate(["lora", "prompt", "prefix", "lora", "prefix"])
+    ]
     jobs.insert(3, ("lora", f"the {POISON} film", SamplingParams(max_tokens=5)))
     scheduler = Scheduler(engine, max_batch_size=16, timeout_s=TIMEOUT)
     try:
@@ -155,10 +167,18 @@ def test_a_poisoned_decode_step_fails_alone(engine):
     then steps alone, and the five others go on together to their normal answers (their caches intact)."""
     long_prompt = _prompt(99, 30)
     model = engine.shared.base.model
-    model.forward = _marked_forward(model, lambda kw: kw.get("input_ids") is not None
-                                    and kw["input_ids"].shape[1] == 1 and int(kw["position_ids"].max()) >= 25)
-    jobs = [(task, _prompt(i, 2 + i % 5), SamplingParams(max_tokens=6)) for i, task in
-            enumerate(["prefix", "lora", "prompt", "lora", "prompt"])]
+    model.forward = _marked_forward(
+        model,
+        lambda kw: (
+            kw.get("input_ids") is not None
+            and kw["input_ids"].shape[1] == 1
+            and int(kw["position_ids"].max()) >= 25
+        ),
+    )
+    jobs = [
+        (task, _prompt(i, 2 + i % 5), SamplingParams(max_tokens=6))
+        for i, task in enumerate(["prefix", "lora", "prompt", "lora", "prompt"])
+    ]
     jobs.insert(1, ("lora", long_prompt, SamplingParams(max_tokens=6)))
     scheduler = Scheduler(engine, max_batch_size=16, timeout_s=TIMEOUT)
     try:
@@ -189,8 +209,9 @@ def test_a_row_whose_sampling_fails_fails_alone(engine):
         with pytest.raises(RequestError, match="Overflow") as error:
             list(handles[1].tokens())
         assert error.value.status == 500
-        for handle, (task, prompt, params) in zip(handles[::2] + handles[3:], [jobs[0], jobs[2], jobs[3]],
-                                                  strict=False):
+        for handle, (task, prompt, params) in zip(
+            handles[::2] + handles[3:], [jobs[0], jobs[2], jobs[3]], strict=False
+        ):
             list(handle.tokens())
             assert handle.text.strip() == _alone(engine, task, prompt, params.max_tokens)
     finally:
@@ -198,8 +219,14 @@ def test_a_row_whose_sampling_fails_fails_alone(engine):
 
 
 def test_seq2seq_requests_are_answered_and_a_poisoned_one_fails_alone(tmp_path_factory):
-    bank = _bank(tmp_path_factory, "t5", {"t5-lora": ("generation", "lora", LoRAConfig(rank=4)),
-                                          "t5-other": ("generation", "lora", LoRAConfig(rank=2))})
+    bank = _bank(
+        tmp_path_factory,
+        "t5",
+        {
+            "t5-lora": ("generation", "lora", LoRAConfig(rank=4)),
+            "t5-other": ("generation", "lora", LoRAConfig(rank=2)),
+        },
+    )
     engine = Engine.from_folder(bank, device="cpu")
     generate = engine.generate
 
@@ -209,8 +236,10 @@ def test_seq2seq_requests_are_answered_and_a_poisoned_one_fails_alone(tmp_path_f
         return generate(requests, *args, **kwargs)
 
     engine.generate = marked
-    jobs = [(task, _prompt(i, 3 + i % 3), SamplingParams(max_tokens=3 + i % 2)) for i, task in
-            enumerate(["t5-lora", "t5-other", "t5-lora", "t5-other"])]
+    jobs = [
+        (task, _prompt(i, 3 + i % 3), SamplingParams(max_tokens=3 + i % 2))
+        for i, task in enumerate(["t5-lora", "t5-other", "t5-lora", "t5-other"])
+    ]
     jobs.insert(2, ("t5-lora", f"a {POISON} place", SamplingParams(max_tokens=3)))
     scheduler = Scheduler(engine, max_batch_size=16, timeout_s=TIMEOUT)
     try:
@@ -225,12 +254,20 @@ def test_seq2seq_requests_are_answered_and_a_poisoned_one_fails_alone(tmp_path_f
         assert answer[0] == generate([(task, prompt)], max_new_tokens=params.max_tokens, max_length=10**6)[0]
 
 
-@pytest.mark.parametrize(("params", "field"), [
-    (SamplingParams(seed=2**64), "seed"), (SamplingParams(seed=-1), "seed"), (SamplingParams(seed=2**70), "seed"),
-    (SamplingParams(temperature=1e-300), "temperature"), (SamplingParams(temperature=0.009), "temperature"),
-    (SamplingParams(temperature=float("nan")), "temperature"), (SamplingParams(top_p=float("nan")), "top_p"),
-    (SamplingParams(stop=["ok", "\udc80"]), "stop.1"), (SamplingParams(max_tokens=True), "max_tokens"),
-])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(seed=2**64), "seed"),
+        (SamplingParams(seed=-1), "seed"),
+        (SamplingParams(seed=2**70), "seed"),
+        (SamplingParams(temperature=1e-300), "temperature"),
+        (SamplingParams(temperature=0.009), "temperature"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(top_p=float("nan")), "top_p"),
+        (SamplingParams(stop=["ok", "\udc80"]), "stop.1"),
+        (SamplingParams(max_tokens=True), "max_tokens"),
+    ],
+)
 def test_what_the_sampler_cannot_use_is_refused_naming_the_field(engine, params, field):
     scheduler = Scheduler(engine)
     with pytest.raises(RequestError) as error:
@@ -242,8 +279,10 @@ def test_the_largest_seed_and_smallest_temperature_work(engine):
     scheduler = Scheduler(engine)
     scheduler.start()
     try:
-        for params in (SamplingParams(max_tokens=3, temperature=0.01, seed=2**64 - 1),
-                       SamplingParams(max_tokens=3, temperature=2.0, seed=0)):
+        for params in (
+            SamplingParams(max_tokens=3, temperature=0.01, seed=2**64 - 1),
+            SamplingParams(max_tokens=3, temperature=2.0, seed=0),
+        ):
             text, reason = scheduler.generate_sync("lora", "a film", params)
             assert reason in ("length", "stop")
     finally:
@@ -252,11 +291,15 @@ def test_the_largest_seed_and_smallest_temperature_work(engine):
 
 def test_texts_a_tokenizer_cannot_read_are_refused_naming_the_field(engine):
     scheduler = Scheduler(engine)
-    with pytest.raises(RequestError, match=r"^prompt holds a lone surrogate \(U\+DC80\) at character 2") as error:
+    with pytest.raises(
+        RequestError, match=r"^prompt holds a lone surrogate \(U\+DC80\) at character 2"
+    ) as error:
         scheduler.submit_generate("lora", "a \udc80 film", SamplingParams())
     assert error.value.status == 400
     with pytest.raises(RequestError, match=r"^messages\.1\.content holds a lone surrogate"):
-        scheduler.chat_prompt("lora", [{"role": "system", "content": "x"}, {"role": "user", "content": "\ud800"}])
+        scheduler.chat_prompt(
+            "lora", [{"role": "system", "content": "x"}, {"role": "user", "content": "\ud800"}]
+        )
     with pytest.raises(RequestError, match=r"^input\.1 holds a lone surrogate"):
         asyncio.run(scheduler.classify("sent", ["fine", "\udc80 x"]))
 
@@ -283,6 +326,7 @@ def test_over_http_a_poisoned_classification_among_concurrent_good_ones(engine):
     engine.classify_rows = marked
     scheduler = Scheduler(engine, max_batch_size=32, max_wait_ms=200, timeout_s=TIMEOUT)
     with running(create_app(scheduler)) as base, httpx.Client(base_url=base, timeout=60) as http:
+
         def ask(text):
             return http.post("/v1/classify", json={"model": "sent", "input": text})
 
@@ -292,9 +336,14 @@ def test_over_http_a_poisoned_classification_among_concurrent_good_ones(engine):
         for reply, want in zip(replies, expected, strict=True):
             assert reply.status_code == 200, reply.text
             assert reply.json()["data"][0]["probabilities"] == pytest.approx(want, abs=1e-6)
-        reply = http.post("/v1/classify", content=b'{"model": "sent", "input": ["\\udc80 x"]}',
-                          headers={"Content-Type": "application/json"})
-        assert reply.status_code == 400 and "input.0 holds a lone surrogate" in reply.json()["error"]["message"]
+        reply = http.post(
+            "/v1/classify",
+            content=b'{"model": "sent", "input": ["\\udc80 x"]}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert (
+            reply.status_code == 400 and "input.0 holds a lone surrogate" in reply.json()["error"]["message"]
+        )
         long = " ".join(["good"] * 200)
         data = http.post("/v1/classify", json={"model": "sent", "input": [long, "fine"]}).json()["data"]
         assert [d["truncated"] for d in data] == [True, False]
@@ -304,7 +353,9 @@ def test_a_fault_of_the_scheduler_itself_answers_every_request_it_held(engine, c
     """The safety net: whatever fails in a turn outside a forward, each request taken from a queue in it gets
     a 500 (before, it waited for an answer that never came), and the next requests are served."""
     scheduler = Scheduler(engine, max_batch_size=16, timeout_s=TIMEOUT)
-    handles = [scheduler.submit_generate("lora", _prompt(i, 3), SamplingParams(max_tokens=3)) for i in range(3)]
+    handles = [
+        scheduler.submit_generate("lora", _prompt(i, 3), SamplingParams(max_tokens=3)) for i in range(3)
+    ]
     bank_of = engine.bank_of
     engine.bank_of = lambda task: (_ for _ in ()).throw(RuntimeError("lookup broke"))
     with caplog.at_level(logging.ERROR, logger="multitune.serve.scheduler"):

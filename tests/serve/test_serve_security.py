@@ -22,11 +22,23 @@ from multitune.serve.app import create_app
 from multitune.serve.guard import digest, key_matches
 
 API, ADMIN = "api-key-1", "admin-key-2"
-PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/echo"), ("GET", "/metrics"), ("GET", "/docs"),
-             ("GET", "/openapi.json"), ("GET", "/redoc"), ("POST", "/v1/completions"), ("POST", "/v1/classify"),
-             ("POST", "/v1/chat/completions"), ("GET", "/v1/nothing")]
-BODIES = {"/v1/completions": {"model": "echo", "prompt": "a b"}, "/v1/classify": {"model": "sentiment", "input": "a"},
-          "/v1/chat/completions": {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}}
+PROTECTED = [
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/echo"),
+    ("GET", "/metrics"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+    ("GET", "/redoc"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/classify"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/nothing"),
+]
+BODIES = {
+    "/v1/completions": {"model": "echo", "prompt": "a b"},
+    "/v1/classify": {"model": "sentiment", "input": "a"},
+    "/v1/chat/completions": {"model": "echo", "messages": [{"role": "user", "content": "a b"}]},
+}
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -46,9 +58,19 @@ def roots(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keyed(roots):
     """A server with an API key and its own admin key."""
-    with running(create_app(FakeScheduler(), api_key=API, admin_key=ADMIN, load_from=[roots[0]],
-                            max_input_chars=50, max_request_bytes=2000)) as base, \
-            httpx.Client(base_url=base, timeout=10) as http:
+    with (
+        running(
+            create_app(
+                FakeScheduler(),
+                api_key=API,
+                admin_key=ADMIN,
+                load_from=[roots[0]],
+                max_input_chars=50,
+                max_request_bytes=2000,
+            )
+        ) as base,
+        httpx.Client(base_url=base, timeout=10) as http,
+    ):
         yield http
 
 
@@ -60,7 +82,9 @@ def test_the_api_key_guards_every_endpoint_but_health(keyed, method, path):
         assert call(keyed, method, path, {"Authorization": wrong}).status_code == 401, wrong
     reply = call(keyed, method, path, bearer(API))
     assert reply.status_code == (404 if path == "/v1/nothing" else 200), reply.text
-    assert call(keyed, method, path, {"Authorization": f"bearer {API}"}).status_code != 401  # the scheme's case
+    assert (
+        call(keyed, method, path, {"Authorization": f"bearer {API}"}).status_code != 401
+    )  # the scheme's case
 
 
 def test_health_stays_open(keyed):
@@ -97,7 +121,14 @@ def test_the_key_is_the_header_exactly_as_sent():
 
     assert key_matches(scope(f"Bearer {API}".encode()), key)
     assert key_matches(scope(f"BEARER {API}".encode()), key)
-    for value in (f"Bearer {API} ", f"Bearer  {API}", f" Bearer {API}", f"Bearer\t{API}", f"Bearer {API}\n", API):
+    for value in (
+        f"Bearer {API} ",
+        f"Bearer  {API}",
+        f" Bearer {API}",
+        f"Bearer\t{API}",
+        f"Bearer {API}\n",
+        API,
+    ):
         assert not key_matches(scope(value.encode()), key), value
     assert not key_matches({"headers": []}, key)
 
@@ -165,8 +196,20 @@ def test_serve_passes_keys_and_folders_to_the_app(no_engine, monkeypatch, tmp_pa
     monkeypatch.setattr(Engine, "from_folder", staticmethod(lambda *a, **k: Loaded()))
     monkeypatch.setattr(server_module, "_check_port", lambda *a: None)
     with pytest.raises(Reached):
-        cli_main(["serve", str(no_engine), "--admin-key", "a", "--allow-load-from", str(extra),
-                  "--max-input-chars", "9", "--max-request-bytes", "99"])
+        cli_main(
+            [
+                "serve",
+                str(no_engine),
+                "--admin-key",
+                "a",
+                "--allow-load-from",
+                str(extra),
+                "--max-input-chars",
+                "9",
+                "--max-request-bytes",
+                "99",
+            ]
+        )
     assert seen["admin_key"] == "a" and seen["load_from"] == [str(no_engine), str(extra)]
     assert seen["max_input_chars"] == 9 and seen["max_request_bytes"] == 99
     with pytest.raises(ConfigError, match="--allow-load-from .* is not a folder"):
@@ -179,24 +222,47 @@ def test_admin_loads_only_from_the_allowed_folders(keyed, roots):
     (allowed / "task").mkdir(exist_ok=True)
     (allowed / "link").symlink_to(elsewhere, target_is_directory=True)
     auth = bearer(ADMIN)
-    for path in (str(elsewhere), f"{allowed}/../{elsewhere.name}", str(allowed / "link"), "/", "relative/x",
-                 str(allowed) + "-sibling"):
-        message = assert_error(keyed.post("/admin/load", json={"model": "x", "path": path}, headers=auth), 403,
-                               "outside the folders", "--allow-load-from")
+    for path in (
+        str(elsewhere),
+        f"{allowed}/../{elsewhere.name}",
+        str(allowed / "link"),
+        "/",
+        "relative/x",
+        str(allowed) + "-sibling",
+    ):
+        message = assert_error(
+            keyed.post("/admin/load", json={"model": "x", "path": path}, headers=auth),
+            403,
+            "outside the folders",
+            "--allow-load-from",
+        )
         assert path in message
-        assert keyed.post("/admin/load", json={"model": "x", "path": path}, headers=auth).json()["error"][
-            "type"] == "permission_error"
+        assert (
+            keyed.post("/admin/load", json={"model": "x", "path": path}, headers=auth).json()["error"]["type"]
+            == "permission_error"
+        )
         assert_error(keyed.post("/admin/reload", json={"model": "echo", "path": path}, headers=auth), 403)
-    assert keyed.post("/admin/load", json={"model": "inside", "path": str(allowed / "task")},
-                      headers=auth).status_code == 200
-    assert keyed.post("/admin/load", json={"model": "inside2", "path": f"{elsewhere}/../{allowed.name}/task"},
-                      headers=auth).status_code == 200
+    assert (
+        keyed.post(
+            "/admin/load", json={"model": "inside", "path": str(allowed / "task")}, headers=auth
+        ).status_code
+        == 200
+    )
+    assert (
+        keyed.post(
+            "/admin/load",
+            json={"model": "inside2", "path": f"{elsewhere}/../{allowed.name}/task"},
+            headers=auth,
+        ).status_code
+        == 200
+    )
 
 
 def test_a_server_with_no_load_folders_loads_no_path(tmp_path):
     with running(create_app(FakeScheduler())) as base:
-        assert_error(httpx.post(f"{base}/admin/load", json={"model": "x", "path": str(tmp_path)}), 403,
-                     "(none)")
+        assert_error(
+            httpx.post(f"{base}/admin/load", json={"model": "x", "path": str(tmp_path)}), 403, "(none)"
+        )
         assert httpx.post(f"{base}/admin/reload", json={"model": "echo"}).status_code == 200  # its own source
 
 
@@ -220,26 +286,53 @@ def test_admin_bodies_take_model_or_name_and_are_documented(keyed, roots):
 # ---- limits --------------------------------------------------------------------------------------------------
 def test_a_text_over_max_input_chars_is_a_413_naming_the_field(keyed):
     auth = bearer(API)
-    cases = [("/v1/completions", {"model": "echo", "prompt": "w" * 51}, "prompt"),
-             ("/v1/classify", {"model": "sentiment", "input": ["ok", "w" * 51]}, "input.1"),
-             ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": "w" * 51}]},
-              "messages.0.content"),
-             ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": [
-                 {"type": "text", "text": "w" * 51}]}]}, "messages.0.content.0.text"),
-             ("/v1/completions", {"model": "echo", "prompt": "a", "stop": ["x" * 51]}, "stop.0")]
+    cases = [
+        ("/v1/completions", {"model": "echo", "prompt": "w" * 51}, "prompt"),
+        ("/v1/classify", {"model": "sentiment", "input": ["ok", "w" * 51]}, "input.1"),
+        (
+            "/v1/chat/completions",
+            {"model": "echo", "messages": [{"role": "user", "content": "w" * 51}]},
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "echo",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "w" * 51}]}],
+            },
+            "messages.0.content.0.text",
+        ),
+        ("/v1/completions", {"model": "echo", "prompt": "a", "stop": ["x" * 51]}, "stop.0"),
+    ]
     for path, body, field in cases:
-        assert_error(keyed.post(path, json=body, headers=auth), 413, f"{field} holds 51 characters",
-                     "at most 50", "--max-input-chars")
-    assert keyed.post("/v1/completions", json={"model": "echo", "prompt": "w" * 50}, headers=auth).status_code == 200
+        assert_error(
+            keyed.post(path, json=body, headers=auth),
+            413,
+            f"{field} holds 51 characters",
+            "at most 50",
+            "--max-input-chars",
+        )
+    assert (
+        keyed.post("/v1/completions", json={"model": "echo", "prompt": "w" * 50}, headers=auth).status_code
+        == 200
+    )
 
 
 def test_a_body_over_the_limit_is_a_413(keyed):
     auth = bearer(API)
-    message = assert_error(keyed.post("/v1/classify", json={"model": "sentiment", "input": ["a b"] * 500},
-                                      headers=auth), 413, "2000 bytes", "--max-request-bytes")
+    message = assert_error(
+        keyed.post("/v1/classify", json={"model": "sentiment", "input": ["a b"] * 500}, headers=auth),
+        413,
+        "2000 bytes",
+        "--max-request-bytes",
+    )
     assert "body" in message
-    assert keyed.post("/v1/classify", json={"model": "sentiment", "input": ["a b"] * 100},
-                      headers=auth).status_code == 200
+    assert (
+        keyed.post(
+            "/v1/classify", json={"model": "sentiment", "input": ["a b"] * 100}, headers=auth
+        ).status_code
+        == 200
+    )
 
 
 def _raw(url: str, request: bytes) -> bytes:
@@ -257,14 +350,19 @@ def _raw(url: str, request: bytes) -> bytes:
 
 def test_the_body_limit_holds_before_reading_and_for_a_streamed_body(keyed):
     url = str(keyed.base_url).rstrip("/")
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API.encode()
-            + b"\r\nContent-Type: application/json\r\n")
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + API.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+    )
     # a Content-Length over the limit: refused before a byte of the body is sent
     reply = _raw(url, head + b"Content-Length: 50000000\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413") and b"2000 bytes" in reply
     # no Content-Length: chunked, counted as it comes
     body = json.dumps({"model": "sentiment", "input": ["a b"] * 500}).encode()
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 100]), body[i:i + 100]) for i in range(0, len(body), 100))
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 100]), body[i : i + 100]) for i in range(0, len(body), 100)
+    )
     reply = _raw(url, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413") and b"max-request-bytes" in reply
     small = json.dumps({"model": "sentiment", "input": "good"}).encode()
@@ -275,7 +373,9 @@ def test_the_body_limit_holds_before_reading_and_for_a_streamed_body(keyed):
 def test_classification_answers_say_which_inputs_were_truncated(keyed):
     long = " ".join(["good"] * 3 + ["bad"] * (MAX_LENGTH + 5))
     with running(create_app(FakeScheduler())) as base:
-        data = httpx.post(f"{base}/v1/classify", json={"model": "sentiment", "input": ["good", long]}).json()["data"]
+        data = httpx.post(f"{base}/v1/classify", json={"model": "sentiment", "input": ["good", long]}).json()[
+            "data"
+        ]
     assert [d["truncated"] for d in data] == [False, True]
 
 
@@ -286,8 +386,16 @@ SURROGATES = [
     ("/v1/classify", {"model": "sentiment", "input": f"x{LONE}"}, "input"),
     ("/v1/completions", {"model": "echo", "prompt": f"a {LONE}"}, "prompt"),
     ("/v1/completions", {"model": "echo", "prompt": "a", "stop": [LONE]}, "stop.0"),
-    ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
-    ("/v1/chat/completions", {"model": "echo", "messages": [{"role": LONE, "content": "a"}]}, "messages.0.role"),
+    (
+        "/v1/chat/completions",
+        {"model": "echo", "messages": [{"role": "user", "content": LONE}]},
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "echo", "messages": [{"role": LONE, "content": "a"}]},
+        "messages.0.role",
+    ),
     ("/v1/completions", {"model": f"echo{LONE}", "prompt": "a"}, "model"),
 ]
 
@@ -299,10 +407,15 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(keyed, path, body, field):
     assert_error(reply, 400, f"{field} holds a lone surrogate (U+DC80)")
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"seed": 2**70}, "seed"), ({"seed": -3}, "seed"), ({"temperature": 1e-300}, "temperature"),
-    ({"temperature": 0.001}, "temperature"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -3}, "seed"),
+        ({"temperature": 1e-300}, "temperature"),
+        ({"temperature": 0.001}, "temperature"),
+    ],
+)
 def test_seeds_and_temperatures_the_sampler_cannot_use_are_a_400(keyed, body, field):
     reply = keyed.post("/v1/completions", json={"model": "echo", "prompt": "a", **body}, headers=bearer(API))
     assert_error(reply, 400, field)
@@ -341,12 +454,15 @@ def test_load_errors_never_quote_the_file(tmp_path, llama_dir):
     scheduler = Scheduler(engine)
     with running(create_app(scheduler, load_from=[served, tmp_path / "runs"])) as base:
         for name in ("bad-format", "bad-bytes", "bad-config"):
-            reply = httpx.post(f"{base}/admin/load", json={"model": name, "path": str(served / name)}, timeout=30)
+            reply = httpx.post(
+                f"{base}/admin/load", json={"model": name, "path": str(served / name)}, timeout=30
+            )
             assert reply.status_code in (400, 500), reply.text
             assert secret not in reply.text and "\\xff" not in reply.text, reply.text
         # a run folder loads as the CLI's serve takes it
         reply = httpx.post(f"{base}/admin/load", json={"model": "later", "path": str(run)}, timeout=30)
         assert reply.status_code == 200, reply.text
-        reply = httpx.post(f"{base}/v1/completions", json={"model": "later", "prompt": "a film", "max_tokens": 3},
-                           timeout=30)
+        reply = httpx.post(
+            f"{base}/v1/completions", json={"model": "later", "prompt": "a film", "max_tokens": 3}, timeout=30
+        )
         assert reply.status_code == 200

@@ -90,7 +90,7 @@ def reset(fake):
 
 def sse(lines: Iterator[str]) -> list[str]:
     """The data payloads of a server-sent event stream, in order."""
-    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
 
 
 def assert_error(reply: httpx.Response, status: int, *words: str) -> str:
@@ -122,7 +122,9 @@ def test_completion(http):
     body = reply.json()
     assert body["object"] == "text_completion" and body["model"] == "echo" and body["id"].startswith("cmpl-")
     assert isinstance(body["created"], int)
-    assert body["choices"] == [{"index": 0, "text": "three two one", "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {"index": 0, "text": "three two one", "logprobs": None, "finish_reason": "stop"}
+    ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
@@ -130,19 +132,32 @@ def test_completion_honours_max_tokens_stop_and_a_list_prompt(http):
     reply = http.post("/v1/completions", json={"model": "echo", "prompt": ["a b c d"], "max_tokens": 2})
     choice = reply.json()["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == ("d c", "length")
-    reply = http.post("/v1/completions", json={"model": "echo", "prompt": "one two three four", "stop": "two"})
+    reply = http.post(
+        "/v1/completions", json={"model": "echo", "prompt": "one two three four", "stop": "two"}
+    )
     choice = reply.json()["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == ("four three ", "stop")
-    reply = http.post("/v1/completions", json={"model": "echo", "prompt": "x y z", "stop": ["q", "y"],
-                                               "seed": 3, "top_p": 0.5, "temperature": 0.7, "user": "ignored"})
+    reply = http.post(
+        "/v1/completions",
+        json={
+            "model": "echo",
+            "prompt": "x y z",
+            "stop": ["q", "y"],
+            "seed": 3,
+            "top_p": 0.5,
+            "temperature": 0.7,
+            "user": "ignored",
+        },
+    )
     assert reply.json()["choices"][0]["text"] == "z "
 
 
 def test_streaming_completion(http, fake):
     fake.delay = 0.005
     words = [f"w{i}" for i in range(12)]
-    with http.stream("POST", "/v1/completions", json={"model": "echo", "prompt": " ".join(words),
-                                                      "stream": True}) as reply:
+    with http.stream(
+        "POST", "/v1/completions", json={"model": "echo", "prompt": " ".join(words), "stream": True}
+    ) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
         payloads = sse(reply.iter_lines())
@@ -156,12 +171,18 @@ def test_streaming_completion(http, fake):
 
 
 def test_streaming_usage_chunk(http):
-    with http.stream("POST", "/v1/completions", json={"model": "echo", "prompt": "a b", "stream": True,
-                                                      "stream_options": {"include_usage": True}}) as reply:
+    with http.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": "echo", "prompt": "a b", "stream": True, "stream_options": {"include_usage": True}},
+    ) as reply:
         payloads = sse(reply.iter_lines())
     usage = json.loads(payloads[-2])
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 2,
-                                                          "total_tokens": 4}
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 2,
+        "total_tokens": 4,
+    }
 
 
 # ---- chat --------------------------------------------------------------------------------------------------
@@ -169,17 +190,32 @@ def test_chat(http):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "red green blue"}]
     reply = http.post("/v1/chat/completions", json={"model": "echo", "messages": messages, "max_tokens": 10})
     body = reply.json()
-    assert reply.status_code == 200 and body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert (
+        reply.status_code == 200
+        and body["object"] == "chat.completion"
+        and body["id"].startswith("chatcmpl-")
+    )
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "blue green red"}
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 3
-    parts = [{"role": "user", "content": [{"type": "text", "text": "left "}, {"type": "text", "text": "right"}]}]
-    reply = http.post("/v1/chat/completions", json={"model": "echo", "messages": parts, "max_completion_tokens": 1})
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "left "}, {"type": "text", "text": "right"}]}
+    ]
+    reply = http.post(
+        "/v1/chat/completions", json={"model": "echo", "messages": parts, "max_completion_tokens": 1}
+    )
     assert reply.json()["choices"][0]["message"]["content"] == "right"
 
 
 def test_streaming_chat(http):
-    with http.stream("POST", "/v1/chat/completions", json={
-            "model": "echo", "messages": [{"role": "user", "content": "up down left right"}], "stream": True}) as reply:
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "echo",
+            "messages": [{"role": "user", "content": "up down left right"}],
+            "stream": True,
+        },
+    ) as reply:
         payloads = sse(reply.iter_lines())
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
@@ -211,9 +247,17 @@ def test_models_and_health(http):
     assert body["object"] == "list"
     cards = {m["id"]: m for m in body["data"]}
     assert cards["sentiment"]["kind"] == "classification" and cards["sentiment"]["labels"] == ["neg", "pos"]
-    assert cards["echo"] | {"created": 0} == {"id": "echo", "object": "model", "created": 0, "owned_by": "multitune",
-                                              "kind": "generation", "method": "prompt", "labels": [], "version": 1,
-                                              "base": "tiny-base"}
+    assert cards["echo"] | {"created": 0} == {
+        "id": "echo",
+        "object": "model",
+        "created": 0,
+        "owned_by": "multitune",
+        "kind": "generation",
+        "method": "prompt",
+        "labels": [],
+        "version": 1,
+        "base": "tiny-base",
+    }
     assert http.get("/v1/models/echo").json()["id"] == "echo"
     assert_error(http.get("/v1/models/nope"), 404, "unknown task 'nope'")
     assert http.get("/health").json() == {"status": "ok", "tasks": 2, "model": "tiny-base"}
@@ -263,16 +307,26 @@ def test_admin_load_reload_unload(http, fake, loadable):
     reply = http.post("/admin/load", json={"name": "extra", "path": str(tmp_path)}, headers=auth)
     assert reply.status_code == 200 and reply.json()["version"] == 1 and reply.json()["kind"] == "generation"
     assert "extra" in {m["id"] for m in http.get("/v1/models").json()["data"]}
-    assert http.post("/v1/completions", json={"model": "extra", "prompt": "p q"}).json()["choices"][0]["text"] == "q p"
-    assert_error(http.post("/admin/load", json={"name": "extra", "path": str(tmp_path)}, headers=auth), 409,
-                 "already served")
-    assert_error(http.post("/admin/load", json={"name": "x2", "path": str(tmp_path / "no")}, headers=auth), 400)
+    assert (
+        http.post("/v1/completions", json={"model": "extra", "prompt": "p q"}).json()["choices"][0]["text"]
+        == "q p"
+    )
+    assert_error(
+        http.post("/admin/load", json={"name": "extra", "path": str(tmp_path)}, headers=auth),
+        409,
+        "already served",
+    )
+    assert_error(
+        http.post("/admin/load", json={"name": "x2", "path": str(tmp_path / "no")}, headers=auth), 400
+    )
     assert_error(http.post("/admin/load", json={"name": "x3"}, headers=auth), 400, "path is required")
     assert http.post("/admin/reload", json={"name": "extra"}, headers=auth).json()["version"] == 2
     assert http.get("/v1/models/extra").json()["version"] == 2
     reply = http.post("/admin/unload", json={"name": "extra"}, headers=auth)
     assert reply.status_code == 200 and reply.json()["unloaded"] is True
-    assert_error(http.post("/v1/completions", json={"model": "extra", "prompt": "p"}), 404, "unknown task 'extra'")
+    assert_error(
+        http.post("/v1/completions", json={"model": "extra", "prompt": "p"}), 404, "unknown task 'extra'"
+    )
     assert_error(http.post("/admin/unload", json={"name": "extra"}, headers=auth), 404)
     assert_error(http.post("/admin/reload", json={"name": "extra"}, headers=auth), 404)
 
@@ -285,10 +339,16 @@ def test_reload_lets_requests_in_flight_finish(http, fake, url, loadable):
     with httpx.Client(base_url=url, timeout=10) as other, ThreadPoolExecutor(1) as pool:
         running_request = pool.submit(other.post, "/v1/completions", json={"model": "echo", "prompt": words})
         assert wait_for(lambda: any(h.prompt == words for h in fake.handles))
-        assert http.post("/admin/reload", json={"name": "echo", "path": str(loadable)}, headers=auth).json()[
-            "version"] == 2
+        assert (
+            http.post("/admin/reload", json={"name": "echo", "path": str(loadable)}, headers=auth).json()[
+                "version"
+            ]
+            == 2
+        )
         reply = running_request.result(timeout=10)
-    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == " ".join(reversed(words.split()))
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == " ".join(
+        reversed(words.split())
+    )
     assert http.post("/v1/completions", json={"model": "echo", "prompt": "after"}).status_code == 200
     versions = {h.prompt: h.version for h in fake.handles}
     assert versions[words] == 1 and versions["after"] == 2
@@ -307,32 +367,100 @@ def test_admin_is_open_without_a_key(tmp_path):
 BAD = [
     ("malformed JSON", "/v1/completions", b'{"model": "echo", "prompt": ', 400, ["malformed JSON"]),
     ("not an object", "/v1/completions", [1, 2], 400, ["JSON object"]),
-    ("wrong type", "/v1/completions", {"model": "echo", "prompt": "a", "max_tokens": "lots"}, 400, ["max_tokens"]),
-    ("wrong type in a union", "/v1/completions", {"model": "echo", "prompt": "a", "stop": [1]}, 400, ["stop"]),
-    ("temperature not a number", "/v1/chat/completions",
-     {"model": "echo", "messages": [{"role": "user", "content": "a"}], "temperature": "hot"}, 400, ["temperature"]),
+    (
+        "wrong type",
+        "/v1/completions",
+        {"model": "echo", "prompt": "a", "max_tokens": "lots"},
+        400,
+        ["max_tokens"],
+    ),
+    (
+        "wrong type in a union",
+        "/v1/completions",
+        {"model": "echo", "prompt": "a", "stop": [1]},
+        400,
+        ["stop"],
+    ),
+    (
+        "temperature not a number",
+        "/v1/chat/completions",
+        {"model": "echo", "messages": [{"role": "user", "content": "a"}], "temperature": "hot"},
+        400,
+        ["temperature"],
+    ),
     ("missing model", "/v1/completions", {"prompt": "a"}, 400, ["model is required"]),
     ("missing prompt", "/v1/completions", {"model": "echo"}, 400, ["prompt is required"]),
-    ("unknown task", "/v1/completions", {"model": "nope", "prompt": "a"}, 404, ["unknown task 'nope'", "echo"]),
-    ("unknown task, chat", "/v1/chat/completions",
-     {"model": "nope", "messages": [{"role": "user", "content": "a"}]}, 404, ["unknown task"]),
+    (
+        "unknown task",
+        "/v1/completions",
+        {"model": "nope", "prompt": "a"},
+        404,
+        ["unknown task 'nope'", "echo"],
+    ),
+    (
+        "unknown task, chat",
+        "/v1/chat/completions",
+        {"model": "nope", "messages": [{"role": "user", "content": "a"}]},
+        404,
+        ["unknown task"],
+    ),
     ("n=2", "/v1/completions", {"model": "echo", "prompt": "a", "n": 2}, 400, ["n must be 1"]),
-    ("temperature -1", "/v1/completions", {"model": "echo", "prompt": "a", "temperature": -1}, 400, ["temperature"]),
+    (
+        "temperature -1",
+        "/v1/completions",
+        {"model": "echo", "prompt": "a", "temperature": -1},
+        400,
+        ["temperature"],
+    ),
     ("top_p 0", "/v1/completions", {"model": "echo", "prompt": "a", "top_p": 0}, 400, ["top_p"]),
-    ("max_tokens 0", "/v1/completions", {"model": "echo", "prompt": "a", "max_tokens": 0}, 400, ["max_tokens"]),
-    ("prompt too long", "/v1/completions", {"model": "echo", "prompt": "w " * (CONTEXT + 1)}, 400, ["context"]),
+    (
+        "max_tokens 0",
+        "/v1/completions",
+        {"model": "echo", "prompt": "a", "max_tokens": 0},
+        400,
+        ["max_tokens"],
+    ),
+    (
+        "prompt too long",
+        "/v1/completions",
+        {"model": "echo", "prompt": "w " * (CONTEXT + 1)},
+        400,
+        ["context"],
+    ),
     ("two prompts", "/v1/completions", {"model": "echo", "prompt": ["a", "b"]}, 400, ["one string"]),
     ("empty prompt", "/v1/completions", {"model": "echo", "prompt": ""}, 400, ["prompt"]),
     ("echo", "/v1/completions", {"model": "echo", "prompt": "a", "echo": True}, 400, ["echo"]),
-    ("no user message", "/v1/chat/completions", {"model": "echo", "messages": [{"role": "system", "content": "x"}]},
-     400, ["user"]),
+    (
+        "no user message",
+        "/v1/chat/completions",
+        {"model": "echo", "messages": [{"role": "system", "content": "x"}]},
+        400,
+        ["user"],
+    ),
     ("no messages", "/v1/chat/completions", {"model": "echo", "messages": []}, 400, ["messages"]),
-    ("classify on a generation task", "/v1/classify", {"model": "echo", "input": "a"}, 400, ["generation task"]),
-    ("generate on a classification task", "/v1/completions", {"model": "sentiment", "prompt": "a"}, 400,
-     ["classification task"]),
+    (
+        "classify on a generation task",
+        "/v1/classify",
+        {"model": "echo", "input": "a"},
+        400,
+        ["generation task"],
+    ),
+    (
+        "generate on a classification task",
+        "/v1/completions",
+        {"model": "sentiment", "prompt": "a"},
+        400,
+        ["classification task"],
+    ),
     ("classify empty list", "/v1/classify", {"model": "sentiment", "input": []}, 400, ["input"]),
     ("classify wrong type", "/v1/classify", {"model": "sentiment", "input": 5}, 400, ["input"]),
-    ("stream not a bool", "/v1/completions", {"model": "echo", "prompt": "a", "stream": "maybe"}, 400, ["stream"]),
+    (
+        "stream not a bool",
+        "/v1/completions",
+        {"model": "echo", "prompt": "a", "stream": "maybe"},
+        400,
+        ["stream"],
+    ),
 ]
 
 
@@ -349,8 +477,15 @@ def test_bad_input_is_a_clear_4xx(http, path, body, status, words):
 
 
 def test_body_that_is_not_json_and_unknown_routes(http):
-    assert_error(http.post("/v1/completions", content=b"model=echo",
-                           headers={"Content-Type": "application/x-www-form-urlencoded"}), 400, "JSON object")
+    assert_error(
+        http.post(
+            "/v1/completions",
+            content=b"model=echo",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        400,
+        "JSON object",
+    )
     assert_error(http.get("/v1/nothing"), 404, "/v1/nothing")
     assert_error(http.get("/v1/completions"), 405, "GET")
 
@@ -359,8 +494,13 @@ def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(http, fake):
     fake.fail_next = RuntimeError("the fake broke")
     assert_error(http.post("/v1/completions", json={"model": "echo", "prompt": "a"}), 500, "the fake broke")
     fake.fail_next = ZeroDivisionError("boom")
-    assert_error(http.post("/v1/classify", json={"model": "sentiment", "input": "a"}), 500, "ZeroDivisionError")
-    assert http.post("/v1/completions", json={"model": "echo", "prompt": "a b"}).json()["choices"][0]["text"] == "b a"
+    assert_error(
+        http.post("/v1/classify", json={"model": "sentiment", "input": "a"}), 500, "ZeroDivisionError"
+    )
+    assert (
+        http.post("/v1/completions", json={"model": "echo", "prompt": "a b"}).json()["choices"][0]["text"]
+        == "b a"
+    )
 
 
 # ---- back-pressure, timeouts, cancellation -----------------------------------------------------------------
@@ -368,8 +508,10 @@ def test_full_queue_answers_429(http, fake, url):
     fake.queue_size = 3
     fake.hold()
     with ThreadPoolExecutor(3) as pool, httpx.Client(base_url=url, timeout=10) as other:
-        waiting = [pool.submit(other.post, "/v1/completions", json={"model": "echo", "prompt": f"x{i} y"})
-                   for i in range(3)]
+        waiting = [
+            pool.submit(other.post, "/v1/completions", json={"model": "echo", "prompt": f"x{i} y"})
+            for i in range(3)
+        ]
         assert wait_for(lambda: fake.pending == 3, 5)
         reply = http.post("/v1/completions", json={"model": "echo", "prompt": "one too many"})
         assert_error(reply, 429, "queue is full")
@@ -384,7 +526,9 @@ def test_timeout_is_a_504(http, fake):
     fake.delay, fake.timeout_s = 0.05, 0.2
     prompt = " ".join(f"t{i}" for i in range(30))
     assert_error(http.post("/v1/completions", json={"model": "echo", "prompt": prompt}), 504, "longer than")
-    with http.stream("POST", "/v1/completions", json={"model": "echo", "prompt": prompt, "stream": True}) as reply:
+    with http.stream(
+        "POST", "/v1/completions", json={"model": "echo", "prompt": prompt, "stream": True}
+    ) as reply:
         payloads = sse(reply.iter_lines())
     assert payloads[-1] == "[DONE]"
     assert json.loads(payloads[-2])["error"]["code"] == 504
@@ -395,13 +539,22 @@ def test_client_disconnect_mid_stream_cancels(fake, url):
     fake.delay = 0.05
     prompt = " ".join(f"gone{i}" for i in range(40))
     body = {"model": "echo", "prompt": prompt, "stream": True}
-    with httpx.Client(base_url=url, timeout=10) as client, client.stream("POST", "/v1/completions", json=body) as reply:
+    with (
+        httpx.Client(base_url=url, timeout=10) as client,
+        client.stream("POST", "/v1/completions", json=body) as reply,
+    ):
         first = next(line for line in reply.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"] == "gone39"
     # leaving the block closed the connection with the stream far from done
-    assert wait_for(lambda: prompt in fake.cancelled, 1.0), "the server did not cancel the abandoned generation"
+    assert wait_for(lambda: prompt in fake.cancelled, 1.0), (
+        "the server did not cancel the abandoned generation"
+    )
     handle = next(h for h in fake.handles if h.prompt == prompt)
-    assert wait_for(lambda: handle.done) and handle.finish_reason == "cancelled" and handle.completion_tokens < 40
+    assert (
+        wait_for(lambda: handle.done)
+        and handle.finish_reason == "cancelled"
+        and handle.completion_tokens < 40
+    )
 
 
 def test_client_disconnect_before_the_answer_cancels(fake, url):
@@ -409,10 +562,14 @@ def test_client_disconnect_before_the_answer_cancels(fake, url):
     port = int(url.rsplit(":", 1)[1])
     body = json.dumps({"model": "echo", "prompt": "never read"}).encode()
     with socket.create_connection(("127.0.0.1", port)) as raw:
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert wait_for(lambda: any(h.prompt == "never read" for h in fake.handles), 2)
-    assert wait_for(lambda: "never read" in fake.cancelled, 1.0), "the server did not cancel the abandoned request"
+    assert wait_for(lambda: "never read" in fake.cancelled, 1.0), (
+        "the server did not cancel the abandoned request"
+    )
 
 
 def test_sixteen_concurrent_clients_mixing_tasks(fake, url):
@@ -427,8 +584,10 @@ def test_sixteen_concurrent_clients_mixing_tasks(fake, url):
                     reply = http.post("/v1/completions", json={"model": "echo", "prompt": " ".join(words)})
                     assert reply.json()["choices"][0]["text"] == " ".join(reversed(words))
                 elif kind == 1:
-                    reply = http.post("/v1/chat/completions", json={
-                        "model": "echo", "messages": [{"role": "user", "content": " ".join(words)}]})
+                    reply = http.post(
+                        "/v1/chat/completions",
+                        json={"model": "echo", "messages": [{"role": "user", "content": " ".join(words)}]},
+                    )
                     assert reply.json()["choices"][0]["message"]["content"] == " ".join(reversed(words))
                 elif kind == 2:
                     label = "pos" if i % 2 else "neg"
@@ -436,8 +595,11 @@ def test_sixteen_concurrent_clients_mixing_tasks(fake, url):
                     reply = http.post("/v1/classify", json={"model": "sentiment", "input": [text, text]})
                     assert [d["label"] for d in reply.json()["data"]] == [label, label]
                 else:
-                    with http.stream("POST", "/v1/completions", json={"model": "echo", "prompt": " ".join(words),
-                                                                      "stream": True}) as reply:
+                    with http.stream(
+                        "POST",
+                        "/v1/completions",
+                        json={"model": "echo", "prompt": " ".join(words), "stream": True},
+                    ) as reply:
                         payloads = sse(reply.iter_lines())
                     assert payloads[-1] == "[DONE]"
                     text = "".join(json.loads(p)["choices"][0]["text"] for p in payloads[:-1])
@@ -452,12 +614,28 @@ def test_sixteen_concurrent_clients_mixing_tasks(fake, url):
 def test_serve_arguments_and_early_errors(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     server_module.add_serve_arguments(parser)
-    args = parser.parse_args([str(tmp_path), str(tmp_path / "b"), "--port", "9123", "--max-batch-size", "8",
-                              "--timeout", "5", "--threads", "2"])
+    args = parser.parse_args(
+        [
+            str(tmp_path),
+            str(tmp_path / "b"),
+            "--port",
+            "9123",
+            "--max-batch-size",
+            "8",
+            "--timeout",
+            "5",
+            "--threads",
+            "2",
+        ]
+    )
     seen = {}
     monkeypatch.setattr(server_module, "serve", lambda paths, **kwargs: seen.update(paths=paths, **kwargs))
     server_module.cmd_serve(args)
-    assert seen["paths"] == [str(tmp_path), str(tmp_path / "b")] and seen["port"] == 9123 and seen["max_batch_size"] == 8
+    assert (
+        seen["paths"] == [str(tmp_path), str(tmp_path / "b")]
+        and seen["port"] == 9123
+        and seen["max_batch_size"] == 8
+    )
     assert seen["timeout_s"] == 5 and seen["host"] == "127.0.0.1" and seen["api_key"] is None
     assert seen["threads"] == 2
     monkeypatch.undo()
@@ -526,19 +704,29 @@ def test_real_scheduler_greedy_answers_equal_the_engine(tmp_path):
         save_adapter(bank, task, bank_dir / task)
 
     engine = Engine.from_folder(bank_dir, device="cpu")
-    jobs = [(["lora", "prompt"][i % 2], " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(2 + i % 4)),
-             4 + i % 3) for i in range(8)]
+    jobs = [
+        (
+            ["lora", "prompt"][i % 2],
+            " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(2 + i % 4)),
+            4 + i % 3,
+        )
+        for i in range(8)
+    ]
     expected = [engine.generate([(task, prompt)], max_new_tokens=n)[0] for task, prompt, n in jobs]
 
     scheduler = _real_scheduler()(engine, max_batch_size=8, max_wait_ms=5)
-    with running(create_app(scheduler, model_name="tiny-llama")) as base, httpx.Client(base_url=base, timeout=60) as http:
+    with (
+        running(create_app(scheduler, model_name="tiny-llama")) as base,
+        httpx.Client(base_url=base, timeout=60) as http,
+    ):
         tasks = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
         assert {tasks["lora"]["method"], tasks["prompt"]["method"]} == {"lora", "prompt"}
 
         def ask(job):
             task, prompt, n = job
-            return http.post("/v1/completions", json={"model": task, "prompt": prompt, "max_tokens": n,
-                                                      "temperature": 0})
+            return http.post(
+                "/v1/completions", json={"model": task, "prompt": prompt, "max_tokens": n, "temperature": 0}
+            )
 
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(ask, jobs))
@@ -549,8 +737,9 @@ def test_real_scheduler_greedy_answers_equal_the_engine(tmp_path):
             assert reply.json()["usage"]["completion_tokens"] <= n
         # streaming through the real Handle: the pieces make the same text
         task, prompt, n = jobs[1]
-        with http.stream("POST", "/v1/completions", json={"model": task, "prompt": prompt, "max_tokens": n,
-                                                          "stream": True}) as reply:
+        with http.stream(
+            "POST", "/v1/completions", json={"model": task, "prompt": prompt, "max_tokens": n, "stream": True}
+        ) as reply:
             payloads = sse(reply.iter_lines())
         assert payloads[-1] == "[DONE]"
         streamed = "".join(json.loads(p)["choices"][0]["text"] for p in payloads[:-1])
@@ -558,7 +747,9 @@ def test_real_scheduler_greedy_answers_equal_the_engine(tmp_path):
         metrics = samples(http)
         decode = (("kind", "decode"),)
         alone = metrics[("multitune_batch_size_bucket", (("kind", "decode"), ("le", "1.0")))]
-        assert metrics[("multitune_batch_size_count", decode)] > alone  # some decode steps served several rows
+        assert (
+            metrics[("multitune_batch_size_count", decode)] > alone
+        )  # some decode steps served several rows
 
 
 @pytest.mark.skipif(_real_scheduler() is None, reason="scheduler not written yet")
@@ -599,8 +790,10 @@ def test_real_scheduler_mixed_methods_and_hot_reload_under_load(tmp_path):
     assert versions["v1"] != versions["v2"]
 
     scheduler = _real_scheduler()(engine, max_batch_size=16, max_wait_ms=5)
-    with running(create_app(scheduler, admin_key=KEY, load_from=[bank_dir, spare])) as base, \
-            httpx.Client(base_url=base, timeout=60) as http:
+    with (
+        running(create_app(scheduler, admin_key=KEY, load_from=[bank_dir, spare])) as base,
+        httpx.Client(base_url=base, timeout=60) as http,
+    ):
         for task, probs in expected.items():
             reply = http.post("/v1/classify", json={"model": task, "input": texts})
             assert reply.status_code == 200
@@ -617,10 +810,16 @@ def test_real_scheduler_mixed_methods_and_hot_reload_under_load(tmp_path):
                         r = own.post("/v1/classify", json={"model": "sent-ia3", "input": texts[i % 6]})
                         answers.append((r.status_code, ""))
                     else:
-                        r = own.post("/v1/completions", json={"model": "gen-adapter", "prompt": "the film",
-                                                              "max_tokens": 5})
-                        answers.append((r.status_code, r.json()["choices"][0]["text"].strip()
-                                        if r.status_code == 200 else r.text))
+                        r = own.post(
+                            "/v1/completions",
+                            json={"model": "gen-adapter", "prompt": "the film", "max_tokens": 5},
+                        )
+                        answers.append(
+                            (
+                                r.status_code,
+                                r.json()["choices"][0]["text"].strip() if r.status_code == 200 else r.text,
+                            )
+                        )
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
         for t in threads:
@@ -628,8 +827,12 @@ def test_real_scheduler_mixed_methods_and_hot_reload_under_load(tmp_path):
         time.sleep(0.5)
         headers = {"Authorization": f"Bearer {KEY}"}
         for path in (spare, bank_dir / "gen-adapter", spare):
-            assert http.post("/admin/reload", json={"name": "gen-adapter", "path": str(path)},
-                             headers=headers).status_code == 200
+            assert (
+                http.post(
+                    "/admin/reload", json={"name": "gen-adapter", "path": str(path)}, headers=headers
+                ).status_code
+                == 200
+            )
             time.sleep(0.3)
         stop.set()
         for t in threads:

@@ -26,8 +26,16 @@ def trained() -> tuple[MultiTaskModel, list[str]]:
     bank = MultiTaskModel(tiny_base("llama"))
     data = toy_sentiment(48)
     cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=3e-2, warmup_ratio=0.0, patience=100)
-    members = train_prompt_ensemble(bank, "sent", 3, ["neg", "pos"], data, data[:8], cfg,
-                                    PromptConfig(num_virtual_tokens=3, init="random"))
+    members = train_prompt_ensemble(
+        bank,
+        "sent",
+        3,
+        ["neg", "pos"],
+        data,
+        data[:8],
+        cfg,
+        PromptConfig(num_virtual_tokens=3, init="random"),
+    )
     return bank, members
 
 
@@ -71,7 +79,9 @@ def test_evaluate_reports_the_vote_and_every_member(trained) -> None:
     result = evaluate_ensemble(bank, members, data)
     assert set(result["members"]) == set(members)
     for member in members:
-        assert result["members"][member]["accuracy"] == pytest.approx(evaluate(bank, member, data)["accuracy"])
+        assert result["members"][member]["accuracy"] == pytest.approx(
+            evaluate(bank, member, data)["accuracy"]
+        )
     assert 0.0 <= result["accuracy"] <= 1.0 and "macro_f1" in result
 
 

@@ -51,11 +51,20 @@ def toy_three(n: int = 60, seed: int = 0) -> list[Example]:
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("sampling", "expected"), [
-    ("proportional", [100 / 1000, 300 / 1000, 600 / 1000]),
-    ("temperature", [10 / (10 + 300 ** 0.5 + 600 ** 0.5), 300 ** 0.5 / (10 + 300 ** 0.5 + 600 ** 0.5),
-                     600 ** 0.5 / (10 + 300 ** 0.5 + 600 ** 0.5)]),
-])
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ("proportional", [100 / 1000, 300 / 1000, 600 / 1000]),
+        (
+            "temperature",
+            [
+                10 / (10 + 300**0.5 + 600**0.5),
+                300**0.5 / (10 + 300**0.5 + 600**0.5),
+                600**0.5 / (10 + 300**0.5 + 600**0.5),
+            ],
+        ),
+    ],
+)
 def test_row_tasks_follow_the_mixing_formula_on_a_long_draw(sampling: str, expected: list[float]) -> None:
     sizes = [100, 300, 600]
     probabilities = task_probabilities(sizes, sampling, temperature=2.0)
@@ -70,7 +79,9 @@ def test_row_tasks_follow_the_mixing_formula_on_a_long_draw(sampling: str, expec
 
 def test_temperature_one_is_proportional_and_large_temperatures_approach_uniform() -> None:
     sizes = [10, 90]
-    assert task_probabilities(sizes, "temperature", 1.0) == pytest.approx(task_probabilities(sizes, "proportional"))
+    assert task_probabilities(sizes, "temperature", 1.0) == pytest.approx(
+        task_probabilities(sizes, "proportional")
+    )
     assert task_probabilities(sizes, "temperature", 1000.0) == pytest.approx([0.5, 0.5], abs=1e-3)
     with pytest.raises(ConfigError, match="temperature"):
         task_probabilities(sizes, "temperature", 0.0)
@@ -85,8 +96,8 @@ def test_each_task_yields_its_examples_in_epochs_deterministically() -> None:
     for task, n in enumerate(sizes):
         drawn = [i for t, i in rows if t == task]
         for start in range(0, len(drawn) - n + 1, n):  # every full epoch is a permutation of the task's data
-            assert sorted(drawn[start:start + n]) == list(range(n))
-        assert drawn[:n] != drawn[n:2 * n]  # and the next epoch is another order
+            assert sorted(drawn[start : start + n]) == list(range(n))
+        assert drawn[:n] != drawn[n : 2 * n]  # and the next epoch is another order
     again = RowSampler(sizes, [0.5, 0.5], seed=3)
     assert [r for _ in range(50) for r in again.draw(8)] == rows
     other = RowSampler(sizes, [0.5, 0.5], seed=4)
@@ -108,8 +119,14 @@ def test_each_task_gets_gradient_from_its_own_rows_only(method: str, family: str
     tasks = []
     for i, m in enumerate(TRAINED):
         for kind in kinds:
-            labels = (["neg", "pos"] if i % 2 else ["neg", "pos", "question"]) if kind == "classification" else None
-            bank.add_task(f"{m}-{kind[:3]}", kind, m, LoRAConfig(dropout=0.0) if m == "lora" else None, labels)
+            labels = (
+                (["neg", "pos"] if i % 2 else ["neg", "pos", "question"])
+                if kind == "classification"
+                else None
+            )
+            bank.add_task(
+                f"{m}-{kind[:3]}", kind, m, LoRAConfig(dropout=0.0) if m == "lora" else None, labels
+            )
             tasks.append(f"{m}-{kind[:3]}")
     with torch.no_grad():  # move off the initialisation (LoRA's B = 0 gives A no gradient)
         for task in tasks:
@@ -124,8 +141,10 @@ def test_each_task_gets_gradient_from_its_own_rows_only(method: str, family: str
         random.Random(0).shuffle(rows)  # tasks interleaved in the batch
         loss = mixed_loss(bank, [f for _, f in rows], [bank.slots.index(t) for t, _ in rows], reduction="sum")
         loss.backward()
-        return {t: {k: None if p.grad is None else p.grad.clone() for k, p in bank.task_parameters(t).items()}
-                for t in tasks}
+        return {
+            t: {k: None if p.grad is None else p.grad.clone() for k, p in bank.task_parameters(t).items()}
+            for t in tasks
+        }
 
     mixed = gradients(tasks)
     for task in [t for t in tasks if t.startswith(method)]:
@@ -169,8 +188,13 @@ RUN_TASKS = {  # name: (method, kind, labels, learning rate)
 
 def _run_data() -> dict[str, tuple[list[Example], list[Example]]]:
     """Train and validation examples; tiny random models overfit, so validation is a part of train."""
-    train = {"sentiment": toy_sentiment(48), "three": toy_three(48), "polarity": toy_sentiment(32, seed=2),
-             "reply": toy_generation(32), "zero-shot": toy_sentiment(8, seed=4)}
+    train = {
+        "sentiment": toy_sentiment(48),
+        "three": toy_three(48),
+        "polarity": toy_sentiment(32, seed=2),
+        "reply": toy_generation(32),
+        "zero-shot": toy_sentiment(8, seed=4),
+    }
     return {t: (examples, examples[:16]) for t, examples in train.items()}
 
 
@@ -201,7 +225,9 @@ def test_training_together_lowers_every_validation_loss(trained) -> None:
     for task in ("sentiment", "three", "polarity", "reply"):
         after = evaluate(bank, task, data[task][1], generate=False)["loss"]
         assert after < 0.8 * before[task], (task, before[task], after)
-        assert results[task].steps == 6 * 20  # 160 examples (the fitted task's not counted) / 8 rows per epoch
+        assert (
+            results[task].steps == 6 * 20
+        )  # 160 examples (the fitted task's not counted) / 8 rows per epoch
     assert evaluate(bank, "three", data["three"][1])["accuracy"] > 0.6  # 3 labels: chance is 1/3
     # the prompting task is fitted, not trained: scored once, at step 0
     assert results["zero-shot"].steps == 0 and len(results["zero-shot"].history) == 1
@@ -214,7 +240,8 @@ def test_metrics_file_has_one_line_per_evaluation_and_task(trained) -> None:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained_tasks = ["sentiment", "three", "polarity", "reply"]
     assert [(r["task"], r["step"]) for r in lines] == [("zero-shot", 0)] + [
-        (t, step) for step in range(20, 6 * 20 + 1, 20) for t in trained_tasks]
+        (t, step) for step in range(20, 6 * 20 + 1, 20) for t in trained_tasks
+    ]
     for task in trained_tasks:
         mine = [r for r in lines if r["task"] == task]
         assert results[task].best_metric == pytest.approx(min(r["loss"] for r in mine))
@@ -230,11 +257,13 @@ def test_each_task_saved_alone_loads_back_with_the_same_outputs(trained, tmp_pat
     for task, (_, kind, _, _) in RUN_TASKS.items():
         examples = data[task][1]
         if kind == "classification":
-            torch.testing.assert_close(predict_proba(other, task, examples), predict_proba(bank, task, examples),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                predict_proba(other, task, examples), predict_proba(bank, task, examples), atol=1e-5, rtol=0
+            )
         else:
             assert evaluate(other, task, examples, generate=False)["loss"] == pytest.approx(
-                evaluate(bank, task, examples, generate=False)["loss"], abs=1e-5)
+                evaluate(bank, task, examples, generate=False)["loss"], abs=1e-5
+            )
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])
@@ -247,8 +276,13 @@ def test_one_task_trained_from_mixed_batches_is_train(method: str) -> None:
     for _ in range(2):
         torch.manual_seed(0)
         bank = MultiTaskModel(tiny_base("llama"))
-        bank.add_task("t", "classification", method, LoRAConfig(rank=4, dropout=0.0) if method == "lora" else None,
-                      ["neg", "pos"])
+        bank.add_task(
+            "t",
+            "classification",
+            method,
+            LoRAConfig(rank=4, dropout=0.0) if method == "lora" else None,
+            ["neg", "pos"],
+        )
         banks.append(bank)
     single = train(banks[0], "t", data, data[:8], cfg, progress=False)
     multi = train_multitask(banks[1], {"t": (data, data[:8])}, cfg, progress=False)["t"]
@@ -279,17 +313,29 @@ def test_the_same_seed_gives_the_same_weights() -> None:
 def test_a_task_that_stops_improving_is_frozen_while_the_others_go_on() -> None:
     torch.manual_seed(0)
     bank = MultiTaskModel(tiny_base("bert"))
-    for module in bank.base.model.modules():  # with patience 2, the base's dropout noise alone can stall a task
+    for (
+        module
+    ) in bank.base.model.modules():  # with patience 2, the base's dropout noise alone can stall a task
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     bank.add_task("good", "classification", "lora", LoRAConfig(rank=4, dropout=0.0), ["neg", "pos"])
     bank.add_task("flipped", "classification", "adapter", None, ["neg", "pos"])
     train_data = toy_sentiment(48)
-    flipped = [Example(ex.text, label="pos" if ex.label == "neg" else "neg") for ex in toy_sentiment(16, seed=1)]
+    flipped = [
+        Example(ex.text, label="pos" if ex.label == "neg" else "neg") for ex in toy_sentiment(16, seed=1)
+    ]
     # 'flipped' validates on inverted labels: the better it learns, the worse its validation loss
     data = {"good": (train_data, toy_sentiment(16, seed=1)), "flipped": (train_data, flipped)}
-    cfg = TrainConfig(epochs=100, max_steps=40, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0,
-                      eval_every=2, patience=2, metric="loss")
+    cfg = TrainConfig(
+        epochs=100,
+        max_steps=40,
+        batch_size=8,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        eval_every=2,
+        patience=2,
+        metric="loss",
+    )
     snapshots: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
     def snapshot(step: int) -> None:
@@ -306,7 +352,9 @@ def test_a_task_that_stops_improving_is_frozen_while_the_others_go_on() -> None:
     assert changed  # ... while the other task's go on
     assert len(results["flipped"].history) == stop // 2 and len(results["good"].history) == 20
     # at the end each task holds its best weights
-    assert evaluate(bank, "flipped", flipped)["loss"] == pytest.approx(results["flipped"].best_metric, rel=1e-5)
+    assert evaluate(bank, "flipped", flipped)["loss"] == pytest.approx(
+        results["flipped"].best_metric, rel=1e-5
+    )
 
 
 def test_full_fine_tuning_and_unknown_tasks_are_refused() -> None:
@@ -340,28 +388,71 @@ def multi_yaml(llama_dir, tmp_path):
         sentiment = _write_csv(tmp_path / "sentiment.csv", toy_sentiment(80))
         three = _write_csv(tmp_path / "three.csv", toy_three(90))
         gen = tmp_path / "gen.jsonl"
-        gen.write_text("".join(json.dumps({"instruction": ex.text, "output": ex.response}) + "\n"
-                               for ex in toy_generation(40)))
+        gen.write_text(
+            "".join(
+                json.dumps({"instruction": ex.text, "output": ex.response}) + "\n"
+                for ex in toy_generation(40)
+            )
+        )
         default = [
-            {"name": "sentiment", "method": "lora", "data": sentiment, "text_column": "review",
-             "label_column": "stars", "lora": {"rank": 4}, "learning_rate": 0.01},
-            {"name": "three", "method": "ia3", "kind": "classification",
-             "data": {"data": three, "text_column": "review", "label_column": "stars"}, "learning_rate": 0.05},
-            {"name": "reply", "method": "adapter", "kind": "generation", "data": str(gen),
-             "adapter": {"reduction_factor": 4}},
+            {
+                "name": "sentiment",
+                "method": "lora",
+                "data": sentiment,
+                "text_column": "review",
+                "label_column": "stars",
+                "lora": {"rank": 4},
+                "learning_rate": 0.01,
+            },
+            {
+                "name": "three",
+                "method": "ia3",
+                "kind": "classification",
+                "data": {"data": three, "text_column": "review", "label_column": "stars"},
+                "learning_rate": 0.05,
+            },
+            {
+                "name": "reply",
+                "method": "adapter",
+                "kind": "generation",
+                "data": str(gen),
+                "adapter": {"reduction_factor": 4},
+            },
         ]
-        config = {"model": str(llama_dir), "sampling": "temperature", "temperature": 2.0,
-                  "train": {"epochs": 3, "batch_size": 8, "max_new_tokens": 4}, "tasks": tasks or default, **shared}
+        config = {
+            "model": str(llama_dir),
+            "sampling": "temperature",
+            "temperature": 2.0,
+            "train": {"epochs": 3, "batch_size": 8, "max_new_tokens": 4},
+            "tasks": tasks or default,
+            **shared,
+        }
         path = tmp_path / "multi.yaml"
         path.write_text(yaml.safe_dump(config))
         return str(path)
+
     return write
 
 
-def test_train_multi_writes_one_adapter_per_task_and_prints_test_metrics(multi_yaml, tmp_path, capsys) -> None:
+def test_train_multi_writes_one_adapter_per_task_and_prints_test_metrics(
+    multi_yaml, tmp_path, capsys
+) -> None:
     out = tmp_path / "bank"
-    assert main(["train-multi", "--config", multi_yaml(), "--output", str(out), "--learning-rate", "0.01",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train-multi",
+                "--config",
+                multi_yaml(),
+                "--output",
+                str(out),
+                "--learning-rate",
+                "0.01",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for task in ("sentiment", "three", "reply"):
         assert (out / task / "adapter.json").is_file() and (out / task / "adapter.safetensors").is_file()
@@ -371,7 +462,11 @@ def test_train_multi_writes_one_adapter_per_task_and_prints_test_metrics(multi_y
     assert summary["tasks"]["three"]["examples"]["test"] == 9
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 0.01 and saved["tasks"][0]["learning_rate"] == 0.01
-    assert json.loads((out / "three" / "adapter.json").read_text())["task"]["labels"] == ["neg", "pos", "question"]
+    assert json.loads((out / "three" / "adapter.json").read_text())["task"]["labels"] == [
+        "neg",
+        "pos",
+        "question",
+    ]
 
     import multitune.api  # each task folder loads alone and scores its test split as the run did
 
@@ -383,13 +478,16 @@ def test_train_multi_writes_one_adapter_per_task_and_prints_test_metrics(multi_y
         assert summary["tasks"][name]["steps"] == 3 * 21  # (64 + 72 + 32 train examples) / 8 rows, 3 epochs
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({"method": "nope"}, ["unknown method 'nope'"]),
-    ({"data": "missing.csv"}, ["missing.csv", "not found"]),
-    ({"name": "three"}, ["unique", "three"]),
-    ({"method": "full"}, ["owns the base"]),
-    ({"lora": {"rank": 0}}, ["lora rank must be >= 1"]),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"method": "nope"}, ["unknown method 'nope'"]),
+        ({"data": "missing.csv"}, ["missing.csv", "not found"]),
+        ({"name": "three"}, ["unique", "three"]),
+        ({"method": "full"}, ["owns the base"]),
+        ({"lora": {"rank": 0}}, ["lora rank must be >= 1"]),
+    ],
+)
 def test_train_multi_bad_inputs_print_one_error_line(multi_yaml, tmp_path, capsys, change, expected) -> None:
     tasks = yaml.safe_load(Path(multi_yaml()).read_text())["tasks"]
     tasks[0].update(change)
@@ -404,7 +502,9 @@ def test_train_multi_bad_inputs_print_one_error_line(multi_yaml, tmp_path, capsy
     assert not out.exists()
 
 
-def test_a_second_train_multi_into_a_held_bank_is_refused_and_changes_nothing(multi_yaml, tmp_path, capsys) -> None:
+def test_a_second_train_multi_into_a_held_bank_is_refused_and_changes_nothing(
+    multi_yaml, tmp_path, capsys
+) -> None:
     from test_storage import _holder
 
     out = tmp_path / "bank"
@@ -420,8 +520,12 @@ def test_a_second_train_multi_into_a_held_bank_is_refused_and_changes_nothing(mu
         holder.wait()
 
 
-@pytest.mark.parametrize(("max_steps", "eval_every", "steps"), [(3, 5, [3]), (3, 2, [2, 3]), (None, 3, [3, 4])])
-def test_the_last_step_of_a_multi_task_run_is_always_evaluated(tmp_path, max_steps, eval_every, steps) -> None:
+@pytest.mark.parametrize(
+    ("max_steps", "eval_every", "steps"), [(3, 5, [3]), (3, 2, [2, 3]), (None, 3, [3, 4])]
+)
+def test_the_last_step_of_a_multi_task_run_is_always_evaluated(
+    tmp_path, max_steps, eval_every, steps
+) -> None:
     data = {"a": (toy_sentiment(16), toy_sentiment(8, seed=1)), "b": (toy_three(16), toy_three(8, seed=1))}
     torch.manual_seed(0)
     bank = MultiTaskModel(tiny_base("llama"))

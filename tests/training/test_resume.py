@@ -44,8 +44,14 @@ def _stop_at(step: int) -> Callable[[int], None]:
 
 def _pairs(n: int, seed: int) -> list[Pair]:
     rng = random.Random(seed)
-    return [Pair(f"the {rng.choice(['movie', 'food', 'place'])} was", f"very {rng.choice(POSITIVE)}",
-                 f"very {rng.choice(NEGATIVE)}") for _ in range(n)]
+    return [
+        Pair(
+            f"the {rng.choice(['movie', 'food', 'place'])} was",
+            f"very {rng.choice(POSITIVE)}",
+            f"very {rng.choice(NEGATIVE)}",
+        )
+        for _ in range(n)
+    ]
 
 
 def _same(a: MultiTaskModel, b: MultiTaskModel, tasks: list[str]) -> None:
@@ -69,24 +75,44 @@ def _multi_bank() -> MultiTaskModel:
 
 
 def test_an_interrupted_multi_task_run_resumes_to_the_same_weights(tmp_path) -> None:
-    data = {"sent": (toy_sentiment(40), toy_sentiment(8, seed=1)), "reply": (toy_generation(24), toy_generation(6))}
-    cfg = TrainConfig(epochs=3, batch_size=6, learning_rate=1e-2, eval_every=3, checkpoint_every=4, patience=100,
-                      grad_accum=2, seed=3)
+    data = {
+        "sent": (toy_sentiment(40), toy_sentiment(8, seed=1)),
+        "reply": (toy_generation(24), toy_generation(6)),
+    }
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=6,
+        learning_rate=1e-2,
+        eval_every=3,
+        checkpoint_every=4,
+        patience=100,
+        grad_accum=2,
+        seed=3,
+    )
     straight = _multi_bank()
     train_multitask(straight, data, cfg, sampling="temperature", run_dir=tmp_path / "a", progress=False)
 
     cut = _multi_bank()
     with pytest.raises(Interrupt):
-        train_multitask(cut, data, cfg, sampling="temperature", run_dir=tmp_path / "b", progress=False,
-                        on_step=_stop_at(10))
+        train_multitask(
+            cut,
+            data,
+            cfg,
+            sampling="temperature",
+            run_dir=tmp_path / "b",
+            progress=False,
+            on_step=_stop_at(10),
+        )
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["loop"]["step"] == 8
     resumed = _multi_bank()
     torch.manual_seed(123)  # another global RNG state: the checkpoint restores the run's own
-    results = train_multitask(resumed, data, cfg, sampling="temperature", run_dir=tmp_path / "b", resume=True,
-                              progress=False)
+    results = train_multitask(
+        resumed, data, cfg, sampling="temperature", run_dir=tmp_path / "b", resume=True, progress=False
+    )
     _same(straight, resumed, ["sent", "reply"])
-    assert _lines(tmp_path / "a") == [{**r, "elapsed": _lines(tmp_path / "a")[i]["elapsed"]}
-                                      for i, r in enumerate(_lines(tmp_path / "b"))]
+    assert _lines(tmp_path / "a") == [
+        {**r, "elapsed": _lines(tmp_path / "a")[i]["elapsed"]} for i, r in enumerate(_lines(tmp_path / "b"))
+    ]
     assert {r["task"] for r in _lines(tmp_path / "b")} == {"sent", "reply"}
     assert results["sent"].steps == results["reply"].steps > 10
 
@@ -108,8 +134,9 @@ def _policy_bank() -> MultiTaskModel:
 @pytest.mark.parametrize("trainer", ["reward", "dpo"])
 def test_an_interrupted_preference_run_resumes_to_the_same_weights(trainer: str, tmp_path) -> None:
     pairs, held = _pairs(24, 0), _pairs(8, 1)
-    cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=1e-2, eval_every=2, checkpoint_every=3, patience=100,
-                      seed=5)
+    cfg = TrainConfig(
+        epochs=3, batch_size=4, learning_rate=1e-2, eval_every=2, checkpoint_every=3, patience=100, seed=5
+    )
     make, task = (_reward_bank, "rm") if trainer == "reward" else (_policy_bank, "pol")
 
     def run(bank: MultiTaskModel, folder: Path, **kwargs) -> dict:
@@ -136,7 +163,9 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path) -> None:
     pairs, held = _pairs(16, 0), _pairs(4, 1)
     cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, checkpoint_every=1, seed=5)
     with pytest.raises(Interrupt):
-        train_reward(_reward_bank(), "rm", pairs, held, cfg, progress=False, run_dir=tmp_path, on_step=_stop_at(2))
+        train_reward(
+            _reward_bank(), "rm", pairs, held, cfg, progress=False, run_dir=tmp_path, on_step=_stop_at(2)
+        )
     other = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2, checkpoint_every=1, seed=5)
     with pytest.raises(ConfigError, match="other settings \\(batch_size\\)"):
         train_reward(_reward_bank(), "rm", pairs, held, other, progress=False, run_dir=tmp_path, resume=True)
@@ -146,14 +175,30 @@ def test_the_cli_resumes_only_its_own_runs(llama_dir, tmp_path, capsys) -> None:
     from multitune.cli import main
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                            for p in _pairs(12, 0)))
-    args = ["--data", str(data), "--model", str(llama_dir), "--max-steps", "2", "--batch-size", "4", "--quiet"]
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+            for p in _pairs(12, 0)
+        )
+    )
+    args = [
+        "--data",
+        str(data),
+        "--model",
+        str(llama_dir),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
     out = tmp_path / "rm"
     assert main(["reward", *args, "--output", str(out)]) == 0
     assert main(["reward", *args, "--output", str(out)]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
-    assert main(["reward", *args, "--output", str(out), "--resume"]) == 0  # finished: its result, nothing redone
+    assert (
+        main(["reward", *args, "--output", str(out), "--resume"]) == 0
+    )  # finished: its result, nothing redone
     assert "finished in an earlier run" in capsys.readouterr().out
     assert main(["dpo", *args, "--output", str(out), "--resume"]) == 2
     assert "--resume continues a run of 'multitune dpo'" in capsys.readouterr().err

@@ -39,7 +39,9 @@ def test_lora_classification_learns_the_toy_task(family: str) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
 def test_lora_generation_loss_decreases(family: str) -> None:
-    bank = _bank(family, kind="generation", config=LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"]))
+    bank = _bank(
+        family, kind="generation", config=LoRAConfig(rank=4, dropout=0.0, target_modules=["all-linear"])
+    )
     data = toy_generation(32)
     before = evaluate(bank, "t", data, generate=False)["loss"]
     cfg = TrainConfig(epochs=10, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, patience=100)
@@ -60,8 +62,9 @@ def test_full_fine_tuning_trains_every_weight_but_the_frozen_layers() -> None:
     cfg = TrainConfig(epochs=20, batch_size=8, learning_rate=3e-3, patience=100)
     train(bank, "t", data, data, cfg, progress=False)
     assert all(torch.equal(p, b) for p, b in zip(frozen, before[: len(frozen)], strict=True))
-    assert all(not torch.equal(p, b) for p, b in zip(trained, before[len(frozen):], strict=True)
-               if p.dim() > 1)
+    assert all(
+        not torch.equal(p, b) for p, b in zip(trained, before[len(frozen) :], strict=True) if p.dim() > 1
+    )
     after = evaluate(bank, "t", data)
     assert after["loss"] < 0.8 * loss_before and after["accuracy"] >= 0.75
 
@@ -70,8 +73,12 @@ def test_full_fine_tuning_owns_exactly_the_weights_that_feed_the_head() -> None:
     bank = _bank("bert", method="full")
     owned = bank.task_parameters("t")
     assert "pooler.dense.weight" not in owned and "encoder.layer.0.attention.self.query.weight" in owned
-    assert sum(p.numel() for p in owned.values()) == sum(
-        p.numel() for n, p in bank.base.model.named_parameters() if not n.startswith("pooler.")) + 32 * 2 + 2
+    assert (
+        sum(p.numel() for p in owned.values())
+        == sum(p.numel() for n, p in bank.base.model.named_parameters() if not n.startswith("pooler."))
+        + 32 * 2
+        + 2
+    )
 
 
 def test_the_same_seed_gives_the_same_weights() -> None:
@@ -91,15 +98,18 @@ def test_full_fine_tuning_needs_a_bank_of_its_own() -> None:
     with pytest.raises(ConfigError, match="bank of its own"):
         bank.add_task("f", "classification", "full", FullConfig(), ["a", "b"])
     with pytest.raises(ConfigError, match="has 2 layers"):
-        MultiTaskModel(tiny_base("bert")).add_task("f", "classification", "full", FullConfig(freeze_layers=5), ["a", "b"])
+        MultiTaskModel(tiny_base("bert")).add_task(
+            "f", "classification", "full", FullConfig(freeze_layers=5), ["a", "b"]
+        )
 
 
 def test_early_stopping_restores_the_best_weights(tmp_path) -> None:
     bank = _bank("bert", config=LoRAConfig(rank=4, dropout=0.0))
     data = toy_sentiment(32)
     # a learning rate this large makes the validation loss bounce: patience runs out, the best is restored
-    cfg = TrainConfig(epochs=30, batch_size=8, learning_rate=0.5, eval_every=2, patience=2, metric="loss",
-                      warmup_ratio=0.0)
+    cfg = TrainConfig(
+        epochs=30, batch_size=8, learning_rate=0.5, eval_every=2, patience=2, metric="loss", warmup_ratio=0.0
+    )
     result = train(bank, "t", data, data[:16], cfg, run_dir=tmp_path, progress=False)
     assert result.stopped_early
     assert result.steps < 30 * 4
@@ -116,8 +126,16 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, grad_accum: int) -> None:
     data = toy_sentiment(40)
-    cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=5e-3, eval_every=3, checkpoint_every=4,
-                      patience=100, grad_accum=grad_accum, seed=7)
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=4,
+        learning_rate=5e-3,
+        eval_every=3,
+        checkpoint_every=4,
+        patience=100,
+        grad_accum=grad_accum,
+        seed=7,
+    )
     lora = LoRAConfig(rank=4, dropout=0.3)  # dropout: the resumed run must replay the same RNG stream
 
     straight = _bank("llama", config=lora)
@@ -129,7 +147,16 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, grad_
 
     interrupted = _bank("llama", config=lora)
     with pytest.raises(Interrupt):
-        train(interrupted, "t", data, data[:8], cfg, run_dir=tmp_path / "b", progress=False, on_step=stop_at_step_10)
+        train(
+            interrupted,
+            "t",
+            data,
+            data[:8],
+            cfg,
+            run_dir=tmp_path / "b",
+            progress=False,
+            on_step=stop_at_step_10,
+        )
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["loop"]["step"] == 8
     resumed = _bank("llama", config=LoRAConfig(rank=4, dropout=0.3))
     torch.manual_seed(123)  # a different global RNG state: the checkpoint must restore its own
@@ -139,7 +166,9 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, grad_
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
-    assert (tmp_path / "a" / "metrics.jsonl").read_text() .count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (
+        tmp_path / "b" / "metrics.jsonl"
+    ).read_text().count("\n")
     leftovers = [p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
@@ -166,16 +195,36 @@ def _csv(folder, n: int = 48) -> str:
 
 
 def _train_argv(model_dir, data: str, out, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--data", data, "--output", str(out), "--method", "lora",
-            "--epochs", "1", "--batch-size", "8", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--method",
+        "lora",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _tree(folder) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_second_train_into_a_held_run_folder_is_refused_and_changes_nothing(bert_dir, tmp_path, capsys, resume):
+def test_a_second_train_into_a_held_run_folder_is_refused_and_changes_nothing(
+    bert_dir, tmp_path, capsys, resume
+):
     from test_storage import _holder
 
     from multitune.cli import main
@@ -208,13 +257,16 @@ def test_the_progress_bar_never_shows_an_epoch_past_the_last(capsys) -> None:
     assert shown[-1] == (2, 2)
 
 
-@pytest.mark.parametrize(("max_steps", "eval_every", "steps"), [
-    (3, None, [3]),  # shorter than an epoch: scored at its last step
-    (3, 2, [2, 3]),
-    (None, 4, [4, 8, 10]),  # the last step of the last epoch, once
-    (None, 5, [5, 10]),  # an eval_every step that is also the end: not scored twice
-    (None, None, [10]),
-])
+@pytest.mark.parametrize(
+    ("max_steps", "eval_every", "steps"),
+    [
+        (3, None, [3]),  # shorter than an epoch: scored at its last step
+        (3, 2, [2, 3]),
+        (None, 4, [4, 8, 10]),  # the last step of the last epoch, once
+        (None, 5, [5, 10]),  # an eval_every step that is also the end: not scored twice
+        (None, None, [10]),
+    ],
+)
 def test_the_last_step_of_a_run_is_always_evaluated_once(tmp_path, max_steps, eval_every, steps) -> None:
     data = toy_sentiment(40)
     cfg = TrainConfig(epochs=1, batch_size=4, max_steps=max_steps, eval_every=eval_every, patience=100)
@@ -238,26 +290,45 @@ def _stop_at(step: int):
     def on_step(now: int) -> None:
         if now == step:
             raise Interrupt
+
     return on_step
 
 
 def _run_config(model_dir, data: str, out, **train):
     from multitune.config import DataConfig, RunConfig
 
-    return RunConfig(model=str(model_dir), method="lora", output=str(out), data=DataConfig(data=data),
-                     train=TrainConfig(epochs=1, batch_size=8, **train))
+    return RunConfig(
+        model=str(model_dir),
+        method="lora",
+        output=str(out),
+        data=DataConfig(data=data),
+        train=TrainConfig(epochs=1, batch_size=8, **train),
+    )
 
 
-@pytest.mark.parametrize(("make", "what"), [
-    ({"compare.json": "{}", "bank/task-lora/adapter.json": "{}"}, "a comparison folder of 'multitune compare'"),
-    ({"result.json": '{"command": "dpo", "task": "t"}', "adapter/adapter.json": "{}"}, "a run folder of 'multitune dpo'"),
-    ({"result.json": '{"tasks": {}}', "a/adapter.json": "{}"}, "a bank of 'multitune train-multi'"),
-    ({"x/adapter.json": "{}"}, "a bank of adapter folders"),
-    ({"notes.txt": "mine"}, "a folder of other files (notes.txt)"),
-    ({"config.yaml": "model: minilm\nmethod: lora\ntrain: {}\n", "metrics.jsonl": ""}, "a folder of other files"),
-])
-def test_train_into_a_folder_of_something_else_is_refused_with_advice_that_fits_it(bert_dir, tmp_path, capsys,
-                                                                                    make, what) -> None:
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (
+            {"compare.json": "{}", "bank/task-lora/adapter.json": "{}"},
+            "a comparison folder of 'multitune compare'",
+        ),
+        (
+            {"result.json": '{"command": "dpo", "task": "t"}', "adapter/adapter.json": "{}"},
+            "a run folder of 'multitune dpo'",
+        ),
+        ({"result.json": '{"tasks": {}}', "a/adapter.json": "{}"}, "a bank of 'multitune train-multi'"),
+        ({"x/adapter.json": "{}"}, "a bank of adapter folders"),
+        ({"notes.txt": "mine"}, "a folder of other files (notes.txt)"),
+        (
+            {"config.yaml": "model: minilm\nmethod: lora\ntrain: {}\n", "metrics.jsonl": ""},
+            "a folder of other files",
+        ),
+    ],
+)
+def test_train_into_a_folder_of_something_else_is_refused_with_advice_that_fits_it(
+    bert_dir, tmp_path, capsys, make, what
+) -> None:
     """Its advice is never --resume (which wrote a run into a comparison folder), and --resume is refused too."""
     from multitune.cli import main
 
@@ -275,8 +346,9 @@ def test_train_into_a_folder_of_something_else_is_refused_with_advice_that_fits_
     assert main(_train_argv(bert_dir, data, tmp_path / "another")) == 0  # the advice, followed
 
 
-def test_the_advice_to_resume_a_run_folder_works_as_printed_and_the_checkpoint_goes_at_the_end(bert_dir, tmp_path,
-                                                                                                capsys) -> None:
+def test_the_advice_to_resume_a_run_folder_works_as_printed_and_the_checkpoint_goes_at_the_end(
+    bert_dir, tmp_path, capsys
+) -> None:
     from multitune.cli import main
     from multitune.training.train import run
 

@@ -43,7 +43,11 @@ def settings_of(method: Method) -> list[Setting]:
         if f.type is bool:
             flag += f" / --no-{method.name}-{f.name.replace('_', '-')}"
         is_list = any(typing.get_origin(m) is list for m in typing.get_args(f.type) or [f.type])
-        out.append(Setting(flag, field_default(f), setting_help(f.metadata.get("help", ""), field_default(f), is_list)))
+        out.append(
+            Setting(
+                flag, field_default(f), setting_help(f.metadata.get("help", ""), field_default(f), is_list)
+            )
+        )
     return out
 
 

@@ -76,8 +76,9 @@ def latency_ms(bank: Any, task: str, examples: list[Any], config: CompareConfig)
     return round(1000 * statistics.median(times), 3)
 
 
-def score_test(bank: Any, task: str, examples: list[Any], config: CompareConfig) -> tuple[dict[str, float],
-                                                                                         dict[str, list[float]], float]:
+def score_test(
+    bank: Any, task: str, examples: list[Any], config: CompareConfig
+) -> tuple[dict[str, float], dict[str, list[float]], float]:
     """(test metrics, bootstrap 95% intervals, examples per second batched)."""
     import numpy as np
 
@@ -103,11 +104,15 @@ def score_test(bank: Any, task: str, examples: list[Any], config: CompareConfig)
 
             rng = np.random.default_rng(config.seed)
             n = len(examples)
-            draws = [macro_f1([predictions[i] for i in idx], [references[i] for i in idx], spec.labels)
-                     for idx in rng.integers(0, n, size=(config.bootstrap, n))]
+            draws = [
+                macro_f1([predictions[i] for i in idx], [references[i] for i in idx], spec.labels)
+                for idx in rng.integers(0, n, size=(config.bootstrap, n))
+            ]
             intervals["macro_f1"] = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
     else:
-        texts = generate_texts(bank, task, examples, t.max_length, t.max_new_tokens, max(1, t.eval_batch_size // 4))
+        texts = generate_texts(
+            bank, task, examples, t.max_length, t.max_new_tokens, max(1, t.eval_batch_size // 4)
+        )
         seconds = time.perf_counter() - start
         references = [ex.response or "" for ex in examples]
         metrics = generation_metrics(texts, references)

@@ -12,8 +12,18 @@ from multitune.compare.table import NA, Row, compact, seconds_text, short
 
 PLOT_NAMES = ("quality_vs_parameters", "quality_vs_time", "memory")
 DPI = 110
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]
+COLORS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">"]  # 11 against 10 colours: no two alike
 
 
@@ -42,8 +52,16 @@ def _style(index: int) -> tuple[str, str]:
 
 
 def _no_data(axes: Any, what: str) -> None:
-    axes.text(0.5, 0.5, f"no {what} to plot", ha="center", va="center", transform=axes.transAxes,
-              fontsize=12, color="#666666")
+    axes.text(
+        0.5,
+        0.5,
+        f"no {what} to plot",
+        ha="center",
+        va="center",
+        transform=axes.transAxes,
+        fontsize=12,
+        color="#666666",
+    )
     axes.set_xticks([])
     axes.set_yticks([])
 
@@ -60,19 +78,44 @@ def _scatter(axes: Any, points: list[tuple[int, float, float, tuple[float, float
     for index, x, y, ci, label in points:
         color, marker = _style(index)
         yerr = None if ci is None else [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
-        axes.errorbar([x], [y], yerr=yerr, fmt=marker, color=color, markersize=9, capsize=4, elinewidth=1.4,
-                      markeredgecolor="black", markeredgewidth=0.6)
-        text = axes.annotate(label, (x, y), textcoords="offset points", xytext=(8, 6), fontsize=10, color="#222222")
+        axes.errorbar(
+            [x],
+            [y],
+            yerr=yerr,
+            fmt=marker,
+            color=color,
+            markersize=9,
+            capsize=4,
+            elinewidth=1.4,
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+        )
+        text = axes.annotate(
+            label, (x, y), textcoords="offset points", xytext=(8, 6), fontsize=10, color="#222222"
+        )
         text.set_in_layout(False)
-        labels.append((text, ci[0] if ci else y, ci[1] if ci else y))  # the layout is made for the axes; labels are then kept inside them
+        labels.append(
+            (text, ci[0] if ci else y, ci[1] if ci else y)
+        )  # the layout is made for the axes; labels are then kept inside them
     axes.margins(y=0.12)
     return labels
 
 
 # Where a label may sit around its point (offset in points, horizontal alignment), in order of preference.
-LABEL_SPOTS = [((9, 4), "left"), ((9, -14), "left"), ((-9, 4), "right"), ((-9, -14), "right"),
-               ((9, 18), "left"), ((9, -28), "left"), ((-9, 18), "right"), ((-9, -28), "right"),
-               ((9, 32), "left"), ((9, -42), "left"), ((-9, 32), "right"), ((-9, -42), "right")]
+LABEL_SPOTS = [
+    ((9, 4), "left"),
+    ((9, -14), "left"),
+    ((-9, 4), "right"),
+    ((-9, -14), "right"),
+    ((9, 18), "left"),
+    ((9, -28), "left"),
+    ((-9, 18), "right"),
+    ((-9, -28), "right"),
+    ((9, 32), "left"),
+    ((9, -42), "left"),
+    ((-9, 32), "right"),
+    ((-9, -42), "right"),
+]
 
 
 def _untangle(axes: Any, labels: list[tuple[Any, float, float]]) -> None:
@@ -122,7 +165,9 @@ def plot_quality_vs_parameters(rows: Sequence[Row], metric: str, higher: bool) -
         if r.test is None or r.parameters is None:
             continue
         x = max(r.parameters, 1.0)
-        label = f"{r.method}: 0 (no training)" if r.parameters == 0 else f"{r.method}: {compact(r.parameters)}"
+        label = (
+            f"{r.method}: 0 (no training)" if r.parameters == 0 else f"{r.method}: {compact(r.parameters)}"
+        )
         points.append((i, x, r.test, r.ci, label))
     axes.set_title(f"Test {metric} against trainable parameters", fontsize=12)
     if not points:
@@ -151,15 +196,20 @@ def plot_quality_vs_time(rows: Sequence[Row], metric: str, higher: bool) -> byte
     for i, r in usable:
         seconds = r.seconds or 0.0
         x = seconds if not log or seconds > 0 else floor
-        label = f"{r.method}: no training" if r.untrained and seconds == 0 else f"{r.method}: {seconds_text(seconds)}"
+        label = (
+            f"{r.method}: no training"
+            if r.untrained and seconds == 0
+            else f"{r.method}: {seconds_text(seconds)}"
+        )
         points.append((i, x, r.test or 0.0, r.ci, label))
     labels = _scatter(axes, points)
     if log:
         axes.set_xscale("log")
         _pad_log(axes, [p[1] for p in points])
         zero = any(not r.seconds for _, r in usable)
-        axes.set_xlabel("training time, seconds (log scale" + ("; 0 s drawn at the left)" if zero else ")"),
-                        fontsize=11)
+        axes.set_xlabel(
+            "training time, seconds (log scale" + ("; 0 s drawn at the left)" if zero else ")"), fontsize=11
+        )
     else:
         hi = max(max(p[1] for p in points), 1.0)
         axes.set_xlim(-0.05 * hi, hi * 1.35)
@@ -174,18 +224,27 @@ def plot_memory(rows: Sequence[Row]) -> bytes:
     usable = [(i, r) for i, r in enumerate(rows) if r.memory is not None]
     kinds = sorted({r.memory_kind for _, r in usable if r.memory_kind})
     what = {"rss": "peak resident set (CPU)", "cuda": "CUDA allocator peak"}
-    axes.set_title("Peak memory while training" + (f": {what.get(kinds[0], kinds[0])}" if len(kinds) == 1 else ""),
-                   fontsize=12)
+    axes.set_title(
+        "Peak memory while training" + (f": {what.get(kinds[0], kinds[0])}" if len(kinds) == 1 else ""),
+        fontsize=12,
+    )
     if not usable:
         _no_data(axes, "memory measurements")
         return _png(figure)
     labels = [r.method if len(kinds) < 2 else f"{r.method}\n({r.memory_kind or NA})" for _, r in usable]
     values = [(r.memory or 0.0) / 1e6 for _, r in usable]
-    bars = axes.bar(range(len(usable)), values, color=[_style(i)[0] for i, _ in usable], edgecolor="black",
-                    linewidth=0.6)
+    bars = axes.bar(
+        range(len(usable)), values, color=[_style(i)[0] for i, _ in usable], edgecolor="black", linewidth=0.6
+    )
     for bar, value in zip(bars, values, strict=True):
-        axes.annotate(f"{short(value)} MB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      textcoords="offset points", xytext=(0, 3), ha="center", fontsize=10)
+        axes.annotate(
+            f"{short(value)} MB",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=10,
+        )
     axes.set_xticks(range(len(usable)))
     axes.set_xticklabels(labels, fontsize=10, rotation=0 if len(usable) <= 6 else 30)
     axes.set_ylabel("peak memory (MB)", fontsize=11)

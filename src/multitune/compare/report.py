@@ -51,10 +51,18 @@ def _header(meta: dict[str, Any], metric: str, higher: bool) -> list[tuple[str, 
         value = meta.get(key)
         return NA if value is None or value == "" else str(value)
 
-    return [("Model", text("model")), ("Data", text("data")), ("Task", text("task")), ("Kind", text("kind")),
-            ("Examples", example_text), ("Trials per method", text("trials")), ("Device", text("device")),
-            ("Wall time", seconds_text(meta.get("wall_seconds"))), ("Started", text("started")),
-            ("Metric", f"{metric} ({'higher' if higher else 'lower'} is better)")]
+    return [
+        ("Model", text("model")),
+        ("Data", text("data")),
+        ("Task", text("task")),
+        ("Kind", text("kind")),
+        ("Examples", example_text),
+        ("Trials per method", text("trials")),
+        ("Device", text("device")),
+        ("Wall time", seconds_text(meta.get("wall_seconds"))),
+        ("Started", text("started")),
+        ("Metric", f"{metric} ({'higher' if higher else 'lower'} is better)"),
+    ]
 
 
 def _md_cell(text: str) -> str:
@@ -62,8 +70,9 @@ def _md_cell(text: str) -> str:
     return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
 
 
-def _markdown(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bool, best: set[int],
-              facts: list[str]) -> str:
+def _markdown(
+    rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bool, best: set[int], facts: list[str]
+) -> str:
     lines = [f"# multitune compare: {_md_cell(str(meta.get('task') or NA))}", ""]
     for label, value in _header(meta, metric, higher):
         lines.append(f"- **{label}**: {_md_cell(value)}")
@@ -71,17 +80,30 @@ def _markdown(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bo
     if command:
         lines += ["", "Command:", "", "```", str(command).replace("```", "` ` `"), "```"]
     columns = table_columns(metric, higher)
-    lines += ["", "## Comparison", "", "| " + " | ".join(title for _, title in columns) + " |",
-              "|" + "|".join("---" for _ in columns) + "|"]
+    lines += [
+        "",
+        "## Comparison",
+        "",
+        "| " + " | ".join(title for _, title in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
     for i, row in enumerate(rows):
         cells = row.cells()
         values = [_md_cell(cells[key]) for key, _ in columns]
         if i in best:
-            values[[k for k, _ in columns].index("test")] = f"**{values[[k for k, _ in columns].index('test')]}**"
+            values[[k for k, _ in columns].index("test")] = (
+                f"**{values[[k for k, _ in columns].index('test')]}**"
+            )
         lines.append("| " + " | ".join(values) + " |")
-    lines += ["", f"Best test {_md_cell(metric)} in bold. Storage for 100 tasks is the base model plus 100 stored "
-              "adapters; for full fine-tuning it is 100 whole models. Latency is per example, one at a time; "
-              "in brackets, examples per second when batched.", "", "## Reading the table", ""]
+    lines += [
+        "",
+        f"Best test {_md_cell(metric)} in bold. Storage for 100 tasks is the base model plus 100 stored "
+        "adapters; for full fine-tuning it is 100 whole models. Latency is per example, one at a time; "
+        "in brackets, examples per second when batched.",
+        "",
+        "## Reading the table",
+        "",
+    ]
     lines += [f"- {_md_cell(fact)}" for fact in facts] or ["- No numbers to compare."]
     lines += ["", "## Plots", ""]
     for name, title in _plot_titles(metric).items():
@@ -90,9 +112,11 @@ def _markdown(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bo
 
 
 def _plot_titles(metric: str) -> dict[str, str]:
-    return {"quality_vs_parameters": f"Test {metric} against trainable parameters (log scale)",
-            "quality_vs_time": f"Test {metric} against training time",
-            "memory": "Peak memory per method (MB)"}
+    return {
+        "quality_vs_parameters": f"Test {metric} against trainable parameters (log scale)",
+        "quality_vs_time": f"Test {metric} against training time",
+        "memory": "Peak memory per method (MB)",
+    }
 
 
 CSS = """
@@ -134,13 +158,30 @@ def e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _html(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bool, best: set[int], facts: list[str],
-          pngs: dict[str, bytes]) -> str:
+def _html(
+    rows: Sequence[Row],
+    meta: dict[str, Any],
+    metric: str,
+    higher: bool,
+    best: set[int],
+    facts: list[str],
+    pngs: dict[str, bytes],
+) -> str:
     title = f"multitune compare: {meta.get('task') or NA}"
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>", "<main>",
-           f"<h1>{e(title)}</h1>", '<dl class="meta">']
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body>",
+        "<main>",
+        f"<h1>{e(title)}</h1>",
+        '<dl class="meta">',
+    ]
     for label, value in _header(meta, metric, higher):
         out.append(f"<dt>{e(label)}</dt><dd>{e(value)}</dd>")
     if meta.get("command"):
@@ -162,16 +203,24 @@ def _html(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bool, 
             else:
                 out.append(f'<td class="{key}">{value}</td>')
         out.append("</tr>")
-    out += ["</tbody>", "</table>", "</div>",
-            f'<p class="note">Best test {e(metric)} in bold. Storage for 100 tasks is the base model plus 100 stored '
-            "adapters; for full fine-tuning it is 100 whole models. Latency is per example, one at a time; in "
-            "brackets, examples per second when batched.</p>", "<h2>Reading the table</h2>", '<ul class="facts">']
+    out += [
+        "</tbody>",
+        "</table>",
+        "</div>",
+        f'<p class="note">Best test {e(metric)} in bold. Storage for 100 tasks is the base model plus 100 stored '
+        "adapters; for full fine-tuning it is 100 whole models. Latency is per example, one at a time; in "
+        "brackets, examples per second when batched.</p>",
+        "<h2>Reading the table</h2>",
+        '<ul class="facts">',
+    ]
     out += [f"<li>{e(fact)}</li>" for fact in facts] or ["<li>No numbers to compare.</li>"]
     out += ["</ul>", "<h2>Plots</h2>", '<div class="plots">']
     for name, caption in _plot_titles(metric).items():
         data = base64.b64encode(pngs[name]).decode("ascii")
-        out.append(f'<figure><img class="plot" id="plot-{name}" src="data:image/png;base64,{data}" '
-                   f'alt="{e(caption)}"></figure>')
+        out.append(
+            f'<figure><img class="plot" id="plot-{name}" src="data:image/png;base64,{data}" '
+            f'alt="{e(caption)}"></figure>'
+        )
     out += ["</div>", "</main>", "</body>", "</html>", ""]
     return "\n".join(out)
 
@@ -187,9 +236,11 @@ def write_report(folder: str | Path, results: list[dict], meta: dict) -> dict[st
     rows = [Row(r, metric) for r in results]
     best = best_rows(rows, higher)
     facts = reading(rows, metric, higher)
-    pngs = {"quality_vs_parameters": plot_quality_vs_parameters(rows, metric, higher),
-            "quality_vs_time": plot_quality_vs_time(rows, metric, higher),
-            "memory": plot_memory(rows)}
+    pngs = {
+        "quality_vs_parameters": plot_quality_vs_parameters(rows, metric, higher),
+        "quality_vs_time": plot_quality_vs_time(rows, metric, higher),
+        "memory": plot_memory(rows),
+    }
     paths: dict[str, Path] = {}
     for name in PLOT_NAMES:
         paths[name] = folder / PLOTS / f"{name}.png"

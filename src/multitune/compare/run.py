@@ -57,17 +57,28 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         base_bytes = 0  # every task is a whole model: nothing is shared
     metric = config.metric()
     return {
-        "method": method, "task": task, "kind": config.kind, "metric": metric,
+        "method": method,
+        "task": task,
+        "kind": config.kind,
+        "metric": metric,
         "higher_is_better": metric not in ("loss", "perplexity"),
         "best_params": params,
         "trainable_parameters": trainable,
         "trainable_percent": round(100 * trainable / base_parameters(bank.base), 4),
-        "stored_bytes": stored, "base_bytes": base_bytes, "storage_100_tasks_bytes": base_bytes + 100 * stored,
-        "peak_memory_bytes": memory.peak, "memory_kind": "cuda" if memory.cuda else "rss",
-        "train_seconds": round(result.seconds, 2), "steps": result.steps, "stopped_early": result.stopped_early,
-        "latency_ms": latency, "throughput_per_s": round(throughput, 2),
+        "stored_bytes": stored,
+        "base_bytes": base_bytes,
+        "storage_100_tasks_bytes": base_bytes + 100 * stored,
+        "peak_memory_bytes": memory.peak,
+        "memory_kind": "cuda" if memory.cuda else "rss",
+        "train_seconds": round(result.seconds, 2),
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "latency_ms": latency,
+        "throughput_per_s": round(throughput, 2),
         "validation": {metric: result.best_metric},
-        "test": metrics, "test_ci": intervals, "test_examples": len(splits.test),
+        "test": metrics,
+        "test_ci": intervals,
+        "test_examples": len(splits.test),
         "adapter": str(Path(BANK) / task),
     }
 
@@ -101,13 +112,19 @@ def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -
     folder.mkdir(parents=True, exist_ok=True)
     target, payload = folder / f".{method}.child.json", folder / f".{method}.payload.json"
     target.unlink(missing_ok=True)
-    write_json_atomic(payload, {"config": to_json(config), "method": method, "params": params,
-                                "target": str(target)})
-    process = subprocess.run([sys.executable, "-m", "multitune.compare.run", str(payload)], check=False,
-                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    write_json_atomic(
+        payload, {"config": to_json(config), "method": method, "params": params, "target": str(target)}
+    )
+    process = subprocess.run(
+        [sys.executable, "-m", "multitune.compare.run", str(payload)],
+        check=False,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
     payload.unlink(missing_ok=True)
     if not target.exists():
-        raise RuntimeError(f"the final run of {method} died (exit code {process.returncode}) before writing a result")
+        raise RuntimeError(
+            f"the final run of {method} died (exit code {process.returncode}) before writing a result"
+        )
     answer = json.loads(target.read_text())
     target.unlink()
     if "error" in answer:
@@ -125,13 +142,17 @@ def _check_output(config: CompareConfig) -> None:
         now = json.loads(json.dumps(config.fingerprint()))
         changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
         if changed:
-            raise ConfigError(f"{config.out} holds a comparison made with other settings ({', '.join(changed)}); "
-                              "rerun with the same settings to resume it, or choose another --output")
+            raise ConfigError(
+                f"{config.out} holds a comparison made with other settings ({', '.join(changed)}); "
+                "rerun with the same settings to resume it, or choose another --output"
+            )
     elif config.out.exists() and any(p.name != "study.db" for p in config.out.iterdir()):
         from multitune.storage import describe_folder
 
-        raise ConfigError(f"{config.out} exists and is not a comparison folder: it is {describe_folder(config.out)}; "
-                          "choose another --output")
+        raise ConfigError(
+            f"{config.out} exists and is not a comparison folder: it is {describe_folder(config.out)}; "
+            "choose another --output"
+        )
     config.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state, {"settings": config.fingerprint()})
 
@@ -172,11 +193,15 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
     open_storage(config)
     splits = config.data.splits(config.kind)
     if not splits.validation:
-        raise ConfigError("compare needs a validation split to search on; give --validation-data or a --split with "
-                          "a validation share")
-    log(f"compare {', '.join(config.methods)} on {config.model}: {len(splits.train)} train, "
+        raise ConfigError(
+            "compare needs a validation split to search on; give --validation-data or a --split with "
+            "a validation share"
+        )
+    log(
+        f"compare {', '.join(config.methods)} on {config.model}: {len(splits.train)} train, "
         f"{len(splits.validation)} validation, {len(splits.test)} test examples; {config.trials} trials each; "
-        f"study {config.storage_url().split('?')[0]}")
+        f"study {config.storage_url().split('?')[0]}"
+    )
     results: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     for method in config.methods:
@@ -189,7 +214,9 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
             method_start = time.perf_counter()
             study = search(config, method, splits, log)
             if config.search_only:
-                log(f"{method}: best {config.metric()} {study.best_value:.4f} with {describe(study.best_params)}")
+                log(
+                    f"{method}: best {config.metric()} {study.best_value:.4f} with {describe(study.best_params)}"
+                )
                 continue
             search_seconds = time.perf_counter() - method_start
             params = study.best_params
@@ -202,25 +229,46 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
         import optuna
 
         states = [t.state for t in study.get_trials(deepcopy=False)]
-        result["trials"] = {"complete": states.count(optuna.trial.TrialState.COMPLETE),
-                            "pruned": states.count(optuna.trial.TrialState.PRUNED),
-                            "failed": states.count(optuna.trial.TrialState.FAIL)}
+        result["trials"] = {
+            "complete": states.count(optuna.trial.TrialState.COMPLETE),
+            "pruned": states.count(optuna.trial.TrialState.PRUNED),
+            "failed": states.count(optuna.trial.TrialState.FAIL),
+        }
         result["search_seconds"] = round(search_seconds, 2)
         write_json_atomic(done, result)
         results.append(result)
         test = result["test"].get(result["metric"])
         ci = result["test_ci"].get(result["metric"])
-        log(f"{method}: test {result['metric']} {test:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-            + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s")
-    summary: dict[str, Any] = {"results": results, "failures": failures, "wall_seconds": time.perf_counter() - start}
+        log(
+            f"{method}: test {result['metric']} {test:.4f}"
+            + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s"
+        )
+    summary: dict[str, Any] = {
+        "results": results,
+        "failures": failures,
+        "wall_seconds": time.perf_counter() - start,
+    }
     if config.search_only or not results:
         return summary
-    meta = {"model": config.model, "data": config.data.data, "task": config.task, "kind": config.kind,
-            "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
-            "trials": config.trials, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "command": config.command, "wall_seconds": round(summary["wall_seconds"], 1), "metric": config.metric(),
-            "higher_is_better": config.metric() not in ("loss", "perplexity"),
-            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - summary["wall_seconds"]))}
+    meta = {
+        "model": config.model,
+        "data": config.data.data,
+        "task": config.task,
+        "kind": config.kind,
+        "examples": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
+        "trials": config.trials,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "command": config.command,
+        "wall_seconds": round(summary["wall_seconds"], 1),
+        "metric": config.metric(),
+        "higher_is_better": config.metric() not in ("loss", "perplexity"),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - summary["wall_seconds"])),
+    }
     from multitune.compare.report import write_report
 
     summary["report"] = {k: str(v) for k, v in write_report(config.out, results, meta).items()}

@@ -75,7 +75,9 @@ def settings_for(config: CompareConfig, method: str, params: dict[str, Any]) -> 
 
     method_config = config.method_settings.get(method) or METHODS[method].config_class()
     search = get_method(method).search
-    if search is not None:  # the settings a search derives from the suggested ones (LoRA's alpha from its rank)
+    if (
+        search is not None
+    ):  # the settings a search derives from the suggested ones (LoRA's alpha from its rank)
         params = {**params, **search(optuna.trial.FixedTrial(params))}
     overrides = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{method}.")}
     method_config = dataclasses.replace(method_config, **overrides)
@@ -93,15 +95,23 @@ def settings_for(config: CompareConfig, method: str, params: dict[str, Any]) -> 
 def describe(params: dict[str, Any]) -> str:
     parts = []
     for key, value in params.items():
-        name = key.split(".", 1)[-1].replace("num_virtual_tokens", "tokens").replace("reduction_factor", "factor")
-        parts.append(f"{'lr' if name == 'learning_rate' else name} {value:.2g}" if isinstance(value, float)
-                     else f"{name} {value}")
+        name = (
+            key.split(".", 1)[-1]
+            .replace("num_virtual_tokens", "tokens")
+            .replace("reduction_factor", "factor")
+        )
+        parts.append(
+            f"{'lr' if name == 'learning_rate' else name} {value:.2g}"
+            if isinstance(value, float)
+            else f"{name} {value}"
+        )
     return ", ".join(parts)
 
 
 # ---- one method, one set of settings --------------------------------------------------------------------
-def _bank_with_task(config: CompareConfig, method: str, params: dict[str, Any], labels: list[str] | None,
-                    task: str) -> tuple[Any, TrainConfig]:
+def _bank_with_task(
+    config: CompareConfig, method: str, params: dict[str, Any], labels: list[str] | None, task: str
+) -> tuple[Any, TrainConfig]:
     from multitune.bank import MultiTaskModel
     from multitune.models import load_base
 
@@ -113,8 +123,14 @@ def _bank_with_task(config: CompareConfig, method: str, params: dict[str, Any], 
     return bank, train
 
 
-def fit_and_score(config: CompareConfig, method: str, params: dict[str, Any], splits: Any,
-                  on_eval: Callable[[dict[str, Any]], None] | None = None, desc: str | None = None) -> Any:
+def fit_and_score(
+    config: CompareConfig,
+    method: str,
+    params: dict[str, Any],
+    splits: Any,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    desc: str | None = None,
+) -> Any:
     """Train one configuration on the train split; returns (bank, task, TrainResult, trainable parameters).
 
     The trainable count is taken before training: methods that fold at the end (prefix tuning's MLP) store
@@ -125,8 +141,16 @@ def fit_and_score(config: CompareConfig, method: str, params: dict[str, Any], sp
     task = f"{config.task}-{method}"
     bank, train_config = _bank_with_task(config, method, params, splits.labels, task)
     trainable = sum(p.numel() for p in bank.task_parameters(task).values() if p.requires_grad)
-    result = train(bank, task, splits.train, splits.validation, train_config, progress=config.progress,
-                   on_eval=on_eval, desc=desc)
+    result = train(
+        bank,
+        task,
+        splits.train,
+        splits.validation,
+        train_config,
+        progress=config.progress,
+        on_eval=on_eval,
+        desc=desc,
+    )
     return bank, task, result, trainable
 
 
@@ -142,8 +166,9 @@ def _storage(url: str, shared: bool) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=40,
-                                          engine_kwargs={"pool_pre_ping": True})
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=10, grace_period=40, engine_kwargs={"pool_pre_ping": True}
+        )
 
 
 def open_storage(config: CompareConfig) -> Any:
@@ -155,10 +180,14 @@ def open_storage(config: CompareConfig) -> Any:
         return _storage(url, shared=config.storage is not None)
     except ImportError as error:
         missing = getattr(error.__cause__, "name", None) or "its driver"
-        raise ConfigError(f"the storage {url.split(':')[0]} needs a database driver ({missing}); "
-                          "install it: pip install 'multitune[postgres]'") from error
+        raise ConfigError(
+            f"the storage {url.split(':')[0]} needs a database driver ({missing}); "
+            "install it: pip install 'multitune[postgres]'"
+        ) from error
     except Exception as error:  # noqa: BLE001  (SQLAlchemy raises many kinds: all mean 'cannot open')
-        raise ConfigError(f"cannot open the study storage {url}: {' '.join(str(error).split())[:200]}") from error
+        raise ConfigError(
+            f"cannot open the study storage {url}: {' '.join(str(error).split())[:200]}"
+        ) from error
 
 
 def open_study(config: CompareConfig, method: str) -> Any:
@@ -171,9 +200,17 @@ def open_study(config: CompareConfig, method: str) -> Any:
     seed = config.seed if config.storage is None else None
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, config.trials // 3))
     name = f"{config.study_name or config.task}-{method}"
-    study = optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2), load_if_exists=True)
-    if config.storage is None:  # the folder's own study, under its lock: a trial still 'running' is from a killed run
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction=direction,
+        sampler=sampler,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
+        load_if_exists=True,
+    )
+    if (
+        config.storage is None
+    ):  # the folder's own study, under its lock: a trial still 'running' is from a killed run
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     if not study.get_trials(deepcopy=False):
@@ -184,7 +221,11 @@ def open_study(config: CompareConfig, method: str) -> Any:
 def _counted(study: Any) -> int:
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    states = (
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.RUNNING,
+    )
     return len(study.get_trials(deepcopy=False, states=states))
 
 
@@ -210,18 +251,31 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
 
         start = time.perf_counter()
         try:
-            _, _, result, _ = fit_and_score(config, method, params, splits, on_eval=report,
-                                         desc=f"{method} trial {number}/{config.trials}")
+            _, _, result, _ = fit_and_score(
+                config,
+                method,
+                params,
+                splits,
+                on_eval=report,
+                desc=f"{method} trial {number}/{config.trials}",
+            )
         except optuna.TrialPruned as pruned:
             log(f"{method} trial {number}/{config.trials}: {describe(params)} -> pruned ({pruned})")
             raise
         value = result.best_metric
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise ConfigError(f"{method}: the validation split gave no {metric}; give a validation split with examples")
+            raise ConfigError(
+                f"{method}: the validation split gave no {metric}; give a validation split with examples"
+            )
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
-        best = value if not _finished(study) else (max if study.direction.name == "MAXIMIZE" else min)(
-            value, study.best_value)
-        log(f"{method} trial {number}/{config.trials}: {describe(params)} -> {metric} {value:.4f} (best {best:.4f})")
+        best = (
+            value
+            if not _finished(study)
+            else (max if study.direction.name == "MAXIMIZE" else min)(value, study.best_value)
+        )
+        log(
+            f"{method} trial {number}/{config.trials}: {describe(params)} -> {metric} {value:.4f} (best {best:.4f})"
+        )
         return float(value)
 
     while True:
@@ -236,8 +290,10 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
             ended = [t for t in study.get_trials(deepcopy=False) if running and t.number == running[0]]
             if not ended or ended[0].state != optuna.trial.TrialState.FAIL:
                 raise
-            log(f"{method} trial {running[0] + 1}/{config.trials}: marked failed by another process while it ran "
-                "(a worker sharing the study took it for a dead one); its result is dropped and another trial runs")
+            log(
+                f"{method} trial {running[0] + 1}/{config.trials}: marked failed by another process while it ran "
+                "(a worker sharing the study took it for a dead one); its result is dropped and another trial runs"
+            )
         running.clear()
     waited = 0.0
     while study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):

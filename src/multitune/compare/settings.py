@@ -53,10 +53,19 @@ class CompareConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed compare must share with the first run (methods may be added)."""
-        return {"model": self.model, "task": self.task, "kind": self.kind, "trials": self.trials,
-                "max_epochs": self.max_epochs, "data": dataclasses.asdict(self.data),
-                "train": {k: v for k, v in dataclasses.asdict(self.train).items()
-                          if k not in ("device", "keep_checkpoint")}}
+        return {
+            "model": self.model,
+            "task": self.task,
+            "kind": self.kind,
+            "trials": self.trials,
+            "max_epochs": self.max_epochs,
+            "data": dataclasses.asdict(self.data),
+            "train": {
+                k: v
+                for k, v in dataclasses.asdict(self.train).items()
+                if k not in ("device", "keep_checkpoint")
+            },
+        }
 
 
 def to_json(config: CompareConfig) -> dict[str, Any]:

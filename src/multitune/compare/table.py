@@ -120,7 +120,9 @@ def describe_params(params: Any) -> str:
     parts = []
     for key, value in params.items():
         name = str(key).split(".", 1)[-1]
-        name = {"learning_rate": "lr", "num_virtual_tokens": "tokens", "reduction_factor": "factor"}.get(name, name)
+        name = {"learning_rate": "lr", "num_virtual_tokens": "tokens", "reduction_factor": "factor"}.get(
+            name, name
+        )
         if name == "epochs" and num(value) is not None:
             parts.append(f"{_param_value(value)} epoch{'' if value == 1 else 's'}")
         else:
@@ -138,8 +140,14 @@ def main_metric(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> tupl
     metric = metric or "accuracy"
     higher = meta.get("higher_is_better")
     if not isinstance(higher, bool):
-        higher = next((r["higher_is_better"] for r in results if isinstance(r.get("higher_is_better"), bool)
-                       and r.get("metric") == metric), metric not in LOWER_IS_BETTER)
+        higher = next(
+            (
+                r["higher_is_better"]
+                for r in results
+                if isinstance(r.get("higher_is_better"), bool) and r.get("metric") == metric
+            ),
+            metric not in LOWER_IS_BETTER,
+        )
     return metric, higher
 
 
@@ -187,7 +195,10 @@ class Row:
         parameters = (count_text(self.parameters), _percent(self.percent) if self.percent is not None else "")
         if self.parameters == 0:
             parameters = ("0", "no training")
-        storage = (human_bytes(self.storage_100), "100 models" if self.storage_100 is not None and self.is_full else "")
+        storage = (
+            human_bytes(self.storage_100),
+            "100 models" if self.storage_100 is not None and self.is_full else "",
+        )
         memory = (human_bytes(self.memory), (self.memory_kind or "") if self.memory is not None else "")
         training = (seconds_text(self.seconds), "")
         if self.steps is not None:
@@ -196,31 +207,59 @@ class Row:
                 training = ("no training", "") if not self.seconds else (training[0], "no training")
             else:
                 training = (training[0], f"{steps:,} step{'' if steps == 1 else 's'}")
-        latency = (NA if self.latency is None else f"{short(self.latency)} ms",
-                   "" if self.throughput is None else f"{short(self.throughput)}/s")
-        test = (_metric(self.test), f"[{self.ci[0]:.3f}, {self.ci[1]:.3f}]" if self.test is not None and self.ci else "")
+        latency = (
+            NA if self.latency is None else f"{short(self.latency)} ms",
+            "" if self.throughput is None else f"{short(self.throughput)}/s",
+        )
+        test = (
+            _metric(self.test),
+            f"[{self.ci[0]:.3f}, {self.ci[1]:.3f}]" if self.test is not None and self.ci else "",
+        )
         trials = r.get("trials") if isinstance(r.get("trials"), dict) else {}
         complete, pruned, failed = (num(trials.get(k)) for k in ("complete", "pruned", "failed"))
-        trial_text = (f"{count_text(complete)} / {count_text(pruned)}" if complete is not None or pruned is not None else NA,
-                      f"{failed:.0f} failed" if failed else "")
-        return {"method": (self.method, ""), "settings": (describe_params(r.get("best_params")), ""),
-                "parameters": parameters, "stored": (human_bytes(self.stored), ""), "storage_100": storage,
-                "memory": memory, "training": training, "latency": latency, "test": test,
-                "validation": (_metric(self.validation), ""), "trials": trial_text}
+        trial_text = (
+            f"{count_text(complete)} / {count_text(pruned)}"
+            if complete is not None or pruned is not None
+            else NA,
+            f"{failed:.0f} failed" if failed else "",
+        )
+        return {
+            "method": (self.method, ""),
+            "settings": (describe_params(r.get("best_params")), ""),
+            "parameters": parameters,
+            "stored": (human_bytes(self.stored), ""),
+            "storage_100": storage,
+            "memory": memory,
+            "training": training,
+            "latency": latency,
+            "test": test,
+            "validation": (_metric(self.validation), ""),
+            "trials": trial_text,
+        }
 
     def cells(self) -> dict[str, str]:
         """One line per cell: '74,498 (0.33%)', '0.910 [0.880, 0.930]'."""
-        return {key: main if not detail else f"{main} {detail}" if key == "test" else f"{main} ({detail})"
-                for key, (main, detail) in self.parts().items()}
+        return {
+            key: main if not detail else f"{main} {detail}" if key == "test" else f"{main} ({detail})"
+            for key, (main, detail) in self.parts().items()
+        }
 
 
 def table_columns(metric: str, higher: bool) -> list[tuple[str, str]]:
     direction = "higher is better" if higher else "lower is better"
-    return [("method", "Method"), ("settings", "Best settings"), ("parameters", "Trainable parameters"),
-            ("stored", "Stored per task"), ("storage_100", "Storage, 100 tasks"), ("memory", "Peak memory"),
-            ("training", "Training time"), ("latency", "Latency / example (batched)"),
-            ("test", f"Test {metric} [95% CI] ({direction})"), ("validation", f"Validation {metric}"),
-            ("trials", "Trials (complete / pruned)")]
+    return [
+        ("method", "Method"),
+        ("settings", "Best settings"),
+        ("parameters", "Trainable parameters"),
+        ("stored", "Stored per task"),
+        ("storage_100", "Storage, 100 tasks"),
+        ("memory", "Peak memory"),
+        ("training", "Training time"),
+        ("latency", "Latency / example (batched)"),
+        ("test", f"Test {metric} [95% CI] ({direction})"),
+        ("validation", f"Validation {metric}"),
+        ("trials", "Trials (complete / pruned)"),
+    ]
 
 
 def best_rows(rows: Sequence[Row], higher: bool) -> set[int]:
@@ -252,8 +291,12 @@ def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
                 overlap = best.ci[0] <= second.ci[1] and second.ci[0] <= best.ci[1]
                 facts.append(
                     f"Runner-up: {second.name}, {_metric(second.test)}; the two 95% intervals "
-                    + ("overlap, so this test set does not clearly separate them." if overlap
-                       else "do not overlap."))
+                    + (
+                        "overlap, so this test set does not clearly separate them."
+                        if overlap
+                        else "do not overlap."
+                    )
+                )
             else:
                 facts.append(f"Runner-up: {second.name}, {_metric(second.test)}.")
     efficiency = []
@@ -265,7 +308,9 @@ def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
         elif r.percent is not None:
             efficiency.append(f"{r.name} {_metric(r.test)} with {_percent(r.percent)} of the parameters")
         else:
-            efficiency.append(f"{r.name} {_metric(r.test)} with {count_text(r.parameters)} trainable parameters")
+            efficiency.append(
+                f"{r.name} {_metric(r.test)} with {count_text(r.parameters)} trainable parameters"
+            )
     if efficiency:
         facts.append(f"Test {metric} against what is trained: " + "; ".join(efficiency) + ".")
     stored = sorted((r for r in rows if r.storage_100 is not None), key=lambda r: r.storage_100 or 0.0)
@@ -273,36 +318,56 @@ def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
         fulls = [r for r in stored if r.is_full]
         others = ", ".join(f"{human_bytes(r.storage_100)} for {r.name}" for r in stored if r not in fulls[:1])
         if fulls:
-            facts.append(f"For 100 tasks {fulls[0].name} stores {human_bytes(fulls[0].storage_100)} "
-                         f"(100 whole models) against {others}.")
+            facts.append(
+                f"For 100 tasks {fulls[0].name} stores {human_bytes(fulls[0].storage_100)} "
+                f"(100 whole models) against {others}."
+            )
         else:
             facts.append(f"For 100 tasks (one shared base plus 100 adapters): {others}.")
     trained = [r for r in rows if r.seconds is not None and not r.untrained]
     if len(trained) > 1:
-        fast, slow = min(trained, key=lambda r: r.seconds or 0.0), max(trained, key=lambda r: r.seconds or 0.0)
+        fast, slow = (
+            min(trained, key=lambda r: r.seconds or 0.0),
+            max(trained, key=lambda r: r.seconds or 0.0),
+        )
         if fast is not slow:
-            facts.append(f"Training took from {seconds_text(fast.seconds)} ({fast.name}) to {seconds_text(slow.seconds)} "
-                         f"({slow.name}).")
+            facts.append(
+                f"Training took from {seconds_text(fast.seconds)} ({fast.name}) to {seconds_text(slow.seconds)} "
+                f"({slow.name})."
+            )
     memory = [r for r in rows if r.memory is not None]
     if len(memory) > 1:
         low, high = min(memory, key=lambda r: r.memory or 0.0), max(memory, key=lambda r: r.memory or 0.0)
         kinds = {r.memory_kind for r in memory}
         if low is not high:
-            facts.append(f"Peak memory ranged from {human_bytes(low.memory)} ({low.name}) to "
-                         f"{human_bytes(high.memory)} ({high.name})"
-                         + ("; the figures mix CPU resident sets and CUDA peaks, so they are not comparable."
-                            if len(kinds - {None}) > 1 else "."))
-    meaning = {"rss": "rss is the peak resident set of the process that trained the method (base model, Python "
-                      "and libraries included)", "cuda": "cuda is the CUDA allocator's peak"}
+            facts.append(
+                f"Peak memory ranged from {human_bytes(low.memory)} ({low.name}) to "
+                f"{human_bytes(high.memory)} ({high.name})"
+                + (
+                    "; the figures mix CPU resident sets and CUDA peaks, so they are not comparable."
+                    if len(kinds - {None}) > 1
+                    else "."
+                )
+            )
+    meaning = {
+        "rss": "rss is the peak resident set of the process that trained the method (base model, Python "
+        "and libraries included)",
+        "cuda": "cuda is the CUDA allocator's peak",
+    }
     shown = [text for kind, text in meaning.items() if any(r.memory_kind == kind for r in memory)]
     if shown:
         facts.append("Memory: " + "; ".join(shown) + ".")
     latency = [r for r in rows if r.latency is not None]
     if len(latency) > 1:
-        quick, slow = min(latency, key=lambda r: r.latency or 0.0), max(latency, key=lambda r: r.latency or 0.0)
+        quick, slow = (
+            min(latency, key=lambda r: r.latency or 0.0),
+            max(latency, key=lambda r: r.latency or 0.0),
+        )
         if quick is not slow:
-            facts.append(f"Latency ranged from {short(quick.latency or 0.0)} ms per example ({quick.name}) to "
-                         f"{short(slow.latency or 0.0)} ms ({slow.name}).")
+            facts.append(
+                f"Latency ranged from {short(quick.latency or 0.0)} ms per example ({quick.name}) to "
+                f"{short(slow.latency or 0.0)} ms ({slow.name})."
+            )
     for r in rows:
         failed = num(get_field(r.result, "trials", "failed"))
         if failed:

@@ -34,8 +34,11 @@ from multitune.storage import atomic_dir
 PREFIX = "base_model.model."
 TASK_FILE = "multitune_task.json"  # beside PEFT's files: what a classification task needs besides the adapter
 HEAD_FILE = "multitune_head.safetensors"
-KINDS_BY_TASK_TYPE: dict[str, TaskKind] = {"SEQ_CLS": "classification", "CAUSAL_LM": "generation",
-                                           "SEQ_2_SEQ_LM": "generation"}
+KINDS_BY_TASK_TYPE: dict[str, TaskKind] = {
+    "SEQ_CLS": "classification",
+    "CAUSAL_LM": "generation",
+    "SEQ_2_SEQ_LM": "generation",
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class PeftFormat:
     method: str
     peft_type: str
     export: Callable[[MultiTaskModel, str], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-    to_ours: Callable[[MultiTaskModel, dict[str, Any], dict[str, torch.Tensor]], tuple[Any, dict[str, torch.Tensor]]]
+    to_ours: Callable[
+        [MultiTaskModel, dict[str, Any], dict[str, torch.Tensor]], tuple[Any, dict[str, torch.Tensor]]
+    ]
 
 
 FORMATS: dict[str, PeftFormat] = {}  # by our method name
@@ -59,15 +64,22 @@ def register_format(fmt: PeftFormat) -> PeftFormat:
 
 def _format_for_method(method: str) -> PeftFormat:
     if method not in FORMATS:
-        raise ConfigError(f"the peft package has no format for method '{method}'; PEFT export covers "
-                          f"{', '.join(sorted(FORMATS))}")
+        raise ConfigError(
+            f"the peft package has no format for method '{method}'; PEFT export covers "
+            f"{', '.join(sorted(FORMATS))}"
+        )
     return FORMATS[method]
 
 
 def common_config(bank: MultiTaskModel, peft_type: str) -> dict[str, Any]:
     """The fields every PEFT config carries."""
-    return {"peft_type": peft_type, "base_model_name_or_path": bank.base.source, "inference_mode": True,
-            "task_type": None, "revision": None}
+    return {
+        "peft_type": peft_type,
+        "base_model_name_or_path": bank.base.source,
+        "inference_mode": True,
+        "task_type": None,
+        "revision": None,
+    }
 
 
 def export_peft(bank: MultiTaskModel, task: str, folder: str | Path) -> Path:
@@ -78,13 +90,18 @@ def export_peft(bank: MultiTaskModel, task: str, folder: str | Path) -> Path:
     state, config = fmt.export(bank, task)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     spec = bank.tasks[task]
-    head = {k: v.detach().to("cpu").contiguous() for k, v in bank.task_state_dict(task).items() if k.startswith("head.")}
+    head = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in bank.task_state_dict(task).items()
+        if k.startswith("head.")
+    }
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         if spec.kind == "classification":
-            (tmp / TASK_FILE).write_text(json.dumps({"kind": spec.kind, "labels": spec.labels,
-                                                     "pooling": spec.pooling}, indent=2))
+            (tmp / TASK_FILE).write_text(
+                json.dumps({"kind": spec.kind, "labels": spec.labels, "pooling": spec.pooling}, indent=2)
+            )
             if head:
                 save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
     return folder
@@ -120,14 +137,23 @@ def peft_kind(bank: MultiTaskModel, folder: str | Path, kind: TaskKind | None = 
     """The kind of task a PEFT folder holds: ``kind`` if given, else what the folder says (our task file,
     then PEFT's task_type), else what the base can do (an encoder only classifies)."""
     folder = Path(folder)
-    if kind is not None:  # PEFT's task_type names the model class it wrapped, which a kind given may differ from
+    if (
+        kind is not None
+    ):  # PEFT's task_type names the model class it wrapped, which a kind given may differ from
         return kind
-    told = _task_file(folder).get("kind") or KINDS_BY_TASK_TYPE.get(str(read_peft_config(folder).get("task_type")))
+    told = _task_file(folder).get("kind") or KINDS_BY_TASK_TYPE.get(
+        str(read_peft_config(folder).get("task_type"))
+    )
     return told or ("classification" if bank.base.arch == "encoder" else "generation")
 
 
-def import_peft(bank: MultiTaskModel, folder: str | Path, task: str, kind: TaskKind | None = None,
-                labels: list[str] | None = None) -> TaskSpec:
+def import_peft(
+    bank: MultiTaskModel,
+    folder: str | Path,
+    task: str,
+    kind: TaskKind | None = None,
+    labels: list[str] | None = None,
+) -> TaskSpec:
     """Add a PEFT adapter folder to the bank as task ``task``; returns its spec.
 
     ``kind``: see :func:`peft_kind`. A classification task takes its labels and head from the folder's
@@ -145,17 +171,23 @@ def import_peft(bank: MultiTaskModel, folder: str | Path, task: str, kind: TaskK
             if (folder / HEAD_FILE).is_file():
                 head = load_file(str(folder / HEAD_FILE))
         if not labels:
-            raise ConfigError(f"{folder} is a classification adapter whose labels and head are not in the folder "
-                              "(a PEFT adapter holds no head); pass --labels A,B,... (the head then starts "
-                              "untrained), or export it with 'multitune export-peft', which keeps them")
+            raise ConfigError(
+                f"{folder} is a classification adapter whose labels and head are not in the folder "
+                "(a PEFT adapter holds no head); pass --labels A,B,... (the head then starts "
+                "untrained), or export it with 'multitune export-peft', which keeps them"
+            )
     by_type = {f.peft_type: f for f in FORMATS.values()}
     peft_type = cfg.get("peft_type")
     if peft_type not in by_type:
-        raise ConfigError(f"{folder} holds a PEFT {peft_type} adapter; import covers {', '.join(sorted(by_type))}")
+        raise ConfigError(
+            f"{folder} holds a PEFT {peft_type} adapter; import covers {', '.join(sorted(by_type))}"
+        )
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        raise ConfigError(f"{folder} has no adapter_model.safetensors (a .bin adapter would need pickle, which "
-                          "multitune never loads); re-save it with safe_serialization=True")
+        raise ConfigError(
+            f"{folder} has no adapter_model.safetensors (a .bin adapter would need pickle, which "
+            "multitune never loads); re-save it with safe_serialization=True"
+        )
     fmt = by_type[peft_type]
     config, ours = fmt.to_ours(bank, cfg, load_file(str(weights)))
     spec = bank.add_task(task, kind, fmt.method, config, labels, pooling)
@@ -174,21 +206,35 @@ def _lora_export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tenso
     own = bank.task_state_dict(task)
     modules = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in own if ".lora_" in k})
     config = {
-        **common_config(bank, "LORA"), "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "use_rslora": cfg.rslora, "target_modules": modules, "bias": "none",
+        **common_config(bank, "LORA"),
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": modules,
+        "bias": "none",
         "fan_in_fan_out": bank.base.family.name == "gpt2",
     }
     return {PREFIX + k: v for k, v in own.items() if ".lora_" in k}, config
 
 
-def _lora_to_ours(bank: MultiTaskModel, cfg: dict[str, Any],
-                  state: dict[str, torch.Tensor]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+def _lora_to_ours(
+    bank: MultiTaskModel, cfg: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     targets = cfg.get("target_modules")
-    config = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                        target_modules=[targets] if isinstance(targets, str) else list(targets),
-                        rslora=bool(cfg.get("use_rslora", False)))
-    ours = {key.removeprefix(PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
-            for key, v in state.items()}
+    config = LoRAConfig(
+        rank=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=[targets] if isinstance(targets, str) else list(targets),
+        rslora=bool(cfg.get("use_rslora", False)),
+    )
+    ours = {
+        key.removeprefix(PREFIX)
+        .replace(".lora_A.default.", ".lora_A.")
+        .replace(".lora_B.default.", ".lora_B."): v
+        for key, v in state.items()
+    }
     return config, ours
 
 

@@ -51,7 +51,9 @@ def _export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tensor], d
     cfg = IA3Config(**bank.tasks[task].config)
     default_targets, default_feedforward = default_modules(bank) or ((), ())
     targets = list(cfg.target_modules or default_targets)
-    feedforward = list(cfg.feedforward_modules if cfg.feedforward_modules is not None else default_feedforward)
+    feedforward = list(
+        cfg.feedforward_modules if cfg.feedforward_modules is not None else default_feedforward
+    )
     feedforward = [f for f in feedforward if any(ff and matches(n, [f]) for n, ff in layers.items())]
     same = (
         {n for n in _module_names(bank) if _peft_targets(n, targets)} == set(layers)
@@ -61,22 +63,29 @@ def _export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tensor], d
     if not same:
         targets, feedforward = sorted(layers), sorted(n for n, ff in layers.items() if ff)
     config = {
-        **common_config(bank, "IA3"), "target_modules": targets, "feedforward_modules": feedforward,
+        **common_config(bank, "IA3"),
+        "target_modules": targets,
+        "feedforward_modules": feedforward,
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in ia3_layers(bank, task)),
-        "init_ia3_weights": True, "exclude_modules": None, "modules_to_save": None,
+        "init_ia3_weights": True,
+        "exclude_modules": None,
+        "modules_to_save": None,
     }
     own = bank.task_state_dict(task)
     return {PREFIX + k: v for k, v in own.items() if k.endswith(".ia3_l")}, config
 
 
-def _to_ours(bank: MultiTaskModel, cfg: dict[str, Any],
-             state: dict[str, torch.Tensor]) -> tuple[IA3Config, dict[str, torch.Tensor]]:
+def _to_ours(
+    bank: MultiTaskModel, cfg: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[IA3Config, dict[str, torch.Tensor]]:
     ours = {}
     for key, value in state.items():
         name = key.removeprefix(PREFIX)
         name = name.removesuffix(".default") if name.endswith(".ia3_l.default") else name
         if not name.endswith(".ia3_l"):
-            raise ConfigError(f"unexpected tensor {key} in a PEFT IA3 adapter (expected keys ending in .ia3_l)")
+            raise ConfigError(
+                f"unexpected tensor {key} in a PEFT IA3 adapter (expected keys ending in .ia3_l)"
+            )
         ours[name] = value
     layers = [k.removesuffix(".ia3_l") for k in ours]
     raw_feedforward = cfg.get("feedforward_modules")
@@ -91,11 +100,18 @@ def _to_ours(bank: MultiTaskModel, cfg: dict[str, Any],
         feedforward_modules=list(raw_feedforward) if isinstance(raw_feedforward, list) else None,
     )
     try:
-        same = candidate.target_modules is not None and candidate.feedforward_modules is not None and \
-            plan(bank, candidate) == {n: n in feedforward_layers for n in layers}
+        same = (
+            candidate.target_modules is not None
+            and candidate.feedforward_modules is not None
+            and plan(bank, candidate) == {n: n in feedforward_layers for n in layers}
+        )
     except ConfigError:
         same = False
-    config = candidate if same else IA3Config(target_modules=sorted(layers), feedforward_modules=sorted(feedforward_layers))
+    config = (
+        candidate
+        if same
+        else IA3Config(target_modules=sorted(layers), feedforward_modules=sorted(feedforward_layers))
+    )
     return config, ours
 
 

@@ -31,11 +31,18 @@ def _task_type(bank: MultiTaskModel) -> str:
 def _prompt_export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     prompt = prompts(bank)[task].detach()
     base_config = bank.base.model.config
-    config = {**common_config(bank, "PROMPT_TUNING"), "task_type": _task_type(bank),
-              "num_virtual_tokens": prompt.shape[0], "token_dim": prompt.shape[1],
-              "num_transformer_submodules": 1, "num_layers": getattr(base_config, "num_hidden_layers", None),
-              "num_attention_heads": getattr(base_config, "num_attention_heads", None),
-              "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+    config = {
+        **common_config(bank, "PROMPT_TUNING"),
+        "task_type": _task_type(bank),
+        "num_virtual_tokens": prompt.shape[0],
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "num_layers": getattr(base_config, "num_hidden_layers", None),
+        "num_attention_heads": getattr(base_config, "num_attention_heads", None),
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+    }
     return {KEY: prompt}, config
 
 
@@ -45,44 +52,63 @@ def _embeddings(cfg: dict[str, Any], state: dict[str, torch.Tensor], what: str) 
     tensor = state[KEY]
     n = int(cfg.get("num_virtual_tokens") or tensor.shape[0])
     if tensor.shape[0] < n:
-        raise ConfigError(f"the PEFT {what} adapter's {KEY} has {tensor.shape[0]} rows for {n} virtual tokens")
+        raise ConfigError(
+            f"the PEFT {what} adapter's {KEY} has {tensor.shape[0]} rows for {n} virtual tokens"
+        )
     return tensor[:n]  # a seq2seq prompt may hold rows for a second submodule that PEFT's forward never reads
 
 
-def _prompt_to_ours(bank: MultiTaskModel, cfg: dict[str, Any],
-                    state: dict[str, torch.Tensor]) -> tuple[PromptConfig, dict[str, torch.Tensor]]:
+def _prompt_to_ours(
+    bank: MultiTaskModel, cfg: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[PromptConfig, dict[str, torch.Tensor]]:
     prompt = _embeddings(cfg, state, "prompt tuning")
     if prompt.shape[1] != bank.base.hidden_size:
-        raise ConfigError(f"the PEFT prompt has width {prompt.shape[1]} but the base model's hidden size is "
-                          f"{bank.base.hidden_size}; it was trained for another base model")
+        raise ConfigError(
+            f"the PEFT prompt has width {prompt.shape[1]} but the base model's hidden size is "
+            f"{bank.base.hidden_size}; it was trained for another base model"
+        )
     return PromptConfig(num_virtual_tokens=prompt.shape[0], init="random"), {"prompt.embeddings": prompt}
 
 
 def _prefix_export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if bank.base.arch == "seq2seq":
-        raise ConfigError("prefix tuning on T5 cannot be exported to the peft package's format (its T5 prefixes "
-                          "also go to cross-attention); export covers decoders and encoders")
+        raise ConfigError(
+            "prefix tuning on T5 cannot be exported to the peft package's format (its T5 prefixes "
+            "also go to cross-attention); export covers decoders and encoders"
+        )
     geo = geometry(bank)
     with torch.no_grad():
         prefixes = encoders(bank)[task]().detach()
-    config = {**common_config(bank, "PREFIX_TUNING"), "task_type": _task_type(bank),
-              "num_virtual_tokens": prefixes.shape[0], "token_dim": geo.heads * geo.head_dim,
-              "num_transformer_submodules": 1, "num_attention_heads": geo.heads, "num_layers": geo.layers,
-              "encoder_hidden_size": bank.base.hidden_size, "prefix_projection": False}
+    config = {
+        **common_config(bank, "PREFIX_TUNING"),
+        "task_type": _task_type(bank),
+        "num_virtual_tokens": prefixes.shape[0],
+        "token_dim": geo.heads * geo.head_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": geo.heads,
+        "num_layers": geo.layers,
+        "encoder_hidden_size": bank.base.hidden_size,
+        "prefix_projection": False,
+    }
     return {KEY: prefixes}, config
 
 
-def _prefix_to_ours(bank: MultiTaskModel, cfg: dict[str, Any],
-                    state: dict[str, torch.Tensor]) -> tuple[PrefixConfig, dict[str, torch.Tensor]]:
+def _prefix_to_ours(
+    bank: MultiTaskModel, cfg: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[PrefixConfig, dict[str, torch.Tensor]]:
     if bank.base.arch == "seq2seq":
         raise ConfigError("PEFT prefix tuning adapters for T5 cannot be imported (a different cache layout)")
     prefixes = _embeddings(cfg, state, "prefix tuning")
     geo = geometry(bank)
     theirs = (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("token_dim"))
     if prefixes.shape[1] != geo.width or theirs != (geo.layers, geo.heads, geo.heads * geo.head_dim):
-        raise ConfigError(f"the PEFT prefixes (layers, heads, token_dim) = {theirs} do not fit the base model's "
-                          f"{(geo.layers, geo.heads, geo.heads * geo.head_dim)}; they were trained for another base")
-    return PrefixConfig(num_virtual_tokens=prefixes.shape[0], projection=False), {"prefix.embeddings": prefixes}
+        raise ConfigError(
+            f"the PEFT prefixes (layers, heads, token_dim) = {theirs} do not fit the base model's "
+            f"{(geo.layers, geo.heads, geo.heads * geo.head_dim)}; they were trained for another base"
+        )
+    return PrefixConfig(num_virtual_tokens=prefixes.shape[0], projection=False), {
+        "prefix.embeddings": prefixes
+    }
 
 
 register_format(PeftFormat("prompt", "PROMPT_TUNING", _prompt_export, _prompt_to_ours))

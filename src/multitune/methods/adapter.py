@@ -75,11 +75,21 @@ if TYPE_CHECKING:
 
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
 }
 # Norms whose forward is ``weight * x / rms(x)`` with the variance in float32 (Gemma's ``1 + weight`` is not).
-RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "T5LayerNorm",
-             "MT5LayerNorm"}
+RMS_NORMS = {
+    "LlamaRMSNorm",
+    "MistralRMSNorm",
+    "Qwen2RMSNorm",
+    "Qwen3RMSNorm",
+    "Phi3RMSNorm",
+    "T5LayerNorm",
+    "MT5LayerNorm",
+}
 
 
 @dataclass(frozen=True)
@@ -96,46 +106,72 @@ def _site(kind: str, pattern: str, norm: str) -> Site:
 
 
 SITES: dict[str, tuple[Site, ...]] = {
-    "llama": (_site("attention", r"^(.*)\.self_attn\.o_proj$", r"\1.input_layernorm"),
-              _site("ffn", r"^(.*)\.mlp\.down_proj$", r"\1.post_attention_layernorm")),
-    "gpt2": (_site("attention", r"^(.*)\.attn\.c_proj$", r"\1.ln_1"),
-             _site("ffn", r"^(.*)\.mlp\.c_proj$", r"\1.ln_2")),
-    "bert": (_site("attention", r"^(.*\.attention\.output)\.dense$", r"\1.LayerNorm"),
-             _site("attention", r"^(.*\.attention)\.attn\.o$", r"\1.LayerNorm"),  # MPNet
-             _site("ffn", r"^((?:.*\.)?layer\.\d+\.output)\.dense$", r"\1.LayerNorm")),
-    "distilbert": (_site("attention", r"^(.*)\.attention\.out_lin$", r"\1.sa_layer_norm"),
-                   _site("ffn", r"^(.*)\.ffn\.lin2$", r"\1.output_layer_norm")),
-    "t5": (_site("attention", r"^(.*)\.(?:SelfAttention|EncDecAttention)\.o$", r"\1.layer_norm"),
-           _site("ffn", r"^(.*)\.DenseReluDense\.wo$", r"\1.layer_norm")),
+    "llama": (
+        _site("attention", r"^(.*)\.self_attn\.o_proj$", r"\1.input_layernorm"),
+        _site("ffn", r"^(.*)\.mlp\.down_proj$", r"\1.post_attention_layernorm"),
+    ),
+    "gpt2": (
+        _site("attention", r"^(.*)\.attn\.c_proj$", r"\1.ln_1"),
+        _site("ffn", r"^(.*)\.mlp\.c_proj$", r"\1.ln_2"),
+    ),
+    "bert": (
+        _site("attention", r"^(.*\.attention\.output)\.dense$", r"\1.LayerNorm"),
+        _site("attention", r"^(.*\.attention)\.attn\.o$", r"\1.LayerNorm"),  # MPNet
+        _site("ffn", r"^((?:.*\.)?layer\.\d+\.output)\.dense$", r"\1.LayerNorm"),
+    ),
+    "distilbert": (
+        _site("attention", r"^(.*)\.attention\.out_lin$", r"\1.sa_layer_norm"),
+        _site("ffn", r"^(.*)\.ffn\.lin2$", r"\1.output_layer_norm"),
+    ),
+    "t5": (
+        _site("attention", r"^(.*)\.(?:SelfAttention|EncDecAttention)\.o$", r"\1.layer_norm"),
+        _site("ffn", r"^(.*)\.DenseReluDense\.wo$", r"\1.layer_norm"),
+    ),
 }
 
 
 @dataclass
 class AdapterConfig:
-    reduction_factor: int = field(default=16, metadata={"help": "bottleneck size r = hidden // factor (at least 1)"})
+    reduction_factor: int = field(
+        default=16, metadata={"help": "bottleneck size r = hidden // factor (at least 1)"}
+    )
     placement: str = field(
         default="houlsby",
-        metadata={"help": "houlsby: after attention and feed-forward blocks; pfeiffer: after feed-forward only"},
+        metadata={
+            "help": "houlsby: after attention and feed-forward blocks; pfeiffer: after feed-forward only"
+        },
     )
-    activation: str = field(default="relu", metadata={"help": "bottleneck nonlinearity: relu, gelu, silu or tanh"})
-    train_layer_norms: bool = field(default=False, metadata={"help": "train a per-task copy of each site's layer norm"})
+    activation: str = field(
+        default="relu", metadata={"help": "bottleneck nonlinearity: relu, gelu, silu or tanh"}
+    )
+    train_layer_norms: bool = field(
+        default=False, metadata={"help": "train a per-task copy of each site's layer norm"}
+    )
     modules: list[str] | None = field(
         default=None,
-        metadata={"help": "output layers to adapt (names or dotted suffixes), replacing the family table "
-                  "and the placement; default: the family table"},
+        metadata={
+            "help": "output layers to adapt (names or dotted suffixes), replacing the family table "
+            "and the placement; default: the family table"
+        },
     )
 
     def validate(self) -> list[str]:
         problems = []
         if self.reduction_factor < 1:
-            problems.append(f"adapter reduction_factor must be >= 1 (got {self.reduction_factor}); "
-                            "try --adapter-reduction-factor 16")
+            problems.append(
+                f"adapter reduction_factor must be >= 1 (got {self.reduction_factor}); "
+                "try --adapter-reduction-factor 16"
+            )
         if self.placement not in PLACEMENTS:
-            problems.append(f"adapter placement must be one of {', '.join(PLACEMENTS)} (got '{self.placement}'); "
-                            "fix --adapter-placement")
+            problems.append(
+                f"adapter placement must be one of {', '.join(PLACEMENTS)} (got '{self.placement}'); "
+                "fix --adapter-placement"
+            )
         if self.activation not in ACTIVATIONS:
-            problems.append(f"adapter activation must be one of {', '.join(ACTIVATIONS)} (got '{self.activation}'); "
-                            "fix --adapter-activation")
+            problems.append(
+                f"adapter activation must be one of {', '.join(ACTIVATIONS)} (got '{self.activation}'); "
+                "fix --adapter-activation"
+            )
         if self.modules is not None and not self.modules:
             problems.append("adapter modules is empty; give layer names to --adapter-modules or leave it out")
         return problems
@@ -152,8 +188,16 @@ class AdapterLinear(TaskLinear):
         self.up_bias = nn.ParameterDict()  # task -> (d,)
         self.activation: dict[str, str] = {}
         self.acts: list[str] = []  # the activations of this layer's tasks: the stack's activation index
-        self.stacked = SlotStack(routing, self._stack, lambda: [*self.down_weight.values(), *self.down_bias.values(),
-                                                               *self.up_weight.values(), *self.up_bias.values()])
+        self.stacked = SlotStack(
+            routing,
+            self._stack,
+            lambda: [
+                *self.down_weight.values(),
+                *self.down_bias.values(),
+                *self.up_weight.values(),
+                *self.up_bias.values(),
+            ],
+        )
 
     def task_names(self) -> list[str]:
         return list(self.down_weight)
@@ -169,8 +213,12 @@ class AdapterLinear(TaskLinear):
         self.activation[task] = activation
         self.acts = sorted(set(self.activation.values()))
         self.stacked.invalidate()
-        return {"adapter_down.weight": self.down_weight[task], "adapter_down.bias": self.down_bias[task],
-                "adapter_up.weight": self.up_weight[task], "adapter_up.bias": self.up_bias[task]}
+        return {
+            "adapter_down.weight": self.down_weight[task],
+            "adapter_down.bias": self.down_bias[task],
+            "adapter_up.weight": self.up_weight[task],
+            "adapter_up.bias": self.up_bias[task],
+        }
 
     def remove_task(self, task: str) -> None:
         del self.down_weight[task], self.down_bias[task], self.up_weight[task], self.up_bias[task]
@@ -207,12 +255,18 @@ class AdapterLinear(TaskLinear):
         pads = [rank - self.down_weight[t].shape[0] for t in tasks]
         device = self.down_weight[tasks[0]].device
         pairs = list(zip(tasks, pads, strict=True))
-        return Stack((torch.stack([F.pad(self.down_weight[t], (0, 0, 0, n)) for t, n in pairs]),
-                      torch.stack([F.pad(self.down_bias[t], (0, n)) for t, n in pairs]).unsqueeze(1),
-                      torch.stack([F.pad(self.up_weight[t], (0, n)) for t, n in pairs]),
-                      torch.stack([self.up_bias[t] for t in tasks]).unsqueeze(1),
-                      torch.tensor([self.acts.index(self.activation[t]) for t in tasks], device=device).view(-1, 1, 1)),
-                     slot_index(self.routing, tasks, device))
+        return Stack(
+            (
+                torch.stack([F.pad(self.down_weight[t], (0, 0, 0, n)) for t, n in pairs]),
+                torch.stack([F.pad(self.down_bias[t], (0, n)) for t, n in pairs]).unsqueeze(1),
+                torch.stack([F.pad(self.up_weight[t], (0, n)) for t, n in pairs]),
+                torch.stack([self.up_bias[t] for t in tasks]).unsqueeze(1),
+                torch.tensor([self.acts.index(self.activation[t]) for t in tasks], device=device).view(
+                    -1, 1, 1
+                ),
+            ),
+            slot_index(self.routing, tasks, device),
+        )
 
     def _mixed(self, y: torch.Tensor) -> torch.Tensor:
         """y plus each row's adapter output: batched matmuls over the rows whose task has an adapter here."""
@@ -259,8 +313,11 @@ class TaskNorm(nn.Module):
         self.kind = kind
         self.ln_weight = nn.ParameterDict()
         self.ln_bias = nn.ParameterDict()
-        self.stacked = SlotStack(routing, self._stack,
-                                 lambda: [self.base_norm.weight, *self.ln_weight.values(), *self.ln_bias.values()])
+        self.stacked = SlotStack(
+            routing,
+            self._stack,
+            lambda: [self.base_norm.weight, *self.ln_weight.values(), *self.ln_bias.values()],
+        )
 
     @property
     def weight(self) -> torch.Tensor:  # models may read their norms' weight
@@ -341,15 +398,22 @@ def adapter_sites(bank: MultiTaskModel, config: AdapterConfig) -> list[tuple[str
         from multitune.models import linear_module_names
 
         if not table:
-            raise ConfigError(f"no default adapter sites for model type '{family}'; pass --adapter-modules with the "
-                              f"output layers of its blocks (its linear layers: {', '.join(linear_module_names(model))})")
+            raise ConfigError(
+                f"no default adapter sites for model type '{family}'; pass --adapter-modules with the "
+                f"output layers of its blocks (its linear layers: {', '.join(linear_module_names(model))})"
+            )
         kinds = PLACEMENTS[config.placement]
-        linear = [n for n, m in model.named_modules()
-                  if ".base_layer" not in n and n not in skip and isinstance(innermost(m), LINEAR)]
+        linear = [
+            n
+            for n, m in model.named_modules()
+            if ".base_layer" not in n and n not in skip and isinstance(innermost(m), LINEAR)
+        ]
         names = [n for n in linear if any(s.kind in kinds and s.pattern.match(n) for s in table)]
         if not names:
-            raise ConfigError(f"no {config.placement} adapter sites found in {bank.base.source} (a '{family}' model); "
-                              f"pass --adapter-modules with some of: {', '.join(linear_module_names(model))}")
+            raise ConfigError(
+                f"no {config.placement} adapter sites found in {bank.base.source} (a '{family}' model); "
+                f"pass --adapter-modules with some of: {', '.join(linear_module_names(model))}"
+            )
     if not config.train_layer_norms:
         return [(n, None) for n in names]
     sites: list[tuple[str, str | None]] = []
@@ -358,12 +422,16 @@ def adapter_sites(bank: MultiTaskModel, config: AdapterConfig) -> list[tuple[str
         norm_name = site.pattern.sub(site.norm, name) if site is not None else None
         norm = _submodule(model, norm_name) if norm_name is not None else None
         if norm is None:
-            raise ConfigError(f"no layer norm is known to go with adapter site {name} in a '{family}' model; "
-                              "leave out --adapter-train-layer-norms")
+            raise ConfigError(
+                f"no layer norm is known to go with adapter site {name} in a '{family}' model; "
+                "leave out --adapter-train-layer-norms"
+            )
         base_norm = norm.base_norm if isinstance(norm, TaskNorm) else norm
         if norm_kind(base_norm) is None:
-            raise ConfigError(f"the norm {norm_name} is a {type(base_norm).__name__}, which adapters cannot copy per "
-                              "task (LayerNorm and RMS norms only); leave out --adapter-train-layer-norms")
+            raise ConfigError(
+                f"the norm {norm_name} is a {type(base_norm).__name__}, which adapters cannot copy per "
+                "task (LayerNorm and RMS norms only); leave out --adapter-train-layer-norms"
+            )
         sites.append((name, norm_name))
     return sites
 
@@ -415,6 +483,14 @@ def search(trial: Any) -> dict[str, Any]:
     return {"adapter.reduction_factor": trial.suggest_categorical("adapter.reduction_factor", [8, 16, 32])}
 
 
-register(Method(name="adapter", config_class=AdapterConfig, attach=attach, detach=detach,
-                summary="bottleneck adapters after attention and feed-forward blocks (Houlsby et al. 2019)",
-                default_learning_rate=1e-3, search=search))
+register(
+    Method(
+        name="adapter",
+        config_class=AdapterConfig,
+        attach=attach,
+        detach=detach,
+        summary="bottleneck adapters after attention and feed-forward blocks (Houlsby et al. 2019)",
+        default_learning_rate=1e-3,
+        search=search,
+    )
+)

@@ -29,6 +29,14 @@ def detach(bank: MultiTaskModel, task: str) -> None:
     """Nothing to take off."""
 
 
-register(Method(name="base", config_class=BaseConfig, attach=attach, detach=detach,
-                summary="the frozen base, no adapter (classification: a trained head only, a linear probe)",
-                default_learning_rate=1e-3, compared=False))
+register(
+    Method(
+        name="base",
+        config_class=BaseConfig,
+        attach=attach,
+        detach=detach,
+        summary="the frozen base, no adapter (classification: a trained head only, a linear probe)",
+        default_learning_rate=1e-3,
+        compared=False,
+    )
+)

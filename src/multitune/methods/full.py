@@ -44,10 +44,16 @@ def frozen_modules(bank: MultiTaskModel, freeze_layers: int) -> list[nn.Module]:
     stacks = bank.base.layer_lists()
     depth = min(len(s) for s in stacks) if stacks else 0
     if freeze_layers > depth:
-        raise ConfigError(f"full freeze_layers={freeze_layers} but the model has {depth} layers; use 0..{depth}")
+        raise ConfigError(
+            f"full freeze_layers={freeze_layers} but the model has {depth} layers; use 0..{depth}"
+        )
     model = bank.base.model
     embeddings = [m for n, m in model.named_modules() if _EMBEDDING.search(n + ".")]
-    return [model.get_input_embeddings(), *embeddings, *(block for stack in stacks for block in stack[:freeze_layers])]
+    return [
+        model.get_input_embeddings(),
+        *embeddings,
+        *(block for stack in stacks for block in stack[:freeze_layers]),
+    ]
 
 
 def attach(bank: MultiTaskModel, task: str, config: FullConfig) -> None:

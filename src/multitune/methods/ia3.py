@@ -63,7 +63,10 @@ FAMILY_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Model types that share a family above but whose PEFT defaults differ; None: PEFT has no default and
 # the family's names do not exist in the model, so the user must name the layers.
 MODEL_TYPE_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {
-    **{t: (("q_proj", "v_proj", "down_proj"), ("down_proj",)) for t in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    **{
+        t: (("q_proj", "v_proj", "down_proj"), ("down_proj",))
+        for t in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    },
     "mt5": (("k", "v", "wi_1"), ()),
     "phi3": None,
     "mpnet": None,
@@ -90,9 +93,13 @@ class IA3Config:
     def validate(self) -> list[str]:
         problems = []
         if self.target_modules is not None and not [t for t in self.target_modules if t.strip()]:
-            problems.append(f"ia3 target_modules is empty; pass {TARGET_FLAG} with layer names, e.g. k_proj,v_proj,down_proj")
+            problems.append(
+                f"ia3 target_modules is empty; pass {TARGET_FLAG} with layer names, e.g. k_proj,v_proj,down_proj"
+            )
         if self.feedforward_modules is not None and any(not f.strip() for f in self.feedforward_modules):
-            problems.append(f"ia3 feedforward_modules holds an empty name; pass {FEEDFORWARD_FLAG} with layer names")
+            problems.append(
+                f"ia3 feedforward_modules holds an empty name; pass {FEEDFORWARD_FLAG} with layer names"
+            )
         return problems
 
 
@@ -121,13 +128,17 @@ def plan(bank: MultiTaskModel, config: IA3Config) -> dict[str, bool]:
         )
     default_targets, default_feedforward = defaults or ((), ())
     targets = config.target_modules or list(default_targets)
-    feedforward = config.feedforward_modules if config.feedforward_modules is not None else list(default_feedforward)
+    feedforward = (
+        config.feedforward_modules if config.feedforward_modules is not None else list(default_feedforward)
+    )
     names = find_linear(bank.base.model, targets, bank.output_layer_names(), TARGET_FLAG)
     if config.feedforward_modules is not None:
         stray = [f for f in feedforward if not any(matches(n, [f]) for n in names)]
         if stray:
-            raise ConfigError(f"feed-forward modules {', '.join(stray)} are not among the targeted layers; "
-                              f"{FEEDFORWARD_FLAG} must name some of the layers in {TARGET_FLAG}")
+            raise ConfigError(
+                f"feed-forward modules {', '.join(stray)} are not among the targeted layers; "
+                f"{FEEDFORWARD_FLAG} must name some of the layers in {TARGET_FLAG}"
+            )
     return {n: matches(n, feedforward) for n in names}
 
 
@@ -138,7 +149,9 @@ class IA3Linear(TaskLinear):
         super().__init__(base_layer, routing)
         self.ia3_l = nn.ParameterDict()  # task -> (out, 1) output scaling, or (1, in) feed-forward
         self.feedforward: dict[str, bool] = {}
-        self.merged: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # task -> (vector, kept slices)
+        self.merged: dict[
+            str, tuple[torch.Tensor, dict[str, torch.Tensor]]
+        ] = {}  # task -> (vector, kept slices)
         self.stacked = SlotStack(routing, self._stack, lambda: self.ia3_l.values())
 
     def task_names(self) -> list[str]:
@@ -242,11 +255,16 @@ class IA3Linear(TaskLinear):
         slots = self.routing.slots
         scale_in = scale_out = None
         if any(self.feedforward[t] for t in active):
-            scale_in = torch.stack([self.ia3_l[t].reshape(-1) if t in active and self.feedforward[t] else ones_in
-                                    for t in slots])
+            scale_in = torch.stack(
+                [self.ia3_l[t].reshape(-1) if t in active and self.feedforward[t] else ones_in for t in slots]
+            )
         if any(not self.feedforward[t] for t in active):
-            scale_out = torch.stack([self.ia3_l[t].reshape(-1) if t in active and not self.feedforward[t] else ones_out
-                                     for t in slots])
+            scale_out = torch.stack(
+                [
+                    self.ia3_l[t].reshape(-1) if t in active and not self.feedforward[t] else ones_out
+                    for t in slots
+                ]
+            )
         return Stack((scale_in, scale_out), torch.arange(len(slots), device=ref.device))
 
 
@@ -276,6 +294,15 @@ def unmerge(bank: MultiTaskModel, task: str) -> None:
         layer.unmerge(task)
 
 
-register(Method(name="ia3", config_class=IA3Config, attach=attach, detach=detach,
-                summary="learned rescaling vectors of keys, values and feed-forward inputs (Liu et al. 2022)",
-                default_learning_rate=3e-3, merge=merge, unmerge=unmerge))
+register(
+    Method(
+        name="ia3",
+        config_class=IA3Config,
+        attach=attach,
+        detach=detach,
+        summary="learned rescaling vectors of keys, values and feed-forward inputs (Liu et al. 2022)",
+        default_learning_rate=3e-3,
+        merge=merge,
+        unmerge=unmerge,
+    )
+)

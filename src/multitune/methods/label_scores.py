@@ -29,8 +29,9 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def decoder_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         continuations: list[list[int]]) -> torch.Tensor:
+def decoder_label_scores(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, continuations: list[list[int]]
+) -> torch.Tensor:
     """Summed log-probabilities (B, C) of each continuation after each prompt, for a causal LM.
 
     The prompts are left-aligned first (padding of either side moves to the front), so every prompt
@@ -42,8 +43,13 @@ def decoder_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: to
     ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
     batch, device = ids.shape[0], ids.device
     longer = [c for c, seq in enumerate(continuations) if len(seq) > 1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=bool(longer), logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=bool(longer),
+        logits_to_keep=1,
+    )
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
     scores = first[:, torch.tensor([seq[0] for seq in continuations], device=device)]  # (B, C)
     if not longer:
@@ -56,17 +62,23 @@ def decoder_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: to
         cache.batch_repeat_interleave(c)
         tokens, tmask = _padded([continuations[j] for j in labels], device)  # (c, T)
         steps = tokens.shape[1] - 1
-        logits = model(input_ids=tokens[:, :-1].repeat(batch, 1),
-                       attention_mask=torch.cat([mask.repeat_interleave(c, 0), tmask[:, :-1].repeat(batch, 1)], 1),
-                       position_ids=lengths.repeat_interleave(c)[:, None] + torch.arange(steps, device=device),
-                       cache=cache, use_cache=True).logits  # (B*c, T-1, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:].repeat(batch, 1)[..., None])[..., 0]
+        logits = model(
+            input_ids=tokens[:, :-1].repeat(batch, 1),
+            attention_mask=torch.cat([mask.repeat_interleave(c, 0), tmask[:, :-1].repeat(batch, 1)], 1),
+            position_ids=lengths.repeat_interleave(c)[:, None] + torch.arange(steps, device=device),
+            cache=cache,
+            use_cache=True,
+        ).logits  # (B*c, T-1, V)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(
+            -1, tokens[:, 1:].repeat(batch, 1)[..., None]
+        )[..., 0]
         scores[:, labels] += (logp * tmask[:, 1:].repeat(batch, 1)).sum(-1).view(batch, c)
     return scores
 
 
-def seq2seq_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         continuations: list[list[int]]) -> torch.Tensor:
+def seq2seq_label_scores(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, continuations: list[list[int]]
+) -> torch.Tensor:
     """Summed log-probabilities (B, C) of each continuation as the decoder's output, for an encoder-decoder.
 
     The encoder runs once; its output is repeated per label (rows b*c + j) for the decoder, which reads
@@ -79,9 +91,12 @@ def seq2seq_label_scores(model: Any, input_ids: torch.Tensor, attention_mask: to
     start = model.config.decoder_start_token_id or 0
 
     def decode(c: int, decoder_ids: torch.Tensor) -> torch.Tensor:  # (B*c, T, V) log-probabilities
-        logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(c, 0)),
-                       attention_mask=attention_mask.repeat_interleave(c, 0), decoder_input_ids=decoder_ids,
-                       use_cache=False).logits
+        logits = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(c, 0)),
+            attention_mask=attention_mask.repeat_interleave(c, 0),
+            decoder_input_ids=decoder_ids,
+            use_cache=False,
+        ).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
     if all(len(seq) == 1 for seq in continuations):  # one decoder step, [start], serves every label

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 @dataclass
 class LoRAConfig:
     rank: int = field(default=8, metadata={"help": "rank r of the update B A"})
-    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is scaled by alpha/r"})
+    alpha: float = field(
+        default=16.0, metadata={"help": "scaling numerator: the update is scaled by alpha/r"}
+    )
     dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input during training"})
     target_modules: list[str] | None = field(
         default=None,
@@ -44,7 +46,9 @@ class LoRAConfig:
             "'all-linear' for every linear layer but the output head; default: the family's table"
         },
     )
-    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)"})
+    rslora: bool = field(
+        default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)"}
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -76,7 +80,9 @@ class LoRALinear(TaskLinear):
     def task_names(self) -> list[str]:
         return list(self.lora_A)
 
-    def add_task(self, task: str, rank: int, scaling: float, dropout: float) -> tuple[nn.Parameter, nn.Parameter]:
+    def add_task(
+        self, task: str, rank: int, scaling: float, dropout: float
+    ) -> tuple[nn.Parameter, nn.Parameter]:
         device = self.base_layer.weight.device
         a = torch.empty(rank, self.in_features, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
@@ -122,8 +128,9 @@ class LoRALinear(TaskLinear):
         if self.training and p > 0:
             x = F.dropout(x, p)
         low = F.linear(x, a)  # (..., r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(),
-                          alpha=self.scaling[task])
+        out = torch.addmm(
+            y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(), alpha=self.scaling[task]
+        )
         return out.view(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,8 +152,11 @@ class LoRALinear(TaskLinear):
         Only tasks with an update are stacked, so the stack is as large as their parameters however many
         tasks the bank holds (:class:`~multitune.methods.stack.SlotStack` caches it and gathers per row).
         """
-        tasks = [t for t in self.routing.slots
-                 if t in self.lora_A and t not in self.merged and (present is None or t in present)]
+        tasks = [
+            t
+            for t in self.routing.slots
+            if t in self.lora_A and t not in self.merged and (present is None or t in present)
+        ]
         if not tasks:
             return None
         rank = max(self.lora_A[t].shape[0] for t in tasks)
@@ -216,6 +226,16 @@ def search(trial: Any) -> dict[str, Any]:
     return {"lora.rank": rank, "lora.alpha": 2.0 * rank}
 
 
-register(Method(name="lora", config_class=LoRAConfig, attach=attach, detach=detach,
-                summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
-                default_learning_rate=5e-4, merge=merge, unmerge=unmerge, search=search))
+register(
+    Method(
+        name="lora",
+        config_class=LoRAConfig,
+        attach=attach,
+        detach=detach,
+        summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
+        default_learning_rate=5e-4,
+        merge=merge,
+        unmerge=unmerge,
+        search=search,
+    )
+)

@@ -39,17 +39,27 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefixConfig:
-    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length n (virtual tokens per layer)"})
-    projection: bool = field(default=True, metadata={
-        "help": "train through the reparameterisation MLP (folded into plain prefixes when training ends)"})
-    projection_hidden: int | None = field(default=None, metadata={
-        "help": "hidden size of the reparameterisation MLP (default: the model's hidden size)"})
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "prefix length n (virtual tokens per layer)"}
+    )
+    projection: bool = field(
+        default=True,
+        metadata={
+            "help": "train through the reparameterisation MLP (folded into plain prefixes when training ends)"
+        },
+    )
+    projection_hidden: int | None = field(
+        default=None,
+        metadata={"help": "hidden size of the reparameterisation MLP (default: the model's hidden size)"},
+    )
 
     def validate(self) -> list[str]:
         problems = []
         if self.num_virtual_tokens < 1:
-            problems.append(f"prefix num_virtual_tokens must be >= 1 (got {self.num_virtual_tokens}); "
-                            "try --prefix-num-virtual-tokens 20")
+            problems.append(
+                f"prefix num_virtual_tokens must be >= 1 (got {self.num_virtual_tokens}); "
+                "try --prefix-num-virtual-tokens 20"
+            )
         if self.projection_hidden is not None and self.projection_hidden < 1:
             problems.append(f"prefix projection_hidden must be >= 1 (got {self.projection_hidden})")
         return problems
@@ -76,22 +86,32 @@ def geometry(bank: MultiTaskModel) -> Geometry:
         layers = config.num_hidden_layers
     heads_q = config.num_attention_heads
     heads = getattr(config, "num_key_value_heads", None) or heads_q
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads_q
+    head_dim = (
+        getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads_q
+    )
     return Geometry(layers, heads, head_dim)
 
 
 class PrefixEncoder(nn.Module):
     """One task's prefixes: a plain (n, width) tensor, or E (n, d) through the reparameterisation MLP."""
 
-    def __init__(self, n: int, hidden: int, width: int, projection_hidden: int | None, projection: bool,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        n: int,
+        hidden: int,
+        width: int,
+        projection_hidden: int | None,
+        projection: bool,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.projection = projection
         if projection:
-            self.embedding = nn.Parameter(torch.randn(n, hidden, device=device) * hidden ** -0.5)
+            self.embedding = nn.Parameter(torch.randn(n, hidden, device=device) * hidden**-0.5)
             inner = projection_hidden or hidden
-            self.mlp = nn.Sequential(nn.Linear(hidden, inner, device=device), nn.Tanh(),
-                                     nn.Linear(inner, width, device=device))
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, inner, device=device), nn.Tanh(), nn.Linear(inner, width, device=device)
+            )
             # A small last layer: the prefixes start near zero keys and values, a mild perturbation.
             with torch.no_grad():
                 self.mlp[2].weight.mul_(0.1)
@@ -120,7 +140,9 @@ class PrefixStore(nn.Module):
         super().__init__()
         self.routing = routing
         self.encoders = nn.ModuleDict()  # task -> PrefixEncoder
-        self.stacked = SlotStack(routing, self._stack, lambda: (p for e in self.encoders.values() for p in e.parameters()))
+        self.stacked = SlotStack(
+            routing, self._stack, lambda: (p for e in self.encoders.values() for p in e.parameters())
+        )
 
     def _stack(self, present: set[str] | None) -> Stack | None:
         tasks = [t for t in self.routing.slots if t in self.encoders and (present is None or t in present)]
@@ -129,7 +151,9 @@ class PrefixStore(nn.Module):
         prefixes = [self.encoders[t]() for t in tasks]
         longest = max(p.shape[0] for p in prefixes)
         ref = prefixes[0]
-        rows = [F.pad(p, (0, 0, longest - p.shape[0], 0)) for p in prefixes] + [ref.new_zeros(longest, ref.shape[1])]
+        rows = [F.pad(p, (0, 0, longest - p.shape[0], 0)) for p in prefixes] + [
+            ref.new_zeros(longest, ref.shape[1])
+        ]
         lengths = torch.tensor([p.shape[0] for p in prefixes] + [0], device=ref.device)
         where = slot_index(self.routing, tasks, ref.device)
         return Stack((torch.stack(rows), lengths), torch.where(where < 0, len(tasks), where))
@@ -146,13 +170,23 @@ def _store(bank: MultiTaskModel) -> PrefixStore:
 
 def attach(bank: MultiTaskModel, task: str, config: PrefixConfig) -> None:
     base = bank.base
-    limit = getattr(base.model.config, "max_position_embeddings", None) or getattr(base.model.config, "n_positions", None)
+    limit = getattr(base.model.config, "max_position_embeddings", None) or getattr(
+        base.model.config, "n_positions", None
+    )
     if limit is not None and config.num_virtual_tokens >= limit:
-        raise ConfigError(f"a prefix of {config.num_virtual_tokens} tokens leaves no room for text in a context of "
-                          f"{limit} positions; use --prefix-num-virtual-tokens below {limit}")
+        raise ConfigError(
+            f"a prefix of {config.num_virtual_tokens} tokens leaves no room for text in a context of "
+            f"{limit} positions; use --prefix-num-virtual-tokens below {limit}"
+        )
     geo = geometry(bank)
-    encoder = PrefixEncoder(config.num_virtual_tokens, base.hidden_size, geo.width, config.projection_hidden,
-                            config.projection, base.device)
+    encoder = PrefixEncoder(
+        config.num_virtual_tokens,
+        base.hidden_size,
+        geo.width,
+        config.projection_hidden,
+        config.projection,
+        base.device,
+    )
     store = _store(bank)
     store.encoders[task] = encoder
     store.stacked.invalidate()
@@ -199,7 +233,7 @@ def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
         return
     geo = geometry(bank)
     batch = stacked.shape[0]
-    kv = stacked[:, stacked.shape[1] - width:].reshape(batch, width, geo.layers * 2, geo.heads, geo.head_dim)
+    kv = stacked[:, stacked.shape[1] - width :].reshape(batch, width, geo.layers * 2, geo.heads, geo.head_dim)
     kv = kv.permute(2, 0, 3, 1, 4)  # (layers * 2, B, heads, W, head_dim)
     cache = DynamicCache()
     for layer in range(geo.layers):
@@ -218,6 +252,17 @@ def search(trial: Any) -> dict[str, Any]:
     return {"prefix.num_virtual_tokens": trial.suggest_categorical("prefix.num_virtual_tokens", [5, 10, 20])}
 
 
-register(Method(name="prefix", config_class=PrefixConfig, attach=attach, detach=detach,
-                summary="trainable key/value prefixes in every attention layer (Li & Liang 2021)",
-                default_learning_rate=1e-2, fold=fold, inputs=inputs, positions=positions, search=search))
+register(
+    Method(
+        name="prefix",
+        config_class=PrefixConfig,
+        attach=attach,
+        detach=detach,
+        summary="trainable key/value prefixes in every attention layer (Li & Liang 2021)",
+        default_learning_rate=1e-2,
+        fold=fold,
+        inputs=inputs,
+        positions=positions,
+        search=search,
+    )
+)

@@ -36,7 +36,9 @@ INITS = ("random", "vocab", "labels", "text")
 class PromptConfig:
     num_virtual_tokens: int = field(default=20, metadata={"help": "length n of the soft prompt"})
     init: str = field(default="vocab", metadata={"help": "initialisation: random, vocab, labels or text"})
-    init_text: str | None = field(default=None, metadata={"help": "text whose token embeddings start the prompt (init=text)"})
+    init_text: str | None = field(
+        default=None, metadata={"help": "text whose token embeddings start the prompt (init=text)"}
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -68,8 +70,10 @@ class PromptStore(nn.Module):
             return None
         longest = max(self.prompts[t].shape[0] for t in tasks)
         ref = self.prompts[tasks[0]]
-        rows = [torch.cat([ref.new_zeros(longest - self.prompts[t].shape[0], ref.shape[1]), self.prompts[t]])
-                for t in tasks]
+        rows = [
+            torch.cat([ref.new_zeros(longest - self.prompts[t].shape[0], ref.shape[1]), self.prompts[t]])
+            for t in tasks
+        ]
         lengths = torch.tensor([self.prompts[t].shape[0] for t in tasks] + [0], device=ref.device)
         where = slot_index(self.routing, tasks, ref.device)
         where = torch.where(where < 0, len(tasks), where)  # slots without a prompt: the zero row
@@ -96,7 +100,7 @@ def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
     if width == 0:
         return
     positions = torch.arange(width, device=lengths.device)
-    state.add_virtual(stacked[:, stacked.shape[1] - width:], positions >= width - lengths[:, None])
+    state.add_virtual(stacked[:, stacked.shape[1] - width :], positions >= width - lengths[:, None])
 
 
 def positions(bank: MultiTaskModel, task: str) -> int:
@@ -124,12 +128,16 @@ def initial_prompt(bank: MultiTaskModel, task: str, config: PromptConfig) -> tor
     if config.init == "labels":
         labels = bank.tasks[task].labels
         if not labels:
-            raise ConfigError(f"prompt init=labels needs a classification task with labels; '{task}' has none")
+            raise ConfigError(
+                f"prompt init=labels needs a classification task with labels; '{task}' has none"
+            )
         ids = {label: _single_token(tokenizer, label) for label in labels}
         long = [label for label, i in ids.items() if i is None]
         if long:
-            raise ConfigError(f"prompt init=labels needs labels of one token each; {', '.join(map(repr, long[:5]))} "
-                              "are several tokens: use --prompt-init vocab or text")
+            raise ConfigError(
+                f"prompt init=labels needs labels of one token each; {', '.join(map(repr, long[:5]))} "
+                "are several tokens: use --prompt-init vocab or text"
+            )
         label_rows = embeddings[torch.tensor(list(ids.values()), device=embeddings.device)].float()
         sampled[: min(n, len(labels))] = label_rows[:n]
         return sampled
@@ -142,10 +150,13 @@ def initial_prompt(bank: MultiTaskModel, task: str, config: PromptConfig) -> tor
 
 def attach(bank: MultiTaskModel, task: str, config: PromptConfig) -> None:
     limit = getattr(bank.base.model.config, "max_position_embeddings", None) or getattr(
-        bank.base.model.config, "n_positions", None)
+        bank.base.model.config, "n_positions", None
+    )
     if limit is not None and config.num_virtual_tokens >= limit:
-        raise ConfigError(f"a soft prompt of {config.num_virtual_tokens} tokens leaves no room for text in a "
-                          f"context of {limit} positions; use --prompt-num-virtual-tokens below {limit}")
+        raise ConfigError(
+            f"a soft prompt of {config.num_virtual_tokens} tokens leaves no room for text in a "
+            f"context of {limit} positions; use --prompt-num-virtual-tokens below {limit}"
+        )
     prompt = nn.Parameter(initial_prompt(bank, task, config))
     store = _store(bank)
     store.prompts[task] = prompt

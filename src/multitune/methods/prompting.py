@@ -84,23 +84,47 @@ class ShotPool:
 
 @dataclass
 class PromptingConfig:
-    template: str | None = field(default=None, metadata={
-        "help": "one example as the model reads it: {text} (or {input}), {text_pair}, then {label} "
-                "(classification) or {response} (generation); '\\n' is a newline; default "
-                "'{text}\\nAnswer: {label}' or '{text}\\n{response}'"})
-    instruction: str | None = field(default=None, metadata={
-        "help": "text before the shots and the input; {labels} lists the verbalisers (default: "
-                "'Answer with one of: {labels}.' for classification, none for generation)"})
-    verbalizers: str | dict[str, str] | None = field(default=None, metadata={
-        "help": "the answer word(s) of each label, label=words pairs, comma-separated, e.g. "
-                "'positive=great,negative=terrible' (default: each label's own text)"})
-    shots: int = field(default=0, metadata={"help": "k solved training examples before the input (0: zero-shot)"})
-    selection: str = field(default="random", metadata={
-        "help": "how shots are chosen: random (seeded per input) or similar (nearest by base-model embedding)"})
-    shot_separator: str = field(default="\n\n", metadata={
-        "help": "text between the instruction, the shots and the input ('\\n' is a newline)"})
-    pool_size: int = field(default=64, metadata={"help": "training examples kept (label-balanced) to draw shots from"})
-    temperature: float = field(default=0.05, metadata={"help": "encoders: logits are cosine similarities / temperature"})
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "one example as the model reads it: {text} (or {input}), {text_pair}, then {label} "
+            "(classification) or {response} (generation); '\\n' is a newline; default "
+            "'{text}\\nAnswer: {label}' or '{text}\\n{response}'"
+        },
+    )
+    instruction: str | None = field(
+        default=None,
+        metadata={
+            "help": "text before the shots and the input; {labels} lists the verbalisers (default: "
+            "'Answer with one of: {labels}.' for classification, none for generation)"
+        },
+    )
+    verbalizers: str | dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "the answer word(s) of each label, label=words pairs, comma-separated, e.g. "
+            "'positive=great,negative=terrible' (default: each label's own text)"
+        },
+    )
+    shots: int = field(
+        default=0, metadata={"help": "k solved training examples before the input (0: zero-shot)"}
+    )
+    selection: str = field(
+        default="random",
+        metadata={
+            "help": "how shots are chosen: random (seeded per input) or similar (nearest by base-model embedding)"
+        },
+    )
+    shot_separator: str = field(
+        default="\n\n",
+        metadata={"help": "text between the instruction, the shots and the input ('\\n' is a newline)"},
+    )
+    pool_size: int = field(
+        default=64, metadata={"help": "training examples kept (label-balanced) to draw shots from"}
+    )
+    temperature: float = field(
+        default=0.05, metadata={"help": "encoders: logits are cosine similarities / temperature"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the pool and of random shots"})
     pool: ShotPool = field(default_factory=ShotPool)  # written by fit; a dataclass, so never a CLI flag
 
@@ -112,48 +136,73 @@ class PromptingConfig:
             if isinstance(value, str):  # so that a shell argument can hold newlines
                 setattr(self, name, value.replace("\\n", "\n").replace("\\t", "\t"))
         if isinstance(self.verbalizers, str):
-            self.verbalizers = _parse_pairs(self.verbalizers) or self.verbalizers  # validate() reports a bad one
+            self.verbalizers = (
+                _parse_pairs(self.verbalizers) or self.verbalizers
+            )  # validate() reports a bad one
         elif isinstance(self.verbalizers, dict):
             self.verbalizers = {str(k): str(v) for k, v in self.verbalizers.items()}
 
     def validate(self) -> list[str]:
         problems = []
-        for name, text, allowed in (("template", self.template, PLACEHOLDERS), ("instruction", self.instruction, ("labels",))):
+        for name, text, allowed in (
+            ("template", self.template, PLACEHOLDERS),
+            ("instruction", self.instruction, ("labels",)),
+        ):
             unknown = sorted(set(_PLACEHOLDER.findall(text or "")) - set(allowed))
             if unknown:
-                problems.append(f"prompting {name} has unknown placeholder(s) {_braced(unknown)}; it may use "
-                                f"{_braced(allowed)}: fix --prompting-{name}")
+                problems.append(
+                    f"prompting {name} has unknown placeholder(s) {_braced(unknown)}; it may use "
+                    f"{_braced(allowed)}: fix --prompting-{name}"
+                )
         found = _PLACEHOLDER.findall(self.template or "")
         if "label" in found and "response" in found:
-            problems.append("prompting template holds both {label} and {response}; use {label} for classification "
-                            "and {response} for generation: fix --prompting-template")
+            problems.append(
+                "prompting template holds both {label} and {response}; use {label} for classification "
+                "and {response} for generation: fix --prompting-template"
+            )
         for slot in ("label", "response"):
             if found.count(slot) > 1:
-                problems.append(f"prompting template holds {{{slot}}} {found.count(slot)} times; it goes once, where "
-                                "the answer goes: fix --prompting-template")
+                problems.append(
+                    f"prompting template holds {{{slot}}} {found.count(slot)} times; it goes once, where "
+                    "the answer goes: fix --prompting-template"
+                )
         if self.template is not None and not {"text", "input", "text_pair"} & set(found):
-            problems.append("prompting template has no {text} (or {input}), so the model would never see the input: "
-                            "fix --prompting-template, e.g. '{text}\\nAnswer: {label}'")
+            problems.append(
+                "prompting template has no {text} (or {input}), so the model would never see the input: "
+                "fix --prompting-template, e.g. '{text}\\nAnswer: {label}'"
+            )
         if isinstance(self.verbalizers, str):
-            problems.append(f"prompting verbalizers must be label=words pairs separated by commas, e.g. "
-                            f"'positive=great,negative=terrible' (got {self.verbalizers!r}): fix --prompting-verbalizers")
+            problems.append(
+                f"prompting verbalizers must be label=words pairs separated by commas, e.g. "
+                f"'positive=great,negative=terrible' (got {self.verbalizers!r}): fix --prompting-verbalizers"
+            )
         elif self.verbalizers:
             empty = sorted(k for k, v in self.verbalizers.items() if not v.strip())
             if empty:
-                problems.append(f"prompting verbalizers of {empty[:5]} are empty: give each label its answer words "
-                                "with --prompting-verbalizers")
+                problems.append(
+                    f"prompting verbalizers of {empty[:5]} are empty: give each label its answer words "
+                    "with --prompting-verbalizers"
+                )
         if self.shots < 0:
             problems.append(f"prompting shots must be >= 0 (got {self.shots}): fix --prompting-shots")
         if self.selection not in SELECTIONS:
-            problems.append(f"prompting selection must be one of {', '.join(SELECTIONS)} (got '{self.selection}'): "
-                            "fix --prompting-selection")
+            problems.append(
+                f"prompting selection must be one of {', '.join(SELECTIONS)} (got '{self.selection}'): "
+                "fix --prompting-selection"
+            )
         if self.pool_size < 1:
-            problems.append(f"prompting pool_size must be >= 1 (got {self.pool_size}): fix --prompting-pool-size")
+            problems.append(
+                f"prompting pool_size must be >= 1 (got {self.pool_size}): fix --prompting-pool-size"
+            )
         elif self.pool_size < self.shots:
-            problems.append(f"prompting pool_size {self.pool_size} is smaller than shots {self.shots}: raise "
-                            "--prompting-pool-size or lower --prompting-shots")
+            problems.append(
+                f"prompting pool_size {self.pool_size} is smaller than shots {self.shots}: raise "
+                "--prompting-pool-size or lower --prompting-shots"
+            )
         if not self.temperature > 0:
-            problems.append(f"prompting temperature must be > 0 (got {self.temperature}): fix --prompting-temperature")
+            problems.append(
+                f"prompting temperature must be > 0 (got {self.temperature}): fix --prompting-temperature"
+            )
         return problems
 
 
@@ -208,7 +257,7 @@ def continuation_ids(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConf
     if bank.base.arch == "seq2seq":
         return [list(tokenizer(w, add_special_tokens=False).input_ids) for w in words]
     prefix = template_for(config, "classification").split("{label}", 1)[0]
-    space = prefix[len(prefix.rstrip()):]
+    space = prefix[len(prefix.rstrip()) :]
     return [list(tokenizer(space + w, add_special_tokens=False).input_ids) for w in words]
 
 
@@ -217,36 +266,54 @@ def attach(bank: MultiTaskModel, task: str, config: PromptingConfig) -> None:
     """Check the settings against the task; a prompting task has no parameters."""
     spec = bank.tasks[task]
     problems = []
-    found = set(_PLACEHOLDER.findall(config.template or "")) | set(_PLACEHOLDER.findall(config.instruction or ""))
+    found = set(_PLACEHOLDER.findall(config.template or "")) | set(
+        _PLACEHOLDER.findall(config.instruction or "")
+    )
     if spec.kind == "classification":
         if config.template is not None and "{label}" not in config.template:
-            problems.append("a classification template needs {label} where the answer goes, e.g. "
-                            "--prompting-template '{text}\\nAnswer: {label}'")
+            problems.append(
+                "a classification template needs {label} where the answer goes, e.g. "
+                "--prompting-template '{text}\\nAnswer: {label}'"
+            )
         given = config.verbalizers if isinstance(config.verbalizers, dict) else {}
         unknown = sorted(set(given) - set(spec.labels))
         if unknown:
-            problems.append(f"--prompting-verbalizers names label(s) {unknown[:5]} that task '{task}' does not have; "
-                            f"its labels: {spec.labels[:10]}")
+            problems.append(
+                f"--prompting-verbalizers names label(s) {unknown[:5]} that task '{task}' does not have; "
+                f"its labels: {spec.labels[:10]}"
+            )
         words = verbalizers(config, spec)
         seen: dict[str, str] = {}
         for label, word in words.items():
             if word in seen:
-                problems.append(f"labels {seen[word]!r} and {label!r} share the verbaliser {word!r}, so they would "
-                                "always score the same: give each its own with --prompting-verbalizers")
+                problems.append(
+                    f"labels {seen[word]!r} and {label!r} share the verbaliser {word!r}, so they would "
+                    "always score the same: give each its own with --prompting-verbalizers"
+                )
             seen.setdefault(word, label)
         if bank.base.arch != "encoder" and not unknown:
-            empty = [w for w, ids in zip(words.values(), continuation_ids(bank, spec, config), strict=True) if not ids]
+            empty = [
+                w
+                for w, ids in zip(words.values(), continuation_ids(bank, spec, config), strict=True)
+                if not ids
+            ]
             if empty:
-                problems.append(f"verbaliser(s) {empty[:5]} have no tokens in this model's vocabulary: "
-                                "fix --prompting-verbalizers")
+                problems.append(
+                    f"verbaliser(s) {empty[:5]} have no tokens in this model's vocabulary: "
+                    "fix --prompting-verbalizers"
+                )
     else:
         if config.template is not None and "{response}" not in config.template:
-            problems.append("a generation template needs {response} where the answer goes, e.g. "
-                            "--prompting-template 'Question: {text}\\nAnswer: {response}'")
+            problems.append(
+                "a generation template needs {response} where the answer goes, e.g. "
+                "--prompting-template 'Question: {text}\\nAnswer: {response}'"
+            )
         wrong = sorted(found & {"label", "labels", "text_pair"})
         if wrong:
-            problems.append(f"{_braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
-                            "{response}: fix --prompting-template / --prompting-instruction")
+            problems.append(
+                f"{_braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
+                "{response}: fix --prompting-template / --prompting-instruction"
+            )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -270,8 +337,10 @@ def fit(bank: MultiTaskModel, task: str, examples: Sequence[Example]) -> None:
         usable = [ex for ex in examples if ex.response is not None]
         pool = rng.sample(usable, min(len(usable), config.pool_size))
     if config.shots and not pool:
-        raise ConfigError(f"task '{task}' has no usable training examples to draw {config.shots} shots from; "
-                          "give labelled training data or use --prompting-shots 0")
+        raise ConfigError(
+            f"task '{task}' has no usable training examples to draw {config.shots} shots from; "
+            "give labelled training data or use --prompting-shots 0"
+        )
     spec.config["pool"] = {"examples": [{k: v for k, v in vars(ex).items() if v is not None} for ex in pool]}
     _forget(bank, task)
 
@@ -288,8 +357,10 @@ def render(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_len
     config = task_config(bank, task)
     pool = pool_examples(config)
     chosen = choose_shots(bank, task, config, examples)
-    return [_render_one(bank, spec, config, ex, [pool[i] for i in idx], max_length)
-            for ex, idx in zip(examples, chosen, strict=True)]
+    return [
+        _render_one(bank, spec, config, ex, [pool[i] for i in idx], max_length)
+        for ex, idx in zip(examples, chosen, strict=True)
+    ]
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -298,12 +369,24 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 def _values(example: Example, answer: str, listed: str) -> dict[str, str]:
-    return {"text": example.text, "input": example.text, "text_pair": example.text_pair or "", "label": answer,
-            "response": example.response or "", "labels": listed}
+    return {
+        "text": example.text,
+        "input": example.text,
+        "text_pair": example.text_pair or "",
+        "label": answer,
+        "response": example.response or "",
+        "labels": listed,
+    }
 
 
-def _render_one(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConfig, example: Example,
-                shots: list[Example], max_length: int) -> Example:
+def _render_one(
+    bank: MultiTaskModel,
+    spec: TaskSpec,
+    config: PromptingConfig,
+    example: Example,
+    shots: list[Example],
+    max_length: int,
+) -> Example:
     classification = spec.kind == "classification"
     words = verbalizers(config, spec) if classification else {}
     listed = ", ".join(words.values())
@@ -338,7 +421,9 @@ def _budget(bank: MultiTaskModel, spec: TaskSpec, example: Example, max_length: 
 
     reserve = 0
     if bank.base.arch == "decoder" and example.response is not None:  # prompt and response share the context
-        reserve = min(len(tokenizer(example.response, add_special_tokens=False).input_ids) + 1, max_length // 2)
+        reserve = min(
+            len(tokenizer(example.response, add_special_tokens=False).input_ids) + 1, max_length // 2
+        )
     return max_length - reserve, lambda text: len(prompt_ids(bank.base, text))
 
 
@@ -348,8 +433,9 @@ def _cut(tokenizer: Any, text: str, over: int) -> str:
 
 
 # ---- shots -----------------------------------------------------------------------------------------------
-def choose_shots(bank: MultiTaskModel, task: str, config: PromptingConfig,
-                 examples: Sequence[Example]) -> list[list[int]]:
+def choose_shots(
+    bank: MultiTaskModel, task: str, config: PromptingConfig, examples: Sequence[Example]
+) -> list[list[int]]:
     """Pool indices of each example's shots, in prompt order (for ``similar``, the nearest last)."""
     if min(config.shots, len(config.pool.examples)) == 0:
         return [[] for _ in examples]
@@ -358,8 +444,13 @@ def choose_shots(bank: MultiTaskModel, task: str, config: PromptingConfig,
     return pick_shots(bank, task, config, [tuple(r) for r in rows], queries)
 
 
-def pick_shots(bank: MultiTaskModel, task: str, config: PromptingConfig, keys: list[tuple[int, ...]],
-               queries: torch.Tensor | None) -> list[list[int]]:
+def pick_shots(
+    bank: MultiTaskModel,
+    task: str,
+    config: PromptingConfig,
+    keys: list[tuple[int, ...]],
+    queries: torch.Tensor | None,
+) -> list[list[int]]:
     """k pool indices per input, inputs given by their token ids (and embeddings (n, d) for ``similar``).
 
     A pool example with the input's very tokens is never its shot; random draws are seeded by the seed
@@ -387,8 +478,10 @@ def _select(k: int, excluded: torch.Tensor, seeds: list[str], sims: torch.Tensor
         return out
     sims = sims.float().masked_fill(excluded.to(sims.device), float("-inf"))
     top = sims.topk(min(k, sims.shape[1]), dim=1)
-    return [[i for i, v in zip(idx, val, strict=True) if v != float("-inf")][::-1]
-            for idx, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+    return [
+        [i for i, v in zip(idx, val, strict=True) if v != float("-inf")][::-1]
+        for idx, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
 
 
 # ---- embeddings (similar shots, encoder prototypes) ------------------------------------------------------
@@ -402,7 +495,9 @@ def _forget(bank: MultiTaskModel, task: str) -> None:
 def _cached(bank: MultiTaskModel, task: str, config: PromptingConfig) -> dict[str, Any]:
     """The task's cache entry, emptied when its pool, labels or verbalisers changed."""
     spec = bank.tasks[task]
-    key = hashlib.sha1(json.dumps([config.pool.examples, verbalizers(config, spec), spec.labels]).encode()).hexdigest()
+    key = hashlib.sha1(
+        json.dumps([config.pool.examples, verbalizers(config, spec), spec.labels]).encode()
+    ).hexdigest()
     entries = _CACHE.setdefault(bank, {})
     if task not in entries or entries[task]["key"] != key:
         entries[task] = {"key": key}
@@ -417,7 +512,11 @@ def _tokens(bank: MultiTaskModel, example: Example, max_length: int) -> list[int
     """An example's token ids, as :func:`multitune.encode.encode_example` makes them for classification."""
     tokenizer = bank.base.tokenizer
     if example.text_pair is not None and bank.base.arch == "decoder":
-        return list(tokenizer(example.text + "\n" + example.text_pair, truncation=True, max_length=max_length).input_ids)
+        return list(
+            tokenizer(
+                example.text + "\n" + example.text_pair, truncation=True, max_length=max_length
+            ).input_ids
+        )
     return list(tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length).input_ids)
 
 
@@ -436,7 +535,9 @@ def _embed_ids(bank: MultiTaskModel, rows: list[list[int]], batch_size: int = 32
 
     out = []
     for start in range(0, len(rows), batch_size):
-        batch = collate([{"input_ids": r} for r in rows[start : start + batch_size]], bank.base.tokenizer.pad_token_id, 0)
+        batch = collate(
+            [{"input_ids": r} for r in rows[start : start + batch_size]], bank.base.tokenizer.pad_token_id, 0
+        )
         device = bank.base.device
         out.append(mean_hidden(bank, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
     return torch.cat(out) if out else torch.empty(0, bank.base.hidden_size, device=bank.base.device)
@@ -464,7 +565,9 @@ def pool_embeddings(bank: MultiTaskModel, task: str, config: PromptingConfig) ->
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------
-def score(bank: MultiTaskModel, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score(
+    bank: MultiTaskModel, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Label logits (B, C) of rendered prompts: verbaliser log-likelihoods, or scaled cosines on encoders."""
     spec = bank.tasks[task]
     config = task_config(bank, task)
@@ -477,8 +580,13 @@ def score(bank: MultiTaskModel, task: str, input_ids: torch.Tensor, attention_ma
         return decoder_label_scores(bank.base.model, input_ids, attention_mask, continuations)
 
 
-def prototype_scores(bank: MultiTaskModel, task: str, config: PromptingConfig, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
+def prototype_scores(
+    bank: MultiTaskModel,
+    task: str,
+    config: PromptingConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
     """Encoders: cos(e(x), proto_c(x)) / temperature (B, C); see the module docstring."""
     spec = bank.tasks[task]
     x = _unit(mean_hidden(bank, input_ids, attention_mask))  # (B, d)
@@ -486,8 +594,9 @@ def prototype_scores(bank: MultiTaskModel, task: str, config: PromptingConfig, i
     if "verbalizers" not in entry:
         tokenizer = bank.base.tokenizer
         words = verbalizers(config, spec).values()
-        entry["verbalizers"] = _embed_ids(bank, [list(tokenizer(w, truncation=True, max_length=EMBED_MAX_LENGTH).input_ids)
-                                                 for w in words])
+        entry["verbalizers"] = _embed_ids(
+            bank, [list(tokenizer(w, truncation=True, max_length=EMBED_MAX_LENGTH).input_ids) for w in words]
+        )
     batch, labels = x.shape[0], len(spec.labels)
     total = _unit(entry["verbalizers"]).to(x.device).unsqueeze(0).repeat(batch, 1, 1)  # (B, C, d)
     counts = torch.ones(batch, labels, device=x.device)
@@ -495,13 +604,23 @@ def prototype_scores(bank: MultiTaskModel, task: str, config: PromptingConfig, i
     k = min(config.shots, len(pool))
     if k:
         pool_emb = _unit(pool_embeddings(bank, task, config)).to(x.device)  # (P, d)
-        rows = [tuple(r[m.bool()].tolist()) for r, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
+        rows = [
+            tuple(r[m.bool()].tolist()) for r, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
+        ]
         chosen = pick_shots(bank, task, config, rows, x)
-        picked = torch.zeros(batch, len(pool), device=x.device)  # (B, P): 1 where pool example p is a shot of row b
+        picked = torch.zeros(
+            batch, len(pool), device=x.device
+        )  # (B, P): 1 where pool example p is a shot of row b
         for b, idx in enumerate(chosen):
             picked[b, idx] = 1.0
-        onehot = F.one_hot(torch.tensor([spec.labels.index(p.label) if p.label in spec.labels else 0 for p in pool]),
-                           labels).float().to(x.device)
+        onehot = (
+            F.one_hot(
+                torch.tensor([spec.labels.index(p.label) if p.label in spec.labels else 0 for p in pool]),
+                labels,
+            )
+            .float()
+            .to(x.device)
+        )
         onehot[[i for i, p in enumerate(pool) if p.label not in spec.labels]] = 0.0
         total = total + torch.einsum("bp,pc,pd->bcd", picked, onehot, pool_emb)
         counts = counts + picked @ onehot

@@ -56,8 +56,12 @@ class SlotStack:
     :meth:`invalidate` whenever its tasks change (added, removed, merged, unmerged).
     """
 
-    def __init__(self, routing: Routing, build: Callable[[set[str] | None], Stack | None],
-                 params: Callable[[], Iterable[torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        routing: Routing,
+        build: Callable[[set[str] | None], Stack | None],
+        params: Callable[[], Iterable[torch.Tensor]],
+    ) -> None:
         self.routing = routing
         self._build, self._params = build, params
         self._epoch = 0  # bumped by invalidate()

@@ -35,7 +35,9 @@ class TaskLinear(nn.Module):
         inner = innermost(base_layer)
         # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
         self.fan_in_fan_out = isinstance(inner, Conv1D)
-        self.out_features, self.in_features = inner.weight.shape[::-1] if self.fan_in_fan_out else inner.weight.shape
+        self.out_features, self.in_features = (
+            inner.weight.shape[::-1] if self.fan_in_fan_out else inner.weight.shape
+        )
 
     @property
     def weight(self) -> torch.Tensor:  # models read their layers' weight (T5 checks its dtype)
@@ -119,20 +121,27 @@ def layers_of(model: nn.Module, cls: type[W], task: str) -> list[tuple[str, W]]:
     return found
 
 
-def find_linear(model: nn.Module, targets: list[str] | tuple[str, ...], skip: set[str], flag: str) -> list[str]:
+def find_linear(
+    model: nn.Module, targets: list[str] | tuple[str, ...], skip: set[str], flag: str
+) -> list[str]:
     """Names of the linear layers (wrapped or not) whose name or dotted suffix matches a target.
 
     ``["all-linear"]`` means every linear layer but those in ``skip`` (the LM head). A target that
     matches nothing is an error naming the model's linear layers and the flag to fix it.
     """
-    names = [n for n, m in model.named_modules()
-             if ".base_layer" not in n and n not in skip and isinstance(innermost(m), LINEAR)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if ".base_layer" not in n and n not in skip and isinstance(innermost(m), LINEAR)
+    ]
     if list(targets) == ["all-linear"]:
         return names
     matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
     if missing:
         known = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ConfigError(f"target modules {', '.join(missing)} not found in the base model; its linear layers are "
-                          f"named: {', '.join(known)}. Pass {flag} with some of those")
+        raise ConfigError(
+            f"target modules {', '.join(missing)} not found in the base model; its linear layers are "
+            f"named: {', '.join(known)}. Pass {flag} with some of those"
+        )
     return matched

@@ -21,6 +21,8 @@ from multitune.errors import ConfigError, DataError
 
 ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
 SHOWN = 5  # row numbers an error message lists before "..."
+
+
 @dataclass(frozen=True)
 class Pair:
     """One preference: two responses to ``prompt``, ``chosen`` preferred over ``rejected``."""
@@ -42,7 +44,7 @@ def split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     c, r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
     if c >= 0 and r >= 0 and chosen[:c] == rejected[:r]:
         end = c + len(ASSISTANT)
-        return chosen[:end], chosen[end:], rejected[r + len(ASSISTANT):]
+        return chosen[:end], chosen[end:], rejected[r + len(ASSISTANT) :]
     at = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
     if at < 0:
         return None
@@ -57,7 +59,9 @@ def _shown(items: Sequence[object]) -> str:
 def _line_numbers(path: Path, count: int) -> tuple[str, list[int]]:
     """How rows are named in messages: by their line in a JSON Lines file (blank lines skipped), else by row."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        lines = [n for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
+        lines = [
+            n for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()
+        ]
         if len(lines) == count:
             return "line", lines
     return "row", list(range(1, count + 1))
@@ -67,8 +71,10 @@ def _text(value: object, where: str, key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, list | dict):
-        raise DataError(f"{where}: '{key}' holds a {'list' if isinstance(value, list) else 'object'}, not text; "
-                        "conversational (message-list) pairs are not supported, give the texts")
+        raise DataError(
+            f"{where}: '{key}' holds a {'list' if isinstance(value, list) else 'object'}, not text; "
+            "conversational (message-list) pairs are not supported, give the texts"
+        )
     return str(value)
 
 
@@ -98,9 +104,11 @@ def load_pairs(path: str | Path, drop_empty: bool = False) -> list[Pair]:
         else:
             parts = split_dialogues(chosen, rejected)
             if parts is None:
-                raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt ending in an "
-                                f"{ASSISTANT.strip()!r} turn; HH rows must be two continuations of one "
-                                "dialogue, or give a 'prompt' column with the responses alone")
+                raise DataError(
+                    f"{where}: 'chosen' and 'rejected' share no prompt ending in an "
+                    f"{ASSISTANT.strip()!r} turn; HH rows must be two continuations of one "
+                    "dialogue, or give a 'prompt' column with the responses alone"
+                )
             pair = Pair(*parts)
         if not pair.chosen.strip() or not pair.rejected.strip():
             empty.append(number)
@@ -111,12 +119,16 @@ def load_pairs(path: str | Path, drop_empty: bool = False) -> list[Pair]:
         first = rows[numbers.index(numbers_[0])]
         count = sum(map(len, missing.values()))
         more = f" (and {plural(count - 1, unit)} more)" if count > 1 else ""
-        raise DataError(f"{unit} {numbers_[0]} of {path} lacks '{keys}'{more}; each row needs 'prompt', 'chosen' "
-                        f"and 'rejected', or HH dialogues in 'chosen' and 'rejected' (its keys: "
-                        f"{', '.join(first) or 'none'})")
+        raise DataError(
+            f"{unit} {numbers_[0]} of {path} lacks '{keys}'{more}; each row needs 'prompt', 'chosen' "
+            f"and 'rejected', or HH dialogues in 'chosen' and 'rejected' (its keys: "
+            f"{', '.join(first) or 'none'})"
+        )
     if empty and not drop_empty:
-        raise DataError(f"{path}: {plural(len(empty), unit)} with an empty chosen or rejected response "
-                        f"({unit} {_shown(empty)}); remove them or pass --drop-empty")
+        raise DataError(
+            f"{path}: {plural(len(empty), unit)} with an empty chosen or rejected response "
+            f"({unit} {_shown(empty)}); remove them or pass --drop-empty"
+        )
     if not pairs:
         raise DataError(f"{path}: every pair has an empty chosen or rejected response; fill them in")
     return pairs
@@ -142,24 +154,34 @@ def load_prompts(path: str | Path) -> list[str]:
     if column is None:
         if "chosen" in keys and "rejected" in keys:
             return [p.prompt for p in load_pairs(path, drop_empty=True)]
-        raise DataError(f"{path} has no 'prompt' or 'text' column (columns: {', '.join(keys)}); give one prompt "
-                        "per row under 'prompt', or a file of chosen/rejected pairs")
+        raise DataError(
+            f"{path} has no 'prompt' or 'text' column (columns: {', '.join(keys)}); give one prompt "
+            "per row under 'prompt', or a file of chosen/rejected pairs"
+        )
     unit, numbers = _line_numbers(path, len(rows))
-    prompts = [_text(row.get(column), f"{unit} {n} of {path}", column) for row, n in zip(rows, numbers, strict=True)]
+    prompts = [
+        _text(row.get(column), f"{unit} {n} of {path}", column) for row, n in zip(rows, numbers, strict=True)
+    ]
     empty = [n for n, p in zip(numbers, prompts, strict=True) if not p.strip()]
     if empty:
-        raise DataError(f"{path}: {plural(len(empty), unit)} with an empty '{column}' ({unit} {_shown(empty)}); "
-                        "fill them in or remove them")
+        raise DataError(
+            f"{path}: {plural(len(empty), unit)} with an empty '{column}' ({unit} {_shown(empty)}); "
+            "fill them in or remove them"
+        )
     return prompts
 
 
 def split_pairs(pairs: Sequence[Pair], ratio: float = 0.1, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
     """(train, held out): a seeded shuffle with ``ratio`` of the pairs (at least one) held out."""
     if not 0 < ratio < 1:
-        raise ConfigError(f"the held-out ratio must be between 0 and 1 (got {ratio}); e.g. --validation-ratio 0.1")
+        raise ConfigError(
+            f"the held-out ratio must be between 0 and 1 (got {ratio}); e.g. --validation-ratio 0.1"
+        )
     if len(pairs) < 2:
-        raise ConfigError(f"{len(pairs)} pair(s) cannot be split into train and held-out pairs; give more pairs "
-                          "or a separate --validation-data file")
+        raise ConfigError(
+            f"{len(pairs)} pair(s) cannot be split into train and held-out pairs; give more pairs "
+            "or a separate --validation-data file"
+        )
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     held = min(len(pairs) - 1, max(1, round(len(pairs) * ratio)))

@@ -64,14 +64,22 @@ class PPOConfig:
     batch_size: int = field(default=16, metadata={"help": "prompts per rollout"})
     minibatch_size: int = field(default=8, metadata={"help": "rollout rows per optimizer step"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
-    learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the method's)"})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate (default: the method's)"}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest sampled response, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set of this mass"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set of this mass"}
+    )
     init_kl_coef: float = field(default=0.2, metadata={"help": "initial weight of the per-token KL penalty"})
-    target_kl: float = field(default=6.0, metadata={"help": "KL (nats per response) the adaptive controller "
-                                                            "aims at (0 = a fixed KL coefficient)"})
+    target_kl: float = field(
+        default=6.0,
+        metadata={
+            "help": "KL (nats per response) the adaptive controller aims at (0 = a fixed KL coefficient)"
+        },
+    )
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon, in samples"})
     gamma: float = field(default=1.0, metadata={"help": "discount over response tokens"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
@@ -88,10 +96,19 @@ class PPOConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_length",
-                     "kl_horizon"):
+        for name in (
+            "steps",
+            "batch_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "max_length",
+            "kl_horizon",
+        ):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)}); fix --{name.replace('_', '-')}")
+                problems.append(
+                    f"{name} must be >= 1 (got {getattr(self, name)}); fix --{name.replace('_', '-')}"
+                )
         if self.learning_rate is not None and self.learning_rate <= 0:
             problems.append(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.temperature <= 0:
@@ -108,8 +125,9 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.reference not in REFERENCES:
-            problems.append(f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}'); "
-                            "fix --reference")
+            problems.append(
+                f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}'); fix --reference"
+            )
         return problems
 
 
@@ -142,8 +160,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over (B, T) response tokens.
 
     ``mask`` is 1 on each row's response tokens, which start at column 0 (padding only trails), so the
@@ -200,12 +219,16 @@ def load_value_head(path: str | Path, device: torch.device | str = "cpu") -> nn.
     return head
 
 
-
-
-def response_outputs(bank: MultiTaskModel, task_ids: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, prompt_width: int, temperature: float,
-                     value_head: nn.Module | None = None, model: nn.Module | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_outputs(
+    bank: MultiTaskModel,
+    task_ids: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    temperature: float,
+    value_head: nn.Module | None = None,
+    model: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (B, T, V) of the T response tokens (each from the position before it) and values (B, T).
 
     ``input_ids`` is [left-padded prompts | right-padded responses]. The LM head runs on the response
@@ -215,12 +238,13 @@ def response_outputs(bank: MultiTaskModel, task_ids: torch.Tensor, input_ids: to
     """
     if model is None:
         routed = bank.run(input_ids, attention_mask, task_ids, backbone=True)
-        hidden = routed.out.last_hidden_state[:, routed.width:]
+        hidden = routed.out.last_hidden_state[:, routed.width :]
         head = bank.base.model.get_output_embeddings()
     else:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=positions).last_hidden_state
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state
         head = model.get_output_embeddings()
     hidden = hidden[:, prompt_width - 1 : -1]
     logits = head(hidden).float() / temperature
@@ -238,15 +262,21 @@ def check_policy(bank: MultiTaskModel, task: str, config: PPOConfig) -> None:
     if spec.kind != "generation":
         raise ConfigError(f"task '{task}' is a {spec.kind} task; PPO trains a generation task")
     if bank.base.arch != "decoder":
-        raise ConfigError(f"PPO here needs a causal LM (decoder); {bank.base.source} is {bank.base.arch}. "
-                          "Use a decoder such as smollm2-135m")
+        raise ConfigError(
+            f"PPO here needs a causal LM (decoder); {bank.base.source} is {bank.base.arch}. "
+            "Use a decoder such as smollm2-135m"
+        )
     method = get_method(spec.method)
     if method.fit is not None or not bank.task_parameters(task):
-        raise ConfigError(f"method '{spec.method}' has no trainable parameters for PPO to update; choose one of: "
-                          f"{', '.join(trainable_methods())}")
+        raise ConfigError(
+            f"method '{spec.method}' has no trainable parameters for PPO to update; choose one of: "
+            f"{', '.join(trainable_methods())}"
+        )
     if method.changes_base and config.reference == "disabled":
-        raise ConfigError(f"'{spec.method}' trains the base weights themselves, so the base with adapters off is no "
-                          "reference; pass --reference initial (a frozen copy of the starting model)")
+        raise ConfigError(
+            f"'{spec.method}' trains the base weights themselves, so the base with adapters off is no "
+            "reference; pass --reference initial (a frozen copy of the starting model)"
+        )
 
 
 def _initial_reference(bank: MultiTaskModel, task: str) -> tuple[nn.Module | None, str | None]:
@@ -256,8 +286,9 @@ def _initial_reference(bank: MultiTaskModel, task: str) -> tuple[nn.Module | Non
     if get_method(spec.method).changes_base:
         return copy.deepcopy(bank.base.model).requires_grad_(False).eval(), None
     twin = next(n for n in (f"{task[:54]}-reference{i or ''}" for i in range(100)) if n not in bank.tasks)
-    bank.add_task(twin, spec.kind, spec.method, METHODS[spec.method].config_class(**spec.config),
-                  spec.labels or None)
+    bank.add_task(
+        twin, spec.kind, spec.method, METHODS[spec.method].config_class(**spec.config), spec.labels or None
+    )
     bank.load_task_state_dict(twin, {k: v.detach().clone() for k, v in bank.task_state_dict(task).items()})
     for param in bank.task_parameters(twin).values():
         param.requires_grad_(False)
@@ -275,9 +306,16 @@ def _prompt_order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return out
 
 
-def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn: RewardFn, config: PPOConfig,
-              progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None,
-              value_head: nn.Linear | None = None) -> dict[str, Any]:
+def train_ppo(
+    bank: MultiTaskModel,
+    task: str,
+    prompts: Sequence[str],
+    reward_fn: RewardFn,
+    config: PPOConfig,
+    progress: bool = True,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    value_head: nn.Linear | None = None,
+) -> dict[str, Any]:
     """Train generation task ``task`` of ``bank`` with PPO to maximise ``reward_fn``; returns the history.
 
     The result holds ``history`` (one record per step: mean reward with the KL penalty, mean score, KL,
@@ -299,7 +337,9 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
     lr = config.learning_rate or get_method(bank.tasks[task].method).default_learning_rate
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     kl_control = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
-    features = encode_task(bank, task, [Example(text=p) for p in prompts], config.max_length, with_target=False)
+    features = encode_task(
+        bank, task, [Example(text=p) for p in prompts], config.max_length, with_target=False
+    )
     shuffle = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict[str, Any]] = []
     bank.eval()  # no dropout: the update's log-probs must be the sampler's
@@ -313,9 +353,17 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
             rows = _prompt_order(len(features), config.batch_size, config.seed, step)
             batch = to_device(collate([features[i] for i in rows], pad_id, slot, padding_side="left"), device)
             with torch.no_grad(), autocast(bank):
-                tokens = bank.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                       do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                                       top_k=0, max_new_tokens=config.max_new_tokens, eos_token_id=eos_id)
+                tokens = bank.generate(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["task_ids"],
+                    do_sample=True,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    top_k=0,
+                    max_new_tokens=config.max_new_tokens,
+                    eos_token_id=eos_id,
+                )
             mask = response_mask(tokens, eos_id)  # (B, T)
             tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
             width = batch["input_ids"].shape[1]
@@ -324,23 +372,29 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
             task_ids = batch["task_ids"]
             # ---- 2. old log-probs, values, reference log-probs, scores ---------------------------------
             with torch.no_grad(), autocast(bank):
-                logits, values = response_outputs(bank, task_ids, input_ids, attention, width,
-                                                  config.temperature, value_head)
+                logits, values = response_outputs(
+                    bank, task_ids, input_ids, attention, width, config.temperature, value_head
+                )
                 old_logp = token_logprobs(logits, tokens)
                 if twin is not None:  # the frozen copy of the starting policy, routed as a task of its own
-                    ref_logits, _ = response_outputs(bank, bank.task_ids(twin, len(rows)), input_ids,
-                                                     attention, width, config.temperature)
+                    ref_logits, _ = response_outputs(
+                        bank, bank.task_ids(twin, len(rows)), input_ids, attention, width, config.temperature
+                    )
                 elif reference is None:
                     with bank.disabled():
-                        ref_logits, _ = response_outputs(bank, task_ids, input_ids, attention, width,
-                                                         config.temperature)
+                        ref_logits, _ = response_outputs(
+                            bank, task_ids, input_ids, attention, width, config.temperature
+                        )
                 else:
-                    ref_logits, _ = response_outputs(bank, task_ids, input_ids, attention, width,
-                                                     config.temperature, model=reference)
+                    ref_logits, _ = response_outputs(
+                        bank, task_ids, input_ids, attention, width, config.temperature, model=reference
+                    )
                 ref_logp = token_logprobs(ref_logits, tokens)
                 del logits, ref_logits
-            responses = [tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
-                         for t, m in zip(tokens.cpu(), mask.cpu(), strict=True)]
+            responses = [
+                tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
+                for t, m in zip(tokens.cpu(), mask.cpu(), strict=True)
+            ]
             prompt_texts = [prompts[i] for i in rows]
             scores = as_scores(reward_fn(prompt_texts, responses), len(responses), "function").to(device)
             # ---- 3. rewards, advantages ---------------------------------------------------------------
@@ -353,16 +407,28 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
             if config.whiten_advantages:
                 advantages = whiten(advantages, mask)
             # ---- 4. PPO epochs over minibatches ----------------------------------------------------------
-            stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [],
-                                             "clip_fraction": [], "approx_kl": []}
+            stats: dict[str, list[float]] = {
+                "policy_loss": [],
+                "value_loss": [],
+                "entropy": [],
+                "clip_fraction": [],
+                "approx_kl": [],
+            }
             for _ in range(config.ppo_epochs):
                 order = torch.randperm(len(rows), generator=shuffle).to(device)
                 for first in range(0, len(rows), config.minibatch_size):
                     idx = order[first : first + config.minibatch_size]
                     m = mask[idx]
                     with autocast(bank):
-                        logits, new_values = response_outputs(bank, task_ids[idx], input_ids[idx], attention[idx],
-                                                              width, config.temperature, value_head)
+                        logits, new_values = response_outputs(
+                            bank,
+                            task_ids[idx],
+                            input_ids[idx],
+                            attention[idx],
+                            width,
+                            config.temperature,
+                            value_head,
+                        )
                     logp = token_logprobs(logits, tokens[idx])
                     ratio = torch.exp(logp - old_logp[idx])
                     adv = advantages[idx]
@@ -370,8 +436,12 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
                     clipped = -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange)
                     policy_loss = masked_mean(torch.max(surrogate, clipped), m)
                     old_v, ret = values[idx], returns[idx]
-                    v_clipped = old_v + (new_values - old_v).clamp(-config.cliprange_value, config.cliprange_value)
-                    value_loss = 0.5 * masked_mean(torch.max((new_values - ret) ** 2, (v_clipped - ret) ** 2), m)
+                    v_clipped = old_v + (new_values - old_v).clamp(
+                        -config.cliprange_value, config.cliprange_value
+                    )
+                    value_loss = 0.5 * masked_mean(
+                        torch.max((new_values - ret) ** 2, (v_clipped - ret) ** 2), m
+                    )
                     loss = policy_loss + config.vf_coef * value_loss
                     loss.backward()
                     if config.max_grad_norm > 0:
@@ -388,13 +458,21 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
             # ---- 5. KL controller, record --------------------------------------------------------------
             kl = float(kl_tokens.sum(1).mean())
             if not math.isfinite(kl):
-                raise ConfigError(f"PPO diverged at step {step + 1} (the KL to the reference is not finite); "
-                                  "lower --learning-rate or raise --init-kl-coef")
+                raise ConfigError(
+                    f"PPO diverged at step {step + 1} (the KL to the reference is not finite); "
+                    "lower --learning-rate or raise --init-kl-coef"
+                )
             coef = kl_control.value
-            record = {"step": step + 1, "reward": float((scores - coef * kl_tokens.sum(1)).mean()),
-                      "score": float(scores.mean()), "kl": kl, "kl_coef": coef,
-                      **{k: sum(v) / len(v) for k, v in stats.items()},
-                      "response_length": float(mask.sum(1).mean()), "seconds": round(time.perf_counter() - tick, 3)}
+            record = {
+                "step": step + 1,
+                "reward": float((scores - coef * kl_tokens.sum(1)).mean()),
+                "score": float(scores.mean()),
+                "kl": kl,
+                "kl_coef": coef,
+                **{k: sum(v) / len(v) for k, v in stats.items()},
+                "response_length": float(mask.sum(1).mean()),
+                "seconds": round(time.perf_counter() - tick, 3),
+            }
             kl_control.update(kl, len(rows))
             history.append(record)
             bar.update(1)
@@ -405,5 +483,9 @@ def train_ppo(bank: MultiTaskModel, task: str, prompts: Sequence[str], reward_fn
         bar.close()
         if twin is not None:
             bank.remove_task(twin)
-    return {"history": history, "value_head": value_head, "kl_coef": kl_control.value,
-            "seconds": time.perf_counter() - start}
+    return {
+        "history": history,
+        "value_head": value_head,
+        "kl_coef": kl_control.value,
+        "seconds": time.perf_counter() - start,
+    }

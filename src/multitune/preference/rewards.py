@@ -27,10 +27,13 @@ def as_scores(out: Any, n: int, where: str) -> torch.Tensor:
     try:
         scores = torch.as_tensor(out, dtype=torch.float32).detach().cpu().reshape(-1)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"the reward {where} must return {n} numbers (a list or tensor); it returned "
-                          f"{type(out).__name__}") from error
+        raise ConfigError(
+            f"the reward {where} must return {n} numbers (a list or tensor); it returned {type(out).__name__}"
+        ) from error
     if scores.numel() != n:
-        raise ConfigError(f"the reward {where} returned {scores.numel()} scores for {n} responses; return one per response")
+        raise ConfigError(
+            f"the reward {where} returned {scores.numel()} scores for {n} responses; return one per response"
+        )
     if not torch.isfinite(scores).all():
         raise ConfigError(f"the reward {where} returned a NaN or infinite score; return finite numbers")
     return scores
@@ -46,25 +49,37 @@ def reward_from_function(fn: Callable[[list[str], list[str]], Any]) -> RewardFn:
     return reward
 
 
-def reward_from_classifier(bank: MultiTaskModel, task: str, label: str, include_prompt: bool = False,
-                           max_length: int = 256, batch_size: int = 16) -> RewardFn:
+def reward_from_classifier(
+    bank: MultiTaskModel,
+    task: str,
+    label: str,
+    include_prompt: bool = False,
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> RewardFn:
     """The probability of ``label`` under a trained classification task of ``bank`` (any bank and base).
 
     The classifier reads the response alone, or prompt and response as a text pair with ``include_prompt``.
     """
     spec = bank.spec(task)
     if spec.kind != "classification":
-        raise ConfigError(f"task '{task}' is a {spec.kind} task; a reward classifier must be a classification task")
+        raise ConfigError(
+            f"task '{task}' is a {spec.kind} task; a reward classifier must be a classification task"
+        )
     if label not in spec.labels:
-        raise ConfigError(f"label '{label}' is not a label of task '{task}'; its labels: {', '.join(spec.labels)}")
+        raise ConfigError(
+            f"label '{label}' is not a label of task '{task}'; its labels: {', '.join(spec.labels)}"
+        )
     column = spec.labels.index(label)
     for param in bank.task_parameters(task).values():
         param.requires_grad_(False)  # a judge, never trained here
 
     @torch.no_grad()
     def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        examples = [Example(text=p, text_pair=r) if include_prompt else Example(text=r)
-                    for p, r in zip(prompts, responses, strict=True)]
+        examples = [
+            Example(text=p, text_pair=r) if include_prompt else Example(text=r)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
         slot, pad = bank.slots.index(task), bank.base.tokenizer.pad_token_id
         out = []
         for start in range(0, len(examples), batch_size):
@@ -78,7 +93,9 @@ def reward_from_classifier(bank: MultiTaskModel, task: str, label: str, include_
     return reward
 
 
-def reward_from_model(bank: MultiTaskModel, task: str, max_length: int = 256, batch_size: int = 16) -> RewardFn:
+def reward_from_model(
+    bank: MultiTaskModel, task: str, max_length: int = 256, batch_size: int = 16
+) -> RewardFn:
     """A trained reward model task (multitune.preference): its score logit[chosen] - logit[rejected]."""
     from multitune.preference.scoring import reward_scores
 
@@ -87,13 +104,12 @@ def reward_from_model(bank: MultiTaskModel, task: str, max_length: int = 256, ba
         param.requires_grad_(False)
 
     def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        scores = reward_scores(bank, task, list(prompts), list(responses), max_length=max_length,
-                               batch_size=batch_size)
+        scores = reward_scores(
+            bank, task, list(prompts), list(responses), max_length=max_length, batch_size=batch_size
+        )
         return scores.detach().float().cpu().reshape(-1)
 
     return reward
-
-
 
 
 def load_python_reward(spec: str) -> RewardFn:
@@ -115,7 +131,9 @@ def load_python_reward(spec: str) -> RewardFn:
                 sys.path.insert(0, "")  # a module in the working directory, as `python -m` finds it
             module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ConfigError(f"cannot import the reward module '{module_name}': {error}; check --reward-python") from error
+        raise ConfigError(
+            f"cannot import the reward module '{module_name}': {error}; check --reward-python"
+        ) from error
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ConfigError(f"'{module_name}' has no function '{function}'; check --reward-python")

@@ -49,7 +49,7 @@ def _decoder_logps(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slo
     if supports_logits_to_keep(bank.base.model):  # left padding: the bank's positions count real tokens only
         logits = bank.run(ids, mask, batch["task_ids"], logits_to_keep=keep + 1).out.logits
     else:
-        logits = bank.run(ids, mask, batch["task_ids"]).out.logits[:, -(keep + 1):]
+        logits = bank.run(ids, mask, batch["task_ids"]).out.logits[:, -(keep + 1) :]
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1)  # (B, keep)
     positions = torch.arange(keep, device=ids.device)
@@ -62,15 +62,27 @@ def _seq2seq_logps(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slo
     pad = bank.base.tokenizer.pad_token_id
     batch = to_device(collate(features, pad, slot), bank.base.device)
     labels = batch["labels"]
-    logits = bank.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"], labels=labels,
-                      decoder_length=labels.shape[1]).out.logits
+    logits = bank.run(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["task_ids"],
+        labels=labels,
+        decoder_length=labels.shape[1],
+    ).out.logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logp * (labels != IGNORE)).sum(-1)
 
 
-def sequence_logps(bank: MultiTaskModel, task: str, prompts: Sequence[str], responses: Sequence[str],
-                   max_length: int = 256, batch_size: int = 8, desc: str | None = None) -> torch.Tensor:
+def sequence_logps(
+    bank: MultiTaskModel,
+    task: str,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 8,
+    desc: str | None = None,
+) -> torch.Tensor:
     """(N,) summed log-probability of each response given its prompt under generation task ``task``.
 
     Encoded as training encodes generation (:func:`multitune.encode.encode_task`: the chat template when
@@ -80,12 +92,18 @@ def sequence_logps(bank: MultiTaskModel, task: str, prompts: Sequence[str], resp
     """
     spec = bank.spec(task)
     if spec.kind != "generation":
-        raise ConfigError(f"task '{task}' is a {spec.kind} task; response log-probabilities need a generation task")
+        raise ConfigError(
+            f"task '{task}' is a {spec.kind} task; response log-probabilities need a generation task"
+        )
     if bank.base.arch == "encoder":
-        raise ConfigError(f"{bank.base.source} is an encoder and has no next-token probabilities; use a causal LM "
-                          "such as smollm2-135m")
+        raise ConfigError(
+            f"{bank.base.source} is an encoder and has no next-token probabilities; use a causal LM "
+            "such as smollm2-135m"
+        )
     if len(prompts) != len(responses):
-        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
+        raise ConfigError(
+            f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt"
+        )
     if not prompts:
         return torch.zeros(0, device=bank.base.device)
     examples = [Example(text=p, response=r) for p, r in zip(prompts, responses, strict=True)]
@@ -94,7 +112,9 @@ def sequence_logps(bank: MultiTaskModel, task: str, prompts: Sequence[str], resp
     score = _seq2seq_logps if bank.base.arch == "seq2seq" else _decoder_logps
     batches, inverse = length_batches([len(f["input_ids"]) + len(f["labels"]) for f in features], batch_size)
     with autocast(bank):
-        out = torch.cat([score(bank, [features[i] for i in rows], slot) for rows in progress_bar(batches, desc)])
+        out = torch.cat(
+            [score(bank, [features[i] for i in rows], slot) for rows in progress_bar(batches, desc)]
+        )
     return out[inverse.to(out.device)]
 
 
@@ -117,7 +137,7 @@ def joined_ids(bank: MultiTaskModel, prompt: str, response: str, max_length: int
         tail.append(tokenizer.eos_token_id)
     if len(head) + len(tail) > max_length:
         kept_prompt = min(len(head), max(max_length - len(tail), max_length // 2))
-        head = head[len(head) - kept_prompt:]
+        head = head[len(head) - kept_prompt :]
         tail = tail[: max_length - len(head)]
     return head + tail
 
@@ -125,39 +145,61 @@ def joined_ids(bank: MultiTaskModel, prompt: str, response: str, max_length: int
 def check_reward_task(bank: MultiTaskModel, task: str) -> TaskSpec:
     spec = bank.spec(task)
     if spec.kind != "classification" or spec.labels != REWARD_LABELS:
-        raise ConfigError(f"task '{task}' is not a reward model (a classification task with labels {REWARD_LABELS}); "
-                          "add one with add_reward_task or train it with 'multitune reward'")
+        raise ConfigError(
+            f"task '{task}' is not a reward model (a classification task with labels {REWARD_LABELS}); "
+            "add one with add_reward_task or train it with 'multitune reward'"
+        )
     return spec
 
 
-def score_rows(bank: MultiTaskModel, task: str, prompts: Sequence[str], responses: Sequence[str],
-               max_length: int = 256) -> torch.Tensor:
+def score_rows(
+    bank: MultiTaskModel, task: str, prompts: Sequence[str], responses: Sequence[str], max_length: int = 256
+) -> torch.Tensor:
     """(N,) differentiable reward scores of one batch: logit[chosen] - logit[rejected] of reward task ``task``."""
     check_reward_task(bank, task)
-    features = [{"input_ids": joined_ids(bank, p, r, max_length)} for p, r in zip(prompts, responses, strict=True)]
-    batch = to_device(collate(features, bank.base.tokenizer.pad_token_id, bank.slots.index(task)), bank.base.device)
+    features = [
+        {"input_ids": joined_ids(bank, p, r, max_length)} for p, r in zip(prompts, responses, strict=True)
+    ]
+    batch = to_device(
+        collate(features, bank.base.tokenizer.pad_token_id, bank.slots.index(task)), bank.base.device
+    )
     with autocast(bank):
         logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"]).float()
     return logits[:, 1] - logits[:, 0]
 
 
-def reward_scores(bank: MultiTaskModel, task: str, prompts: Sequence[str], responses: Sequence[str],
-                  max_length: int = 256, batch_size: int = 16, desc: str | None = None) -> torch.Tensor:
+def reward_scores(
+    bank: MultiTaskModel,
+    task: str,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+    desc: str | None = None,
+) -> torch.Tensor:
     """(N,) reward scores of (prompt, response) rows, without gradients (what PPO's reward reads)."""
     if len(prompts) != len(responses):
-        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
+        raise ConfigError(
+            f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt"
+        )
     check_reward_task(bank, task)
     if not prompts:
         return torch.zeros(0)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]  # characters: a cheap proxy
     batches, inverse = length_batches(lengths, batch_size)
     with torch.no_grad():
-        out = torch.cat([score_rows(bank, task, [prompts[i] for i in rows], [responses[i] for i in rows], max_length)
-                         for rows in progress_bar(batches, desc)])
+        out = torch.cat(
+            [
+                score_rows(bank, task, [prompts[i] for i in rows], [responses[i] for i in rows], max_length)
+                for rows in progress_bar(batches, desc)
+            ]
+        )
     return out[inverse.to(out.device)]
 
 
-def add_reward_task(bank: MultiTaskModel, task: str = "reward", method: str = "lora", config: Any = None) -> TaskSpec:
+def add_reward_task(
+    bank: MultiTaskModel, task: str = "reward", method: str = "lora", config: Any = None
+) -> TaskSpec:
     """Add a reward model: a classification task with labels ["rejected", "chosen"] (score = their logit gap)."""
     check_trainable(method, head=True)
     return bank.add_task(task, "classification", method, config, list(REWARD_LABELS))
@@ -167,8 +209,9 @@ def check_trainable(method: str, head: bool = False) -> None:
     """Methods with parameters to train; ``head``: a classification head counts (the base method's probe)."""
     spec_method = get_method(method)
     if spec_method.fit is not None or spec_method.score is not None or (method == "base" and not head):
-        raise ConfigError(f"method '{method}' has no adapter to train here; choose one of: "
-                          f"{', '.join(trainable_methods())}")
+        raise ConfigError(
+            f"method '{method}' has no adapter to train here; choose one of: {', '.join(trainable_methods())}"
+        )
 
 
 def trainable_methods() -> list[str]:

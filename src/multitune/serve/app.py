@@ -102,9 +102,16 @@ def _note(request: Request, task: str) -> None:
 
 
 # ---- the app -----------------------------------------------------------------------------------------------
-def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "", *, admin_key: str | None = None,
-               load_from: Sequence[str | Path] = (), max_input_chars: int = MAX_INPUT_CHARS,
-               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    scheduler: Any,
+    api_key: str | None = None,
+    model_name: str = "",
+    *,
+    admin_key: str | None = None,
+    load_from: Sequence[str | Path] = (),
+    max_input_chars: int = MAX_INPUT_CHARS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> FastAPI:
     """The HTTP API over a :class:`~multitune.serve.scheduler.Scheduler` (started and stopped with the app).
 
     ``api_key``: every endpoint but ``/health`` needs ``Authorization: Bearer api_key``. ``admin_key``: what
@@ -112,16 +119,32 @@ def create_app(scheduler: Any, api_key: str | None = None, model_name: str = "",
     contents ``/admin/load`` and ``/admin/reload`` may read (symlinks followed; none: no path is accepted).
     ``model_name``: the base model, reported by ``/health`` and ``/v1/models``.
     """
-    served = Served(scheduler, Metrics(scheduler), model_name, max_input_chars,
-                    [Path(root).resolve() for root in load_from])
-    app = FastAPI(title="multitune", summary="Many tasks from one frozen base, OpenAI-compatible",
-                  lifespan=_lifespan)
+    served = Served(
+        scheduler,
+        Metrics(scheduler),
+        model_name,
+        max_input_chars,
+        [Path(root).resolve() for root in load_from],
+    )
+    app = FastAPI(
+        title="multitune", summary="Many tasks from one frozen base, OpenAI-compatible", lifespan=_lifespan
+    )
     app.state.served = served
     app.state.scheduler, app.state.metrics = scheduler, served.metrics
-    app.add_middleware(Guard, metrics=served.metrics, api_key=api_key, admin_key=admin_key,
-                       max_request_bytes=max_request_bytes)
-    for error, handler in ((RequestValidationError, _invalid), (RequestError, _refused),
-                           (MultituneError, _mistaken), (StarletteHTTPException, _http_error), (ClientGone, _gone)):
+    app.add_middleware(
+        Guard,
+        metrics=served.metrics,
+        api_key=api_key,
+        admin_key=admin_key,
+        max_request_bytes=max_request_bytes,
+    )
+    for error, handler in (
+        (RequestValidationError, _invalid),
+        (RequestError, _refused),
+        (MultituneError, _mistaken),
+        (StarletteHTTPException, _http_error),
+        (ClientGone, _gone),
+    ):
         app.add_exception_handler(error, handler)  # type: ignore[arg-type]
     app.include_router(router)
     return app
@@ -163,8 +186,10 @@ async def _mistaken(request: Request, error: MultituneError) -> JSONResponse:
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     if error.status_code == 404:
-        message = f"no endpoint {request.method} {request.url.path}; see /v1/models, /v1/completions, " \
-                  "/v1/chat/completions, /v1/classify, /health, /metrics"
+        message = (
+            f"no endpoint {request.method} {request.url.path}; see /v1/models, /v1/completions, "
+            "/v1/chat/completions, /v1/classify, /health, /metrics"
+        )
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
@@ -186,7 +211,9 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _unless_gone(request: Request, work: Awaitable[T], deadline: float, abandon: Callable[[], None]) -> T:
+async def _unless_gone(
+    request: Request, work: Awaitable[T], deadline: float, abandon: Callable[[], None]
+) -> T:
     """``work``'s result, unless the client disconnects first (then ``abandon()``: the scheduler drops the
     request) or ``deadline`` seconds pass (504). Best effort: the disconnect is polled every 0.2 s."""
     task = asyncio.ensure_future(work)
@@ -205,7 +232,9 @@ async def _unless_gone(request: Request, work: Awaitable[T], deadline: float, ab
     task.cancel()
     if watch in done:
         raise ClientGone()
-    raise RequestError(504, f"no answer within {deadline:g} s; retry, ask for fewer tokens or raise --timeout")
+    raise RequestError(
+        504, f"no answer within {deadline:g} s; retry, ask for fewer tokens or raise --timeout"
+    )
 
 
 def _count_tokens(served: Served, task: str, handle: Any) -> None:
@@ -220,8 +249,13 @@ async def _answer(request: Request, handle: Any, task: str) -> tuple[str, str]:
         _count_tokens(served, task, handle)
 
 
-def _stream(request: Request, handle: Any, task: str, chunk: Callable[[str | None, str | None], dict],
-            include_usage: bool) -> EventStream:
+def _stream(
+    request: Request,
+    handle: Any,
+    task: str,
+    chunk: Callable[[str | None, str | None], dict],
+    include_usage: bool,
+) -> EventStream:
     """The generation as server-sent events: ``chunk(piece, finish_reason)`` shapes each event; a client that
     goes away cancels the row, and the tokens are counted once however the stream ends."""
     served = _served(request)
@@ -292,12 +326,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     def chunk(piece: str | None, reason: str | None) -> dict:
         if piece is None:
             return {}
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
+        }
 
     if body.stream:
-        return _stream(request, handle, body.model, chunk, bool(body.stream_options and
-                                                               body.stream_options.include_usage))
+        return _stream(
+            request,
+            handle,
+            body.model,
+            chunk,
+            bool(body.stream_options and body.stream_options.include_usage),
+        )
     text, reason = await _answer(request, handle, body.model)
     return JSONResponse({**chunk(text, reason), "usage": usage(handle)})
 
@@ -319,17 +363,40 @@ async def chat(body: ChatRequest, request: Request) -> Response:
             delta: dict[str, Any] = {"role": "assistant", "content": ""}
         else:
             delta = {"content": piece} if piece else {}
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+        }
 
     if body.stream:
-        return _stream(request, handle, body.model, chunk, bool(body.stream_options and
-                                                               body.stream_options.include_usage))
+        return _stream(
+            request,
+            handle,
+            body.model,
+            chunk,
+            bool(body.stream_options and body.stream_options.include_usage),
+        )
     text, reason = await _answer(request, handle, body.model)
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": reason}],
-                         "usage": usage(handle)})
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+            ],
+            "usage": usage(handle),
+        }
+    )
 
 
 # ---- classification ----------------------------------------------------------------------------------------
@@ -343,26 +410,47 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
         raise RequestError(400, "input must be a string or a non-empty list of strings")
     if len(texts) > MAX_INPUTS:
         raise RequestError(413, f"input holds {len(texts)} texts; send at most {MAX_INPUTS} per request")
-    results = await _unless_gone(request, served.scheduler.classify(body.model, texts), served.deadline(),
-                                 lambda: None)
-    data = [{"index": i, "label": max(r.probabilities, key=r.probabilities.__getitem__) if r.probabilities
-             else None, "probabilities": r.probabilities, "truncated": r.truncated}
-            for i, r in enumerate(results)]
+    results = await _unless_gone(
+        request, served.scheduler.classify(body.model, texts), served.deadline(), lambda: None
+    )
+    data = [
+        {
+            "index": i,
+            "label": max(r.probabilities, key=r.probabilities.__getitem__) if r.probabilities else None,
+            "probabilities": r.probabilities,
+            "truncated": r.truncated,
+        }
+        for i, r in enumerate(results)
+    ]
     return JSONResponse({"object": "classification", "model": body.model, "data": data})
 
 
 # ---- information -------------------------------------------------------------------------------------------
 def _model_card(served: Served, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "multitune", "kind": spec.get("kind"),
-            "method": spec.get("method"), "labels": list(spec.get("labels") or []),
-            "version": spec.get("version"), "base": served.model_name or None}
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "multitune",
+        "kind": spec.get("kind"),
+        "method": spec.get("method"),
+        "labels": list(spec.get("labels") or []),
+        "version": spec.get("version"),
+        "base": served.model_name or None,
+    }
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
     served = _served(request)
-    return JSONResponse({"object": "list", "data": [_model_card(served, name, spec)
-                                                    for name, spec in sorted(served.scheduler.tasks().items())]})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                _model_card(served, name, spec) for name, spec in sorted(served.scheduler.tasks().items())
+            ],
+        }
+    )
 
 
 @router.get("/v1/models/{name:path}")
@@ -378,7 +466,9 @@ async def model(name: str, request: Request) -> Response:
 @router.get("/health")
 async def health(request: Request) -> Response:
     served = _served(request)
-    return JSONResponse({"status": "ok", "tasks": len(served.scheduler.tasks()), "model": served.model_name or None})
+    return JSONResponse(
+        {"status": "ok", "tasks": len(served.scheduler.tasks()), "model": served.model_name or None}
+    )
 
 
 @router.get("/metrics")
@@ -397,8 +487,11 @@ def _confined(served: Served, path: str) -> str:
     if any(resolved.is_relative_to(root) for root in served.roots):
         return str(resolved)
     allowed = ", ".join(str(root) for root in served.roots) or "none"
-    raise RequestError(403, f"path {path!r} is outside the folders this server may load from ({allowed}); "
-                            "start it with --allow-load-from DIR to allow another folder")
+    raise RequestError(
+        403,
+        f"path {path!r} is outside the folders this server may load from ({allowed}); "
+        "start it with --allow-load-from DIR to allow another folder",
+    )
 
 
 @router.post("/admin/load", summary="Serve one more task from a run or adapter folder")
@@ -407,8 +500,9 @@ async def load(body: LoadRequest, request: Request) -> Response:
     check_body(body, MAX_PATH_CHARS)
     info = await served.scheduler.load(body.model, _confined(served, body.path))
     _note(request, body.model)
-    return JSONResponse({"object": "task", "model": body.model, "name": body.model, "loaded": True,
-                         **dict(info or {})})
+    return JSONResponse(
+        {"object": "task", "model": body.model, "name": body.model, "loaded": True, **dict(info or {})}
+    )
 
 
 @router.post("/admin/unload", summary="Stop serving a task")
@@ -425,5 +519,6 @@ async def reload(body: ReloadRequest, request: Request) -> Response:
     path = None if body.path is None else _confined(served, body.path)
     info = await served.scheduler.reload(body.model, path)
     _note(request, body.model)
-    return JSONResponse({"object": "task", "model": body.model, "name": body.model, "reloaded": True,
-                         **dict(info or {})})
+    return JSONResponse(
+        {"object": "task", "model": body.model, "name": body.model, "reloaded": True, **dict(info or {})}
+    )

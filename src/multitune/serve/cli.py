@@ -40,16 +40,30 @@ def _check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error}); pick another --port "
-                              "or --host") from error
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); pick another --port or --host"
+            ) from error
 
 
-def serve(paths: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_batch_size: int = 32, max_wait_ms: float = 5, queue_size: int = 256,
-          timeout_s: float = 60, model: str | None = None, device: str | None = None, log_level: str = "info",
-          threads: int | None = None, admin_key: str | None = None, insecure_no_admin_key: bool = False,
-          allow_load_from: Sequence[str | Path] = (), max_input_chars: int = MAX_INPUT_CHARS,
-          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+def serve(
+    paths: str | Path | Sequence[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5,
+    queue_size: int = 256,
+    timeout_s: float = 60,
+    model: str | None = None,
+    device: str | None = None,
+    log_level: str = "info",
+    threads: int | None = None,
+    admin_key: str | None = None,
+    insecure_no_admin_key: bool = False,
+    allow_load_from: Sequence[str | Path] = (),
+    max_input_chars: int = MAX_INPUT_CHARS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> None:
     """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
     :func:`multitune.serve.engine.find_adapters`) until interrupted.
 
@@ -57,9 +71,14 @@ def serve(paths: str | Path | Sequence[str | Path], host: str = "127.0.0.1", por
     reach, the server refuses to start without an admin key unless ``insecure_no_admin_key``.
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    for name, value, low in (("--max-batch-size", max_batch_size, 1), ("--queue-size", queue_size, 1),
-                             ("--max-wait-ms", max_wait_ms, 0), ("--threads", 1 if threads is None else threads, 1),
-                             ("--max-input-chars", max_input_chars, 1), ("--max-request-bytes", max_request_bytes, 1)):
+    for name, value, low in (
+        ("--max-batch-size", max_batch_size, 1),
+        ("--queue-size", queue_size, 1),
+        ("--max-wait-ms", max_wait_ms, 0),
+        ("--threads", 1 if threads is None else threads, 1),
+        ("--max-input-chars", max_input_chars, 1),
+        ("--max-request-bytes", max_request_bytes, 1),
+    ):
         if value < low:
             raise ConfigError(f"{name} must be >= {low} (got {value})")
     if not timeout_s > 0:
@@ -68,8 +87,10 @@ def serve(paths: str | Path | Sequence[str | Path], host: str = "127.0.0.1", por
         raise ConfigError(f"--port must be between 0 and 65535 (got {port})")
     for path in paths:
         if not Path(path).is_dir():
-            raise ConfigError(f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
-                              "run folders, a run folder or an adapter folder")
+            raise ConfigError(
+                f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
+                "run folders, a run folder or an adapter folder"
+            )
     for path in allow_load_from:
         if not Path(path).is_dir():
             raise ConfigError(f"--allow-load-from {path} is not a folder; name an existing folder")
@@ -77,11 +98,16 @@ def serve(paths: str | Path | Sequence[str | Path], host: str = "127.0.0.1", por
     admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
     if admin_key is None and api_key is None and not _is_loopback(host):
         if not insecure_no_admin_key:
-            raise ConfigError(f"--host {host} can be reached from other machines and the server has no admin key, "
-                              f"so anyone could load and unload tasks; set --admin-key (or ${ADMIN_KEY_ENV}, or "
-                              "--api-key), or pass --insecure-no-admin-key to serve without one")
-        print(f"warning: no admin key: anyone who reaches {host}:{port} can load and unload tasks "
-              "(--insecure-no-admin-key)", file=sys.stderr)
+            raise ConfigError(
+                f"--host {host} can be reached from other machines and the server has no admin key, "
+                f"so anyone could load and unload tasks; set --admin-key (or ${ADMIN_KEY_ENV}, or "
+                "--api-key), or pass --insecure-no-admin-key to serve without one"
+            )
+        print(
+            f"warning: no admin key: anyone who reaches {host}:{port} can load and unload tasks "
+            "(--insecure-no-admin-key)",
+            file=sys.stderr,
+        )
     _check_port(host, port)
 
     import uvicorn
@@ -94,54 +120,122 @@ def serve(paths: str | Path | Sequence[str | Path], host: str = "127.0.0.1", por
 
         torch.set_num_threads(threads)  # read by every thread that starts a parallel region
     engine = in_passing_thread(lambda: Engine.from_folder(paths, model, device))
-    scheduler = Scheduler(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                          timeout_s=timeout_s)
-    app = create_app(scheduler, api_key=api_key, model_name=str(engine.base.source), admin_key=admin_key,
-                     load_from=[*paths, *allow_load_from], max_input_chars=max_input_chars,
-                     max_request_bytes=max_request_bytes)
+    scheduler = Scheduler(
+        engine,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        timeout_s=timeout_s,
+    )
+    app = create_app(
+        scheduler,
+        api_key=api_key,
+        model_name=str(engine.base.source),
+        admin_key=admin_key,
+        load_from=[*paths, *allow_load_from],
+        max_input_chars=max_input_chars,
+        max_request_bytes=max_request_bytes,
+    )
     names = ", ".join(sorted(engine.tasks))
-    print(f"serving {len(engine.tasks)} task(s) ({names}) on {engine.base.source} at http://{host}:{port}",
-          file=sys.stderr)
+    print(
+        f"serving {len(engine.tasks)} task(s) ({names}) on {engine.base.source} at http://{host}:{port}",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="what to serve: bank folders (BANK/TASK/adapter.json), folders of run folders "
-                             "(BANK/RUN/adapter), run folders or adapter folders; a task is named after its folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="what to serve: bank folders (BANK/TASK/adapter.json), folders of run folders "
+        "(BANK/RUN/adapter), run folders or adapter folders; a task is named after its folder",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--api-key", help=f"key every endpoint but /health requires as 'Authorization: Bearer KEY' "
-                                          f"(default: ${API_KEY_ENV}; none: open)")
-    parser.add_argument("--admin-key", help=f"key /admin/* requires (default: ${ADMIN_KEY_ENV}, else the API key; "
-                                            "required on a --host other machines can reach)")
-    parser.add_argument("--insecure-no-admin-key", action="store_true",
-                        help="serve on a non-loopback --host without an admin key: anyone may load and unload tasks")
-    parser.add_argument("--allow-load-from", action="append", default=[], metavar="DIR",
-                        help="a folder /admin/load and /admin/reload may read from, besides the served ones "
-                             "(repeatable)")
-    parser.add_argument("--max-input-chars", type=int, default=MAX_INPUT_CHARS,
-                        help=f"characters of one text (prompt, message, input); beyond it 413 "
-                             f"(default: {MAX_INPUT_CHARS})")
-    parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
-                        help=f"bytes of one request body; beyond it 413 (default: {MAX_REQUEST_BYTES})")
+    parser.add_argument(
+        "--api-key",
+        help=f"key every endpoint but /health requires as 'Authorization: Bearer KEY' "
+        f"(default: ${API_KEY_ENV}; none: open)",
+    )
+    parser.add_argument(
+        "--admin-key",
+        help=f"key /admin/* requires (default: ${ADMIN_KEY_ENV}, else the API key; "
+        "required on a --host other machines can reach)",
+    )
+    parser.add_argument(
+        "--insecure-no-admin-key",
+        action="store_true",
+        help="serve on a non-loopback --host without an admin key: anyone may load and unload tasks",
+    )
+    parser.add_argument(
+        "--allow-load-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder /admin/load and /admin/reload may read from, besides the served ones (repeatable)",
+    )
+    parser.add_argument(
+        "--max-input-chars",
+        type=int,
+        default=MAX_INPUT_CHARS,
+        help=f"characters of one text (prompt, message, input); beyond it 413 (default: {MAX_INPUT_CHARS})",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=MAX_REQUEST_BYTES,
+        help=f"bytes of one request body; beyond it 413 (default: {MAX_REQUEST_BYTES})",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows in one forward (default: 32)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long an idle server waits for a batch to fill (default: 5)")
-    parser.add_argument("--queue-size", type=int, default=256,
-                        help="requests that may wait; beyond it the server answers 429 (default: 256)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default: 60)")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long an idle server waits for a batch to fill (default: 5)",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        help="requests that may wait; beyond it the server answers 429 (default: 256)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds a request may take (default: 60)"
+    )
     parser.add_argument("--model", help="base model to load the adapters onto (default: the one they record)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for the model's forwards (default: torch's, one per core)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                        help="server log level (default: info)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for the model's forwards (default: torch's, one per core)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level (default: info)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    serve(args.paths, host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout, model=args.model,
-          device=args.device, log_level=args.log_level, threads=args.threads, admin_key=args.admin_key,
-          insecure_no_admin_key=args.insecure_no_admin_key, allow_load_from=args.allow_load_from,
-          max_input_chars=args.max_input_chars, max_request_bytes=args.max_request_bytes)
+    serve(
+        args.paths,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        timeout_s=args.timeout,
+        model=args.model,
+        device=args.device,
+        log_level=args.log_level,
+        threads=args.threads,
+        admin_key=args.admin_key,
+        insecure_no_admin_key=args.insecure_no_admin_key,
+        allow_load_from=args.allow_load_from,
+        max_input_chars=args.max_input_chars,
+        max_request_bytes=args.max_request_bytes,
+    )

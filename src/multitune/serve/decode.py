@@ -24,7 +24,9 @@ import torch
 from multitune.errors import MultituneError
 from multitune.models import supports_logits_to_keep
 
-MIN_TEMPERATURE = 0.01  # below it logits / temperature overflows float32 (1e-300 gave inf, then NaN probabilities)
+MIN_TEMPERATURE = (
+    0.01  # below it logits / temperature overflows float32 (1e-300 gave inf, then NaN probabilities)
+)
 MAX_TEMPERATURE = 2.0
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 
@@ -50,8 +52,11 @@ def check_text(text: Any, field: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise RequestError(400, f"{field} holds a lone surrogate (U+{ord(text[error.start]):04X}) at character "
-                                f"{error.start}; send valid Unicode text") from None
+        raise RequestError(
+            400,
+            f"{field} holds a lone surrogate (U+{ord(text[error.start]):04X}) at character "
+            f"{error.start}; send valid Unicode text",
+        ) from None
 
 
 @dataclass
@@ -73,18 +78,24 @@ class SamplingParams:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise RequestError(400, f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise RequestError(400, f"temperature must be between 0 and {MAX_TEMPERATURE:g} (got {self.temperature!r})")
+            raise RequestError(
+                400, f"temperature must be between 0 and {MAX_TEMPERATURE:g} (got {self.temperature!r})"
+            )
         if 0 < self.temperature < MIN_TEMPERATURE:
-            raise RequestError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got "
-                                    f"{self.temperature!r}): a smaller one overflows; send 0 for greedy decoding")
+            raise RequestError(
+                400,
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got "
+                f"{self.temperature!r}): a smaller one overflows; send 0 for greedy decoding",
+            )
         if not 0 < self.top_p <= 1:
             raise RequestError(400, f"top_p must be in (0, 1] (got {self.top_p!r})")
         if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 4:
             raise RequestError(400, "stop must be up to 4 non-empty strings")
         for i, stop in enumerate(self.stop):
             check_text(stop, f"stop.{i}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < SEED_LIMIT):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT
+        ):
             raise RequestError(400, f"seed must be an integer with 0 <= seed < 2**64 (got {self.seed!r})")
 
 
@@ -94,8 +105,15 @@ _DONE = object()
 class Handle:
     """One generation request: its text pieces as they come, its result, and a way to cancel it."""
 
-    def __init__(self, task: str, internal: str, prompt_ids: list[int], params: SamplingParams,
-                 deadline: float, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self,
+        task: str,
+        internal: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.task, self.internal, self.prompt_ids, self.params = task, internal, prompt_ids, params
         self.prompt = ""
         self.deadline = deadline
@@ -187,16 +205,24 @@ class DecodeBatch:
     def task_ids(self) -> torch.Tensor:
         """Slot of each row, recomputed when the bank's tasks change (a removal shifts the slots)."""
         version = self.bank.routing.version
-        if self._task_ids is None or self._routing_version != version or len(self._task_ids) != len(self.rows):
+        if (
+            self._task_ids is None
+            or self._routing_version != version
+            or len(self._task_ids) != len(self.rows)
+        ):
             slots = self.bank.slots
-            self._task_ids = torch.tensor([slots.index(h.internal) for h in self.rows], dtype=torch.long,
-                                          device=self.bank.base.device)
+            self._task_ids = torch.tensor(
+                [slots.index(h.internal) for h in self.rows], dtype=torch.long, device=self.bank.base.device
+            )
             self._routing_version = version
         return self._task_ids
 
     @torch.no_grad()
-    def join(self, handles: list[Handle], sample: Callable[[torch.Tensor, list[Handle], list[list[int]]],
-                                                            list[int]]) -> list[int]:
+    def join(
+        self,
+        handles: list[Handle],
+        sample: Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]],
+    ) -> list[int]:
         """Prefill ``handles`` together and merge them into the running batch; returns their first tokens."""
         bank = self.bank
         device = bank.base.device
@@ -205,8 +231,8 @@ class DecodeBatch:
         ids = torch.full((len(handles), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(handles), width), dtype=torch.long, device=device)
         for i, h in enumerate(handles):  # left padding, as generate expects
-            ids[i, width - len(h.prompt_ids):] = torch.tensor(h.prompt_ids, device=device)
-            mask[i, width - len(h.prompt_ids):] = 1
+            ids[i, width - len(h.prompt_ids) :] = torch.tensor(h.prompt_ids, device=device)
+            mask[i, width - len(h.prompt_ids) :] = 1
         slots = bank.slots
         task_ids = torch.tensor([slots.index(h.internal) for h in handles], dtype=torch.long, device=device)
         # the LM head on the last position only, as generate does
@@ -217,8 +243,14 @@ class DecodeBatch:
         self._merge(out.cache, full, handles, torch.tensor(first, device=device))
         return first
 
-    def _merge(self, cache: Any, mask: torch.Tensor, handles: list[Handle], last: torch.Tensor,
-               generated: list[list[int]] | None = None) -> None:
+    def _merge(
+        self,
+        cache: Any,
+        mask: torch.Tensor,
+        handles: list[Handle],
+        last: torch.Tensor,
+        generated: list[list[int]] | None = None,
+    ) -> None:
         """Append rows (their cache, mask, next tokens, tokens so far) to the batch, left-padding the shorter.
 
         Every new tensor is built before any is assigned, so a failure leaves the batch as it was."""
@@ -239,9 +271,13 @@ class DecodeBatch:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        layers = [(torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0),
-                   torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0))
-                  for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)]
+        layers = [
+            (
+                torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0),
+                torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0),
+            )
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)
+        ]
         merged_mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
         merged_last = torch.cat([self.last, last])
         for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
@@ -259,11 +295,16 @@ class DecodeBatch:
         have appended this step's positions to some layers of the cache, which :meth:`split` cuts off."""
         assert self.mask is not None and self.last is not None
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = (mask.sum(dim=1, keepdim=True) - 1)
+        positions = mask.sum(dim=1, keepdim=True) - 1
         task_ids = self.task_ids()
         with self.bank.routed(task_ids):
-            out = self.bank.base.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=positions,
-                                       cache=self.cache, use_cache=True)
+            out = self.bank.base.model(
+                input_ids=self.last[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+            )
         self.mask, self.cache = mask, out.cache
         return out.logits[:, -1].float()
 
@@ -278,8 +319,11 @@ class DecodeBatch:
             part.cache = copy.copy(self.cache)
             part.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
             for layer in part.cache.layers:
-                layer.keys, layer.values = layer.keys[i:i + 1, :, :length], layer.values[i:i + 1, :, :length]
-            part.mask, part.last = self.mask[i:i + 1], self.last[i:i + 1]
+                layer.keys, layer.values = (
+                    layer.keys[i : i + 1, :, :length],
+                    layer.values[i : i + 1, :, :length],
+                )
+            part.mask, part.last = self.mask[i : i + 1], self.last[i : i + 1]
             part.rows, part.generated = [self.rows[i]], [self.generated[i]]
             parts.append(part)
         return parts
@@ -294,7 +338,14 @@ class DecodeBatch:
     def keep(self, indices: list[int]) -> None:
         """Only the rows at ``indices`` stay; columns no remaining row attends to are cut from the left."""
         if not indices:
-            self.rows, self.generated, self.cache, self.mask, self.last, self._task_ids = [], [], None, None, None, None
+            self.rows, self.generated, self.cache, self.mask, self.last, self._task_ids = (
+                [],
+                [],
+                None,
+                None,
+                None,
+                None,
+            )
             return
         if len(indices) == len(self.rows):
             return

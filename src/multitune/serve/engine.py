@@ -70,7 +70,9 @@ def _tasks_in(path: Path) -> list[tuple[str, Path]]:
     children = sorted(c for c in path.iterdir() if not c.name.startswith(".") and c.is_dir())
     tasks = [(task_name_from_folder(child), adapter) for child in children if (adapter := adapter_of(child))]
     if len(tasks) == 1 and tasks[0][0] == "adapter" and tasks[0][1] == path / "adapter":
-        return [(task_name_of(path), path / "adapter")]  # a run folder (a bank of one task named "adapter" alike)
+        return [
+            (task_name_of(path), path / "adapter")
+        ]  # a run folder (a bank of one task named "adapter" alike)
     return tasks
 
 
@@ -84,18 +86,24 @@ def find_adapters(paths: str | Path | Iterable[str | Path]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in map(Path, paths):
         if not path.is_dir():
-            raise ConfigError(f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
-                              "run folders, a run folder or an adapter folder")
+            raise ConfigError(
+                f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
+                "run folders, a run folder or an adapter folder"
+            )
         tasks = _tasks_in(path)
         if not tasks:
             hint = f"; did you mean {path / 'bank'}?" if (path / "bank").is_dir() else ""
-            raise ConfigError(f"{path} holds no adapter folders (TASK/{CONFIG_FILE} or RUN/adapter/{CONFIG_FILE}); "
-                              f"give a bank folder, a folder of run folders, a run folder or an adapter folder{hint}")
+            raise ConfigError(
+                f"{path} holds no adapter folders (TASK/{CONFIG_FILE} or RUN/adapter/{CONFIG_FILE}); "
+                f"give a bank folder, a folder of run folders, a run folder or an adapter folder{hint}"
+            )
         for name, adapter in tasks:
             other = found.get(name)
             if other is not None and other.resolve() != adapter.resolve():
-                raise ConfigError(f"two tasks are named '{name}': {other} and {adapter}; a task is named after its "
-                                  "folder, so rename one of the folders")
+                raise ConfigError(
+                    f"two tasks are named '{name}': {other} and {adapter}; a task is named after its "
+                    "folder, so rename one of the folders"
+                )
             found.setdefault(name, adapter)
     return found
 
@@ -118,7 +126,9 @@ def trained_max_length(adapter: Path) -> int:
     if value is None:
         return DEFAULT_MAX_LENGTH
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{config}: max_length must be a positive integer; fix the file or remove the setting")
+        raise ConfigError(
+            f"{config}: max_length must be a positive integer; fix the file or remove the setting"
+        )
     return value
 
 
@@ -137,8 +147,9 @@ class Engine:
 
     # ---- tasks -------------------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder: str | Path | Iterable[str | Path], model: str | None = None,
-                    device: str | None = None) -> Engine:
+    def from_folder(
+        cls, folder: str | Path | Iterable[str | Path], model: str | None = None, device: str | None = None
+    ) -> Engine:
         """Every task under ``folder`` (one path or several; the layouts of :func:`find_adapters`).
 
         Without ``model``, the base is the one the adapters record; adapters that record different bases
@@ -151,8 +162,10 @@ class Engine:
             bases.setdefault(str(meta.get("base_model")), []).append(name)
         if model is None and len(bases) > 1:
             mixed = "; ".join(f"{base!r} ({', '.join(names)})" for base, names in sorted(bases.items()))
-            raise ConfigError(f"the folders mix base models: {mixed}; one engine serves one base, so serve each "
-                              "base's tasks from their own folder (one server per base)")
+            raise ConfigError(
+                f"the folders mix base models: {mixed}; one engine serves one base, so serve each "
+                "base's tasks from their own folder (one server per base)"
+            )
         engine = cls(load_base(model or next(iter(bases)), device=device))
         for name, adapter in adapters.items():
             engine.load(adapter, name)
@@ -165,11 +178,15 @@ class Engine:
     def load(self, folder: str | Path, name: str | None = None) -> TaskSpec:
         """Add the task saved in an adapter folder or a run folder (``RUN/adapter``), named ``name`` or after
         its folder (see :func:`task_name_of`); a fully fine-tuned task gets a fresh copy of the base."""
-        folder = adapter_of(folder) or Path(folder)  # not a folder of either kind: read_adapter_config says so
+        folder = adapter_of(folder) or Path(
+            folder
+        )  # not a folder of either kind: read_adapter_config says so
         meta = read_adapter_config(folder)
         task = name or task_name_of(folder)
         if task in self.tasks:
-            raise ConfigError(f"task '{task}' is already served; remove it first or load it under another name")
+            raise ConfigError(
+                f"task '{task}' is already served; remove it first or load it under another name"
+            )
         if get_method(meta["task"]["method"]).changes_base:
             bank = MultiTaskModel(self._base_copy())
             spec = load_adapter(bank, folder, task)
@@ -184,8 +201,10 @@ class Engine:
         try:
             return load_base(self.base.source, device=str(self.base.device))
         except ConfigError as error:
-            raise ConfigError(f"a fully fine-tuned task needs its own copy of the base, and {self.base.source!r} "
-                              f"cannot be loaded again ({error}); serve from a model folder, file or short name") from error
+            raise ConfigError(
+                f"a fully fine-tuned task needs its own copy of the base, and {self.base.source!r} "
+                f"cannot be loaded again ({error}); serve from a model folder, file or short name"
+            ) from error
 
     def remove(self, task: str) -> None:
         if task in self.groups:
@@ -215,8 +234,14 @@ class Engine:
             groups.setdefault(id(bank), []).append(i)
         return groups
 
-    def _features(self, bank: MultiTaskModel, requests: Sequence[Request], rows: list[int], max_length: int | None,
-                  with_target: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    def _features(
+        self,
+        bank: MultiTaskModel,
+        requests: Sequence[Request],
+        rows: list[int],
+        max_length: int | None,
+        with_target: bool,
+    ) -> tuple[list[dict[str, Any]], list[int]]:
         """Features and slots of the given requests, in their order (each task's render hook applied);
         ``max_length`` None: each task's own (what it was trained with)."""
         features: list[dict[str, Any]] = [{}] * len(rows)
@@ -234,7 +259,9 @@ class Engine:
         return features, slots
 
     @torch.no_grad()
-    def classify_rows(self, requests: Sequence[Request], max_length: int | None = None) -> list[Classification]:
+    def classify_rows(
+        self, requests: Sequence[Request], max_length: int | None = None
+    ) -> list[Classification]:
         """Each (task, text) classified, with whether its input was cut: one forward per model, rows of many
         tasks mixed. Inputs are cut to ``max_length`` tokens, by default each task's training ``max_length``
         (``RUN/config.yaml``; 128 when the folder does not record it), so a task sees what it was trained on."""
@@ -248,7 +275,9 @@ class Engine:
             for row, i in enumerate(rows):
                 labels = bank.tasks[requests[i][0]].labels
                 probs = torch.softmax(logits[row, : len(labels)].float(), dim=-1).tolist()
-                out[i] = Classification(dict(zip(labels, probs, strict=True)), bool(features[row].get("truncated")))
+                out[i] = Classification(
+                    dict(zip(labels, probs, strict=True)), bool(features[row].get("truncated"))
+                )
         return out
 
     def classify(self, requests: Sequence[Request], max_length: int | None = None) -> list[dict[str, float]]:
@@ -256,8 +285,13 @@ class Engine:
         return [row.probabilities for row in self.classify_rows(requests, max_length)]
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[Request], max_new_tokens: int = 64, max_length: int = 128,
-                 **generate_kwargs: Any) -> list[str]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        max_new_tokens: int = 64,
+        max_length: int = 128,
+        **generate_kwargs: Any,
+    ) -> list[str]:
         """Completions of each (task, prompt): one ``generate`` per model, rows of many tasks mixed."""
         out = [""] * len(requests)
         generate_kwargs.setdefault("do_sample", False)
@@ -267,9 +301,16 @@ class Engine:
             tokenizer = bank.base.tokenizer
             features, slots = self._features(bank, requests, rows, max_length, False)
             side = "left" if bank.base.arch == "decoder" else "right"
-            batch = to_device(collate(features, tokenizer.pad_token_id, slots, padding_side=side), bank.base.device)
-            ids = bank.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                max_new_tokens=max_new_tokens, **generate_kwargs)
+            batch = to_device(
+                collate(features, tokenizer.pad_token_id, slots, padding_side=side), bank.base.device
+            )
+            ids = bank.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["task_ids"],
+                max_new_tokens=max_new_tokens,
+                **generate_kwargs,
+            )
             for row, i in enumerate(rows):
                 out[i] = tokenizer.decode(ids[row], skip_special_tokens=True).strip()
         return out

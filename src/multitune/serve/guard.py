@@ -52,8 +52,9 @@ class Guard:
     routes let escape becomes a 500 for that request alone (logged with its traceback); the server goes on.
     """
 
-    def __init__(self, app: Any, metrics: Metrics, api_key: str | None, admin_key: str | None,
-                 max_request_bytes: int) -> None:
+    def __init__(
+        self, app: Any, metrics: Metrics, api_key: str | None, admin_key: str | None, max_request_bytes: int
+    ) -> None:
         self.app, self.metrics, self.max_request_bytes = app, metrics, max_request_bytes
         self.api, self.admin = digest(api_key), digest(admin_key or api_key)
 
@@ -90,8 +91,10 @@ class Guard:
         except Exception as error:  # noqa: BLE001  (one request fails; the server keeps serving)
             log.exception("unexpected error answering %s %s", scope.get("method"), path)
             if not sent["started"]:
-                message = f"internal error ({type(error).__name__}: {' '.join(str(error).split())[:300]}); " \
-                          "the request was not completed, retry or report it"
+                message = (
+                    f"internal error ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
+                    "the request was not completed, retry or report it"
+                )
                 with contextlib.suppress(Exception):
                     await error_response(500, message)(scope, receive, tracked_send)
             sent["status"] = 500
@@ -100,8 +103,9 @@ class Guard:
                 self.metrics.in_flight.dec()
             endpoint = getattr(scope.get("route"), "path", None) or (path if path in ADMIN_PATHS else "other")
             status = info["status"] or sent["status"]
-            self.metrics.requests.labels(endpoint=endpoint, task=self.metrics.task_label(info["task"]),
-                                         status=str(status)).inc()
+            self.metrics.requests.labels(
+                endpoint=endpoint, task=self.metrics.task_label(info["task"]), status=str(status)
+            ).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
     def _denied(self, scope: dict, path: str) -> Response | None:
@@ -111,12 +115,18 @@ class Guard:
         if path == "/admin" or path.startswith("/admin/"):
             if self.admin is None or key_matches(scope, self.admin):
                 return None
-            return error_response(401, "admin endpoints need the header 'Authorization: Bearer KEY' with the "
-                                       "server's admin key (--admin-key, or the --api-key when it has none)")
+            return error_response(
+                401,
+                "admin endpoints need the header 'Authorization: Bearer KEY' with the "
+                "server's admin key (--admin-key, or the --api-key when it has none)",
+            )
         if self.api is None or key_matches(scope, self.api):
             return None
-        return error_response(401, "this endpoint needs the header 'Authorization: Bearer KEY' with the server's "
-                                   "API key (--api-key)")
+        return error_response(
+            401,
+            "this endpoint needs the header 'Authorization: Bearer KEY' with the server's "
+            "API key (--api-key)",
+        )
 
     async def _read_body(self, scope: dict, receive: Callable) -> Callable | Response | None:
         """The request's body read up to the limit, as a ``receive`` that replays it (then passes on what comes
@@ -145,5 +155,8 @@ class Guard:
         return replay
 
     def _too_large(self) -> Response:
-        return error_response(413, f"the request body is over {self.max_request_bytes} bytes, this server's limit "
-                                   "(its --max-request-bytes); send less in one request")
+        return error_response(
+            413,
+            f"the request body is over {self.max_request_bytes} bytes, this server's limit "
+            "(its --max-request-bytes); send less in one request",
+        )

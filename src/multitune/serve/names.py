@@ -36,9 +36,15 @@ class TaskNames:
     def cards(self) -> dict[str, dict[str, Any]]:
         """Every served task: its kind, method, labels and version."""
         specs = self.engine.tasks
-        return {name: {"kind": specs[internal].kind, "method": specs[internal].method,
-                       "labels": list(specs[internal].labels or []), "version": self.versions[name]}
-                for name, internal in self.internal.items()}
+        return {
+            name: {
+                "kind": specs[internal].kind,
+                "method": specs[internal].method,
+                "labels": list(specs[internal].labels or []),
+                "version": self.versions[name],
+            }
+            for name, internal in self.internal.items()
+        }
 
     def resolve(self, task: Any, kind: str) -> str:
         """The internal name ``task`` runs on now; 404 for a task not served, 400 for one of the other kind."""
@@ -61,7 +67,9 @@ class TaskNames:
 
     def unload(self, name: str) -> None:
         if name not in self.internal:
-            raise RequestError(404, f"unknown task '{name}'; served tasks: {', '.join(sorted(self.internal))}")
+            raise RequestError(
+                404, f"unknown task '{name}'; served tasks: {', '.join(sorted(self.internal))}"
+            )
         with self._lock:
             self.retired.add(self.internal.pop(name))
             self.versions.pop(name, None)
@@ -90,7 +98,8 @@ class TaskNames:
             raise RequestError(400, str(error)) from error
         except Exception as error:  # noqa: BLE001  (its text may quote the file: only the log gets it)
             log.exception("loading %s failed", folder)
-            raise RequestError(500, f"loading {folder} failed ({type(error).__name__}); the server's log has the "
-                                    "details") from error
+            raise RequestError(
+                500, f"loading {folder} failed ({type(error).__name__}); the server's log has the details"
+            ) from error
         with self._lock:
             self.internal[name] = internal

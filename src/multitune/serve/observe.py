@@ -21,15 +21,35 @@ class Metrics:
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.registry = CollectorRegistry()
-        self.requests = Counter("multitune_requests_total", "HTTP requests answered", ["endpoint", "task", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("multitune_request_seconds", "Time from request to the last byte of its answer",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("multitune_batch_size", "Rows in each forward of the scheduler, by kind of forward",
-                                    ["kind"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.tokens = Counter("multitune_generated_tokens_total", "Tokens generated", ["task"], registry=self.registry)
-        self.in_flight = Gauge("multitune_requests_in_flight", "API requests being answered", registry=self.registry)
-        queue = Gauge("multitune_queue_depth", "Requests waiting in the scheduler's queue", registry=self.registry)
+        self.requests = Counter(
+            "multitune_requests_total",
+            "HTTP requests answered",
+            ["endpoint", "task", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "multitune_request_seconds",
+            "Time from request to the last byte of its answer",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "multitune_batch_size",
+            "Rows in each forward of the scheduler, by kind of forward",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "multitune_generated_tokens_total", "Tokens generated", ["task"], registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "multitune_requests_in_flight", "API requests being answered", registry=self.registry
+        )
+        queue = Gauge(
+            "multitune_queue_depth", "Requests waiting in the scheduler's queue", registry=self.registry
+        )
         queue.set_function(self._queue_depth)
         tasks = Gauge("multitune_tasks", "Tasks served", registry=self.registry)
         tasks.set_function(lambda: len(self._tasks()))

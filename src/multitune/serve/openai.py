@@ -74,16 +74,21 @@ class ClassifyRequest(_Body):
     input: str | list[str]
 
 
-_TASK_FIELD = "the task's public name, as in the 'model' field of the other endpoints ('name' is accepted too)"
+_TASK_FIELD = (
+    "the task's public name, as in the 'model' field of the other endpoints ('name' is accepted too)"
+)
 
 
 class LoadRequest(_Body):
     """``POST /admin/load``: serve one more task, read from a folder the server may load from."""
 
     model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"), description=_TASK_FIELD)
-    path: str = Field(min_length=1, description="a run folder (RUN, as 'multitune train --output RUN' writes it) or "
-                                                "an adapter folder (RUN/adapter, BANK/TASK), inside the served "
-                                                "folders or a folder named with --allow-load-from")
+    path: str = Field(
+        min_length=1,
+        description="a run folder (RUN, as 'multitune train --output RUN' writes it) or "
+        "an adapter folder (RUN/adapter, BANK/TASK), inside the served "
+        "folders or a folder named with --allow-load-from",
+    )
 
 
 class UnloadRequest(_Body):
@@ -97,8 +102,11 @@ class ReloadRequest(_Body):
     the old one)."""
 
     model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"), description=_TASK_FIELD)
-    path: str | None = Field(None, description="where to read the new version (as for /admin/load); default: the "
-                                               "folder the task was loaded from")
+    path: str | None = Field(
+        None,
+        description="where to read the new version (as for /admin/load); default: the "
+        "folder the task was loaded from",
+    )
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
@@ -119,7 +127,9 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 429 else {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = (
+        {"Retry-After": "1"} if status == 429 else {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    )
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
@@ -165,8 +175,11 @@ def check_body(body: BaseModel, max_chars: int) -> None:
         if isinstance(value, str):
             check_text(value, field)
             if len(value) > max_chars:
-                raise RequestError(413, f"{field} holds {len(value)} characters; this server takes at most "
-                                        f"{max_chars} per text (its --max-input-chars)")
+                raise RequestError(
+                    413,
+                    f"{field} holds {len(value)} characters; this server takes at most "
+                    f"{max_chars} per text (its --max-input-chars)",
+                )
         elif isinstance(value, BaseModel):
             for name in type(value).model_fields:
                 walk(getattr(value, name), f"{field}.{name}" if field else name)
@@ -177,20 +190,26 @@ def check_body(body: BaseModel, max_chars: int) -> None:
     walk(body, "")
 
 
-
 # ---- answers --------------------------------------------------------------------------------------------
 def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     """OpenAI's sampling fields as checked SamplingParams (defaults where the client sent nothing or null)."""
     if body.n not in (None, 1):
-        raise RequestError(400, f"n must be 1 (got {body.n}): this server returns one choice per request; "
-                                "send several requests instead")
+        raise RequestError(
+            400,
+            f"n must be 1 (got {body.n}): this server returns one choice per request; "
+            "send several requests instead",
+        )
     if body.logprobs not in (None, False):
         raise RequestError(400, "logprobs is not supported by this server; leave it out")
     defaults = SamplingParams()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    params = SamplingParams(max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
-                            temperature=defaults.temperature if body.temperature is None else body.temperature,
-                            top_p=defaults.top_p if body.top_p is None else body.top_p, stop=stop, seed=body.seed)
+    params = SamplingParams(
+        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        stop=stop,
+        seed=body.seed,
+    )
     params.validate()
     return params
 
@@ -203,8 +222,9 @@ def completion_prompt(body: CompletionRequest) -> str:
     if isinstance(body.prompt, str):
         return body.prompt
     if len(body.prompt) != 1:
-        raise RequestError(400, f"prompt must be one string (got a list of {len(body.prompt)}); "
-                                "send one request per prompt")
+        raise RequestError(
+            400, f"prompt must be one string (got a list of {len(body.prompt)}); send one request per prompt"
+        )
     return body.prompt[0]
 
 
@@ -236,8 +256,11 @@ class EventStream(StreamingResponse):
     client gone, server stopping): that is where an unfinished generation is cancelled."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -99,8 +99,14 @@ class Scheduler:
     2x slower.
     """
 
-    def __init__(self, engine: Any, max_batch_size: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 256,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -170,8 +176,10 @@ class Scheduler:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
         except TimeoutError as error:
             future.cancel()
-            raise RequestError(504, f"the request took longer than {self.timeout_s:g} s; retry or raise "
-                                    "the server's --timeout") from error
+            raise RequestError(
+                504,
+                f"the request took longer than {self.timeout_s:g} s; retry or raise the server's --timeout",
+            ) from error
 
     def _check_room(self) -> None:
         depth = len(self._classify) + len(self._waiting)
@@ -182,14 +190,20 @@ class Scheduler:
     def chat_prompt(self, task: str, messages: list[dict[str, Any]]) -> str:
         """A chat conversation as the task's prompt text: the last user message alone (as the task was
         trained on single prompts), or the whole conversation through the tokenizer's chat template."""
-        if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages):
+        if not messages or any(
+            not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages
+        ):
             raise RequestError(400, "messages must be a non-empty list of {role, content} objects")
         for i, message in enumerate(messages):
             check_text(message["content"], f"messages.{i}.content")
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
             raise RequestError(400, "messages holds no message with role 'user'")
-        if len(messages) == 1 or all(m.get("role") in ("system", "user") for m in messages) and len(users) == 1:
+        if (
+            len(messages) == 1
+            or all(m.get("role") in ("system", "user") for m in messages)
+            and len(users) == 1
+        ):
             return users[-1]["content"]
         return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
 
@@ -210,9 +224,12 @@ class Scheduler:
         context = self._context(bank)
         virtual = self._virtual_tokens(bank, internal)
         if context and len(ids) + virtual + params.max_tokens > context:
-            raise RequestError(400, f"prompt has {len(ids)} tokens (+{virtual} virtual) and max_tokens is "
-                                    f"{params.max_tokens}; the model's context is {context}: shorten the "
-                                    "prompt or lower max_tokens")
+            raise RequestError(
+                400,
+                f"prompt has {len(ids)} tokens (+{virtual} virtual) and max_tokens is "
+                f"{params.max_tokens}; the model's context is {context}: shorten the "
+                "prompt or lower max_tokens",
+            )
         with self._wake:
             self._check_room()
             handle = Handle(task, internal, ids, params, time.monotonic() + self.timeout_s, loop)
@@ -289,8 +306,13 @@ class Scheduler:
             with self._wake:
                 if not self._running:
                     return
-                idle = not (self._classify or self._waiting or self._admin or self._static
-                            or any(len(b) for b in self._decoders.values()))
+                idle = not (
+                    self._classify
+                    or self._waiting
+                    or self._admin
+                    or self._static
+                    or any(len(b) for b in self._decoders.values())
+                )
                 if idle:
                     self._wake.wait(timeout=0.5)
                     continue
@@ -326,8 +348,13 @@ class Scheduler:
                 handle._finish("error", error)
             batch.keep([])
 
-    def _isolated(self, items: list[T], run: Callable[[list[T]], None], fail: Callable[[T, RequestError], None],
-                  what: str) -> None:
+    def _isolated(
+        self,
+        items: list[T],
+        run: Callable[[list[T]], None],
+        fail: Callable[[T, RequestError], None],
+        what: str,
+    ) -> None:
         """``run(items)``; when it raises, ``run([item])`` for each item, so that only a guilty one fails.
 
         ``run`` must leave no trace when it raises (the batch is run again without the failing item)."""
@@ -338,8 +365,13 @@ class Scheduler:
             if len(items) == 1:
                 fail(items[0], _as_request_error(error, what))
                 return
-            log.warning("%s of %d requests failed (%s: %s); running them one by one", what, len(items),
-                        type(error).__name__, " ".join(str(error).split())[:200])
+            log.warning(
+                "%s of %d requests failed (%s: %s); running them one by one",
+                what,
+                len(items),
+                type(error).__name__,
+                " ".join(str(error).split())[:200],
+            )
         for item in items:
             try:
                 run([item])
@@ -365,7 +397,9 @@ class Scheduler:
             if rows < self.max_batch_size and waited < self.max_wait and not busy:
                 return  # wait a moment for more rows to share the forward
             items, total = [], 0
-            while self._classify and (not items or total + len(self._classify[0].texts) <= self.max_batch_size):
+            while self._classify and (
+                not items or total + len(self._classify[0].texts) <= self.max_batch_size
+            ):
                 item = self._classify.popleft()
                 if item.future.cancelled():
                     continue
@@ -376,13 +410,16 @@ class Scheduler:
             return
 
         def run(batch: list[_Classify]) -> None:
-            requests = [(internal, text) for item in batch
-                        for internal, text in zip(item.internal, item.texts, strict=True)]
+            requests = [
+                (internal, text)
+                for item in batch
+                for internal, text in zip(item.internal, item.texts, strict=True)
+            ]
             results = self.engine.classify_rows(requests)
             self.stats.record("classify", len(requests))
             start = 0
             for item in batch:
-                _settle(item.future, results[start:start + len(item.texts)])
+                _settle(item.future, results[start : start + len(item.texts)])
                 start += len(item.texts)
 
         self._isolated(items, run, lambda item, error: _settle(item.future, error=error), "classification")
@@ -430,8 +467,14 @@ class Scheduler:
         if handle.cancelled:
             handle._finish("cancelled")
         elif time.monotonic() > handle.deadline:
-            handle._finish("timeout", RequestError(504, f"the request waited longer than {self.timeout_s:g} s "
-                                                        f"{where}; retry or raise the server's --timeout"))
+            handle._finish(
+                "timeout",
+                RequestError(
+                    504,
+                    f"the request waited longer than {self.timeout_s:g} s "
+                    f"{where}; retry or raise the server's --timeout",
+                ),
+            )
         return handle.done
 
     def _decode_step(self) -> None:
@@ -456,8 +499,12 @@ class Scheduler:
             batch.rows[0]._finish("error", _as_request_error(error, "decode step"))
             batch.keep([])
             return None
-        log.warning("a decode step of %d rows failed (%s: %s); running each row alone", len(batch),
-                    type(error).__name__, " ".join(str(error).split())[:200])
+        log.warning(
+            "a decode step of %d rows failed (%s: %s); running each row alone",
+            len(batch),
+            type(error).__name__,
+            " ".join(str(error).split())[:200],
+        )
         kept, logits = [], []
         for part in batch.split():
             try:
@@ -485,8 +532,9 @@ class Scheduler:
         batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
 
-    def _append(self, handle: Handle, generated: list[int], token: int, tokenizer: Any, eos: set[int],
-                now: float) -> None:
+    def _append(
+        self, handle: Handle, generated: list[int], token: int, tokenizer: Any, eos: set[int], now: float
+    ) -> None:
         """One new token of one row: its text piece out, and the row finished when it is done."""
         if handle.cancelled:
             handle._finish("cancelled")
@@ -501,7 +549,7 @@ class Scheduler:
         if stop is not None:
             text = text[:stop]
         if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
-            piece = text[len(handle.text):]
+            piece = text[len(handle.text) :]
             handle.text = text
             if piece:
                 handle._emit(piece)
@@ -510,8 +558,14 @@ class Scheduler:
         elif len(generated) >= handle.params.max_tokens:
             handle._finish("length")
         elif now > handle.deadline:
-            handle._finish("timeout", RequestError(504, f"the request took longer than {self.timeout_s:g} s; "
-                                                        "ask for fewer tokens or raise the server's --timeout"))
+            handle._finish(
+                "timeout",
+                RequestError(
+                    504,
+                    f"the request took longer than {self.timeout_s:g} s; "
+                    "ask for fewer tokens or raise the server's --timeout",
+                ),
+            )
 
     def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
         """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
@@ -537,9 +591,11 @@ class Scheduler:
             if not self._expired(handle, "in the queue"):
                 groups.setdefault(handle.params.max_tokens, []).append(handle)
         for tokens, handles in groups.items():
+
             def run(group: list[Handle], tokens: int = tokens) -> None:
-                texts = self.engine.generate([(h.internal, h.prompt) for h in group], max_new_tokens=tokens,
-                                             max_length=10**6)
+                texts = self.engine.generate(
+                    [(h.internal, h.prompt) for h in group], max_new_tokens=tokens, max_length=10**6
+                )
                 self.stats.record("seq2seq", len(group))
                 for handle, text in zip(group, texts, strict=True):
                     stop = first_stop(text, handle.params.stop)
@@ -547,10 +603,14 @@ class Scheduler:
                     handle._emit(handle.text)
                     handle._finish("stop")
 
-            self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "seq2seq generation")
+            self._isolated(
+                handles, run, lambda handle, error: handle._finish("error", error), "seq2seq generation"
+            )
 
 
-def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+def _settle(
+    future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None
+) -> None:
     """Answer a request's future once; one its client has given up on (cancelled) is left alone."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         if error is not None:
@@ -568,8 +628,11 @@ def _as_request_error(error: BaseException, what: str, logged: bool = False) -> 
         return RequestError(400, str(error))
     if not logged:
         log.error("%s failed", what, exc_info=error)
-    return RequestError(500, f"internal error in {what} ({type(error).__name__}: "
-                             f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it")
+    return RequestError(
+        500,
+        f"internal error in {what} ({type(error).__name__}: "
+        f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it",
+    )
 
 
 def in_passing_thread(load: Callable[[], Any]) -> Any:

@@ -26,8 +26,9 @@ def autocast(bank: MultiTaskModel) -> Any:
 
 
 @torch.no_grad()
-def predict_proba(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
-                  batch_size: int = 64) -> torch.Tensor:
+def predict_proba(
+    bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128, batch_size: int = 64
+) -> torch.Tensor:
     """Class probabilities (N, C) of a classification task, columns in ``spec.labels`` order."""
     spec = bank.tasks[task]
     slot = bank.slots.index(task)
@@ -45,16 +46,24 @@ def predict_proba(bank: MultiTaskModel, task: str, examples: Sequence[Example], 
     return torch.cat(out) if out else torch.empty(0, len(spec.labels))
 
 
-def predict_labels(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
-                   batch_size: int = 64) -> list[str]:
+def predict_labels(
+    bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128, batch_size: int = 64
+) -> list[str]:
     labels = bank.tasks[task].labels
     probs = predict_proba(bank, task, examples, max_length, batch_size)
     return [labels[i] for i in probs.argmax(dim=-1).tolist()]
 
 
 @torch.no_grad()
-def generate_texts(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
-                   max_new_tokens: int = 64, batch_size: int = 16, **generate_kwargs: Any) -> list[str]:
+def generate_texts(
+    bank: MultiTaskModel,
+    task: str,
+    examples: Sequence[Example],
+    max_length: int = 128,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    **generate_kwargs: Any,
+) -> list[str]:
     """Greedy (by default) completions of each example's prompt."""
     slot = bank.slots.index(task)
     tokenizer = bank.base.tokenizer
@@ -65,18 +74,26 @@ def generate_texts(bank: MultiTaskModel, task: str, examples: Sequence[Example],
     for chunk in _batches(examples, batch_size):
         features = encode_task(bank, task, chunk, max_length, with_target=False)
         side = "left" if bank.base.arch == "decoder" else "right"
-        batch = to_device(collate(features, tokenizer.pad_token_id, slot, padding_side=side), bank.base.device)
+        batch = to_device(
+            collate(features, tokenizer.pad_token_id, slot, padding_side=side), bank.base.device
+        )
         with autocast(bank):
-            out = bank.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                max_new_tokens=max_new_tokens, **generate_kwargs)
+            out = bank.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["task_ids"],
+                max_new_tokens=max_new_tokens,
+                **generate_kwargs,
+            )
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     bank.train(was_training)
     return texts
 
 
 @torch.no_grad()
-def lm_nll(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
-           batch_size: int = 16) -> tuple[float, int]:
+def lm_nll(
+    bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128, batch_size: int = 16
+) -> tuple[float, int]:
     """Summed NLL and token count of the responses given their prompts."""
     slot = bank.slots.index(task)
     was_training = bank.training
@@ -92,8 +109,9 @@ def lm_nll(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_len
     return total, count
 
 
-def scores_of_probabilities(probs: torch.Tensor, examples: Sequence[Example],
-                            labels: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+def scores_of_probabilities(
+    probs: torch.Tensor, examples: Sequence[Example], labels: Sequence[str]
+) -> tuple[dict[str, float], list[str]]:
     """(accuracy, macro-F1 and loss of label probabilities (n, C) against the examples' labels, the predictions)."""
     predictions = [labels[i] for i in probs.argmax(dim=-1).tolist()]
     references = [ex.label or "" for ex in examples]
@@ -102,8 +120,15 @@ def scores_of_probabilities(probs: torch.Tensor, examples: Sequence[Example],
     return {**classification_metrics(predictions, references, labels), "loss": float(nll)}, predictions
 
 
-def evaluate(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int = 128,
-             batch_size: int = 64, max_new_tokens: int = 64, generate: bool = True) -> dict[str, float]:
+def evaluate(
+    bank: MultiTaskModel,
+    task: str,
+    examples: Sequence[Example],
+    max_length: int = 128,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+    generate: bool = True,
+) -> dict[str, float]:
     """The task's metrics on labelled examples: accuracy and macro-F1, or loss, perplexity, EM and ROUGE-L.
 
     ``generate=False`` skips the (slow) generation metrics: what early stopping uses for generation tasks.

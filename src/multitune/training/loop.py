@@ -53,7 +53,9 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    log: list[dict[str, Any]] = field(default_factory=list)  # each step's mean training statistics (the run's)
+    log: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # each step's mean training statistics (the run's)
 
 
 class Batches(Protocol):
@@ -144,9 +146,12 @@ def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_ste
     """The warmup + decay schedule of ``config`` over ``total_steps``."""
     from transformers import get_scheduler
 
-    return get_scheduler("constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
-                         optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    return get_scheduler(
+        "constant_with_warmup" if config.scheduler == "constant" else config.scheduler,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -168,11 +173,20 @@ class _Task:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir: str | Path | None = None,
-        resume: bool = False, progress: bool = True, desc: str = "train", score_start: bool = False,
-        train_mode: bool = True, on_step: Callable[[int], None] | None = None,
-        on_eval: Callable[[dict[str, Any]], None] | None = None,
-        preamble: Sequence[dict[str, Any]] = ()) -> dict[str, TrainResult]:
+def fit(
+    bank: MultiTaskModel,
+    objective: Objective,
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+    score_start: bool = False,
+    train_mode: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    preamble: Sequence[dict[str, Any]] = (),
+) -> dict[str, TrainResult]:
     """Train ``objective.tasks`` of ``bank``; each ends with its best weights (see the module docstring).
 
     ``score_start``: the weights before the first step are scored too, and kept if no step beats them.
@@ -189,9 +203,10 @@ def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir
     model = accelerator.prepare_model(bank)
     keys = {t: sorted(bank.task_parameters(t)) for t in tasks}
     groups = [[bank.task_parameters(t)[k] for k in keys[t]] for t in tasks]
-    optimizer = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in zip(groups, objective.learning_rates,
-                                                                           strict=True)],
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": p, "lr": lr} for p, lr in zip(groups, objective.learning_rates, strict=True)],
+        weight_decay=config.weight_decay,
+    )
     batches = objective.batches
     per_epoch = math.ceil(batches.count(0) / config.grad_accum)
     total = total_steps(config, per_epoch)
@@ -230,10 +245,18 @@ def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir
                     continue
                 metric = objective.metrics[task]
                 if metric not in scores:
-                    raise ConfigError(f"metric '{metric}' is not computed for task '{task}'; choose one of: "
-                                      f"{', '.join(scores)}")
-                record = {"step": step, "epoch": step // max(per_epoch, 1), "split": "validation", **scores,
-                          "lr": optimizer.param_groups[i]["lr"], "elapsed": round(time.perf_counter() - start, 2)}
+                    raise ConfigError(
+                        f"metric '{metric}' is not computed for task '{task}'; choose one of: "
+                        f"{', '.join(scores)}"
+                    )
+                record = {
+                    "step": step,
+                    "epoch": step // max(per_epoch, 1),
+                    "split": "validation",
+                    **scores,
+                    "lr": optimizer.param_groups[i]["lr"],
+                    "elapsed": round(time.perf_counter() - start, 2),
+                }
                 s.history.append(record)
                 if run_dir is not None:
                     with open(run_dir / "metrics.jsonl", "a") as f:
@@ -253,8 +276,10 @@ def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir
                 bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
             elif state[tasks[0]].history:
                 last, metric = state[tasks[0]].history[-1], objective.metrics[tasks[0]]
-                bar.set_postfix_str(f"{_epoch_text(loop, config.epochs)} loss {running:.4f} {metric} "
-                                    f"{last[metric]:.4f}", refresh=False)
+                bar.set_postfix_str(
+                    f"{_epoch_text(loop, config.epochs)} loss {running:.4f} {metric} {last[metric]:.4f}",
+                    refresh=False,
+                )
 
         def save() -> None:
             if ckpt is not None:
@@ -292,11 +317,19 @@ def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir
                     micro = (loop["batch"] - 1) % config.grad_accum + 1
                     means = {name: value / micro for name, value in sums.items()}
                     running = means.get("loss", float(loss.detach()))
-                    loop["log"].append({"step": loop["step"], "epoch": loop["epoch"] + 1, **means,
-                                        "lr": scheduler.get_last_lr()[0]})
+                    loop["log"].append(
+                        {
+                            "step": loop["step"],
+                            "epoch": loop["epoch"] + 1,
+                            **means,
+                            "lr": scheduler.get_last_lr()[0],
+                        }
+                    )
                     sums = {}
                     bar.update(1)
-                    bar.set_postfix_str(f"{_epoch_text(loop, config.epochs)} loss {running:.4f}", refresh=False)
+                    bar.set_postfix_str(
+                        f"{_epoch_text(loop, config.epochs)} loss {running:.4f}", refresh=False
+                    )
                     if config.eval_every and loop["step"] % config.eval_every == 0:
                         evaluate_now()
                     if loop["step"] >= total:
@@ -334,9 +367,16 @@ def fit(bank: MultiTaskModel, objective: Objective, config: TrainConfig, run_dir
         fold = get_method(bank.tasks[task].method).fold
         if fold is not None:  # training-time parameters become what is saved and served
             fold(bank, task)
-        results[task] = TrainResult(s.steps if s.frozen else loop["step"], s.best_step, s.best_metric,
-                                    objective.metrics[task], s.frozen,
-                                    s.seconds if s.frozen else time.perf_counter() - start, s.history, loop["log"])
+        results[task] = TrainResult(
+            s.steps if s.frozen else loop["step"],
+            s.best_step,
+            s.best_metric,
+            objective.metrics[task],
+            s.frozen,
+            s.seconds if s.frozen else time.perf_counter() - start,
+            s.history,
+            loop["log"],
+        )
     return results
 
 
@@ -353,13 +393,25 @@ def _epoch_text(loop: dict[str, Any], epochs: int) -> str:
 # ---- checkpoints --------------------------------------------------------------------------------------
 def fingerprint(config: TrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one (not max_steps: a run may be extended)."""
-    return {k: v for k, v in asdict(config).items()
-            if k not in ("max_steps", "device", "checkpoint_every", "keep_checkpoint")}
+    return {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("max_steps", "device", "checkpoint_every", "keep_checkpoint")
+    }
 
 
-def _save_checkpoint(folder: Path, bank: MultiTaskModel, objective: Objective, keys: dict[str, list[str]],
-                     optimizer: Any, scheduler: Any, config: TrainConfig, loop: dict[str, Any],
-                     state: dict[str, _Task], best: dict[str, dict[str, torch.Tensor] | None]) -> None:
+def _save_checkpoint(
+    folder: Path,
+    bank: MultiTaskModel,
+    objective: Objective,
+    keys: dict[str, list[str]],
+    optimizer: Any,
+    scheduler: Any,
+    config: TrainConfig,
+    loop: dict[str, Any],
+    state: dict[str, _Task],
+    best: dict[str, dict[str, torch.Tensor] | None],
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for task in objective.tasks:
         tensors.update({f"param/{task}/{k}": v for k, v in bank.task_state_dict(task).items()})
@@ -372,25 +424,44 @@ def _save_checkpoint(folder: Path, bank: MultiTaskModel, objective: Objective, k
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    meta = {"format": FORMAT, "loop": loop, "tasks": {t: asdict(s) for t, s in state.items()}, "keys": keys,
-            "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "config": fingerprint(config)}
+    meta = {
+        "format": FORMAT,
+        "loop": loop,
+        "tasks": {t: asdict(s) for t, s in state.items()},
+        "keys": keys,
+        "param_groups": opt["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "config": fingerprint(config),
+    }
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(folder: Path, bank: MultiTaskModel, objective: Objective, keys: dict[str, list[str]],
-                     optimizer: Any, scheduler: Any, config: TrainConfig, state: dict[str, _Task],
-                     best: dict[str, dict[str, torch.Tensor] | None]) -> dict[str, Any]:
+def _load_checkpoint(
+    folder: Path,
+    bank: MultiTaskModel,
+    objective: Objective,
+    keys: dict[str, list[str]],
+    optimizer: Any,
+    scheduler: Any,
+    config: TrainConfig,
+    state: dict[str, _Task],
+    best: dict[str, dict[str, torch.Tensor] | None],
+) -> dict[str, Any]:
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != FORMAT:
-        raise ConfigError(f"the checkpoint in {folder} was written by an older multitune; start a new run "
-                          "without --resume (or into another --output)")
+        raise ConfigError(
+            f"the checkpoint in {folder} was written by an older multitune; start a new run "
+            "without --resume (or into another --output)"
+        )
     if meta["keys"] != keys or meta["config"] != fingerprint(config):
         changed = sorted(k for k in meta["config"] if meta["config"][k] != fingerprint(config).get(k))
-        raise ConfigError(f"the checkpoint in {folder} was written with other settings "
-                          f"({', '.join(changed) or 'tasks or weights'}); resume with the same settings, or start "
-                          "a new run without --resume")
+        raise ConfigError(
+            f"the checkpoint in {folder} was written with other settings "
+            f"({', '.join(changed) or 'tasks or weights'}); resume with the same settings, or start "
+            "a new run without --resume"
+        )
     tensors = load_file(str(folder / "state.safetensors"))
     for task in objective.tasks:
         bank.load_task_state_dict(task, _under(tensors, f"param/{task}/"))
@@ -410,4 +481,4 @@ def _load_checkpoint(folder: Path, bank: MultiTaskModel, objective: Objective, k
 
 
 def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -68,8 +68,9 @@ SAMPLING = ("proportional", "temperature")
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
-def task_probabilities(sizes: Sequence[int], sampling: str = "proportional",
-                       temperature: float = 2.0) -> list[float]:
+def task_probabilities(
+    sizes: Sequence[int], sampling: str = "proportional", temperature: float = 2.0
+) -> list[float]:
     """The probability of each task for one row: n_i / sum n, or n_i^(1/T) / sum n^(1/T)."""
     if sampling not in SAMPLING:
         raise ConfigError(f"sampling must be one of {', '.join(SAMPLING)} (got '{sampling}'); fix --sampling")
@@ -114,8 +115,9 @@ class RowSampler:
 
 
 # ---- the loss of a mixed batch ------------------------------------------------------------------------
-def mixed_loss(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slots: Sequence[int],
-               reduction: str = "mean") -> torch.Tensor:
+def mixed_loss(
+    bank: MultiTaskModel, features: Sequence[dict[str, Any]], slots: Sequence[int], reduction: str = "mean"
+) -> torch.Tensor:
     """The loss of rows of any tasks and kinds (``slots[i]`` is row i's slot in ``bank.slots``).
 
     ``mean``: classification CEs summed, plus the generation rows' token-mean NLL times their number,
@@ -130,11 +132,15 @@ def mixed_loss(bank: MultiTaskModel, features: Sequence[dict[str, Any]], slots: 
     classified = [i for i, k in enumerate(kinds) if k == "classification"]
     generated = [i for i, k in enumerate(kinds) if k == "generation"]
     if classified:
-        batch = to_device(collate([features[i] for i in classified], pad_id, [slots[i] for i in classified]), device)
+        batch = to_device(
+            collate([features[i] for i in classified], pad_id, [slots[i] for i in classified]), device
+        )
         logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
         total = total + F.cross_entropy(logits.float(), batch["class_labels"], reduction="sum")
     if generated:
-        batch = to_device(collate([features[i] for i in generated], pad_id, [slots[i] for i in generated]), device)
+        batch = to_device(
+            collate([features[i] for i in generated], pad_id, [slots[i] for i in generated]), device
+        )
         nll, count = bank.lm_loss(batch)
         total = total + (nll if reduction == "sum" else nll / count.clamp(min=1) * len(generated))
     return total if reduction == "sum" else total / len(features)
@@ -147,11 +153,15 @@ def _check_tasks(bank: MultiTaskModel, tasks: Mapping[str, Any]) -> None:
     problems = []
     for name in tasks:
         if name not in bank.tasks:
-            problems.append(f"task '{name}' is not in the bank (tasks: {', '.join(bank.tasks) or 'none'}); "
-                            "add it with bank.add_task first")
+            problems.append(
+                f"task '{name}' is not in the bank (tasks: {', '.join(bank.tasks) or 'none'}); "
+                "add it with bank.add_task first"
+            )
         elif get_method(bank.tasks[name].method).changes_base:
-            problems.append(f"task '{name}' uses {bank.tasks[name].method} fine-tuning, which owns the base and "
-                            "cannot share a batch with other tasks; train it alone with 'multitune train'")
+            problems.append(
+                f"task '{name}' uses {bank.tasks[name].method} fine-tuning, which owns the base and "
+                "cannot share a batch with other tasks; train it alone with 'multitune train'"
+            )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -186,8 +196,9 @@ def train_multitask(
     for task, (train_examples, validation_examples) in tasks.items():
         fit_method = get_method(bank.tasks[task].method).fit
         if fit_method is not None:  # nothing to optimise (prompting): fitted and scored once, at step 0
-            results[task] = fit_only(bank, task, fit_method, train_examples, validation_examples, config, None,
-                                      metrics[task])
+            results[task] = fit_only(
+                bank, task, fit_method, train_examples, validation_examples, config, None, metrics[task]
+            )
             preamble += [{"task": task, **record} for record in results[task].history]
     names = [t for t in tasks if t not in results]
     if not names:
@@ -202,12 +213,17 @@ def train_multitask(
             raise ConfigError(f"task '{task}' has no training examples; give it some data")
         encoded = encode_task(bank, task, tasks[task][0], config.max_length)
         if bank.tasks[task].kind == "classification" and any("class_label" not in f for f in encoded):
-            raise ConfigError(f"some training labels of task '{task}' are not in its label set "
-                              f"{bank.tasks[task].labels}")
+            raise ConfigError(
+                f"some training labels of task '{task}' are not in its label set {bank.tasks[task].labels}"
+            )
         features.append(encoded)
         slots.append(bank.slots.index(task))
-    rates = [(learning_rates or {}).get(t) or config.learning_rate or get_method(bank.tasks[t].method).default_learning_rate
-             for t in names]
+    rates = [
+        (learning_rates or {}).get(t)
+        or config.learning_rate
+        or get_method(bank.tasks[t].method).default_learning_rate
+        for t in names
+    ]
     sampler = RowSampler([len(f) for f in features], probabilities, config.seed)
     micro = epoch_steps(config, sum(len(f) for f in features)) * config.grad_accum  # an epoch of the mixture
 
@@ -219,13 +235,37 @@ def train_multitask(
         validation = tasks[task][1]
         if not validation:
             return None
-        return evaluate(bank, task, validation, config.max_length, config.eval_batch_size, config.max_new_tokens,
-                        generate=metrics[task] not in ("loss", "perplexity"))
+        return evaluate(
+            bank,
+            task,
+            validation,
+            config.max_length,
+            config.eval_batch_size,
+            config.max_new_tokens,
+            generate=metrics[task] not in ("loss", "perplexity"),
+        )
 
-    objective = Objective(names, rates, MixedBatches(sampler, config.batch_size, micro), loss, scores,
-                          {t: metrics[t] for t in names})
-    results.update(fit(bank, objective, config, run_dir, resume, progress, f"train {len(names)} tasks",
-                       on_step=on_step, preamble=preamble))
+    objective = Objective(
+        names,
+        rates,
+        MixedBatches(sampler, config.batch_size, micro),
+        loss,
+        scores,
+        {t: metrics[t] for t in names},
+    )
+    results.update(
+        fit(
+            bank,
+            objective,
+            config,
+            run_dir,
+            resume,
+            progress,
+            f"train {len(names)} tasks",
+            on_step=on_step,
+            preamble=preamble,
+        )
+    )
     return {t: results[t] for t in tasks}
 
 
@@ -256,9 +296,13 @@ class MixedBatches:
 class MultiRunConfig:
     """``multitune train-multi``: tasks trained together on one base; one adapter folder per task."""
 
-    model: str = field(default="minilm", metadata={"help": "short name (minilm, smollm2-135m), HF folder or .gguf"})
+    model: str = field(
+        default="minilm", metadata={"help": "short name (minilm, smollm2-135m), HF folder or .gguf"}
+    )
     output: str = field(default="runs/multi", metadata={"help": "bank folder: one adapter folder per task"})
-    sampling: str = field(default="proportional", metadata={"help": "task of each row: proportional or temperature"})
+    sampling: str = field(
+        default="proportional", metadata={"help": "task of each row: proportional or temperature"}
+    )
     temperature: float = field(default=2.0, metadata={"help": "temperature sampling: p ~ size^(1/T)"})
     train: TrainConfig = field(default_factory=TrainConfig)
     tasks: list[RunConfig] = field(default_factory=list)
@@ -268,7 +312,9 @@ class MultiRunConfig:
 TASK_KEYS = ("name", "method", "kind", "data", "learning_rate")
 
 
-def _task_config(entry: Any, index: int, model: str, train: TrainConfig, where: str) -> tuple[RunConfig, float | None]:
+def _task_config(
+    entry: Any, index: int, model: str, train: TrainConfig, where: str
+) -> tuple[RunConfig, float | None]:
     """One entry of ``tasks:`` -> a RunConfig: name, method, kind, learning_rate, and the data and method
     settings as ``multitune train``'s --config takes them (``data: FILE`` or a ``data:`` section,
     ``text_column: review``, ``lora_rank: 4`` or a ``lora:`` section)."""
@@ -280,11 +326,15 @@ def _task_config(entry: Any, index: int, model: str, train: TrainConfig, where: 
         raise ConfigError(f"task {index + 1} in {where} has no name; add 'name: ...'")
     method = entry.pop("method", "lora")
     if method not in METHODS:
-        raise ConfigError(f"task '{name}': unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}")
+        raise ConfigError(
+            f"task '{name}': unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}"
+        )
     lr = entry.pop("learning_rate", None)
     kind = entry.pop("kind", "classification")
     schema = settings_parser([(DataConfig, "data.")], [method])
-    values = split_settings(settings_from_mapping(entry, schema, f"task '{name}' of {where}", known=TASK_KEYS))
+    values = split_settings(
+        settings_from_mapping(entry, schema, f"task '{name}' of {where}", known=TASK_KEYS)
+    )
     run = RunConfig(model=model, task=str(name), kind=kind, method=method, output="", train=train)
     run.data = DataConfig(**values.get("data", {}))
     run.methods = {method: METHODS[method].config_class(**values.get(method, {}))}
@@ -299,14 +349,17 @@ def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     where = f"config file {path}"
     entries = raw.pop("tasks", None)
     # shared settings flat (epochs: 2) or in train:, as every --config takes them; then the flags given
-    values = settings_from_mapping(raw, settings_parser([(MultiRunConfig, ""), (TrainConfig, "train.")]), where,
-                                   known=["tasks"])
+    values = settings_from_mapping(
+        raw, settings_parser([(MultiRunConfig, ""), (TrainConfig, "train.")]), where, known=["tasks"]
+    )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     shared = split_settings(values)
     config = MultiRunConfig(**shared.get("", {}))
     config.train = TrainConfig(**shared.get("train", {}))
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{where} lists no tasks; add 'tasks:' with one entry (name, method, kind, data) per task")
+        raise ConfigError(
+            f"{where} lists no tasks; add 'tasks:' with one entry (name, method, kind, data) per task"
+        )
     built = [_task_config(e, i, config.model, config.train, where) for i, e in enumerate(entries)]
     config.tasks = [run for run, _ in built]
     config.learning_rates = {run.task: lr for run, lr in built if lr is not None}
@@ -314,15 +367,19 @@ def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     names = [t.task for t in config.tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        problems.append(f"task names must be unique: {', '.join(duplicates)} given more than once; rename them")
+        problems.append(
+            f"task names must be unique: {', '.join(duplicates)} given more than once; rename them"
+        )
     for task in config.tasks:
         try:
             validate(task)
         except ConfigError as error:
             problems.append(f"task '{task.task}': {error}")
         if METHODS[task.method].changes_base:
-            problems.append(f"task '{task.task}': {task.method} fine-tuning owns the base and cannot train with "
-                            "other tasks; train it alone with 'multitune train'")
+            problems.append(
+                f"task '{task.task}': {task.method} fine-tuning owns the base and cannot train with "
+                "other tasks; train it alone with 'multitune train'"
+            )
         for role in ("data", "validation_data", "test_data"):
             file = getattr(task.data, role)
             if role == "data" and not file:
@@ -341,13 +398,24 @@ def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = No
 def _to_yaml(config: MultiRunConfig) -> str:
     tasks = []
     for run in config.tasks:
-        entry: dict[str, Any] = {"name": run.task, "method": run.method, "kind": run.kind,
-                                 "data": settings_dict(run.data), run.method: settings_dict(run.method_config())}
+        entry: dict[str, Any] = {
+            "name": run.task,
+            "method": run.method,
+            "kind": run.kind,
+            "data": settings_dict(run.data),
+            run.method: settings_dict(run.method_config()),
+        }
         if run.task in config.learning_rates:
             entry["learning_rate"] = config.learning_rates[run.task]
         tasks.append(entry)
-    data = {"model": config.model, "output": config.output, "sampling": config.sampling,
-            "temperature": config.temperature, "train": dataclasses.asdict(config.train), "tasks": tasks}
+    data = {
+        "model": config.model,
+        "output": config.output,
+        "sampling": config.sampling,
+        "temperature": config.temperature,
+        "train": dataclasses.asdict(config.train),
+        "tasks": tasks,
+    }
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -365,8 +433,12 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[st
     if out.exists() and any(out.iterdir()):
         from multitune.storage import describe_folder
 
-        raise ConfigError(f"output folder {out} already exists and is {describe_folder(out)}; choose another --output")
-    splits = {t.task: t.data.splits(t.kind) for t in config.tasks}  # every data file read before the model loads
+        raise ConfigError(
+            f"output folder {out} already exists and is {describe_folder(out)}; choose another --output"
+        )
+    splits = {
+        t.task: t.data.splits(t.kind) for t in config.tasks
+    }  # every data file read before the model loads
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)
     torch.manual_seed(config.train.seed)
@@ -376,21 +448,40 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[st
     trainable = {t: sum(p.numel() for p in bank.task_parameters(t).values()) for t in splits}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(_to_yaml(config))
-    results = train_multitask(bank, {t: (s.train, s.validation) for t, s in splits.items()}, config.train,
-                              config.sampling, config.temperature, out, progress, config.learning_rates)
+    results = train_multitask(
+        bank,
+        {t: (s.train, s.validation) for t, s in splits.items()},
+        config.train,
+        config.sampling,
+        config.temperature,
+        out,
+        progress,
+        config.learning_rates,
+    )
     summary: dict[str, Any] = {"model": config.model, "sampling": config.sampling, "tasks": {}}
     for t in config.tasks:
         name, result = t.task, results[t.task]
-        test = evaluate(bank, name, splits[name].test, config.train.max_length, config.train.eval_batch_size,
-                        config.train.max_new_tokens)
+        test = evaluate(
+            bank,
+            name,
+            splits[name].test,
+            config.train.max_length,
+            config.train.eval_batch_size,
+            config.train.max_new_tokens,
+        )
         save_adapter(bank, name, out / name, extra={"metrics": {"test": test}})
         s = splits[name]
         summary["tasks"][name] = {
-            "method": t.method, "kind": t.kind,
+            "method": t.method,
+            "kind": t.kind,
             "examples": {"train": len(s.train), "validation": len(s.validation), "test": len(s.test)},
-            "trainable_parameters": trainable[name], "steps": result.steps, "best_step": result.best_step,
-            "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2),
-            "validation": {result.metric: result.best_metric}, "test": test,
+            "trainable_parameters": trainable[name],
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(result.seconds, 2),
+            "validation": {result.metric: result.best_metric},
+            "test": test,
         }
     write_json_atomic(out / "result.json", summary)
     return summary

@@ -56,8 +56,16 @@ def train(
     metric = config.metric or default_metric(spec.kind)
     fit_method = get_method(spec.method).fit
     if fit_method is not None:  # nothing to optimise (prompting): fit, then score the validation split once
-        return fit_only(bank, task, fit_method, train_examples, validation_examples, config,
-                         Path(run_dir) if run_dir is not None else None, metric)
+        return fit_only(
+            bank,
+            task,
+            fit_method,
+            train_examples,
+            validation_examples,
+            config,
+            Path(run_dir) if run_dir is not None else None,
+            metric,
+        )
     slot = bank.slots.index(task)
     pad_id = bank.base.tokenizer.pad_token_id
     features = encode_task(bank, task, train_examples, config.max_length)
@@ -73,30 +81,71 @@ def train(
     def scores(_: str) -> dict[str, float] | None:
         if not validation_examples:
             return None
-        return evaluate(bank, task, validation_examples, config.max_length, config.eval_batch_size,
-                        config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
+        return evaluate(
+            bank,
+            task,
+            validation_examples,
+            config.max_length,
+            config.eval_batch_size,
+            config.max_new_tokens,
+            generate=metric not in ("loss", "perplexity"),
+        )
 
     lr = config.learning_rate or get_method(spec.method).default_learning_rate
-    objective = Objective([task], [lr], Shuffled(len(features), config.batch_size, config.seed), loss, scores,
-                          {task: metric})
-    return fit(bank, objective, config, run_dir, resume, progress, desc or f"train {task}", on_step=on_step,
-               on_eval=on_eval)[task]
+    objective = Objective(
+        [task], [lr], Shuffled(len(features), config.batch_size, config.seed), loss, scores, {task: metric}
+    )
+    return fit(
+        bank,
+        objective,
+        config,
+        run_dir,
+        resume,
+        progress,
+        desc or f"train {task}",
+        on_step=on_step,
+        on_eval=on_eval,
+    )[task]
 
 
-def fit_only(bank: MultiTaskModel, task: str, fit: Callable[..., None], train_examples: Sequence[Example],
-              validation_examples: Sequence[Example], config: TrainConfig, run_dir: Path | None,
-              metric: str) -> TrainResult:
+def fit_only(
+    bank: MultiTaskModel,
+    task: str,
+    fit: Callable[..., None],
+    train_examples: Sequence[Example],
+    validation_examples: Sequence[Example],
+    config: TrainConfig,
+    run_dir: Path | None,
+    metric: str,
+) -> TrainResult:
     """A method without parameters: ``fit`` it, score the validation split once (step 0), as train() records it."""
     start = time.perf_counter()
     fit(bank, task, train_examples)
     history: list[dict[str, Any]] = []
     if validation_examples:
-        scores = evaluate(bank, task, validation_examples, config.max_length, config.eval_batch_size,
-                          config.max_new_tokens, generate=metric not in ("loss", "perplexity"))
+        scores = evaluate(
+            bank,
+            task,
+            validation_examples,
+            config.max_length,
+            config.eval_batch_size,
+            config.max_new_tokens,
+            generate=metric not in ("loss", "perplexity"),
+        )
         if metric not in scores:
-            raise ConfigError(f"metric '{metric}' is not computed for {bank.tasks[task].kind}; choose one of: {', '.join(scores)}")
-        history.append({"step": 0, "epoch": 0, "split": "validation", **scores, "lr": 0.0,
-                        "elapsed": round(time.perf_counter() - start, 2)})
+            raise ConfigError(
+                f"metric '{metric}' is not computed for {bank.tasks[task].kind}; choose one of: {', '.join(scores)}"
+            )
+        history.append(
+            {
+                "step": 0,
+                "epoch": 0,
+                "split": "validation",
+                **scores,
+                "lr": 0.0,
+                "elapsed": round(time.perf_counter() - start, 2),
+            }
+        )
     if run_dir is not None:
         _rewrite_metrics(run_dir, history)
     best = history[-1][metric] if history else None
@@ -110,8 +159,12 @@ def _rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 # ---- the whole job ----------------------------------------------------------------------------------
-def run(config: RunConfig, resume: bool = False, progress: bool = True,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run(
+    config: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Data -> base -> task -> train -> test -> adapter; returns the summary written to RUN/result.json.
 
     The run folder is locked for the whole job (:func:`multitune.storage.output_lock`): a second run into
@@ -145,19 +198,28 @@ def is_run_folder(folder: Path) -> bool:
         meta = json.loads((folder / CHECKPOINT / "state.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and ({"state", "keys", "config"} <= set(meta) or {"loop", "keys", "config"} <= set(meta))
+    return isinstance(meta, dict) and (
+        {"state", "keys", "config"} <= set(meta) or {"loop", "keys", "config"} <= set(meta)
+    )
 
 
-def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
-         on_step: Callable[[int], None] | None) -> dict[str, Any]:
+def _run(
+    config: RunConfig, out: Path, resume: bool, progress: bool, on_step: Callable[[int], None] | None
+) -> dict[str, Any]:
     used = out.is_dir() and any(out.iterdir())
     if used and not is_run_folder(out):  # never write a run into a comparison, a bank or someone's files
         from multitune.storage import describe_folder
 
-        what = f"--resume continues a run of 'multitune train', but {out}" if resume else f"{out} already exists and"
+        what = (
+            f"--resume continues a run of 'multitune train', but {out}"
+            if resume
+            else f"{out} already exists and"
+        )
         raise ConfigError(f"{what} is {describe_folder(out)}; choose another --output")
     if used and not resume:
-        raise ConfigError(f"run folder {out} already exists; pass --resume to continue it, or choose another --output")
+        raise ConfigError(
+            f"run folder {out} already exists; pass --resume to continue it, or choose another --output"
+        )
     if resume and (out / "result.json").exists():  # finished: its result, and no checkpoint left behind
         if not config.train.keep_checkpoint:
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
@@ -171,16 +233,36 @@ def _run(config: RunConfig, out: Path, resume: bool, progress: bool,
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(RUN_MARK + to_yaml(config))
     trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
-    result = train(bank, config.task, splits.train, splits.validation, config.train, out, resume, progress, on_step)
-    test = evaluate(bank, config.task, splits.test, config.train.max_length, config.train.eval_batch_size,
-                    config.train.max_new_tokens)
+    result = train(
+        bank, config.task, splits.train, splits.validation, config.train, out, resume, progress, on_step
+    )
+    test = evaluate(
+        bank,
+        config.task,
+        splits.test,
+        config.train.max_length,
+        config.train.eval_batch_size,
+        config.train.max_new_tokens,
+    )
     stored = sum(p.numel() for p in bank.task_parameters(config.task).values())  # after folding
     summary = {
-        "command": "train", "task": config.task, "method": config.method, "model": config.model,
-        "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
-        "trainable_parameters": trainable, "stored_parameters": stored, "steps": result.steps, "best_step": result.best_step,
-        "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2),
-        "validation": {result.metric: result.best_metric}, "test": test,
+        "command": "train",
+        "task": config.task,
+        "method": config.method,
+        "model": config.model,
+        "examples": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
+        "trainable_parameters": trainable,
+        "stored_parameters": stored,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 2),
+        "validation": {result.metric: result.best_metric},
+        "test": test,
     }
     save_adapter(bank, config.task, out / "adapter", extra={"metrics": {"test": test}})
     write_json_atomic(out / "result.json", summary)
