@@ -8,7 +8,8 @@ import re
 import pytest
 import yaml
 
-from multitune.cli import build_parser, compare_config
+from multitune.cli import build_parser
+from multitune.compare.cli import compare_config
 from multitune.config import (
     load_run_config,
     parse_args,

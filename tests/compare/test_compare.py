@@ -213,7 +213,8 @@ def test_search_spaces_cover_the_key_settings():
 
 
 def test_fixed_method_flags_are_kept(bert_dir, data_csv, tmp_path):
-    from multitune.cli import build_parser, compare_config
+    from multitune.cli import build_parser
+    from multitune.compare.cli import compare_config
 
     args = build_parser().parse_args(
         _args(bert_dir, data_csv, tmp_path / "o", "lora", 2, "--lora-dropout", "0.2")

@@ -203,3 +203,38 @@ def test_the_cli_resumes_only_its_own_runs(llama_dir, tmp_path, capsys) -> None:
     assert main(["dpo", *args, "--output", str(out), "--resume"]) == 2
     assert "--resume continues a run of 'multitune dpo'" in capsys.readouterr().err
     assert not (out / "checkpoint").exists()
+
+
+def test_train_multi_resumes_from_the_command_line(llama_dir, tmp_path, monkeypatch, capsys) -> None:
+    import functools
+
+    import yaml
+
+    from multitune.cli import main
+    from multitune.training import multitask
+
+    data = tmp_path / "sent.csv"
+    data.write_text("text,label\n" + "".join(f"{ex.text},{ex.label}\n" for ex in toy_sentiment(48)))
+    replies = tmp_path / "reply.jsonl"
+    replies.write_text("".join(json.dumps({"prompt": ex.text, "response": ex.response}) + "\n"
+                               for ex in toy_generation(24)))
+    config = tmp_path / "multi.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(llama_dir), "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "seed": 1},
+        "tasks": [{"name": "sent", "method": "lora", "data": str(data), "lora_dropout": 0.3},
+                  {"name": "reply", "method": "prompt", "kind": "generation", "data": str(replies)}]}))
+    args = ["train-multi", "--config", str(config), "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    original = multitask.train_multitask
+    monkeypatch.setattr(multitask, "train_multitask", functools.partial(original, on_step=_stop_at(5)))
+    with pytest.raises(Interrupt):
+        main([*args, "--output", str(tmp_path / "b")])
+    assert main([*args, "--output", str(tmp_path / "b")]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    monkeypatch.setattr(multitask, "train_multitask", original)
+    assert main([*args, "--output", str(tmp_path / "b"), "--resume"]) == 0
+    for task in ("sent", "reply"):
+        want = (tmp_path / "a" / task / "adapter.safetensors").read_bytes()
+        assert (tmp_path / "b" / task / "adapter.safetensors").read_bytes() == want
+    assert not (tmp_path / "b" / "checkpoint").exists()
+    assert main([*args, "--output", str(tmp_path / "b"), "--resume"]) == 0  # finished: its result again

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
+from multitune.cli_commands import Command
 from multitune.config import TrainConfig, plural
 from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
@@ -710,3 +711,26 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         f"peak RSS {summary['peak_rss_mb']:.0f} MB"
     )
     print(f"adapter: {out / 'adapter'} (value head: {out / VALUE_HEAD_FILE})")
+
+
+def commands() -> list[Command]:
+    return [
+        Command(
+            "reward",
+            "train a reward model on chosen/rejected pairs (Bradley-Terry)",
+            add_reward_arguments,
+            cmd_reward,
+        ),
+        Command(
+            "dpo",
+            "preference-tune a policy adapter with DPO (reference = adapter disabled)",
+            add_dpo_arguments,
+            cmd_dpo,
+        ),
+        Command(
+            "ppo",
+            "RLHF: PPO on an adapter with a reward model, classifier or Python function",
+            add_ppo_arguments,
+            cmd_ppo,
+        ),
+    ]

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from multitune.cli_commands import Command
 from multitune.errors import ConfigError
 from multitune.serve.app import create_app
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES
@@ -239,3 +240,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_input_chars=args.max_input_chars,
         max_request_bytes=args.max_request_bytes,
     )
+
+
+def commands() -> list[Command]:
+    return [
+        Command(
+            "serve",
+            "serve tasks over an OpenAI-compatible HTTP API (mixed batches)",
+            add_serve_arguments,
+            cmd_serve,
+        )
+    ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
-from multitune.training.loop import Objective, TrainResult, epoch_steps, fit
+from multitune.training.loop import CHECKPOINT, Objective, TrainResult, epoch_steps, fit
 from multitune.training.train import default_metric, fit_only
 
 SAMPLING = ("proportional", "temperature")
@@ -419,23 +420,43 @@ def _to_yaml(config: MultiRunConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def run_multitask(config: MultiRunConfig, progress: bool = True) -> dict[str, Any]:
+BANK_MARK = "# multitune train-multi bank folder: the settings of this run\n"
+
+
+def run_multitask(config: MultiRunConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Data -> base -> tasks -> train together -> test each -> OUTPUT/TASK adapters; the summary is
-    written to OUTPUT/result.json (OUTPUT/config.yaml and OUTPUT/metrics.jsonl beside the adapters)."""
+    written to OUTPUT/result.json (OUTPUT/config.yaml and OUTPUT/metrics.jsonl beside the adapters).
+    ``resume`` continues an interrupted run in OUTPUT from its checkpoint (a finished one returns its result)."""
     out = Path(config.output)
     with output_lock(out, "multitune train-multi"):
-        return _run_multitask(config, out, progress)
+        return _run_multitask(config, out, progress, resume)
 
 
-def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[str, Any]:
+def _is_bank_run(folder: Path) -> bool:
+    try:
+        return (folder / "config.yaml").read_text().startswith(BANK_MARK)
+    except OSError:
+        return False
+
+
+def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bool) -> dict[str, Any]:
     from multitune.models import load_base
 
-    if out.exists() and any(out.iterdir()):
+    used = out.exists() and any(out.iterdir())
+    if used and not (resume and _is_bank_run(out)):
         from multitune.storage import describe_folder
 
-        raise ConfigError(
-            f"output folder {out} already exists and is {describe_folder(out)}; choose another --output"
+        hint = "pass --resume to continue it, or " if _is_bank_run(out) else ""
+        what = (
+            "--resume continues a run of 'multitune train-multi', but the folder"
+            if resume
+            else f"output folder {out} already exists and"
         )
+        raise ConfigError(f"{what} is {describe_folder(out)}; {hint}choose another --output")
+    if used and (out / "result.json").exists():  # finished: its result, no checkpoint left behind
+        if not config.train.keep_checkpoint:
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        return json.loads((out / "result.json").read_text())
     splits = {
         t.task: t.data.splits(t.kind) for t in config.tasks
     }  # every data file read before the model loads
@@ -447,7 +468,7 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[st
         bank.add_task(t.task, t.kind, t.method, t.method_config(), splits[t.task].labels)  # type: ignore[arg-type]
     trainable = {t: sum(p.numel() for p in bank.task_parameters(t).values()) for t in splits}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(_to_yaml(config))
+    (out / "config.yaml").write_text(BANK_MARK + _to_yaml(config))
     results = train_multitask(
         bank,
         {t: (s.train, s.validation) for t, s in splits.items()},
@@ -457,6 +478,7 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[st
         out,
         progress,
         config.learning_rates,
+        resume=resume,
     )
     summary: dict[str, Any] = {"model": config.model, "sampling": config.sampling, "tasks": {}}
     for t in config.tasks:
@@ -484,4 +506,6 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool) -> dict[st
             "test": test,
         }
     write_json_atomic(out / "result.json", summary)
+    if not config.train.keep_checkpoint:  # done: the adapters are what is kept (--keep-checkpoint)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     return summary
