@@ -10,13 +10,9 @@ import yaml
 
 from multitune.cli import build_parser
 from multitune.compare.cli import compare_config
-from multitune.config import (
-    load_run_config,
-    parse_args,
-    show_default,
-    task_name_from_folder,
-)
+from multitune.config import task_name_from_folder
 from multitune.errors import ConfigError
+from multitune.flags import load_run_config, parse_args, show_default
 
 COMMANDS_WITH_CONFIG = ["train", "compare", "reward", "dpo", "ppo", "ensemble"]
 

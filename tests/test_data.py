@@ -11,16 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from multitune.data import (
-    Columns,
-    Example,
-    label_set,
-    load_examples,
-    prepare_splits,
-    read_table,
-    split_examples,
-)
+from multitune.data import Columns, Example, label_set, load_examples, prepare_splits, split_examples
 from multitune.errors import ConfigError, DataError
+from multitune.tables import read_table
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar shows training; loading bars only clutter the output
-    from multitune.config import parse_args
+    from multitune.flags import parse_args
 
     parser = build_parser()
     try:

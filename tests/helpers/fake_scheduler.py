@@ -6,7 +6,7 @@ negative ones among its first ``MAX_LENGTH`` words; a longer text is answered ``
 space). ``max_tokens`` counts words, stop strings cut the text as the real scheduler does, ``delay`` seconds
 pass before each piece (so that streams, cancellations and timeouts take measurable time), and ``hold()`` /
 ``release()`` stop every request at the door (so that tests can fill the queue). Its ``stats`` is the real
-scheduler's :class:`~multitune.serve.scheduler.Stats` (one "decode" batch per piece, one "classify" per request).
+scheduler's :class:`~multitune.serve.observe.Stats` (one "decode" batch per piece, one "classify" per request).
 
 It records what the server did to it: ``cancelled`` (the prompts of cancelled generations), ``handles`` (every
 generation submitted, with the task version it was admitted under), ``started`` / ``stopped``.
@@ -25,7 +25,7 @@ from typing import Any
 
 from multitune.serve.decode import QueueFull, RequestError, SamplingParams
 from multitune.serve.engine import Classification
-from multitune.serve.scheduler import Stats
+from multitune.serve.observe import Stats
 
 POSITIVE = {"good", "great", "fine", "nice", "happy", "love", "excellent"}
 NEGATIVE = {"bad", "awful", "poor", "sad", "hate", "terrible"}

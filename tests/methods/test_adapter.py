@@ -11,8 +11,9 @@ import torch
 from helpers import FAMILIES, tiny_base, tiny_model, toy_generation, toy_sentiment, word_tokenizer
 
 from multitune.bank import MultiTaskModel
-from multitune.config import TrainConfig, add_run_arguments, load_run_config
+from multitune.config import TrainConfig
 from multitune.errors import ConfigError
+from multitune.flags import add_run_arguments, load_run_config
 from multitune.methods.adapter import ACTIVATIONS, AdapterConfig, AdapterLinear, TaskNorm
 from multitune.methods.lora import LoRAConfig, LoRALinear
 from multitune.models import Family, base_from_model

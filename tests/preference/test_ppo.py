@@ -11,7 +11,6 @@ from helpers import POSITIVE, WORDS, perturb, tiny_base, tiny_model
 
 from multitune.bank import MultiTaskModel
 from multitune.errors import ConfigError
-from multitune.preference.cli import add_ppo_arguments, cmd_ppo
 from multitune.preference.ppo import (
     AdaptiveKLController,
     PPOConfig,
@@ -22,6 +21,7 @@ from multitune.preference.ppo import (
     train_ppo,
     whiten,
 )
+from multitune.preference.ppo_cli import add_ppo_arguments, cmd_ppo
 from multitune.preference.rewards import reward_from_classifier, reward_from_function
 from multitune.storage import load_adapter, save_adapter
 
@@ -386,7 +386,7 @@ def positive(prompts, responses):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    from multitune.config import parse_args
+    from multitune.flags import parse_args
 
     parser = argparse.ArgumentParser()
     add_ppo_arguments(parser)

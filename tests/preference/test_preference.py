@@ -407,7 +407,7 @@ def test_dpo_and_reward_refuse_bad_settings() -> None:
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 def _parse(add, argv: list[str]) -> argparse.Namespace:
-    from multitune.config import parse_args
+    from multitune.flags import parse_args
 
     parser = argparse.ArgumentParser()
     add(parser)

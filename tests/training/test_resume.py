@@ -216,13 +216,22 @@ def test_train_multi_resumes_from_the_command_line(llama_dir, tmp_path, monkeypa
     data = tmp_path / "sent.csv"
     data.write_text("text,label\n" + "".join(f"{ex.text},{ex.label}\n" for ex in toy_sentiment(48)))
     replies = tmp_path / "reply.jsonl"
-    replies.write_text("".join(json.dumps({"prompt": ex.text, "response": ex.response}) + "\n"
-                               for ex in toy_generation(24)))
+    replies.write_text(
+        "".join(json.dumps({"prompt": ex.text, "response": ex.response}) + "\n" for ex in toy_generation(24))
+    )
     config = tmp_path / "multi.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(llama_dir), "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "seed": 1},
-        "tasks": [{"name": "sent", "method": "lora", "data": str(data), "lora_dropout": 0.3},
-                  {"name": "reply", "method": "prompt", "kind": "generation", "data": str(replies)}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(llama_dir),
+                "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "seed": 1},
+                "tasks": [
+                    {"name": "sent", "method": "lora", "data": str(data), "lora_dropout": 0.3},
+                    {"name": "reply", "method": "prompt", "kind": "generation", "data": str(replies)},
+                ],
+            }
+        )
+    )
     args = ["train-multi", "--config", str(config), "--quiet"]
     assert main([*args, "--output", str(tmp_path / "a")]) == 0
     original = multitask.train_multitask

@@ -10,8 +10,9 @@ import typing
 from dataclasses import dataclass, field
 
 from multitune.bank import MultiTaskModel
-from multitune.config import field_default, setting_fields, setting_help
+from multitune.config import setting_fields
 from multitune.errors import MultituneError
+from multitune.flags import field_default, setting_help
 from multitune.methods import METHODS, Method
 from multitune.models import Base
 

@@ -175,13 +175,8 @@ def _comma_list(text: str) -> list[str]:
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     from multitune.compare.settings import default_methods
-    from multitune.config import (
-        DataConfig,
-        TrainConfig,
-        add_arguments,
-        add_config_argument,
-        add_method_arguments,
-    )
+    from multitune.config import DataConfig, TrainConfig
+    from multitune.flags import add_arguments, add_config_argument, add_method_arguments
 
     add_config_argument(p)
     p.add_argument("--model", default="minilm", help="short name (minilm, smollm2-135m), HF folder or .gguf")

@@ -1,17 +1,27 @@
-"""Verbaliser scoring for prompting: the summed log-probability of each label's continuation after each prompt.
+"""How prompting scores labels and finds similar shots, apart from the method itself.
 
-A causal LM reads every prompt once and each multi-token continuation from the prompts' KV cache repeated per
-label; an encoder-decoder runs its encoder once and decodes each continuation. Labels are processed in chunks
-of at most ``MAX_ROWS`` (prompt, label) rows per forward.
+Verbalisers: the summed log-probability of each label's continuation after each prompt. A causal LM reads
+every prompt once and each multi-token continuation from the prompts' KV cache repeated per label; an
+encoder-decoder runs its encoder once and decodes each continuation. Labels are processed in chunks of at most
+``MAX_ROWS`` (prompt, label) rows per forward. Embeddings: the mean of the frozen base's last hidden states
+over real tokens (every adapter off), what similar-shot selection and the encoders' label prototypes compare.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from multitune.bank import MultiTaskModel
+    from multitune.data import Example
+
+EMBED_MAX_LENGTH = 128  # tokens of an example when embedding it for similar shots and prototypes
 MAX_ROWS = 256  # (prompt, label) rows in one forward of the verbalisers' continuation tokens
 
 
@@ -111,3 +121,65 @@ def seq2seq_label_scores(
         picked = logp.gather(-1, tokens.repeat(batch, 1)[..., None])[..., 0]
         scores[:, labels] = (picked * tmask.repeat(batch, 1)).sum(-1).view(batch, c)
     return scores
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def example_ids(bank: MultiTaskModel, example: Example, max_length: int) -> list[int]:
+    """An example's token ids, as :func:`multitune.encode.encode_example` makes them for classification."""
+    tokenizer = bank.base.tokenizer
+    if example.text_pair is not None and bank.base.arch == "decoder":
+        return list(
+            tokenizer(
+                example.text + "\n" + example.text_pair, truncation=True, max_length=max_length
+            ).input_ids
+        )
+    return list(tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length).input_ids)
+
+
+def mean_hidden(bank: MultiTaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of the base model's last hidden states (B, d), every adapter off (T5: encoder)."""
+    model = bank.base.model
+    body = model.get_encoder() if bank.base.arch == "seq2seq" else bank.base.backbone()
+    with torch.no_grad(), bank.disabled():
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def embed_ids(bank: MultiTaskModel, rows: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    from multitune.encode import collate
+
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(
+            [{"input_ids": r} for r in rows[start : start + batch_size]], bank.base.tokenizer.pad_token_id, 0
+        )
+        device = bank.base.device
+        out.append(mean_hidden(bank, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    return torch.cat(out) if out else torch.empty(0, bank.base.hidden_size, device=bank.base.device)
+
+
+def embed(bank: MultiTaskModel, examples: Sequence[Example]) -> torch.Tensor:
+    """(N, d) embeddings of examples' inputs, for similar shots."""
+    return embed_ids(bank, [example_ids(bank, ex, EMBED_MAX_LENGTH) for ex in examples])
+
+
+def select_shots(
+    k: int, excluded: torch.Tensor, seeds: list[str], sims: torch.Tensor | None
+) -> list[list[int]]:
+    """k pool indices per row: a seeded sample, or the k most similar (ascending, so the nearest is last)."""
+    if sims is None:
+        out = []
+        for row, seed in zip(excluded.tolist(), seeds, strict=True):
+            candidates = [i for i, out_ in enumerate(row) if not out_]
+            out.append(random.Random(seed).sample(candidates, min(k, len(candidates))))
+        return out
+    sims = sims.float().masked_fill(excluded.to(sims.device), float("-inf"))
+    top = sims.topk(min(k, sims.shape[1]), dim=1)
+    return [
+        [i for i, v in zip(idx, val, strict=True) if v != float("-inf")][::-1]
+        for idx, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    ]

@@ -58,7 +58,16 @@ import torch.nn.functional as F
 from multitune.data import Example
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.label_scores import decoder_label_scores, seq2seq_label_scores
+from multitune.methods.label_scores import (
+    EMBED_MAX_LENGTH,
+    decoder_label_scores,
+    embed_ids,
+    example_ids,
+    mean_hidden,
+    select_shots,
+    seq2seq_label_scores,
+    unit,
+)
 
 if TYPE_CHECKING:
     from multitune.bank import MultiTaskModel, TaskSpec
@@ -71,7 +80,6 @@ DEFAULT_TEMPLATES = {
     "generation": "{text}\n{response}",
 }
 DEFAULT_INSTRUCTION = "Answer with one of: {labels}."  # classification only
-EMBED_MAX_LENGTH = 128  # tokens of an example when embedding it for similar shots and prototypes
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
 
 
@@ -439,8 +447,8 @@ def choose_shots(
     """Pool indices of each example's shots, in prompt order (for ``similar``, the nearest last)."""
     if min(config.shots, len(config.pool.examples)) == 0:
         return [[] for _ in examples]
-    rows = [_tokens(bank, ex, EMBED_MAX_LENGTH) for ex in examples]
-    queries = _embed_ids(bank, rows) if config.selection == "similar" else None
+    rows = [example_ids(bank, ex, EMBED_MAX_LENGTH) for ex in examples]
+    queries = embed_ids(bank, rows) if config.selection == "similar" else None
     return pick_shots(bank, task, config, [tuple(r) for r in rows], queries)
 
 
@@ -464,24 +472,8 @@ def pick_shots(
     seeds = [f"{config.seed}\0" + ",".join(map(str, q)) for q in keys]
     sims = None
     if config.selection == "similar" and queries is not None:
-        sims = _unit(queries) @ _unit(pool_embeddings(bank, task, config)).to(queries.device).T
-    return _select(k, excluded, seeds, sims)
-
-
-def _select(k: int, excluded: torch.Tensor, seeds: list[str], sims: torch.Tensor | None) -> list[list[int]]:
-    """k pool indices per row: a seeded sample, or the k most similar (ascending, so the nearest is last)."""
-    if sims is None:
-        out = []
-        for row, seed in zip(excluded.tolist(), seeds, strict=True):
-            candidates = [i for i, out_ in enumerate(row) if not out_]
-            out.append(random.Random(seed).sample(candidates, min(k, len(candidates))))
-        return out
-    sims = sims.float().masked_fill(excluded.to(sims.device), float("-inf"))
-    top = sims.topk(min(k, sims.shape[1]), dim=1)
-    return [
-        [i for i, v in zip(idx, val, strict=True) if v != float("-inf")][::-1]
-        for idx, val in zip(top.indices.tolist(), top.values.tolist(), strict=True)
-    ]
+        sims = unit(queries) @ unit(pool_embeddings(bank, task, config)).to(queries.device).T
+    return select_shots(k, excluded, seeds, sims)
 
 
 # ---- embeddings (similar shots, encoder prototypes) ------------------------------------------------------
@@ -504,55 +496,11 @@ def _cached(bank: MultiTaskModel, task: str, config: PromptingConfig) -> dict[st
     return entries[task]
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
-
-
-def _tokens(bank: MultiTaskModel, example: Example, max_length: int) -> list[int]:
-    """An example's token ids, as :func:`multitune.encode.encode_example` makes them for classification."""
-    tokenizer = bank.base.tokenizer
-    if example.text_pair is not None and bank.base.arch == "decoder":
-        return list(
-            tokenizer(
-                example.text + "\n" + example.text_pair, truncation=True, max_length=max_length
-            ).input_ids
-        )
-    return list(tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length).input_ids)
-
-
-def mean_hidden(bank: MultiTaskModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens of the base model's last hidden states (B, d), every adapter off (T5: encoder)."""
-    model = bank.base.model
-    body = model.get_encoder() if bank.base.arch == "seq2seq" else bank.base.backbone()
-    with torch.no_grad(), bank.disabled():
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
-def _embed_ids(bank: MultiTaskModel, rows: list[list[int]], batch_size: int = 32) -> torch.Tensor:
-    from multitune.encode import collate
-
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(
-            [{"input_ids": r} for r in rows[start : start + batch_size]], bank.base.tokenizer.pad_token_id, 0
-        )
-        device = bank.base.device
-        out.append(mean_hidden(bank, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
-    return torch.cat(out) if out else torch.empty(0, bank.base.hidden_size, device=bank.base.device)
-
-
-def embed(bank: MultiTaskModel, examples: Sequence[Example]) -> torch.Tensor:
-    """(N, d) embeddings of examples' inputs, for similar shots."""
-    return _embed_ids(bank, [_tokens(bank, ex, EMBED_MAX_LENGTH) for ex in examples])
-
-
 def _pool_keys(bank: MultiTaskModel, task: str, config: PromptingConfig) -> list[tuple[int, ...]]:
     """The pool examples' token ids (what identifies an input), cached on the task."""
     entry = _cached(bank, task, config)
     if "pool_keys" not in entry:
-        entry["pool_keys"] = [tuple(_tokens(bank, ex, EMBED_MAX_LENGTH)) for ex in pool_examples(config)]
+        entry["pool_keys"] = [tuple(example_ids(bank, ex, EMBED_MAX_LENGTH)) for ex in pool_examples(config)]
     return entry["pool_keys"]
 
 
@@ -560,7 +508,7 @@ def pool_embeddings(bank: MultiTaskModel, task: str, config: PromptingConfig) ->
     """(P, d) embeddings of the shot pool: computed once, then cached on the task."""
     entry = _cached(bank, task, config)
     if "pool" not in entry:
-        entry["pool"] = _embed_ids(bank, [list(key) for key in _pool_keys(bank, task, config)])
+        entry["pool"] = embed_ids(bank, [list(key) for key in _pool_keys(bank, task, config)])
     return entry["pool"]
 
 
@@ -589,21 +537,21 @@ def prototype_scores(
 ) -> torch.Tensor:
     """Encoders: cos(e(x), proto_c(x)) / temperature (B, C); see the module docstring."""
     spec = bank.tasks[task]
-    x = _unit(mean_hidden(bank, input_ids, attention_mask))  # (B, d)
+    x = unit(mean_hidden(bank, input_ids, attention_mask))  # (B, d)
     entry = _cached(bank, task, config)
     if "verbalizers" not in entry:
         tokenizer = bank.base.tokenizer
         words = verbalizers(config, spec).values()
-        entry["verbalizers"] = _embed_ids(
+        entry["verbalizers"] = embed_ids(
             bank, [list(tokenizer(w, truncation=True, max_length=EMBED_MAX_LENGTH).input_ids) for w in words]
         )
     batch, labels = x.shape[0], len(spec.labels)
-    total = _unit(entry["verbalizers"]).to(x.device).unsqueeze(0).repeat(batch, 1, 1)  # (B, C, d)
+    total = unit(entry["verbalizers"]).to(x.device).unsqueeze(0).repeat(batch, 1, 1)  # (B, C, d)
     counts = torch.ones(batch, labels, device=x.device)
     pool = pool_examples(config)
     k = min(config.shots, len(pool))
     if k:
-        pool_emb = _unit(pool_embeddings(bank, task, config)).to(x.device)  # (P, d)
+        pool_emb = unit(pool_embeddings(bank, task, config)).to(x.device)  # (P, d)
         rows = [
             tuple(r[m.bool()].tolist()) for r, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
         ]

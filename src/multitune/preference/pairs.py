@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multitune.config import plural
-from multitune.data import read_table
 from multitune.errors import ConfigError, DataError
+from multitune.tables import read_table, shown
 
 ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
-SHOWN = 5  # row numbers an error message lists before "..."
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,6 @@ def split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str] | None:
         return None
     end = at + len(ASSISTANT)
     return chosen[:end], chosen[end:], rejected[end:]
-
-
-def _shown(items: Sequence[object]) -> str:
-    return ", ".join(str(i) for i in items[:SHOWN]) + (", ..." if len(items) > SHOWN else "")
 
 
 def _line_numbers(path: Path, count: int) -> tuple[str, list[int]]:
@@ -127,7 +122,7 @@ def load_pairs(path: str | Path, drop_empty: bool = False) -> list[Pair]:
     if empty and not drop_empty:
         raise DataError(
             f"{path}: {plural(len(empty), unit)} with an empty chosen or rejected response "
-            f"({unit} {_shown(empty)}); remove them or pass --drop-empty"
+            f"({unit} {shown(empty)}); remove them or pass --drop-empty"
         )
     if not pairs:
         raise DataError(f"{path}: every pair has an empty chosen or rejected response; fill them in")
@@ -165,7 +160,7 @@ def load_prompts(path: str | Path) -> list[str]:
     empty = [n for n, p in zip(numbers, prompts, strict=True) if not p.strip()]
     if empty:
         raise DataError(
-            f"{path}: {plural(len(empty), unit)} with an empty '{column}' ({unit} {_shown(empty)}); "
+            f"{path}: {plural(len(empty), unit)} with an empty '{column}' ({unit} {shown(empty)}); "
             "fill them in or remove them"
         )
     return prompts

@@ -143,6 +143,41 @@ class Handle:
         self._done.set()
         self._emit(_DONE)
 
+    def append(
+        self, token: int, generated: list[int], tokenizer: Any, eos: set[int], now: float, timeout_s: float
+    ) -> None:
+        """One new token of one row: its text piece out, and the row finished when it is done."""
+        if self.cancelled:
+            self._finish("cancelled")
+            return
+        if token in eos:
+            self._finish("stop")
+            return
+        generated.append(token)
+        self.completion_tokens = len(generated)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        stop = first_stop(text, self.params.stop)
+        if stop is not None:
+            text = text[:stop]
+        if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
+            piece = text[len(self.text) :]
+            self.text = text
+            if piece:
+                self._emit(piece)
+        if stop is not None:
+            self._finish("stop")
+        elif len(generated) >= self.params.max_tokens:
+            self._finish("length")
+        elif now > self.deadline:
+            self._finish(
+                "timeout",
+                RequestError(
+                    504,
+                    f"the request took longer than {timeout_s:g} s; "
+                    "ask for fewer tokens or raise the server's --timeout",
+                ),
+            )
+
     # ---- client side -------------------------------------------------------------------------------
     def cancel(self) -> None:
         """The client went away: the row leaves the batch at the next step."""

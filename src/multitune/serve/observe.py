@@ -6,13 +6,34 @@ served tasks' names or "unknown", so that labels never grow with what clients se
 
 from __future__ import annotations
 
+import collections
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Stats:
+    """What the server exports: recent forward batch sizes (drained by the metrics endpoint) and the queue."""
+
+    batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+    queue_depth: int = 0
+    forwards: int = 0
+
+    def record(self, kind: str, size: int) -> None:
+        self.batch_sizes.append((kind, size))
+        self.forwards += 1
+
+    def drain(self) -> list[tuple[str, int]]:
+        out = []
+        while self.batch_sizes:
+            out.append(self.batch_sizes.popleft())
+        return out
 
 
 class Metrics:

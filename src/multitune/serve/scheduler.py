@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -52,28 +52,10 @@ from multitune.serve.decode import (
 )
 from multitune.serve.engine import Classification
 from multitune.serve.names import TaskNames
+from multitune.serve.observe import Stats
 
 log = logging.getLogger("multitune.serve.scheduler")
 T = TypeVar("T")
-
-
-@dataclass
-class Stats:
-    """What the server exports: recent forward batch sizes (drained by the metrics endpoint) and the queue."""
-
-    batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
-    queue_depth: int = 0
-    forwards: int = 0
-
-    def record(self, kind: str, size: int) -> None:
-        self.batch_sizes.append((kind, size))
-        self.forwards += 1
-
-    def drain(self) -> list[tuple[str, int]]:
-        out = []
-        while self.batch_sizes:
-            out.append(self.batch_sizes.popleft())
-        return out
 
 
 @dataclass
@@ -525,47 +507,12 @@ class Scheduler:
             if handle.done:
                 continue
             try:
-                self._append(handle, generated, token, tokenizer, eos, now)
+                handle.append(token, generated, tokenizer, eos, now, self.timeout_s)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
                 handle._finish("error", _as_request_error(error, "decoding a token"))
         # every row still running has just appended its token: that token is what it feeds next
         batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
-
-    def _append(
-        self, handle: Handle, generated: list[int], token: int, tokenizer: Any, eos: set[int], now: float
-    ) -> None:
-        """One new token of one row: its text piece out, and the row finished when it is done."""
-        if handle.cancelled:
-            handle._finish("cancelled")
-            return
-        if token in eos:
-            handle._finish("stop")
-            return
-        generated.append(token)
-        handle.completion_tokens = len(generated)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        stop = first_stop(text, handle.params.stop)
-        if stop is not None:
-            text = text[:stop]
-        if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
-            piece = text[len(handle.text) :]
-            handle.text = text
-            if piece:
-                handle._emit(piece)
-        if stop is not None:
-            handle._finish("stop")
-        elif len(generated) >= handle.params.max_tokens:
-            handle._finish("length")
-        elif now > handle.deadline:
-            handle._finish(
-                "timeout",
-                RequestError(
-                    504,
-                    f"the request took longer than {self.timeout_s:g} s; "
-                    "ask for fewer tokens or raise the server's --timeout",
-                ),
-            )
 
     def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
         """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).

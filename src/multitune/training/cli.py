@@ -18,7 +18,7 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from multitune.config import load_run_config
+    from multitune.flags import load_run_config
     from multitune.training.train import run
 
     config = load_run_config(args)
@@ -137,8 +137,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from multitune.api import adapter_folder, load
-    from multitune.data import load_inputs, write_table
+    from multitune.data import load_inputs
     from multitune.storage import read_adapter_config
+    from multitune.tables import write_table
     from multitune.training.ensemble import ensemble_predictions, is_ensemble, load_ensemble
 
     if is_ensemble(args.run):  # the majority vote, and the share of members that cast it
@@ -188,7 +189,7 @@ def _add_io(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from multitune.config import add_run_arguments
+    from multitune.flags import add_run_arguments
 
     add_run_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
@@ -196,7 +197,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_multi_arguments(p: argparse.ArgumentParser) -> None:
-    from multitune.config import TrainConfig, add_arguments
+    from multitune.config import TrainConfig
+    from multitune.flags import add_arguments
 
     p.add_argument(
         "--config",

@@ -296,7 +296,8 @@ def load_ensemble(
 def add_ensemble_arguments(parser: Any) -> None:
     """Flags of ``multitune ensemble``: those of ``multitune train`` for a prompt-tuned classification task,
     plus the number of members."""
-    from multitune.config import DataConfig, add_arguments, add_config_argument, add_method_arguments
+    from multitune.config import DataConfig
+    from multitune.flags import add_arguments, add_config_argument, add_method_arguments
 
     add_config_argument(parser)
     parser.add_argument(
@@ -331,7 +332,8 @@ def cmd_ensemble(args: Any) -> dict[str, Any]:
     """``multitune ensemble``: train the members, score the vote on the test split, write the run folder."""
     import argparse
 
-    from multitune.config import command_yaml, load_run_config, plural, run_config_values
+    from multitune.config import plural
+    from multitune.flags import command_yaml, load_run_config, run_config_values
 
     config = load_run_config(argparse.Namespace(**vars(args), method="prompt", kind="classification"))
     summary = run_ensemble(

@@ -45,20 +45,11 @@ import torch.nn.functional as F
 import yaml
 
 from multitune.bank import MultiTaskModel
-from multitune.config import (
-    DataConfig,
-    RunConfig,
-    TrainConfig,
-    read_yaml_mapping,
-    settings_dict,
-    settings_from_mapping,
-    settings_parser,
-    split_settings,
-    validate,
-)
+from multitune.config import DataConfig, RunConfig, TrainConfig, settings_dict, validate
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
+from multitune.flags import read_yaml_mapping, settings_from_mapping, settings_parser, split_settings
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
