@@ -274,78 +274,103 @@ def best_rows(rows: Sequence[Row], higher: bool) -> set[int]:
 # ---- "Reading the table": sentences computed from the rows, each skipped when its data is missing --------
 def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
     """Facts read off the table, as plain-text sentences (not escaped)."""
-    facts: list[str] = []
+    return [
+        *_ranking(rows, metric, higher),
+        *_efficiency(rows, metric),
+        *_storage(rows),
+        *_spread(rows, "seconds", "Training took", seconds_text, " to "),
+        *_memory(rows),
+        *_spread(rows, "latency", "Latency ranged", lambda v: f"{short(v or 0.0)} ms per example", " to "),
+        *(
+            f"{r.name}: {failed:.0f} search trial{'' if failed == 1 else 's'} failed."
+            for r in rows
+            if (failed := num(get_field(r.result, "trials", "failed")))
+        ),
+    ]
+
+
+def _ranking(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
+    """The best method by the test metric, and whether the runner-up's interval overlaps its own."""
     scored = sorted((r for r in rows if r.test is not None), key=lambda r: r.test or 0.0, reverse=higher)
-    direction = "higher is better" if higher else "lower is better"
-    if scored:
-        best = scored[0]
-        text = f"Best test {metric} ({direction}): {best.name}, {_metric(best.test)}"
-        if best.ci:
-            text += f" [{best.ci[0]:.3f}, {best.ci[1]:.3f}]"
-        if best.examples is not None:
-            text += f" on {best.examples:,.0f} test examples"
-        facts.append(text + ".")
-        if len(scored) > 1:
-            second = scored[1]
-            if best.ci and second.ci:
-                overlap = best.ci[0] <= second.ci[1] and second.ci[0] <= best.ci[1]
-                facts.append(
-                    f"Runner-up: {second.name}, {_metric(second.test)}; the two 95% intervals "
-                    + (
-                        "overlap, so this test set does not clearly separate them."
-                        if overlap
-                        else "do not overlap."
-                    )
-                )
-            else:
-                facts.append(f"Runner-up: {second.name}, {_metric(second.test)}.")
-    efficiency = []
+    if not scored:
+        return []
+    best = scored[0]
+    text = (
+        f"Best test {metric} ({'higher' if higher else 'lower'} is better): {best.name}, {_metric(best.test)}"
+    )
+    if best.ci:
+        text += f" [{best.ci[0]:.3f}, {best.ci[1]:.3f}]"
+    if best.examples is not None:
+        text += f" on {best.examples:,.0f} test examples"
+    facts = [text + "."]
+    if len(scored) > 1:
+        second = scored[1]
+        runner = f"Runner-up: {second.name}, {_metric(second.test)}"
+        if best.ci and second.ci:
+            overlap = best.ci[0] <= second.ci[1] and second.ci[0] <= best.ci[1]
+            runner += "; the two 95% intervals " + (
+                "overlap, so this test set does not clearly separate them" if overlap else "do not overlap"
+            )
+        facts.append(runner + ".")
+    return facts
+
+
+def _efficiency(rows: Sequence[Row], metric: str) -> list[str]:
+    parts = []
     for r in rows:
         if r.test is None or (r.percent is None and r.parameters is None):
             continue
         if r.parameters == 0:
-            efficiency.append(f"{r.name} {_metric(r.test)} with no training")
+            parts.append(f"{r.name} {_metric(r.test)} with no training")
         elif r.percent is not None:
-            efficiency.append(f"{r.name} {_metric(r.test)} with {_percent(r.percent)} of the parameters")
+            parts.append(f"{r.name} {_metric(r.test)} with {_percent(r.percent)} of the parameters")
         else:
-            efficiency.append(
-                f"{r.name} {_metric(r.test)} with {count_text(r.parameters)} trainable parameters"
-            )
-    if efficiency:
-        facts.append(f"Test {metric} against what is trained: " + "; ".join(efficiency) + ".")
+            parts.append(f"{r.name} {_metric(r.test)} with {count_text(r.parameters)} trainable parameters")
+    return [f"Test {metric} against what is trained: " + "; ".join(parts) + "."] if parts else []
+
+
+def _storage(rows: Sequence[Row]) -> list[str]:
     stored = sorted((r for r in rows if r.storage_100 is not None), key=lambda r: r.storage_100 or 0.0)
-    if len(stored) > 1:
-        fulls = [r for r in stored if r.is_full]
-        others = ", ".join(f"{human_bytes(r.storage_100)} for {r.name}" for r in stored if r not in fulls[:1])
-        if fulls:
-            facts.append(
-                f"For 100 tasks {fulls[0].name} stores {human_bytes(fulls[0].storage_100)} "
-                f"(100 whole models) against {others}."
-            )
-        else:
-            facts.append(f"For 100 tasks (one shared base plus 100 adapters): {others}.")
-    trained = [r for r in rows if r.seconds is not None and not r.untrained]
-    if len(trained) > 1:
-        fast, slow = (
-            min(trained, key=lambda r: r.seconds or 0.0),
-            max(trained, key=lambda r: r.seconds or 0.0),
-        )
-        if fast is not slow:
-            facts.append(
-                f"Training took from {seconds_text(fast.seconds)} ({fast.name}) to {seconds_text(slow.seconds)} "
-                f"({slow.name})."
-            )
+    if len(stored) < 2:
+        return []
+    fulls = [r for r in stored if r.is_full]
+    others = ", ".join(f"{human_bytes(r.storage_100)} for {r.name}" for r in stored if r not in fulls[:1])
+    if fulls:
+        return [
+            f"For 100 tasks {fulls[0].name} stores {human_bytes(fulls[0].storage_100)} "
+            f"(100 whole models) against {others}."
+        ]
+    return [f"For 100 tasks (one shared base plus 100 adapters): {others}."]
+
+
+def _spread(rows: Sequence[Row], field: str, what: str, show: Any, joiner: str) -> list[str]:
+    """ "WHAT from LOW (method) to HIGH (method)." over the rows that have ``field`` (training: trained ones)."""
+    have = [r for r in rows if getattr(r, field) is not None and not (field == "seconds" and r.untrained)]
+    if len(have) < 2:
+        return []
+    low = min(have, key=lambda r: getattr(r, field) or 0.0)
+    high = max(have, key=lambda r: getattr(r, field) or 0.0)
+    if low is high:
+        return []
+    return [
+        f"{what} from {show(getattr(low, field))} ({low.name}){joiner}{show(getattr(high, field))} "
+        f"({high.name})."
+    ]
+
+
+def _memory(rows: Sequence[Row]) -> list[str]:
     memory = [r for r in rows if r.memory is not None]
+    facts = []
     if len(memory) > 1:
         low, high = min(memory, key=lambda r: r.memory or 0.0), max(memory, key=lambda r: r.memory or 0.0)
-        kinds = {r.memory_kind for r in memory}
         if low is not high:
+            mixed = len({r.memory_kind for r in memory} - {None}) > 1
             facts.append(
                 f"Peak memory ranged from {human_bytes(low.memory)} ({low.name}) to "
                 f"{human_bytes(high.memory)} ({high.name})"
                 + (
                     "; the figures mix CPU resident sets and CUDA peaks, so they are not comparable."
-                    if len(kinds - {None}) > 1
+                    if mixed
                     else "."
                 )
             )
@@ -357,21 +382,6 @@ def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
     shown = [text for kind, text in meaning.items() if any(r.memory_kind == kind for r in memory)]
     if shown:
         facts.append("Memory: " + "; ".join(shown) + ".")
-    latency = [r for r in rows if r.latency is not None]
-    if len(latency) > 1:
-        quick, slow = (
-            min(latency, key=lambda r: r.latency or 0.0),
-            max(latency, key=lambda r: r.latency or 0.0),
-        )
-        if quick is not slow:
-            facts.append(
-                f"Latency ranged from {short(quick.latency or 0.0)} ms per example ({quick.name}) to "
-                f"{short(slow.latency or 0.0)} ms ({slow.name})."
-            )
-    for r in rows:
-        failed = num(get_field(r.result, "trials", "failed"))
-        if failed:
-            facts.append(f"{r.name}: {failed:.0f} search trial{'' if failed == 1 else 's'} failed.")
     return facts
 
 

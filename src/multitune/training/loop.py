@@ -173,7 +173,171 @@ class _Task:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fit(
+class _Run:
+    """One run of :func:`fit` apart from its loop: the optimizer and schedule, each task's early-stopping state
+    and best weights, the loop's position, metrics.jsonl and the checkpoint."""
+
+    def __init__(
+        self,
+        bank: MultiTaskModel,
+        objective: Objective,
+        config: TrainConfig,
+        run_dir: Path | None,
+        on_eval: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.bank, self.objective, self.config, self.run_dir, self.on_eval = (
+            bank,
+            objective,
+            config,
+            run_dir,
+            on_eval,
+        )
+        self.tasks, self.multi = objective.tasks, len(objective.tasks) > 1
+        self.keys = {t: sorted(bank.task_parameters(t)) for t in self.tasks}
+        self.groups = [[bank.task_parameters(t)[k] for k in self.keys[t]] for t in self.tasks]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": p, "lr": lr} for p, lr in zip(self.groups, objective.learning_rates, strict=True)],
+            weight_decay=config.weight_decay,
+        )
+        self.per_epoch = math.ceil(objective.batches.count(0) / config.grad_accum)
+        self.total = total_steps(config, self.per_epoch)
+        self.scheduler = lr_schedule(self.optimizer, config, self.total)
+        self.loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "stopped": False, "log": []}
+        self.state = {t: _Task() for t in self.tasks}
+        self.best: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(self.tasks)
+        self.checkpoint = run_dir / CHECKPOINT if run_dir is not None else None
+        self.start = time.perf_counter()
+        self.running = float("nan")  # the last step's mean loss, for the progress bar
+        self.bar: Any = None
+
+    def resume(self) -> None:
+        """Continue from the checkpoint when there is one."""
+        ckpt = self.checkpoint
+        if ckpt is not None and (ckpt / "state.json").exists():
+            self.loop = _load_checkpoint(ckpt, self)
+
+    def open_metrics(self, preamble: Sequence[dict[str, Any]]) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lines = sorted(
+            (self._logged(t, r) for t in self.tasks for r in self.state[t].history), key=lambda r: r["step"]
+        )
+        (self.run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [*preamble, *lines])
+        )
+
+    @property
+    def done(self) -> bool:
+        """Every task frozen (patience ran out) or every step taken."""
+        return (
+            self.loop["stopped"]
+            or self.loop["step"] >= self.total
+            or all(s.frozen for s in self.state.values())
+        )
+
+    def stepped(self, sums: dict[str, float], micro: int, loss: torch.Tensor) -> None:
+        """After an optimizer step: its mean statistics into the log and the bar."""
+        self.loop["step"] += 1
+        means = {name: value / micro for name, value in sums.items()}
+        self.running = means.get("loss", float(loss.detach()))
+        self.loop["log"].append(
+            {
+                "step": self.loop["step"],
+                "epoch": self.loop["epoch"] + 1,
+                **means,
+                "lr": self.scheduler.get_last_lr()[0],
+            }
+        )
+        self.bar.update(1)
+        self.bar.set_postfix_str(
+            f"{_epoch_text(self.loop, self.config.epochs)} loss {self.running:.4f}", refresh=False
+        )
+
+    def evaluate(self) -> None:
+        """Score every task still training (once per step); keep the best weights; freeze the stale ones."""
+        for i, task in enumerate(self.tasks):
+            s = self.state[task]
+            if s.frozen or (s.history and s.history[-1]["step"] == self.loop["step"]):
+                continue
+            with torch.no_grad():
+                scores = self.objective.evaluate(task)
+            if scores is not None:
+                self._record(i, task, scores)
+        if self.multi:
+            self.bar.set_postfix_str(f"loss {self.running:.4f}", refresh=False)
+        elif self.state[self.tasks[0]].history:
+            last, metric = self.state[self.tasks[0]].history[-1], self.objective.metrics[self.tasks[0]]
+            self.bar.set_postfix_str(
+                f"{_epoch_text(self.loop, self.config.epochs)} loss {self.running:.4f} "
+                f"{metric} {last[metric]:.4f}",
+                refresh=False,
+            )
+
+    def _record(self, i: int, task: str, scores: dict[str, float]) -> None:
+        s, step, metric = self.state[task], self.loop["step"], self.objective.metrics[task]
+        if metric not in scores:
+            raise ConfigError(
+                f"metric '{metric}' is not computed for task '{task}'; choose one of: {', '.join(scores)}"
+            )
+        record = {
+            "step": step,
+            "epoch": step // max(self.per_epoch, 1),
+            "split": "validation",
+            **scores,
+            "lr": self.optimizer.param_groups[i]["lr"],
+            "elapsed": round(time.perf_counter() - self.start, 2),
+        }
+        s.history.append(record)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(self._logged(task, record)) + "\n")
+        key = list(self.objective.score_key(task, scores))
+        if s.best_key is None or key > s.best_key:
+            s.best_key, s.best_metric, s.best_step, s.bad_evals = key, float(scores[metric]), step, 0
+            self.best[task] = self.bank.task_state_dict(task)
+        else:
+            s.bad_evals += 1
+            if s.bad_evals >= self.config.patience:  # frozen: no more steps, no more rows
+                self.optimizer.param_groups[i]["lr"] = 0.0
+                self.scheduler.base_lrs[i] = 0.0  # the scheduler rescales base_lrs at every step
+                s.frozen, s.steps, s.seconds = True, step, time.perf_counter() - self.start
+        if self.on_eval is not None:
+            self.on_eval(self._logged(task, record))
+
+    def save(self) -> None:
+        if self.checkpoint is not None:
+            _save_checkpoint(self.checkpoint, self)
+
+    def finish(self) -> dict[str, TrainResult]:
+        """Each task's best weights, then its method's fold; the results."""
+        results = {}
+        for task in self.tasks:
+            s = self.state[task]
+            best = self.best[task]
+            if best is not None:
+                self.bank.load_task_state_dict(task, best)
+            fold = get_method(self.bank.tasks[task].method).fold
+            if fold is not None:  # training-time parameters become what is saved and served
+                fold(self.bank, task)
+            seconds = s.seconds if s.frozen else time.perf_counter() - self.start
+            results[task] = TrainResult(
+                s.steps if s.frozen else self.loop["step"],
+                s.best_step,
+                s.best_metric,
+                self.objective.metrics[task],
+                s.frozen,
+                seconds,
+                s.history,
+                self.loop["log"],
+            )
+        return results
+
+    def _logged(self, task: str, record: dict[str, Any]) -> dict[str, Any]:
+        return {"task": task, **record} if self.multi else record
+
+
+def fit(  # noqa: C901  (the training loop in plain view: STYLE.md keeps it in one function)
     bank: MultiTaskModel,
     objective: Objective,
     config: TrainConfig,
@@ -196,108 +360,31 @@ def fit(
     continues from its checkpoint. ``preamble``: metrics.jsonl lines written before the loop's own (the
     step-0 scores of tasks that had nothing to train).
     """
-    # ---- setup -------------------------------------------------------------------------------------
-    tasks, multi = objective.tasks, len(objective.tasks) > 1
-    run_dir = Path(run_dir) if run_dir is not None else None
-    accelerator = accelerator_for(config.device)
+    run = _Run(bank, objective, config, Path(run_dir) if run_dir is not None else None, on_eval)
+    accelerator = accelerator_for(
+        config.device
+    )  # device placement, autocast (bf16 where supported), backward
     model = accelerator.prepare_model(bank)
-    keys = {t: sorted(bank.task_parameters(t)) for t in tasks}
-    groups = [[bank.task_parameters(t)[k] for k in keys[t]] for t in tasks]
-    optimizer = torch.optim.AdamW(
-        [{"params": p, "lr": lr} for p, lr in zip(groups, objective.learning_rates, strict=True)],
-        weight_decay=config.weight_decay,
-    )
-    batches = objective.batches
-    per_epoch = math.ceil(batches.count(0) / config.grad_accum)
-    total = total_steps(config, per_epoch)
-    scheduler = lr_schedule(optimizer, config, total)
-    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "stopped": False, "log": []}
-    state = {t: _Task() for t in tasks}
-    best: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(tasks)
-    ckpt = run_dir / CHECKPOINT if run_dir is not None else None
+    batches, loop = objective.batches, run.loop
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=cuda):  # the run's own RNG: dropout draws from the seed alone ...
         torch.manual_seed(config.seed + DROPOUT_SEED)  # ... not the numbers that initialised the task
-        if resume and ckpt is not None and (ckpt / "state.json").exists():
-            loop = _load_checkpoint(ckpt, bank, objective, keys, optimizer, scheduler, config, state, best)
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lines = [_logged(t, r, multi) for t in tasks for r in state[t].history]
-            lines = [*preamble, *sorted(lines, key=lambda r: r["step"])]
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-
-        def freeze(i: int) -> None:
-            optimizer.param_groups[i]["lr"] = 0.0
-            scheduler.base_lrs[i] = 0.0  # the scheduler rescales base_lrs at every step
-            state[tasks[i]].frozen = True
-
-        def evaluate_now() -> None:
-            """Score every task still training (once per step); keep the best weights; freeze the stale."""
-            step = loop["step"]
-            for i, task in enumerate(tasks):
-                s = state[task]
-                if s.frozen or (s.history and s.history[-1]["step"] == step):
-                    continue
-                with torch.no_grad():
-                    scores = objective.evaluate(task)
-                if scores is None:
-                    continue
-                metric = objective.metrics[task]
-                if metric not in scores:
-                    raise ConfigError(
-                        f"metric '{metric}' is not computed for task '{task}'; choose one of: "
-                        f"{', '.join(scores)}"
-                    )
-                record = {
-                    "step": step,
-                    "epoch": step // max(per_epoch, 1),
-                    "split": "validation",
-                    **scores,
-                    "lr": optimizer.param_groups[i]["lr"],
-                    "elapsed": round(time.perf_counter() - start, 2),
-                }
-                s.history.append(record)
-                if run_dir is not None:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(_logged(task, record, multi)) + "\n")
-                key = list(objective.score_key(task, scores))
-                if s.best_key is None or key > s.best_key:
-                    s.best_key, s.best_metric, s.best_step, s.bad_evals = key, float(scores[metric]), step, 0
-                    best[task] = bank.task_state_dict(task)
-                else:
-                    s.bad_evals += 1
-                    if s.bad_evals >= config.patience:
-                        freeze(i)
-                        s.steps, s.seconds = step, time.perf_counter() - start
-                if on_eval is not None:
-                    on_eval(_logged(task, record, multi))
-            if multi:
-                bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
-            elif state[tasks[0]].history:
-                last, metric = state[tasks[0]].history[-1], objective.metrics[tasks[0]]
-                bar.set_postfix_str(
-                    f"{_epoch_text(loop, config.epochs)} loss {running:.4f} {metric} {last[metric]:.4f}",
-                    refresh=False,
-                )
-
-        def save() -> None:
-            if ckpt is not None:
-                _save_checkpoint(ckpt, bank, objective, keys, optimizer, scheduler, config, loop, state, best)
-
-        # ---- steps ---------------------------------------------------------------------------------
-        bar = tqdm(total=total, initial=loop["step"], desc=desc, disable=not progress, dynamic_ncols=True)
-        running = float("nan")
+        if resume:
+            run.resume()
+            loop = run.loop
+        run.open_metrics(preamble)
+        run.bar = tqdm(
+            total=run.total, initial=loop["step"], desc=desc, disable=not progress, dynamic_ncols=True
+        )
         model.train(train_mode)
         if score_start and loop["step"] == 0:
-            evaluate_now()
-        stop = loop["stopped"] or loop["step"] >= total or all(s.frozen for s in state.values())
+            run.evaluate()
+        stop = run.done
         try:
             while not stop and loop["epoch"] < config.epochs:
-                count = batches.count(loop["epoch"])
-                sums: dict[str, float] = {}
+                count, sums = batches.count(loop["epoch"]), {}
                 while loop["batch"] < count:
-                    active = [not state[t].frozen for t in tasks]
+                    active = [not run.state[t].frozen for t in run.tasks]
                     batch = batches.get(loop["epoch"], loop["batch"], active)
                     with accelerator.autocast():
                         loss, stats = objective.loss(batch)
@@ -307,81 +394,43 @@ def fit(
                         sums[name] = sums.get(name, 0.0) + value
                     if loop["batch"] % config.grad_accum and loop["batch"] < count:
                         continue
-                    if config.max_grad_norm > 0:
-                        for group in groups:
+                    if (
+                        config.max_grad_norm > 0
+                    ):  # per task: one task's large gradient does not shrink another's
+                        for group in run.groups:
                             accelerator.clip_grad_norm_(group, config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loop["step"] += 1
-                    micro = (loop["batch"] - 1) % config.grad_accum + 1
-                    means = {name: value / micro for name, value in sums.items()}
-                    running = means.get("loss", float(loss.detach()))
-                    loop["log"].append(
-                        {
-                            "step": loop["step"],
-                            "epoch": loop["epoch"] + 1,
-                            **means,
-                            "lr": scheduler.get_last_lr()[0],
-                        }
-                    )
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                    run.stepped(sums, (loop["batch"] - 1) % config.grad_accum + 1, loss)
                     sums = {}
-                    bar.update(1)
-                    bar.set_postfix_str(
-                        f"{_epoch_text(loop, config.epochs)} loss {running:.4f}", refresh=False
-                    )
                     if config.eval_every and loop["step"] % config.eval_every == 0:
-                        evaluate_now()
-                    if loop["step"] >= total:
+                        run.evaluate()
+                    if loop["step"] >= run.total:
                         stop = True
                         if loop["batch"] < count:  # ends mid-epoch (--max-steps): scored at its last step
-                            evaluate_now()
-                    if all(s.frozen for s in state.values()):
+                            run.evaluate()
+                    if all(s.frozen for s in run.state.values()):
                         loop["stopped"] = stop = True
                     if loop["step"] % config.checkpoint_every == 0 or stop:
-                        save()
+                        run.save()
                     if on_step is not None:
                         on_step(loop["step"])
                     if stop:
                         break
                 if loop["batch"] >= count:  # a finished epoch; a stop mid-epoch keeps its place
-                    loop["epoch"] += 1
-                    loop["batch"] = 0
+                    loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
                     if not config.eval_every or stop or loop["epoch"] >= config.epochs:
-                        evaluate_now()  # each epoch, and always the run's last step
-                    if all(s.frozen for s in state.values()):
+                        run.evaluate()  # each epoch, and always the run's last step
+                    if all(s.frozen for s in run.state.values()):
                         loop["stopped"] = stop = True
-                    save()
+                    run.save()
             if not loop["stopped"]:
-                evaluate_now()  # a run that ended between evaluations is scored at its last step
+                run.evaluate()  # a run that ended between evaluations is scored at its last step
         finally:  # also when on_eval stops the run by raising (a pruned trial)
-            bar.close()
+            run.bar.close()
             model.eval()
-
-    # ---- restore the best, fold ------------------------------------------------------------------------
-    results = {}
-    for task in tasks:
-        s = state[task]
-        if best[task] is not None:
-            bank.load_task_state_dict(task, best[task])  # type: ignore[arg-type]
-        fold = get_method(bank.tasks[task].method).fold
-        if fold is not None:  # training-time parameters become what is saved and served
-            fold(bank, task)
-        results[task] = TrainResult(
-            s.steps if s.frozen else loop["step"],
-            s.best_step,
-            s.best_metric,
-            objective.metrics[task],
-            s.frozen,
-            s.seconds if s.frozen else time.perf_counter() - start,
-            s.history,
-            loop["log"],
-        )
-    return results
-
-
-def _logged(task: str, record: dict[str, Any], multi: bool) -> dict[str, Any]:
-    return {"task": task, **record} if multi else record
+    return run.finish()
 
 
 def _epoch_text(loop: dict[str, Any], epochs: int) -> str:
@@ -400,18 +449,9 @@ def fingerprint(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _save_checkpoint(
-    folder: Path,
-    bank: MultiTaskModel,
-    objective: Objective,
-    keys: dict[str, list[str]],
-    optimizer: Any,
-    scheduler: Any,
-    config: TrainConfig,
-    loop: dict[str, Any],
-    state: dict[str, _Task],
-    best: dict[str, dict[str, torch.Tensor] | None],
-) -> None:
+def _save_checkpoint(folder: Path, run: _Run) -> None:
+    bank, objective, optimizer, scheduler = run.bank, run.objective, run.optimizer, run.scheduler
+    best = run.best
     tensors: dict[str, torch.Tensor] = {}
     for task in objective.tasks:
         tensors.update({f"param/{task}/{k}": v for k, v in bank.task_state_dict(task).items()})
@@ -426,29 +466,20 @@ def _save_checkpoint(
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {
         "format": FORMAT,
-        "loop": loop,
-        "tasks": {t: asdict(s) for t, s in state.items()},
-        "keys": keys,
+        "loop": run.loop,
+        "tasks": {t: asdict(s) for t, s in run.state.items()},
+        "keys": run.keys,
         "param_groups": opt["param_groups"],
         "scheduler": scheduler.state_dict(),
-        "config": fingerprint(config),
+        "config": fingerprint(run.config),
     }
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(
-    folder: Path,
-    bank: MultiTaskModel,
-    objective: Objective,
-    keys: dict[str, list[str]],
-    optimizer: Any,
-    scheduler: Any,
-    config: TrainConfig,
-    state: dict[str, _Task],
-    best: dict[str, dict[str, torch.Tensor] | None],
-) -> dict[str, Any]:
+def _load_checkpoint(folder: Path, run: _Run) -> dict[str, Any]:
+    bank, objective, keys, config = run.bank, run.objective, run.keys, run.config
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != FORMAT:
         raise ConfigError(
@@ -465,14 +496,14 @@ def _load_checkpoint(
     tensors = load_file(str(folder / "state.safetensors"))
     for task in objective.tasks:
         bank.load_task_state_dict(task, _under(tensors, f"param/{task}/"))
-        best[task] = _under(tensors, f"best/{task}/") or None
-        state[task] = _Task(**meta["tasks"][task])
+        run.best[task] = _under(tensors, f"best/{task}/") or None
+        run.state[task] = _Task(**meta["tasks"][task])
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in _under(tensors, "opt/").items():
         index, name = key.split("/", 1)
         opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    run.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    run.scheduler.load_state_dict(meta["scheduler"])
     objective.batches.load_state_dict(_under(tensors, "batches/"))
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
