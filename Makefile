@@ -21,10 +21,13 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
-	$(PY) -m ruff check src tests benchmarks
+	$(MAKE) --no-print-directory lint
 
+# ruff (lint, with a complexity limit) and its formatter's check over everything; mypy over src.
 lint:
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
 
 bench:
 	$(PY) benchmarks/train_step.py
