@@ -21,14 +21,18 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from multitune.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Arch = Literal["encoder", "decoder", "seq2seq"]
 
@@ -70,7 +74,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$
 class Base:
     """A loaded pretrained model with its tokenizer and family."""
 
-    model: nn.Module  # the whole HF model: LM head included for decoders and seq2seq
+    model: PreTrainedModel  # the whole HF model: LM head included for decoders and seq2seq
     tokenizer: Any
     family: Family
     source: str  # what the user gave: a short name, a folder or a .gguf path
@@ -115,10 +119,10 @@ class Base:
 
     def layer_lists(self) -> list[nn.ModuleList]:
         """The ModuleLists of transformer blocks, in input-to-output order."""
-        found = []
+        found: list[nn.ModuleList] = []
         for path in self.family.layer_lists:
             module = _get_submodule(self.model, path) or _get_submodule(self.model, path.split(".", 1)[-1])
-            if module is not None:
+            if isinstance(module, nn.ModuleList):
                 found.append(module)
         if not found:  # an architecture outside the table: the ModuleList as long as the model is deep
             depth = getattr(self.model.config, "num_hidden_layers", None)
@@ -138,7 +142,8 @@ def family_for(config: Any) -> Family:
     model_type = getattr(config, "model_type", "")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    # Not `from transformers import ...`: transformers 5 no longer exports the name at the top level.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if getattr(config, "is_encoder_decoder", False):
         arch: Arch = "seq2seq"
@@ -263,7 +268,7 @@ def load_base(name: str, device: str | torch.device | None = None, dtype: torch.
     return base
 
 
-def _drop_quantizer(model: nn.Module) -> None:
+def _drop_quantizer(model: PreTrainedModel) -> None:
     """Forget transformers' GGUF quantizer on a model whose weights it has already dequantised.
 
     transformers leaves ``hf_quantizer``, ``is_quantized`` and ``config.quantization_config`` on it,
@@ -277,7 +282,7 @@ def _drop_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def _save_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
+def _save_cache(model: PreTrainedModel, tokenizer: Any, target: Path) -> None:
     """Write the dequantised model atomically; a failed write leaves no half folder behind."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +316,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def base_from_model(model: nn.Module, tokenizer: Any, source: str = "<in-memory>") -> Base:
+def base_from_model(model: PreTrainedModel, tokenizer: Any, source: str = "<in-memory>") -> Base:
     """Wrap an already-built model (a tiny random config in tests, a user's own model) as a Base."""
     model.requires_grad_(False)
     model.eval()
@@ -322,12 +327,12 @@ def base_from_model(model: nn.Module, tokenizer: Any, source: str = "<in-memory>
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (run the LM head on the last positions only)."""
-    return _takes_logits_to_keep(type(model))
+    return _takes_logits_to_keep(type(model).forward)
 
 
-@functools.cache
-def _takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+@functools.cache  # keyed by the class's forward function: one signature inspection per model class
+def _takes_logits_to_keep(forward: Callable[..., Any]) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
