@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,7 @@ from multitune.methods.wrap import (
     innermost,
     remove_from_layers,
     replace_module,
+    weight_of,
     wrapper_for,
 )
 from multitune.routing import Routing
@@ -203,7 +204,7 @@ class AdapterLinear(TaskLinear):
         return list(self.down_weight)
 
     def add_task(self, task: str, bottleneck: int, activation: str) -> dict[str, nn.Parameter]:
-        device, d = innermost(self).weight.device, self.out_features
+        device, d = self.weight.device, self.out_features
         down = torch.empty(bottleneck, d, device=device)
         nn.init.trunc_normal_(down, std=1e-2, a=-2e-2, b=2e-2)  # Houlsby section 3.6
         self.down_weight[task] = nn.Parameter(down)
@@ -273,7 +274,7 @@ class AdapterLinear(TaskLinear):
         rows = self.stacked.rows(y.shape[0], y.dtype)
         if rows is None:
             return y
-        dw, db, uw, ub, act = rows.tensors  # (N, R, d), (N, 1, R), (N, d, R), (N, 1, d), (N, 1, 1)
+        dw, db, uw, ub, act = rows.required()  # (N, R, d), (N, 1, R), (N, d, R), (N, 1, d), (N, 1, 1)
         squeeze = y.dim() == 2
         h = y.unsqueeze(1) if squeeze else y  # (B, L, d)
         if rows.idx is not None:
@@ -282,7 +283,11 @@ class AdapterLinear(TaskLinear):
         if len(self.acts) == 1:
             low = ACTIVATIONS[self.acts[0]](low)
         else:  # tasks with different activations share this layer: one pass per activation, not per task
-            low = sum(torch.where(act == i, ACTIVATIONS[name](low), 0.0) for i, name in enumerate(self.acts))
+            # (sum starts from the int 0, and 0 + a tensor is a tensor)
+            low = cast(
+                torch.Tensor,
+                sum(torch.where(act == i, ACTIVATIONS[name](low), 0.0) for i, name in enumerate(self.acts)),
+            )
         out = torch.baddbmm(ub, low, uw.transpose(1, 2))  # (N, L, d)
         return add_rows(y, rows, out.squeeze(1) if squeeze else out)
 
@@ -321,7 +326,11 @@ class TaskNorm(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # models may read their norms' weight
-        return self.base_norm.weight
+        return weight_of(self.base_norm)
+
+    @property
+    def _layer_norm(self) -> nn.LayerNorm:  # the base norm of kind "layer", typed so
+        return cast(nn.LayerNorm, self.base_norm)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -331,7 +340,7 @@ class TaskNorm(nn.Module):
         return list(self.ln_weight)
 
     def add_task(self, task: str) -> dict[str, nn.Parameter]:
-        self.ln_weight[task] = nn.Parameter(self.base_norm.weight.detach().float().clone())
+        self.ln_weight[task] = nn.Parameter(self.weight.detach().float().clone())
         own = {"ln.weight": self.ln_weight[task]}
         if self.bias is not None:
             self.ln_bias[task] = nn.Parameter(self.bias.detach().float().clone())
@@ -347,9 +356,10 @@ class TaskNorm(nn.Module):
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
-            return F.layer_norm(x, self.base_norm.normalized_shape, None, None, self.base_norm.eps)
+            return F.layer_norm(x, self._layer_norm.normalized_shape, None, None, self._layer_norm.eps)
+        eps = cast(float, self.base_norm.variance_epsilon)  # every norm in RMS_NORMS keeps it there
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.base_norm.variance_epsilon)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return h.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,11 +374,12 @@ class TaskNorm(nn.Module):
             weight = self.ln_weight[task].to(dt)
             bias = self.ln_bias[task].to(dt) if task in self.ln_bias else None
             if self.kind == "layer":
-                return F.layer_norm(x, self.base_norm.normalized_shape, weight, bias, self.base_norm.eps)
+                return F.layer_norm(x, self._layer_norm.normalized_shape, weight, bias, self._layer_norm.eps)
             return weight * self._normalise(x)
         rows = self.stacked.rows(x.shape[0], dt)
         assert rows is not None  # every slot has a scale here (the base's for tasks without a copy)
         weight, bias = rows.tensors
+        assert weight is not None  # the scale is always stacked; the shift only when the norm has a bias
         out = self._normalise(x) * per_row(weight, x)
         return out if bias is None else out + per_row(bias, x)
 
@@ -377,7 +388,7 @@ class TaskNorm(nn.Module):
         (or, while training, without rows in the batch)."""
         slots = self.routing.slots
         own = [t if present is None or t in present else "" for t in slots]  # "": the base's
-        base_w, base_b = self.base_norm.weight.detach().float(), self.bias
+        base_w, base_b = self.weight.detach().float(), self.bias
         weight = torch.stack([self.ln_weight.get(t, base_w) for t in own])
         bias = None
         if base_b is not None:

@@ -38,7 +38,6 @@ from multitune.methods.stack import SlotStack, Stack, per_row
 from multitune.methods.wrap import (
     TaskLinear,
     find_linear,
-    innermost,
     layers_of,
     remove_from_layers,
     wrapper_for,
@@ -159,7 +158,7 @@ class IA3Linear(TaskLinear):
 
     def add_task(self, task: str, feedforward: bool) -> nn.Parameter:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        self.ia3_l[task] = nn.Parameter(torch.ones(shape, device=self.base_layer.weight.device))
+        self.ia3_l[task] = nn.Parameter(torch.ones(shape, device=self.weight.device))
         self.feedforward[task] = feedforward
         self.stacked.invalidate()
         return self.ia3_l[task]
@@ -184,41 +183,39 @@ class IA3Linear(TaskLinear):
         """
         if task in self.merged:
             return
-        inner = innermost(self.base_layer)
+        weight, bias = self.weight, self.bias  # the innermost layer's, through any inner wrappers
         vector = self.ia3_l[task].detach().reshape(-1).float().clone()
         feedforward = self.feedforward[task]
         tiny = (vector.abs() < 1e-6).nonzero(as_tuple=True)[0]
         kept: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            weight = inner.weight
             dim = 0 if feedforward == self.fan_in_fan_out else 1
             if tiny.numel():
                 kept["weight"] = weight.index_select(dim, tiny).clone()
             weight.copy_((weight.float() * self._weight_scale(vector, feedforward)).to(weight.dtype))
-            if not feedforward and inner.bias is not None:
+            if not feedforward and bias is not None:
                 if tiny.numel():
-                    kept["bias"] = inner.bias[tiny].clone()
-                inner.bias.copy_((inner.bias.float() * vector).to(inner.bias.dtype))
+                    kept["bias"] = bias[tiny].clone()
+                bias.copy_((bias.float() * vector).to(bias.dtype))
         self.merged[task] = (vector, kept)
         self.stacked.invalidate()
 
     def unmerge(self, task: str) -> None:
         if task not in self.merged:
             return
-        inner = innermost(self.base_layer)
+        weight, bias = self.weight, self.bias  # the innermost layer's, through any inner wrappers
         vector, kept = self.merged.pop(task)
         feedforward = self.feedforward[task]
         tiny = (vector.abs() < 1e-6).nonzero(as_tuple=True)[0]
         safe = torch.where(vector.abs() < 1e-6, torch.ones_like(vector), vector)
         with torch.no_grad():
-            weight = inner.weight
             weight.copy_((weight.float() / self._weight_scale(safe, feedforward)).to(weight.dtype))
             if "weight" in kept:
                 weight.index_copy_(0 if feedforward == self.fan_in_fan_out else 1, tiny, kept["weight"])
-            if not feedforward and inner.bias is not None:
-                inner.bias.copy_((inner.bias.float() / safe).to(inner.bias.dtype))
+            if not feedforward and bias is not None:
+                bias.copy_((bias.float() / safe).to(bias.dtype))
                 if "bias" in kept:
-                    inner.bias[tiny] = kept["bias"]
+                    bias[tiny] = kept["bias"]
         self.stacked.invalidate()
 
     # ---- forward -------------------------------------------------------------------------------------

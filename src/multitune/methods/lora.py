@@ -83,7 +83,7 @@ class LoRALinear(TaskLinear):
     def add_task(
         self, task: str, rank: int, scaling: float, dropout: float
     ) -> tuple[nn.Parameter, nn.Parameter]:
-        device = self.base_layer.weight.device
+        device = self.weight.device
         a = torch.empty(rank, self.in_features, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
         self.lora_A[task] = nn.Parameter(a)
@@ -106,14 +106,14 @@ class LoRALinear(TaskLinear):
     def merge(self, task: str) -> None:
         if task not in self.merged:
             with torch.no_grad():
-                self.base_layer.weight += self.delta_weight(task).to(self.base_layer.weight.dtype)
+                self.weight.add_(self.delta_weight(task).to(self.weight.dtype))
             self.merged.add(task)
             self.stacked.invalidate()
 
     def unmerge(self, task: str) -> None:
         if task in self.merged:
             with torch.no_grad():
-                self.base_layer.weight -= self.delta_weight(task).to(self.base_layer.weight.dtype)
+                self.weight.sub_(self.delta_weight(task).to(self.weight.dtype))
             self.merged.discard(task)
             self.stacked.invalidate()
 
@@ -172,7 +172,7 @@ class LoRALinear(TaskLinear):
         rows = self.stacked.rows(x.shape[0], x.dtype)
         if rows is None:
             return y
-        a, b, scale, keep = rows.tensors  # (N, R, in), (N, out, R), (N, 1, 1), (N, 1, 1)
+        a, b, scale, keep = rows.required()  # (N, R, in), (N, out, R), (N, 1, 1), (N, 1, 1)
         squeeze = x.dim() == 2
         h = x.unsqueeze(1) if squeeze else x  # (B, L, in)
         if rows.idx is not None:

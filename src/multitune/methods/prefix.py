@@ -22,7 +22,7 @@ and the decoder self-attention of T5 (as the peft package's decoder cache; T5's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +109,14 @@ class PrefixEncoder(nn.Module):
         if projection:
             self.embedding = nn.Parameter(torch.randn(n, hidden, device=device) * hidden**-0.5)
             inner = projection_hidden or hidden
-            self.mlp = nn.Sequential(
-                nn.Linear(hidden, inner, device=device), nn.Tanh(), nn.Linear(inner, width, device=device)
-            )
+            # Built in this order, first then last: a seed gives the same initial weights as it always did.
+            first = nn.Linear(hidden, inner, device=device)
+            last = nn.Linear(inner, width, device=device)
+            self.mlp = nn.Sequential(first, nn.Tanh(), last)
             # A small last layer: the prefixes start near zero keys and values, a mild perturbation.
             with torch.no_grad():
-                self.mlp[2].weight.mul_(0.1)
-                self.mlp[2].bias.zero_()
+                last.weight.mul_(0.1)
+                last.bias.zero_()
         else:
             self.embeddings = nn.Parameter(torch.randn(n, width, device=device) * 0.02)
 
@@ -235,7 +236,7 @@ def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
     batch = stacked.shape[0]
     kv = stacked[:, stacked.shape[1] - width :].reshape(batch, width, geo.layers * 2, geo.heads, geo.head_dim)
     kv = kv.permute(2, 0, 3, 1, 4)  # (layers * 2, B, heads, W, head_dim)
-    cache = DynamicCache()
+    cache: DynamicCache | EncoderDecoderCache = DynamicCache()
     for layer in range(geo.layers):
         cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
     if bank.base.arch == "seq2seq":
@@ -245,7 +246,7 @@ def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
 
 
 def positions(bank: MultiTaskModel, task: str) -> int:
-    return encoders(bank)[task].length
+    return cast(PrefixEncoder, encoders(bank)[task]).length  # (an nn.ModuleDict's items are typed Module)
 
 
 def search(trial: Any) -> dict[str, Any]:

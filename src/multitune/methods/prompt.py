@@ -24,6 +24,7 @@ from torch import nn
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
 from multitune.methods.stack import SlotStack, Stack, slot_index
+from multitune.methods.wrap import weight_of
 from multitune.routing import Routing
 
 if TYPE_CHECKING:
@@ -107,17 +108,17 @@ def positions(bank: MultiTaskModel, task: str) -> int:
     return int(prompts(bank)[task].shape[0])
 
 
-def _single_token(tokenizer: object, label: str) -> int | None:
+def _single_token(tokenizer: Any, label: str) -> int | None:
     """The id of ``label`` when it is one token (with or without a leading space), else None."""
     for text in (label, " " + label):
-        ids = tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+        ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) == 1:
             return int(ids[0])
     return None
 
 
 def initial_prompt(bank: MultiTaskModel, task: str, config: PromptConfig) -> torch.Tensor:
-    embeddings = bank.base.model.get_input_embeddings().weight.detach()
+    embeddings = weight_of(bank.base.model.get_input_embeddings()).detach()
     n, (vocab, d) = config.num_virtual_tokens, embeddings.shape
     if config.init == "random":
         return torch.empty(n, d, device=embeddings.device).uniform_(-0.5, 0.5)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -44,6 +45,11 @@ class Rows:
 
     idx: torch.Tensor | None
     tensors: tuple[torch.Tensor | None, ...]
+
+    def required(self) -> tuple[torch.Tensor, ...]:
+        """:attr:`tensors` of a hook whose stack never holds None (LoRA's, the adapters'), typed so."""
+        assert all(t is not None for t in self.tensors), "a stack entry that is never None was None"
+        return cast(tuple[torch.Tensor, ...], self.tensors)
 
 
 class SlotStack:

@@ -13,7 +13,7 @@ in a chain; :func:`drop_if_empty` takes it out again when its last task leaves.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -35,13 +35,12 @@ class TaskLinear(nn.Module):
         inner = innermost(base_layer)
         # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
         self.fan_in_fan_out = isinstance(inner, Conv1D)
-        self.out_features, self.in_features = (
-            inner.weight.shape[::-1] if self.fan_in_fan_out else inner.weight.shape
-        )
+        shape = weight_of(inner).shape
+        self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
 
     @property
     def weight(self) -> torch.Tensor:  # models read their layers' weight (T5 checks its dtype)
-        return self.base_layer.weight
+        return weight_of(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -58,6 +57,14 @@ def innermost(module: nn.Module) -> nn.Module:
     while isinstance(module, TaskLinear):
         module = module.base_layer
     return module
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` of a linear layer, a norm, an embedding or a wrapper, typed as the tensor it is.
+
+    ``nn.Module.__getattr__`` is typed ``Tensor | Module`` for every attribute it finds.
+    """
+    return cast(torch.Tensor, layer.weight)
 
 
 W = TypeVar("W", bound=TaskLinear)
