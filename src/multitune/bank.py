@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
 from multitune.models import Base
 from multitune.routing import Routing
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 TaskKind = Literal["classification", "generation"]
 Pooling = Literal["mean", "cls", "last"]
@@ -188,7 +191,7 @@ class MultiTaskModel(nn.Module):
         """
         if method not in self.stores:
             self.stores[method] = make()
-        return self.stores[method]  # type: ignore[return-value]
+        return cast(M, self.stores[method])  # what make() built for this method (ModuleDict types it Module)
 
     def own(self, task: str, key: str, param: nn.Parameter) -> None:
         """Record that ``param`` belongs to ``task`` under the public state-dict ``key``."""
@@ -419,7 +422,7 @@ class MultiTaskModel(nn.Module):
             rows = (task_ids == slot).nonzero(as_tuple=True)[0] if len(present) > 1 else slice(None)
             mask = attention_mask[rows]
             pooled = pool(hidden[rows], mask, self.tasks[task].pooling or "mean", self.base.arch)
-            head = self.heads[task]
+            head = cast(nn.Linear, self.heads[task])  # add_task makes every head (ModuleDict types it Module)
             out = head(pooled.to(head.weight.dtype))
             if len(present) == 1:
                 logits = (
@@ -517,7 +520,10 @@ class MultiTaskModel(nn.Module):
                 inputs["inputs_embeds"] = torch.cat(
                     [embeds.new_zeros(batch, cached, embeds.shape[-1]), embeds], dim=1
                 )
-            out = self.base.model.generate(**inputs, **kwargs)
+            # A decoder's or seq2seq model's class mixes in GenerationMixin; without return_dict_in_generate
+            # (no caller passes it) generate returns the token ids.
+            model = cast("GenerationMixin", self.base.model)
+            out = cast(torch.Tensor, model.generate(**inputs, **kwargs))
         if self.base.arch == "seq2seq":
             return out[:, cached:]
         if "input_ids" in inputs:

@@ -130,14 +130,14 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
             break
         os.close(fd)
     try:
-        holder = {
+        record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "command": command,
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
         yield folder
@@ -151,10 +151,11 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
 _TEMPORARY = re.compile(r"^\.(.+)\.(tmp|old)-[A-Za-z0-9_]+$")  # mkstemp/mkdtemp's suffix, or a pid
 
 
-def _stale(name: str) -> str | None:
-    """'tmp' or 'old' for the names atomic_dir and write_json_atomic give their temporaries, else None."""
+def _stale(name: str) -> tuple[str, str] | None:
+    """('tmp' or 'old', the name it stands for) for the names atomic_dir and write_json_atomic give their
+    temporaries, else None."""
     match = _TEMPORARY.match(name)
-    return match[2] if match else None
+    return (match[2], match[1]) if match else None
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -174,10 +175,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         except OSError:
             return
         for entry in entries:
-            kind = _stale(entry.name)
-            if kind is None:
+            stale = _stale(entry.name)
+            if stale is None:
                 continue
-            target = _TEMPORARY.match(entry.name)[1]  # type: ignore[index]  (a stale name matched)
+            kind, target = stale
             if only is not None and target != only:
                 continue
             if kind == "old" and (entry / "x").exists() and not (parent / target).exists():
