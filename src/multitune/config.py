@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from multitune.data import Columns, Splits, prepare_splits
+from multitune.data import Columns, Splits, TaskKind, prepare_splits
 from multitune.errors import ConfigError
 from multitune.methods import METHODS
 
@@ -58,7 +58,7 @@ class DataConfig:
     drop_empty: bool = field(default=False, metadata={"help": "drop rows with an empty text or label"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most N training examples"})
 
-    def splits(self, kind: str) -> Splits:
+    def splits(self, kind: TaskKind) -> Splits:
         """Read, validate and split the data as these settings say."""
         if not self.data:
             raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
@@ -75,7 +75,7 @@ class DataConfig:
             kind,
             columns,
             self.validation_data,
-            self.test_data,  # type: ignore[arg-type]
+            self.test_data,
             tuple(self.split),
             self.split_seed,
             self.drop_empty,
@@ -143,6 +143,13 @@ class RunConfig:
         if self.task is None:  # two runs copied into one bank must not both be called "task"
             self.task = task_name_from_folder(self.output)
 
+    @property
+    def task_name(self) -> str:
+        """``task``, which ``__post_init__`` fills in (the field admits None only so that it may be left out)."""
+        if self.task is None:  # set back to None after construction
+            raise ConfigError("the run has no task name; pass --task NAME")
+        return self.task
+
     def method_config(self) -> Any:
         return self.methods.get(self.method) or METHODS[self.method].config_class()
 
@@ -187,8 +194,9 @@ def validate(config: RunConfig) -> None:
         problems.append(f"warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     if t.patience < 1:
         problems.append(f"patience must be >= 1 (got {t.patience})")
-    if device_problem(t.device):
-        problems.append(device_problem(t.device))  # type: ignore[arg-type]
+    device = device_problem(t.device)
+    if device:
+        problems.append(device)
     d = config.data
     if len(d.split) != 3 or any(r < 0 for r in d.split) or abs(sum(d.split) - 1) > 1e-6:
         problems.append(

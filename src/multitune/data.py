@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from multitune.errors import ConfigError, DataError
 from multitune.tables import json_type, read_table, shown
@@ -50,6 +50,13 @@ ROLES: dict[str, tuple[str, ...]] = {  # the roles each kind reads, required one
     "generation": ("prompt", "response", "input"),
 }
 REQUIRED = {"classification": ("text", "label"), "generation": ("prompt", "response")}
+
+
+def task_kind(kind: str) -> TaskKind:
+    """``kind`` checked to be a :data:`TaskKind` (settings, flags and adapter files give a plain string)."""
+    if kind not in REQUIRED:
+        raise ConfigError(f"task kind '{kind}' is unknown; use 'classification' or 'generation'")
+    return cast(TaskKind, kind)
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,7 @@ def load_examples(
     or whitespace raise :class:`DataError` naming the rows, unless ``drop_empty`` drops them. Labels are
     stripped strings; texts are kept exactly as written.
     """
-    if kind not in REQUIRED:
-        raise ConfigError(f"task kind '{kind}' is unknown; use 'classification' or 'generation'")
+    task_kind(kind)  # (a caller without type checking may pass any string)
     path = Path(path)
     rows = read_table(path)
     found = list(dict.fromkeys(k for row in rows for k in row))  # union of keys, first-seen order
@@ -150,8 +156,7 @@ def load_inputs(
 
     Every row gets a prediction, so a row with an empty input is an error naming it, not dropped.
     """
-    if kind not in REQUIRED:
-        raise ConfigError(f"task kind '{kind}' is unknown; use 'classification' or 'generation'")
+    task_kind(kind)  # (a caller without type checking may pass any string)
     path = Path(path)
     rows = read_table(path)
     found = list(dict.fromkeys(k for row in rows for k in row))

@@ -52,8 +52,12 @@ def _flag_type(tp: Any) -> Any:
     return tp
 
 
-def field_default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is dataclasses.MISSING:  # internal invariant: every setting has a default
+        raise TypeError(f"setting {f.name} has no default")
+    return f.default_factory()
 
 
 def show_default(value: Any) -> str | None:
@@ -331,8 +335,10 @@ def _convert(action: argparse.Action, value: Any, name: str) -> Any:
             value = ",".join(str(v) for v in value)
         elif not isinstance(value, str):
             raise ValueError(f"{name} must be a list (got {value!r})")
+        convert = action.type
+        assert callable(convert)  # a list's parser (_flag_type) or a flag's own converter, never None here
         try:
-            converted = action.type(value)  # type: ignore[misc]
+            converted = convert(value)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
             raise ValueError(f"{name}: {error}") from None
     else:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from multitune.cli_commands import Command
 from multitune.config import plural
 from multitune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from multitune.data import TaskKind
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
@@ -79,7 +83,7 @@ def _device(args: argparse.Namespace) -> str | None:
     return None if args.device == "auto" else args.device
 
 
-def _examples_to_score(args: argparse.Namespace, kind: str):  # noqa: ANN202  (list[data.Example], lazily)
+def _examples_to_score(args: argparse.Namespace, kind: TaskKind):  # noqa: ANN202  (list[data.Example], lazily)
     """(examples, where) of eval: --data, or the run's own test split rebuilt from its config.yaml."""
     from multitune.data import load_examples
 

@@ -15,6 +15,7 @@ eval`` and ``multitune predict`` answer with the vote::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,7 +67,7 @@ def train_prompt_ensemble(
             dataclasses.replace(config, seed=config.seed + i),
             progress=progress,
             desc=f"train {member} ({i + 1}/{n})",
-            on_eval=None if on_eval is None else lambda record, m=member: on_eval(m, record),
+            on_eval=None if on_eval is None else functools.partial(on_eval, member),
         )
     return members
 
@@ -219,7 +220,7 @@ def run_ensemble(
 
         names = train_prompt_ensemble(
             bank,
-            config.task,
+            config.task_name,
             members,
             splits.labels,
             splits.train,

@@ -382,7 +382,8 @@ def fit(  # noqa: C901  (the training loop in plain view: STYLE.md keeps it in o
         stop = run.done
         try:
             while not stop and loop["epoch"] < config.epochs:
-                count, sums = batches.count(loop["epoch"]), {}
+                count = batches.count(loop["epoch"])
+                sums: dict[str, float] = {}
                 while loop["batch"] < count:
                     active = [not run.state[t].frozen for t in run.tasks]
                     batch = batches.get(loop["epoch"], loop["batch"], active)

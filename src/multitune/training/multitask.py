@@ -46,7 +46,7 @@ import yaml
 
 from multitune.bank import MultiTaskModel
 from multitune.config import DataConfig, RunConfig, TrainConfig, settings_dict, validate
-from multitune.data import Example
+from multitune.data import Example, task_kind
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.flags import read_yaml_mapping, settings_from_mapping, settings_parser, split_settings
@@ -354,9 +354,9 @@ def load_multi_config(path: str | Path, overrides: Mapping[str, Any] | None = No
         )
     built = [_task_config(e, i, config.model, config.train, where) for i, e in enumerate(entries)]
     config.tasks = [run for run, _ in built]
-    config.learning_rates = {run.task: lr for run, lr in built if lr is not None}
+    config.learning_rates = {run.task_name: lr for run, lr in built if lr is not None}
     problems = []
-    names = [t.task for t in config.tasks]
+    names = [t.task_name for t in config.tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         problems.append(
@@ -449,14 +449,14 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         return json.loads((out / "result.json").read_text())
     splits = {
-        t.task: t.data.splits(t.kind) for t in config.tasks
+        t.task_name: t.data.splits(task_kind(t.kind)) for t in config.tasks
     }  # every data file read before the model loads
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)
     torch.manual_seed(config.train.seed)
     bank = MultiTaskModel(base)
     for t in config.tasks:
-        bank.add_task(t.task, t.kind, t.method, t.method_config(), splits[t.task].labels)  # type: ignore[arg-type]
+        bank.add_task(t.task_name, task_kind(t.kind), t.method, t.method_config(), splits[t.task_name].labels)
     trainable = {t: sum(p.numel() for p in bank.task_parameters(t).values()) for t in splits}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(BANK_MARK + _to_yaml(config))
@@ -473,7 +473,7 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
     )
     summary: dict[str, Any] = {"model": config.model, "sampling": config.sampling, "tasks": {}}
     for t in config.tasks:
-        name, result = t.task, results[t.task]
+        name, result = t.task_name, results[t.task_name]
         test = evaluate(
             bank,
             name,

@@ -19,7 +19,7 @@ import torch
 
 from multitune.bank import MultiTaskModel
 from multitune.config import RunConfig, TrainConfig, to_yaml
-from multitune.data import Example
+from multitune.data import Example, task_kind
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.methods import get_method
@@ -224,30 +224,29 @@ def _run(
         if not config.train.keep_checkpoint:
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         return json.loads((out / "result.json").read_text())
-    splits = config.data.splits(config.kind)
+    task, kind = config.task_name, task_kind(config.kind)
+    splits = config.data.splits(kind)
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)
     torch.manual_seed(config.train.seed)
     bank = MultiTaskModel(base)
-    bank.add_task(config.task, config.kind, config.method, config.method_config(), splits.labels)  # type: ignore[arg-type]
+    bank.add_task(task, kind, config.method, config.method_config(), splits.labels)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(RUN_MARK + to_yaml(config))
-    trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
-    result = train(
-        bank, config.task, splits.train, splits.validation, config.train, out, resume, progress, on_step
-    )
+    trainable = sum(p.numel() for p in bank.task_parameters(task).values())
+    result = train(bank, task, splits.train, splits.validation, config.train, out, resume, progress, on_step)
     test = evaluate(
         bank,
-        config.task,
+        task,
         splits.test,
         config.train.max_length,
         config.train.eval_batch_size,
         config.train.max_new_tokens,
     )
-    stored = sum(p.numel() for p in bank.task_parameters(config.task).values())  # after folding
+    stored = sum(p.numel() for p in bank.task_parameters(task).values())  # after folding
     summary = {
         "command": "train",
-        "task": config.task,
+        "task": task,
         "method": config.method,
         "model": config.model,
         "examples": {
@@ -264,7 +263,7 @@ def _run(
         "validation": {result.metric: result.best_metric},
         "test": test,
     }
-    save_adapter(bank, config.task, out / "adapter", extra={"metrics": {"test": test}})
+    save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
     write_json_atomic(out / "result.json", summary)
     if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
