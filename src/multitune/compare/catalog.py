@@ -9,7 +9,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field
 
-from multitune.bank import MultiTaskModel
+from multitune.bank import MultiTaskModel, TaskKind
 from multitune.config import setting_fields
 from multitune.errors import MultituneError
 from multitune.flags import field_default, setting_help
@@ -52,7 +52,9 @@ def settings_of(method: Method) -> list[Setting]:
     return out
 
 
-def method_facts(base: Base | None, kind: str = "classification", num_labels: int = 2) -> list[MethodFacts]:
+def method_facts(
+    base: Base | None, kind: TaskKind = "classification", num_labels: int = 2
+) -> list[MethodFacts]:
     """One entry per registered method; counts on ``base`` when given (the base is left as it was)."""
     facts = []
     for name, method in sorted(METHODS.items()):
@@ -61,7 +63,7 @@ def method_facts(base: Base | None, kind: str = "classification", num_labels: in
             bank = MultiTaskModel(base)
             labels = [f"label{i}" for i in range(num_labels)] if kind == "classification" else None
             try:
-                bank.add_task("probe", kind, name, method.config_class(), labels)  # type: ignore[arg-type]
+                bank.add_task("probe", kind, name, method.config_class(), labels)
             except MultituneError as error:
                 fact.problem = " ".join(str(error).split())
             else:

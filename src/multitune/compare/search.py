@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -119,7 +119,7 @@ def _bank_with_task(
     device = None if train.device == "auto" else train.device
     bank = MultiTaskModel(load_base(config.model, device=device))
     torch.manual_seed(train.seed)
-    bank.add_task(task, config.kind, method, method_config, labels)  # type: ignore[arg-type]
+    bank.add_task(task, config.kind, method, method_config, labels)
     return bank, train
 
 
@@ -195,7 +195,9 @@ def open_study(config: CompareConfig, method: str) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(config)
-    direction = "minimize" if config.metric() in ("loss", "perplexity") else "maximize"
+    direction: Literal["minimize", "maximize"] = (
+        "minimize" if config.metric() in ("loss", "perplexity") else "maximize"
+    )
     # One seed for a local study (reproducible); independent samplers for workers sharing a study.
     seed = config.seed if config.storage is None else None
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, config.trials // 3))

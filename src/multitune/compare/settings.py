@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import DataConfig, TrainConfig
+from multitune.data import TaskKind
 from multitune.methods import METHODS
 
 RESULTS = "results"
@@ -23,7 +24,7 @@ def default_methods() -> list[str]:
 class CompareConfig:
     model: str = "minilm"
     task: str = "task"
-    kind: str = "classification"
+    kind: TaskKind = "classification"  # the CLI's --kind offers these two only
     methods: list[str] = field(default_factory=default_methods)
     trials: int = 8
     max_epochs: int = 3

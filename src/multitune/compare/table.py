@@ -215,7 +215,8 @@ class Row:
             _metric(self.test),
             f"[{self.ci[0]:.3f}, {self.ci[1]:.3f}]" if self.test is not None and self.ci else "",
         )
-        trials = r.get("trials") if isinstance(r.get("trials"), dict) else {}
+        trials = r.get("trials")
+        trials = trials if isinstance(trials, dict) else {}
         complete, pruned, failed = (num(trials.get(k)) for k in ("complete", "pruned", "failed"))
         trial_text = (
             f"{count_text(complete)} / {count_text(pruned)}"

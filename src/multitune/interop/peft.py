@@ -222,6 +222,11 @@ def _lora_to_ours(
     bank: MultiTaskModel, cfg: dict[str, Any], state: dict[str, torch.Tensor]
 ) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     targets = cfg.get("target_modules")
+    if targets is None:  # PEFT always writes them; list(None) would be a raw TypeError
+        raise ConfigError(
+            "the PEFT LoRA adapter_config.json has no target_modules; re-save the adapter with PEFT, "
+            "which writes them"
+        )
     config = LoRAConfig(
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),

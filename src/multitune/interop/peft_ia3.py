@@ -26,7 +26,8 @@ from multitune.methods.wrap import TaskLinear
 
 def _module_names(bank: MultiTaskModel) -> list[str]:
     """The base's module paths as PEFT sees them: without our wrappers' internals."""
-    names, wrapped = [], []
+    names: list[str] = []
+    wrapped: list[str] = []
     for name, module in bank.base.model.named_modules():
         if any(name.startswith(w + ".") for w in wrapped):
             continue

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,6 +53,9 @@ from multitune.preference.dpo import REFERENCE_ALIASES, REFERENCE_HELP, REFERENC
 from multitune.preference.rewards import as_scores
 from multitune.preference.scoring import trainable_methods
 from multitune.training.evaluate import autocast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -227,7 +230,7 @@ def response_outputs(
     prompt_width: int,
     temperature: float,
     value_head: nn.Module | None = None,
-    model: nn.Module | None = None,
+    model: PreTrainedModel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (B, T, V) of the T response tokens (each from the position before it) and values (B, T).
 
@@ -279,7 +282,7 @@ def check_policy(bank: MultiTaskModel, task: str, config: PPOConfig) -> None:
         )
 
 
-def _initial_reference(bank: MultiTaskModel, task: str) -> tuple[nn.Module | None, str | None]:
+def _initial_reference(bank: MultiTaskModel, task: str) -> tuple[PreTrainedModel | None, str | None]:
     """The policy as it starts, frozen: (a deep copy of the model, None) when the task owns the base
     weights, else (None, the name of a twin task holding a copy of the policy's parameters)."""
     spec = bank.tasks[task]
@@ -375,6 +378,7 @@ def train_ppo(
                 logits, values = response_outputs(
                     bank, task_ids, input_ids, attention, width, config.temperature, value_head
                 )
+                assert values is not None  # (given a value head, response_outputs returns values)
                 old_logp = token_logprobs(logits, tokens)
                 if twin is not None:  # the frozen copy of the starting policy, routed as a task of its own
                     ref_logits, _ = response_outputs(
@@ -429,6 +433,7 @@ def train_ppo(
                             config.temperature,
                             value_head,
                         )
+                    assert new_values is not None  # (given a value head, response_outputs returns values)
                     logp = token_logprobs(logits, tokens[idx])
                     ratio = torch.exp(logp - old_logp[idx])
                     adv = advantages[idx]

@@ -384,6 +384,7 @@ class DecodeBatch:
             return
         if len(indices) == len(self.rows):
             return
+        assert self.mask is not None and self.last is not None  # a batch with rows has both
         index = torch.tensor(indices, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.last = self.mask[index], self.last[index]

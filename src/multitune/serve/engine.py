@@ -121,7 +121,8 @@ def trained_max_length(adapter: Path) -> int:
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{config} is not valid YAML ({type(error).__name__}); fix or remove it") from error
     settings = settings if isinstance(settings, dict) else {}
-    train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
+    train = settings.get("train")
+    train = train if isinstance(train, dict) else {}
     value = train.get("max_length", settings.get("max_length"))
     if value is None:
         return DEFAULT_MAX_LENGTH

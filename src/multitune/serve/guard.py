@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi.responses import Response
+from starlette.types import Message
 
 from multitune.serve.observe import Metrics
 from multitune.serve.openai import CLIENT_GONE, error_response
@@ -67,7 +68,7 @@ class Guard:
         started = time.perf_counter()
         sent = {"status": 500, "started": False}
 
-        async def tracked_send(message: dict) -> None:
+        async def tracked_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"], sent["started"] = message["status"], True
             await send(message)

@@ -378,7 +378,8 @@ class Scheduler:
             busy = any(len(b) for b in self._decoders.values()) or self._waiting
             if rows < self.max_batch_size and waited < self.max_wait and not busy:
                 return  # wait a moment for more rows to share the forward
-            items, total = [], 0
+            items: list[_Classify] = []
+            total = 0
             while self._classify and (
                 not items or total + len(self._classify[0].texts) <= self.max_batch_size
             ):
@@ -467,9 +468,10 @@ class Scheduler:
             try:
                 logits = batch.step()
             except Exception as error:  # noqa: BLE001  (each row alone: only a guilty one fails)
-                logits = self._step_rows_alone(batch, error)
-                if logits is None:
+                alone = self._step_rows_alone(batch, error)
+                if alone is None:
                     continue
+                logits = alone
             self.stats.record("decode", len(batch))
             tokens = self._sample(logits, batch.rows, batch.generated)
             self._advance(batch, list(range(len(batch))), tokens)
