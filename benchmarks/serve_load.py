@@ -132,7 +132,7 @@ def reference(bank_dir: Path, requests: list[tuple[str, str]], max_tokens: int) 
         for task, prompt in sorted(set(requests)):
             bank = engine.bank_of(task)
             bank.eval()
-            features, _ = engine._features(bank, [(task, prompt)], [0], 10**6, False)  # the server's encoding
+            features, _ = engine.features(bank, [(task, prompt)], [0], 10**6, False)  # the server's encoding
             ids = torch.tensor([features[0]["input_ids"]])
             slot = torch.tensor([bank.slots.index(task)])
             new: list[int] = []
@@ -284,7 +284,7 @@ def baseline_app(bank_dir: Path) -> Any:
         task, prompt, max_tokens = body["model"], body["prompt"], int(body.get("max_tokens", 16))
         use_cache = bool(body.get("use_cache", True))  # False: the check of answers that differ (see main)
         with torch.no_grad():
-            features, _ = engine._features(bank, [(task, prompt)], [0], 10**6, False)
+            features, _ = engine.features(bank, [(task, prompt)], [0], 10**6, False)
             ids = torch.tensor([features[0]["input_ids"]])
             model = models[task]
             if len(models) > 1 and hasattr(model, "set_adapter") and task in model.peft_config:

@@ -380,7 +380,7 @@ def test_a_trial_failed_by_another_process_while_it_runs_is_dropped_not_fatal(
         if len(calls) == 1:  # what another worker's stale-trial sweep does to ours
             other = optuna.load_study(study_name="task-lora", storage=config.storage)
             for trial in other.get_trials(states=[optuna.trial.TrialState.RUNNING]):
-                other._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                other.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(compare_module, "fit_and_score", failed_under_us)

@@ -71,40 +71,40 @@ class FakeHandle:
                 full = f"{self.text} {word}" if self.text else word
                 cut = _first_stop(full, self.params.stop)
                 if cut is not None:
-                    self._emit(full[:cut][len(self.text) :])
-                    self._finish("stop")
+                    self.emit(full[:cut][len(self.text) :])
+                    self.finish("stop")
                     return
-                self._emit(full[len(self.text) :])
+                self.emit(full[len(self.text) :])
                 self.completion_tokens += 1
                 self.owner.stats.record("decode", 1)
                 if self.completion_tokens >= self.params.max_tokens:
-                    self._finish("length")
+                    self.finish("length")
                     return
-            self._finish("stop")
+            self.finish("stop")
         finally:
             self.owner._leave(self)
 
     def _should_end(self) -> bool:
         if self.cancelled:
-            self._finish("cancelled")
+            self.finish("cancelled")
             return True
         if self.owner.stopped:
-            self._finish("error", RequestError(503, "the server is shutting down"))
+            self.finish("error", RequestError(503, "the server is shutting down"))
             return True
         if time.monotonic() > self.deadline:
-            self._finish(
+            self.finish(
                 "timeout", RequestError(504, f"the request took longer than {self.owner.timeout_s:g} s")
             )
             return True
         return False
 
-    def _emit(self, piece: str) -> None:
+    def emit(self, piece: str) -> None:
         if piece:
             self.text += piece
             self._pieces.put_nowait(piece)
             self._sync.put(piece)
 
-    def _finish(self, reason: str, error: RequestError | None = None) -> None:
+    def finish(self, reason: str, error: RequestError | None = None) -> None:
         if self._done.is_set():
             return
         self.finish_reason, self.error = reason, error

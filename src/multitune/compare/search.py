@@ -210,11 +210,9 @@ def open_study(config: CompareConfig, method: str) -> Any:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
         load_if_exists=True,
     )
-    if (
-        config.storage is None
-    ):  # the folder's own study, under its lock: a trial still 'running' is from a killed run
+    if config.storage is None:  # the folder's own study, under its lock: a 'running' trial is a killed run's
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(default_params(method, config.max_epochs), skip_if_exists=True)
     return study

@@ -130,28 +130,28 @@ class Handle:
         self._done = threading.Event()
 
     # ---- worker side -------------------------------------------------------------------------------
-    def _emit(self, piece: Any) -> None:
+    def emit(self, piece: Any) -> None:
         self._pieces.put(piece)
         if self._loop is not None and self._apieces is not None:
             with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
                 self._loop.call_soon_threadsafe(self._apieces.put_nowait, piece)
 
-    def _finish(self, reason: str, error: RequestError | None = None) -> None:
+    def finish(self, reason: str, error: RequestError | None = None) -> None:
         if self._done.is_set():
             return
         self.finish_reason, self.error = reason, error
         self._done.set()
-        self._emit(_DONE)
+        self.emit(_DONE)
 
     def append(
         self, token: int, generated: list[int], tokenizer: Any, eos: set[int], now: float, timeout_s: float
     ) -> None:
         """One new token of one row: its text piece out, and the row finished when it is done."""
         if self.cancelled:
-            self._finish("cancelled")
+            self.finish("cancelled")
             return
         if token in eos:
-            self._finish("stop")
+            self.finish("stop")
             return
         generated.append(token)
         self.completion_tokens = len(generated)
@@ -163,13 +163,13 @@ class Handle:
             piece = text[len(self.text) :]
             self.text = text
             if piece:
-                self._emit(piece)
+                self.emit(piece)
         if stop is not None:
-            self._finish("stop")
+            self.finish("stop")
         elif len(generated) >= self.params.max_tokens:
-            self._finish("length")
+            self.finish("length")
         elif now > self.deadline:
-            self._finish(
+            self.finish(
                 "timeout",
                 RequestError(
                     504,

@@ -235,7 +235,7 @@ class Engine:
             groups.setdefault(id(bank), []).append(i)
         return groups
 
-    def _features(
+    def features(
         self,
         bank: MultiTaskModel,
         requests: Sequence[Request],
@@ -270,7 +270,7 @@ class Engine:
         for rows in self._grouped(requests, "classification").values():
             bank = self.bank_of(requests[rows[0]][0])
             bank.eval()
-            features, slots = self._features(bank, requests, rows, max_length, True)
+            features, slots = self.features(bank, requests, rows, max_length, True)
             batch = to_device(collate(features, bank.base.tokenizer.pad_token_id, slots), bank.base.device)
             logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
             for row, i in enumerate(rows):
@@ -300,7 +300,7 @@ class Engine:
             bank = self.bank_of(requests[rows[0]][0])
             bank.eval()
             tokenizer = bank.base.tokenizer
-            features, slots = self._features(bank, requests, rows, max_length, False)
+            features, slots = self.features(bank, requests, rows, max_length, False)
             side = "left" if bank.base.arch == "decoder" else "right"
             batch = to_device(
                 collate(features, tokenizer.pad_token_id, slots, padding_side=side), bank.base.device

@@ -131,10 +131,10 @@ class Scheduler:
         for item in classify:
             _settle(item.future, error=stopped)
         for handle in waiting + static:
-            handle._finish("error", stopped)
+            handle.finish("error", stopped)
         for batch in self._decoders.values():
             for handle in batch.rows:
-                handle._finish("error", stopped)
+                handle.finish("error", stopped)
 
     # ---- tasks --------------------------------------------------------------------------------------
     def tasks(self) -> dict[str, dict[str, Any]]:
@@ -228,7 +228,7 @@ class Scheduler:
 
     def _prompt_ids(self, bank: Any, internal: str, prompt: str) -> list[int]:
         """The prompt's token ids exactly as Engine.generate encodes them (the engine's tokenizer lock held)."""
-        features, _ = self.engine._features(bank, [(internal, prompt)], [0], 10**6, False)
+        features, _ = self.engine.features(bank, [(internal, prompt)], [0], 10**6, False)
         return list(features[0]["input_ids"])
 
     @staticmethod
@@ -323,11 +323,11 @@ class Scheduler:
             if isinstance(item, _Classify):
                 _settle(item.future, error=error)
             else:
-                item._finish("error", error)
+                item.finish("error", error)
         self._taken = []
         for batch in self._decoders.values():
             for handle in batch.rows:
-                handle._finish("error", error)
+                handle.finish("error", error)
             batch.keep([])
 
     def _isolated(
@@ -443,14 +443,14 @@ class Scheduler:
                 self.stats.record("prefill", len(group))
                 self._advance(batch, list(range(start, start + len(group))), first)
 
-            self._isolated(handles, run, lambda handle, error: handle._finish("error", error), "prefill")
+            self._isolated(handles, run, lambda handle, error: handle.finish("error", error), "prefill")
 
     def _expired(self, handle: Handle, where: str) -> bool:
         """Finish a cancelled or timed-out request that has not started; True when it was."""
         if handle.cancelled:
-            handle._finish("cancelled")
+            handle.finish("cancelled")
         elif time.monotonic() > handle.deadline:
-            handle._finish(
+            handle.finish(
                 "timeout",
                 RequestError(
                     504,
@@ -480,7 +480,7 @@ class Scheduler:
         """After a failed decode step, the step of each row alone: a row that fails again is answered with
         its error, the others go on as one batch again. Returns their logits (None when no row is left)."""
         if len(batch) == 1:
-            batch.rows[0]._finish("error", _as_request_error(error, "decode step"))
+            batch.rows[0].finish("error", _as_request_error(error, "decode step"))
             batch.keep([])
             return None
         log.warning(
@@ -495,7 +495,7 @@ class Scheduler:
                 logits.append(part.step())
                 kept.append(part)
             except Exception as alone:  # noqa: BLE001  (this row's answer)
-                part.rows[0]._finish("error", _as_request_error(alone, "decode step"))
+                part.rows[0].finish("error", _as_request_error(alone, "decode step"))
         batch.absorb(kept)
         return torch.cat(logits) if logits else None
 
@@ -511,7 +511,7 @@ class Scheduler:
             try:
                 handle.append(token, generated, tokenizer, eos, now, self.timeout_s)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
-                handle._finish("error", _as_request_error(error, "decoding a token"))
+                handle.finish("error", _as_request_error(error, "decoding a token"))
         # every row still running has just appended its token: that token is what it feeds next
         batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
@@ -527,7 +527,7 @@ class Scheduler:
             try:
                 tokens[i] = draw(logits[i], handle)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
-                handle._finish("error", _as_request_error(error, "sampling"))
+                handle.finish("error", _as_request_error(error, "sampling"))
         return tokens
 
     def _static_batch(self) -> None:
@@ -549,11 +549,11 @@ class Scheduler:
                 for handle, text in zip(group, texts, strict=True):
                     stop = first_stop(text, handle.params.stop)
                     handle.text = text[:stop] if stop is not None else text
-                    handle._emit(handle.text)
-                    handle._finish("stop")
+                    handle.emit(handle.text)
+                    handle.finish("stop")
 
             self._isolated(
-                handles, run, lambda handle, error: handle._finish("error", error), "seq2seq generation"
+                handles, run, lambda handle, error: handle.finish("error", error), "seq2seq generation"
             )
 
 
