@@ -1,13 +1,10 @@
 """Prompt design: a hand-written template with k solved examples before the input; nothing is trained.
 
 The "prompt design" baseline of Lester et al. (2021, figure 1), in the few-shot style of GPT-3 (Brown et
-al. 2020, section 2): the model reads ::
-
-    instruction  SEP  shot_1  SEP  ...  SEP  shot_k  SEP  query
-
-where a shot is the template filled with a training example and its answer, and the query is the
-template up to the answer slot (``{label}`` or ``{response}``) filled with the input. SEP is
-``shot_separator``.
+al. 2020, section 2): the model reads an instruction, k shots (the template filled with a training example
+and its answer) and the query (the template up to the answer slot, filled with the input), as plain text or,
+on instruct decoders, as the turns of a conversation through the tokenizer's chat template. How the text is
+put together, and cut to the token budget, is :mod:`multitune.methods.prompt_render`.
 
 Classification, decoders and T5: label c is scored by the log-likelihood of its verbaliser's tokens v_c
 after the rendered prompt x, summed over the tokens (not length-normalised)::
@@ -21,6 +18,10 @@ position's logits); when a verbaliser has more than one token, one more forward 
 of every label over the prompts' KV cache repeated per label (T5: the encoder output repeated, the
 decoder reading ``[start, v_c,<T]``). No generated text is parsed.
 
+Contextual calibration (``calibrate``; Zhao et al. 2021): the logits become s_c(x) - log p_cf(c), with p_cf
+the label distribution of content-free inputs in the same prompt (:func:`content_free_prior`), so a prompt's
+bias towards a label whatever the input is divided out.
+
 Classification, encoders (no LM head): the counterpart of a verbaliser's likelihood is the cosine
 between the input's mean-pooled embedding e(x) and a prototype per label::
 
@@ -32,13 +33,11 @@ zero-shot: the verbaliser's embedding alone. Templates are not used on encoders 
 Shots are k examples of the pool: ``random`` (seeded by ``seed`` and the input, so an input always gets
 the same shots) or ``similar`` (the k nearest by cosine of the base model's mean-pooled last hidden
 states, T5: its encoder's, every adapter off; the nearest is placed last, next to the query). An input
-never gets itself (the same tokens) as a shot. When the prompt is longer than the token budget (``max_length``, less room
-for the response in generation), shots are dropped (the first, i.e. least similar, first), then the
-input's text is cut at its end; the answer slot is never cut off.
+never gets itself (the same tokens) as a shot.
 
 ``fit`` (what training means here) keeps a label-balanced pool of ``pool_size`` training examples in the
-task's config, so adapter.json holds it and the adapter has no tensors. Pool embeddings are computed on
-first use and cached per bank and task (after loading an adapter, on first use again).
+task's config, so adapter.json holds it and the adapter has no tensors. Pool embeddings and the content-free
+prior are computed on first use and cached per bank and task (after loading an adapter, on first use again).
 """
 
 from __future__ import annotations
@@ -46,10 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,19 +66,21 @@ from multitune.methods.label_scores import (
     seq2seq_label_scores,
     unit,
 )
+from multitune.methods.prompt_render import (
+    CHAT_MODES,
+    PLACEHOLDER,
+    answer_space,
+    braced,
+    render_one,
+    template_problems,
+)
 
 if TYPE_CHECKING:
     from multitune.bank import MultiTaskModel, TaskSpec
 
-PLACEHOLDERS = ("text", "input", "text_pair", "label", "response", "labels")
 SELECTIONS = ("random", "similar")
-DEFAULT_TEMPLATES = {
-    "classification": "{text}\nAnswer: {label}",
-    "pair": "{text}\n{text_pair}\nAnswer: {label}",
-    "generation": "{text}\n{response}",
-}
-DEFAULT_INSTRUCTION = "Answer with one of: {labels}."  # classification only
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. (2021), section 4
+CALIBRATION_MAX_LENGTH = 512  # the content-free prompts keep every shot a real input of the task could
 
 
 @dataclass
@@ -97,14 +97,30 @@ class PromptingConfig:
         metadata={
             "help": "one example as the model reads it: {text} (or {input}), {text_pair}, then {label} "
             "(classification) or {response} (generation); '\\n' is a newline; default "
-            "'{text}\\nAnswer: {label}' or '{text}\\n{response}'"
+            "'{text}\\nAnswer: {label}' (chat: 'Text: {text}\\nAnswer: {label}') or '{text}\\n{response}'"
         },
     )
     instruction: str | None = field(
         default=None,
         metadata={
             "help": "text before the shots and the input; {labels} lists the verbalisers (default: "
-            "'Answer with one of: {labels}.' for classification, none for generation)"
+            "'Answer with one of: {labels}.' for classification, chat: 'Classify the text into one of these "
+            "categories: {labels}. Answer with the category only.', none for generation)"
+        },
+    )
+    chat: str = field(
+        default="auto",
+        metadata={
+            "help": "classification on a decoder: render the prompt through the tokenizer's chat template "
+            "(instruction and input as the user's turn, shots as earlier turns, the label scored as the "
+            "assistant's answer): auto (when the tokenizer has a chat template: instruct models), on, off"
+        },
+    )
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "classification: contextual calibration (Zhao et al. 2021), divide each label's "
+            "probability by its probability after content-free inputs ('N/A', '', '[MASK]') in the same prompt"
         },
     )
     verbalizers: str | dict[str, str] | None = field(
@@ -151,34 +167,7 @@ class PromptingConfig:
             self.verbalizers = {str(k): str(v) for k, v in self.verbalizers.items()}
 
     def validate(self) -> list[str]:
-        problems = []
-        for name, text, allowed in (
-            ("template", self.template, PLACEHOLDERS),
-            ("instruction", self.instruction, ("labels",)),
-        ):
-            unknown = sorted(set(_PLACEHOLDER.findall(text or "")) - set(allowed))
-            if unknown:
-                problems.append(
-                    f"prompting {name} has unknown placeholder(s) {_braced(unknown)}; it may use "
-                    f"{_braced(allowed)}: fix --prompting-{name}"
-                )
-        found = _PLACEHOLDER.findall(self.template or "")
-        if "label" in found and "response" in found:
-            problems.append(
-                "prompting template holds both {label} and {response}; use {label} for classification "
-                "and {response} for generation: fix --prompting-template"
-            )
-        for slot in ("label", "response"):
-            if found.count(slot) > 1:
-                problems.append(
-                    f"prompting template holds {{{slot}}} {found.count(slot)} times; it goes once, where "
-                    "the answer goes: fix --prompting-template"
-                )
-        if self.template is not None and not {"text", "input", "text_pair"} & set(found):
-            problems.append(
-                "prompting template has no {text} (or {input}), so the model would never see the input: "
-                "fix --prompting-template, e.g. '{text}\\nAnswer: {label}'"
-            )
+        problems = template_problems(self.template, self.instruction)
         if isinstance(self.verbalizers, str):
             problems.append(
                 f"prompting verbalizers must be label=words pairs separated by commas, e.g. "
@@ -198,6 +187,15 @@ class PromptingConfig:
                 f"prompting selection must be one of {', '.join(SELECTIONS)} (got '{self.selection}'): "
                 "fix --prompting-selection"
             )
+        if self.chat not in CHAT_MODES:
+            problems.append(
+                f"prompting chat must be one of {', '.join(CHAT_MODES)} (got {self.chat!r}): fix --prompting-chat"
+            )
+        if not isinstance(self.calibrate, bool):
+            problems.append(
+                f"prompting calibrate must be true or false (got {self.calibrate!r}): use "
+                "--prompting-calibrate or --no-prompting-calibrate"
+            )
         if self.pool_size < 1:
             problems.append(
                 f"prompting pool_size must be >= 1 (got {self.pool_size}): fix --prompting-pool-size"
@@ -212,10 +210,6 @@ class PromptingConfig:
                 f"prompting temperature must be > 0 (got {self.temperature}): fix --prompting-temperature"
             )
         return problems
-
-
-def _braced(names: Sequence[str]) -> str:
-    return ", ".join("{" + n + "}" for n in names)
 
 
 def _parse_pairs(text: str) -> dict[str, str] | None:
@@ -238,18 +232,6 @@ def verbalizers(config: PromptingConfig, spec: TaskSpec) -> dict[str, str]:
     return {label: given.get(label, label) for label in spec.labels}
 
 
-def template_for(config: PromptingConfig, kind: str, pair: bool = False) -> str:
-    if config.template is not None:
-        return config.template
-    return DEFAULT_TEMPLATES["generation" if kind == "generation" else "pair" if pair else "classification"]
-
-
-def _instruction(config: PromptingConfig, kind: str) -> str:
-    if config.instruction is not None:
-        return config.instruction
-    return DEFAULT_INSTRUCTION if kind == "classification" else ""
-
-
 def pool_examples(config: PromptingConfig) -> list[Example]:
     return [Example(**d) for d in config.pool.examples]
 
@@ -258,14 +240,14 @@ def continuation_ids(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConf
     """Token ids of each label's answer after the prompt, in label order.
 
     Decoders: the whitespace that ends the template before ``{label}`` is moved in front of the
-    verbaliser (BPE vocabularies spell " great" as one token); T5: the verbaliser is the decoder target.
+    verbaliser (BPE vocabularies spell " great" as one token), none in chat (the answer opens the
+    assistant's turn); T5: the verbaliser is the decoder target.
     """
     tokenizer = bank.base.tokenizer
     words = list(verbalizers(config, spec).values())
     if bank.base.arch == "seq2seq":
         return [list(tokenizer(w, add_special_tokens=False).input_ids) for w in words]
-    prefix = template_for(config, "classification").split("{label}", 1)[0]
-    space = prefix[len(prefix.rstrip()) :]
+    space = answer_space(bank.base, config, spec.kind)
     return [list(tokenizer(space + w, add_special_tokens=False).input_ids) for w in words]
 
 
@@ -274,8 +256,8 @@ def attach(bank: MultiTaskModel, task: str, config: PromptingConfig) -> None:
     """Check the settings against the task; a prompting task has no parameters."""
     spec = bank.tasks[task]
     problems = []
-    found = set(_PLACEHOLDER.findall(config.template or "")) | set(
-        _PLACEHOLDER.findall(config.instruction or "")
+    found = set(PLACEHOLDER.findall(config.template or "")) | set(
+        PLACEHOLDER.findall(config.instruction or "")
     )
     if spec.kind == "classification":
         if config.template is not None and "{label}" not in config.template:
@@ -319,11 +301,28 @@ def attach(bank: MultiTaskModel, task: str, config: PromptingConfig) -> None:
         wrong = sorted(found & {"label", "labels", "text_pair"})
         if wrong:
             problems.append(
-                f"{_braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
+                f"{braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
                 "{response}: fix --prompting-template / --prompting-instruction"
             )
+    problems += _chat_problems(bank, spec, config)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _chat_problems(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConfig) -> list[str]:
+    """``on`` needs a chat template to render with; ``off`` cannot take a generation prompt out of one."""
+    has_template = bank.base.arch == "decoder" and bool(getattr(bank.base.tokenizer, "chat_template", None))
+    if config.chat == "on" and not has_template:
+        return [
+            f"--prompting-chat on needs a decoder whose tokenizer has a chat template; {bank.base.source} "
+            "has none: use --prompting-chat auto (or off)"
+        ]
+    if config.chat == "off" and spec.kind == "generation" and has_template:
+        return [
+            "--prompting-chat off is for classification: a generation prompt goes through the tokenizer's "
+            "chat template as every generation task's does; use --prompting-chat auto"
+        ]
+    return []
 
 
 def detach(bank: MultiTaskModel, task: str) -> None:
@@ -355,7 +354,8 @@ def fit(bank: MultiTaskModel, task: str, examples: Sequence[Example]) -> None:
 
 # ---- rendering -----------------------------------------------------------------------------------------
 def render(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_length: int) -> list[Example]:
-    """The text the model reads for each example: instruction, shots and the input, within ``max_length`` tokens.
+    """The text the model reads for each example: instruction, shots and the input, within ``max_length`` tokens
+    (plain or through the chat template: :mod:`multitune.methods.prompt_render`).
 
     The result's ``text`` is the whole prompt (``text_pair`` folded in), ``label`` and ``response`` are kept.
     """
@@ -365,79 +365,11 @@ def render(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_len
     config = task_config(bank, task)
     pool = pool_examples(config)
     chosen = choose_shots(bank, task, config, examples)
+    words = verbalizers(config, spec) if spec.kind == "classification" else {}
     return [
-        _render_one(bank, spec, config, ex, [pool[i] for i in idx], max_length)
+        render_one(bank, spec, config, words, ex, [pool[i] for i in idx], max_length)
         for ex, idx in zip(examples, chosen, strict=True)
     ]
-
-
-def _fill(template: str, values: dict[str, str]) -> str:
-    """Replace known ``{name}`` placeholders in one pass (values are never re-read; other braces stay)."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
-
-def _values(example: Example, answer: str, listed: str) -> dict[str, str]:
-    return {
-        "text": example.text,
-        "input": example.text,
-        "text_pair": example.text_pair or "",
-        "label": answer,
-        "response": example.response or "",
-        "labels": listed,
-    }
-
-
-def _render_one(
-    bank: MultiTaskModel,
-    spec: TaskSpec,
-    config: PromptingConfig,
-    example: Example,
-    shots: list[Example],
-    max_length: int,
-) -> Example:
-    classification = spec.kind == "classification"
-    words = verbalizers(config, spec) if classification else {}
-    listed = ", ".join(words.values())
-    template = template_for(config, spec.kind, example.text_pair is not None)
-    prefix = template.split("{label}" if classification else "{response}", 1)[0].rstrip()
-    instruction = _instruction(config, spec.kind)
-    head = [_fill(instruction, {"labels": listed})] if instruction else []
-    blocks = [_fill(template, _values(s, words.get(s.label or "", s.label or ""), listed)) for s in shots]
-    budget, count = _budget(bank, spec, example, max_length)
-    query = example
-    for _ in range(len(blocks) + 4):
-        text = config.shot_separator.join([*head, *blocks, _fill(prefix, _values(query, "", listed))])
-        over = count(text) - budget
-        if over <= 0:
-            break
-        if blocks:
-            blocks = blocks[1:]  # the least similar (or, for random shots, the first drawn) goes first
-            continue
-        cut = _cut(bank.base.tokenizer, query.text, over)
-        if cut == query.text:
-            break  # nothing left to cut: encoding truncates what remains
-        query = replace(query, text=cut)
-    return Example(text=text, label=example.label, response=example.response)
-
-
-def _budget(bank: MultiTaskModel, spec: TaskSpec, example: Example, max_length: int) -> tuple[int, Any]:
-    """(token budget of the prompt, its token counter), as :func:`multitune.encode.encode_example` counts."""
-    tokenizer = bank.base.tokenizer
-    if spec.kind == "classification":
-        return max_length, lambda text: len(tokenizer(text).input_ids)
-    from multitune.encode import prompt_ids
-
-    reserve = 0
-    if bank.base.arch == "decoder" and example.response is not None:  # prompt and response share the context
-        reserve = min(
-            len(tokenizer(example.response, add_special_tokens=False).input_ids) + 1, max_length // 2
-        )
-    return max_length - reserve, lambda text: len(prompt_ids(bank.base, text))
-
-
-def _cut(tokenizer: Any, text: str, over: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer.decode(ids[: max(0, len(ids) - over)]) if ids else text
 
 
 # ---- shots -----------------------------------------------------------------------------------------------
@@ -516,9 +448,24 @@ def pool_embeddings(bank: MultiTaskModel, task: str, config: PromptingConfig) ->
 def score(
     bank: MultiTaskModel, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Label logits (B, C) of rendered prompts: verbaliser log-likelihoods, or scaled cosines on encoders."""
-    spec = bank.tasks[task]
+    """Label logits (B, C) of rendered prompts: verbaliser log-likelihoods, or scaled cosines on encoders;
+    with ``calibrate``, less the log label prior of content-free inputs (:func:`content_free_prior`)."""
     config = task_config(bank, task)
+    logits = raw_scores(bank, task, config, input_ids, attention_mask)
+    if config.calibrate:
+        logits = logits.float() - content_free_prior(bank, task, config).to(logits.device)
+    return logits
+
+
+def raw_scores(
+    bank: MultiTaskModel,
+    task: str,
+    config: PromptingConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The uncalibrated label logits (B, C)."""
+    spec = bank.tasks[task]
     with torch.no_grad(), bank.disabled():
         if bank.base.arch == "encoder":
             return prototype_scores(bank, task, config, input_ids, attention_mask)
@@ -526,6 +473,41 @@ def score(
         if bank.base.arch == "seq2seq":
             return seq2seq_label_scores(bank.base.model, input_ids, attention_mask, continuations)
         return decoder_label_scores(bank.base.model, input_ids, attention_mask, continuations)
+
+
+def content_free_prior(bank: MultiTaskModel, task: str, config: PromptingConfig) -> torch.Tensor:
+    """log p_cf (C,): the label distribution the prompt gives when the input says nothing.
+
+    Contextual calibration (Zhao et al. 2021, "Calibrate Before Use", section 4): the template, the shots
+    and their order bias a model towards some labels whatever the input; the content-free inputs 'N/A', ''
+    and '[MASK]' are rendered as any input is (the same template, instruction, chat turns and choice of
+    shots), their label probabilities p(c | cf) are averaged, and each input's are divided by them::
+
+        q(c | x) = softmax_c(s_c(x) - log p_cf(c)),    p_cf = mean_cf softmax(s(cf))
+
+    i.e. W = diag(p_cf)^-1, b = 0 on the probabilities. Computed once per task and settings (cached like the
+    pool embeddings), in log space so that a label the prompt all but rules out is not divided by zero.
+    A pair task (a template with {text_pair}, or a pool of pairs) gets content-free pairs.
+    """
+    from multitune.encode import collate, encode_task
+
+    entry = _cached(bank, task, config)
+    key = json.dumps(asdict(config), sort_keys=True, default=str)
+    if entry.get("prior_key") != key:
+        pair = "{text_pair}" in (config.template or "") or any(
+            "text_pair" in ex for ex in config.pool.examples
+        )
+        examples = [Example(text=t, text_pair=t if pair else None) for t in CONTENT_FREE]
+        features = encode_task(bank, task, examples, CALIBRATION_MAX_LENGTH)
+        batch = collate(features, bank.base.tokenizer.pad_token_id, bank.slots.index(task))
+        device = bank.base.device
+        scores = raw_scores(
+            bank, task, config, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        )
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (3, C)
+        entry["prior"] = torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(CONTENT_FREE))))
+        entry["prior_key"] = key
+    return entry["prior"]
 
 
 def prototype_scores(
@@ -577,11 +559,13 @@ def prototype_scores(
 
 
 def search(trial: Any) -> dict[str, Any]:
-    """compare's prompting settings (nothing is trained): the number of shots, then how they are chosen."""
+    """compare's prompting settings (nothing is trained): the number of shots, then how they are chosen,
+    and whether the label prior of content-free inputs is divided out (it helps some prompts, hurts others)."""
     shots = trial.suggest_categorical("prompting.shots", [0, 2, 4, 8])
     params: dict[str, Any] = {"prompting.shots": shots}
     if shots:
         params["prompting.selection"] = trial.suggest_categorical("prompting.selection", list(SELECTIONS))
+    params["prompting.calibrate"] = trial.suggest_categorical("prompting.calibrate", [False, True])
     return params
 
 
