@@ -12,6 +12,7 @@ import dataclasses
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,12 @@ from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
 from multitune.preference.cli import run_folder
 from multitune.preference.ppo import VALUE_HEAD_FILE, PPOConfig, check_policy, save_value_head, train_ppo
-from multitune.preference.rewards import load_python_reward, reward_from_classifier, reward_from_model
+from multitune.preference.rewards import (
+    RewardFn,
+    load_python_reward,
+    reward_from_classifier,
+    reward_from_model,
+)
 from multitune.preference.scoring import trainable_methods
 
 
@@ -161,29 +167,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cmd_ppo(args: argparse.Namespace) -> None:
-    """``multitune ppo``: load the base, add the policy task, build the reward, run PPO, save everything.
+def _policy_task(args: argparse.Namespace) -> str:
+    """The policy's task name (``--task`` or the output folder's name), checked before anything loads: it
+    names the adapter that is saved last, so a bad one must not cost a whole run."""
+    from multitune.config import TASK_NAME, task_name_from_folder
 
-    The run folder is written as ``multitune train`` writes one: config.yaml (the settings, which
-    ``--config`` reads back) and metrics.jsonl (a line per step, as it happens) first, then adapter/, the
-    value head and, last, result.json.
-    """
-    from multitune.api import adapter_folder
-    from multitune.config import TASK_NAME, device_problem, task_name_from_folder
-    from multitune.flags import command_yaml
-    from multitune.models import load_base
-    from multitune.storage import publish_mode, save_adapter, write_json_atomic
-
-    config, method_config = ppo_config_from_args(args)
-    task = args.task or task_name_from_folder(args.output)
+    task: str = args.task or task_name_from_folder(args.output)
     if not TASK_NAME.fullmatch(task):
         raise ConfigError(
             f"task name '{task}' must be letters, digits, _ and - (at most 64, starting with a letter "
             "or digit); fix --task"
         )
-    if device_problem(args.device):
-        raise ConfigError(device_problem(args.device))
-    source = _reward_source(args)
+    return task
+
+
+def _prompts_from_args(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``--prompts``, cut to ``--max-prompts``; refused when none are left, since a PPO step
+    needs at least one rollout."""
     if not args.prompts:
         raise ConfigError(
             "no prompts given; pass --prompts FILE (.jsonl/.json/.csv with a prompt column, or .txt)"
@@ -195,6 +195,118 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         prompts = prompts[: args.max_prompts]
     if not prompts:
         raise ConfigError(f"{args.prompts} holds no prompts; give a file with at least one")
+    return prompts
+
+
+def _policy_bank(
+    args: argparse.Namespace, task: str, config: PPOConfig, method_config: Any, device: str | None
+) -> MultiTaskModel:
+    """The base with the policy task on it. Seeded after loading the base and before adding the task, so that
+    the policy's initial weights depend on ``--seed`` alone."""
+    from multitune.models import load_base
+
+    base = load_base(args.model, device=device)
+    torch.manual_seed(config.seed)
+    bank = MultiTaskModel(base)
+    bank.add_task(task, "generation", args.method, method_config)
+    check_policy(bank, task, config)
+    return bank
+
+
+def _reward_fn(
+    args: argparse.Namespace,
+    source: str,
+    policy: MultiTaskModel,
+    task: str,
+    judge_folder: Path | None,
+    reward_python: RewardFn | None,
+    max_length: int,
+    device: str | None,
+) -> RewardFn:
+    """The reward of the one source given: a reward model's score or a classifier's label probability (the
+    judge loaded beside the policy when it can share its base), or the Python function loaded up front."""
+    if judge_folder is None:
+        assert reward_python is not None  # _reward_source guarantees exactly one source
+        return reward_python
+    judge, judge_task = _judge_bank(policy, task, judge_folder, args.model, device)
+    if source == "--reward-model":
+        return reward_from_model(judge, judge_task, max_length=max_length)
+    return reward_from_classifier(
+        judge,
+        judge_task,
+        args.reward_label,
+        args.reward_include_prompt,
+        max_length=max_length,
+    )
+
+
+def _step_logger(
+    write_metrics: Callable[[dict[str, Any]], None], steps: int
+) -> Callable[[dict[str, Any]], None]:
+    """``log(record)`` for train_ppo: each step goes to metrics.jsonl as it happens and as a line above the
+    progress bar (tqdm.write, so the bar is not broken)."""
+
+    def log(record: dict[str, Any]) -> None:
+        write_metrics(record)
+        tqdm.write(
+            f"step {record['step']:>4}/{steps}  score {record['score']:8.4f}  reward "
+            f"{record['reward']:8.4f}  kl {record['kl']:7.4f}  kl_coef {record['kl_coef']:.4f}  "
+            f"entropy {record['entropy']:.3f}  clip {record['clip_fraction']:.3f}",
+            file=sys.stdout,
+        )
+        sys.stdout.flush()
+
+    return log
+
+
+def _score_window(history: list[dict[str, Any]]) -> tuple[int, float, float]:
+    """(k, mean score of the first k steps, of the last k): the run's before and after, smoothed over up to
+    five steps and at most a third of the run, so that the two windows do not overlap (a one-step run compares
+    its step with itself)."""
+    k = max(1, min(5, len(history) // 3))
+    first, last = (sum(r["score"] for r in part) / len(part) for part in (history[:k], history[-k:]))
+    return k, first, last
+
+
+def _save_ppo_outputs(
+    bank: MultiTaskModel,
+    task: str,
+    out: Path,
+    value_head: torch.nn.Linear,
+    reward_text: str,
+    summary: dict[str, Any],
+) -> None:
+    """adapter/, the value head, then result.json: each written atomically, result.json last, since a folder
+    with result.json is a finished run."""
+    from multitune.storage import publish_mode, save_adapter, write_json_atomic
+
+    save_adapter(
+        bank, task, out / "adapter", extra={"ppo": {"reward": reward_text, "steps": summary["steps"]}}
+    )
+    partial = out / f".{VALUE_HEAD_FILE}.tmp-{os.getpid()}"  # a name the lock's clean-up knows as stale
+    save_value_head(value_head, partial)
+    publish_mode(partial)  # safetensors writes 0600: the umask's mode, as every other file of the run
+    os.replace(partial, out / VALUE_HEAD_FILE)
+    write_json_atomic(out / "result.json", summary)  # last: a folder with result.json is a finished run
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    """``multitune ppo``: load the base, add the policy task, build the reward, run PPO, save everything.
+
+    The run folder is written as ``multitune train`` writes one: config.yaml (the settings, which
+    ``--config`` reads back) and metrics.jsonl (a line per step, as it happens) first, then adapter/, the
+    value head and, last, result.json.
+    """
+    from multitune.api import adapter_folder
+    from multitune.config import device_problem
+    from multitune.flags import command_yaml
+
+    config, method_config = ppo_config_from_args(args)
+    task = _policy_task(args)
+    if device_problem(args.device):
+        raise ConfigError(device_problem(args.device))
+    source = _reward_source(args)
+    prompts = _prompts_from_args(args)
     reward_python = load_python_reward(args.reward_python) if args.reward_python else None
     judge_folder = (
         adapter_folder(args.reward_model or args.reward_classifier) if source != "--reward-python" else None
@@ -207,26 +319,10 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     out = Path(args.output)
     with run_folder(out, "multitune ppo") as start:
         device = None if args.device == "auto" else args.device
-        base = load_base(args.model, device=device)
-        torch.manual_seed(config.seed)
-        bank = MultiTaskModel(base)
-        bank.add_task(task, "generation", args.method, method_config)
-        check_policy(bank, task, config)
-        if judge_folder is not None:
-            judge, judge_task = _judge_bank(bank, task, judge_folder, args.model, device)
-            if source == "--reward-model":
-                reward_fn = reward_from_model(judge, judge_task, max_length=config.max_length)
-            else:
-                reward_fn = reward_from_classifier(
-                    judge,
-                    judge_task,
-                    args.reward_label,
-                    args.reward_include_prompt,
-                    max_length=config.max_length,
-                )
-        else:
-            assert reward_python is not None  # _reward_source guarantees exactly one source
-            reward_fn = reward_python
+        bank = _policy_bank(args, task, config, method_config, device)
+        reward_fn = _reward_fn(
+            args, source, bank, task, judge_folder, reward_python, config.max_length, device
+        )
         trainable = sum(p.numel() for p in bank.task_parameters(task).values())
         write_metrics = start(command_yaml(args, resolved))
         reward_text = args.reward_model or args.reward_classifier or args.reward_python
@@ -236,21 +332,10 @@ def cmd_ppo(args: argparse.Namespace) -> None:
             f"reference: {config.reference}",
             flush=True,
         )
-
-        def log(record: dict[str, Any]) -> None:
-            write_metrics(record)
-            tqdm.write(
-                f"step {record['step']:>4}/{config.steps}  score {record['score']:8.4f}  reward "
-                f"{record['reward']:8.4f}  kl {record['kl']:7.4f}  kl_coef {record['kl_coef']:.4f}  "
-                f"entropy {record['entropy']:.3f}  clip {record['clip_fraction']:.3f}",
-                file=sys.stdout,
-            )
-            sys.stdout.flush()
-
+        log = _step_logger(write_metrics, config.steps)
         result = train_ppo(bank, task, prompts, reward_fn, config, progress=not args.quiet, log=log)
         history = result["history"]
-        k = max(1, min(5, len(history) // 3))
-        first, last = (sum(r["score"] for r in part) / len(part) for part in (history[:k], history[-k:]))
+        k, first, last = _score_window(history)
         summary = {
             "task": task,
             "method": args.method,
@@ -270,14 +355,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
             "config": asdict(config),
             "method_config": asdict(method_config),
         }
-        save_adapter(
-            bank, task, out / "adapter", extra={"ppo": {"reward": reward_text, "steps": len(history)}}
-        )
-        partial = out / f".{VALUE_HEAD_FILE}.tmp-{os.getpid()}"  # a name the lock's clean-up knows as stale
-        save_value_head(result["value_head"], partial)
-        publish_mode(partial)  # safetensors writes 0600: the umask's mode, as every other file of the run
-        os.replace(partial, out / VALUE_HEAD_FILE)
-        write_json_atomic(out / "result.json", summary)  # last: a folder with result.json is a finished run
+        _save_ppo_outputs(bank, task, out, result["value_head"], reward_text, summary)
     print(
         f"ppo done: {plural(len(history), 'step')} in {summary['seconds']:.1f} s; mean score of the first "
         f"{plural(k, 'step')} {first:.4f} -> last {k} {last:.4f}; KL {summary['kl_last']:.3f} (kl_coef {result['kl_coef']:.4f}); "
