@@ -309,6 +309,66 @@ def _prompt_order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return out
 
 
+def _value_head_and_optimizer(
+    bank: MultiTaskModel, task: str, config: PPOConfig, value_head: nn.Linear | None
+) -> tuple[nn.Linear, list[nn.Parameter], torch.optim.Optimizer]:
+    """The value head (a fresh one from the global generator the caller seeded, unless one is given), the
+    parameters PPO updates (the policy task's and the value head's: one loss moves both) and their AdamW, at
+    ``--learning-rate`` or the method's default."""
+    device = bank.base.device
+    value_head = value_head if value_head is not None else make_value_head(bank.base.hidden_size, device)
+    params = list(bank.task_parameters(task).values()) + list(value_head.parameters())
+    lr = config.learning_rate or get_method(bank.tasks[task].method).default_learning_rate
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return value_head, params, optimizer
+
+
+def _sample_rollout(
+    bank: MultiTaskModel, batch: dict[str, torch.Tensor], config: PPOConfig, pad_id: int, eos_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1: sample a response per prompt; returns (tokens (B, T) padded past each response's end, their
+    mask (B, T), input_ids and attention mask of [left-padded prompts | right-padded responses])."""
+    with torch.no_grad(), autocast(bank):
+        tokens = bank.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["task_ids"],
+            do_sample=True,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=0,
+            max_new_tokens=config.max_new_tokens,
+            eos_token_id=eos_id,
+        )
+    mask = response_mask(tokens, eos_id)  # (B, T)
+    tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
+    input_ids = torch.cat([batch["input_ids"], tokens], dim=1)
+    attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+    return tokens, mask, input_ids, attention
+
+
+def _reference_logits(
+    bank: MultiTaskModel,
+    task_ids: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    width: int,
+    temperature: float,
+    reference: PreTrainedModel | None,
+    twin: str | None,
+) -> torch.Tensor:
+    """The reference policy's logits of the response tokens, from whichever reference the run holds: the
+    frozen twin task of the starting policy (routed as a task of its own), the base with every adapter off,
+    or the separate frozen copy of a fully fine-tuned model. Called under no_grad."""
+    if twin is not None:
+        twin_ids = bank.task_ids(twin, len(task_ids))
+        return response_outputs(bank, twin_ids, input_ids, attention, width, temperature)[0]
+    if reference is None:
+        with bank.disabled():
+            return response_outputs(bank, task_ids, input_ids, attention, width, temperature)[0]
+    return response_outputs(bank, task_ids, input_ids, attention, width, temperature, model=reference)[0]
+
+
 def train_ppo(
     bank: MultiTaskModel,
     task: str,
@@ -335,10 +395,7 @@ def train_ppo(
     tokenizer = bank.base.tokenizer
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     slot = bank.slots.index(task)
-    value_head = value_head if value_head is not None else make_value_head(bank.base.hidden_size, device)
-    params = list(bank.task_parameters(task).values()) + list(value_head.parameters())
-    lr = config.learning_rate or get_method(bank.tasks[task].method).default_learning_rate
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    value_head, params, optimizer = _value_head_and_optimizer(bank, task, config, value_head)
     kl_control = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
     features = encode_task(
         bank, task, [Example(text=p) for p in prompts], config.max_length, with_target=False
@@ -355,23 +412,8 @@ def train_ppo(
             # ---- 1. rollout ------------------------------------------------------------------------
             rows = _prompt_order(len(features), config.batch_size, config.seed, step)
             batch = to_device(collate([features[i] for i in rows], pad_id, slot, padding_side="left"), device)
-            with torch.no_grad(), autocast(bank):
-                tokens = bank.generate(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["task_ids"],
-                    do_sample=True,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    top_k=0,
-                    max_new_tokens=config.max_new_tokens,
-                    eos_token_id=eos_id,
-                )
-            mask = response_mask(tokens, eos_id)  # (B, T)
-            tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
+            tokens, mask, input_ids, attention = _sample_rollout(bank, batch, config, pad_id, eos_id)
             width = batch["input_ids"].shape[1]
-            input_ids = torch.cat([batch["input_ids"], tokens], dim=1)
-            attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
             task_ids = batch["task_ids"]
             # ---- 2. old log-probs, values, reference log-probs, scores ---------------------------------
             with torch.no_grad(), autocast(bank):
@@ -380,19 +422,9 @@ def train_ppo(
                 )
                 assert values is not None  # (given a value head, response_outputs returns values)
                 old_logp = token_logprobs(logits, tokens)
-                if twin is not None:  # the frozen copy of the starting policy, routed as a task of its own
-                    ref_logits, _ = response_outputs(
-                        bank, bank.task_ids(twin, len(rows)), input_ids, attention, width, config.temperature
-                    )
-                elif reference is None:
-                    with bank.disabled():
-                        ref_logits, _ = response_outputs(
-                            bank, task_ids, input_ids, attention, width, config.temperature
-                        )
-                else:
-                    ref_logits, _ = response_outputs(
-                        bank, task_ids, input_ids, attention, width, config.temperature, model=reference
-                    )
+                ref_logits = _reference_logits(
+                    bank, task_ids, input_ids, attention, width, config.temperature, reference, twin
+                )
                 ref_logp = token_logprobs(ref_logits, tokens)
                 del logits, ref_logits
             responses = [
