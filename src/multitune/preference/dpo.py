@@ -123,6 +123,59 @@ def dpo_eval(
     }
 
 
+def _check_dpo_run(
+    bank: MultiTaskModel, task: str, pairs: Sequence[Pair], config: TrainConfig, beta: float, reference: str
+) -> str:
+    """Every error a DPO run can see before it starts, raised before the reference log-probabilities (a
+    forward over every pair) are computed; returns the reference's canonical name."""
+    if not beta > 0:
+        raise ConfigError(f"beta must be > 0 (got {beta}); it scales the implicit reward, 0.1 is usual")
+    reference = reference_name(reference)
+    spec = check_dpo_policy(bank, task)
+    check_train_config(config)
+    if get_method(spec.method).fit is not None or not bank.task_parameters(task):
+        raise ConfigError(
+            f"method '{spec.method}' has no trainable parameters for DPO; choose one of: "
+            f"{', '.join(trainable_methods())}"
+        )
+    if not pairs:
+        raise ConfigError("no training pairs; give a file with at least one pair")
+    return reference
+
+
+def _dpo_batch_loss(
+    bank: MultiTaskModel,
+    task: str,
+    pairs: Sequence[Pair],
+    ref_train: torch.Tensor,
+    config: TrainConfig,
+    beta: float,
+) -> Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]:
+    """The loop's ``batch_loss(rows)``: DPO's loss of those training pairs against their precomputed
+    reference log-probabilities (rows index ``ref_train``), with the step's loss, margin and accuracy."""
+
+    def batch_loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = [pairs[i] for i in rows]
+        prompts = [p.prompt for p in batch]
+        logps = sequence_logps(
+            bank,
+            task,
+            prompts + prompts,
+            [p.chosen for p in batch] + [p.rejected for p in batch],
+            config.max_length,
+            2 * len(batch),
+        )
+        ref = ref_train[rows].to(logps.device)
+        loss, margins = dpo_loss(logps[: len(batch)], logps[len(batch) :], ref[:, 0], ref[:, 1], beta)
+        return loss, {
+            "loss": float(loss.detach()),
+            "margin": float(margins.detach().mean()),
+            "accuracy": ranked_accuracy(margins.detach(), TIE * beta),
+        }
+
+    return batch_loss
+
+
 def train_dpo(
     bank: MultiTaskModel,
     task: str,
@@ -144,57 +197,21 @@ def train_dpo(
     (at the start) and ``after`` (the weights kept). A task that owns the base weights (``full``) is its own
     reference at the start either way: the reference is computed before the first update.
     """
-    if not beta > 0:
-        raise ConfigError(f"beta must be > 0 (got {beta}); it scales the implicit reward, 0.1 is usual")
-    reference = reference_name(reference)
-    spec = check_dpo_policy(bank, task)
-    check_train_config(config)
-    if get_method(spec.method).fit is not None or not bank.task_parameters(task):
-        raise ConfigError(
-            f"method '{spec.method}' has no trainable parameters for DPO; choose one of: "
-            f"{', '.join(trainable_methods())}"
-        )
-    if not pairs:
-        raise ConfigError("no training pairs; give a file with at least one pair")
+    reference = _check_dpo_run(bank, task, pairs, config, beta, reference)
     pairs, validation_pairs = list(pairs), list(validation_pairs)
     bank.eval()
-    ref_train = reference_logps(
-        bank,
-        task,
-        pairs,
-        config.max_length,
-        config.eval_batch_size,
-        reference,
-        "reference (train pairs)" if progress else None,
-    )
-    ref_val = reference_logps(
-        bank,
-        task,
-        validation_pairs,
-        config.max_length,
-        config.eval_batch_size,
-        reference,
-        "reference (held-out pairs)" if progress else None,
-    )
-
-    def batch_loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = [pairs[i] for i in rows]
-        prompts = [p.prompt for p in batch]
-        logps = sequence_logps(
+    ref_train, ref_val = (
+        reference_logps(
             bank,
             task,
-            prompts + prompts,
-            [p.chosen for p in batch] + [p.rejected for p in batch],
+            split,
             config.max_length,
-            2 * len(batch),
+            config.eval_batch_size,
+            reference,
+            f"reference ({name} pairs)" if progress else None,
         )
-        ref = ref_train[rows].to(logps.device)
-        loss, margins = dpo_loss(logps[: len(batch)], logps[len(batch) :], ref[:, 0], ref[:, 1], beta)
-        return loss, {
-            "loss": float(loss.detach()),
-            "margin": float(margins.detach().mean()),
-            "accuracy": ranked_accuracy(margins.detach(), TIE * beta),
-        }
+        for split, name in ((pairs, "train"), (validation_pairs, "held-out"))
+    )
 
     def evaluate_now() -> dict[str, float] | None:
         if not validation_pairs:
@@ -214,7 +231,7 @@ def train_dpo(
         bank,
         task,
         len(pairs),
-        batch_loss,
+        _dpo_batch_loss(bank, task, pairs, ref_train, config, beta),
         evaluate_now,
         config,
         progress,
