@@ -357,6 +357,56 @@ def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _add_policy(bank: MultiTaskModel, config: Any, init_adapter: str | None) -> None:
+    """The policy task: a fresh one of ``--method``, or ``--init-adapter``'s trained generation adapter (the
+    SFT-then-DPO recipe), refused when that adapter is not a generation task."""
+    if not init_adapter:
+        bank.add_task(config.task, "generation", config.method, config.method_config())
+        return
+    from multitune.api import adapter_folder
+    from multitune.storage import load_adapter
+
+    spec = load_adapter(bank, adapter_folder(init_adapter), config.task)
+    if spec.kind != "generation":
+        raise ConfigError(f"{init_adapter} holds a {spec.kind} task; DPO starts from a generation adapter")
+
+
+def _dpo_summary(
+    args: argparse.Namespace,
+    config: Any,
+    method: str,
+    reference: str,
+    pairs: tuple[int, int],
+    trainable: int,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """result.json of a DPO run: the settings, the pair counts (train, held-out) and each held-out measure
+    before and after, so that a reader sees what DPO changed without the metrics file."""
+    before, after = result["before"] or {}, result["after"] or {}
+    return {
+        "command": "dpo",
+        "task": config.task,
+        "method": method,
+        "model": config.model,
+        "beta": args.beta,
+        "reference": reference,
+        "init_adapter": args.init_adapter,
+        "pairs": {"train": pairs[0], "validation": pairs[1]},
+        "trainable_parameters": trainable,
+        "steps": result["steps"],
+        "best_step": result["best_step"],
+        "stopped_early": result["stopped_early"],
+        "seconds": result["seconds"],
+        "learning_rate": result["learning_rate"],
+        "preference_accuracy": {"before": before.get("accuracy"), "after": after.get("accuracy")},
+        "margin": {"before": before.get("margin"), "after": after.get("margin")},
+        "reference_likelihood_accuracy": result["reference_likelihood_accuracy"],
+        "validation_loss": {"before": before.get("loss"), "after": after.get("loss")},
+        "evals": result["evals"],
+        "settings": _settings(config),
+    }
+
+
 def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
     """``multitune dpo``: DPO on preference pairs; write config.yaml, metrics.jsonl, DIR/adapter and
     DIR/result.json."""
@@ -375,17 +425,7 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
             return done
         train, held = _load_splits(config, args.validation_ratio)
         bank = _load_bank(config)
-        if args.init_adapter:
-            from multitune.api import adapter_folder
-            from multitune.storage import load_adapter
-
-            spec = load_adapter(bank, adapter_folder(args.init_adapter), config.task)
-            if spec.kind != "generation":
-                raise ConfigError(
-                    f"{args.init_adapter} holds a {spec.kind} task; DPO starts from a generation adapter"
-                )
-        else:
-            bank.add_task(config.task, "generation", config.method, config.method_config())
+        _add_policy(bank, config, args.init_adapter)
         method = bank.tasks[config.task].method
         trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
         check_dpo_policy(bank, config.task)
@@ -403,28 +443,7 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
             resume=args.resume,
         )
         before, after = result["before"] or {}, result["after"] or {}
-        summary = {
-            "command": "dpo",
-            "task": config.task,
-            "method": method,
-            "model": config.model,
-            "beta": args.beta,
-            "reference": reference,
-            "init_adapter": args.init_adapter,
-            "pairs": {"train": len(train), "validation": len(held)},
-            "trainable_parameters": trainable,
-            "steps": result["steps"],
-            "best_step": result["best_step"],
-            "stopped_early": result["stopped_early"],
-            "seconds": result["seconds"],
-            "learning_rate": result["learning_rate"],
-            "preference_accuracy": {"before": before.get("accuracy"), "after": after.get("accuracy")},
-            "margin": {"before": before.get("margin"), "after": after.get("margin")},
-            "reference_likelihood_accuracy": result["reference_likelihood_accuracy"],
-            "validation_loss": {"before": before.get("loss"), "after": after.get("loss")},
-            "evals": result["evals"],
-            "settings": _settings(config),
-        }
+        summary = _dpo_summary(args, config, method, reference, (len(train), len(held)), trainable, result)
         out = Path(config.output)
         _save(
             bank,
