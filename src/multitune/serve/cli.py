@@ -46,6 +46,64 @@ def _check_port(host: str, port: int) -> None:
             ) from error
 
 
+def _check_limits(
+    max_batch_size: int,
+    queue_size: int,
+    max_wait_ms: float,
+    threads: int | None,
+    max_input_chars: int,
+    max_request_bytes: int,
+) -> None:
+    """Refuse a size or wait the scheduler or the guard could not work with, before the model loads."""
+    for name, value, low in (
+        ("--max-batch-size", max_batch_size, 1),
+        ("--queue-size", queue_size, 1),
+        ("--max-wait-ms", max_wait_ms, 0),
+        ("--threads", 1 if threads is None else threads, 1),
+        ("--max-input-chars", max_input_chars, 1),
+        ("--max-request-bytes", max_request_bytes, 1),
+    ):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low} (got {value})")
+
+
+def _check_folders(paths: Sequence[str | Path], allow_load_from: Sequence[str | Path]) -> None:
+    """Every folder to serve, and every folder /admin/load may read from, exists: a typo is a one-line error
+    now, not an empty server or a refused load later."""
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ConfigError(
+                f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
+                "run folders, a run folder or an adapter folder"
+            )
+    for path in allow_load_from:
+        if not Path(path).is_dir():
+            raise ConfigError(f"--allow-load-from {path} is not a folder; name an existing folder")
+
+
+def _keys(
+    api_key: str | None, admin_key: str | None, host: str, port: int, insecure_no_admin_key: bool
+) -> tuple[str | None, str | None]:
+    """(API key, admin key), each from its flag or else its environment variable. Without either key on an
+    address other machines can reach, anyone could load and unload tasks: refused, unless
+    ``insecure_no_admin_key``, which still warns."""
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
+    if admin_key is None and api_key is None and not _is_loopback(host):
+        if not insecure_no_admin_key:
+            raise ConfigError(
+                f"--host {host} can be reached from other machines and the server has no admin key, "
+                f"so anyone could load and unload tasks; set --admin-key (or ${ADMIN_KEY_ENV}, or "
+                "--api-key), or pass --insecure-no-admin-key to serve without one"
+            )
+        print(
+            f"warning: no admin key: anyone who reaches {host}:{port} can load and unload tasks "
+            "(--insecure-no-admin-key)",
+            file=sys.stderr,
+        )
+    return api_key, admin_key
+
+
 def serve(
     paths: str | Path | Sequence[str | Path],
     host: str = "127.0.0.1",
@@ -72,43 +130,13 @@ def serve(
     reach, the server refuses to start without an admin key unless ``insecure_no_admin_key``.
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    for name, value, low in (
-        ("--max-batch-size", max_batch_size, 1),
-        ("--queue-size", queue_size, 1),
-        ("--max-wait-ms", max_wait_ms, 0),
-        ("--threads", 1 if threads is None else threads, 1),
-        ("--max-input-chars", max_input_chars, 1),
-        ("--max-request-bytes", max_request_bytes, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"{name} must be >= {low} (got {value})")
+    _check_limits(max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes)
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {timeout_s})")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535 (got {port})")
-    for path in paths:
-        if not Path(path).is_dir():
-            raise ConfigError(
-                f"{path} is not a folder; give a bank folder (BANK/TASK/adapter.json), a folder of "
-                "run folders, a run folder or an adapter folder"
-            )
-    for path in allow_load_from:
-        if not Path(path).is_dir():
-            raise ConfigError(f"--allow-load-from {path} is not a folder; name an existing folder")
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
-    if admin_key is None and api_key is None and not _is_loopback(host):
-        if not insecure_no_admin_key:
-            raise ConfigError(
-                f"--host {host} can be reached from other machines and the server has no admin key, "
-                f"so anyone could load and unload tasks; set --admin-key (or ${ADMIN_KEY_ENV}, or "
-                "--api-key), or pass --insecure-no-admin-key to serve without one"
-            )
-        print(
-            f"warning: no admin key: anyone who reaches {host}:{port} can load and unload tasks "
-            "(--insecure-no-admin-key)",
-            file=sys.stderr,
-        )
+    _check_folders(paths, allow_load_from)
+    api_key, admin_key = _keys(api_key, admin_key, host, port, insecure_no_admin_key)
     _check_port(host, port)
 
     import uvicorn
