@@ -158,6 +158,76 @@ def _check_tasks(bank: MultiTaskModel, tasks: Mapping[str, Any]) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def _fit_once(
+    bank: MultiTaskModel,
+    tasks: Mapping[str, tuple[Sequence[Example], Sequence[Example]]],
+    config: TrainConfig,
+    metrics: Mapping[str, str],
+) -> tuple[dict[str, TrainResult], list[dict[str, Any]]]:
+    """The tasks whose method has nothing to optimise (prompting), fitted and scored once, at step 0, before the
+    loop; returns their results and their records, which open metrics.jsonl (the preamble) so that the file
+    holds every task of the run."""
+    results: dict[str, TrainResult] = {}
+    preamble: list[dict[str, Any]] = []
+    for task, (train_examples, validation_examples) in tasks.items():
+        fit_method = get_method(bank.tasks[task].method).fit
+        if fit_method is not None:
+            results[task] = fit_only(
+                bank, task, fit_method, train_examples, validation_examples, config, None, metrics[task]
+            )
+            preamble += [{"task": task, **record} for record in results[task].history]
+    return results, preamble
+
+
+def _encode_mixture(
+    bank: MultiTaskModel,
+    tasks: Mapping[str, tuple[Sequence[Example], Sequence[Example]]],
+    names: Sequence[str],
+    max_length: int,
+) -> tuple[list[list[dict[str, Any]]], list[int]]:
+    """Each optimised task's training features, encoded once, and its slot in the bank: what a RowSampler's
+    (task index, example index) rows point at. A task without training examples, or with labels outside its
+    label set, is refused here, before the first step."""
+    features, slots = [], []
+    for task in names:
+        if not tasks[task][0]:
+            raise ConfigError(f"task '{task}' has no training examples; give it some data")
+        encoded = encode_task(bank, task, tasks[task][0], max_length)
+        if bank.tasks[task].kind == "classification" and any("class_label" not in f for f in encoded):
+            raise ConfigError(
+                f"some training labels of task '{task}' are not in its label set {bank.tasks[task].labels}"
+            )
+        features.append(encoded)
+        slots.append(bank.slots.index(task))
+    return features, slots
+
+
+def _validation_scores(
+    bank: MultiTaskModel,
+    tasks: Mapping[str, tuple[Sequence[Example], Sequence[Example]]],
+    config: TrainConfig,
+    metrics: Mapping[str, str],
+) -> Callable[[str], dict[str, float] | None]:
+    """The loop's evaluation of one task: its validation split (None without one), generating text only when
+    the task's metric needs it (loss and perplexity do not)."""
+
+    def scores(task: str) -> dict[str, float] | None:
+        validation = tasks[task][1]
+        if not validation:
+            return None
+        return evaluate(
+            bank,
+            task,
+            validation,
+            config.max_length,
+            config.eval_batch_size,
+            config.max_new_tokens,
+            generate=metrics[task] not in ("loss", "perplexity"),
+        )
+
+    return scores
+
+
 def train_multitask(
     bank: MultiTaskModel,
     tasks: Mapping[str, tuple[Sequence[Example], Sequence[Example]]],
@@ -183,15 +253,7 @@ def train_multitask(
     if unknown:
         raise ConfigError(f"learning rates given for tasks not being trained: {', '.join(unknown)}")
     metrics = {t: config.metric or default_metric(bank.tasks[t].kind) for t in tasks}
-    results: dict[str, TrainResult] = {}
-    preamble: list[dict[str, Any]] = []
-    for task, (train_examples, validation_examples) in tasks.items():
-        fit_method = get_method(bank.tasks[task].method).fit
-        if fit_method is not None:  # nothing to optimise (prompting): fitted and scored once, at step 0
-            results[task] = fit_only(
-                bank, task, fit_method, train_examples, validation_examples, config, None, metrics[task]
-            )
-            preamble += [{"task": task, **record} for record in results[task].history]
+    results, preamble = _fit_once(bank, tasks, config, metrics)
     names = [t for t in tasks if t not in results]
     if not names:
         if run_dir is not None:
@@ -199,17 +261,7 @@ def train_multitask(
             (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preamble))
         return results
     probabilities = task_probabilities([len(tasks[t][0]) for t in names], sampling, temperature)
-    features, slots = [], []
-    for task in names:
-        if not tasks[task][0]:
-            raise ConfigError(f"task '{task}' has no training examples; give it some data")
-        encoded = encode_task(bank, task, tasks[task][0], config.max_length)
-        if bank.tasks[task].kind == "classification" and any("class_label" not in f for f in encoded):
-            raise ConfigError(
-                f"some training labels of task '{task}' are not in its label set {bank.tasks[task].labels}"
-            )
-        features.append(encoded)
-        slots.append(bank.slots.index(task))
+    features, slots = _encode_mixture(bank, tasks, names, config.max_length)
     rates = [
         (learning_rates or {}).get(t)
         or config.learning_rate
@@ -223,26 +275,12 @@ def train_multitask(
         value = mixed_loss(bank, [features[t][i] for t, i in rows], [slots[t] for t, _ in rows])
         return value, {"loss": float(value.detach())}
 
-    def scores(task: str) -> dict[str, float] | None:
-        validation = tasks[task][1]
-        if not validation:
-            return None
-        return evaluate(
-            bank,
-            task,
-            validation,
-            config.max_length,
-            config.eval_batch_size,
-            config.max_new_tokens,
-            generate=metrics[task] not in ("loss", "perplexity"),
-        )
-
     objective = Objective(
         names,
         rates,
         MixedBatches(sampler, config.batch_size, micro),
         loss,
-        scores,
+        _validation_scores(bank, tasks, config, metrics),
         {t: metrics[t] for t in names},
     )
     results.update(
