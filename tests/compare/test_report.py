@@ -290,6 +290,150 @@ def test_rewriting_replaces_the_report(tmp_path):
     assert not [p for p in tmp_path.rglob(".*")]
 
 
+# ---- methods that did not learn, rescues, seeds ------------------------------------------------------------
+PROBLEM = (
+    "task 'demo-full' did not learn: its weights predict one label for every validation example (accuracy 0.500, "
+    "the share of that label); likely cause: a learning rate too high for full (1.2e-05: the updates overshoot "
+    "and the model settles on one answer); try --learning-rate 3e-06"
+)
+
+
+def _not_learned(result: dict, rescued: bool = False) -> dict:
+    rescue = {
+        "after": "final run",
+        "from_params": {"learning_rate": 6e-05, "epochs": 3},
+        "problem": PROBLEM.replace("1.2e-05", "6e-05"),
+        "params": {"learning_rate": 1.5e-05, "epochs": 3},
+        "learned": rescued,
+    }
+    problem = None if rescued else PROBLEM.replace("1.2e-05", "1.5e-05")
+    return {
+        **result,
+        "best_params": rescue["params"],
+        "learned": rescued,
+        "problem": problem,
+        "rescue": rescue,
+    }
+
+
+def test_a_non_learner_shows_did_not_learn_and_is_never_ranked(tmp_path):
+    """full has the highest test score but did not learn: it is not bold, not best, not in any claim of quality."""
+    lora, full, prompting = results()
+    paths = write_report(tmp_path, [lora, _not_learned(full), prompting], META)
+    md = paths["md"].read_text()
+    rows = md_rows(md)
+    assert rows[1][8] == "did not learn (scored 0.920)"
+    assert rows[0][8] == "**0.910 [0.880, 0.930]**" and sum("**" in c for r in rows for c in r) == 1
+    assert rows[1][1] == "lr 1.5e-5, 3 epochs (rescue run)"
+    reading = md.split("## Reading the table", 1)[1].split("## Plots", 1)[0]
+    assert "Best test accuracy (higher is better): lora, 0.910" in reading
+    assert "Runner-up: prompting, 0.610" in reading
+    assert (
+        "full fine-tuning did not learn: its weights predict one label for every validation example (accuracy "
+        "0.500, the share of that label); the rescue run at a quarter of the learning rate (lr 1.5e-5) did not "
+        "learn either. Its test accuracy (0.920) is not its quality on this task, so it is not ranked. The likely "
+        "cause: a learning rate too high for full" in reading
+    )
+    assert "try --learning-rate 3e-06, with multitune train --method full." in reading
+    assert "full fine-tuning 0.920" not in reading  # no efficiency claim for it
+    assert '"did not learn": the method' in md
+    html = paths["html"].read_text()
+    assert html.count("<strong>") == 1 and "<strong>0.910" in html
+    assert '<td class="test">did not learn<br><span class="detail">(scored 0.920)</span></td>' in html
+    for name in ("quality_vs_parameters", "quality_vs_time"):
+        assert distinct_colours(paths[name].read_bytes()) > 20
+
+
+def test_when_no_method_learned_none_is_ranked_and_plots_still_draw(tmp_path):
+    lora, full, _ = results()
+    sparse = {"method": "prefix", "learned": False, "problem": None, "test": {"accuracy": None}}
+    paths = write_report(tmp_path, [_not_learned(lora), _not_learned(full), sparse], META)
+    md = paths["md"].read_text()
+    assert "**" not in md.split("## Comparison", 1)[1].split("## Reading", 1)[0]
+    reading = md.split("## Reading the table", 1)[1]
+    assert "No method learned, so none is ranked." in reading and "Best test" not in reading
+    assert "prefix did not learn: no reason recorded. Its test accuracy is not its quality" in reading
+    assert md_rows(md)[2][8] == "did not learn"
+    for name in ("quality_vs_parameters", "quality_vs_time", "memory"):
+        assert paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rescued_method_is_ranked_and_says_it_was_rescued(tmp_path):
+    lora, full, prompting = results()
+    paths = write_report(tmp_path, [lora, _not_learned(full, rescued=True), prompting], META)
+    md = paths["md"].read_text()
+    assert md_rows(md)[1][8] == "**0.920 [0.890, 0.950]**" and md_rows(md)[1][1].endswith("(rescue run)")
+    assert (
+        "full fine-tuning was rescued: its final run did not learn at lr 6e-5, 3 epochs (its weights predict one "
+        "label for every validation example (accuracy 0.500, the share of that label)); one more run at a "
+        "quarter of the learning rate (lr 1.5e-5) learned, and the row is that run."
+    ) in md
+
+
+def _seeds(mean: float, std: float | None, low: float, high: float, n: int = 3, learned: int = 3) -> dict:
+    return {"trains": True, "n": n, "learned": learned, "mean": mean, "std": std, "min": low, "max": high}
+
+
+def test_seeds_give_a_column_and_say_what_is_within_seed_noise(tmp_path):
+    lora, full, prompting = results()
+    lora["seeds"] = _seeds(0.905, 0.010, 0.89, 0.92)
+    full["seeds"] = _seeds(0.912, 0.004, 0.907, 0.918)
+    prompting["seeds"] = {"trains": False, "n": 1, "learned": 1, "mean": 0.61, "std": None, "min": 0.61}
+    paths = write_report(tmp_path, [lora, full, prompting], {**META, "seeds": 3})
+    md = paths["md"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert "| Test accuracy over seeds: mean ± std (min–max) |" in header
+    rows = md_rows(md)
+    assert [r[9] for r in rows] == [
+        "0.905 ± 0.010 (0.890–0.920, 3 seeds)",
+        "0.912 ± 0.004 (0.907–0.918, 3 seeds)",
+        "0.610 (no training: one run)",
+    ]
+    assert "- **Seeds per method**: 3" in md
+    reading = md.split("## Reading the table", 1)[1].split("## Plots", 1)[0]
+    assert (
+        "Seed noise: two methods differ by no more than seed noise when the difference of their mean test "
+        "accuracy over seeds is no larger than the larger of their two standard deviations. Best mean: full "
+        "fine-tuning, 0.912 ± 0.004; within seed noise of it (difference against the larger std): lora (0.007 "
+        "against 0.010); beyond seed noise (difference against the larger std): prompting (0.302 against 0.004)."
+    ) in reading
+    assert "over seeds the difference of their means (0.007) is within seed noise" in reading  # runner-up
+
+    lora["seeds"] = _seeds(0.85, 0.2, 0.5, 0.95, learned=2)  # one seed did not learn
+    full["seeds"]["std"] = 0.01
+    lora["test"]["accuracy"] = 0.93  # lora now best by its final run; full is the runner-up
+    md = write_report(tmp_path / "again", [lora, full, prompting], META)["md"].read_text()
+    assert md_rows(md)[0][9] == "0.850 ± 0.200 (0.500–0.950, 2 of 3 seeds learned)"
+    assert "lora: 2 of 3 seeds learned; a seed run that did not learn counts in the mean and spread." in md
+    assert "within seed noise of it (difference against the larger std): lora (0.062 against 0.200)" in md
+    assert "over seeds the difference of their means (0.062) is within seed noise" in md
+
+    full["seeds"] = _seeds(0.95, 0.005, 0.945, 0.955)
+    lora["seeds"] = _seeds(0.90, 0.01, 0.89, 0.91)
+    md = write_report(tmp_path / "beyond", [lora, full, prompting], META)["md"].read_text()
+    assert (
+        "over seeds the difference of their means (0.050) is beyond seed noise (the larger std is 0.010)"
+        in md
+    )
+
+
+def test_seeds_of_a_non_learner_and_broken_seed_fields(tmp_path):
+    lora, full, prompting = results()
+    full = _not_learned(full)
+    full["seeds"] = _seeds(0.93, 0.01, 0.92, 0.94, learned=0)
+    lora["seeds"] = _seeds(0.905, 0.010, 0.89, 0.92)
+    prompting["seeds"] = {"n": "three", "mean": float("nan"), "std": "x"}
+    paths = write_report(tmp_path, [lora, full, prompting], META)
+    md = paths["md"].read_text()
+    rows = md_rows(md)
+    assert rows[1][9] == "did not learn (0 of 3 seeds learned)" and rows[2][9] == "n/a"
+    assert "Seed noise" not in md  # one method with a usable spread only: nothing to set it against
+    lora.pop("seeds")
+    full.pop("seeds")
+    rows = md_rows(write_report(tmp_path / "none", [lora, full, prompting], META)["md"].read_text())
+    assert len(rows[0]) == 11  # no row has several seeds: no seeds column
+
+
 # ---- the HTML in a real browser --------------------------------------------------------------------------
 def distinct_colours(png: bytes) -> int:
     from PIL import Image

@@ -1,5 +1,8 @@
 """The comparison's three plots (quality against trainable parameters and against training time, peak
-memory) as PNG bytes, drawn with matplotlib's Agg backend; labels moved apart so that none overlaps another."""
+memory) as PNG bytes, drawn with matplotlib's Agg backend; labels moved apart so that none overlaps another.
+
+A method that did not learn is drawn hollow, without an error bar, its label saying so: its score is the label
+prior's, not a quality to read off the axis."""
 
 from __future__ import annotations
 
@@ -71,11 +74,24 @@ def _quality_axis(axes: Any, metric: str, higher: bool) -> None:
     axes.grid(True, which="major", alpha=0.3)
 
 
-def _scatter(axes: Any, points: list[tuple[int, float, float, tuple[float, float] | None, str]]) -> list[Any]:
-    """Each point with its error bar (from the interval) and its label; colour and marker follow the method.
-    Returns (label, lowest y, highest y) per point, to untangle the labels once the axes are final."""
+Point = tuple[
+    int, float, float, tuple[float, float] | None, str, bool
+]  # index, x, y, interval, label, learned
+
+
+def _point(index: int, row: Row, x: float, label: str) -> Point:
+    """A row's point; one that did not learn keeps its place but no interval, and its label says so."""
+    if not row.learned:
+        return (index, x, row.test or 0.0, None, f"{label} (did not learn)", False)
+    return (index, x, row.test or 0.0, row.ci, label, True)
+
+
+def _scatter(axes: Any, points: list[Point]) -> list[Any]:
+    """Each point with its error bar (from the interval) and its label; colour and marker follow the method,
+    hollow for one that did not learn. Returns (label, lowest y, highest y) per point, to untangle the labels
+    once the axes are final."""
     labels = []
-    for index, x, y, ci, label in points:
+    for index, x, y, ci, label, learned in points:
         color, marker = _style(index)
         yerr = None if ci is None else [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
         axes.errorbar(
@@ -87,8 +103,9 @@ def _scatter(axes: Any, points: list[tuple[int, float, float, tuple[float, float
             markersize=9,
             capsize=4,
             elinewidth=1.4,
-            markeredgecolor="black",
-            markeredgewidth=0.6,
+            markeredgecolor="black" if learned else color,
+            markerfacecolor=color if learned else "white",
+            markeredgewidth=0.6 if learned else 1.8,
         )
         text = axes.annotate(
             label, (x, y), textcoords="offset points", xytext=(8, 6), fontsize=10, color="#222222"
@@ -168,7 +185,7 @@ def plot_quality_vs_parameters(rows: Sequence[Row], metric: str, higher: bool) -
         label = (
             f"{r.method}: 0 (no training)" if r.parameters == 0 else f"{r.method}: {compact(r.parameters)}"
         )
-        points.append((i, x, r.test, r.ci, label))
+        points.append(_point(i, r, x, label))
     axes.set_title(f"Test {metric} against trainable parameters", fontsize=12)
     if not points:
         _no_data(axes, "methods with both a test score and a parameter count")
@@ -201,7 +218,7 @@ def plot_quality_vs_time(rows: Sequence[Row], metric: str, higher: bool) -> byte
             if r.untrained and seconds == 0
             else f"{r.method}: {seconds_text(seconds)}"
         )
-        points.append((i, x, r.test or 0.0, r.ci, label))
+        points.append(_point(i, r, x, label))
     labels = _scatter(axes, points)
     if log:
         axes.set_xscale("log")

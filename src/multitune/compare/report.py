@@ -23,6 +23,7 @@ from multitune.compare.table import (
     Row,
     best_rows,
     count_text,
+    has_seeds,
     main_metric,
     reading,
     seconds_text,
@@ -58,6 +59,11 @@ def _header(meta: dict[str, Any], metric: str, higher: bool) -> list[tuple[str, 
         ("Kind", text("kind")),
         ("Examples", example_text),
         ("Trials per method", text("trials")),
+        *(
+            [("Seeds per method", text("seeds"))]
+            if isinstance(meta.get("seeds"), int) and meta["seeds"] > 1
+            else []
+        ),
         ("Device", text("device")),
         ("Wall time", seconds_text(meta.get("wall_seconds"))),
         ("Started", text("started")),
@@ -79,7 +85,7 @@ def _markdown(
     command = meta.get("command")
     if command:
         lines += ["", "Command:", "", "```", str(command).replace("```", "` ` `"), "```"]
-    columns = table_columns(metric, higher)
+    columns = table_columns(metric, higher, has_seeds(rows))
     lines += [
         "",
         "## Comparison",
@@ -97,9 +103,7 @@ def _markdown(
         lines.append("| " + " | ".join(values) + " |")
     lines += [
         "",
-        f"Best test {_md_cell(metric)} in bold. Storage for 100 tasks is the base model plus 100 stored "
-        "adapters; for full fine-tuning it is 100 whole models. Latency is per example, one at a time; "
-        "in brackets, examples per second when batched.",
+        _md_cell(_note(rows, metric)),
         "",
         "## Reading the table",
         "",
@@ -109,6 +113,27 @@ def _markdown(
     for name, title in _plot_titles(metric).items():
         lines += [f"![{title}]({PLOTS}/{name}.png)", ""]
     return "\n".join(lines)
+
+
+def _note(rows: Sequence[Row], metric: str) -> str:
+    """The note under the table (plain text): what bold, storage and latency mean, and the cells only some
+    tables have."""
+    text = (
+        f"Best test {metric} in bold. Storage for 100 tasks is the base model plus 100 stored adapters; for full "
+        "fine-tuning it is 100 whole models. Latency is per example, one at a time; in brackets, examples per "
+        "second when batched."
+    )
+    if any(not r.learned for r in rows):
+        text += (
+            ' "did not learn": the method\'s run predicts one label or its loss stayed at the chance level, so its '
+            "score (in brackets) is not its quality; it is never bold or ranked (why: Reading the table)."
+        )
+    if has_seeds(rows):
+        text += (
+            f" Over seeds: the test {metric} of the chosen settings trained with each seed, as the mean ± the "
+            "sample standard deviation, and the lowest and highest."
+        )
+    return text
 
 
 def _plot_titles(metric: str) -> dict[str, str]:
@@ -187,7 +212,7 @@ def _html(
     if meta.get("command"):
         out.append(f"<dt>Command</dt><dd><pre><code>{e(meta['command'])}</code></pre></dd>")
     out += ["</dl>", "<h2>Comparison</h2>", '<div class="scroll">', '<table id="comparison">', "<thead><tr>"]
-    columns = table_columns(metric, higher)
+    columns = table_columns(metric, higher, has_seeds(rows))
     out += [f'<th scope="col">{e(t)}</th>' for _, t in columns]
     out += ["</tr></thead>", "<tbody>"]
     for i, row in enumerate(rows):
@@ -207,9 +232,7 @@ def _html(
         "</tbody>",
         "</table>",
         "</div>",
-        f'<p class="note">Best test {e(metric)} in bold. Storage for 100 tasks is the base model plus 100 stored '
-        "adapters; for full fine-tuning it is 100 whole models. Latency is per example, one at a time; in "
-        "brackets, examples per second when batched.</p>",
+        f'<p class="note">{e(_note(rows, metric))}</p>',
         "<h2>Reading the table</h2>",
         '<ul class="facts">',
     ]

@@ -3,6 +3,14 @@
 Results come from files written by earlier (possibly older or interrupted) runs, so every field is optional:
 a missing, null or NaN value is shown as ``n/a`` and a sentence that needs it is skipped. The formatters here
 take anything and answer "n/a" for what they cannot read; the plots and the report use them too.
+
+A method whose result did not learn (``learned: false``: its weights predict one label, or its loss stayed at
+the chance level) scores the label prior, not the method: its test cell says "did not learn", it is never bold,
+ranked or set against the best, and "Reading the table" says why it did not learn. With ``--seeds N`` a column
+gives each method's mean test metric over N seeds with its sample standard deviation and range, and "Reading
+the table" tells which methods are within seed noise of the best by this rule: two methods differ by no more
+than seed noise when the difference of their means is no larger than the larger of their two standard
+deviations (a sample standard deviation over the seeds; 0 for a method that trains nothing).
 """
 
 from __future__ import annotations
@@ -113,6 +121,20 @@ def _param_value(value: Any) -> str:
     return f"{v:.3g}"
 
 
+def problem_reason(problem: Any) -> str:
+    """Why a run did not learn, from train's problem line ("task 'T' did not learn: REASON; likely cause: ...")."""
+    if not isinstance(problem, str) or not problem.strip():
+        return "no reason recorded"
+    return problem.split(" did not learn: ", 1)[-1].split("; likely cause: ", 1)[0].strip()
+
+
+def problem_advice(problem: Any) -> str | None:
+    """The likely cause and ``multitune train``'s fix from a problem line ("likely cause: ...; try ..."), if any."""
+    if not isinstance(problem, str) or "likely cause: " not in problem:
+        return None
+    return "likely cause: " + problem.split("likely cause: ", 1)[1].strip().rstrip(".")
+
+
 def describe_params(params: Any) -> str:
     """Compact settings: {'learning_rate': 0.002, 'lora.rank': 8, 'epochs': 2} -> 'lr 2e-3, rank 8, 2 epochs'."""
     if not isinstance(params, dict) or not params:
@@ -160,6 +182,33 @@ def _storage_100(result: dict[str, Any]) -> float | None:
     return None if base is None or stored is None else base + 100 * stored
 
 
+class Seeds:
+    """The test metric over ``--seeds`` runs of a method's settings (run.seed_runs), tolerant of anything missing.
+
+    A method that trains nothing (``trains: false``) was run once: the seed changes nothing of it, so its
+    spread is 0.
+    """
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.trains = data.get("trains") is not False
+        self.n = num(data.get("n"))
+        self.learned = num(data.get("learned"))
+        self.mean, self.min, self.max = num(data.get("mean")), num(data.get("min")), num(data.get("max"))
+        self.std = num(data.get("std")) if self.trains else 0.0
+
+    @staticmethod
+    def read(data: Any) -> Seeds | None:
+        return Seeds(data) if isinstance(data, dict) else None
+
+    @property
+    def usable(self) -> bool:
+        """Whether it has a mean and a spread to compare with another method's."""
+        return self.mean is not None and self.std is not None
+
+    def learned_text(self) -> str:
+        return f"{count_text(self.learned)} of {count_text(self.n)} seeds learned"
+
+
 class Row:
     """One method's numbers, read once, tolerant of anything missing."""
 
@@ -183,6 +232,15 @@ class Row:
         self.examples = num(result.get("test_examples"))
         self.is_full = self.method == "full" or num(result.get("base_bytes")) == 0
         self.untrained = self.parameters == 0 or self.steps == 0
+        self.learned = result.get("learned") is not False  # results written before the check: learned
+        self.problem = result.get("problem") if isinstance(result.get("problem"), str) else None
+        self.rescue = result["rescue"] if isinstance(result.get("rescue"), dict) else None
+        self.seeds = Seeds.read(result.get("seeds"))
+
+    @property
+    def ranked(self) -> float | None:
+        """The test metric a ranking may read: None for a method that did not learn."""
+        return self.test if self.learned else None
 
     @property
     def name(self) -> str:
@@ -215,6 +273,8 @@ class Row:
             _metric(self.test),
             f"[{self.ci[0]:.3f}, {self.ci[1]:.3f}]" if self.test is not None and self.ci else "",
         )
+        if not self.learned:  # its score is the label prior's: shown, but not as the method's quality
+            test = ("did not learn", f"(scored {_metric(self.test)})" if self.test is not None else "")
         trials = r.get("trials")
         trials = trials if isinstance(trials, dict) else {}
         complete, pruned, failed = (num(trials.get(k)) for k in ("complete", "pruned", "failed"))
@@ -226,7 +286,7 @@ class Row:
         )
         return {
             "method": (self.method, ""),
-            "settings": (describe_params(r.get("best_params")), ""),
+            "settings": (describe_params(r.get("best_params")), "rescue run" if self.rescue else ""),
             "parameters": parameters,
             "stored": (human_bytes(self.stored), ""),
             "storage_100": storage,
@@ -236,7 +296,22 @@ class Row:
             "test": test,
             "validation": (_metric(self.validation), ""),
             "trials": trial_text,
+            "seeds": self._seed_cell(),
         }
+
+    def _seed_cell(self) -> tuple[str, str]:
+        """'0.905 ± 0.010', '0.890–0.920, 3 seeds'; 'did not learn' for a non-learner; one run if nothing trains."""
+        s = self.seeds
+        if s is None or s.mean is None:
+            return NA, ""
+        if not s.trains:
+            return _metric(s.mean), "no training: one run"
+        if not self.learned:
+            return "did not learn", s.learned_text()
+        main = _metric(s.mean) + (f" ± {s.std:.3f}" if s.std is not None else "")
+        spread = f"{_metric(s.min)}–{_metric(s.max)}"
+        learned_all = s.learned is not None and s.learned == s.n
+        return main, spread + (f", {count_text(s.n)} seeds" if learned_all else f", {s.learned_text()}")
 
     def cells(self) -> dict[str, str]:
         """One line per cell: '74,498 (0.33%)', '0.910 [0.880, 0.930]'."""
@@ -246,8 +321,10 @@ class Row:
         }
 
 
-def table_columns(metric: str, higher: bool) -> list[tuple[str, str]]:
+def table_columns(metric: str, higher: bool, seeds: bool = False) -> list[tuple[str, str]]:
+    """The table's (key, title) columns; the seeds column only when some method was run with several seeds."""
     direction = "higher is better" if higher else "lower is better"
+    seed_column = [("seeds", f"Test {metric} over seeds: mean ± std (min–max)")] if seeds else []
     return [
         ("method", "Method"),
         ("settings", "Best settings"),
@@ -258,14 +335,20 @@ def table_columns(metric: str, higher: bool) -> list[tuple[str, str]]:
         ("training", "Training time"),
         ("latency", "Latency / example (batched)"),
         ("test", f"Test {metric} [95% CI] ({direction})"),
+        *seed_column,
         ("validation", f"Validation {metric}"),
         ("trials", "Trials (complete / pruned)"),
     ]
 
 
+def has_seeds(rows: Sequence[Row]) -> bool:
+    """Whether any method was run with several seeds (the table then has the seeds column)."""
+    return any(r.seeds is not None and (r.seeds.n or 0) > 1 for r in rows)
+
+
 def best_rows(rows: Sequence[Row], higher: bool) -> set[int]:
-    """Indexes of the rows with the best test metric (ties all win)."""
-    scored = [(i, r.test) for i, r in enumerate(rows) if r.test is not None]
+    """Indexes of the rows with the best test metric (ties all win); a method that did not learn is never one."""
+    scored = [(i, r.ranked) for i, r in enumerate(rows) if r.ranked is not None]
     if not scored:
         return set()
     target = (max if higher else min)(v for _, v in scored)
@@ -276,7 +359,9 @@ def best_rows(rows: Sequence[Row], higher: bool) -> set[int]:
 def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
     """Facts read off the table, as plain-text sentences (not escaped)."""
     return [
+        *_not_learned(rows, metric),
         *_ranking(rows, metric, higher),
+        *_seed_noise(rows, metric, higher),
         *_efficiency(rows, metric),
         *_storage(rows),
         *_spread(rows, "seconds", "Training took", seconds_text, " to "),
@@ -292,9 +377,9 @@ def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
 
 def _ranking(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
     """The best method by the test metric, and whether the runner-up's interval overlaps its own."""
-    scored = sorted((r for r in rows if r.test is not None), key=lambda r: r.test or 0.0, reverse=higher)
+    scored = sorted((r for r in rows if r.ranked is not None), key=lambda r: r.test or 0.0, reverse=higher)
     if not scored:
-        return []
+        return ["No method learned, so none is ranked."] if any(not r.learned for r in rows) else []
     best = scored[0]
     text = (
         f"Best test {metric} ({'higher' if higher else 'lower'} is better): {best.name}, {_metric(best.test)}"
@@ -312,14 +397,92 @@ def _ranking(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
             runner += "; the two 95% intervals " + (
                 "overlap, so this test set does not clearly separate them" if overlap else "do not overlap"
             )
+        noise = _noise(best, second)
+        if noise is not None:
+            runner += f"; over seeds {noise}"
         facts.append(runner + ".")
     return facts
+
+
+def _not_learned(rows: Sequence[Row], metric: str) -> list[str]:
+    """Which methods did not learn and why (never ranked); which were rescued by a lower learning rate."""
+    facts = []
+    for r in rows:
+        rescue = r.rescue or {}
+        lowered = describe_params({"learning_rate": get_field(rescue, "params", "learning_rate")})
+        if not r.learned:
+            text = f"{r.name} did not learn: {problem_reason(r.problem)}"
+            if rescue:
+                text += f"; the rescue run at a quarter of the learning rate ({lowered}) did not learn either"
+            text += f". Its test {metric}"
+            text += f" ({_metric(r.test)})" if r.test is not None else ""
+            text += " is not its quality on this task, so it is not ranked"
+            advice = problem_advice(r.problem)
+            # train's advice names train's flags (compare searches the learning rate itself)
+            facts.append(
+                text + (f". The {advice}, with multitune train --method {r.method}." if advice else ".")
+            )
+        elif rescue:
+            before = describe_params(rescue.get("from_params"))
+            facts.append(
+                f"{r.name} was rescued: its {rescue.get('after') or 'final run'} did not learn at {before} "
+                f"({problem_reason(rescue.get('problem'))}); one more run at a quarter of the learning rate "
+                f"({lowered}) learned, and the row is that run."
+            )
+    return facts
+
+
+def _noise(a: Row, b: Row) -> str | None:
+    """'the difference of their means (0.004) is within seed noise (...)', or None without
+    seeds for both."""
+    if a.seeds is None or b.seeds is None or not a.seeds.usable or not b.seeds.usable:
+        return None
+    difference, noise = _gap(a.seeds, b.seeds)
+    if difference <= noise:
+        return f"the difference of their means ({difference:.3f}) is within seed noise (not above the larger std, {noise:.3f})"
+    return f"the difference of their means ({difference:.3f}) is beyond seed noise (the larger std is {noise:.3f})"
+
+
+def _gap(a: Seeds, b: Seeds) -> tuple[float, float]:
+    """(difference of the two means, the larger of the two standard deviations): the seed-noise rule's terms."""
+    return abs((a.mean or 0.0) - (b.mean or 0.0)), max(a.std or 0.0, b.std or 0.0)
+
+
+def _seed_noise(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
+    """The best mean over seeds, which methods are within seed noise of it (the rule stated), and which seed
+    runs did not learn; methods that did not learn take no part."""
+    seeded = [(r, r.seeds) for r in rows if r.learned and r.seeds is not None and r.seeds.usable]
+    facts = [
+        f"{r.name}: {s.learned_text()}; a seed run that did not learn counts in the mean and spread."
+        for r, s in seeded
+        if s.trains and s.learned != s.n
+    ]
+    if len(seeded) < 2:
+        return facts
+    best, top = (max if higher else min)(seeded, key=lambda pair: pair[1].mean or 0.0)
+    within: list[str] = []
+    beyond: list[str] = []
+    for r, s in seeded:
+        if r is best:
+            continue
+        difference, noise = _gap(s, top)
+        (within if difference <= noise else beyond).append(f"{r.name} ({difference:.3f} against {noise:.3f})")
+    text = (
+        f"Seed noise: two methods differ by no more than seed noise when the difference of their mean test {metric} "
+        f"over seeds is no larger than the larger of their two standard deviations. Best mean: {best.name}, "
+        f"{_metric(top.mean)} ± {top.std or 0.0:.3f}"
+    )
+    if within:
+        text += "; within seed noise of it (difference against the larger std): " + ", ".join(within)
+    if beyond:
+        text += "; beyond seed noise (difference against the larger std): " + ", ".join(beyond)
+    return [text + ".", *facts]
 
 
 def _efficiency(rows: Sequence[Row], metric: str) -> list[str]:
     parts = []
     for r in rows:
-        if r.test is None or (r.percent is None and r.parameters is None):
+        if r.ranked is None or (r.percent is None and r.parameters is None):
             continue
         if r.parameters == 0:
             parts.append(f"{r.name} {_metric(r.test)} with no training")
