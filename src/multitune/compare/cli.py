@@ -83,6 +83,7 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
         methods=args.methods,
         trials=args.trials,
         max_epochs=args.max_epochs,
+        seeds=args.seeds,
         output=args.output,
         storage=args.storage,
         study_name=args.study_name,
@@ -114,17 +115,26 @@ def _print_comparison(summary: dict) -> None:
     results = summary["results"]
     if not results:
         return
+    from multitune.compare.table import Row, has_seeds
+
     metric = results[0]["metric"]
+    seeds = has_seeds([Row(r, metric) for r in results])
     print(
         f"\n{'method':<10} {'trainable':>12} {'stored':>10} {'train s':>8} {'ms/ex':>7}  test {metric} [95% CI]"
+        + ("; over seeds: mean ± std (min–max)" if seeds else "")
     )
     for r in results:
-        ci = r.get("test_ci", {}).get(metric)
-        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        row = Row(r, metric)
+        test = " ".join(
+            p for p in row.parts()["test"] if p
+        )  # 'did not learn (scored 0.500)' for a non-learner
+        if seeds:
+            main, detail = row.parts()["seeds"]
+            test += f"; {main}" + (f" ({detail})" if detail else "")
         stored = r["stored_bytes"] / 1e6
         print(
             f"{r['method']:<10} {r['trainable_parameters']:>12,} {stored:>8.2f}MB {r['train_seconds']:>8.1f} "
-            f"{(r.get('latency_ms') or 0):>7.1f}  {r['test'].get(metric, float('nan')):.3f}{interval}"
+            f"{(r.get('latency_ms') or 0):>7.1f}  {test}"
         )
     if "report" in summary:
         print(
@@ -189,6 +199,13 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=8, help="search trials per method (default: 8)")
     p.add_argument(
         "--max-epochs", type=int, default=3, help="largest number of epochs a trial may use (default: 3)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train each method's chosen settings with this many seeds (--seed, --seed + 1, ...) and report "
+        "the test metric's mean and spread over them (default: 1, the final run alone)",
     )
     p.add_argument(
         "--output", default="runs/compare", help="folder: study, results, bank of adapters, report"

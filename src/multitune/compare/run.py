@@ -11,16 +11,26 @@ For each method, in plain view:
 2. **final run**: the best settings retrained with early stopping, in a process of its own so that its peak
    memory is the method's alone; the test split scored with a bootstrap 95% interval; training time,
    latency per example, parameters and bytes stored measured; the adapter saved to ``OUTPUT/bank/TASK``.
-3. **report**: ``OUTPUT/report.md``, ``report.html`` and ``plots/`` (:mod:`multitune.compare.report`).
+   The best settings are the best trial's among those that learned (:func:`~multitune.compare.search.
+   chosen_trial`). A run that did not learn (``TrainResult.problem``: it predicts one label, or its loss stays
+   at the chance level) is not the method's quality: compare spends one more run on it at a quarter of the
+   learning rate (:func:`final_or_rescued`); if that learns it is the method's result, else the method is
+   reported as "did not learn", with the reason, and never ranked.
+3. **seeds** (``--seeds N``): the chosen settings retrained with seeds seed+1 .. seed+N-1 beside the final
+   run's seed, each scored on the test split: the mean and spread of the test metric (:func:`seed_runs`).
+4. **report**: ``OUTPUT/report.md``, ``report.html`` and ``plots/`` (:mod:`multitune.compare.report`).
 
-Resuming: a method's result is written to ``OUTPUT/results/METHOD.json`` when it is done; a rerun skips the
-methods found there, and a method interrupted mid-search continues its study (its finished trials are kept).
+Resuming: a method's result (rescue and seed runs included) is written to ``OUTPUT/results/METHOD.json`` when
+it is done; a rerun skips the methods found there, and a method interrupted mid-search continues its study (its
+finished trials are kept).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,8 +42,16 @@ from typing import Any
 import torch
 
 from multitune.compare.measure import PeakMemory, folder_bytes, latency_ms, score_test
-from multitune.compare.search import describe, fit_and_score, open_storage, search
+from multitune.compare.search import (
+    chosen_trial,
+    describe,
+    fit_and_score,
+    open_storage,
+    rescue_params,
+    search,
+)
 from multitune.compare.settings import BANK, RESULTS, CompareConfig, from_json, to_json
+from multitune.compare.table import problem_reason
 from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, write_json_atomic
@@ -76,6 +94,8 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         "latency_ms": latency,
         "throughput_per_s": round(throughput, 2),
         "validation": {metric: result.best_metric},
+        "learned": result.problem is None,
+        "problem": result.problem,  # why it did not learn, the likely cause and train's fix (None: it learned)
         "test": metrics,
         "test_ci": intervals,
         "test_examples": len(splits.test),
@@ -134,6 +154,97 @@ def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -
     return answer["result"]
 
 
+# ---- a run that did not learn, and the spread over seeds ---------------------------------------------------
+def final_or_rescued(
+    config: CompareConfig, method: str, trial: Any, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The final run of ``trial``'s settings; when it did not learn, one more at a quarter of the learning rate.
+
+    When the chosen trial itself did not learn (then no trial did), its final run would only repeat it (the same
+    settings and seed), so the rescue is the final run. A rescue that learns is the method's result, its settings
+    recorded; one that does not is still the result, marked ``learned: false`` for the report. ``rescue`` records
+    what was rescued: the settings before, why they did not learn, the settings tried, and whether they learned.
+    A method with nothing to train (prompting) has no learning rate to lower: its result is its final run's.
+    """
+    params = dict(trial.params)
+    lowered = rescue_params(method, params)
+    if trial.user_attrs.get("problem") and lowered is not None:
+        problem, after = (
+            str(trial.user_attrs["problem"]),
+            f"best trial (trial {trial.number + 1}; none learned)",
+        )
+    else:
+        log(f"{method}: final run with {describe(params)}")
+        result = final_isolated(config, method, params)
+        if result["learned"] or lowered is None:
+            if not result["learned"]:  # (the reason comes on the method's result line)
+                log(f"{method}: its final run did not learn; it trains nothing, so there is no rescue")
+            return result
+        problem, after = str(result["problem"]), "final run"
+    log(
+        f"{method}: its {after} did not learn ({problem_reason(problem)}); rescue: one more run at a quarter "
+        f"of the learning rate, {describe(lowered)}"
+    )
+    result = final_isolated(config, method, lowered)
+    result["rescue"] = {
+        "after": after,
+        "from_params": params,
+        "problem": problem,
+        "params": lowered,
+        "learned": result["learned"],
+    }
+    if result["learned"]:
+        log(f"rescued: {method} learned with {describe(lowered)}; this run is the method's result")
+    else:
+        log(f"{method}: the rescue did not learn either")
+    return result
+
+
+def seed_runs(
+    config: CompareConfig, method: str, result: dict[str, Any], splits: Any, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The result's settings retrained with seeds seed+1 .. seed+N-1 (the final run was seed ``seed``), each
+    scored on the test split; the summary of all N: mean, sample standard deviation, min, max, how many learned.
+
+    A method with nothing to train (prompting) is not rerun: the training seed changes nothing of it, so its
+    summary is its one final run (``trains: false``).
+    """
+    from multitune.compare.measure import score_test
+
+    metric, first = config.metric(), config.train.seed
+    runs = [_seed_record(first, result["test"].get(metric), result.get("problem"))]
+    trains = get_method(method).fit is None
+    for seed in range(first + 1, first + config.seeds) if trains else ():
+        seeded = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+        desc = f"{method} seed {seed} ({seed - first + 1}/{config.seeds})"
+        bank, task, trained, _ = fit_and_score(seeded, method, result["best_params"], splits, desc=desc)
+        metrics, _, _ = score_test(bank, task, splits.test, seeded)
+        runs.append(_seed_record(seed, metrics.get(metric), trained.problem))
+        value = runs[-1]["test"]
+        log(
+            f"{desc}: test {metric} "
+            + (f"{value:.4f}" if value is not None else "n/a")
+            + ("; did not learn" if trained.problem else "")
+        )
+    values = [r["test"] for r in runs if r["test"] is not None]
+    return {
+        "metric": metric,
+        "trains": trains,
+        "runs": runs,
+        "n": len(runs),
+        "learned": sum(bool(r["learned"]) for r in runs),
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else None,  # sample std (n - 1)
+        "min": min(values, default=None),
+        "max": max(values, default=None),
+    }
+
+
+def _seed_record(seed: int, value: Any, problem: str | None) -> dict[str, Any]:
+    number = float(value) if isinstance(value, int | float) and value == value else None  # (NaN: none)
+    return {"seed": seed, "test": number, "learned": problem is None, "problem": problem}
+
+
 # ---- the whole job ----------------------------------------------------------------------------------------
 def _check_output(config: CompareConfig) -> None:
     state = config.out / "compare.json"
@@ -170,6 +281,10 @@ def validate(config: CompareConfig) -> None:
         problems.append(f"--trials must be >= 1 (got {config.trials})")
     if config.max_epochs < 1:
         problems.append(f"--max-epochs must be >= 1 (got {config.max_epochs})")
+    if config.seeds < 1:
+        problems.append(
+            f"--seeds must be >= 1 (got {config.seeds}): the number of seeds to retrain each method with"
+        )
     if config.kind not in ("classification", "generation"):
         problems.append(f"--kind must be classification or generation (got '{config.kind}')")
     if problems:
@@ -185,6 +300,53 @@ def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[s
     validate(config)
     with output_lock(config.out, "multitune compare" + (" --search-only" if config.search_only else "")):
         return _compare(config, log)
+
+
+def run_method(
+    config: CompareConfig, method: str, splits: Any, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """One method: its search, the final run (rescued if it did not learn), its seed runs; None when
+    ``--search-only``."""
+    import optuna
+
+    method_start = time.perf_counter()
+    study = search(config, method, splits, log)
+    if config.search_only:
+        log(f"{method}: best {config.metric()} {study.best_value:.4f} with {describe(study.best_params)}")
+        return None
+    search_seconds = time.perf_counter() - method_start
+    result = final_or_rescued(config, method, chosen_trial(study), log)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    result["trials"] = {
+        "complete": states.count(optuna.trial.TrialState.COMPLETE),
+        "pruned": states.count(optuna.trial.TrialState.PRUNED),
+        "failed": states.count(optuna.trial.TrialState.FAIL),
+    }
+    result["search_seconds"] = round(search_seconds, 2)
+    if config.seeds > 1:
+        result["seeds"] = seed_runs(config, method, result, splits, log)
+    return result
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    """The log's line of a finished method: its test score (or that it did not learn), spread, size, time."""
+    method, metric = result["method"], result["metric"]
+    test, ci = result["test"].get(metric), result["test_ci"].get(metric)
+    score = "n/a" if test is None else f"{test:.4f}"
+    line = f"{method}: test {metric} {score}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+    if result.get("learned") is False:
+        line = (
+            f"{method}: did not learn ({problem_reason(result.get('problem'))}); its test {metric} {score} is "
+            "not its quality on this task"
+        )
+    seeds = result.get("seeds") or {}
+    if seeds.get("n", 1) > 1 and seeds.get("mean") is not None:
+        spread = f" ± {seeds['std']:.4f}" if seeds.get("std") is not None else ""
+        line += (
+            f"; over {seeds['n']} seeds {seeds['mean']:.4f}{spread} ({seeds['min']:.4f}-{seeds['max']:.4f}), "
+            f"{seeds['learned']} of {seeds['n']} learned"
+        )
+    return line + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s"
 
 
 def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -211,39 +373,16 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
             log(f"{method}: done in an earlier run ({done}); kept")
             continue
         try:
-            method_start = time.perf_counter()
-            study = search(config, method, splits, log)
-            if config.search_only:
-                log(
-                    f"{method}: best {config.metric()} {study.best_value:.4f} with {describe(study.best_params)}"
-                )
-                continue
-            search_seconds = time.perf_counter() - method_start
-            params = study.best_params
-            log(f"{method}: final run with {describe(params)}")
-            result = final_isolated(config, method, params)
+            result = run_method(config, method, splits, log)
         except MultituneError as error:
             failures[method] = str(error)
             log(f"error: {method}: {' '.join(str(error).split())}")
             continue
-        import optuna
-
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        result["trials"] = {
-            "complete": states.count(optuna.trial.TrialState.COMPLETE),
-            "pruned": states.count(optuna.trial.TrialState.PRUNED),
-            "failed": states.count(optuna.trial.TrialState.FAIL),
-        }
-        result["search_seconds"] = round(search_seconds, 2)
+        if result is None:  # --search-only
+            continue
         write_json_atomic(done, result)
         results.append(result)
-        test = result["test"].get(result["metric"])
-        ci = result["test_ci"].get(result["metric"])
-        log(
-            f"{method}: test {result['metric']} {test:.4f}"
-            + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-            + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s"
-        )
+        log(_result_line(result))
     summary: dict[str, Any] = {
         "results": results,
         "failures": failures,
@@ -262,6 +401,7 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
             "test": len(splits.test),
         },
         "trials": config.trials,
+        "seeds": config.seeds,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "command": config.command,
         "wall_seconds": round(summary["wall_seconds"], 1),

@@ -2,7 +2,9 @@
 
 Each trial is the same :func:`~multitune.training.train.train` as ``multitune train`` on the train split,
 scored on the validation split; its ``on_eval`` hook reports each epoch's validation metric so that the median
-pruner can stop a poor trial. The first trial is the method's defaults. What a method searches is its own
+pruner can stop a poor trial. The first trial is the method's defaults. Each trial records whether it learned
+(its ``problem`` attribute, from :mod:`multitune.training.learned`): :func:`chosen_trial` retrains the best of
+those that learned, and :func:`rescue_params` gives the one extra run a non-learner gets. What a method searches is its own
 registered ``search`` (:class:`~multitune.methods.Method`), plus a learning rate within 5x of the method's
 default and 1..``max_epochs`` epochs for methods that train. The study lives in ``OUTPUT/study.db`` (SQLite) or
 a shared ``--storage`` (PostgreSQL): workers on several machines add trials until it holds ``trials``.
@@ -24,6 +26,8 @@ from multitune.compare.settings import CompareConfig
 from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
+
+RESCUE_LEARNING_RATE_SCALE = 0.25  # a non-learner's rescue run: a quarter of its learning rate
 
 
 def _lr(trial: Any, method: str) -> float:
@@ -268,6 +272,8 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
                 f"{method}: the validation split gave no {metric}; give a validation split with examples"
             )
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        # why it did not learn (None: it learned); a non-learner is never the chosen trial when one learned
+        trial.set_user_attr("problem", result.problem)
         best = (
             value
             if not _finished(study)
@@ -275,6 +281,7 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
         )
         log(
             f"{method} trial {number}/{config.trials}: {describe(params)} -> {metric} {value:.4f} (best {best:.4f})"
+            + ("; did not learn" if result.problem else "")
         )
         return float(value)
 
@@ -305,6 +312,32 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
     if not _finished(study):
         raise ConfigError(f"{method}: no trial finished (all pruned or failed); try more --trials")
     return study
+
+
+def chosen_trial(study: Any) -> Any:
+    """The trial whose settings compare retrains: the best of the complete trials that learned, else the best.
+
+    A trial that did not learn (its ``problem`` attribute, from :mod:`multitune.training.learned`) scores the
+    label prior, not the method: with unbalanced labels that can beat a trial that learned a little. Trials
+    recorded before the attribute existed count as learned. Ties go to the earlier trial, as Optuna's own.
+    """
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+    learned = [t for t in complete if not t.user_attrs.get("problem")]
+    pick = max if study.direction.name == "MAXIMIZE" else min
+    return pick(learned or complete, key=lambda t: t.value)
+
+
+def rescue_params(method: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of the one extra run that tries to rescue a non-learner: ``params`` at a quarter of their
+    learning rate (the usual cause is updates that overshoot until the model settles on one answer); None for a
+    method with nothing to train (prompting: no learning rate to lower)."""
+    record = get_method(method)
+    if record.fit is not None:
+        return None
+    rate = float(params.get("learning_rate") or record.default_learning_rate)
+    return {**params, "learning_rate": rate * RESCUE_LEARNING_RATE_SCALE}
 
 
 def _fail_stale(study: Any) -> None:

@@ -28,6 +28,7 @@ class CompareConfig:
     methods: list[str] = field(default_factory=default_methods)
     trials: int = 8
     max_epochs: int = 3
+    seeds: int = 1  # the chosen settings trained with seeds seed, seed+1, ...: the test metric's spread
     output: str = "runs/compare"
     storage: str | None = None
     study_name: str | None = None
@@ -53,8 +54,11 @@ class CompareConfig:
         return self.train.metric or ("accuracy" if self.kind == "classification" else "rouge_l")
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a resumed compare must share with the first run (methods may be added)."""
+        """What a resumed compare must share with the first run (methods may be added).
+
+        ``seeds`` only when not 1: folders made before ``--seeds`` existed resume as they are."""
         return {
+            **({"seeds": self.seeds} if self.seeds != 1 else {}),
             "model": self.model,
             "task": self.task,
             "kind": self.kind,
