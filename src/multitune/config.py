@@ -92,6 +92,13 @@ class TrainConfig:
     learning_rate: float | None = field(
         default=None, metadata={"help": "peak learning rate (default: the method's)"}
     )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "classification head's learning rate (default: the method's, but at least 1e-3: a fresh "
+            "head learns from scratch)"
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
     scheduler: str = field(
@@ -186,8 +193,9 @@ def validate(config: RunConfig) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "checkpoint_every", "max_length"):
         if getattr(t, name) < 1:
             problems.append(f"{name} must be >= 1 (got {getattr(t, name)}); fix --{name.replace('_', '-')}")
-    if t.learning_rate is not None and t.learning_rate <= 0:
-        problems.append(f"learning_rate must be > 0 (got {t.learning_rate})")
+    for name in ("learning_rate", "head_learning_rate"):
+        if getattr(t, name) is not None and not getattr(t, name) > 0:  # (not > 0: nan too)
+            problems.append(f"{name} must be > 0 (got {getattr(t, name)}); fix --{name.replace('_', '-')}")
     if t.scheduler not in ("linear", "cosine", "constant"):
         problems.append(f"scheduler must be linear, cosine or constant (got '{t.scheduler}')")
     if not 0 <= t.warmup_ratio < 1:

@@ -47,6 +47,10 @@ class Method:
     summary: str
     changes_base: bool = False  # full fine-tuning: the task owns the base weights
     default_learning_rate: float = 1e-3
+    # A parameter's learning rate as a multiple of the run's, by its key (None: 1 for all). Prefix tuning's
+    # reparameterisation MLP learns at a fraction: AdamW moves each of its weights by about the learning rate,
+    # and the MLP sums hundreds of them into every prefix value.
+    learning_rate_scale: Callable[[str], float] | None = None
     # Folding a task into the base weights (single-task deployment) and taking it out again; None when
     # the method cannot be folded (soft prompts, prefixes, adapters with a nonlinearity).
     merge: Callable[[MultiTaskModel, str], None] | None = None

@@ -34,6 +34,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     _print_metrics(f"test ({plural(summary['examples']['test'], 'example')}):", summary["test"])
     print(f"adapter: {Path(config.output) / 'adapter'}")
+    if summary.get("problem"):  # last: what a user reads first after a run
+        print(f"warning: {summary['problem']}")
 
 
 def cmd_train_multi(args: argparse.Namespace) -> None:
@@ -58,6 +60,9 @@ def cmd_train_multi(args: argparse.Namespace) -> None:
         )
     folders = ", ".join(str(Path(config.output) / name) for name in summary["tasks"])
     print(f"adapters: {folders} (serve them together: multitune serve {config.output})")
+    for task in summary["tasks"].values():
+        if task.get("problem"):
+            print(f"warning: {task['problem']}")
 
 
 def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported lazily)

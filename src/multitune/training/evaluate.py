@@ -128,17 +128,21 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int = 64,
     generate: bool = True,
+    spread: bool = False,
 ) -> dict[str, float]:
     """The task's metrics on labelled examples: accuracy and macro-F1, or loss, perplexity, EM and ROUGE-L.
 
     ``generate=False`` skips the (slow) generation metrics: what early stopping uses for generation tasks.
+    ``spread``: classification scores also count the distinct labels predicted (``predicted_labels``: 1 is a
+    run that answers one label for everything, see :mod:`multitune.training.learned`).
     """
     spec: TaskSpec = bank.tasks[task]
     if not examples:
         return {}
     if spec.kind == "classification":
         probs = predict_proba(bank, task, examples, max_length, batch_size)
-        return scores_of_probabilities(probs, examples, spec.labels)[0]
+        scores, predictions = scores_of_probabilities(probs, examples, spec.labels)
+        return {**scores, "predicted_labels": float(len(set(predictions)))} if spread else scores
     total, count = lm_nll(bank, task, examples, max_length, max(1, batch_size // 4))
     metrics = {"loss": total / max(count, 1), "perplexity": perplexity(total, count)}
     if generate:

@@ -2,7 +2,9 @@
 
 Single-task training, multi-task training, the reward model and DPO differ only in what a batch is, what its
 loss is and how a task is scored; they hand those to :func:`fit` as an :class:`Objective`, and the loop does
-the rest once: AdamW with one parameter group per trained task, warmup and decay, gradient accumulation,
+the rest once: AdamW with each trained task's parameters grouped by learning rate (its method's rate, the
+method's per-parameter scales, the head's own rate: :func:`parameter_groups`), warmup and decay, gradient
+accumulation,
 clipping per task (one task's large gradient does not shrink another's step), evaluation every
 ``eval_every`` steps or at each epoch's end and always at the last step, early stopping per task (a task
 whose score has not improved for ``patience`` evaluations is frozen: its learning rate becomes 0 and the
@@ -37,8 +39,10 @@ from multitune.methods import get_method
 from multitune.storage import atomic_dir
 
 CHECKPOINT = "checkpoint"
-FORMAT = 2  # checkpoints of the one loop; version 1 (before it) held a single task without a task prefix
+FORMAT = 3  # 3: AdamW groups by learning rate within a task (head, method scales); 2: one group per task;
+# 1 (before the one loop): a single task without a task prefix
 LOWER_IS_BETTER = ("loss", "perplexity")
+HEAD_LEARNING_RATE = 1e-3  # the least a fresh classification head learns at (see head_learning_rate)
 DROPOUT_SEED = 1_000_003  # the run's RNG starts at seed + this: a stream apart from the task's initialisation
 
 
@@ -56,6 +60,9 @@ class TrainResult:
     log: list[dict[str, Any]] = field(
         default_factory=list
     )  # each step's mean training statistics (the run's)
+    problem: str | None = (
+        None  # set when the run did not learn (multitune.training.learned): why, and the fix
+    )
 
 
 class Batches(Protocol):
@@ -159,6 +166,30 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return steps if config.max_steps is None else min(steps, config.max_steps)
 
 
+def head_learning_rate(config: TrainConfig, learning_rate: float) -> float:
+    """A classification head's learning rate: ``config.head_learning_rate``, else the larger of the method's
+    rate and :data:`HEAD_LEARNING_RATE` (a fresh head, zero-mean and small, learns from scratch: at full
+    fine-tuning's 3e-5 a 77-class head barely moves in a few epochs)."""
+    if config.head_learning_rate is not None:
+        return config.head_learning_rate
+    return max(learning_rate, HEAD_LEARNING_RATE)
+
+
+def parameter_groups(
+    bank: MultiTaskModel, task: str, keys: Sequence[str], learning_rate: float, config: TrainConfig
+) -> list[tuple[float, list[torch.nn.Parameter]]]:
+    """The task's parameters (``keys``, in order) grouped by learning rate: its head at
+    :func:`head_learning_rate`, the rest at ``learning_rate`` times its method's ``learning_rate_scale``."""
+    params = bank.task_parameters(task)
+    scale = get_method(bank.tasks[task].method).learning_rate_scale
+    head = head_learning_rate(config, learning_rate)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for key in keys:
+        rate = head if key.startswith("head.") else learning_rate * (scale(key) if scale else 1.0)
+        groups.setdefault(rate, []).append(params[key])
+    return list(groups.items())
+
+
 @dataclass
 class _Task:
     """The loop's state of one trained task (JSON in the checkpoint, with its best weights as tensors)."""
@@ -194,11 +225,13 @@ class _Run:
         )
         self.tasks, self.multi = objective.tasks, len(objective.tasks) > 1
         self.keys = {t: sorted(bank.task_parameters(t)) for t in self.tasks}
-        self.groups = [[bank.task_parameters(t)[k] for k in self.keys[t]] for t in self.tasks]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": p, "lr": lr} for p, lr in zip(self.groups, objective.learning_rates, strict=True)],
-            weight_decay=config.weight_decay,
-        )
+        self.groups = [[bank.task_parameters(t)[k] for k in self.keys[t]] for t in self.tasks]  # clipped
+        param_groups, self.group_task = [], []  # AdamW's groups: a task's parameters by learning rate
+        for i, (task, lr) in enumerate(zip(self.tasks, objective.learning_rates, strict=True)):
+            for rate, params in parameter_groups(bank, task, self.keys[task], lr, config):
+                param_groups.append({"params": params, "lr": rate})
+                self.group_task.append(i)
+        self.optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
         self.per_epoch = math.ceil(objective.batches.count(0) / config.grad_accum)
         self.total = total_steps(config, self.per_epoch)
         self.scheduler = lr_schedule(self.optimizer, config, self.total)
@@ -285,7 +318,7 @@ class _Run:
             "epoch": step // max(self.per_epoch, 1),
             "split": "validation",
             **scores,
-            "lr": self.optimizer.param_groups[i]["lr"],
+            "lr": self.optimizer.param_groups[self.group_task.index(i)]["lr"],
             "elapsed": round(time.perf_counter() - self.start, 2),
         }
         s.history.append(record)
@@ -299,8 +332,9 @@ class _Run:
         else:
             s.bad_evals += 1
             if s.bad_evals >= self.config.patience:  # frozen: no more steps, no more rows
-                self.optimizer.param_groups[i]["lr"] = 0.0
-                self.scheduler.base_lrs[i] = 0.0  # the scheduler rescales base_lrs at every step
+                for j in (j for j, owner in enumerate(self.group_task) if owner == i):
+                    self.optimizer.param_groups[j]["lr"] = 0.0
+                    self.scheduler.base_lrs[j] = 0.0  # the scheduler rescales base_lrs at every step
                 s.frozen, s.steps, s.seconds = True, step, time.perf_counter() - self.start
         if self.on_eval is not None:
             self.on_eval(self._logged(task, record))

@@ -54,7 +54,7 @@ from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
 from multitune.training.loop import CHECKPOINT, Objective, TrainResult, epoch_steps, fit
-from multitune.training.train import default_metric, fit_only
+from multitune.training.train import default_metric, fit_only, judged
 
 SAMPLING = ("proportional", "temperature")
 
@@ -172,8 +172,15 @@ def _fit_once(
     for task, (train_examples, validation_examples) in tasks.items():
         fit_method = get_method(bank.tasks[task].method).fit
         if fit_method is not None:
-            results[task] = fit_only(
-                bank, task, fit_method, train_examples, validation_examples, config, None, metrics[task]
+            results[task] = judged(
+                bank,
+                task,
+                fit_only(
+                    bank, task, fit_method, train_examples, validation_examples, config, None, metrics[task]
+                ),
+                train_examples,
+                validation_examples,
+                None,
             )
             preamble += [{"task": task, **record} for record in results[task].history]
     return results, preamble
@@ -223,6 +230,7 @@ def _validation_scores(
             config.eval_batch_size,
             config.max_new_tokens,
             generate=metrics[task] not in ("loss", "perplexity"),
+            spread=True,
         )
 
     return scores
@@ -296,6 +304,8 @@ def train_multitask(
             preamble=preamble,
         )
     )
+    for t, rate in zip(names, rates, strict=True):
+        judged(bank, t, results[t], tasks[t][0], tasks[t][1], rate)
     return {t: results[t] for t in tasks}
 
 
@@ -533,6 +543,8 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
             "train_seconds": round(result.seconds, 2),
             "validation": {result.metric: result.best_metric},
             "test": test,
+            "learned": result.problem is None,
+            "problem": result.problem,
         }
     write_json_atomic(out / "result.json", summary)
     if not config.train.keep_checkpoint:  # done: the adapters are what is kept (--keep-checkpoint)

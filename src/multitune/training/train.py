@@ -26,6 +26,7 @@ from multitune.methods import get_method
 from multitune.models import load_base
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
+from multitune.training.learned import advice, not_learned
 from multitune.training.loop import CHECKPOINT, Objective, Shuffled, TrainResult, fit
 
 
@@ -56,7 +57,7 @@ def train(
     metric = config.metric or default_metric(spec.kind)
     fit_method = get_method(spec.method).fit
     if fit_method is not None:  # nothing to optimise (prompting): fit, then score the validation split once
-        return fit_only(
+        result = fit_only(
             bank,
             task,
             fit_method,
@@ -66,6 +67,7 @@ def train(
             Path(run_dir) if run_dir is not None else None,
             metric,
         )
+        return judged(bank, task, result, train_examples, validation_examples, None)
     slot = bank.slots.index(task)
     pad_id = bank.base.tokenizer.pad_token_id
     features = encode_task(bank, task, train_examples, config.max_length)
@@ -89,13 +91,14 @@ def train(
             config.eval_batch_size,
             config.max_new_tokens,
             generate=metric not in ("loss", "perplexity"),
+            spread=True,
         )
 
     lr = config.learning_rate or get_method(spec.method).default_learning_rate
     objective = Objective(
         [task], [lr], Shuffled(len(features), config.batch_size, config.seed), loss, scores, {task: metric}
     )
-    return fit(
+    result = fit(
         bank,
         objective,
         config,
@@ -106,6 +109,27 @@ def train(
         on_step=on_step,
         on_eval=on_eval,
     )[task]
+    return judged(bank, task, result, train_examples, validation_examples, lr)
+
+
+def judged(
+    bank: MultiTaskModel,
+    task: str,
+    result: TrainResult,
+    train_examples: Sequence[Example],
+    validation_examples: Sequence[Example],
+    learning_rate: float | None,
+) -> TrainResult:
+    """``result`` with ``problem`` set when a classification task did not learn (the reason, the cause, the fix)."""
+    spec = bank.tasks[task]
+    if spec.kind != "classification":
+        return result
+    reason = not_learned(result.history, result.best_step, validation_examples, train_examples, result.log)
+    if reason is not None:
+        method = get_method(spec.method)
+        fix = advice(spec.method, learning_rate, method.default_learning_rate, method.fit is None)
+        result.problem = f"task '{task}' did not learn: {reason}; {fix}"
+    return result
 
 
 def fit_only(
@@ -131,6 +155,7 @@ def fit_only(
             config.eval_batch_size,
             config.max_new_tokens,
             generate=metric not in ("loss", "perplexity"),
+            spread=True,
         )
         if metric not in scores:
             raise ConfigError(
@@ -262,6 +287,8 @@ def _run(
         "train_seconds": round(result.seconds, 2),
         "validation": {result.metric: result.best_metric},
         "test": test,
+        "learned": result.problem is None,
+        "problem": result.problem,
     }
     save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
     write_json_atomic(out / "result.json", summary)
