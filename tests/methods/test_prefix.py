@@ -74,7 +74,7 @@ def test_prefix_tuning_generation_learns(family: str) -> None:
     bank.add_task("g", "generation", "prefix", PrefixConfig(num_virtual_tokens=3))
     data = toy_generation(32)
     before = evaluate(bank, "g", data, generate=False)["loss"]
-    cfg = TrainConfig(epochs=10, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, patience=100)
+    cfg = TrainConfig(epochs=10, batch_size=8, learning_rate=3e-2, warmup_ratio=0.0, patience=100)
     train(bank, "g", data, data[:8], cfg, progress=False)
     assert evaluate(bank, "g", data, generate=False)["loss"] < 0.8 * before
 

@@ -249,6 +249,21 @@ def positions(bank: MultiTaskModel, task: str) -> int:
     return cast(PrefixEncoder, encoders(bank)[task]).length  # (an nn.ModuleDict's items are typed Module)
 
 
+MLP_LEARNING_RATE_SCALE = 0.1  # see learning_rate_scale
+
+
+def learning_rate_scale(key: str) -> float:
+    """The reparameterisation MLP learns at a tenth of the embedding's rate.
+
+    AdamW moves every weight by about the learning rate per step whatever its gradient's size, and the MLP's
+    last layer sums ``projection_hidden`` (hundreds of) such weights into each prefix value: at the rate that
+    suits the embedding, the prefixes' keys grow within a hundred steps until every query attends to them
+    alone, the text is no longer seen and the model answers one label (measured on SST-2: prefix RMS 3-14
+    against 0.3-0.6 in runs that learn).
+    """
+    return MLP_LEARNING_RATE_SCALE if key.startswith("prefix.mlp.") else 1.0
+
+
 def search(trial: Any) -> dict[str, Any]:
     return {"prefix.num_virtual_tokens": trial.suggest_categorical("prefix.num_virtual_tokens", [5, 10, 20])}
 
@@ -265,5 +280,6 @@ register(
         inputs=inputs,
         positions=positions,
         search=search,
+        learning_rate_scale=learning_rate_scale,
     )
 )
