@@ -168,7 +168,7 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def _rouge_l_sentence(prediction: str, reference: str) -> float:
+def rouge_l_sentence(prediction: str, reference: str) -> float:
     """ROUGE-L F1 of one prediction against one reference (see :func:`rouge_l`)."""
     pred_tokens = _WORD.findall(prediction.lower())
     ref_tokens = _WORD.findall(reference.lower())
@@ -200,7 +200,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     _check_pair(predictions, references)
     if not predictions:
         return float("nan")
-    total = sum(_rouge_l_sentence(p, r) for p, r in zip(predictions, references, strict=True))
+    total = sum(rouge_l_sentence(p, r) for p, r in zip(predictions, references, strict=True))
     return total / len(predictions)
 
 

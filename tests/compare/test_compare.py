@@ -107,7 +107,7 @@ def test_compare_end_to_end(bert_dir, data_csv, tmp_path, capsys):
     for method in ("lora", "prompting", "prefix"):
         study = optuna.load_study(study_name=f"task-{method}", storage=f"sqlite:///{out / 'study.db'}")
         assert len(study.trials) == 2
-        assert study.trials[0].params == default_params(method, 2)  # the defaults are tried first
+        assert study.trials[0].params == default_params(method, 2, head=True)  # the defaults are tried first
     # the report and the bank, ready to serve
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
     from multitune.serve.engine import Engine
@@ -197,8 +197,10 @@ def test_search_spaces_cover_the_key_settings():
     study = optuna.create_study()
     for method in ("full", "lora", "prefix", "adapter", "prompt", "ia3", "prompting"):
         trial = study.ask()
-        params = suggest(trial, method, 3)
+        params = suggest(trial, method, 3, head=True)
         method_config, train = settings_for(_config("m", "d.csv", "o", [method]), method, params)
+        if method not in ("prompting",):  # the head's own rate is searched, around its default
+            assert train.head_learning_rate == params["head_learning_rate"]
         assert isinstance(method_config, METHODS[method].config_class)
         if method == "prompting":
             assert "learning_rate" not in params and method_config.shots == params["prompting.shots"]

@@ -83,9 +83,9 @@ def score_test(
     import numpy as np
 
     from multitune.metrics import (
-        _rouge_l_sentence,
         bootstrap_interval,
         generation_metrics,
+        rouge_l_sentence,
     )
     from multitune.training.evaluate import generate_texts, lm_nll, predict_proba, scores_of_probabilities
 
@@ -118,6 +118,6 @@ def score_test(
         metrics = generation_metrics(texts, references)
         total, count = lm_nll(bank, task, examples, t.max_length, max(1, t.eval_batch_size // 4))
         metrics["loss"] = total / max(count, 1)
-        per_example = [_rouge_l_sentence(p, r) for p, r in zip(texts, references, strict=True)]
+        per_example = [rouge_l_sentence(p, r) for p, r in zip(texts, references, strict=True)]
         intervals = {"rouge_l": list(bootstrap_interval(per_example, config.bootstrap, seed=config.seed))}
     return metrics, intervals, len(examples) / max(seconds, 1e-9)

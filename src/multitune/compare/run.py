@@ -52,6 +52,7 @@ from multitune.compare.search import (
 )
 from multitune.compare.settings import BANK, RESULTS, CompareConfig, from_json, to_json
 from multitune.compare.table import problem_reason
+from multitune.config import plural
 from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, write_json_atomic
@@ -361,7 +362,7 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
         )
     log(
         f"compare {', '.join(config.methods)} on {config.model}: {len(splits.train)} train, "
-        f"{len(splits.validation)} validation, {len(splits.test)} test examples; {config.trials} trials each; "
+        f"{len(splits.validation)} validation, {len(splits.test)} test examples; {plural(config.trials, 'trial')} each; "
         f"study {config.storage_url().split('?')[0]}"
     )
     results: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ from multitune.compare.settings import CompareConfig
 from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
+from multitune.training.loop import head_learning_rate
 
 RESCUE_LEARNING_RATE_SCALE = 0.25  # a non-learner's rescue run: a quarter of its learning rate
 
@@ -35,25 +36,37 @@ def _lr(trial: Any, method: str) -> float:
     return trial.suggest_float("learning_rate", default / 5, default * 5, log=True)
 
 
-def suggest(trial: Any, method: str, max_epochs: int) -> dict[str, Any]:
-    """The trial's settings: ``learning_rate`` and ``epochs`` (methods that train), and the method's own
-    ``METHOD.field`` keys from its registered ``search``."""
+def _head_default(method: str) -> float:
+    return head_learning_rate(TrainConfig(), get_method(method).default_learning_rate)
+
+
+def suggest(trial: Any, method: str, max_epochs: int, head: bool = False) -> dict[str, Any]:
+    """The trial's settings: ``learning_rate`` and ``epochs`` (methods that train), ``head_learning_rate``
+    (``head``: a classification task whose head rate the user did not fix; a quarter to four times its
+    default), and the method's own ``METHOD.field`` keys from its registered ``search``."""
     record = get_method(method)
     params: dict[str, Any] = {}
     if record.fit is None:  # methods with nothing to train search only their own settings
         params = {"learning_rate": _lr(trial, method), "epochs": trial.suggest_int("epochs", 1, max_epochs)}
+        if head and record.score is None:
+            default = _head_default(method)
+            params["head_learning_rate"] = trial.suggest_float(
+                "head_learning_rate", default / 4, default * 4, log=True
+            )
     if record.search is not None:
         params.update(record.search(trial))
     return params
 
 
-def default_params(method: str, max_epochs: int) -> dict[str, Any]:
+def default_params(method: str, max_epochs: int, head: bool = False) -> dict[str, Any]:
     """The method's defaults as trial settings: the first trial of every study."""
     record = get_method(method)
     config = record.config_class()
     params: dict[str, Any] = {}
     if record.fit is None:
         params = {"learning_rate": record.default_learning_rate, "epochs": max_epochs}
+        if head and record.score is None:
+            params["head_learning_rate"] = _head_default(method)
     probe = _Recorder()
     if record.search is not None:
         record.search(probe)
@@ -91,9 +104,16 @@ def settings_for(config: CompareConfig, method: str, params: dict[str, Any]) -> 
     train = dataclasses.replace(config.train, metric=config.metric())
     if "learning_rate" in params:
         train.learning_rate = float(params["learning_rate"])
+    if "head_learning_rate" in params:
+        train.head_learning_rate = float(params["head_learning_rate"])
     if "epochs" in params:
         train.epochs = int(params["epochs"])
     return method_config, train
+
+
+def searches_head(config: CompareConfig) -> bool:
+    """Whether trials search the head's learning rate: classification, and not fixed by the user."""
+    return config.kind == "classification" and config.train.head_learning_rate is None
 
 
 def describe(params: dict[str, Any]) -> str:
@@ -105,7 +125,7 @@ def describe(params: dict[str, Any]) -> str:
             .replace("reduction_factor", "factor")
         )
         parts.append(
-            f"{'lr' if name == 'learning_rate' else name} {value:.2g}"
+            f"{ {'learning_rate': 'lr', 'head_learning_rate': 'head lr'}.get(name, name) } {value:.2g}"
             if isinstance(value, float)
             else f"{name} {value}"
         )
@@ -218,7 +238,9 @@ def open_study(config: CompareConfig, method: str) -> Any:
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(default_params(method, config.max_epochs), skip_if_exists=True)
+        study.enqueue_trial(
+            default_params(method, config.max_epochs, searches_head(config)), skip_if_exists=True
+        )
     return study
 
 
@@ -245,7 +267,7 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
     def objective(trial: Any) -> float:
         running[:] = [trial.number]
         trial.set_user_attr("worker", worker)
-        params = suggest(trial, method, config.max_epochs)
+        params = suggest(trial, method, config.max_epochs, searches_head(config))
         number = trial.number + 1
 
         def report(record: dict[str, Any]) -> None:

@@ -142,9 +142,12 @@ def describe_params(params: Any) -> str:
     parts = []
     for key, value in params.items():
         name = str(key).split(".", 1)[-1]
-        name = {"learning_rate": "lr", "num_virtual_tokens": "tokens", "reduction_factor": "factor"}.get(
-            name, name
-        )
+        name = {
+            "learning_rate": "lr",
+            "head_learning_rate": "head lr",
+            "num_virtual_tokens": "tokens",
+            "reduction_factor": "factor",
+        }.get(name, name)
         if name == "epochs" and num(value) is not None:
             parts.append(f"{_param_value(value)} epoch{'' if value == 1 else 's'}")
         else:

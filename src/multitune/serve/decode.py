@@ -332,6 +332,8 @@ class DecodeBatch:
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         positions = mask.sum(dim=1, keepdim=True) - 1
         task_ids = self.task_ids()
+        # Not bank.run: that forward starts from text (each method's inputs hook adds prompts and prefixes);
+        # a decode step continues the cache the prefill filled, where those positions already are.
         with self.bank.routed(task_ids):
             out = self.bank.base.model(
                 input_ids=self.last[:, None],

@@ -14,8 +14,7 @@ Rows of a decoder batch keep one KV cache (:class:`multitune.serve.decode.Decode
 generating it alone. Encoder-decoder (T5) generation is served in static batches through
 :meth:`Engine.generate`, one per distinct ``max_tokens``.
 
-Reload is atomic: the new version is loaded under a fresh internal name and the public name points to it;
-rows already admitted finish on the old version, which is removed once no row uses it.
+Reload is atomic (:mod:`multitune.serve.names`): rows already admitted finish on the old version.
 
 One bad request never takes its batch with it. Requests are checked before they are queued (texts a tokenizer
 can read, seeds and temperatures the sampler can use); when a forward still fails, its requests are run one by

@@ -371,7 +371,7 @@ class _Run:
         return {"task": task, **record} if self.multi else record
 
 
-def fit(  # noqa: C901  (the training loop in plain view: STYLE.md keeps it in one function)
+def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md keeps it in one function)
     bank: MultiTaskModel,
     objective: Objective,
     config: TrainConfig,
