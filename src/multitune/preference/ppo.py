@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multitune.bank import MultiTaskModel
+from multitune.config import TrainConfig
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
@@ -53,6 +54,7 @@ from multitune.preference.dpo import REFERENCE_ALIASES, REFERENCE_HELP, REFERENC
 from multitune.preference.rewards import as_scores
 from multitune.preference.scoring import trainable_methods
 from multitune.training.evaluate import autocast
+from multitune.training.loop import parameter_groups
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -314,12 +316,21 @@ def _value_head_and_optimizer(
 ) -> tuple[nn.Linear, list[nn.Parameter], torch.optim.Optimizer]:
     """The value head (a fresh one from the global generator the caller seeded, unless one is given), the
     parameters PPO updates (the policy task's and the value head's: one loss moves both) and their AdamW, at
-    ``--learning-rate`` or the method's default."""
+    ``--learning-rate`` or the method's default: the policy's parameters grouped as the training loop groups
+    them (:func:`multitune.training.loop.parameter_groups`: the method's per-parameter scales), the value head
+    at the learning rate."""
     device = bank.base.device
     value_head = value_head if value_head is not None else make_value_head(bank.base.hidden_size, device)
     params = list(bank.task_parameters(task).values()) + list(value_head.parameters())
     lr = config.learning_rate or get_method(bank.tasks[task].method).default_learning_rate
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    keys = list(bank.task_parameters(task))
+    groups = [
+        {"params": group, "lr": rate}
+        for rate, group in parameter_groups(bank, task, keys, lr, TrainConfig(head_learning_rate=lr))
+    ]
+    optimizer = torch.optim.AdamW(
+        [*groups, {"params": list(value_head.parameters()), "lr": lr}], weight_decay=0.0
+    )
     return value_head, params, optimizer
 
 
