@@ -132,11 +132,42 @@ def test_calibration_divides_out_the_content_free_prior_and_flips_skewed_predict
     flipped = (raw.argmax(-1) != want.argmax(-1)).sum()
     assert flipped >= 3 and torch.equal(got.argmax(-1), want.argmax(-1)), (raw.softmax(-1), want)
     torch.testing.assert_close(
-        prompting.content_free_prior(calibrated, "p", prompting.task_config(calibrated, "p")).exp(),
+        prompting.label_prior(calibrated, "p", prompting.task_config(calibrated, "p")).exp(),
         prior,
         atol=1e-5,
         rtol=0,
     )
+
+
+def test_pool_calibration_divides_out_the_mean_prediction_over_the_pool_at_the_same_budget() -> None:
+    words = {"pos": "good", "neg": "not really bad"}
+    config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=words, shots=2)
+    pool = toy_sentiment(8, seed=3)
+    raw_bank = _bank(tiny_base("llama"), config, pool)
+    calibrated = _bank(
+        tiny_base("llama"),
+        PromptingConfig(**{**vars(config), "calibrate": True, "calibrate_with": "pool"}),
+        pool,
+    )
+    queries = toy_sentiment(16, seed=5)
+    kept = [Example(ex.text) for ex in prompting.pool_examples(prompting.task_config(raw_bank, "p"))]
+    for budget in (128, 12):  # 12 tokens: the pool's prompts drop their shots as the queries' do
+        prior = predict_proba(raw_bank, "p", kept, max_length=budget).mean(0)
+        want = torch.softmax(predict_proba(raw_bank, "p", queries, max_length=budget).log() - prior.log(), -1)
+        got = predict_proba(calibrated, "p", queries, max_length=budget)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len(render(raw_bank, "p", kept[:1], 128)[0].text.split("\n\n")) == 4  # instruction, 2 shots, input
+    assert prior.max() > 0.8 and (got.argmax(-1) == 0).any()  # the skew towards 'pos' is divided out
+
+
+def test_pool_calibration_without_training_examples_says_what_to_use() -> None:
+    config = PromptingConfig(calibrate=True, calibrate_with="pool")
+    bank = _bank(tiny_base("llama"), config)
+    with pytest.raises(ConfigError, match=re.escape("--prompting-calibrate-with content-free")):
+        prompting.fit(bank, "p", [Example("good", label="other")])
+    advised = _bank(tiny_base("llama"), PromptingConfig(calibrate=True, calibrate_with="content-free"))
+    prompting.fit(advised, "p", [Example("good", label="other")])
+    assert torch.isfinite(predict_proba(advised, "p", QUERIES)).all()
 
 
 def test_the_prior_is_computed_once_per_task_and_settings() -> None:
@@ -155,7 +186,7 @@ def test_calibration_applies_to_encoders_and_is_ignored_for_generation() -> None
     config = PromptingConfig(verbalizers=BINARY, calibrate=True)
     raw = _bank(tiny_base("bert"), PromptingConfig(verbalizers=BINARY))
     bank = _bank(tiny_base("bert"), config)
-    prior = prompting.content_free_prior(bank, "p", prompting.task_config(bank, "p"))
+    prior = prompting.label_prior(bank, "p", prompting.task_config(bank, "p"))
     torch.testing.assert_close(
         predict_proba(bank, "p", QUERIES),
         torch.softmax(predict_proba(raw, "p", QUERIES).log() - prior, -1),
@@ -193,6 +224,12 @@ def test_compare_searches_calibration_and_starts_from_the_default() -> None:
     ("base", "kind", "config", "flag"),
     [
         ("plain", "classification", PromptingConfig(chat="maybe"), "fix --prompting-chat"),
+        (
+            "plain",
+            "classification",
+            PromptingConfig(calibrate_with="batch"),
+            "fix --prompting-calibrate-with",
+        ),
         ("plain", "classification", PromptingConfig(calibrate="yes"), "--prompting-calibrate"),  # type: ignore[arg-type]
         ("plain", "classification", PromptingConfig(chat="on"), "use --prompting-chat auto"),
         ("chat", "generation", PromptingConfig(chat="off"), "use --prompting-chat auto"),

@@ -14,7 +14,9 @@ tokenizer's own ``apply_chat_template``::
     user: the query's input                    assistant: <the verbaliser is scored here>
 
 An instruct model was tuned to answer a user turn in exactly this markup; read as plain text, the same words
-are a document of no known kind, and SmolLM2-135M-Instruct then gives one label to nearly every input. A
+are a document of no known kind. Shots are turns of their own, not lines inside the query's turn: on
+SmolLM2-135M-Instruct with 4 shots, 0.547 against 0.527 accuracy on 300 SST-2 dev sentences and 0.337 against
+0.213 on 300 held-out TREC training questions (the same shots, before calibration). A
 turn's input is the template up to the answer slot, its end trimmed; the assistant's answer is the verbaliser
 alone, so the label is scored from the first token of the answer (no whitespace moved in front of it, as plain
 rendering does after 'Answer:'). The instruction and template defaults of chat rendering are their own
@@ -55,7 +57,6 @@ CHAT_TEMPLATES = {
     "pair": "Text: {text}\nText: {text_pair}\nAnswer: {label}",
 }
 CHAT_INSTRUCTION = "Classify the text into one of these categories: {labels}. Answer with the category only."
-SHOTS_AS_TURNS = True  # chat: each shot its own user and assistant turns (else all inside the query's turn)
 
 
 def template_problems(template: str | None, instruction: str | None) -> list[str]:
@@ -87,6 +88,42 @@ def template_problems(template: str | None, instruction: str | None) -> list[str
         problems.append(
             "prompting template has no {text} (or {input}), so the model would never see the input: "
             "fix --prompting-template, e.g. '{text}\\nAnswer: {label}'"
+        )
+    return problems
+
+
+def kind_problems(base: Base, config: PromptingConfig, kind: str) -> list[str]:
+    """What is wrong with the template and the chat setting for a task of ``kind`` on ``base``."""
+    problems = []
+    found = set(PLACEHOLDER.findall(config.template or "")) | set(
+        PLACEHOLDER.findall(config.instruction or "")
+    )
+    slot = "{label}" if kind == "classification" else "{response}"
+    if config.template is not None and slot not in config.template:
+        example = (
+            "'{text}\\nAnswer: {label}'"
+            if kind == "classification"
+            else "'Question: {text}\\nAnswer: {response}'"
+        )
+        problems.append(
+            f"a {kind} template needs {slot} where the answer goes, e.g. --prompting-template {example}"
+        )
+    wrong = sorted(found & {"label", "labels", "text_pair"})
+    if kind == "generation" and wrong:
+        problems.append(
+            f"{braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
+            "{response}: fix --prompting-template / --prompting-instruction"
+        )
+    has_template = base.arch == "decoder" and bool(getattr(base.tokenizer, "chat_template", None))
+    if config.chat == "on" and not has_template:
+        problems.append(
+            f"--prompting-chat on needs a decoder whose tokenizer has a chat template; {base.source} has none: "
+            "use --prompting-chat auto (or off)"
+        )
+    if config.chat == "off" and kind == "generation" and has_template:  # encode.prompt_ids always uses it
+        problems.append(
+            "--prompting-chat off is for classification: a generation prompt goes through the tokenizer's "
+            "chat template as every generation task's does; use --prompting-chat auto"
         )
     return problems
 
@@ -190,7 +227,7 @@ def render_one(
     head = [fill(instruction, {"labels": listed})] if instruction else []
     sep = config.shot_separator
     answers = [words.get(s.label or "", s.label or "") for s in shots]
-    if chat and SHOTS_AS_TURNS:
+    if chat:  # each shot its own user and assistant turns
         blocks: list[Any] = [
             (fill(prefix, _values(s, "", listed)), a) for s, a in zip(shots, answers, strict=True)
         ]
@@ -201,8 +238,6 @@ def render_one(
         last = fill(prefix, _values(query, "", listed))
         if not chat:
             return sep.join([*head, *blocks, last])
-        if not SHOTS_AS_TURNS:
-            return chat_text(bank.base.tokenizer, [], sep.join([*head, *blocks, last]))
         turns = list(blocks)
         if turns:  # the instruction opens the first user turn
             turns[0] = (sep.join([*head, turns[0][0]]), turns[0][1])

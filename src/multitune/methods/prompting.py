@@ -18,9 +18,10 @@ position's logits); when a verbaliser has more than one token, one more forward 
 of every label over the prompts' KV cache repeated per label (T5: the encoder output repeated, the
 decoder reading ``[start, v_c,<T]``). No generated text is parsed.
 
-Contextual calibration (``calibrate``; Zhao et al. 2021): the logits become s_c(x) - log p_cf(c), with p_cf
-the label distribution of content-free inputs in the same prompt (:func:`content_free_prior`), so a prompt's
-bias towards a label whatever the input is divided out.
+Calibration (``calibrate``): the logits become s_c(x) - log p_bias(c), with p_bias the mean label
+distribution of content-free inputs in the same prompt (Zhao et al. 2021) or of the shot pool's examples
+(``calibrate_with pool``; :func:`label_prior`), so a prompt's bias towards a label whatever the input is
+divided out.
 
 Classification, encoders (no LM head): the counterpart of a verbaliser's likelihood is the cosine
 between the input's mean-pooled embedding e(x) and a prototype per label::
@@ -68,9 +69,8 @@ from multitune.methods.label_scores import (
 )
 from multitune.methods.prompt_render import (
     CHAT_MODES,
-    PLACEHOLDER,
     answer_space,
-    braced,
+    kind_problems,
     render_one,
     template_problems,
 )
@@ -80,7 +80,9 @@ if TYPE_CHECKING:
 
 SELECTIONS = ("random", "similar")
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. (2021), section 4
-CALIBRATION_MAX_LENGTH = 512  # the content-free prompts keep every shot a real input of the task could
+CALIBRATION_SOURCES = ("content-free", "pool")
+PRIOR_BATCH = 16  # prompts per forward while computing the label prior
+UNSEEN_MAX_LENGTH = 128  # the budget of a task no prompt was rendered for yet (train and predict default)
 
 
 @dataclass
@@ -121,6 +123,13 @@ class PromptingConfig:
         metadata={
             "help": "classification: contextual calibration (Zhao et al. 2021), divide each label's "
             "probability by its probability after content-free inputs ('N/A', '', '[MASK]') in the same prompt"
+        },
+    )
+    calibrate_with: str = field(
+        default="content-free",
+        metadata={
+            "help": "what --prompting-calibrate divides out: content-free (the prior of 'N/A', '', '[MASK]') "
+            "or pool (the mean prediction over the label-balanced shot pool, each with its own shots)"
         },
     )
     verbalizers: str | dict[str, str] | None = field(
@@ -196,6 +205,11 @@ class PromptingConfig:
                 f"prompting calibrate must be true or false (got {self.calibrate!r}): use "
                 "--prompting-calibrate or --no-prompting-calibrate"
             )
+        if self.calibrate_with not in CALIBRATION_SOURCES:
+            problems.append(
+                f"prompting calibrate_with must be one of {', '.join(CALIBRATION_SOURCES)} (got "
+                f"{self.calibrate_with!r}): fix --prompting-calibrate-with"
+            )
         if self.pool_size < 1:
             problems.append(
                 f"prompting pool_size must be >= 1 (got {self.pool_size}): fix --prompting-pool-size"
@@ -255,16 +269,8 @@ def continuation_ids(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConf
 def attach(bank: MultiTaskModel, task: str, config: PromptingConfig) -> None:
     """Check the settings against the task; a prompting task has no parameters."""
     spec = bank.tasks[task]
-    problems = []
-    found = set(PLACEHOLDER.findall(config.template or "")) | set(
-        PLACEHOLDER.findall(config.instruction or "")
-    )
+    problems = kind_problems(bank.base, config, spec.kind)
     if spec.kind == "classification":
-        if config.template is not None and "{label}" not in config.template:
-            problems.append(
-                "a classification template needs {label} where the answer goes, e.g. "
-                "--prompting-template '{text}\\nAnswer: {label}'"
-            )
         given = config.verbalizers if isinstance(config.verbalizers, dict) else {}
         unknown = sorted(set(given) - set(spec.labels))
         if unknown:
@@ -292,37 +298,8 @@ def attach(bank: MultiTaskModel, task: str, config: PromptingConfig) -> None:
                     f"verbaliser(s) {empty[:5]} have no tokens in this model's vocabulary: "
                     "fix --prompting-verbalizers"
                 )
-    else:
-        if config.template is not None and "{response}" not in config.template:
-            problems.append(
-                "a generation template needs {response} where the answer goes, e.g. "
-                "--prompting-template 'Question: {text}\\nAnswer: {response}'"
-            )
-        wrong = sorted(found & {"label", "labels", "text_pair"})
-        if wrong:
-            problems.append(
-                f"{braced(wrong)} are for classification tasks; a generation template uses {{text}} and "
-                "{response}: fix --prompting-template / --prompting-instruction"
-            )
-    problems += _chat_problems(bank, spec, config)
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-def _chat_problems(bank: MultiTaskModel, spec: TaskSpec, config: PromptingConfig) -> list[str]:
-    """``on`` needs a chat template to render with; ``off`` cannot take a generation prompt out of one."""
-    has_template = bank.base.arch == "decoder" and bool(getattr(bank.base.tokenizer, "chat_template", None))
-    if config.chat == "on" and not has_template:
-        return [
-            f"--prompting-chat on needs a decoder whose tokenizer has a chat template; {bank.base.source} "
-            "has none: use --prompting-chat auto (or off)"
-        ]
-    if config.chat == "off" and spec.kind == "generation" and has_template:
-        return [
-            "--prompting-chat off is for classification: a generation prompt goes through the tokenizer's "
-            "chat template as every generation task's does; use --prompting-chat auto"
-        ]
-    return []
 
 
 def detach(bank: MultiTaskModel, task: str) -> None:
@@ -348,6 +325,11 @@ def fit(bank: MultiTaskModel, task: str, examples: Sequence[Example]) -> None:
             f"task '{task}' has no usable training examples to draw {config.shots} shots from; "
             "give labelled training data or use --prompting-shots 0"
         )
+    if config.calibrate and config.calibrate_with == "pool" and spec.kind == "classification" and not pool:
+        raise ConfigError(
+            f"task '{task}' has no usable training examples to calibrate with; give labelled training data "
+            "or use --prompting-calibrate-with content-free"
+        )
     spec.config["pool"] = {"examples": [{k: v for k, v in vars(ex).items() if v is not None} for ex in pool]}
     _forget(bank, task)
 
@@ -363,6 +345,7 @@ def render(bank: MultiTaskModel, task: str, examples: Sequence[Example], max_len
     if spec.kind == "classification" and bank.base.arch == "encoder":
         return list(examples)  # an encoder reads the input itself; its shots enter the label prototypes
     config = task_config(bank, task)
+    _cached(bank, task, config)["max_length"] = max_length  # the label prior's prompts get the same budget
     pool = pool_examples(config)
     chosen = choose_shots(bank, task, config, examples)
     words = verbalizers(config, spec) if spec.kind == "classification" else {}
@@ -449,11 +432,11 @@ def score(
     bank: MultiTaskModel, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Label logits (B, C) of rendered prompts: verbaliser log-likelihoods, or scaled cosines on encoders;
-    with ``calibrate``, less the log label prior of content-free inputs (:func:`content_free_prior`)."""
+    with ``calibrate``, less the log label prior (:func:`label_prior`)."""
     config = task_config(bank, task)
     logits = raw_scores(bank, task, config, input_ids, attention_mask)
     if config.calibrate:
-        logits = logits.float() - content_free_prior(bank, task, config).to(logits.device)
+        logits = logits.float() - label_prior(bank, task, config).to(logits.device)
     return logits
 
 
@@ -475,38 +458,49 @@ def raw_scores(
         return decoder_label_scores(bank.base.model, input_ids, attention_mask, continuations)
 
 
-def content_free_prior(bank: MultiTaskModel, task: str, config: PromptingConfig) -> torch.Tensor:
-    """log p_cf (C,): the label distribution the prompt gives when the input says nothing.
+def label_prior(bank: MultiTaskModel, task: str, config: PromptingConfig) -> torch.Tensor:
+    """log p_bias (C,): the label distribution the prompt gives whatever the input, what calibration divides out.
 
     Contextual calibration (Zhao et al. 2021, "Calibrate Before Use", section 4): the template, the shots
-    and their order bias a model towards some labels whatever the input; the content-free inputs 'N/A', ''
-    and '[MASK]' are rendered as any input is (the same template, instruction, chat turns and choice of
-    shots), their label probabilities p(c | cf) are averaged, and each input's are divided by them::
+    and their order bias a model towards some labels whatever the input; ``content-free`` inputs 'N/A', ''
+    and '[MASK]' are rendered as any input is (the same template, instruction, chat turns, choice of shots and
+    token budget), their label probabilities are averaged, and each input's are divided by them::
 
-        q(c | x) = softmax_c(s_c(x) - log p_cf(c)),    p_cf = mean_cf softmax(s(cf))
+        q(c | x) = softmax_c(s_c(x) - log p_bias(c)),    p_bias = mean_{x' in X} softmax(s(x'))
 
-    i.e. W = diag(p_cf)^-1, b = 0 on the probabilities. Computed once per task and settings (cached like the
-    pool embeddings), in log space so that a label the prompt all but rules out is not divided by zero.
-    A pair task (a template with {text_pair}, or a pool of pairs) gets content-free pairs.
+    i.e. W = diag(p_bias)^-1, b = 0 on the probabilities. ``pool`` takes X = the shot pool's examples instead
+    (each rendered with its own shots, never itself), the mean prediction over real inputs of the task as in
+    Batch Calibration (Zhou et al. 2024, section 4): the pool is label-balanced, so a model without bias has a
+    uniform mean there and is left unchanged. Computed once per task and settings (cached like the pool
+    embeddings), in log space so that a label the prompt all but rules out is not divided by zero. A pair
+    task (a template with {text_pair}, or a pool of pairs) gets content-free pairs.
     """
     from multitune.encode import collate, encode_task
 
     entry = _cached(bank, task, config)
-    key = json.dumps(asdict(config), sort_keys=True, default=str)
+    max_length = entry.get("max_length", UNSEEN_MAX_LENGTH)
+    key = json.dumps([asdict(config), max_length], sort_keys=True, default=str)
     if entry.get("prior_key") != key:
-        pair = "{text_pair}" in (config.template or "") or any(
-            "text_pair" in ex for ex in config.pool.examples
-        )
-        examples = [Example(text=t, text_pair=t if pair else None) for t in CONTENT_FREE]
-        features = encode_task(bank, task, examples, CALIBRATION_MAX_LENGTH)
-        batch = collate(features, bank.base.tokenizer.pad_token_id, bank.slots.index(task))
-        device = bank.base.device
-        scores = raw_scores(
-            bank, task, config, batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        )
-        logp = torch.log_softmax(scores.float(), dim=-1)  # (3, C)
-        entry["prior"] = torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(CONTENT_FREE))))
-        entry["prior_key"] = key
+        if config.calibrate_with == "pool":
+            examples = [Example(text=ex.text, text_pair=ex.text_pair) for ex in pool_examples(config)]
+        else:
+            pair = "{text_pair}" in (config.template or "") or any(
+                "text_pair" in ex for ex in config.pool.examples
+            )
+            examples = [Example(text=t, text_pair=t if pair else None) for t in CONTENT_FREE]
+        if not examples:
+            raise ConfigError(
+                f"task '{task}' has no shot pool to calibrate with; give labelled training data or use "
+                "--prompting-calibrate-with content-free"
+            )
+        device, logp = bank.base.device, []
+        for start in range(0, len(examples), PRIOR_BATCH):
+            features = encode_task(bank, task, examples[start : start + PRIOR_BATCH], max_length)
+            batch = collate(features, bank.base.tokenizer.pad_token_id, bank.slots.index(task))
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logp.append(torch.log_softmax(raw_scores(bank, task, config, ids, mask).float(), dim=-1))
+        log_mean = torch.logsumexp(torch.cat(logp), dim=0) - torch.log(torch.tensor(float(len(examples))))
+        entry.update(prior=log_mean, prior_key=key)
     return entry["prior"]
 
 
