@@ -195,7 +195,9 @@ def test_verbaliser_scores_equal_brute_force(
     family: str, words: dict[str, str], max_rows: int, monkeypatch
 ) -> None:
     monkeypatch.setattr(label_scores, "MAX_ROWS", max_rows)  # 2: one label per continuation forward
-    config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=words, shots=1)
+    config = PromptingConfig(
+        template="{text} it was {label}", instruction="so", verbalizers=words, shots=1, calibrate=False
+    )
     bank = _bank(family, config, pool=toy_sentiment(6, seed=2))
     batch = _batch(bank, "p", QUERIES)
     assert batch["attention_mask"].sum(1).unique().numel() > 1  # prompts of different lengths share the batch
@@ -237,7 +239,9 @@ def test_prompting_rows_and_lora_rows_in_one_batch_equal_each_alone(family: str)
 
 
 def test_encoder_scores_are_cosines_to_the_verbaliser_prototypes() -> None:
-    config = PromptingConfig(verbalizers={"pos": "good", "neg": "bad", "meh": "what"}, temperature=0.1)
+    config = PromptingConfig(
+        verbalizers={"pos": "good", "neg": "bad", "meh": "what"}, temperature=0.1, calibrate=False
+    )
     bank = _bank("bert", config)
     batch = _batch(bank, "p", QUERIES)
     with torch.no_grad():
@@ -261,8 +265,10 @@ def test_encoder_shots_pull_a_label_prototype_towards_similar_examples() -> None
         Example("nice food", label="pos"),
     ]
     words = {"pos": "good", "neg": "bad", "meh": "what"}
-    zero = _bank("bert", PromptingConfig(verbalizers=words), pool=pool)
-    two = _bank("bert", PromptingConfig(verbalizers=words, shots=2, selection="similar"), pool=pool)
+    zero = _bank("bert", PromptingConfig(verbalizers=words, calibrate=False), pool=pool)
+    two = _bank(
+        "bert", PromptingConfig(verbalizers=words, shots=2, selection="similar", calibrate=False), pool=pool
+    )
     tokenizer, model = two.base.tokenizer, two.base.model
     unit = lambda text: F.normalize(_mean_hidden(model, tokenizer(text).input_ids), dim=0)  # noqa: E731
     x = unit("good movie")

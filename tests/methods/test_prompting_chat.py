@@ -59,7 +59,9 @@ def _brute_force(bank: MultiTaskModel, prompt: str, words: list[str]) -> torch.T
 
 # ---- chat rendering -------------------------------------------------------------------------------------
 def test_chat_template_renders_instruction_and_shots_as_turns_and_scores_the_answer() -> None:
-    config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=BINARY, shots=2)
+    config = PromptingConfig(
+        template="{text} it was {label}", instruction="so", verbalizers=BINARY, shots=2, calibrate=False
+    )
     pool = toy_sentiment(8, seed=3)
     plain = render(
         _bank(_chat_base(), PromptingConfig(**{**vars(config), "chat": "off"}), pool), "p", QUERIES, 128
@@ -115,9 +117,14 @@ def test_calibration_divides_out_the_content_free_prior_and_flips_skewed_predict
     # A one-token against a three-token verbaliser: the sum of three log-probabilities is far lower, so the
     # raw prompt says 'pos' to nearly everything, and the content-free inputs show that skew.
     words = {"pos": "good", "neg": "not really bad"}
-    config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=words)
+    config = PromptingConfig(
+        template="{text} it was {label}", instruction="so", verbalizers=words, calibrate=False
+    )
     raw_bank = _bank(tiny_base("llama"), config)
-    calibrated = _bank(tiny_base("llama"), PromptingConfig(**{**vars(config), "calibrate": True}))
+    calibrated = _bank(
+        tiny_base("llama"),
+        PromptingConfig(**{**vars(config), "calibrate": True, "calibrate_with": "content-free"}),
+    )
     queries = toy_sentiment(16, seed=5)
     order = ["not really bad", "good"]  # the task's labels: neg, pos
     prior = torch.stack(
@@ -141,7 +148,9 @@ def test_calibration_divides_out_the_content_free_prior_and_flips_skewed_predict
 
 def test_pool_calibration_divides_out_the_mean_prediction_over_the_pool_at_the_same_budget() -> None:
     words = {"pos": "good", "neg": "not really bad"}
-    config = PromptingConfig(template="{text} it was {label}", instruction="so", verbalizers=words, shots=2)
+    config = PromptingConfig(
+        template="{text} it was {label}", instruction="so", verbalizers=words, shots=2, calibrate=False
+    )
     pool = toy_sentiment(8, seed=3)
     raw_bank = _bank(tiny_base("llama"), config, pool)
     calibrated = _bank(
@@ -160,14 +169,17 @@ def test_pool_calibration_divides_out_the_mean_prediction_over_the_pool_at_the_s
     assert prior.max() > 0.8 and (got.argmax(-1) == 0).any()  # the skew towards 'pos' is divided out
 
 
-def test_pool_calibration_without_training_examples_says_what_to_use() -> None:
-    config = PromptingConfig(calibrate=True, calibrate_with="pool")
-    bank = _bank(tiny_base("llama"), config)
-    with pytest.raises(ConfigError, match=re.escape("--prompting-calibrate-with content-free")):
-        prompting.fit(bank, "p", [Example("good", label="other")])
-    advised = _bank(tiny_base("llama"), PromptingConfig(calibrate=True, calibrate_with="content-free"))
-    prompting.fit(advised, "p", [Example("good", label="other")])
-    assert torch.isfinite(predict_proba(advised, "p", QUERIES)).all()
+def test_pool_calibration_without_a_pool_falls_back_to_the_content_free_inputs() -> None:
+    bank = _bank(tiny_base("llama"), PromptingConfig(verbalizers=BINARY))  # the defaults: the pool's prior
+    prompting.fit(bank, "p", [Example("good", label="other")])  # no usable training example: no pool
+    assert bank.tasks["p"].config["pool"]["examples"] == []
+    content_free = _bank(
+        tiny_base("llama"), PromptingConfig(verbalizers=BINARY, calibrate_with="content-free")
+    )
+    raw = _bank(tiny_base("llama"), PromptingConfig(verbalizers=BINARY, calibrate=False))
+    want = predict_proba(content_free, "p", QUERIES)
+    torch.testing.assert_close(predict_proba(bank, "p", QUERIES), want, atol=1e-6, rtol=0)
+    assert not torch.allclose(predict_proba(raw, "p", QUERIES), want, atol=1e-3)
 
 
 def test_the_prior_is_computed_once_per_task_and_settings() -> None:
@@ -184,7 +196,7 @@ def test_the_prior_is_computed_once_per_task_and_settings() -> None:
 
 def test_calibration_applies_to_encoders_and_is_ignored_for_generation() -> None:
     config = PromptingConfig(verbalizers=BINARY, calibrate=True)
-    raw = _bank(tiny_base("bert"), PromptingConfig(verbalizers=BINARY))
+    raw = _bank(tiny_base("bert"), PromptingConfig(verbalizers=BINARY, calibrate=False))
     bank = _bank(tiny_base("bert"), config)
     prior = prompting.label_prior(bank, "p", prompting.task_config(bank, "p"))
     torch.testing.assert_close(
@@ -201,14 +213,16 @@ def test_calibration_applies_to_encoders_and_is_ignored_for_generation() -> None
 
 # ---- settings, adapters, search, errors -----------------------------------------------------------------
 def test_the_adapter_round_trips_chat_and_calibrate(tmp_path) -> None:
-    config = PromptingConfig(verbalizers=BINARY, shots=2, chat="off", calibrate=True)
+    config = PromptingConfig(
+        verbalizers=BINARY, shots=2, chat="off", calibrate=False, calibrate_with="content-free"
+    )
     bank = _bank(_chat_base(), config, toy_sentiment(8, seed=3))
     want = predict_proba(bank, "p", QUERIES)
     save_adapter(bank, "p", tmp_path / "a")
     fresh = MultiTaskModel(_chat_base())
     load_adapter(fresh, tmp_path / "a")
     loaded = prompting.task_config(fresh, "p")
-    assert (loaded.chat, loaded.calibrate) == ("off", True)
+    assert (loaded.chat, loaded.calibrate, loaded.calibrate_with) == ("off", False, "content-free")
     torch.testing.assert_close(predict_proba(fresh, "p", QUERIES), want, atol=1e-5, rtol=0)
 
 
