@@ -73,8 +73,8 @@ def advice(method: str, learning_rate: float | None, default_learning_rate: floa
     if not trains:  # prompting: nothing was trained, the template and the shots decide
         return (
             "likely cause: the prompt's template or shots do not lead the model to the labels; try "
-            "--prompting-calibrate (divide out the label prior), more shots (--prompting-shots 8) or "
-            "another --prompting-template"
+            "more shots (--prompting-shots 8), --prompting-calibrate-with pool (divide out the shot pool's "
+            "mean prediction) or another --prompting-template"
         )
     lr = learning_rate or default_learning_rate
     if lr >= default_learning_rate / 2:
