@@ -134,7 +134,7 @@ class _Database:
         else:
             parent = Path(target).parent
             if target != ":memory:" and not parent.is_dir():
-                raise ConfigError(f"--monitor-db {target}: folder {parent} does not exist; create it first")
+                raise ConfigError(f"feedback store {target}: folder {parent} does not exist; create it first")
 
     def connect(self) -> Any:
         if self.postgres:
@@ -153,7 +153,10 @@ class _Database:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
             connection.execute("PRAGMA synchronous=FULL")  # an acknowledged commit survives a power cut
         except sqlite3.Error as error:
-            raise ConfigError(f"--monitor-db {self.target} cannot be opened as SQLite ({error})") from None
+            raise ConfigError(
+                f"the feedback store {self.target} cannot be opened as SQLite ({error}); pass --monitor-db "
+                "with a writable file or a postgresql:// URL"
+            ) from None
         return connection
 
     def sql(self, query: str) -> str:
