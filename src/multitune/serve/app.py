@@ -5,8 +5,9 @@ scheduler (which owns the model and batches rows of every task into shared forwa
 streams and errors into OpenAI's shapes. The ``model`` field of a request names the task.
 
 Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gives server-sent events),
-``POST /v1/classify``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and the admin
-endpoints ``POST /admin/load``, ``/admin/unload``, ``/admin/reload``. Each route is a module function that
+``POST /v1/classify``, ``POST /v1/feedback`` (:mod:`multitune.serve.feedback`), ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus) and the admin endpoints ``POST /admin/load``,
+``/admin/unload``, ``/admin/reload``. Each route is a module function that
 reads the server's :class:`Served` state from ``request.app.state``; :func:`create_app` only assembles them.
 
 Keys, as vLLM does: with an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY``;
@@ -41,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multitune.errors import MultituneError
 from multitune.serve.decode import RequestError
+from multitune.serve.feedback import router as feedback_router
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES, Guard
 from multitune.serve.observe import Metrics
 from multitune.serve.openai import (
@@ -78,13 +80,22 @@ router = APIRouter()
 
 @dataclass
 class Served:
-    """What every route reads: the scheduler, the metrics, the base's name, the limits, the loadable folders."""
+    """What every route reads: the scheduler, the metrics, the base's name, the limits, the loadable folders,
+    and the feedback store answers are recorded in (None: none kept)."""
 
     scheduler: Any
     metrics: Metrics
     model_name: str
     max_input_chars: int
     roots: list[Path]
+    store: Any = None  # a multitune.health.store.FeedbackStore
+
+    def remember(
+        self, rid: str, task: str, kind: str, prediction: str | None, probabilities: Any, text: str
+    ) -> None:
+        """Record an answer under its id for later feedback (queued: the store writes off this thread)."""
+        if self.store is not None:
+            self.store.record(rid, task, kind, prediction, probabilities, text)
 
     def deadline(self) -> float:
         return float(getattr(self.scheduler, "timeout_s", 60.0) or 60.0) + GRACE_S
@@ -111,13 +122,15 @@ def create_app(
     load_from: Sequence[str | Path] = (),
     max_input_chars: int = MAX_INPUT_CHARS,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    store: Any = None,
 ) -> FastAPI:
     """The HTTP API over a :class:`~multitune.serve.scheduler.Scheduler` (started and stopped with the app).
 
     ``api_key``: every endpoint but ``/health`` needs ``Authorization: Bearer api_key``. ``admin_key``: what
     ``/admin/*`` needs (default: ``api_key``; neither: admin is open). ``load_from``: the folders whose
     contents ``/admin/load`` and ``/admin/reload`` may read (symlinks followed; none: no path is accepted).
-    ``model_name``: the base model, reported by ``/health`` and ``/v1/models``.
+    ``model_name``: the base model, reported by ``/health`` and ``/v1/models``. ``store``: the
+    :class:`~multitune.health.store.FeedbackStore` answers and feedback go to (closed with the app).
     """
     served = Served(
         scheduler,
@@ -125,6 +138,7 @@ def create_app(
         model_name,
         max_input_chars,
         [Path(root).resolve() for root in load_from],
+        store,
     )
     app = FastAPI(
         title="multitune", summary="Many tasks from one frozen base, OpenAI-compatible", lifespan=_lifespan
@@ -147,6 +161,7 @@ def create_app(
     ):
         app.add_exception_handler(error, handler)  # type: ignore[arg-type]
     app.include_router(router)
+    app.include_router(feedback_router)
     return app
 
 
@@ -167,6 +182,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         drainer.cancel()
         await asyncio.to_thread(served.scheduler.stop)
+        if served.store is not None:  # every answer recorded so far is committed
+            await asyncio.to_thread(served.store.close)
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
@@ -188,7 +205,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     if error.status_code == 404:
         message = (
             f"no endpoint {request.method} {request.url.path}; see /v1/models, /v1/completions, "
-            "/v1/chat/completions, /v1/classify, /health, /metrics"
+            "/v1/chat/completions, /v1/classify, /v1/feedback, /health, /metrics"
         )
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
@@ -255,9 +272,11 @@ def _stream(
     task: str,
     chunk: Callable[[str | None, str | None], dict],
     include_usage: bool,
+    done: Callable[[], None] = lambda: None,
 ) -> EventStream:
     """The generation as server-sent events: ``chunk(piece, finish_reason)`` shapes each event; a client that
-    goes away cancels the row, and the tokens are counted once however the stream ends."""
+    goes away cancels the row, and the tokens are counted once however the stream ends. ``done()`` runs when
+    the generation is complete (its answer can be recorded)."""
     served = _served(request)
     state = {"finished": False, "counted": False}
     info = request.scope.get("multitune")
@@ -291,6 +310,7 @@ def _stream(
                 if piece:
                     yield sse(chunk(piece, None))
             state["finished"] = True
+            done()
             yield sse(chunk("", finish_reason(handle)))
             if include_usage:
                 yield sse({**chunk("", None), "choices": [], "usage": usage(handle)})
@@ -334,6 +354,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
         }
 
+    def done() -> None:
+        served.remember(rid, body.model, "generation", handle.text, None, prompt)
+
     if body.stream:
         return _stream(
             request,
@@ -341,8 +364,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             body.model,
             chunk,
             bool(body.stream_options and body.stream_options.include_usage),
+            done,
         )
     text, reason = await _answer(request, handle, body.model)
+    served.remember(rid, body.model, "generation", text, None, prompt)
     return JSONResponse({**chunk(text, reason), "usage": usage(handle)})
 
 
@@ -371,6 +396,9 @@ async def chat(body: ChatRequest, request: Request) -> Response:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
         }
 
+    def done() -> None:
+        served.remember(rid, body.model, "generation", handle.text, None, prompt)
+
     if body.stream:
         return _stream(
             request,
@@ -378,8 +406,10 @@ async def chat(body: ChatRequest, request: Request) -> Response:
             body.model,
             chunk,
             bool(body.stream_options and body.stream_options.include_usage),
+            done,
         )
     text, reason = await _answer(request, handle, body.model)
+    served.remember(rid, body.model, "generation", text, None, prompt)
     return JSONResponse(
         {
             "id": rid,
@@ -415,6 +445,7 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
     )
     data = [
         {
+            "id": f"cls-{uuid.uuid4().hex[:24]}",  # what POST /v1/feedback names the row by
             "index": i,
             "label": max(r.probabilities, key=r.probabilities.__getitem__) if r.probabilities else None,
             "probabilities": r.probabilities,
@@ -422,6 +453,8 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
         }
         for i, r in enumerate(results)
     ]
+    for row, text in zip(data, texts, strict=True):
+        served.remember(row["id"], body.model, "classification", row["label"], row["probabilities"], text)
     return JSONResponse({"object": "classification", "model": body.model, "data": data})
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from multitune.cli_commands import Command
 from multitune.errors import ConfigError
+from multitune.health.store import FeedbackStore, Retention
 from multitune.serve.app import create_app
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES
 
@@ -122,12 +123,17 @@ def serve(
     allow_load_from: Sequence[str | Path] = (),
     max_input_chars: int = MAX_INPUT_CHARS,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    monitor_db: str | None = None,
+    log_requests: bool = False,
+    request_retention: str | None = None,
 ) -> None:
     """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
     :func:`multitune.serve.engine.find_adapters`) until interrupted.
 
     Keys default to ``$MULTITUNE_API_KEY`` and ``$MULTITUNE_ADMIN_KEY``. On an address other machines can
     reach, the server refuses to start without an admin key unless ``insecure_no_admin_key``.
+    Answers and feedback go to ``monitor_db`` (a SQLite file or ``postgresql://`` URL; default
+    ``PATH/monitor.sqlite`` of the first path), inputs too with ``log_requests``.
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     _check_limits(max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes)
@@ -138,6 +144,10 @@ def serve(
     _check_folders(paths, allow_load_from)
     api_key, admin_key = _keys(api_key, admin_key, host, port, insecure_no_admin_key)
     _check_port(host, port)
+    retention = Retention.parse(request_retention)
+    store = FeedbackStore.open(
+        monitor_db or FeedbackStore.default_path(paths), log_requests=log_requests, retention=retention
+    )
 
     import uvicorn
 
@@ -148,7 +158,11 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)  # read by every thread that starts a parallel region
-    engine = in_passing_thread(lambda: Engine.from_folder(paths, model, device))
+    try:
+        engine = in_passing_thread(lambda: Engine.from_folder(paths, model, device))
+    except BaseException:  # the app would have closed the store: nothing else will
+        store.close()
+        raise
     scheduler = Scheduler(
         engine,
         max_batch_size=max_batch_size,
@@ -164,6 +178,7 @@ def serve(
         load_from=[*paths, *allow_load_from],
         max_input_chars=max_input_chars,
         max_request_bytes=max_request_bytes,
+        store=store,
     )
     names = ", ".join(sorted(engine.tasks))
     print(
@@ -219,6 +234,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=MAX_REQUEST_BYTES,
         help=f"bytes of one request body; beyond it 413 (default: {MAX_REQUEST_BYTES})",
     )
+    parser.add_argument(
+        "--monitor-db",
+        metavar="URL_OR_FILE",
+        help="where answers and feedback are stored: a SQLite file, or postgresql://... shared by several "
+        "replicas (needs pip install 'multitune[postgres]'; default: monitor.sqlite in the first PATH)",
+    )
+    parser.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="also store each request's input text, so that `multitune feedback export` can write training "
+        "data (default: inputs are not stored)",
+    )
+    parser.add_argument(
+        "--request-retention",
+        metavar="ROWS_OR_DAYS",
+        help="keep the newest ROWS answers (100000) or those of the last DAYS (30d); answers that got "
+        "feedback are kept (default: 1000000 rows)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows in one forward (default: 32)")
     parser.add_argument(
         "--max-wait-ms",
@@ -267,6 +300,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allow_load_from=args.allow_load_from,
         max_input_chars=args.max_input_chars,
         max_request_bytes=args.max_request_bytes,
+        monitor_db=args.monitor_db,
+        log_requests=args.log_requests,
+        request_retention=args.request_retention,
     )
 
 
