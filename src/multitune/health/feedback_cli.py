@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from multitune.cli_commands import Command
 from multitune.errors import ConfigError
@@ -34,14 +35,14 @@ def feedback_export(
     output: str | Path | None = None,
     preferences: str | Path | None = None,
     monitor_db: str | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Write the task's feedback as a training file (``output``) and/or preference data (``preferences``)."""
     if output is None and preferences is None:
         raise ConfigError("give --output FILE (a training file) and/or --preferences FILE (KTO and DPO rows)")
     store = open_store(bank, monitor_db)
     try:
         rows = store.rows(task)
-        summary: dict[str, object] = {
+        summary: dict[str, Any] = {
             "feedback": len(rows),
             "without_input": sum(row["input"] is None for row in rows),
         }
@@ -82,7 +83,7 @@ def add_feedback_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_feedback(args: argparse.Namespace) -> None:
     summary = feedback_export(args.bank, args.task, args.output, args.preferences, args.monitor_db)
-    skipped = int(summary["without_input"])  # type: ignore[call-overload]
+    skipped = int(summary["without_input"])
     note = f" ({skipped} without a logged input left out: serve with --log-requests)" if skipped else ""
     if args.output is not None:
         print(f"wrote {summary['rows']} rows of task '{args.task}' to {args.output}{note}", file=sys.stderr)
