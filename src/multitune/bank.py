@@ -400,14 +400,23 @@ class MultiTaskModel(nn.Module):
         return routed.out.last_hidden_state[:, routed.width :]
 
     def classify(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task_ids: torch.Tensor,
+        pooled_out: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Logits (B, C) with C the largest label count among the rows' tasks; padding columns are -inf.
 
         Rows of a task whose method scores labels itself (prompting) get that method's scores, not a head's.
+
+        ``pooled_out``: when a list is given, one float32 tensor (B, H) is appended to it, each row the pooled
+        vector its head read (drift monitoring takes its features from the forward that served the row, so
+        it costs no second forward); rows scored by their method (no head) are NaN, and None is appended
+        when no row had a head. Without the list nothing extra is computed or kept.
         """
         if any(get_method(spec.method).score is not None for spec in self.tasks.values()):
-            scored = self._classify_scored(input_ids, attention_mask, task_ids)
+            scored = self._classify_scored(input_ids, attention_mask, task_ids, pooled_out)
             if scored is not None:
                 return scored
         with self.routed(task_ids):
@@ -417,11 +426,18 @@ class MultiTaskModel(nn.Module):
         present = [slots.index(single)] if single is not None else sorted({int(t) for t in task_ids.tolist()})
         width = max(len(self.tasks[slots[s]].labels) for s in present)
         logits = hidden.new_full((input_ids.shape[0], width), float("-inf"), dtype=torch.float32)
+        features = (
+            None
+            if pooled_out is None
+            else hidden.new_full((input_ids.shape[0], hidden.shape[-1]), float("nan"), dtype=torch.float32)
+        )
         for slot in present:  # heads are tiny; pooling differs per task
             task = slots[slot]
             rows = (task_ids == slot).nonzero(as_tuple=True)[0] if len(present) > 1 else slice(None)
             mask = attention_mask[rows]
             pooled = pool(hidden[rows], mask, self.tasks[task].pooling or "mean", self.base.arch)
+            if features is not None:
+                features[rows] = pooled.detach().float()
             head = cast(nn.Linear, self.heads[task])  # add_task makes every head (ModuleDict types it Module)
             out = head(pooled.to(head.weight.dtype))
             if len(present) == 1:
@@ -432,10 +448,16 @@ class MultiTaskModel(nn.Module):
                 )
             else:
                 logits[rows, : out.shape[1]] = out
+        if pooled_out is not None:
+            pooled_out.append(features)
         return logits
 
     def _classify_scored(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task_ids: torch.Tensor,
+        pooled_out: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor | None:
         """Logits of a batch with rows whose method has ``score``: those rows by it, the rest by their heads."""
         slots = self.slots
@@ -453,10 +475,18 @@ class MultiTaskModel(nn.Module):
                 continue
             out = score(self, slots[slot], input_ids[rows], attention_mask[rows])
             logits[rows, : out.shape[1]] = out.float()
+        inner: list[torch.Tensor | None] | None = None if pooled_out is None else []
         if headed.any():  # rows of tasks with heads: no scored row among them, so this returns at the heads
             rows = headed.nonzero(as_tuple=True)[0]
-            out = self.classify(input_ids[rows], attention_mask[rows], task_ids[rows])
+            out = self.classify(input_ids[rows], attention_mask[rows], task_ids[rows], inner)
             logits[rows, : out.shape[1]] = out.float()
+        if pooled_out is not None:
+            headed_rows = inner[0] if inner else None
+            features = None
+            if headed_rows is not None:
+                features = headed_rows.new_full((input_ids.shape[0], headed_rows.shape[1]), float("nan"))
+                features[headed] = headed_rows
+            pooled_out.append(features)
         return logits
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
