@@ -181,17 +181,19 @@ def test_preferences_export_kto_rows_and_dpo_pairs_the_dpo_command_reads(sqlite_
 
 def test_retention_deletes_old_answers_without_feedback_and_their_ids_expire(tmp_path, monkeypatch):
     store = FeedbackStore.open(tmp_path / "m.sqlite", retention=Retention(rows=5))
-    clock = iter(range(1_000_000, 2_000_000))
+    clock = iter(range(1_700_000_000, 1_800_000_000))  # today's epoch seconds: no room for an epsilon
     monkeypatch.setattr(store_module.time, "time", lambda: float(next(clock)))
     rows = serve_rows(store, "sent", 12)
     store.feedback(rows[0][0], label=rows[0][2])  # the oldest answer gets feedback: it is kept
     store.prune()
-    with pytest.raises(UnknownId, match="--request-retention"):
-        store.feedback(rows[3][0], label="pos")
-    store.feedback(rows[11][0], label="pos")  # among the newest 5: still there
+    for expired in (rows[3], rows[6]):  # rows[6] is the newest past the limit of 5
+        with pytest.raises(UnknownId, match="--request-retention"):
+            store.feedback(expired[0], label="pos")
+    for kept_row in (rows[7], rows[11]):  # the newest 5: still there
+        store.feedback(kept_row[0], label="pos")
     kept = {row["id"] for row in store.rows("sent")}
-    assert kept == {rows[0][0], rows[11][0]}
-    assert store.live("sent")["feedback"] == 2
+    assert kept == {rows[0][0], rows[7][0], rows[11][0]}
+    assert store.live("sent")["feedback"] == 3
     store.close()
 
 
@@ -285,3 +287,23 @@ def test_two_stores_over_one_postgres_database_see_each_others_feedback(postgres
         assert again.live("sent")["feedback"] == 10
     finally:
         again.close()
+
+
+def test_a_store_outlives_a_dropped_postgres_connection(postgres_store_url):
+    """A database restart or failover drops the store's connections: the next write and read reconnect."""
+    import psycopg
+
+    store = FeedbackStore.open(postgres_store_url)
+    try:
+        serve_rows(store, "sent", 2)
+        store.feedback("a0", label="pos")
+        with psycopg.connect(postgres_store_url, autocommit=True) as admin:
+            dropped = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert len(dropped) >= 2  # the writer's and the reader's connections
+        store.feedback("a1", label="neg")
+        assert store.live("sent")["feedback"] == 2
+    finally:
+        store.close()

@@ -24,6 +24,7 @@ so every replica reports the same numbers and a restart changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -324,31 +325,44 @@ class FeedbackStore:
                 return
 
     def _write_answers(self, rows: list[tuple]) -> None:
-        try:
-            with _transaction(self._writer_db):
-                self._writer_db.cursor().executemany(
-                    self._db.sql(
-                        "INSERT INTO mt_answers (id, task, kind, time, prediction, probabilities, input) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-                    ),
-                    rows,
-                )
+        def insert(connection: Any) -> None:
+            connection.cursor().executemany(
+                self._db.sql(
+                    "INSERT INTO mt_answers (id, task, kind, time, prediction, probabilities, input) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                ),
+                rows,
+            )
             self._since_prune += len(rows)
             if self._since_prune >= PRUNE_EVERY:
                 self._since_prune = 0
-                with _transaction(self._writer_db):
-                    self._prune(self._writer_db.cursor())
+                self._prune(connection.cursor())
+
+        try:
+            self._on_writer(insert)
         except Exception:  # noqa: BLE001  (a failed write loses answers' records, never the server)
             log.exception("writing %d answers to the feedback store failed", len(rows))
 
     def _run_call(self, operation: Callable[[Any], Any], future: Future) -> None:
         try:
-            with _transaction(self._writer_db):
-                result = operation(self._writer_db)
+            result = self._on_writer(operation)
         except BaseException as error:  # noqa: BLE001  (the caller gets it)
             future.set_exception(error)
         else:
             future.set_result(result)
+
+    def _on_writer(self, operation: Callable[[Any], Any]) -> Any:
+        """``operation(connection)`` in one transaction of the writing connection. A PostgreSQL connection the
+        server dropped (a restart, a failover, an idle timeout) is replaced and the operation run once more."""
+        try:
+            with _transaction(self._writer_db):
+                return operation(self._writer_db)
+        except Exception:
+            if not (self._db.postgres and self._writer_db.closed):
+                raise
+        self._writer_db = self._db.connect()
+        with _transaction(self._writer_db):
+            return operation(self._writer_db)
 
     def prune(self) -> None:
         """Apply the retention limit now (the writer does every few thousand answers)."""
@@ -356,7 +370,7 @@ class FeedbackStore:
 
     def _prune(self, cursor: Any) -> None:
         """Delete answers beyond the retention limit that got no feedback (labelled answers are kept)."""
-        cutoff: float | None = None
+        cutoff, older = None, "<"
         if self.retention.days is not None:
             cutoff = time.time() - self.retention.days * 86400
         elif self.retention.rows is not None:
@@ -365,11 +379,11 @@ class FeedbackStore:
                 (self.retention.rows,),
             )
             row = cursor.fetchone()
-            cutoff = None if row is None else float(row[0]) + 1e-9  # that row and every older one
+            cutoff, older = (None if row is None else float(row[0])), "<="  # the first row past the limit
         if cutoff is not None:
             cursor.execute(
                 self._db.sql(
-                    "DELETE FROM mt_answers WHERE time < ? AND NOT EXISTS "
+                    f"DELETE FROM mt_answers WHERE time {older} ? AND NOT EXISTS "
                     "(SELECT 1 FROM mt_feedback f WHERE f.id = mt_answers.id)"
                 ),
                 (cutoff,),
@@ -377,12 +391,19 @@ class FeedbackStore:
 
     # ---- reading ---------------------------------------------------------------------------------------
     def _read(self, query: str, parameters: Sequence[Any] = ()) -> list[tuple]:
-        lock = self._read_lock or _WriterLock(self)
-        with lock:
-            if lock is not self._read_lock:  # ":memory:": run on the writer thread
-                return self._call(lambda c: _fetch(c, self._db.sql(query), parameters))
+        sql = self._db.sql(query)
+        if self._read_lock is None:  # ":memory:": the writer's connection, on the writer thread
+            return self._call(lambda connection: _fetch(connection, sql, parameters))
+        with self._read_lock:
+            try:
+                with _transaction(self._reader):
+                    return _fetch(self._reader, sql, parameters)
+            except Exception:
+                if not (self._db.postgres and self._reader.closed):
+                    raise
+            self._reader = self._db.connect()  # dropped by the server: as _on_writer does
             with _transaction(self._reader):
-                return _fetch(self._reader, self._db.sql(query), parameters)
+                return _fetch(self._reader, sql, parameters)
 
     def live(self, task: str, window: int | None = None) -> dict[str, Any]:
         """The task's live quality from feedback: over all of it, and over the last ``window`` pieces.
@@ -438,19 +459,6 @@ class FeedbackStore:
         return export_preferences(self, task, path)
 
 
-class _WriterLock:
-    """No lock: the reads of a ":memory:" store run on the writer thread, which serialises them already."""
-
-    def __init__(self, store: FeedbackStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class _transaction:
     """Commit on success, roll back on failure, for sqlite3 and psycopg connections alike."""
 
@@ -464,7 +472,10 @@ class _transaction:
         if kind is None:
             self.connection.commit()
         else:
-            self.connection.rollback()
+            with contextlib.suppress(
+                Exception
+            ):  # a dropped connection cannot roll back: the error is the news
+                self.connection.rollback()
 
 
 def _fetch(connection: Any, query: str, parameters: Sequence[Any]) -> list[tuple]:
