@@ -6,7 +6,8 @@ streams and errors into OpenAI's shapes. The ``model`` field of a request names 
 
 Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gives server-sent events),
 ``POST /v1/classify``, ``POST /v1/feedback`` (:mod:`multitune.serve.feedback`), ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus) and the admin endpoints ``POST /admin/load``,
+``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/monitor`` and the ``/monitor`` page
+(:mod:`multitune.serve.monitor_routes`) and the admin endpoints ``POST /admin/load``,
 ``/admin/unload``, ``/admin/reload``. Each route is a module function that
 reads the server's :class:`Served` state from ``request.app.state``; :func:`create_app` only assembles them.
 
@@ -44,6 +45,7 @@ from multitune.errors import MultituneError
 from multitune.serve.decode import RequestError
 from multitune.serve.feedback import router as feedback_router
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES, Guard
+from multitune.serve.monitor_routes import install as install_monitor
 from multitune.serve.observe import Metrics
 from multitune.serve.openai import (
     CLIENT_GONE,
@@ -162,6 +164,7 @@ def create_app(
         app.add_exception_handler(error, handler)  # type: ignore[arg-type]
     app.include_router(router)
     app.include_router(feedback_router)
+    install_monitor(app)  # GET /v1/monitor, GET /monitor, the per-task gauges on /metrics
     return app
 
 
@@ -205,7 +208,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     if error.status_code == 404:
         message = (
             f"no endpoint {request.method} {request.url.path}; see /v1/models, /v1/completions, "
-            "/v1/chat/completions, /v1/classify, /v1/feedback, /health, /metrics"
+            "/v1/chat/completions, /v1/classify, /v1/feedback, /v1/monitor, /monitor, /health, /metrics"
         )
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"

@@ -1,10 +1,10 @@
 """What stands between a client and the routes: keys, the body limit, and each request's metrics.
 
 :class:`Guard` is pure ASGI middleware, so that it sees every request, routed or not: the key a path needs
-(every path but ``/health`` the API key, ``/admin/*`` the admin key, compared as vLLM does: the header's
-``Bearer`` and the key exactly as sent, as sha256 digests in constant time), the body limit (its
-Content-Length before reading, else counted as it streams in), and a request's count, latency and in-flight
-gauge, measured to the last byte sent.
+(every path but ``/health`` and the ``/monitor`` page the API key, ``/admin/*`` the admin key, compared as
+vLLM does: the header's ``Bearer`` and the key exactly as sent, as sha256 digests in constant time), the body
+limit (its Content-Length before reading, else counted as it streams in), and a request's count, latency and
+in-flight gauge, measured to the last byte sent.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ log = logging.getLogger("multitune.serve")
 
 MAX_INPUT_CHARS = 100_000  # characters of one text (a prompt, a message, an input to classify)
 MAX_REQUEST_BYTES = 8 * 2**20  # bytes of one request body
-OPEN_PATHS = ("/health",)  # answered without any key (a load balancer's probe)
+OPEN_PATHS = ("/health", "/monitor")  # without any key: a load balancer's probe; the monitor page, which
+# holds no data (its script sends the key to /v1/monitor)
 ADMIN_PATHS = ("/admin/load", "/admin/unload", "/admin/reload")
 
 
