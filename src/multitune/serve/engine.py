@@ -40,10 +40,18 @@ RUN_CONFIG = "config.yaml"  # beside a run's adapter/ folder: the run's settings
 @dataclass
 class Classification:
     """One classified input: its label probabilities (in the task's label order) and whether its tokens were
-    cut to the task's ``max_length`` (the model then saw only the first ``max_length`` tokens)."""
+    cut to the task's ``max_length`` (the model then saw only the first ``max_length`` tokens).
+
+    With ``features=True`` (:meth:`Engine.classify_rows`), also what the drift monitor reads, taken from the
+    forward and the encoding that served the row (no second forward): ``pooled`` (H,) float32, the pooled
+    hidden state its head read (NaN for a row scored by its method, None when no row of the batch had a
+    head), ``length`` (its tokens) and ``unknown_rate`` (the share of them that are the unknown token)."""
 
     probabilities: dict[str, float]
     truncated: bool = False
+    pooled: torch.Tensor | None = None
+    length: int = 0
+    unknown_rate: float = 0.0
 
 
 def adapter_of(path: str | Path) -> Path | None:
@@ -261,24 +269,38 @@ class Engine:
 
     @torch.no_grad()
     def classify_rows(
-        self, requests: Sequence[Request], max_length: int | None = None
+        self, requests: Sequence[Request], max_length: int | None = None, features: bool = False
     ) -> list[Classification]:
         """Each (task, text) classified, with whether its input was cut: one forward per model, rows of many
         tasks mixed. Inputs are cut to ``max_length`` tokens, by default each task's training ``max_length``
-        (``RUN/config.yaml``; 128 when the folder does not record it), so a task sees what it was trained on."""
+        (``RUN/config.yaml``; 128 when the folder does not record it), so a task sees what it was trained on.
+
+        ``features``: each row also carries its pooled vector, token length and unknown-token rate (see
+        :class:`Classification`), from this same forward and encoding; off, nothing extra is kept or computed."""
         out: list[Classification] = [Classification({})] * len(requests)
         for rows in self._grouped(requests, "classification").values():
             bank = self.bank_of(requests[rows[0]][0])
             bank.eval()
-            features, slots = self.features(bank, requests, rows, max_length, True)
-            batch = to_device(collate(features, bank.base.tokenizer.pad_token_id, slots), bank.base.device)
-            logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+            encoded, slots = self.features(bank, requests, rows, max_length, True)
+            batch = to_device(collate(encoded, bank.base.tokenizer.pad_token_id, slots), bank.base.device)
+            pooled_out: list[torch.Tensor | None] | None = [] if features else None
+            logits = bank.classify(
+                batch["input_ids"], batch["attention_mask"], batch["task_ids"], pooled_out=pooled_out
+            )
+            pooled = pooled_out[0] if pooled_out else None
+            unknown = bank.base.tokenizer.unk_token_id
             for row, i in enumerate(rows):
                 labels = bank.tasks[requests[i][0]].labels
                 probs = torch.softmax(logits[row, : len(labels)].float(), dim=-1).tolist()
-                out[i] = Classification(
-                    dict(zip(labels, probs, strict=True)), bool(features[row].get("truncated"))
+                result = Classification(
+                    dict(zip(labels, probs, strict=True)), bool(encoded[row].get("truncated"))
                 )
+                if features:
+                    ids = encoded[row]["input_ids"]
+                    result.pooled = None if pooled is None else pooled[row]
+                    result.length = len(ids)
+                    result.unknown_rate = unknown_rate(ids, unknown)
+                out[i] = result
         return out
 
     def classify(self, requests: Sequence[Request], max_length: int | None = None) -> list[dict[str, float]]:
@@ -315,6 +337,14 @@ class Engine:
             for row, i in enumerate(rows):
                 out[i] = tokenizer.decode(ids[row], skip_special_tokens=True).strip()
         return out
+
+
+def unknown_rate(ids: Sequence[int], unknown: int | None) -> float:
+    """The share of ``ids`` that are the tokenizer's unknown token (0 for a tokenizer without one): words
+    the vocabulary cannot spell, a sign of inputs unlike the training data's."""
+    if unknown is None or not ids:
+        return 0.0
+    return sum(1 for token in ids if token == unknown) / len(ids)
 
 
 def _example(item: str | Example) -> Example:
