@@ -20,6 +20,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>multitune monitor</title>
+<link rel="icon" href="data:,">
 <style>
 :root { --fg: #1d2433; --muted: #5b6475; --line: #d8dde6; --bg: #f3f5f9; --card: #fff;
   --ok: #1a7f37; --alarm: #c62828; --ref: #8aa4c8; --live: #e07b00; --score: #2f5fa7; }
@@ -35,8 +36,9 @@ header h1 { font-size: 18px; margin: 0; font-weight: 600; }
 #keyform button { padding: 4px 10px; border-radius: 4px; border: 0; background: #e8edf5; cursor: pointer; }
 #message { margin: 12px 24px 0; min-height: 1em; }
 #message.error { color: var(--alarm); font-weight: 600; }
-main { padding: 12px 24px 24px; display: grid; gap: 16px;
-  grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); }
+main { padding: 12px 24px 24px; display: grid; gap: 16px; align-items: start;
+  grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); }
+@media (max-width: 600px) { main { grid-template-columns: 1fr; padding: 12px; } }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 14px 16px;
   min-width: 0; }
 .card.alarm { border-color: var(--alarm); box-shadow: 0 0 0 2px rgba(198, 40, 40, .2); }
@@ -69,7 +71,7 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
   <span id="status">loading&hellip;</span>
   <form id="keyform" autocomplete="off">
     <label for="key">API key</label>
-    <input id="key" type="password" placeholder="only if the server has one">
+    <input id="key" type="password" autocomplete="off" placeholder="only if the server has one">
     <button type="submit">Use key</button>
   </form>
 </header>
@@ -115,6 +117,7 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
   const known = (x) => typeof x === "number" && Number.isFinite(x);
   const num = (x, digits = 3) => (known(x) ? x.toFixed(digits) : "\\u2013");
   const pct = (x) => (known(x) ? (100 * x).toFixed(1) + "%" : "\\u2013");
+  const pval = (x) => (known(x) && x > 0 && x < 0.001 ? x.toExponential(1) : num(x));
 
   // Drift score over the task's requests; checks that raised the alarm are shaded and dotted red.
   function historyChart(history) {
@@ -240,7 +243,7 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
       const t = tests[name] || {};
       const stat = [t.statistic, t.score, t.stat, t.mmd2, t.distance].find(known);
       table.append(el("tr", {}, el("td", {}, name), el("td", {class: "num"}, num(stat)),
-        el("td", {class: "num"}, num(t.p_value)), el("td", {}, t.alarm || t.drift ? "drift" : "")));
+        el("td", {class: "num"}, pval(t.p_value)), el("td", {}, t.alarm || t.drift ? "drift" : "")));
     }
     return section("Tests on the window", table);
   }
@@ -263,7 +266,7 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
       return node;
     }
     node.append(el("div", {class: "meta"},
-      `score ${num(drift.score)} \\u00b7 p ${num(drift.p_value)} \\u00b7 window ${drift.window || 0}` +
+      `score ${num(drift.score, 4)} \\u00b7 p ${pval(drift.p_value)} \\u00b7 window ${drift.window || 0}` +
       ` \\u00b7 ${drift.alarms || 0} alarm episode(s)`));
     node.append(section("Drift score over time", historyChart(task.history)));
     const labels = task.kind === "generation" ? null : labelSection(task);
