@@ -28,6 +28,7 @@ from multitune.config import task_name_from_folder
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
+from multitune.health.profile import token_stats
 from multitune.methods import get_method
 from multitune.models import Base, load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
@@ -288,7 +289,10 @@ class Engine:
                 batch["input_ids"], batch["attention_mask"], batch["task_ids"], pooled_out=pooled_out
             )
             pooled = pooled_out[0] if pooled_out else None
-            unknown = bank.base.tokenizer.unk_token_id
+            if features:  # counted as the reference profile counts them, so that their tests compare alike
+                lengths, unknown = token_stats(
+                    batch["input_ids"], batch["attention_mask"], bank.base.tokenizer.unk_token_id
+                )
             for row, i in enumerate(rows):
                 labels = bank.tasks[requests[i][0]].labels
                 probs = torch.softmax(logits[row, : len(labels)].float(), dim=-1).tolist()
@@ -296,10 +300,8 @@ class Engine:
                     dict(zip(labels, probs, strict=True)), bool(encoded[row].get("truncated"))
                 )
                 if features:
-                    ids = encoded[row]["input_ids"]
                     result.pooled = None if pooled is None else pooled[row]
-                    result.length = len(ids)
-                    result.unknown_rate = unknown_rate(ids, unknown)
+                    result.length, result.unknown_rate = lengths[row], unknown[row]
                 out[i] = result
         return out
 
@@ -337,14 +339,6 @@ class Engine:
             for row, i in enumerate(rows):
                 out[i] = tokenizer.decode(ids[row], skip_special_tokens=True).strip()
         return out
-
-
-def unknown_rate(ids: Sequence[int], unknown: int | None) -> float:
-    """The share of ``ids`` that are the tokenizer's unknown token (0 for a tokenizer without one): words
-    the vocabulary cannot spell, a sign of inputs unlike the training data's."""
-    if unknown is None or not ids:
-        return 0.0
-    return sum(1 for token in ids if token == unknown) / len(ids)
 
 
 def _example(item: str | Example) -> Example:
