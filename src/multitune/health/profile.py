@@ -351,8 +351,8 @@ def load_profile(adapter_dir: str | Path) -> Profile | None:
         raise ConfigError(f"{damaged} (its tensors do not match its checksum); {PROFILE_HINT}")
     try:
         tensors = load_tensors(data)
-        return Profile(
-            **{name: meta[name] for name in _SCALARS}, **{name: tensors[name] for name in _TENSORS}
-        )
+        fields: dict[str, Any] = {name: meta[name] for name in _SCALARS}
+        fields.update({name: tensors[name] for name in _TENSORS})
+        return Profile(**fields)
     except (SafetensorError, KeyError, TypeError) as error:
         raise ConfigError(f"{damaged} (missing {error}); {PROFILE_HINT}") from error
