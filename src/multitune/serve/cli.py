@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from multitune.cli_commands import Command
 from multitune.errors import ConfigError
@@ -126,6 +127,7 @@ def serve(
     monitor_db: str | None = None,
     log_requests: bool = False,
     request_retention: str | None = None,
+    monitor: bool = True,
 ) -> None:
     """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
     :func:`multitune.serve.engine.find_adapters`) until interrupted.
@@ -133,7 +135,8 @@ def serve(
     Keys default to ``$MULTITUNE_API_KEY`` and ``$MULTITUNE_ADMIN_KEY``. On an address other machines can
     reach, the server refuses to start without an admin key unless ``insecure_no_admin_key``.
     Answers and feedback go to ``monitor_db`` (a SQLite file or ``postgresql://`` URL; default
-    ``PATH/monitor.sqlite`` of the first path), inputs too with ``log_requests``.
+    ``PATH/monitor.sqlite`` of the first path), inputs too with ``log_requests``. ``monitor``: watch every
+    task with a reference profile for drift (docs/monitoring.md); False builds no monitor and observes nothing.
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     _check_limits(max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes)
@@ -169,6 +172,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         queue_size=queue_size,
         timeout_s=timeout_s,
+        monitor=monitor,
     )
     app = create_app(
         scheduler,
@@ -185,7 +189,20 @@ def serve(
         f"serving {len(engine.tasks)} task(s) ({names}) on {engine.base.source} at http://{host}:{port}",
         file=sys.stderr,
     )
+    print(_monitoring_line(scheduler), file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def _monitoring_line(scheduler: Any) -> str:
+    """What the server watches, said once at start: the tasks without a profile are named with the fix."""
+    if scheduler.monitor is None:
+        return "drift monitoring is off (--no-monitor)"
+    tasks = scheduler.monitor.state()["tasks"]
+    bare = sorted(name for name, state in tasks.items() if not state.get("monitored"))
+    line = f"watching {len(tasks) - len(bare)} of {len(tasks)} task(s) for drift: /monitor, /v1/monitor"
+    if bare:
+        line += f"; no profile for {', '.join(bare)} (build one: multitune profile RUN --data FILE)"
+    return line
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +269,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the newest ROWS answers (100000) or those of the last DAYS (30d); answers that got "
         "feedback are kept (default: 1000000 rows)",
     )
+    parser.add_argument(
+        "--no-monitor",
+        action="store_true",
+        help="do not watch the tasks for drift (no statistics kept; /v1/monitor reports monitoring off)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows in one forward (default: 32)")
     parser.add_argument(
         "--max-wait-ms",
@@ -303,6 +325,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         monitor_db=args.monitor_db,
         log_requests=args.log_requests,
         request_retention=args.request_retention,
+        monitor=not args.no_monitor,
     )
 
 

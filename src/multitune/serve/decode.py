@@ -124,6 +124,7 @@ class Handle:
         self.error: RequestError | None = None
         self.cancelled = False
         self.generator: torch.Generator | None = None  # its own sampling stream (seeded when asked)
+        self.logprob_sum, self.logprob_count = 0.0, 0  # of its sampled tokens, for the drift monitor
         self._pieces: queue.Queue = queue.Queue()
         self._loop = loop
         self._apieces: asyncio.Queue | None = asyncio.Queue() if loop is not None else None

@@ -16,6 +16,13 @@ generating it alone. Encoder-decoder (T5) generation is served in static batches
 
 Reload is atomic (:mod:`multitune.serve.names`): rows already admitted finish on the old version.
 
+Every task is watched for drift (:class:`multitune.health.live.Monitor`, one reference profile per task from its
+adapter folder, kept in step with load, unload and reload): each classification row's pooled vector, token
+length and unknown-token rate come from the forward that served it, each finished generation's length and
+mean token log-probability from the logits its decode steps computed anyway. Rows are observed after their
+answers are settled, in the worker thread (the one thread that runs torch: a second would add an OpenMP pool,
+see :func:`in_passing_thread`); ``monitor=False`` builds no monitor and computes nothing for it.
+
 One bad request never takes its batch with it. Requests are checked before they are queued (texts a tokenizer
 can read, seeds and temperatures the sampler can use); when a forward still fails, its requests are run one by
 one so that only the guilty one fails (a 400 for a :class:`~multitune.errors.MultituneError`, else a 500, logged
@@ -38,6 +45,8 @@ from typing import Any, TypeVar
 import torch
 
 from multitune.errors import MultituneError
+from multitune.health.live import Monitor
+from multitune.health.profile import load_profile
 from multitune.serve.decode import (
     DecodeBatch,
     Handle,
@@ -59,6 +68,7 @@ T = TypeVar("T")
 
 @dataclass
 class _Classify:
+    task: str  # the public name (what the monitor watches)
     internal: list[str]
     texts: list[str]
     future: concurrent.futures.Future
@@ -87,6 +97,8 @@ class Scheduler:
         max_wait_ms: float = 5.0,
         queue_size: int = 256,
         timeout_s: float = 60.0,
+        monitor: bool = True,
+        monitor_options: dict[str, Any] | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -105,6 +117,14 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
+        self.monitor: Monitor | None = (
+            Monitor(
+                {name: self._profile(internal) for name, internal in self.names.internal.items()},
+                **(monitor_options or {}),
+            )
+            if monitor
+            else None
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,7 +171,9 @@ class Scheduler:
         with self._wake:
             internal = self.names.resolve(task, "classification")
             self._check_room()
-            self._classify.append(_Classify([internal] * len(texts), list(texts), future, time.monotonic()))
+            self._classify.append(
+                _Classify(task, [internal] * len(texts), list(texts), future, time.monotonic())
+            )
             self._wake.notify()
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
@@ -250,6 +272,7 @@ class Scheduler:
     async def load(self, name: str, folder: str) -> dict[str, Any]:
         def op() -> dict[str, Any]:
             self.names.load(name, folder)
+            self._watch(name)
             return self.tasks()[name]
 
         return await self._admin_call(op)
@@ -257,6 +280,8 @@ class Scheduler:
     async def unload(self, name: str) -> None:
         def op() -> None:
             self.names.unload(name)
+            if self.monitor is not None:
+                self.monitor.remove(name)
             self._collect_retired()  # now, or once no admitted row uses it
 
         return await self._admin_call(op)
@@ -264,10 +289,88 @@ class Scheduler:
     async def reload(self, name: str, folder: str | None = None) -> dict[str, Any]:
         def op() -> dict[str, Any]:
             self.names.reload(name, folder)
+            self._watch(name)  # the new version's own reference: its adapter shapes the features
             self._collect_retired()
             return self.tasks()[name]
 
         return await self._admin_call(op)
+
+    # ---- monitoring (on the worker thread) ------------------------------------------------------------
+    def _profile(self, internal: str) -> Any:
+        """The reference profile saved beside a task's adapter, or None (the task is then served unmonitored,
+        and /v1/monitor says how to build one). A profile that cannot be read is logged, never fatal."""
+        source = getattr(self.engine, "sources", {}).get(internal)
+        if source is None:
+            return None
+        try:
+            return load_profile(source)
+        except MultituneError as error:
+            log.warning("task %s is served unmonitored: %s", internal, " ".join(str(error).split()))
+            return None
+
+    def _watch(self, name: str) -> None:
+        """Watch a task just loaded or reloaded against its (new) version's profile."""
+        if self.monitor is not None:
+            self.monitor.add(name, self._profile(self.names.internal[name]))
+
+    def _current(self, task: str, internal: str) -> bool:
+        """Whether ``internal`` is still the version ``task`` names: rows of a retired version are not
+        compared with the new version's reference (its adapter gives other features)."""
+        return self.names.internal.get(task) == internal
+
+    def _observe_classified(self, items: list[_Classify], results: list[Classification]) -> None:
+        """Each task's rows of a classification forward into the monitor, one call per task."""
+        if self.monitor is None:
+            return
+        by_task: dict[str, list[Classification]] = {}
+        start = 0
+        for item in items:
+            rows = results[start : start + len(item.texts)]
+            start += len(item.texts)
+            if self._current(item.task, item.internal[0]):
+                by_task.setdefault(item.task, []).extend(rows)
+        for task, rows in by_task.items():
+            vectors = [row.pooled for row in rows]
+            pooled = None if any(v is None for v in vectors) else torch.stack(vectors)  # type: ignore[arg-type]
+            probabilities = torch.tensor([list(row.probabilities.values()) for row in rows])
+            self._safely(
+                self.monitor.observe,
+                task,
+                pooled,
+                probabilities,
+                [row.length for row in rows],
+                [row.unknown_rate for row in rows],
+            )
+
+    def _observe_generated(self, handles: list[Handle]) -> None:
+        """Finished generations (stop or length) into the monitor: the tokens sampled and their mean
+        log-probability, the end-of-sequence token included in both (as the profile counts a response: its
+        tokens and EOS, teacher-forced)."""
+        if self.monitor is None:
+            return
+        by_task: dict[str, tuple[list[int], list[float]]] = {}
+        for handle in handles:
+            if handle.finish_reason in ("stop", "length") and self._current(handle.task, handle.internal):
+                lengths, logprobs = by_task.setdefault(handle.task, ([], []))
+                lengths.append(handle.logprob_count)
+                logprobs.append(handle.logprob_sum / max(1, handle.logprob_count))
+        for task, (lengths, logprobs) in by_task.items():
+            self._safely(self.monitor.observe_generation, task, lengths, logprobs)
+
+    @staticmethod
+    def _safely(observe: Callable[..., Any], *args: Any) -> None:
+        """Monitoring never fails a request nor the worker: a fault is logged and the rows are skipped."""
+        try:
+            observe(*args)
+        except Exception:  # noqa: BLE001  (the answers are out already; serving goes on)
+            log.exception("the drift monitor failed to observe rows of task %r", args[0])
+
+    @staticmethod
+    def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
+        """log softmax(logits)[token] of each row: the model's log-probability of the token it emitted,
+        from the logits the step computed anyway (one gather and one logsumexp over the vocabulary)."""
+        chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
+        return (chosen - torch.logsumexp(logits, dim=-1)).tolist()
 
     def _in_use(self) -> set[str]:
         used = {h.internal for h in self._waiting} | {h.internal for h in self._static}
@@ -397,12 +500,13 @@ class Scheduler:
                 for item in batch
                 for internal, text in zip(item.internal, item.texts, strict=True)
             ]
-            results = self.engine.classify_rows(requests)
+            results = self.engine.classify_rows(requests, features=self.monitor is not None)
             self.stats.record("classify", len(requests))
             start = 0
             for item in batch:
                 _settle(item.future, results[start : start + len(item.texts)])
                 start += len(item.texts)
+            self._observe_classified(batch, results)  # after the answers; never raises
 
         self._isolated(items, run, lambda item, error: _settle(item.future, error=error), "classification")
 
@@ -438,9 +542,10 @@ class Scheduler:
 
             def run(group: list[Handle], batch: DecodeBatch = batch) -> None:
                 start = len(batch)
-                first = batch.join(group, self._sample)  # raises before it changes the batch
+                logprobs: list[float] = []
+                first = batch.join(group, self._sampler(logprobs))  # raises before it changes the batch
                 self.stats.record("prefill", len(group))
-                self._advance(batch, list(range(start, start + len(group))), first)
+                self._advance(batch, list(range(start, start + len(group))), first, logprobs or None)
 
             self._isolated(handles, run, lambda handle, error: handle.finish("error", error), "prefill")
 
@@ -473,7 +578,8 @@ class Scheduler:
                 logits = alone
             self.stats.record("decode", len(batch))
             tokens = self._sample(logits, batch.rows, batch.generated)
-            self._advance(batch, list(range(len(batch))), tokens)
+            logprobs = self._token_logprobs(logits, tokens) if self.monitor is not None else None
+            self._advance(batch, list(range(len(batch))), tokens, logprobs)
 
     def _step_rows_alone(self, batch: DecodeBatch, error: Exception) -> torch.Tensor | None:
         """After a failed decode step, the step of each row alone: a row that fails again is answered with
@@ -498,22 +604,47 @@ class Scheduler:
         batch.absorb(kept)
         return torch.cat(logits) if logits else None
 
-    def _advance(self, batch: DecodeBatch, rows: list[int], tokens: list[int]) -> None:
-        """Append each row's new token, emit its text, and let finished rows leave."""
+    def _advance(
+        self, batch: DecodeBatch, rows: list[int], tokens: list[int], logprobs: list[float] | None = None
+    ) -> None:
+        """Append each row's new token, emit its text, and let finished rows leave (observed when the monitor
+        is on: ``logprobs`` are the tokens' log-probabilities)."""
         tokenizer = batch.bank.base.tokenizer
         eos = eos_ids(tokenizer)
         now = time.monotonic()
-        for row, token in zip(rows, tokens, strict=True):
+        finished: list[Handle] = []
+        for k, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             handle, generated = batch.rows[row], batch.generated[row]
             if handle.done:
                 continue
+            if logprobs is not None:
+                handle.logprob_sum += logprobs[k]
+                handle.logprob_count += 1
             try:
                 handle.append(token, generated, tokenizer, eos, now, self.timeout_s)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
                 handle.finish("error", _as_request_error(error, "decoding a token"))
+            if handle.done:
+                finished.append(handle)
+        if finished and logprobs is not None:
+            self._observe_generated(finished)
         # every row still running has just appended its token: that token is what it feeds next
         batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
+
+    def _sampler(
+        self, logprobs: list[float]
+    ) -> Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]]:
+        """:meth:`_sample`, also writing the sampled tokens' log-probabilities into ``logprobs`` when the
+        monitor is on (a prefill's logits live only inside :meth:`DecodeBatch.join`)."""
+
+        def sample(logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
+            tokens = self._sample(logits, handles, generated)
+            if self.monitor is not None:
+                logprobs[:] = self._token_logprobs(logits, tokens)
+            return tokens
+
+        return sample
 
     def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
         """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
