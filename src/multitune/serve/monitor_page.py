@@ -119,8 +119,8 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
   const pct = (x) => (known(x) ? (100 * x).toFixed(1) + "%" : "\\u2013");
   const pval = (x) => (known(x) && x > 0 && x < 0.001 ? x.toExponential(1) : num(x));
 
-  // Drift score over the task's requests; checks that raised the alarm are shaded and dotted red.
-  function historyChart(history) {
+  // Drift score over the task's requests, the alarm threshold dashed; checks that alarmed shaded red.
+  function historyChart(history, threshold) {
     const W = 560, H = 150, L = 44, R = 12, T = 10, B = 26;
     const chart = sv("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", class: "history",
       "aria-label": "drift score over requests"});
@@ -134,13 +134,19 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
     const xs = points.map((h) => h[0]);
     const ys = points.map((h) => (known(h[1]) ? h[1] : 0));
     const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-    const top = Math.max(...ys, 1e-6) * 1.15;
+    const top = Math.max(...ys, known(threshold) ? threshold : 0, 1) * 1.15;
     const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
     const py = (y) => T + (1 - y / top) * (H - T - B);
-    for (const v of [0, top / 2, top]) {
+    for (const v of [0, top / 2, top]) {  // score = -log10 p: 2 is p = 0.01
       chart.append(sv("line", {x1: L, x2: W - R, y1: py(v), y2: py(v), stroke: "#e3e7ee"}));
       chart.append(sv("text", {x: L - 6, y: py(v) + 4, "text-anchor": "end", fill: "#5b6475",
         "font-size": 11}, v.toPrecision(2)));
+    }
+    if (known(threshold)) {
+      chart.append(sv("line", {x1: L, x2: W - R, y1: py(threshold), y2: py(threshold), stroke: "var(--alarm)",
+        "stroke-dasharray": "5 4", "stroke-width": 1.5, class: "threshold"}));
+      chart.append(sv("text", {x: W - R - 4, y: py(threshold) - 4, "text-anchor": "end", fill: "var(--alarm)",
+        "font-size": 11}, "alarm"));
     }
     points.forEach((h, i) => {
       if (!h[2]) return;
@@ -221,6 +227,9 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
   function accuracySection(task) {
     const live = task.live || {};
     const rows = [["estimated", [[task.estimated_accuracy, "var(--score)", pct(task.estimated_accuracy)]]]];
+    if (known(task.reference_accuracy)) {
+      rows.unshift(["validation", [[task.reference_accuracy, "var(--ref)", pct(task.reference_accuracy)]]]);
+    }
     if (task.kind !== "generation") {
       rows.push([`live (${live.feedback || 0} fb)`, [[live.accuracy, "var(--ok)", pct(live.accuracy)]]]);
     }
@@ -268,7 +277,12 @@ table.tests td.num { font-variant-numeric: tabular-nums; }
     node.append(el("div", {class: "meta"},
       `score ${num(drift.score, 4)} \\u00b7 p ${pval(drift.p_value)} \\u00b7 window ${drift.window || 0}` +
       ` \\u00b7 ${drift.alarms || 0} alarm episode(s)`));
-    node.append(section("Drift score over time", historyChart(task.history)));
+    const unknown = task.unknown_rate;
+    if (unknown && known(unknown.live)) {
+      node.append(el("div", {class: "meta"},
+        `unknown tokens: reference ${pct(unknown.reference)} \\u00b7 live ${pct(unknown.live)}`));
+    }
+    node.append(section("Drift score over time (\\u2212log10 p)", historyChart(task.history, drift.threshold)));
     const labels = task.kind === "generation" ? null : labelSection(task);
     if (labels) node.append(labels);
     node.append(accuracySection(task));

@@ -82,8 +82,18 @@ async def page(request: Request) -> Response:
     return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
 
 
+def gauge_tasks(served: Any) -> dict[str, dict[str, Any]]:
+    """What the gauges read: :func:`monitor_tasks`, less ``monitored`` when the server runs with
+    ``--no-monitor`` (a choice, not a task to alert on); the feedback gauges still go out."""
+    tasks = monitor_tasks(served)
+    if getattr(served.scheduler, "monitor", None) is None:
+        for entry in tasks.values():
+            entry.pop("monitored", None)
+    return tasks
+
+
 def install(app: FastAPI) -> None:
     """The monitor's routes and gauges on an app made by :func:`multitune.serve.app.create_app`."""
     served = app.state.served
     app.include_router(router)
-    served.metrics.watch(lambda: monitor_tasks(served))
+    served.metrics.watch(lambda: gauge_tasks(served))
