@@ -1,6 +1,6 @@
 """Serving under load: the multitune server against the in-process engine and a one-at-a-time peft server.
 
-    python benchmarks/serve_load.py [--clients 16] [--requests 4] [--max-tokens 16] [--tasks 8]
+    python benchmarks/serve_load.py [--clients 16] [--requests 4] [--max-tokens 16] [--tasks 8] [--monitor]
 
 SmolLM2-135M with ``--tasks`` generation tasks cycling over LoRA (r4 on q/v, r8 on q/v, r16 on every
 projection), (IA)^3 and prompt tuning (10 virtual tokens), every task's tensors perturbed away from the
@@ -16,6 +16,13 @@ greedy, the tasks drawn at random, seeded) over loopback and wait for each answe
 
 Measured: requests/s, new tokens/s, p50 and p99 latency. Targets at 16 clients: (i) >= 3 x (iii)
 throughput and (i) >= 0.7 x (ii).
+
+``--monitor``: the cost of drift monitoring. Every task gets a reference profile (health/profile.py), two
+classification tasks (LoRA r8, neg/pos) join the bank, and (i) runs four times in the order off, on, on, off
+(``--no-monitor`` and the default; the ABBA order cancels a drift of the machine's speed), each server taking
+the generation load above and then a classification load (every client sends ``4 x --requests`` requests of
+1-4 sentences, the two tasks at random). Reported: requests/s of each, and monitored / unmonitored throughput
+(the mean of the two runs each) for both loads; target >= 0.95.
 
 Correctness: every answer of (i), (ii) and (iii) is compared with a reference that is right by construction:
 each request alone through a plain greedy loop on our bank that runs the full sequence through the model at
@@ -45,6 +52,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "smollm2-135m"
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SENTENCES = [
+    "the film was a delight from start to finish",
+    "a dull and lifeless story",
+    "I would happily watch it again",
+    "the acting was wooden and the plot made no sense",
+    "one of the best meals I have had this year",
+    "the service was slow and the food was cold",
+    "a warm, funny and moving picture",
+    "nothing in it works",
+]
+CLASSIFY_TASKS = ["sent-a", "sent-b"]
 PROMPTS = [
     "Write one sentence about the sea.",
     "Name a fruit that is yellow.",
@@ -71,8 +89,9 @@ def kinds() -> list[tuple[str, str, Any]]:
     ]
 
 
-def build_bank(folder: Path, n: int) -> list[str]:
-    """Save ``n`` perturbed generation tasks as a bank folder; returns the task names."""
+def build_bank(folder: Path, n: int, profiles: bool = False) -> list[str]:
+    """Save ``n`` perturbed generation tasks as a bank folder; returns the task names. ``profiles``: also two
+    classification tasks (:data:`CLASSIFY_TASKS`), and every task's reference profile in its folder."""
     import torch
 
     from multitune.bank import MultiTaskModel
@@ -93,7 +112,32 @@ def build_bank(folder: Path, n: int) -> list[str]:
                 )
         save_adapter(bank, task, folder / task)
         names.append(task)
+    if profiles:
+        add_profiles(bank, folder, names)
     return names
+
+
+def add_profiles(bank: Any, folder: Path, names: list[str]) -> None:
+    """The classification tasks, and a reference profile for every task (what ``train`` writes)."""
+    import torch
+
+    from multitune.data import Example
+    from multitune.health.profile import build_profile, save_profile
+    from multitune.methods.lora import LoRAConfig
+    from multitune.storage import save_adapter
+
+    generator = torch.Generator().manual_seed(1)
+    for task in CLASSIFY_TASKS:
+        bank.add_task(task, "classification", "lora", LoRAConfig(rank=8, alpha=16), ["neg", "pos"])
+        with torch.no_grad():
+            for param in bank.task_parameters(task).values():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        save_adapter(bank, task, folder / task)
+    sentences = [Example(text=t, label=["pos", "neg"][i % 2]) for i, t in enumerate(SENTENCES * 8)]
+    answers = [Example(text=p, response="A short answer.") for p in PROMPTS * 4]
+    for task in [*names, *CLASSIFY_TASKS]:
+        examples = sentences if task in CLASSIFY_TASKS else answers
+        save_profile(build_profile(bank, task, examples, 128), folder / task)
 
 
 def free_port() -> int:
@@ -161,8 +205,12 @@ def ask(url: str, requests: list[tuple[str, str]], max_tokens: int, **extra: Any
         ]
 
 
-def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, Any]:
-    """Every client sends its jobs one after the other; returns throughput, latencies and the answers."""
+def load_test(
+    url: str, jobs: list[list[tuple[str, Any]]], max_tokens: int, endpoint: str = "/v1/completions"
+) -> dict[str, Any]:
+    """Every client sends its jobs one after the other; returns throughput, latencies and the answers.
+
+    ``endpoint`` "/v1/classify": each job is (task, list of texts) and its answer the labels."""
     import httpx
 
     latencies: list[float] = []
@@ -175,10 +223,11 @@ def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> d
         with httpx.Client(timeout=600) as http:
             for j, (task, prompt) in enumerate(jobs[c]):
                 start = time.perf_counter()
-                reply = http.post(
-                    url + "/v1/completions",
-                    json={"model": task, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-                )
+                if endpoint == "/v1/classify":
+                    payload = {"model": task, "input": prompt}
+                else:
+                    payload = {"model": task, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+                reply = http.post(url + endpoint, json=payload)
                 elapsed = time.perf_counter() - start
                 if reply.status_code != 200:
                     errors.append(f"{reply.status_code} {reply.text[:200]}")
@@ -186,8 +235,11 @@ def load_test(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> d
                 body = reply.json()
                 with lock:
                     latencies.append(elapsed)
-                    answers[(c, j)] = body["choices"][0]["text"]
-                    tokens[0] += body["usage"]["completion_tokens"]
+                    if endpoint == "/v1/classify":
+                        answers[(c, j)] = " ".join(row["label"] for row in body["data"])
+                    else:
+                        answers[(c, j)] = body["choices"][0]["text"]
+                        tokens[0] += body["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(len(jobs))]
     start = time.perf_counter()
@@ -250,7 +302,8 @@ def baseline_app(bank_dir: Path) -> Any:
     export = Path(tempfile.mkdtemp(prefix="peft-baseline-"))
     by_method: dict[str, list[str]] = {}
     for task, spec in bank.tasks.items():
-        by_method.setdefault(spec.method, []).append(task)
+        if spec.kind == "generation":  # --monitor's classification tasks are not the baseline's
+            by_method.setdefault(spec.method, []).append(task)
     models: dict[str, Any] = {}
     for method in ("lora", "ia3"):
         tasks = by_method.get(method, [])
@@ -316,9 +369,16 @@ def run_baseline(bank_dir: str, port: int) -> None:
 
 
 def serve(
-    argv: list[str], url: str, jobs: list[list[tuple[str, str]]], max_tokens: int, after: Any = None
+    argv: list[str],
+    url: str,
+    jobs: list[list[tuple[str, str]]],
+    max_tokens: int,
+    after: Any = None,
+    classify_jobs: list[list[tuple[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Start a server process, warm it up, load-test it; ``after(url)`` runs before it is stopped."""
+    """Start a server process, warm it up, load-test it; ``after(url)`` runs before it is stopped.
+
+    ``classify_jobs``: a classification load after the generation one, its result under "classify"."""
     log = Path(tempfile.mkstemp(prefix="serve-load-", suffix=".log")[1])
     with log.open("w") as sink:  # a file, not a pipe: nobody reads the server's log while it runs
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
@@ -326,6 +386,9 @@ def serve(
         wait_ready(url, process, log)
         load_test(url, [jobs[0][:1]], 2)  # warm-up
         result = load_test(url, jobs, max_tokens)
+        if classify_jobs:
+            load_test(url, [classify_jobs[0][:1]], 0, "/v1/classify")  # warm-up
+            result["classify"] = load_test(url, classify_jobs, 0, "/v1/classify")
         if after is not None:
             result["after"] = after(url, result)
         return result
@@ -375,13 +438,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--serve-args", default="", help="more flags for multitune serve, e.g. '--threads 1'")
+    parser.add_argument(
+        "--monitor",
+        action="store_true",
+        help="measure drift monitoring's cost: (i) with and without --no-monitor, generation and classification",
+    )
     args = parser.parse_args(argv)
     if args.baseline_server:
         run_baseline(args.baseline_server, args.port)
         return
 
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    names = build_bank(folder / "bank", args.tasks)
+    names = build_bank(folder / "bank", args.tasks, profiles=args.monitor)
     rng = random.Random(0)
     jobs = [
         [(rng.choice(names), rng.choice(PROMPTS)) for _ in range(args.requests)] for _ in range(args.clients)
@@ -392,10 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         file=sys.stderr,
     )
 
-    results: dict[str, dict[str, Any]] = {}
-    port = free_port()
-    results["(i) multitune serve"] = serve(
-        [
+    def server_argv(port: int, *extra: str) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "multitune",
@@ -410,12 +476,16 @@ def main(argv: list[str] | None = None) -> None:
             "--log-level",
             "warning",
             *shlex.split(args.serve_args),
-        ],
-        f"http://127.0.0.1:{port}",
-        jobs,
-        args.max_tokens,
+            *extra,
+        ]
+
+    results: dict[str, dict[str, Any]] = {}
+    port = free_port()
+    results["(i) multitune serve"] = serve(
+        server_argv(port), f"http://127.0.0.1:{port}", jobs, args.max_tokens
     )
     print("  (i) done", file=sys.stderr)
+    monitored = monitor_cost(server_argv, jobs, args, rng) if args.monitor else None
     results["(ii) in-process engine"] = in_process(folder / "bank", jobs, args.max_tokens)
     print("  (ii) done", file=sys.stderr)
     requests = [job for client in jobs for job in client]
@@ -471,15 +541,67 @@ def main(argv: list[str] | None = None) -> None:
         )
     kinds_of = {name: kinds()[i % len(kinds())][1] for i, name in enumerate(names)}
     compare_answers(results, jobs, truth, kinds_of)
+    if monitored is not None:
+        checks += report_monitor_cost(monitored)
     print(f"\n{'target':<36}{'ratio':>8}{'goal':>8}  met")
     for name, ratio, goal in checks:
         print(f"{name:<36}{ratio:>8.2f}{goal:>8.2f}  {'yes' if ratio >= goal else 'NO'}")
-    (folder / "result.json").write_text(
-        json.dumps(
-            {k: {m: v for m, v in r.items() if m not in ("answers", "after")} for k, r in results.items()},
-            indent=2,
+    written: dict[str, Any] = {
+        k: {m: v for m, v in r.items() if m not in ("answers", "after", "classify")}
+        for k, r in results.items()
+    }
+    if monitored is not None:
+        written["monitor"] = [
+            {
+                "monitor": on,
+                "generation_rps": r["requests_per_s"],
+                "classify_rps": r["classify"]["requests_per_s"],
+            }
+            for on, r in monitored
+        ]
+    (folder / "result.json").write_text(json.dumps(written, indent=2))
+
+
+def monitor_cost(
+    server_argv: Any, jobs: list[list[tuple[str, str]]], args: argparse.Namespace, rng: random.Random
+) -> list[tuple[bool, dict[str, Any]]]:
+    """(i) without and with monitoring, in the order off, on, on, off; each run's generation and
+    classification results (same requests every time)."""
+    classify_jobs = [
+        [
+            (rng.choice(CLASSIFY_TASKS), rng.sample(SENTENCES, rng.randint(1, 4)))
+            for _ in range(4 * args.requests)
+        ]
+        for _ in range(args.clients)
+    ]
+    runs = []
+    for on in (False, True, True, False):
+        port = free_port()
+        extra = () if on else ("--no-monitor",)
+        result = serve(
+            server_argv(port, *extra), f"http://127.0.0.1:{port}", jobs, args.max_tokens, None, classify_jobs
         )
-    )
+        runs.append((on, result))
+        print(f"  monitor {'on' if on else 'off'} done", file=sys.stderr)
+    return runs
+
+
+def report_monitor_cost(runs: list[tuple[bool, dict[str, Any]]]) -> list[tuple[str, float, float]]:
+    """Print each run and return the two ratios: monitored over unmonitored throughput (means of two runs)."""
+    print(f"\nmonitoring cost (ABBA order)\n{'run':<16}{'generation req/s':>18}{'classify req/s':>16}")
+    for on, r in runs:
+        print(
+            f"{'on' if on else 'off':<16}{r['requests_per_s']:>18.2f}{r['classify']['requests_per_s']:>16.2f}"
+        )
+
+    def mean(on: bool, key: str | None) -> float:
+        values = [(r[key] if key else r)["requests_per_s"] for o, r in runs if o == on]
+        return sum(values) / len(values)
+
+    return [
+        ("monitor on / off, generation", mean(True, None) / mean(False, None), 0.95),
+        ("monitor on / off, classification", mean(True, "classify") / mean(False, "classify"), 0.95),
+    ]
 
 
 if __name__ == "__main__":
