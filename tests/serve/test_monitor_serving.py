@@ -267,6 +267,43 @@ def test_no_monitor_flag_reaches_the_scheduler(tmp_path, monkeypatch):
     assert seen["monitor"] is True
 
 
+def test_a_failing_monitor_never_fails_a_request(bank_dir, monkeypatch, caplog):
+    scheduler = Scheduler(Engine.from_folder(bank_dir, device="cpu"), max_wait_ms=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("monitor bug")
+
+    monkeypatch.setattr(scheduler.monitor, "observe", broken)
+    with running(create_app(scheduler)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        for seed in range(3):
+            classify(http, ALPHA, usual(4, seed=seed))
+    logged = [r for r in caplog.records if "drift monitor failed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info  # once per task, with its traceback
+
+
+def test_a_profile_of_another_base_is_refused_not_fatal(bank_dir, tmp_path):
+    import shutil
+
+    from multitune.health.profile import load_profile
+
+    folder = tmp_path / "other"
+    shutil.copytree(bank_dir / ALPHA, folder)
+    profile = load_profile(folder)
+    profile.mean, profile.components = profile.mean[:16], profile.components[:16]  # as if H were 16
+    save_profile(profile, folder)
+    scheduler = Scheduler(Engine.from_folder(folder, device="cpu"), max_wait_ms=2)
+    state = scheduler.monitor.state()["tasks"]["other"]
+    assert state["monitored"] is False and "multitune profile" in state["reason"]
+
+
+def test_serve_says_at_start_what_it_watches(bank_dir):
+    engine = Engine.from_folder(bank_dir, device="cpu")
+    line = server_module._monitoring_line(Scheduler(engine))
+    assert line.startswith("watching 2 of 3 task(s) for drift") and "no profile for bare" in line
+    assert "multitune profile RUN --data FILE" in line
+    assert "off" in server_module._monitoring_line(Scheduler(engine, monitor=False))
+
+
 def test_feedback_reaches_the_monitor_and_the_gauges(bank_dir, tmp_path):
     from multitune.health.store import FeedbackStore
 

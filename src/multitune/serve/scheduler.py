@@ -117,6 +117,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
+        self._monitor_faults: set[str] = set()  # tasks whose observation failed (logged once each)
         self.monitor: Monitor | None = (
             Monitor(
                 {name: self._profile(internal) for name, internal in self.names.internal.items()},
@@ -303,10 +304,22 @@ class Scheduler:
         if source is None:
             return None
         try:
-            return load_profile(source)
+            profile = load_profile(source)
         except MultituneError as error:
             log.warning("task %s is served unmonitored: %s", internal, " ".join(str(error).split()))
             return None
+        hidden = self.engine.bank_of(internal).base.hidden_size
+        if profile is not None and profile.has_features and profile.mean.shape[0] != hidden:
+            log.warning(
+                "task %s is served unmonitored: its profile in %s was built on a base of hidden size %d, "
+                "this one has %d; rebuild it with multitune profile",
+                internal,
+                source,
+                profile.mean.shape[0],
+                hidden,
+            )
+            return None
+        return profile
 
     def _watch(self, name: str) -> None:
         """Watch a task just loaded or reloaded against its (new) version's profile."""
@@ -357,13 +370,17 @@ class Scheduler:
         for task, (lengths, logprobs) in by_task.items():
             self._safely(self.monitor.observe_generation, task, lengths, logprobs)
 
-    @staticmethod
-    def _safely(observe: Callable[..., Any], *args: Any) -> None:
-        """Monitoring never fails a request nor the worker: a fault is logged and the rows are skipped."""
+    def _safely(self, observe: Callable[..., Any], task: str, *args: Any) -> None:
+        """Monitoring never fails a request nor the worker: a fault is logged (with its traceback the first
+        time for each task, so that a persistent one does not flood the log) and the rows are skipped."""
         try:
-            observe(*args)
-        except Exception:  # noqa: BLE001  (the answers are out already; serving goes on)
-            log.exception("the drift monitor failed to observe rows of task %r", args[0])
+            observe(task, *args)
+        except Exception as error:  # noqa: BLE001  (the answers are out already; serving goes on)
+            if task in self._monitor_faults:
+                log.debug("the drift monitor failed again on task %r: %s", task, error)
+            else:
+                self._monitor_faults.add(task)
+                log.exception("the drift monitor failed to observe rows of task %r", task)
 
     @staticmethod
     def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
