@@ -27,6 +27,7 @@ from multitune.compare.search import (
 )
 from multitune.compare.settings import CompareConfig
 from multitune.config import DataConfig, TrainConfig
+from multitune.health.profile import PROFILE_FILES, load_profile
 from multitune.methods import METHODS
 
 
@@ -92,7 +93,9 @@ def test_compare_end_to_end(bert_dir, data_csv, tmp_path, capsys):
         assert result["trials"]["complete"] + result["trials"]["pruned"] == 2
         assert result["peak_memory_bytes"] > 50e6  # a whole process with torch: tens of MB at least
         adapter = out / result["adapter"]
-        assert result["stored_bytes"] == sum(p.stat().st_size for p in adapter.iterdir())
+        weights = [p for p in adapter.iterdir() if p.name not in PROFILE_FILES]  # the drift profile is apart
+        assert result["stored_bytes"] == sum(p.stat().st_size for p in weights)
+        assert load_profile(adapter) is not None
         assert result["storage_100_tasks_bytes"] == result["base_bytes"] + 100 * result["stored_bytes"]
         assert result["latency_ms"] > 0 and result["throughput_per_s"] > 0
         assert method in printed

@@ -454,9 +454,14 @@ def test_train_multi_writes_one_adapter_per_task_and_prints_test_metrics(
         == 0
     )
     printed = capsys.readouterr().out
+    from multitune.health.profile import load_profile
+
     for task in ("sentiment", "three", "reply"):
         assert (out / task / "adapter.json").is_file() and (out / task / "adapter.safetensors").is_file()
         assert task in printed
+        profile = load_profile(out / task)  # each task's drift reference, from its validation split
+        assert profile is not None and profile.task == task
+        assert profile.kind == ("generation" if task == "reply" else "classification")
     assert printed.count("accuracy") == 2 and "rouge_l" in printed
     summary = json.loads((out / "result.json").read_text())
     assert summary["tasks"]["three"]["examples"]["test"] == 9

@@ -61,6 +61,7 @@ from multitune.storage import output_lock, write_json_atomic
 def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Retrain the best settings, measure everything, save the adapter; returns the method's result."""
     from multitune.compare.catalog import base_parameters
+    from multitune.health.profile import save_task_profile
     from multitune.storage import save_adapter
 
     splits = config.data.splits(config.kind)
@@ -70,7 +71,16 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
     latency = latency_ms(bank, task, splits.test, config)
     folder = config.out / BANK / task
     save_adapter(bank, task, folder, extra={"metrics": {"test": metrics}, "compare": {"params": params}})
-    stored = folder_bytes(folder)
+    stored = folder_bytes(folder)  # the task's weights: measured before the drift profile joins them
+    save_task_profile(
+        bank,
+        task,
+        folder,
+        splits.validation,
+        splits.train,
+        config.train.max_length,
+        config.train.eval_batch_size,
+    )
     base_bytes = sum(p.numel() * p.element_size() for p in bank.base.model.parameters())
     if get_method(method).changes_base:
         base_bytes = 0  # every task is a whole model: nothing is shared

@@ -299,6 +299,32 @@ def build_profile(
     return profile
 
 
+REFERENCE_ROWS = 2000  # examples a profile is built from at most: its cost stays a small share of training
+
+
+def save_task_profile(
+    bank: MultiTaskModel,
+    task: str,
+    adapter_dir: str | Path,
+    validation: Sequence[Example],
+    train: Sequence[Example],
+    max_length: int,
+    batch_size: int = 64,
+) -> Profile | None:
+    """Build and save the profile of a task that has just been trained: on its validation split (the rows
+    the calibration must not have seen being trained on), else on its training split; at most
+    REFERENCE_ROWS of them, a seeded sample. None (nothing written) when there is no data at all."""
+    examples = list(validation) or list(train)
+    if not examples:
+        return None
+    if len(examples) > REFERENCE_ROWS:
+        keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:REFERENCE_ROWS]
+        examples = [examples[i] for i in sorted(keep.tolist())]
+    profile = build_profile(bank, task, examples, max_length, batch_size=batch_size)
+    save_profile(profile, adapter_dir)
+    return profile
+
+
 # ---- saving and loading -----------------------------------------------------------------------------------
 _TENSORS = (
     "mean",

@@ -50,6 +50,7 @@ from multitune.data import Example, task_kind
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.flags import read_yaml_mapping, settings_from_mapping, settings_parser, split_settings
+from multitune.health.profile import save_task_profile
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
@@ -532,6 +533,15 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
         )
         save_adapter(bank, name, out / name, extra={"metrics": {"test": test}})
         s = splits[name]
+        save_task_profile(  # the drift monitor's reference (multitune.health.profile)
+            bank,
+            name,
+            out / name,
+            s.validation,
+            s.train,
+            config.train.max_length,
+            config.train.eval_batch_size,
+        )
         summary["tasks"][name] = {
             "method": t.method,
             "kind": t.kind,

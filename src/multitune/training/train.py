@@ -22,6 +22,7 @@ from multitune.config import RunConfig, TrainConfig, to_yaml
 from multitune.data import Example, task_kind
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
+from multitune.health.profile import save_task_profile
 from multitune.methods import get_method
 from multitune.models import load_base
 from multitune.storage import output_lock, save_adapter, write_json_atomic
@@ -291,6 +292,15 @@ def _run(
         "problem": result.problem,
     }
     save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
+    save_task_profile(  # the drift monitor's reference (multitune.health.profile)
+        bank,
+        task,
+        out / "adapter",
+        splits.validation,
+        splits.train,
+        config.train.max_length,
+        config.train.eval_batch_size,
+    )
     write_json_atomic(out / "result.json", summary)
     if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
