@@ -267,6 +267,47 @@ def test_no_monitor_flag_reaches_the_scheduler(tmp_path, monkeypatch):
     assert seen["monitor"] is True
 
 
+def test_a_prompting_task_mixed_in_one_forward_is_watched_without_features(tmp_path):
+    """Rows scored by their method (prompting) carry no pooled vector (NaN rows of the mixed batch): their
+    task is watched on its labels, confidence and length, and a head task beside them on its features too."""
+    from multitune.methods import get_method
+
+    model = save_tiny("bert", tmp_path / "bert")
+    bank = MultiTaskModel(load_base(str(model), device="cpu"))
+    bank.add_task("head", "classification", "lora", LoRAConfig(rank=4), ["neg", "pos"])
+    bank.add_task("scored", "classification", "prompting", None, ["neg", "pos"])
+    perturb(bank, "head", seed=3)
+    get_method("prompting").fit(bank, "scored", toy_sentiment(16))
+    for task in ("head", "scored"):
+        save_adapter(bank, task, tmp_path / "bank" / task)
+        save_profile(build_profile(bank, task, toy_sentiment(128, seed=4), 32), tmp_path / "bank" / task)
+    # a long wait for the batch to fill: both tasks' requests, sent together, share a forward
+    engine = Engine.from_folder(tmp_path / "bank", device="cpu")
+    forwards: list[set[str]] = []
+    original = engine.classify_rows
+
+    def spy(requests, **kwargs):
+        forwards.append({task for task, _ in requests})
+        return original(requests, **kwargs)
+
+    engine.classify_rows = spy
+    scheduler = Scheduler(engine, max_wait_ms=300, monitor_options=OPTIONS)
+    with (
+        running(create_app(scheduler)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        for seed in range(4):
+            jobs = [pool.submit(classify, http, task, usual(16, seed=seed)) for task in ("head", "scored")]
+            for job in jobs:
+                job.result()
+        state = monitor(http)["tasks"]
+    assert {"head", "scored"} in forwards  # mixed in one forward at least once
+    assert state["scored"]["requests"] == state["head"]["requests"] == 64
+    assert set(state["scored"]["drift"]["tests"]) == {"labels", "confidence", "length"}
+    assert "features" in state["head"]["drift"]["tests"]
+
+
 def test_a_failing_monitor_never_fails_a_request(bank_dir, monkeypatch, caplog):
     scheduler = Scheduler(Engine.from_folder(bank_dir, device="cpu"), max_wait_ms=2)
 
