@@ -343,17 +343,16 @@ class Scheduler:
             if self._current(item.task, item.internal[0]):
                 by_task.setdefault(item.task, []).extend(rows)
         for task, rows in by_task.items():
-            vectors = [row.pooled for row in rows]
-            pooled = None if any(v is None for v in vectors) else torch.stack(vectors)  # type: ignore[arg-type]
-            probabilities = torch.tensor([list(row.probabilities.values()) for row in rows])
-            self._safely(
-                self.monitor.observe,
-                task,
-                pooled,
-                probabilities,
-                [row.length for row in rows],
-                [row.unknown_rate for row in rows],
-            )
+            self._safely(self._observe_rows, task, rows)
+
+    def _observe_rows(self, task: str, rows: list[Classification]) -> None:
+        """One task's rows of a forward as the monitor takes them: pooled (n, H), probabilities (n, C)."""
+        assert self.monitor is not None
+        vectors = [row.pooled for row in rows]
+        pooled = None if any(v is None for v in vectors) else torch.stack(vectors)  # type: ignore[arg-type]
+        probabilities = torch.tensor([list(row.probabilities.values()) for row in rows])
+        lengths, unknown = [row.length for row in rows], [row.unknown_rate for row in rows]
+        self.monitor.observe(task, pooled, probabilities, lengths, unknown)
 
     def _observe_generated(self, handles: list[Handle]) -> None:
         """Finished generations (stop or length) into the monitor: the tokens sampled and their mean
