@@ -16,12 +16,11 @@ generating it alone. Encoder-decoder (T5) generation is served in static batches
 
 Reload is atomic (:mod:`multitune.serve.names`): rows already admitted finish on the old version.
 
-Every task is watched for drift (:class:`multitune.health.live.Monitor`, one reference profile per task from its
-adapter folder, kept in step with load, unload and reload): each classification row's pooled vector, token
-length and unknown-token rate come from the forward that served it, each finished generation's length and
-mean token log-probability from the logits its decode steps computed anyway. Rows are observed after their
-answers are settled, in the worker thread (the one thread that runs torch: a second would add an OpenMP pool,
-see :func:`in_passing_thread`); ``monitor=False`` builds no monitor and computes nothing for it.
+Every task is watched for drift (:mod:`multitune.serve.watch`: one reference profile per task from its adapter
+folder, kept in step with load, unload and reload): each classification row's pooled vector, token length and
+unknown-token rate come from the forward that served it, each finished generation's length and mean token
+log-probability from the logits its decode steps computed anyway; rows are observed after their answers are
+settled, on the worker thread. ``monitor=False`` builds no monitor and computes nothing for it.
 
 One bad request never takes its batch with it. Requests are checked before they are queued (texts a tokenizer
 can read, seeds and temperatures the sampler can use); when a forward still fails, its requests are run one by
@@ -46,7 +45,6 @@ import torch
 
 from multitune.errors import MultituneError
 from multitune.health.live import Monitor
-from multitune.health.profile import load_profile
 from multitune.serve.decode import (
     DecodeBatch,
     Handle,
@@ -61,6 +59,7 @@ from multitune.serve.decode import (
 from multitune.serve.engine import Classification
 from multitune.serve.names import TaskNames
 from multitune.serve.observe import Stats
+from multitune.serve.watch import Watch, token_logprobs
 
 log = logging.getLogger("multitune.serve.scheduler")
 T = TypeVar("T")
@@ -117,15 +116,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
-        self._monitor_faults: set[str] = set()  # tasks whose observation failed (logged once each)
-        self.monitor: Monitor | None = (
-            Monitor(
-                {name: self._profile(internal) for name, internal in self.names.internal.items()},
-                **(monitor_options or {}),
-            )
-            if monitor
-            else None
-        )
+        self.watch = Watch(engine, self.names, monitor, monitor_options)  # drift monitoring (serve/watch.py)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,6 +146,11 @@ class Scheduler:
         for batch in self._decoders.values():
             for handle in batch.rows:
                 handle.finish("error", stopped)
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The served tasks' drift monitor (what /v1/monitor reads); None when monitoring is off."""
+        return self.watch.monitor
 
     # ---- tasks --------------------------------------------------------------------------------------
     def tasks(self) -> dict[str, dict[str, Any]]:
@@ -273,7 +269,7 @@ class Scheduler:
     async def load(self, name: str, folder: str) -> dict[str, Any]:
         def op() -> dict[str, Any]:
             self.names.load(name, folder)
-            self._watch(name)
+            self.watch.watch(name)
             return self.tasks()[name]
 
         return await self._admin_call(op)
@@ -281,8 +277,7 @@ class Scheduler:
     async def unload(self, name: str) -> None:
         def op() -> None:
             self.names.unload(name)
-            if self.monitor is not None:
-                self.monitor.remove(name)
+            self.watch.forget(name)
             self._collect_retired()  # now, or once no admitted row uses it
 
         return await self._admin_call(op)
@@ -290,103 +285,11 @@ class Scheduler:
     async def reload(self, name: str, folder: str | None = None) -> dict[str, Any]:
         def op() -> dict[str, Any]:
             self.names.reload(name, folder)
-            self._watch(name)  # the new version's own reference: its adapter shapes the features
+            self.watch.watch(name)  # the new version's own reference: its adapter shapes the features
             self._collect_retired()
             return self.tasks()[name]
 
         return await self._admin_call(op)
-
-    # ---- monitoring (on the worker thread) ------------------------------------------------------------
-    def _profile(self, internal: str) -> Any:
-        """The reference profile saved beside a task's adapter, or None (the task is then served unmonitored,
-        and /v1/monitor says how to build one). A profile that cannot be read is logged, never fatal."""
-        source = getattr(self.engine, "sources", {}).get(internal)
-        if source is None:
-            return None
-        try:
-            profile = load_profile(source)
-        except MultituneError as error:
-            log.warning("task %s is served unmonitored: %s", internal, " ".join(str(error).split()))
-            return None
-        hidden = self.engine.bank_of(internal).base.hidden_size
-        if profile is not None and profile.has_features and profile.mean.shape[0] != hidden:
-            log.warning(
-                "task %s is served unmonitored: its profile in %s was built on a base of hidden size %d, "
-                "this one has %d; rebuild it with multitune profile",
-                internal,
-                source,
-                profile.mean.shape[0],
-                hidden,
-            )
-            return None
-        return profile
-
-    def _watch(self, name: str) -> None:
-        """Watch a task just loaded or reloaded against its (new) version's profile."""
-        if self.monitor is not None:
-            self.monitor.add(name, self._profile(self.names.internal[name]))
-
-    def _current(self, task: str, internal: str) -> bool:
-        """Whether ``internal`` is still the version ``task`` names: rows of a retired version are not
-        compared with the new version's reference (its adapter gives other features)."""
-        return self.names.internal.get(task) == internal
-
-    def _observe_classified(self, items: list[_Classify], results: list[Classification]) -> None:
-        """Each task's rows of a classification forward into the monitor, one call per task."""
-        if self.monitor is None:
-            return
-        by_task: dict[str, list[Classification]] = {}
-        start = 0
-        for item in items:
-            rows = results[start : start + len(item.texts)]
-            start += len(item.texts)
-            if self._current(item.task, item.internal[0]):
-                by_task.setdefault(item.task, []).extend(rows)
-        for task, rows in by_task.items():
-            self._safely(self._observe_rows, task, rows)
-
-    def _observe_rows(self, task: str, rows: list[Classification]) -> None:
-        """One task's rows of a forward as the monitor takes them: pooled (n, H), probabilities (n, C)."""
-        assert self.monitor is not None
-        vectors = [row.pooled for row in rows]
-        pooled = None if any(v is None for v in vectors) else torch.stack(vectors)  # type: ignore[arg-type]
-        probabilities = torch.tensor([list(row.probabilities.values()) for row in rows])
-        lengths, unknown = [row.length for row in rows], [row.unknown_rate for row in rows]
-        self.monitor.observe(task, pooled, probabilities, lengths, unknown)
-
-    def _observe_generated(self, handles: list[Handle]) -> None:
-        """Finished generations (stop or length) into the monitor: the tokens sampled and their mean
-        log-probability, the end-of-sequence token included in both (as the profile counts a response: its
-        tokens and EOS, teacher-forced)."""
-        if self.monitor is None:
-            return
-        by_task: dict[str, tuple[list[int], list[float]]] = {}
-        for handle in handles:
-            if handle.finish_reason in ("stop", "length") and self._current(handle.task, handle.internal):
-                lengths, logprobs = by_task.setdefault(handle.task, ([], []))
-                lengths.append(handle.logprob_count)
-                logprobs.append(handle.logprob_sum / max(1, handle.logprob_count))
-        for task, (lengths, logprobs) in by_task.items():
-            self._safely(self.monitor.observe_generation, task, lengths, logprobs)
-
-    def _safely(self, observe: Callable[..., Any], task: str, *args: Any) -> None:
-        """Monitoring never fails a request nor the worker: a fault is logged (with its traceback the first
-        time for each task, so that a persistent one does not flood the log) and the rows are skipped."""
-        try:
-            observe(task, *args)
-        except Exception as error:  # noqa: BLE001  (the answers are out already; serving goes on)
-            if task in self._monitor_faults:
-                log.debug("the drift monitor failed again on task %r: %s", task, error)
-            else:
-                self._monitor_faults.add(task)
-                log.exception("the drift monitor failed to observe rows of task %r", task)
-
-    @staticmethod
-    def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
-        """log softmax(logits)[token] of each row: the model's log-probability of the token it emitted,
-        from the logits the step computed anyway (one gather and one logsumexp over the vocabulary)."""
-        chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
-        return (chosen - torch.logsumexp(logits, dim=-1)).tolist()
 
     def _in_use(self) -> set[str]:
         used = {h.internal for h in self._waiting} | {h.internal for h in self._static}
@@ -518,11 +421,13 @@ class Scheduler:
             ]
             results = self.engine.classify_rows(requests, features=self.monitor is not None)
             self.stats.record("classify", len(requests))
-            start = 0
+            groups, start = [], 0
             for item in batch:
-                _settle(item.future, results[start : start + len(item.texts)])
+                rows = results[start : start + len(item.texts)]
+                _settle(item.future, rows)
+                groups.append((item.task, item.internal[0], rows))
                 start += len(item.texts)
-            self._observe_classified(batch, results)  # after the answers; never raises
+            self.watch.classified(groups)  # after every answer is out; never raises
 
         self._isolated(items, run, lambda item, error: _settle(item.future, error=error), "classification")
 
@@ -594,7 +499,7 @@ class Scheduler:
                 logits = alone
             self.stats.record("decode", len(batch))
             tokens = self._sample(logits, batch.rows, batch.generated)
-            logprobs = self._token_logprobs(logits, tokens) if self.monitor is not None else None
+            logprobs = token_logprobs(logits, tokens) if self.monitor is not None else None
             self._advance(batch, list(range(len(batch))), tokens, logprobs)
 
     def _step_rows_alone(self, batch: DecodeBatch, error: Exception) -> torch.Tensor | None:
@@ -643,7 +548,7 @@ class Scheduler:
             if handle.done:
                 finished.append(handle)
         if finished and logprobs is not None:
-            self._observe_generated(finished)
+            self.watch.generated(finished)
         # every row still running has just appended its token: that token is what it feeds next
         batch.last = torch.tensor([g[-1] if g else 0 for g in batch.generated], device=batch.bank.base.device)
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
@@ -657,7 +562,7 @@ class Scheduler:
         def sample(logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
             tokens = self._sample(logits, handles, generated)
             if self.monitor is not None:
-                logprobs[:] = self._token_logprobs(logits, tokens)
+                logprobs[:] = token_logprobs(logits, tokens)
             return tokens
 
         return sample
