@@ -96,6 +96,11 @@ def test_a_damaged_profile_says_how_to_rebuild_it(bank: MultiTaskModel, tmp_path
     (tmp_path / PROFILE_TENSORS).write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="checksum.*multitune profile RUN --data FILE"):
         load_profile(tmp_path)
+    save_profile(build_profile(bank, "sent", toy_sentiment(20), 32), tmp_path)
+    meta = json.loads((tmp_path / PROFILE_JSON).read_text())
+    (tmp_path / PROFILE_JSON).write_text(json.dumps({**meta, "temperature": "hot"}))
+    with pytest.raises(ConfigError, match="field temperature"):
+        load_profile(tmp_path)
     (tmp_path / PROFILE_JSON).write_text(json.dumps({"format": "x"}))
     with pytest.raises(ConfigError, match="damaged"):
         load_profile(tmp_path)

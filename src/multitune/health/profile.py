@@ -381,6 +381,24 @@ def load_profile(adapter_dir: str | Path) -> Profile | None:
         )
     if meta.get("sha256") != hashlib.sha256(data).hexdigest():
         raise ConfigError(f"{damaged} (its tensors do not match its checksum); {PROFILE_HINT}")
+    wrong = [
+        key
+        for key, ok in (
+            ("task", isinstance(meta.get("task"), str)),
+            ("kind", meta.get("kind") in ("classification", "generation")),
+            (
+                "labels",
+                isinstance(meta.get("labels"), list) and all(isinstance(x, str) for x in meta["labels"]),
+            ),
+            ("temperature", isinstance(meta.get("temperature"), int | float) and meta["temperature"] > 0),
+            ("sigma", isinstance(meta.get("sigma"), int | float) and meta["sigma"] > 0),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{damaged} (field {', '.join(wrong)} missing or of the wrong type); {PROFILE_HINT}"
+        )
     try:
         tensors = load_tensors(data)
         fields: dict[str, Any] = {name: meta[name] for name in _SCALARS}
