@@ -1,5 +1,5 @@
-"""``multitune profile RUN --data FILE`` and ``multitune monitor RUN_OR_BANK --data new.csv``: flags and entry points
-(the work is in :mod:`multitune.health.offline`)."""
+"""``multitune profile RUN --data FILE`` and ``multitune monitor RUN_OR_BANK --data new.csv``: flags and entry
+points (the work is in :mod:`multitune.health.offline`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""``multitune monitor`` and ``multitune profile`` as library functions: drift of a file of new inputs against each
-task's profile, without a server (batch scoring jobs), and profiles for adapters trained before profiles existed.
+"""``multitune monitor`` and ``multitune profile`` as library functions: drift of a file of new inputs against
+each task's profile, without a server (batch scoring jobs), and profiles for adapters trained before profiles
+existed.
 
 :func:`monitor_file` runs the file's rows once through every task of a run or bank (the forward the server
 would run), and applies the live monitor's tests (:func:`multitune.health.live.drift_tests`) to the whole
@@ -83,7 +84,8 @@ def build_missing_profile(
             f"{profile_command(next(iter(found.values())))}"
         )
     kind = read_adapter_config(next(iter(found.values())))["task"]["kind"]
-    _, examples = load_inputs(data, kind, columns or Columns())  # the user's file first: it fails before the model loads
+    # the user's file first: it fails before the model loads
+    _, examples = load_inputs(data, kind, columns or Columns())
     loaded = load_tasks(run, model, device)
     (name, (bank, adapter, trained)), *_ = loaded.tasks.items()
     with output_lock(adapter, "multitune profile"):

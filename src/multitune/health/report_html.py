@@ -12,7 +12,8 @@ import math
 from typing import Any
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
+  padding: 0 1rem; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin: 0 0 .5rem; }
 .meta { color: #555; margin-bottom: 1.5rem; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 1rem; }
@@ -25,7 +26,8 @@ th, td { text-align: left; padding: .2rem .4rem; border-bottom: 1px solid #eee; 
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .bar { height: .7rem; background: #3b6fb6; display: inline-block; vertical-align: middle; }
 .bar.live { background: #e08a2e; }
-.legend span { display: inline-block; width: .8rem; height: .8rem; vertical-align: middle; margin: 0 .2rem 0 .6rem; }
+.legend span { display: inline-block; width: .8rem; height: .8rem; vertical-align: middle;
+  margin: 0 .2rem 0 .6rem; }
 """
 
 
@@ -56,10 +58,14 @@ def _labels(distribution: dict[str, dict[str, float]]) -> str:
     for label in list(reference)[:30]:  # 77 intents would drown the card: the first 30
         ref, now = float(reference.get(label, 0.0)), float(live.get(label, 0.0))
         rows.append(
-            f"<tr><td>{_e(label)}</td><td><span class='bar' style='width:{120 * ref:.1f}px'></span> {ref:.2f}<br>"
+            f"<tr><td>{_e(label)}</td><td><span class='bar' style='width:{120 * ref:.1f}px'></span> "
+            f"{ref:.2f}<br>"
             f"<span class='bar live' style='width:{120 * now:.1f}px'></span> {now:.2f}</td></tr>"
         )
-    legend = "<div class='legend'><span style='background:#3b6fb6'></span>reference<span style='background:#e08a2e'></span>new data</div>"
+    legend = (
+        "<div class='legend'><span style='background:#3b6fb6'></span>reference"
+        "<span style='background:#e08a2e'></span>new data</div>"
+    )
     return f"{legend}<table><tr><th>label</th><th>share of predictions</th></tr>{''.join(rows)}</table>"
 
 

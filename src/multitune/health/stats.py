@@ -48,7 +48,8 @@ def rbf_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
 def rbf_mmd2(x: torch.Tensor, y: torch.Tensor, sigma: float) -> float:
     """The unbiased estimate of MMD^2 between samples x (n, d) and y (m, d) (Gretton et al. 2012, eq. 3):
 
-    MMD^2_u = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j) - 2/(nm) sum_ij k(x_i, y_j)
+    MMD^2_u = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j)
+              - 2/(nm) sum_ij k(x_i, y_j)
     """
     kernel = rbf_kernel(torch.cat([x, y]), torch.cat([x, y]), sigma)
     return float(_mmd2_of_splits(kernel.fill_diagonal_(0.0), _ys(x.shape[0], y.shape[0]))[0])
@@ -128,7 +129,7 @@ def chi_square_test(ref_counts: torch.Tensor, live_counts: torch.Tensor) -> tupl
 
 
 def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> float:
-    """The Jensen-Shannon distance (the square root of the divergence, base 2: in [0, 1]) of two distributions.
+    """The Jensen-Shannon distance of two distributions: the square root of the divergence, base 2 (0 to 1).
 
     Inputs are normalised first, as scipy's ``jensenshannon(p, q, base=2)`` does.
     """
