@@ -122,10 +122,20 @@ def classify(http: httpx.Client, task: str, texts: list[str]) -> None:
     assert reply.status_code == 200, reply.text
 
 
-def monitor(http: httpx.Client) -> dict:
-    reply = http.get("/v1/monitor")
-    assert reply.status_code == 200, reply.text
-    return reply.json()
+def monitor(http: httpx.Client, **expected: int) -> dict:
+    """GET /v1/monitor; with ``task=n``, once each such task has observed n rows (rows are observed after
+    their answers are sent, so an answer can reach the client a moment before its row reaches the monitor)."""
+    deadline = time.monotonic() + 30
+    while True:
+        reply = http.get("/v1/monitor")
+        assert reply.status_code == 200, reply.text
+        state = reply.json()
+        seen = {task: state["tasks"].get(task, {}).get("requests") for task in expected}
+        if all(seen[task] is not None and seen[task] >= n for task, n in expected.items()):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rows observed {seen}, expected {expected}")
+        time.sleep(0.02)
 
 
 # ---- classification ------------------------------------------------------------------------------------------
@@ -134,7 +144,7 @@ def test_a_served_task_reports_its_requests_and_drift_state(served):
     texts = usual(40, seed=1)
     for start in range(0, 40, 8):
         classify(http, ALPHA, texts[start : start + 8])
-    state = monitor(http)
+    state = monitor(http, **{ALPHA: 40})
     assert state["enabled"] is True and set(state["tasks"]) == {ALPHA, BETA, BARE}
     alpha = state["tasks"][ALPHA]
     assert alpha["requests"] == 40 and alpha["monitored"] is True
@@ -178,7 +188,7 @@ def test_a_shift_on_one_task_alarms_that_task_alone(served):
         rounds += 1
         alarmed = monitor(http)["tasks"][ALPHA]["drift"]["alarm"]
     assert alarmed, f"no alarm on {ALPHA} after {8 * rounds} out-of-distribution rows"
-    state = monitor(http)["tasks"]
+    state = monitor(http, **{ALPHA: 8 * rounds, BETA: 8 * rounds})["tasks"]
     assert state[ALPHA]["drift"]["alarms"] == 1
     assert any(alarm for _, _, alarm in state[ALPHA]["history"])
     assert state[BETA]["requests"] == state[ALPHA]["requests"] == 8 * rounds
@@ -195,7 +205,7 @@ def test_a_task_without_a_profile_is_served_and_reported_unmonitored(served, ban
     _, _, http = served
     reply = http.post("/v1/classify", json={"model": BARE, "input": usual(4, seed=3)})
     assert reply.status_code == 200 and len(reply.json()["data"]) == 4
-    bare = monitor(http)["tasks"][BARE]
+    bare = monitor(http, **{BARE: 4})["tasks"][BARE]
     assert bare["monitored"] is False and bare["requests"] == 4
     command = re.search(r"`(multitune profile [^`]+)`", bare["reason"])
     assert command, bare["reason"]
@@ -222,7 +232,7 @@ def test_admin_load_unload_and_reload_keep_the_monitor_in_step(bank_dir, tmp_pat
         )
         assert reply.status_code == 200, reply.text
         classify(http, "second", usual(5, seed=4))
-        second = monitor(http)["tasks"]["second"]
+        second = monitor(http, second=5)["tasks"]["second"]
         assert second["monitored"] is True and second["requests"] == 5
         # reloaded from a folder without a profile: served, and now unmonitored
         reply = http.post(
@@ -301,7 +311,7 @@ def test_a_prompting_task_mixed_in_one_forward_is_watched_without_features(tmp_p
             jobs = [pool.submit(classify, http, task, usual(16, seed=seed)) for task in ("head", "scored")]
             for job in jobs:
                 job.result()
-        state = monitor(http)["tasks"]
+        state = monitor(http, head=64, scored=64)["tasks"]
     assert {"head", "scored"} in forwards  # mixed in one forward at least once
     assert state["scored"]["requests"] == state["head"]["requests"] == 64
     assert set(state["scored"]["drift"]["tests"]) == {"labels", "confidence", "length"}
@@ -426,7 +436,7 @@ def test_generation_rows_are_observed_with_their_length_and_log_probability(gen_
         assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
         for reply, (length, _, _) in zip(replies, expected, strict=True):
             assert reply.json()["usage"]["completion_tokens"] == length
-        state = monitor(http)["tasks"]["gen"]
+        state = monitor(http, gen=len(prompts))["tasks"]["gen"]
     assert state["requests"] == len(prompts) and state["monitored"] is True
     observed = sorted(
         (length, lp) for _, lengths, lps in seen for length, lp in zip(lengths, lps, strict=True)

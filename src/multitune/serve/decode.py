@@ -10,8 +10,10 @@ unmasked slots as :meth:`MultiTaskModel.run` and ``generate`` do, so a row's tok
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
+import logging
 import queue
 import threading
 import time
@@ -29,6 +31,8 @@ MIN_TEMPERATURE = (
 )
 MAX_TEMPERATURE = 2.0
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
+
+log = logging.getLogger("multitune.serve.scheduler")  # the scheduler answers with these: its log
 
 
 class RequestError(MultituneError):
@@ -426,3 +430,43 @@ def eos_ids(tokenizer: Any) -> set[int]:
 def first_stop(text: str, stops: list[str]) -> int | None:
     found = [text.find(s) for s in stops if s and s in text]
     return min(found) if found else None
+
+
+def settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer a request's future once; one its client has given up on (cancelled) is left alone."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def as_request_error(error: BaseException, what: str, logged: bool = False) -> RequestError:
+    """What a request that failed with ``error`` is answered: its own status for a RequestError, 400 for any
+    other user error, else a 500 (the traceback logged: it is a fault of ours or of the model's code)."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, MultituneError):
+        return RequestError(400, str(error))
+    if not logged:
+        log.error("%s failed", what, exc_info=error)
+    return RequestError(
+        500,
+        f"internal error in {what} ({type(error).__name__}: "
+        f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it",
+    )
+
+
+def sample_tokens(logits: torch.Tensor, handles: list[Handle]) -> list[int]:
+    """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
+
+    A row whose sampling fails is answered with its error (its token is then never used)."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, handle in enumerate(handles):
+        if handle.params.temperature <= 0 or handle.done:
+            continue
+        try:
+            tokens[i] = draw(logits[i], handle)
+        except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
+            handle.finish("error", as_request_error(error, "sampling"))
+    return tokens

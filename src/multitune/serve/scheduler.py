@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -43,7 +42,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from multitune.errors import MultituneError
 from multitune.health.live import Monitor
 from multitune.serve.decode import (
     DecodeBatch,
@@ -51,12 +49,14 @@ from multitune.serve.decode import (
     QueueFull,
     RequestError,
     SamplingParams,
+    as_request_error,
     check_text,
-    draw,
     eos_ids,
     first_stop,
+    sample_tokens,
+    settle,
 )
-from multitune.serve.engine import Classification
+from multitune.serve.engine import Classification, in_passing_thread
 from multitune.serve.names import TaskNames
 from multitune.serve.observe import Stats
 from multitune.serve.watch import Watch, token_logprobs
@@ -140,7 +140,7 @@ class Scheduler:
             self._waiting.clear()
             self._static.clear()
         for item in classify:
-            _settle(item.future, error=stopped)
+            settle(item.future, error=stopped)
         for handle in waiting + static:
             handle.finish("error", stopped)
         for batch in self._decoders.values():
@@ -336,13 +336,13 @@ class Scheduler:
                     self._collect_retired()
             except Exception as error:  # noqa: BLE001  (a fault of the scheduler itself: never stop serving)
                 log.exception("the scheduler's turn failed; answering every request it held with a 500")
-                self._fail_all(_as_request_error(error, "the scheduler's turn", logged=True))
+                self._fail_all(as_request_error(error, "the scheduler's turn", logged=True))
 
     def _fail_all(self, error: RequestError) -> None:
         """The safety net: answer every request taken from a queue this turn and every running row."""
         for item in self._taken:
             if isinstance(item, _Classify):
-                _settle(item.future, error=error)
+                settle(item.future, error=error)
             else:
                 item.finish("error", error)
         self._taken = []
@@ -366,7 +366,7 @@ class Scheduler:
             return
         except Exception as error:  # noqa: BLE001  (retried below; a lone item's error is its answer)
             if len(items) == 1:
-                fail(items[0], _as_request_error(error, what))
+                fail(items[0], as_request_error(error, what))
                 return
             log.warning(
                 "%s of %d requests failed (%s: %s); running them one by one",
@@ -379,7 +379,7 @@ class Scheduler:
             try:
                 run([item])
             except Exception as error:  # noqa: BLE001  (this request's answer)
-                fail(item, _as_request_error(error, what))
+                fail(item, as_request_error(error, what))
 
     def _turn(self) -> bool:
         """One turn of the worker; False when it found nothing ready (a batch is still filling)."""
@@ -424,12 +424,12 @@ class Scheduler:
             groups, start = [], 0
             for item in batch:
                 rows = results[start : start + len(item.texts)]
-                _settle(item.future, rows)
+                settle(item.future, rows)
                 groups.append((item.task, item.internal[0], rows))
                 start += len(item.texts)
             self.watch.classified(groups)  # after every answer is out; never raises
 
-        self._isolated(items, run, lambda item, error: _settle(item.future, error=error), "classification")
+        self._isolated(items, run, lambda item, error: settle(item.future, error=error), "classification")
 
     def _admit(self) -> None:
         """Waiting generation requests join their bank's running batch (one prefill per bank)."""
@@ -498,7 +498,7 @@ class Scheduler:
                     continue
                 logits = alone
             self.stats.record("decode", len(batch))
-            tokens = self._sample(logits, batch.rows, batch.generated)
+            tokens = sample_tokens(logits, batch.rows)
             logprobs = token_logprobs(logits, tokens) if self.monitor is not None else None
             self._advance(batch, list(range(len(batch))), tokens, logprobs)
 
@@ -506,7 +506,7 @@ class Scheduler:
         """After a failed decode step, the step of each row alone: a row that fails again is answered with
         its error, the others go on as one batch again. Returns their logits (None when no row is left)."""
         if len(batch) == 1:
-            batch.rows[0].finish("error", _as_request_error(error, "decode step"))
+            batch.rows[0].finish("error", as_request_error(error, "decode step"))
             batch.keep([])
             return None
         log.warning(
@@ -521,7 +521,7 @@ class Scheduler:
                 logits.append(part.step())
                 kept.append(part)
             except Exception as alone:  # noqa: BLE001  (this row's answer)
-                part.rows[0].finish("error", _as_request_error(alone, "decode step"))
+                part.rows[0].finish("error", as_request_error(alone, "decode step"))
         batch.absorb(kept)
         return torch.cat(logits) if logits else None
 
@@ -544,7 +544,7 @@ class Scheduler:
             try:
                 handle.append(token, generated, tokenizer, eos, now, self.timeout_s)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
-                handle.finish("error", _as_request_error(error, "decoding a token"))
+                handle.finish("error", as_request_error(error, "decoding a token"))
             if handle.done:
                 finished.append(handle)
         if finished and logprobs is not None:
@@ -556,30 +556,16 @@ class Scheduler:
     def _sampler(
         self, logprobs: list[float]
     ) -> Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]]:
-        """:meth:`_sample`, also writing the sampled tokens' log-probabilities into ``logprobs`` when the
+        """decode.sample_tokens, also writing the sampled tokens' log-probabilities into ``logprobs`` when the
         monitor is on (a prefill's logits live only inside :meth:`DecodeBatch.join`)."""
 
         def sample(logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
-            tokens = self._sample(logits, handles, generated)
+            tokens = sample_tokens(logits, handles)
             if self.monitor is not None:
                 logprobs[:] = token_logprobs(logits, tokens)
             return tokens
 
         return sample
-
-    def _sample(self, logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
-        """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
-
-        A row whose sampling fails is answered with its error (its token is then never used)."""
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, handle in enumerate(handles):
-            if handle.params.temperature <= 0 or handle.done:
-                continue
-            try:
-                tokens[i] = draw(logits[i], handle)
-            except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
-                handle.finish("error", _as_request_error(error, "sampling"))
-        return tokens
 
     def _static_batch(self) -> None:
         """Encoder-decoder rows: one Engine.generate per distinct max_tokens (greedy)."""
@@ -606,47 +592,6 @@ class Scheduler:
             self._isolated(
                 handles, run, lambda handle, error: handle.finish("error", error), "seq2seq generation"
             )
-
-
-def _settle(
-    future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None
-) -> None:
-    """Answer a request's future once; one its client has given up on (cancelled) is left alone."""
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-
-def _as_request_error(error: BaseException, what: str, logged: bool = False) -> RequestError:
-    """What a request that failed with ``error`` is answered: its own status for a RequestError, 400 for any
-    other user error, else a 500 (the traceback logged: it is a fault of ours or of the model's code)."""
-    if isinstance(error, RequestError):
-        return error
-    if isinstance(error, MultituneError):
-        return RequestError(400, str(error))
-    if not logged:
-        log.error("%s failed", what, exc_info=error)
-    return RequestError(
-        500,
-        f"internal error in {what} ({type(error).__name__}: "
-        f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it",
-    )
-
-
-def in_passing_thread(load: Callable[[], Any]) -> Any:
-    """``load()`` run in a thread that ends before this returns: load the engine a scheduler will serve.
-
-    libgomp (torch's OpenMP on Linux) keeps a pool of threads for every thread that ran a parallel region, and
-    when the pools hold more threads than the machine has cores it spins only briefly before sleeping between
-    regions. The scheduler runs every forward in its worker thread; had the engine been loaded in the main
-    thread, the main thread's idle pool would count too, and each of the thousands of small parallel regions of
-    a decode step would pay a wake-up: measured on 2 cores, 280 ms per step of 16 rows instead of 135 ms.
-    A thread that ends frees its pool, which leaves the worker's the only one.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="multitune-load") as pool:
-        return pool.submit(load).result()
 
 
 __all__ = ["Scheduler", "Stats", "in_passing_thread"]
