@@ -233,7 +233,9 @@ register(
         attach=attach,
         detach=detach,
         summary="low-rank updates B A of chosen linear layers (Hu et al. 2021)",
-        default_learning_rate=5e-4,
+        # MiniLM, 1,000 examples, 2 epochs, r8 q/v: at 5e-4 SST-2 0.780/0.802 (seeds 0/1) and TREC 0.910 against
+        # full fine-tuning's 0.809/0.811 and 0.928; at 2e-3 0.838/0.825 and 0.926 (all-linear at 1e-3: 0.826)
+        default_learning_rate=2e-3,
         merge=merge,
         unmerge=unmerge,
         search=search,
