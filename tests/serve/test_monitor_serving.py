@@ -549,7 +549,7 @@ def test_minilm_server_alarms_on_trec_questions_for_that_task_alone(tmp_path):
         save_profile(build_profile(bank, task, dev, 64), tmp_path / "bank" / task)
     scheduler = Scheduler(Engine.from_folder(tmp_path / "bank", device="cpu"), max_wait_ms=2)
     with running(create_app(scheduler)) as url, httpx.Client(base_url=url, timeout=120) as http:
-        for start in range(0, 400, 25):  # the usual traffic on both: two full windows, six checks each
+        for start in range(0, 250, 25):  # the usual traffic on both: a full window and two checks after it
             classify(http, "sst-a", test[start : start + 25])
             classify(http, "sst-b", test[400 + start : 425 + start])
         quiet = monitor(http)["tasks"]
