@@ -101,7 +101,12 @@ def test_a_run_without_profile_is_told_the_command_and_the_command_works(run, tm
         [e.text for e in toy_sentiment(30, seed=3)],
         [e.label for e in toy_sentiment(30, seed=3)],
     )
-    line = _fails(capsys, ["monitor", str(old), "--data", data], "has no drift profile", "build it with `multitune profile")
+    line = _fails(
+        capsys,
+        ["monitor", str(old), "--data", data],
+        "has no drift profile",
+        "build it with `multitune profile",
+    )
     advised = line.split("`")[1]  # "multitune profile OLD/adapter --data FILE"
     argv = shlex.split(advised.replace("FILE", data))[1:]
     assert main(argv) == 0
