@@ -15,3 +15,28 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Any]
+
+
+def columns_of(args: argparse.Namespace):  # noqa: ANN201  (data.Columns, imported lazily: --help stays fast)
+    """The column flags of a command that reads a data file (``--text-column`` ...), as data.Columns."""
+    from multitune.data import Columns
+
+    return Columns(
+        args.text_column,
+        args.text_pair_column,
+        args.label_column,
+        args.prompt_column,
+        args.input_column,
+        args.response_column,
+    )
+
+
+def device_of(args: argparse.Namespace) -> str | None:
+    """The --device given (None: auto, cuda when available); a misspelt one is a ConfigError."""
+    from multitune.config import device_problem
+    from multitune.errors import ConfigError
+
+    problem = device_problem(args.device)
+    if problem:
+        raise ConfigError(problem)
+    return None if args.device == "auto" else args.device

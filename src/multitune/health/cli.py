@@ -5,30 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from multitune.cli_commands import Command
+from multitune.cli_commands import Command, columns_of, device_of
 from multitune.errors import ConfigError
-
-
-def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported lazily)
-    from multitune.data import Columns
-
-    return Columns(
-        args.text_column,
-        args.text_pair_column,
-        args.label_column,
-        args.prompt_column,
-        args.input_column,
-        args.response_column,
-    )
-
-
-def _device(args: argparse.Namespace) -> str | None:
-    from multitune.config import device_problem
-
-    problem = device_problem(args.device)
-    if problem:
-        raise ConfigError(problem)
-    return None if args.device == "auto" else args.device
 
 
 def _add_common(parser: argparse.ArgumentParser, data_help: str) -> None:
@@ -70,7 +48,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.max_length is not None and args.max_length < 1:
         raise ConfigError("--max-length must be a positive number of tokens")
     name, adapter, profile = build_missing_profile(
-        args.run, args.data, _columns(args), args.model, _device(args), args.max_length, args.batch_size
+        args.run, args.data, columns_of(args), args.model, device_of(args), args.max_length, args.batch_size
     )
     accuracy = f", reference accuracy {profile.accuracy:.3f}" if profile.accuracy is not None else ""
     print(
@@ -83,7 +61,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     from multitune.health.offline import monitor_file, summary_line
 
     report = monitor_file(
-        args.run, args.data, args.output, _columns(args), args.model, _device(args), args.batch_size
+        args.run, args.data, args.output, columns_of(args), args.model, device_of(args), args.batch_size
     )
     for name, task in report["tasks"].items():
         print(summary_line(name, task))

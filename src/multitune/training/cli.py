@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multitune.cli_commands import Command
+from multitune.cli_commands import Command, columns_of, device_of
 from multitune.config import plural
 from multitune.errors import ConfigError
 
@@ -65,35 +65,12 @@ def cmd_train_multi(args: argparse.Namespace) -> None:
             print(f"warning: {task['problem']}")
 
 
-def _columns(args: argparse.Namespace):  # noqa: ANN202  (data.Columns, imported lazily)
-    from multitune.data import Columns
-
-    return Columns(
-        args.text_column,
-        args.text_pair_column,
-        args.label_column,
-        args.prompt_column,
-        args.input_column,
-        args.response_column,
-    )
-
-
-def _device(args: argparse.Namespace) -> str | None:
-    """The --device given (None: auto, cuda when available); a misspelt one is a ConfigError."""
-    from multitune.config import device_problem
-
-    problem = device_problem(args.device)
-    if problem:
-        raise ConfigError(problem)
-    return None if args.device == "auto" else args.device
-
-
 def _examples_to_score(args: argparse.Namespace, kind: TaskKind):  # noqa: ANN202  (list[data.Example], lazily)
     """(examples, where) of eval: --data, or the run's own test split rebuilt from its config.yaml."""
     from multitune.data import load_examples
 
     if args.data:
-        return load_examples(args.data, kind, _columns(args), drop_empty=args.drop_empty), args.data
+        return load_examples(args.data, kind, columns_of(args), drop_empty=args.drop_empty), args.data
     import yaml
 
     from multitune.config import DataConfig
@@ -108,7 +85,7 @@ def _examples_to_score(args: argparse.Namespace, kind: TaskKind):  # noqa: ANN20
 def _eval_ensemble(args: argparse.Namespace) -> None:
     from multitune.training.ensemble import evaluate_ensemble, load_ensemble
 
-    bank, members, max_length = load_ensemble(args.run, model=args.model, device=_device(args))
+    bank, members, max_length = load_ensemble(args.run, model=args.model, device=device_of(args))
     examples, where = _examples_to_score(args, "classification")
     labels = bank.tasks[members[0]].labels
     unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(labels))
@@ -131,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if is_ensemble(args.run):
         return _eval_ensemble(args)
-    task = load(args.run, model=args.model, device=_device(args))
+    task = load(args.run, model=args.model, device=device_of(args))
     examples, where = _examples_to_score(args, task.spec.kind)
     unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(task.labels))
     if task.spec.kind == "classification" and unseen:
@@ -152,8 +129,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from multitune.training.ensemble import ensemble_predictions, is_ensemble, load_ensemble
 
     if is_ensemble(args.run):  # the majority vote, and the share of members that cast it
-        rows, examples = load_inputs(args.input, "classification", _columns(args))
-        bank, members, max_length = load_ensemble(args.run, model=args.model, device=_device(args))
+        rows, examples = load_inputs(args.input, "classification", columns_of(args))
+        bank, members, max_length = load_ensemble(args.run, model=args.model, device=device_of(args))
         for row, (label, agreement) in zip(
             rows, ensemble_predictions(bank, members, examples, max_length, args.batch_size), strict=True
         ):
@@ -165,8 +142,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         )
         return
     kind = read_adapter_config(adapter_folder(args.run))["task"]["kind"]
-    rows, examples = load_inputs(args.input, kind, _columns(args))  # the user's file first: it fails fast
-    task = load(args.run, model=args.model, device=_device(args))
+    rows, examples = load_inputs(args.input, kind, columns_of(args))  # the user's file first: it fails fast
+    task = load(args.run, model=args.model, device=device_of(args))
     if task.spec.kind == "classification":
         probs = task.predict_proba(examples, batch_size=args.batch_size)
         for row, p in zip(rows, probs, strict=True):
