@@ -489,8 +489,9 @@ class MultiTaskModel(nn.Module):
             pooled_out.append(features)
         return logits
 
-    def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of a generation batch aligned position by position: each logit row predicts the
+        label beside it (a decoder's shifted by one past its virtual tokens; an encoder-decoder's as they are)."""
         labels = batch["labels"]
         if self.base.arch == "seq2seq":
             logits = self.run(
@@ -500,9 +501,13 @@ class MultiTaskModel(nn.Module):
                 labels=labels,
                 decoder_length=labels.shape[1],
             ).out.logits
-        else:
-            routed = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-            logits, labels = routed.out.logits[:, routed.width : -1], labels[:, 1:]
+            return logits, labels
+        routed = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+        return routed.out.logits[:, routed.width : -1], labels[:, 1:]
+
+    def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
+        logits, labels = self.target_logits(batch)
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             labels.reshape(-1),

@@ -187,19 +187,8 @@ def _response_logprobs(
     slot = bank.slots.index(task)
     features = encode_task(bank, task, examples, max_length)
     batch = to_device(collate(features, bank.base.tokenizer.pad_token_id, slot), bank.base.device)
-    labels = batch["labels"]
     with autocast(bank):
-        if bank.base.arch == "seq2seq":
-            logits = bank.run(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["task_ids"],
-                labels=labels,
-                decoder_length=labels.shape[1],
-            ).out.logits
-        else:
-            routed = bank.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-            logits, labels = routed.out.logits[:, routed.width : -1], labels[:, 1:]
+        logits, labels = bank.target_logits(batch)
     mask = labels != IGNORE
     logp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     counts = mask.sum(1)
