@@ -17,18 +17,19 @@ import torch
 from multitune.bank import MultiTaskModel
 from multitune.data import Example
 from multitune.errors import ConfigError
+from multitune.health.versions import current_adapter
 from multitune.models import load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
 from multitune.training.evaluate import evaluate, generate_texts, predict_labels, predict_proba
 
 
 def adapter_folder(path: str | Path) -> Path:
-    """The adapter folder of a run folder, or the folder itself when it is one."""
+    """The adapter folder of a run folder, or the folder itself when it is one: its current version's
+    (:func:`multitune.health.versions.current_adapter`; ``ROOT/versions/N`` pins version N)."""
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "adapter" / CONFIG_FILE).is_file():
-        return path / "adapter"
+    adapter = current_adapter(path)
+    if adapter is not None:
+        return adapter
     if not path.exists():
         raise ConfigError(
             f"{path} does not exist; give a run folder written by 'multitune train' or its adapter folder"
@@ -88,12 +89,6 @@ def load(path: str | Path, model: str | None = None, device: str | None = None) 
     base = load_base(model or meta["base_model"], device=device)
     bank = MultiTaskModel(base)
     spec = load_adapter(bank, folder)
-    max_length = 128
-    config_file = folder.parent / "config.yaml"
-    if config_file.is_file():
-        import yaml
+    from multitune.serve.engine import trained_max_length  # the run's config.yaml, versions included
 
-        max_length = int(
-            (yaml.safe_load(config_file.read_text()) or {}).get("train", {}).get("max_length", 128)
-        )
-    return TrainedTask(bank, spec.name, max_length)
+    return TrainedTask(bank, spec.name, trained_max_length(folder))

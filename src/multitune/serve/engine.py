@@ -30,6 +30,7 @@ from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.health.profile import token_stats
+from multitune.health.versions import VERSIONS, current_adapter
 from multitune.methods import get_method
 from multitune.models import Base, load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
@@ -57,32 +58,29 @@ class Classification:
 
 
 def adapter_of(path: str | Path) -> Path | None:
-    """The adapter folder of ``path`` when it is one (``adapter.json``) or a run folder (``adapter/adapter.json``)."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "adapter" / CONFIG_FILE).is_file():
-        return path / "adapter"
-    return None
+    """The adapter folder to load for ``path`` when it is one (``adapter.json``) or a run folder
+    (``adapter/adapter.json``): its current version's (:func:`multitune.health.versions.current_adapter`)."""
+    return current_adapter(path)
 
 
 def task_name_of(path: str | Path) -> str:
     """The name of the task in a run or adapter folder given alone: the folder's, or for a run's ``adapter/``
-    folder, its run folder's (made a valid task name as ``train`` makes its default: ``my.run`` -> ``my-run``)."""
+    folder or a version's folder (``ROOT/versions/N``), its task root's (made a valid task name as ``train``
+    makes its default: ``my.run`` -> ``my-run``)."""
     path = Path(path).resolve()
+    if path.parent.name == VERSIONS and path.name.isdigit():
+        path = path.parent.parent
     return task_name_from_folder(path.parent if path.name == "adapter" and path.parent.name else path)
 
 
 def _tasks_in(path: Path) -> list[tuple[str, Path]]:
     """(task name, adapter folder) of what ``path`` holds; names from the layout, not from adapter.json."""
-    if (path / CONFIG_FILE).is_file():
-        return [(task_name_of(path), path)]
+    if (path / CONFIG_FILE).is_file():  # an adapter folder, a bank's task folder or a version's folder
+        return [(task_name_of(path), adapter_of(path) or path)]
     children = sorted(c for c in path.iterdir() if not c.name.startswith(".") and c.is_dir())
     tasks = [(task_name_from_folder(child), adapter) for child in children if (adapter := adapter_of(child))]
-    if len(tasks) == 1 and tasks[0][0] == "adapter" and tasks[0][1] == path / "adapter":
-        return [
-            (task_name_of(path), path / "adapter")
-        ]  # a run folder (a bank of one task named "adapter" alike)
+    if len(tasks) == 1 and tasks[0][0] == "adapter" and (path / "adapter" / CONFIG_FILE).is_file():
+        return [(task_name_of(path), tasks[0][1])]  # a run folder (a bank of one task named "adapter" alike)
     return tasks
 
 
@@ -123,8 +121,11 @@ def trained_max_length(adapter: Path) -> int:
 
     The setting is read from the file's ``train:`` section (the layout ``train`` writes) or, failing that,
     from its top level (flat keys)."""
-    config = Path(adapter).parent / RUN_CONFIG
-    if Path(adapter).name != "adapter" or not config.is_file():
+    adapter = Path(adapter)
+    if adapter.parent.name == VERSIONS and adapter.name.isdigit():  # ROOT/versions/N: the run's settings
+        adapter = adapter.parent.parent / "adapter"
+    config = adapter.parent / RUN_CONFIG
+    if adapter.name != "adapter" or not config.is_file():
         return DEFAULT_MAX_LENGTH
     try:
         settings = yaml.safe_load(config.read_text())
