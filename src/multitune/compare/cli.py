@@ -94,6 +94,7 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
         data=DataConfig(**sections["data."]),
         train=dataclasses.replace(TrainConfig(), **sections["train."]),
         method_settings={n: METHODS[n].config_class(**v) for n, v in method_values.items() if n in METHODS},
+        general_data=args.general_data,
     )
     return config
 
@@ -232,6 +233,13 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
         choices=["classification", "generation"],
         help="task kind: classification (scored on accuracy) or generation (ROUGE-L) "
         "(default: classification)",
+    )
+    p.add_argument(
+        "--general-data",
+        metavar="FILE",
+        help="generation: the general text each method's perplexity is measured on (how much general ability "
+        "it kept), one paragraph per line or blank-line separated block, or a table with a 'text' column "
+        "(default: a built-in sample of 40 paragraphs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (trial lines are still printed)")
     add_arguments(p, DataConfig, dest_prefix="data.")

@@ -23,8 +23,10 @@ from multitune.compare.table import (
     Row,
     best_rows,
     count_text,
+    has_general,
     has_seeds,
     main_metric,
+    num,
     reading,
     seconds_text,
     table_columns,
@@ -68,6 +70,7 @@ def _header(meta: dict[str, Any], metric: str, higher: bool) -> list[tuple[str, 
         ("Wall time", seconds_text(meta.get("wall_seconds"))),
         ("Started", text("started")),
         ("Metric", f"{metric} ({'higher' if higher else 'lower'} is better)"),
+        *([("General text", text("general_data"))] if meta.get("general_data") else []),
     ]
 
 
@@ -85,7 +88,7 @@ def _markdown(
     command = meta.get("command")
     if command:
         lines += ["", "Command:", "", "```", str(command).replace("```", "` ` `"), "```"]
-    columns = table_columns(metric, higher, has_seeds(rows))
+    columns = _columns(rows, meta, metric, higher)
     lines += [
         "",
         "## Comparison",
@@ -115,6 +118,14 @@ def _markdown(
     return "\n".join(lines)
 
 
+def _columns(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bool) -> list[tuple[str, str]]:
+    return table_columns(metric, higher, has_seeds(rows), has_general(rows), _general_base(meta))
+
+
+def _general_base(meta: dict[str, Any]) -> float | None:
+    return num(meta.get("general_perplexity_base"))
+
+
 def _note(rows: Sequence[Row], metric: str) -> str:
     """The note under the table (plain text): what bold, storage and latency mean, and the cells only some
     tables have."""
@@ -132,6 +143,11 @@ def _note(rows: Sequence[Row], metric: str) -> str:
         text += (
             f" Over seeds: the test {metric} of the chosen settings trained with each seed, as the mean ± the "
             "sample standard deviation, and the lowest and highest."
+        )
+    if has_general(rows):
+        text += (
+            " General-text perplexity: plain general text (no prompt, no template) scored through the method's "
+            "trained task, against the bare base in the column's title; a rise is general ability the method lost."
         )
     return text
 
@@ -212,7 +228,7 @@ def _html(
     if meta.get("command"):
         out.append(f"<dt>Command</dt><dd><pre><code>{e(meta['command'])}</code></pre></dd>")
     out += ["</dl>", "<h2>Comparison</h2>", '<div class="scroll">', '<table id="comparison">', "<thead><tr>"]
-    columns = table_columns(metric, higher, has_seeds(rows))
+    columns = _columns(rows, meta, metric, higher)
     out += [f'<th scope="col">{e(t)}</th>' for _, t in columns]
     out += ["</tr></thead>", "<tbody>"]
     for i, row in enumerate(rows):
@@ -258,7 +274,7 @@ def write_report(folder: str | Path, results: list[dict], meta: dict) -> dict[st
     metric, higher = main_metric(results, meta)
     rows = [Row(r, metric) for r in results]
     best = best_rows(rows, higher)
-    facts = reading(rows, metric, higher)
+    facts = reading(rows, metric, higher, _general_base(meta))
     pngs = {
         "quality_vs_parameters": plot_quality_vs_parameters(rows, metric, higher),
         "quality_vs_time": plot_quality_vs_time(rows, metric, higher),

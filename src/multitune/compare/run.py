@@ -11,6 +11,8 @@ For each method, in plain view:
 2. **final run**: the best settings retrained with early stopping, in a process of its own so that its peak
    memory is the method's alone; the test split scored with a bootstrap 95% interval; training time,
    latency per example, parameters and bytes stored measured; the adapter saved to ``OUTPUT/bank/TASK``.
+   A generation task's general-text perplexity is measured too (:mod:`multitune.health.general`: how much of
+   the base's general language ability the method kept), and the bare base's once, for the report.
    The best settings are the best trial's among those that learned (:func:`~multitune.compare.search.
    chosen_trial`). A run that did not learn (``TrainResult.problem``: it predicts one label, or its loss stays
    at the chance level) is not the method's quality: compare spends one more run on it at a quarter of the
@@ -57,6 +59,8 @@ from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, write_json_atomic
 
+GENERAL_MAX_LENGTH = 128  # tokens per general text (the built-in paragraphs fit): a few forwards per method
+
 
 def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Retrain the best settings, measure everything, save the adapter; returns the method's result."""
@@ -85,6 +89,7 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
     if get_method(method).changes_base:
         base_bytes = 0  # every task is a whole model: nothing is shared
     metric = config.metric()
+    general = general_perplexity_of(config, bank, task) if config.kind == "generation" else None
     return {
         "method": method,
         "task": task,
@@ -111,7 +116,26 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         "test_ci": intervals,
         "test_examples": len(splits.test),
         "adapter": str(Path(BANK) / task),
+        **({"general_perplexity": general} if general is not None else {}),
     }
+
+
+def general_perplexity_of(config: CompareConfig, bank: Any, task: str | None) -> float:
+    """The general-text perplexity of ``task`` (None: the bare base) on ``--general-data`` or the built-in
+    sample, each text cut to ``min(GENERAL_MAX_LENGTH, --max-length)`` tokens."""
+    from multitune.health.general import general_perplexity, read_general
+
+    length = min(GENERAL_MAX_LENGTH, config.train.max_length)
+    return general_perplexity(bank, task, read_general(config.general_data), max_length=length)
+
+
+def base_general_perplexity(config: CompareConfig) -> float:
+    """The bare base's general-text perplexity: what every method's is read against (one more model load)."""
+    from multitune.bank import MultiTaskModel
+    from multitune.models import load_base
+
+    device = None if config.train.device == "auto" else config.train.device
+    return general_perplexity_of(config, MultiTaskModel(load_base(config.model, device=device)), None)
 
 
 def child_main(payload_file: str) -> None:
@@ -298,8 +322,16 @@ def validate(config: CompareConfig) -> None:
         )
     if config.kind not in ("classification", "generation"):
         problems.append(f"--kind must be classification or generation (got '{config.kind}')")
+    if config.general_data is not None and config.kind != "generation":
+        problems.append(
+            "--general-data is the general-text sample of generation tasks; drop it or pass --kind generation"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
+    if config.kind == "generation":
+        from multitune.health.general import read_general
+
+        read_general(config.general_data)  # a bad file fails now, not after the first method's training
 
 
 def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -357,6 +389,8 @@ def _result_line(result: dict[str, Any]) -> str:
             f"; over {seeds['n']} seeds {seeds['mean']:.4f}{spread} ({seeds['min']:.4f}-{seeds['max']:.4f}), "
             f"{seeds['learned']} of {seeds['n']} learned"
         )
+    general = result.get("general_perplexity")
+    line += f", general-text perplexity {general:.2f}" if isinstance(general, int | float) else ""
     return line + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s"
 
 
@@ -420,6 +454,10 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
         "higher_is_better": config.metric() not in ("loss", "perplexity"),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - summary["wall_seconds"])),
     }
+    if config.kind == "generation":
+        meta["general_data"] = config.general_data or "built-in sample"
+        meta["general_perplexity_base"] = base_general_perplexity(config)
+        log(f"base: general-text perplexity {meta['general_perplexity_base']:.2f}")
     from multitune.compare.report import write_report
 
     summary["report"] = {k: str(v) for k, v in write_report(config.out, results, meta).items()}

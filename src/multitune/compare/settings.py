@@ -42,6 +42,7 @@ class CompareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method_settings: dict[str, Any] = field(default_factory=dict)  # fixed (not searched) settings per method
+    general_data: str | None = None  # generation: general-text sample file (None: the built-in one)
 
     @property
     def out(self) -> Path:
@@ -56,9 +57,11 @@ class CompareConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed compare must share with the first run (methods may be added).
 
-        ``seeds`` only when not 1: folders made before ``--seeds`` existed resume as they are."""
+        ``seeds`` only when not 1 and ``general_data`` only when given: folders made before those flags existed
+        resume as they are (a method's general-text perplexity is only comparable on the same sample)."""
         return {
             **({"seeds": self.seeds} if self.seeds != 1 else {}),
+            **({"general_data": self.general_data} if self.general_data is not None else {}),
             "model": self.model,
             "task": self.task,
             "kind": self.kind,

@@ -10,7 +10,9 @@ ranked or set against the best, and "Reading the table" says why it did not lear
 gives each method's mean test metric over N seeds with its sample standard deviation and range, and "Reading
 the table" tells which methods are within seed noise of the best by this rule: two methods differ by no more
 than seed noise when the difference of their means is no larger than the larger of their two standard
-deviations (a sample standard deviation over the seeds; 0 for a method that trains nothing).
+deviations (a sample standard deviation over the seeds; 0 for a method that trains nothing). For generation
+tasks a column gives each method's general-text perplexity (:mod:`multitune.health.general`) beside the bare
+base's: how much of the base's general language ability the method kept (lower is better).
 """
 
 from __future__ import annotations
@@ -96,6 +98,12 @@ def short(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
     return f"{value:.3g}"
+
+
+def perplexity_text(value: Any) -> str:
+    """A perplexity with two decimals (a method's and the base's often differ by less than one percent)."""
+    v = num(value)
+    return NA if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
 
 
 def _metric(value: Any) -> str:
@@ -239,6 +247,7 @@ class Row:
         self.problem = result.get("problem") if isinstance(result.get("problem"), str) else None
         self.rescue = result["rescue"] if isinstance(result.get("rescue"), dict) else None
         self.seeds = Seeds.read(result.get("seeds"))
+        self.general = num(result.get("general_perplexity"))
 
     @property
     def ranked(self) -> float | None:
@@ -300,6 +309,7 @@ class Row:
             "validation": (_metric(self.validation), ""),
             "trials": trial_text,
             "seeds": self._seed_cell(),
+            "general": (perplexity_text(self.general), ""),
         }
 
     def _seed_cell(self) -> tuple[str, str]:
@@ -324,10 +334,15 @@ class Row:
         }
 
 
-def table_columns(metric: str, higher: bool, seeds: bool = False) -> list[tuple[str, str]]:
-    """The table's (key, title) columns; the seeds column only when some method was run with several seeds."""
+def table_columns(
+    metric: str, higher: bool, seeds: bool = False, general: bool = False, general_base: float | None = None
+) -> list[tuple[str, str]]:
+    """The table's (key, title) columns; the seeds column only when some method was run with several seeds,
+    the general-text perplexity column (its title holds the base's, ``general_base``) only when some has one."""
     direction = "higher is better" if higher else "lower is better"
     seed_column = [("seeds", f"Test {metric} over seeds: mean ± std (min–max)")] if seeds else []
+    base = f"base {perplexity_text(general_base)}; " if general_base is not None else ""
+    general_column = [("general", f"General-text perplexity ({base}lower is better)")] if general else []
     return [
         ("method", "Method"),
         ("settings", "Best settings"),
@@ -339,9 +354,15 @@ def table_columns(metric: str, higher: bool, seeds: bool = False) -> list[tuple[
         ("latency", "Latency / example (batched)"),
         ("test", f"Test {metric} [95% CI] ({direction})"),
         *seed_column,
+        *general_column,
         ("validation", f"Validation {metric}"),
         ("trials", "Trials (complete / pruned)"),
     ]
+
+
+def has_general(rows: Sequence[Row]) -> bool:
+    """Whether any method has a general-text perplexity (the table then has its column)."""
+    return any(r.general is not None for r in rows)
 
 
 def has_seeds(rows: Sequence[Row]) -> bool:
@@ -359,13 +380,14 @@ def best_rows(rows: Sequence[Row], higher: bool) -> set[int]:
 
 
 # ---- "Reading the table": sentences computed from the rows, each skipped when its data is missing --------
-def reading(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
+def reading(rows: Sequence[Row], metric: str, higher: bool, general_base: float | None = None) -> list[str]:
     """Facts read off the table, as plain-text sentences (not escaped)."""
     return [
         *_not_learned(rows, metric),
         *_ranking(rows, metric, higher),
         *_seed_noise(rows, metric, higher),
         *_efficiency(rows, metric),
+        *_general(rows, general_base),
         *_storage(rows),
         *_spread(rows, "seconds", "Training took", seconds_text, " to "),
         *_memory(rows),
@@ -494,6 +516,24 @@ def _efficiency(rows: Sequence[Row], metric: str) -> list[str]:
         else:
             parts.append(f"{r.name} {_metric(r.test)} with {count_text(r.parameters)} trainable parameters")
     return [f"Test {metric} against what is trained: " + "; ".join(parts) + "."] if parts else []
+
+
+def _general(rows: Sequence[Row], base: float | None) -> list[str]:
+    """Each method's general-text perplexity, against the base's when it is known (the change in percent)."""
+    parts = []
+    for r in rows:
+        if r.general is None:
+            continue
+        change = f" ({100 * (r.general / base - 1):+.1f}%)" if base else ""
+        parts.append(f"{r.name} {perplexity_text(r.general)}{change}")
+    if not parts:
+        return []
+    against = f"the base's is {perplexity_text(base)}; " if base is not None else ""
+    return [
+        f"General-text perplexity ({against}lower keeps more of the base's general ability): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def _storage(rows: Sequence[Row]) -> list[str]:
