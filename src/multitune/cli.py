@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from multitune.compare import cli as compare
     from multitune.health import cli as health
     from multitune.health import feedback_cli as feedback
+    from multitune.health import update_cli as update
     from multitune.interop import cli as interop
     from multitune.preference import cli as preference
     from multitune.serve import cli as serve
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="multitune", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (training, compare, serve, health, feedback, preference, interop):
+    for module in (training, compare, serve, health, update, feedback, preference, interop):
         for command in module.commands():
             p = subparsers.add_parser(command.name, help=command.help)
             command.add_arguments(p)

@@ -57,6 +57,13 @@ class DataConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split"})
     drop_empty: bool = field(default=False, metadata={"help": "drop rows with an empty text or label"})
     max_examples: int | None = field(default=None, metadata={"help": "use at most N training examples"})
+    keep_replay: bool = field(
+        default=True,
+        metadata={
+            "help": "keep the test split and a sample of the training rows beside the adapter (data/), for "
+            "'multitune update' to measure forgetting and rehearse"
+        },
+    )
 
     def splits(self, kind: TaskKind) -> Splits:
         """Read, validate and split the data as these settings say."""

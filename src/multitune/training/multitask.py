@@ -36,7 +36,7 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,9 @@ from multitune.data import Example, task_kind
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.flags import read_yaml_mapping, settings_from_mapping, settings_parser, split_settings
+from multitune.health import kept
 from multitune.health.profile import save_task_profile
+from multitune.health.versions import DATA
 from multitune.methods import METHODS, get_method
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
@@ -542,6 +544,8 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
             config.train.max_length,
             config.train.eval_batch_size,
         )
+        # what `multitune update` measures forgetting on and rehearses (multitune.health.kept)
+        kept.keep(out / name / DATA, s, asdict(t.data), config.train.seed, t.data.keep_replay)
         summary["tasks"][name] = {
             "method": t.method,
             "kind": t.kind,
