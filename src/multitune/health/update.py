@@ -334,7 +334,6 @@ def _update(
 
     bank = _bank_of(meta, parent_adapter, task, labels, device, config.seed)
     matrix = matrix_of(records)
-    started = time.perf_counter()
     for j, rows in tests.items():  # the current version on every test split it was not scored on yet
         if j not in matrix[parent]:
             matrix[parent][j] = score(bank, task, rows, config)
@@ -342,6 +341,7 @@ def _update(
         bank.grow_labels(task, added)
     general_before = _general(bank, task, upd, config) if kind == "generation" else None
 
+    started = time.perf_counter()  # the strategy's cost: its rows, its Fisher, its training (not the scoring)
     rows = list(splits.train)
     penalty = None
     replayed = 0
