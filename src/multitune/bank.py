@@ -183,6 +183,40 @@ class MultiTaskModel(nn.Module):
         self.routing.slots.remove(name)
         self.routing.version += 1
 
+    def grow_labels(self, task: str, new_labels: list[str]) -> None:
+        """Append ``new_labels`` to a classification task's labels; every old label's logit stays as it was.
+
+        The head W (K, d), b (K,) becomes W' (K+n, d), b' (K+n,) with W'[:K] = W, b'[:K] = b copied exactly, so
+        logit_c(x) = W'_c . h(x) + b'_c is unchanged for c < K up to float rounding (a wider matmul may take another
+        BLAS kernel: 1-4 ulp on CPU at some batch sizes), and so are predictions among old labels; probabilities
+        are not (the new labels take their share of the softmax). The n new rows start as a fresh head's do
+        (nn.Linear's U(-1/sqrt(d), 1/sqrt(d))).
+        The new tensors are owned under the same keys, so task_parameters, saving and loading see them. A method
+        that scores labels itself (prompting) has no head: only its label list grows (its caches are keyed on
+        the labels). Other tasks are not touched.
+        """
+        spec = self.spec(task)
+        if spec.kind != "classification":
+            raise ConfigError(
+                f"task '{task}' generates text and has no labels to grow; give a classification task"
+            )
+        known = sorted({label for label in new_labels if label in spec.labels or new_labels.count(label) > 1})
+        if known:
+            raise ConfigError(
+                f"label(s) {known[:5]} are already in task '{task}' or given twice; give each new label once"
+            )
+        if task in self.heads:
+            old = cast(nn.Linear, self.heads[task])  # add_task makes every head (ModuleDict types it Module)
+            w = old.weight
+            head = nn.Linear(w.shape[1], w.shape[0] + len(new_labels), device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                head.weight[: w.shape[0]] = w
+                head.bias[: w.shape[0]] = old.bias
+            self.heads[task] = head.train(old.training)
+            for key, param in head.named_parameters():
+                self.own(task, f"head.{key}", param)
+        spec.labels.extend(new_labels)
+
     def store(self, method: str, make: Callable[[], M]) -> M:
         """The module in which ``method`` keeps its tasks' tensors outside the base's layers, made on first use.
 
