@@ -47,12 +47,16 @@ def train(
     on_step: Callable[[int], None] | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     desc: str | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``task`` of ``bank`` on ``train_examples``; early-stop on ``validation_examples``.
 
     On return the task holds the weights of its best evaluation (or the last step if none was run).
     ``on_step(step)`` is called after each optimizer step (a test uses it to interrupt a run);
     ``on_eval(record)`` after each validation (a hyperparameter search prunes poor trials from it).
+    ``penalty()``, when given, is added to each micro-batch's loss (an update's EWC term,
+    :func:`multitune.training.ewc.ewc_penalty`) and logged as "penalty"; "loss" stays the task's own loss,
+    which is what :mod:`multitune.training.learned` judges. A method with nothing to optimise ignores it.
     """
     spec = bank.tasks[task]
     metric = config.metric or default_metric(spec.kind)
@@ -79,7 +83,12 @@ def train(
 
     def loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         value = bank(to_device(collate([features[i] for i in rows], pad_id, slot), bank.base.device))
-        return value, {"loss": float(value.detach())}
+        stats = {"loss": float(value.detach())}
+        if penalty is not None:
+            extra = penalty()
+            stats["penalty"] = float(extra.detach())
+            value = value + extra
+        return value, stats
 
     def scores(_: str) -> dict[str, float] | None:
         if not validation_examples:
