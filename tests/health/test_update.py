@@ -279,3 +279,17 @@ def test_feedback_of_a_served_task_is_new_data(model, tmp_path, capsys):
     assert record["examples"]["train"] == 48  # 80% of the 60 labelled answers
     assert update(run, Path(f"feedback:{tmp_path / 'bank'}"), "--task", "nobody") == 2
     assert "no feedback for task 'nobody'" in capsys.readouterr().err
+
+
+def test_ewc_with_new_labels_anchors_the_old_rows_only(model, tmp_path):
+    run = train_run(model, tmp_path / "run", write_rows(tmp_path / "a.csv", 80, 0))
+    new = write_rows(tmp_path / "c.csv", 90, 2, ("pos", "neg", "neu"))
+    code = update(run, new, "--strategy", "ewc", "--add-labels", "--promote", "always", "--epochs", "3")
+    assert code == 0
+    from safetensors.torch import load_file
+
+    before = load_file(str(run / "adapter" / "adapter.safetensors"))
+    after = load_file(str(run / "versions" / "2" / "adapter.safetensors"))
+    assert after["head.weight"].shape[0] == before["head.weight"].shape[0] + 1
+    record = json.loads((run / "versions" / "2" / "version.json").read_text())
+    assert record["labels_added"] == ["neu"] and record["strategy"] == "ewc"

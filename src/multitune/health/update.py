@@ -136,10 +136,11 @@ def _records(root: Path, kind: str) -> dict[int, dict[str, Any]]:
 
 def lineage(records: dict[int, dict[str, Any]], number: int) -> list[int]:
     """``number`` and its ancestors, oldest first (what that version has learned)."""
-    chain = []
-    while number is not None and number in records and number not in chain:
-        chain.append(number)
-        number = records[number].get("parent")
+    chain: list[int] = []
+    at: int | None = number
+    while at is not None and at in records and at not in chain:
+        chain.append(at)
+        at = records[at].get("parent")
     return chain[::-1]
 
 
@@ -285,6 +286,10 @@ def _rehearsal(
         return pool, len(pool)
     earlier = sum(int((records[n].get("examples") or {}).get("train", 0)) for n in chain)
     pool = _earlier_rows(root, records, chain, kind)
+    if not pool:
+        raise ConfigError(
+            "no earlier rows to rehearse; pass --replay-data FILE with earlier rows, or use --strategy naive"
+        )
     return pool, earlier or len(pool)
 
 
@@ -337,27 +342,29 @@ def _update(
     for j, rows in tests.items():  # the current version on every test split it was not scored on yet
         if j not in matrix[parent]:
             matrix[parent][j] = score(bank, task, rows, config)
+    general_before = _general(bank, task, upd, config) if kind == "generation" else None
+    started = time.perf_counter()  # the strategy's cost: its rows, its Fisher, its training (not the scoring)
+    # EWC's Fisher and anchor are the current version's, on its own labels: taken before the head grows
+    ewc_parts = (
+        _ewc_parts(bank, task, root, records, chain, kind, upd, config) if upd.strategy == "ewc" else None
+    )
     if added:
         bank.grow_labels(task, added)
-    general_before = _general(bank, task, upd, config) if kind == "generation" else None
-
-    started = time.perf_counter()  # the strategy's cost: its rows, its Fisher, its training (not the scoring)
     rows = list(splits.train)
     penalty = None
     replayed = 0
-    if upd.strategy in ("replay", "ewc"):
+    if upd.strategy == "replay":
         pool, earlier = _rehearsal(upd, root, records, chain, kind)
-        if not pool:
-            raise ConfigError(
-                "no earlier rows to rehearse; pass --replay-data FILE with earlier rows, or use --strategy naive"
-            )
-        if upd.strategy == "replay":
-            want = upd.replay if upd.replay > 1 else math.ceil(upd.replay * earlier)
-            replay_rows = kept.sample(pool, int(want), config.seed + number)
-            replayed = len(replay_rows)
-            rows += replay_rows
-        else:
-            penalty = _ewc(bank, task, pool, config, upd.ewc_strength)
+        want = upd.replay if upd.replay > 1 else math.ceil(upd.replay * earlier)
+        replay_rows = kept.sample(pool, int(want), config.seed + number)
+        replayed = len(replay_rows)
+        rows += replay_rows
+    elif ewc_parts is not None:
+        from multitune.training import ewc
+
+        anchor, fisher = ewc_parts
+        kwargs = {} if upd.ewc_strength is None else {"strength": upd.ewc_strength}
+        penalty = ewc.ewc_penalty(bank, task, anchor, fisher, **kwargs)
     elif upd.strategy == "retrain":
         rows = _all_training_rows(root, records, chain, kind) + rows
         bank = _bank_of(meta, None, task, labels + added, device, config.seed)
@@ -435,14 +442,24 @@ def _gate(upd: UpdateConfig, bwt: float | None, gain: float | None) -> tuple[boo
     return True, f"BWT {bwt:+.2f} points >= -{upd.max_forgetting:g}, {gain:+.2f} points on the new data"
 
 
-def _ewc(bank: MultiTaskModel, task: str, pool: list[Example], config: TrainConfig, strength: float | None):  # noqa: ANN202
+def _ewc_parts(
+    bank: MultiTaskModel,
+    task: str,
+    root: Path,
+    records: dict[int, dict[str, Any]],
+    chain: list[int],
+    kind: str,
+    upd: UpdateConfig,
+    config: TrainConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(anchor, Fisher) of the current version: its weights, and their Fisher on up to FISHER_ROWS earlier rows."""
     from multitune.training import ewc
 
+    pool, _ = _rehearsal(upd, root, records, chain, kind)
     rows = kept.sample(pool, FISHER_ROWS, config.seed)
     fisher = ewc.fisher_diagonal(bank, task, rows, config.max_length, config.eval_batch_size)
     anchor = {k: p.detach().clone() for k, p in bank.task_parameters(task).items()}
-    kwargs = {} if strength is None else {"strength": strength}
-    return ewc.ewc_penalty(bank, task, anchor, fisher, **kwargs)
+    return anchor, fisher
 
 
 def _general(bank: MultiTaskModel, task: str, upd: UpdateConfig, config: TrainConfig) -> float:

@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from multitune.config import RunConfig, TrainConfig, to_yaml
 from multitune.data import Example, task_kind
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
+from multitune.health import kept
 from multitune.health.profile import save_task_profile
+from multitune.health.versions import DATA
 from multitune.methods import get_method
 from multitune.models import load_base
 from multitune.storage import output_lock, save_adapter, write_json_atomic
@@ -310,6 +313,8 @@ def _run(
         config.train.max_length,
         config.train.eval_batch_size,
     )
+    # what `multitune update` measures forgetting on and rehearses (multitune.health.kept)
+    kept.keep(out / DATA, splits, asdict(config.data), config.train.seed, config.data.keep_replay)
     write_json_atomic(out / "result.json", summary)
     if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
