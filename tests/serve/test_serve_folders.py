@@ -62,7 +62,7 @@ def test_one_run_folder_one_adapter_folder_and_several_paths(adapters, tmp_path)
     shutil.copytree(adapters / "gen", bank / "gen")
     engine = Engine.from_folder([run, bank, adapters / "topic"], device="cpu")
     assert set(engine.tasks) == {"one-run", "gen", "topic"}
-    assert engine.sources["one-run"] == str(run / "adapter")
+    assert engine.sources["one-run"] == str(run) and engine.adapters["one-run"] == run / "adapter"
 
 
 def test_hidden_folders_are_never_tasks(adapters, tmp_path):

@@ -256,6 +256,7 @@ def test_models_and_health(http):
         "method": "prompt",
         "labels": [],
         "version": 1,
+        "task_version": None,  # the fake's tasks come from no folder
         "base": "tiny-base",
     }
     assert http.get("/v1/models/echo").json()["id"] == "echo"

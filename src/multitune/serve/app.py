@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from multitune.errors import MultituneError
 from multitune.serve.decode import RequestError
 from multitune.serve.feedback import router as feedback_router
+from multitune.serve.follow import VersionWatch
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES, Guard
 from multitune.serve.monitor_routes import install as install_monitor
 from multitune.serve.observe import Metrics
@@ -91,6 +92,7 @@ class Served:
     max_input_chars: int
     roots: list[Path]
     store: Any = None  # a multitune.health.store.FeedbackStore
+    versions: VersionWatch | None = None  # follows the tasks' folder versions (None: off)
 
     def remember(
         self, rid: str, task: str, kind: str, prediction: str | None, probabilities: Any, text: str
@@ -125,6 +127,7 @@ def create_app(
     max_input_chars: int = MAX_INPUT_CHARS,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     store: Any = None,
+    watch_versions: float = 0,
 ) -> FastAPI:
     """The HTTP API over a :class:`~multitune.serve.scheduler.Scheduler` (started and stopped with the app).
 
@@ -133,6 +136,8 @@ def create_app(
     contents ``/admin/load`` and ``/admin/reload`` may read (symlinks followed; none: no path is accepted).
     ``model_name``: the base model, reported by ``/health`` and ``/v1/models``. ``store``: the
     :class:`~multitune.health.store.FeedbackStore` answers and feedback go to (closed with the app).
+    ``watch_versions``: every so many seconds, reload each task whose folder's current version moved
+    (:class:`~multitune.serve.follow.VersionWatch`; 0: never).
     """
     served = Served(
         scheduler,
@@ -141,6 +146,7 @@ def create_app(
         max_input_chars,
         [Path(root).resolve() for root in load_from],
         store,
+        VersionWatch(scheduler, watch_versions) if watch_versions > 0 else None,
     )
     app = FastAPI(
         title="multitune", summary="Many tasks from one frozen base, OpenAI-compatible", lifespan=_lifespan
@@ -179,11 +185,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 served.metrics.drain_batches()
 
-    drainer = asyncio.create_task(drain())
+    background = [asyncio.create_task(drain())]
+    if served.versions is not None:
+        background.append(asyncio.create_task(served.versions.follow()))
     try:
         yield
     finally:
-        drainer.cancel()
+        for task in background:
+            task.cancel()
         await asyncio.to_thread(served.scheduler.stop)
         if served.store is not None:  # every answer recorded so far is committed
             await asyncio.to_thread(served.store.close)
@@ -472,6 +481,7 @@ def _model_card(served: Served, name: str, spec: dict[str, Any]) -> dict[str, An
         "method": spec.get("method"),
         "labels": list(spec.get("labels") or []),
         "version": spec.get("version"),
+        "task_version": spec.get("task_version"),
         "base": served.model_name or None,
     }
 
@@ -550,6 +560,8 @@ async def unload(body: UnloadRequest, request: Request) -> Response:
 
 @router.post("/admin/reload", summary="Replace a task by a new version, atomically")
 async def reload(body: ReloadRequest, request: Request) -> Response:
+    """Without a path, the task is loaded again from what it was loaded from: a run or bank task folder gives
+    its current version (what ``multitune promote`` or a rollback pointed it at)."""
     served = _served(request)
     check_body(body, MAX_PATH_CHARS)
     path = None if body.path is None else _confined(served, body.path)

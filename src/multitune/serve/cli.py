@@ -20,6 +20,7 @@ from multitune.cli_commands import Command
 from multitune.errors import ConfigError
 from multitune.health.store import FeedbackStore, Retention
 from multitune.serve.app import create_app
+from multitune.serve.follow import DEFAULT_INTERVAL_S
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES
 
 API_KEY_ENV = "MULTITUNE_API_KEY"
@@ -128,6 +129,7 @@ def serve(
     log_requests: bool = False,
     request_retention: str | None = None,
     monitor: bool = True,
+    watch_versions: float = DEFAULT_INTERVAL_S,
 ) -> None:
     """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
     :func:`multitune.serve.engine.find_adapters`) until interrupted.
@@ -137,11 +139,16 @@ def serve(
     Answers and feedback go to ``monitor_db`` (a SQLite file or ``postgresql://`` URL; default
     ``PATH/monitor.sqlite`` of the first path), inputs too with ``log_requests``. ``monitor``: watch every
     task with a reference profile for drift (docs/monitoring.md); False builds no monitor and observes nothing.
+    ``watch_versions``: every so many seconds, a task served from a run or bank task folder whose current
+    version moved (``multitune promote``, a rollback) is reloaded, atomically (:mod:`multitune.serve.follow`);
+    0 never.
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     _check_limits(max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes)
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {timeout_s})")
+    if not watch_versions >= 0:
+        raise ConfigError(f"--watch-versions must be >= 0 seconds, 0 to turn it off (got {watch_versions})")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535 (got {port})")
     _check_folders(paths, allow_load_from)
@@ -183,6 +190,7 @@ def serve(
         max_input_chars=max_input_chars,
         max_request_bytes=max_request_bytes,
         store=store,
+        watch_versions=watch_versions,
     )
     names = ", ".join(sorted(engine.tasks))
     print(
@@ -190,6 +198,11 @@ def serve(
         file=sys.stderr,
     )
     print(_monitoring_line(scheduler), file=sys.stderr)
+    if watch_versions > 0:
+        print(
+            f"following each task's current version (pointer read every {watch_versions:g} s)",
+            file=sys.stderr,
+        )
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
@@ -274,6 +287,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not watch the tasks for drift (no statistics kept; /v1/monitor reports monitoring off)",
     )
+    parser.add_argument(
+        "--watch-versions",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often to read each served folder's current version (versions/current); a task whose "
+        f"version moved is reloaded atomically (default: {DEFAULT_INTERVAL_S:g}; 0: never)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows in one forward (default: 32)")
     parser.add_argument(
         "--max-wait-ms",
@@ -326,6 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_requests=args.log_requests,
         request_retention=args.request_retention,
         monitor=not args.no_monitor,
+        watch_versions=args.watch_versions,
     )
 
 

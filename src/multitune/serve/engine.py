@@ -30,7 +30,7 @@ from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.health.profile import token_stats
-from multitune.health.versions import VERSIONS, current_adapter
+from multitune.health.versions import VERSIONS, current_adapter, task_root
 from multitune.methods import get_method
 from multitune.models import Base, load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
@@ -151,7 +151,11 @@ class Engine:
         self.base = base
         self.shared = MultiTaskModel(base)
         self.groups: dict[str, MultiTaskModel] = {}  # fully fine-tuned task -> its own bank (model copy)
-        self.sources: dict[str, str] = {}  # task -> the adapter folder it was loaded from
+        # task -> what it was loaded from, as given: a task root (a run folder, a bank's task folder), an adapter
+        # folder, or ROOT/versions/N (pinned); a reload without a path loads it again, so a task root gives its
+        # current version (multitune.health.versions)
+        self.sources: dict[str, str] = {}
+        self.adapters: dict[str, Path] = {}  # task -> the adapter folder actually loaded (weights, profile)
         self.max_lengths: dict[str, int] = {}  # task -> classification inputs are cut to this many tokens
         # Fast tokenizers must not be used from two threads at once (a server tokenizes requests while
         # its worker encodes a batch): every encoding here holds this lock.
@@ -167,7 +171,8 @@ class Engine:
         Without ``model``, the base is the one the adapters record; adapters that record different bases
         are refused before anything loads (one engine serves one base).
         """
-        adapters = find_adapters(folder)
+        given = [folder] if isinstance(folder, str | Path) else list(folder)  # read twice: a list
+        adapters = find_adapters(given)
         metas = {name: read_adapter_config(path) for name, path in adapters.items()}
         bases: dict[str, list[str]] = {}
         for name, meta in metas.items():
@@ -180,7 +185,7 @@ class Engine:
             )
         engine = cls(load_base(model or next(iter(bases)), device=device))
         for name, adapter in adapters.items():
-            engine.load(adapter, name)
+            engine.load(_source_of(adapter, given), name)
         return engine
 
     @property
@@ -189,7 +194,9 @@ class Engine:
 
     def load(self, folder: str | Path, name: str | None = None) -> TaskSpec:
         """Add the task saved in an adapter folder or a run folder (``RUN/adapter``), named ``name`` or after
-        its folder (see :func:`task_name_of`); a fully fine-tuned task gets a fresh copy of the base."""
+        its folder (see :func:`task_name_of`); a fully fine-tuned task gets a fresh copy of the base. A task root
+        loads its current version (``ROOT/versions/N`` pins version N), and ``sources`` keeps ``folder`` as given."""
+        source = str(folder)
         folder = adapter_of(folder) or Path(
             folder
         )  # not a folder of either kind: read_adapter_config says so
@@ -205,7 +212,7 @@ class Engine:
             self.groups[task] = bank
         else:
             spec = load_adapter(self.shared, folder, task)
-        self.sources[task] = str(folder)
+        self.sources[task], self.adapters[task] = source, folder
         self.max_lengths[task] = trained_max_length(folder)
         return spec
 
@@ -226,6 +233,7 @@ class Engine:
         else:
             raise ConfigError(f"unknown task '{task}'; served tasks: {', '.join(self.tasks) or 'none'}")
         self.sources.pop(task, None)
+        self.adapters.pop(task, None)
         self.max_lengths.pop(task, None)
 
     def bank_of(self, task: str) -> MultiTaskModel:
@@ -341,6 +349,17 @@ class Engine:
             for row, i in enumerate(rows):
                 out[i] = tokenizer.decode(ids[row], skip_special_tokens=True).strip()
         return out
+
+
+def _source_of(adapter: Path, given: Sequence[str | Path]) -> Path:
+    """What a task found by :func:`find_adapters` is loaded from: its task root, which a reload resolves again
+    (its current version then), unless a path given names its version folder (``ROOT/versions/N`` or
+    ``ROOT/versions``): that version is pinned."""
+    if adapter.parent.name == VERSIONS and adapter.name.isdigit():
+        pins = {adapter.resolve(), adapter.parent.resolve()}
+        if any(Path(path).resolve() in pins for path in given):
+            return adapter
+    return task_root(adapter)
 
 
 def _example(item: str | Example) -> Example:

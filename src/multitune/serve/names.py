@@ -13,10 +13,12 @@ import itertools
 import logging
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from multitune.errors import MultituneError
 from multitune.serve.decode import RequestError
+from multitune.serve.follow import folder_version
 
 log = logging.getLogger("multitune.serve")
 
@@ -34,17 +36,31 @@ class TaskNames:
 
     # ---- reading (the caller holds the lock) ---------------------------------------------------------
     def cards(self) -> dict[str, dict[str, Any]]:
-        """Every served task: its kind, method, labels and version."""
+        """Every served task: its kind, method, labels, version (loads of it in this server: 1, then one more
+        each reload) and ``task_version``, the version of its folder it serves (1 for a folder without
+        versions; None for a task not loaded from a folder)."""
         specs = self.engine.tasks
+        adapters = getattr(self.engine, "adapters", {})
         return {
             name: {
                 "kind": specs[internal].kind,
                 "method": specs[internal].method,
                 "labels": list(specs[internal].labels or []),
                 "version": self.versions[name],
+                "task_version": folder_version(adapters[internal]) if internal in adapters else None,
             }
             for name, internal in self.internal.items()
         }
+
+    def followed(self) -> dict[str, tuple[str, Path]]:
+        """Public name -> (what it was loaded from, the adapter folder it serves) of every task loaded from a
+        folder: what the version watch (:mod:`multitune.serve.follow`) compares with the folders' pointers.
+        Safe from any thread (takes the lock; the engine's maps are only read, one key at a time)."""
+        with self._lock:
+            internal = dict(self.internal)
+        sources, adapters = self.engine.sources, getattr(self.engine, "adapters", {})
+        found = {name: (sources.get(i), adapters.get(i)) for name, i in internal.items()}
+        return {name: (source, adapter) for name, (source, adapter) in found.items() if source and adapter}
 
     def resolve(self, task: Any, kind: str) -> str:
         """The internal name ``task`` runs on now; 404 for a task not served, 400 for one of the other kind."""
@@ -75,6 +91,8 @@ class TaskNames:
             self.versions.pop(name, None)
 
     def reload(self, name: str, folder: str | None) -> None:
+        """Load ``name`` again from ``folder``, else from what it was loaded from (a task root: its current
+        version), under a fresh internal name, and repoint the public name to it."""
         if name not in self.internal:
             raise RequestError(404, f"unknown task '{name}'; load it first")
         source = folder or self.engine.sources.get(self.internal[name])

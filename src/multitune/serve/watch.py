@@ -57,7 +57,7 @@ class Watch:
         """The reference profile saved beside a task's adapter, or None (the task is then served unmonitored,
         and /v1/monitor says how to build one). A profile that cannot be read, or was built on a base of
         another width, is logged and never fatal."""
-        source = getattr(self.engine, "sources", {}).get(internal)
+        source = getattr(self.engine, "adapters", {}).get(internal)  # the version's folder actually loaded
         if source is None:
             return None
         try:
