@@ -105,7 +105,7 @@ class ReloadRequest(_Body):
     path: str | None = Field(
         None,
         description="where to read the new version (as for /admin/load); default: the "
-        "folder the task was loaded from",
+        "folder the task was loaded from (a task folder: its current version, multitune promote/rollback)",
     )
 
 
