@@ -404,5 +404,11 @@ def test_the_leftovers_of_a_kill_during_the_final_save_go_on_resume(bert_dir, tm
     (out / ".result.json.tmp-k1ll3d").write_text("{")
     (out / ".checkpoint.old-k1ll3d").mkdir()
     assert main(_train_argv(bert_dir, data, out, "--resume")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "config.yaml",
+        "data",
+        "metrics.jsonl",
+        "result.json",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.csv", "run"]  # and the lock file is gone
