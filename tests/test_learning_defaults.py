@@ -70,7 +70,9 @@ def test_every_method_learns_at_its_defaults(method: str, dataset: str, subsets)
     config = TrainConfig(max_length=48, seed=seed)  # every other setting at its default
     result = train(bank, "t", train_set, validation, config, progress=False)
     # The evidence list in the note is read from these lines (pytest -s).
-    print(f"\nlearned? {method} {dataset} seed {seed}: validation {result.best_metric} problem {result.problem}")
+    print(
+        f"\nlearned? {method} {dataset} seed {seed}: validation {result.best_metric} problem {result.problem}"
+    )
     assert result.problem is None, result.problem
     majority = Counter(ex.label for ex in validation).most_common(1)[0][1] / len(validation)
     assert result.best_metric is not None and result.best_metric > majority + 0.02, (
