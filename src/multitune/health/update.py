@@ -127,7 +127,7 @@ def _first_record(root: Path, kind: str) -> dict[str, Any]:
     }
 
 
-def _records(root: Path, kind: str) -> dict[int, dict[str, Any]]:
+def records_of(root: Path, kind: str) -> dict[int, dict[str, Any]]:
     records = {n: read_version(root, n) for n in version_numbers(root)}
     if not records[1]:
         records[1] = _first_record(root, kind)
@@ -151,13 +151,18 @@ def _data_config(data: Any, where: str) -> DataConfig:
     return DataConfig(**{k: v for k, v in data.items() if k in fields})
 
 
+def _reread(record: dict[str, Any], number: int, kind: str) -> Splits:
+    """Version ``number``'s splits, read again from the data file its record names (MultituneError if gone)."""
+    return _data_config(record.get("data"), f"version {number}").splits(task_kind(kind))
+
+
 def _test_split(root: Path, number: int, record: dict[str, Any], kind: str) -> list[Example] | None:
     """Version ``number``'s test split: kept in its data/ folder, or re-read from its recorded data file."""
     file = data_folder(root, number) / kept.TEST_FILE
     if file.is_file():
         return kept.read_examples(file)
     try:
-        return _data_config(record.get("data"), f"version {number}").splits(task_kind(kind)).test or None
+        return _reread(record, number, kind).test or None
     except MultituneError:  # the file is gone or changed: that split is not measured
         return None
 
@@ -173,7 +178,7 @@ def _earlier_rows(
             rows += kept.read_examples(file)
             continue
         try:
-            rows += _data_config(records[number].get("data"), "").splits(task_kind(kind)).train
+            rows += _reread(records[number], number, kind).train
         except MultituneError as error:
             raise ConfigError(
                 f"version {number} of {root} kept no rows to rehearse (trained with --no-keep-replay or before "
@@ -191,7 +196,7 @@ def _all_training_rows(
     for number in chain:
         data = records[number].get("data")
         try:
-            rows += _data_config(data, f"version {number}").splits(task_kind(kind)).train
+            rows += _reread(records[number], number, kind).train
         except MultituneError as error:
             raise ConfigError(
                 f"--strategy retrain reads every earlier version's data again, but version {number}'s "
@@ -324,7 +329,7 @@ def _update(
     parent_adapter = version_adapter(root, parent)
     meta = read_adapter_config(parent_adapter)
     kind, task, labels = meta["task"]["kind"], meta["task"]["name"], list(meta["task"].get("labels") or [])
-    records = _records(root, kind)
+    records = records_of(root, kind)
     number = max(records) + 1
     config = _train_config(root, overrides)
     splits = data.splits(task_kind(kind))

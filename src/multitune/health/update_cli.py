@@ -141,14 +141,14 @@ def add_versions_arguments(parser: argparse.ArgumentParser) -> None:
 
 def versions_table(root: Path) -> list[dict[str, Any]]:
     """One row per version: number, current, parent, strategy, data, rows, scores, BWT, size, date."""
-    from multitune.health.update import _records
+    from multitune.health.update import records_of
     from multitune.health.versions import current_version, folder_bytes, version_adapter
     from multitune.storage import read_adapter_config
 
     current = current_version(root)
     kind = read_adapter_config(version_adapter(root, current))["task"]["kind"]
     rows = []
-    for n, record in sorted(_records(root, kind).items()):
+    for n, record in sorted(records_of(root, kind).items()):
         data = record.get("data")
         rows.append(
             {
@@ -212,7 +212,7 @@ def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
 
 def switch(task_dir: str | Path, number: int | None, command: str) -> tuple[Path, int, int]:
     """Make ``number`` (None: the current version's parent) current under the task's lock; (root, old, new)."""
-    from multitune.health.update import _records
+    from multitune.health.update import records_of
     from multitune.health.versions import current_version, set_current, task_root, version_adapter
     from multitune.storage import output_lock, read_adapter_config
 
@@ -221,7 +221,7 @@ def switch(task_dir: str | Path, number: int | None, command: str) -> tuple[Path
         old = current_version(root)
         if number is None:
             kind = read_adapter_config(version_adapter(root, old))["task"]["kind"]
-            number = _records(root, kind)[old].get("parent")
+            number = records_of(root, kind)[old].get("parent")
             if number is None:
                 raise ConfigError(
                     f"version {old} of {root} is its first: there is nothing to roll back to "
