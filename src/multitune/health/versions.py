@@ -42,10 +42,16 @@ def _is_run(folder: Path) -> bool:
     return _is_adapter(folder / "adapter") and not _is_adapter(folder)
 
 
+def version_of(path: str | Path) -> int | None:
+    """N when ``path`` is a version's folder (``ROOT/versions/N``), else None."""
+    path = Path(path)
+    return int(path.name) if path.parent.name == VERSIONS and path.name.isdigit() else None
+
+
 def task_root(path: str | Path) -> Path:
     """The task root of ``path``: a run folder, its ``adapter/``, a bank's task folder or ``ROOT/versions/N``."""
     path = Path(path)
-    if path.parent.name == VERSIONS and path.name.isdigit():
+    if version_of(path) is not None:
         return path.parent.parent
     if path.name == "adapter" and _is_run(path.parent):
         return path.parent
@@ -121,7 +127,7 @@ def current_adapter(path: str | Path) -> Path | None:
     A run folder, its ``adapter/`` and a bank's task folder resolve through their pointer; ``ROOT/versions/N``
     is that version (pinned)."""
     path = Path(path)
-    if path.parent.name == VERSIONS and path.name.isdigit() and _is_adapter(path):
+    if version_of(path) is not None and _is_adapter(path):
         return path
     if path.name == "adapter" and _is_run(path.parent):
         root = path.parent

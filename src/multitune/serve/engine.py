@@ -30,7 +30,7 @@ from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
 from multitune.errors import ConfigError
 from multitune.health.profile import token_stats
-from multitune.health.versions import VERSIONS, current_adapter, task_root
+from multitune.health.versions import current_adapter, task_root, version_of
 from multitune.methods import get_method
 from multitune.models import Base, load_base
 from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
@@ -68,7 +68,7 @@ def task_name_of(path: str | Path) -> str:
     folder or a version's folder (``ROOT/versions/N``), its task root's (made a valid task name as ``train``
     makes its default: ``my.run`` -> ``my-run``)."""
     path = Path(path).resolve()
-    if path.parent.name == VERSIONS and path.name.isdigit():
+    if version_of(path) is not None:
         path = path.parent.parent
     return task_name_from_folder(path.parent if path.name == "adapter" and path.parent.name else path)
 
@@ -122,7 +122,7 @@ def trained_max_length(adapter: Path) -> int:
     The setting is read from the file's ``train:`` section (the layout ``train`` writes) or, failing that,
     from its top level (flat keys)."""
     adapter = Path(adapter)
-    if adapter.parent.name == VERSIONS and adapter.name.isdigit():  # ROOT/versions/N: the run's settings
+    if version_of(adapter) is not None:  # ROOT/versions/N: the run's settings
         adapter = adapter.parent.parent / "adapter"
     config = adapter.parent / RUN_CONFIG
     if adapter.name != "adapter" or not config.is_file():
@@ -355,7 +355,7 @@ def _source_of(adapter: Path, given: Sequence[str | Path]) -> Path:
     """What a task found by :func:`find_adapters` is loaded from: its task root, which a reload resolves again
     (its current version then), unless a path given names its version folder (``ROOT/versions/N`` or
     ``ROOT/versions``): that version is pinned."""
-    if adapter.parent.name == VERSIONS and adapter.name.isdigit():
+    if version_of(adapter) is not None:
         pins = {adapter.resolve(), adapter.parent.resolve()}
         if any(Path(path).resolve() in pins for path in given):
             return adapter

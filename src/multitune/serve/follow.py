@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from multitune.errors import MultituneError
-from multitune.health.versions import VERSIONS, current_version, task_root
+from multitune.health.versions import current_version, task_root, version_of
 
 log = logging.getLogger("multitune.serve")
 DEFAULT_INTERVAL_S = 2.0  # multitune serve --watch-versions
@@ -35,14 +35,12 @@ DEFAULT_INTERVAL_S = 2.0  # multitune serve --watch-versions
 
 def folder_version(adapter: str | Path) -> int:
     """The version an adapter folder is of its task root: N for ``ROOT/versions/N``, else 1 (the original)."""
-    adapter = Path(adapter)
-    return int(adapter.name) if adapter.parent.name == VERSIONS and adapter.name.isdigit() else 1
+    return version_of(adapter) or 1
 
 
 def pinned(source: str | Path) -> bool:
     """Whether a task loaded from ``source`` keeps its version: ``ROOT/versions/N`` names one version."""
-    source = Path(source)
-    return source.parent.name == VERSIONS and source.name.isdigit()
+    return version_of(source) is not None
 
 
 class VersionWatch:
