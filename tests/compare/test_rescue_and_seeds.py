@@ -17,7 +17,7 @@ from helpers import toy_sentiment
 
 import multitune.training.train as train_module
 from multitune.compare.run import compare
-from multitune.compare.search import RESCUE_LEARNING_RATE_SCALE
+from multitune.compare.search import RESCUE_LEARNING_RATE_SCALE, RESCUE_SLOW_SCALE
 from multitune.compare.settings import CompareConfig
 from multitune.compare.table import describe_params
 from multitune.config import DataConfig, TrainConfig
@@ -52,8 +52,9 @@ def _config(bert_dir, data_csv, out, methods, seeds=1) -> CompareConfig:
     )
 
 
-def _forced(monkeypatch, fails) -> list[dict]:
-    """Wrap train: ``fails(method, desc, config)`` decides whether the run did not learn; returns the calls."""
+def _forced(monkeypatch, fails, cause: str | None = None) -> list[dict]:
+    """Wrap train: ``fails(method, desc, config)`` decides whether the run did not learn (its ``cause`` as
+    given: None is what a run recorded before causes were); returns the calls."""
     real = train_module.train
     calls: list[dict] = []
 
@@ -67,6 +68,7 @@ def _forced(monkeypatch, fails) -> list[dict]:
             if fails(method, desc, config)
             else None
         )
+        result.cause = cause if result.problem else None
         return result
 
     monkeypatch.setattr(train_module, "train", train)
@@ -105,6 +107,25 @@ def test_a_best_trial_that_did_not_learn_is_rescued_at_a_quarter_of_the_learning
     assert f"lora was rescued: its best trial (trial 1; none learned) did not learn at {before}" in reading
     assert f"({REASON})" in reading and "Best test accuracy (higher is better): lora" in reading
     assert "(rescue run)" in (out / "report.md").read_text()
+
+
+def test_a_run_whose_loss_was_still_falling_is_rescued_at_four_times_the_learning_rate(
+    bert_dir, data_csv, tmp_path, monkeypatch
+):
+    """A slow run (learned.cause_of) needs more update, not less: the rescue moves the rate up, and the
+    report says which way it went."""
+    default = METHODS["adapter"].default_learning_rate
+    calls = _forced(monkeypatch, lambda method, desc, config: config.learning_rate < 2 * default, "slow")
+    out, lines = tmp_path / "cmp", []
+    compare(_config(bert_dir, data_csv, out, ["adapter"]), log=lines.append)
+    assert [c["lr"] for c in calls] == [default, default * RESCUE_SLOW_SCALE]
+    study = optuna.load_study(study_name="task-adapter", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.trials[0].user_attrs["cause"] == "slow"
+    result = _result(out, "adapter")
+    assert result["learned"] is True and result["rescue"]["cause"] == "slow"
+    assert result["best_params"]["learning_rate"] == pytest.approx(4 * default)
+    assert any("rescue: one more run at four times the learning rate" in line for line in lines), lines
+    assert "one more run at four times the learning rate" in _reading(out)
 
 
 def test_methods_that_never_learn_are_reported_did_not_learn_and_never_ranked(

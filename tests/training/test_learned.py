@@ -16,7 +16,7 @@ from multitune.cli import main
 from multitune.config import TrainConfig
 from multitune.data import Example
 from multitune.methods.prefix import PrefixConfig
-from multitune.training.learned import chance_loss, not_learned
+from multitune.training.learned import advice, cause_of, chance_loss, not_learned
 from multitune.training.loop import HEAD_LEARNING_RATE, parameter_groups
 from multitune.training.train import train
 
@@ -59,6 +59,24 @@ def test_without_validation_the_last_training_losses_are_judged() -> None:
     )
     falling = [{"step": s, "loss": 0.7 - 0.03 * s} for s in range(1, 21)]
     assert not_learned([], None, [], train_examples, falling) is None
+
+
+def test_the_cause_is_read_from_the_curves_and_the_advice_moves_the_rate_its_way() -> None:
+    # overshoot: the training loss climbed far above where it started, whatever validation did
+    spiking = [{"step": s, "loss": 0.7 if s < 5 else 3.0} for s in range(1, 41)]
+    falling_validation = [{"step": 20, "loss": 0.5}, {"step": 40, "loss": 0.3}]
+    assert cause_of(falling_validation, spiking) == "overshoot"
+    # slow: validation loss still falling at the last evaluation (SMS spam's adapter run at 1e-3: 0.30, 0.21, 0.18)
+    falling = [{"step": s, "loss": 0.74 - 0.01 * s} for s in range(1, 61)]
+    history = [{"step": 20, "loss": 0.301}, {"step": 40, "loss": 0.206}, {"step": 60, "loss": 0.182}]
+    assert cause_of(history, falling) == "slow"
+    assert cause_of([*history, {"step": 80, "loss": 0.25}], falling) == "overshoot"  # turned back up
+    assert cause_of([], falling) == "slow"  # no validation: the training loss decides
+    assert cause_of([], [{"step": 1, "loss": 0.7}]) == "overshoot"  # nothing to read: the usual cause
+    slow = advice("adapter", None, 1e-3, True, "slow", 3)
+    assert "too few updates" in slow and "--learning-rate 0.004" in slow and "--epochs 6" in slow
+    fast = advice("adapter", None, 1e-3, True, "overshoot", 3)
+    assert "overshoot" in fast and "--learning-rate 0.00025" in fast
 
 
 def test_a_learning_run_has_no_problem() -> None:

@@ -16,7 +16,7 @@ For each method, in plain view:
    The best settings are the best trial's among those that learned (:func:`~multitune.compare.search.
    chosen_trial`). A run that did not learn (``TrainResult.problem``: it predicts one label, or its loss stays
    at the chance level) is not the method's quality: compare spends one more run on it at a quarter of the
-   learning rate (:func:`final_or_rescued`); if that learns it is the method's result, else the method is
+   learning rate, or four times it when its loss was still falling (:func:`final_or_rescued`); if that learns it is the method's result, else the method is
    reported as "did not learn", with the reason, and never ranked.
 3. **seeds** (``--seeds N``): the chosen settings retrained with seeds seed+1 .. seed+N-1 beside the final
    run's seed, each scored on the test split: the mean and spread of the test metric (:func:`seed_runs`).
@@ -53,7 +53,7 @@ from multitune.compare.search import (
     search,
 )
 from multitune.compare.settings import BANK, RESULTS, CompareConfig, from_json, to_json
-from multitune.compare.table import problem_reason
+from multitune.compare.table import problem_reason, rescue_scale
 from multitune.config import plural
 from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
@@ -112,6 +112,7 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         "validation": {metric: result.best_metric},
         "learned": result.problem is None,
         "problem": result.problem,  # why it did not learn, the likely cause and train's fix (None: it learned)
+        "cause": result.cause,  # overshoot or slow (multitune.training.learned.cause_of), with problem
         "test": metrics,
         "test_ci": intervals,
         "test_examples": len(splits.test),
@@ -193,7 +194,8 @@ def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -
 def final_or_rescued(
     config: CompareConfig, method: str, trial: Any, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """The final run of ``trial``'s settings; when it did not learn, one more at a quarter of the learning rate.
+    """The final run of ``trial``'s settings; when it did not learn, one more at a quarter of the learning rate
+    (four times it when the loss was still falling: ``cause`` slow).
 
     When the chosen trial itself did not learn (then no trial did), its final run would only repeat it (the same
     settings and seed), so the rescue is the final run. A rescue that learns is the method's result, its settings
@@ -202,29 +204,34 @@ def final_or_rescued(
     A method with nothing to train (prompting) has no learning rate to lower: its result is its final run's.
     """
     params = dict(trial.params)
-    lowered = rescue_params(method, params)
-    if trial.user_attrs.get("problem") and lowered is not None:
-        problem, after = (
+    trains = rescue_params(method, params) is not None
+    if trial.user_attrs.get("problem") and trains:
+        problem, cause, after = (
             str(trial.user_attrs["problem"]),
+            trial.user_attrs.get("cause"),
             f"best trial (trial {trial.number + 1}; none learned)",
         )
     else:
         log(f"{method}: final run with {describe(params)}")
         result = final_isolated(config, method, params)
-        if result["learned"] or lowered is None:
+        if result["learned"] or not trains:
             if not result["learned"]:  # (the reason comes on the method's result line)
                 log(f"{method}: its final run did not learn; it trains nothing, so there is no rescue")
             return result
-        problem, after = str(result["problem"]), "final run"
+        problem, cause, after = str(result["problem"]), result.get("cause"), "final run"
+    lowered = rescue_params(method, params, cause or "overshoot")
+    assert lowered is not None  # (trains)
     log(
-        f"{method}: its {after} did not learn ({problem_reason(problem)}); rescue: one more run at a quarter "
-        f"of the learning rate, {describe(lowered)}"
+        f"{method}: its {after} did not learn ({problem_reason(problem)}); rescue: one more run at "
+        f"{rescue_scale(cause)} "
+        f"the learning rate, {describe(lowered)}"
     )
     result = final_isolated(config, method, lowered)
     result["rescue"] = {
         "after": after,
         "from_params": params,
         "problem": problem,
+        "cause": cause or "overshoot",
         "params": lowered,
         "learned": result["learned"],
     }

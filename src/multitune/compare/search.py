@@ -28,7 +28,8 @@ from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
 from multitune.training.loop import head_learning_rate
 
-RESCUE_LEARNING_RATE_SCALE = 0.25  # a non-learner's rescue run: a quarter of its learning rate
+RESCUE_LEARNING_RATE_SCALE = 0.25  # a non-learner's rescue run: a quarter of its learning rate (overshoot)
+RESCUE_SLOW_SCALE = 4.0  # or four times it, when its loss was still falling (learned.cause_of: slow)
 
 
 def _lr(trial: Any, method: str) -> float:
@@ -296,6 +297,7 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         # why it did not learn (None: it learned); a non-learner is never the chosen trial when one learned
         trial.set_user_attr("problem", result.problem)
+        trial.set_user_attr("cause", result.cause)  # which way a rescue moves the learning rate
         best = (
             value
             if not _finished(study)
@@ -351,15 +353,17 @@ def chosen_trial(study: Any) -> Any:
     return pick(learned or complete, key=lambda t: t.value)
 
 
-def rescue_params(method: str, params: dict[str, Any]) -> dict[str, Any] | None:
+def rescue_params(method: str, params: dict[str, Any], cause: str = "overshoot") -> dict[str, Any] | None:
     """The settings of the one extra run that tries to rescue a non-learner: ``params`` at a quarter of their
-    learning rate (the usual cause is updates that overshoot until the model settles on one answer); None for a
-    method with nothing to train (prompting: no learning rate to lower)."""
+    learning rate when its updates overshot until the model settled on one answer, at four times it when its
+    loss was still falling (``cause``, from :func:`multitune.training.learned.cause_of`); None for a method
+    with nothing to train (prompting: no learning rate to move)."""
     record = get_method(method)
     if record.fit is not None:
         return None
     rate = float(params.get("learning_rate") or record.default_learning_rate)
-    return {**params, "learning_rate": rate * RESCUE_LEARNING_RATE_SCALE}
+    scale = RESCUE_SLOW_SCALE if cause == "slow" else RESCUE_LEARNING_RATE_SCALE
+    return {**params, "learning_rate": rate * scale}
 
 
 def _fail_stale(study: Any) -> None:

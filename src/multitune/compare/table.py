@@ -429,6 +429,11 @@ def _ranking(rows: Sequence[Row], metric: str, higher: bool) -> list[str]:
     return facts
 
 
+def rescue_scale(cause: str | None) -> str:
+    """How a rescue run moved the learning rate, in words: "a quarter of" or "four times"."""
+    return "four times" if cause == "slow" else "a quarter of"
+
+
 def _not_learned(rows: Sequence[Row], metric: str) -> list[str]:
     """Which methods did not learn and why (never ranked); which were rescued by a lower learning rate."""
     facts = []
@@ -438,7 +443,10 @@ def _not_learned(rows: Sequence[Row], metric: str) -> list[str]:
         if not r.learned:
             text = f"{r.name} did not learn: {problem_reason(r.problem)}"
             if rescue:
-                text += f"; the rescue run at a quarter of the learning rate ({lowered}) did not learn either"
+                text += (
+                    f"; the rescue run at {rescue_scale(rescue.get('cause'))} the learning rate ({lowered}) "
+                    "did not learn either"
+                )
             text += f". Its test {metric}"
             text += f" ({_metric(r.test)})" if r.test is not None else ""
             text += " is not its quality on this task, so it is not ranked"
@@ -451,7 +459,8 @@ def _not_learned(rows: Sequence[Row], metric: str) -> list[str]:
             before = describe_params(rescue.get("from_params"))
             facts.append(
                 f"{r.name} was rescued: its {rescue.get('after') or 'final run'} did not learn at {before} "
-                f"({problem_reason(rescue.get('problem'))}); one more run at a quarter of the learning rate "
+                f"({problem_reason(rescue.get('problem'))}); one more run at {rescue_scale(rescue.get('cause'))} "
+                f"the learning rate "
                 f"({lowered}) learned, and the row is that run."
             )
     return facts

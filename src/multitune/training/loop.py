@@ -63,6 +63,7 @@ class TrainResult:
     problem: str | None = (
         None  # set when the run did not learn (multitune.training.learned): why, and the fix
     )
+    cause: str | None = None  # with problem, for a trained method: "overshoot" or "slow" (learned.cause_of)
 
 
 class Batches(Protocol):

@@ -308,7 +308,7 @@ def train_multitask(
         )
     )
     for t, rate in zip(names, rates, strict=True):
-        judged(bank, t, results[t], tasks[t][0], tasks[t][1], rate)
+        judged(bank, t, results[t], tasks[t][0], tasks[t][1], rate, config.epochs)
     return {t: results[t] for t in tasks}
 
 

@@ -30,7 +30,7 @@ from multitune.methods import get_method
 from multitune.models import load_base
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
-from multitune.training.learned import advice, not_learned
+from multitune.training.learned import advice, cause_of, not_learned
 from multitune.training.loop import CHECKPOINT, Objective, Shuffled, TrainResult, fit
 
 
@@ -122,7 +122,7 @@ def train(
         on_step=on_step,
         on_eval=on_eval,
     )[task]
-    return judged(bank, task, result, train_examples, validation_examples, lr)
+    return judged(bank, task, result, train_examples, validation_examples, lr, config.epochs)
 
 
 def judged(
@@ -132,6 +132,7 @@ def judged(
     train_examples: Sequence[Example],
     validation_examples: Sequence[Example],
     learning_rate: float | None,
+    epochs: int | None = None,
 ) -> TrainResult:
     """``result`` with ``problem`` set when a classification task did not learn (the reason, the cause, the fix)."""
     spec = bank.tasks[task]
@@ -140,7 +141,11 @@ def judged(
     reason = not_learned(result.history, result.best_step, validation_examples, train_examples, result.log)
     if reason is not None:
         method = get_method(spec.method)
-        fix = advice(spec.method, learning_rate, method.default_learning_rate, method.fit is None)
+        trains = method.fit is None
+        result.cause = cause_of(result.history, result.log) if trains else None
+        fix = advice(
+            spec.method, learning_rate, method.default_learning_rate, trains, result.cause or "", epochs
+        )
         result.problem = f"task '{task}' did not learn: {reason}; {fix}"
     return result
 
@@ -302,6 +307,7 @@ def _run(
         "test": test,
         "learned": result.problem is None,
         "problem": result.problem,
+        "cause": result.cause,
     }
     save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
     save_task_profile(  # the drift monitor's reference (multitune.health.profile)
