@@ -501,7 +501,10 @@ register(
         attach=attach,
         detach=detach,
         summary="bottleneck adapters after attention and feed-forward blocks (Houlsby et al. 2019)",
-        default_learning_rate=1e-3,
+        # 3e-3: on SST-2, TREC, SMS spam and Banking77 subsets (MiniLM, 288-693 rows, 3 epochs, two seeds each)
+        # 1e-3 was the lowest of 1e-3/2e-3/3e-3/5e-3 on all eight (mean 0.807 vs 0.890 at 3e-3, 0.878 at 2e-3)
+        # and predicted one label on SMS spam; 5e-3 was level with 3e-3, the lower of the two is kept
+        default_learning_rate=3e-3,
         search=search,
     )
 )
