@@ -5,7 +5,8 @@ Scenarios (real data from ../shared/datasets, MiniLM or SmolLM2-135M, CPU):
 - ``data``: SST-2's training sentences in 3 shards arriving in turn (each split 80/10/10: its own validation
   and test rows); version 1 is trained on shard 1 once and copied for every strategy; each strategy updates it
   with shards 2 and 3 (``--promote always``, so each chain runs to the end; the gate's verdict is recorded).
-- ``class``: Banking77's 77 intents in 3 increments (26, 26, 25 intents; ``--add-labels``).
+- ``class``: Banking77's 77 intents in 3 increments (26, 26, 25 intents; ``--add-labels``); ``--dataset trec``:
+  TREC's 6 question types, 2 per increment.
 - ``generation``: SmolLM2-135M-Instruct, LoRA and full fine-tuning on two Alpaca shards; general-text perplexity
   (the built-in sample) of the base, after ``train`` and after ``update``.
 
@@ -70,18 +71,32 @@ def shards_data(out: Path, per_shard: int) -> tuple[list[Path], Path, list[str]]
     return files, DATASETS / "sst2" / "test.csv", ["--text-column", "sentence", "--label-column", "label"]
 
 
-def shards_class(out: Path, per_shard: int) -> tuple[list[Path], Path, list[str]]:
-    rows = read_csv(DATASETS / "banking77" / "train.csv")
-    intents = sorted({r["category"] for r in rows})
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    return [
+        {k: str(v) for k, v in json.loads(line).items()} for line in path.read_text().splitlines() if line
+    ]
+
+
+def shards_class(out: Path, per_shard: int, dataset: str = "banking77") -> tuple[list[Path], Path, list[str]]:
+    """Banking77's 77 intents (26, 26, 25 per increment) or TREC's 6 question types (2 each), shuffled."""
+    if dataset == "trec":
+        rows, label, text = read_jsonl(DATASETS / "trec" / "train.jsonl"), "label", "question"
+        test = out / "trec-test.csv"
+        write_csv(test, read_jsonl(DATASETS / "trec" / "test.jsonl"))
+    else:
+        rows, label, text = read_csv(DATASETS / "banking77" / "train.csv"), "category", "text"
+        test = DATASETS / "banking77" / "test.csv"
+    intents = sorted({r[label] for r in rows})
     random.Random(0).shuffle(intents)
-    groups = [intents[:26], intents[26:52], intents[52:]]
+    third = round(len(intents) / 3)
+    groups = [intents[:third], intents[third : 2 * third], intents[2 * third :]]
     rng = random.Random(1)
     files = []
     for i, group in enumerate(groups):
-        mine = [r for r in rows if r["category"] in set(group)]
+        mine = [r for r in rows if r[label] in set(group)]
         rng.shuffle(mine)
         files.append(write_csv(out / f"increment{i + 1}.csv", mine[:per_shard]))
-    return files, DATASETS / "banking77" / "test.csv", ["--text-column", "text", "--label-column", "category"]
+    return files, test, ["--text-column", text, "--label-column", label]
 
 
 def test_accuracy(run: Path, test: Path, columns: list[str], out: Path) -> float:
@@ -93,8 +108,10 @@ def test_accuracy(run: Path, test: Path, columns: list[str], out: Path) -> float
 def classification(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()  # the versions record their data files' paths: absolute ones
     out.mkdir(parents=True, exist_ok=True)
-    make = shards_data if args.scenario == "data" else shards_class
-    files, test, columns = make(out, args.per_shard)
+    if args.scenario == "data":
+        files, test, columns = shards_data(out, args.per_shard)
+    else:
+        files, test, columns = shards_class(out, args.per_shard, args.dataset)
     common = ["--epochs", str(args.epochs), "--max-length", "64", "--quiet", *columns]
     first = out / "version1"
     if not (first / "result.json").exists():
@@ -114,7 +131,7 @@ def classification(args: argparse.Namespace) -> None:
             extra = ["--add-labels"] if args.scenario == "class" else []
             _, wall, printed = multitune(
                 "update", str(run), "--data", str(shard), "--strategy", strategy, "--promote", "always",
-                *extra, *common,
+                *extra, *args.update_args.split(), *common,
             )  # fmt: skip
             record = json.loads((run / "versions" / str(number) / "version.json").read_text())
             gate = (
@@ -235,6 +252,10 @@ def main() -> None:
         "--per-shard", type=int, default=None, help="rows per shard (default: 1250 / 1040 / 200)"
     )
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--dataset", choices=("banking77", "trec"), default="banking77", help="class scenario"
+    )
+    parser.add_argument("--update-args", default="", help="more flags for every update, e.g. '--replay 0.1'")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--methods", nargs="+", default=["lora", "full"])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))

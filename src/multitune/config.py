@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ class DataConfig:
         },
     )
 
-    def splits(self, kind: TaskKind) -> Splits:
-        """Read, validate and split the data as these settings say."""
+    def splits(self, kind: TaskKind, known_labels: Sequence[str] = ()) -> Splits:
+        """Read, validate and split the data as these settings say (``known_labels``: the task's own, for
+        an update: see :func:`multitune.data.prepare_splits`)."""
         if not self.data:
             raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
         columns = Columns(
@@ -87,6 +89,7 @@ class DataConfig:
             self.split_seed,
             self.drop_empty,
             self.max_examples,
+            known_labels,
         )
 
 

@@ -341,8 +341,13 @@ def prepare_splits(
     seed: int = 0,
     drop_empty: bool = False,
     max_examples: int | None = None,
+    known_labels: Sequence[str] = (),
 ) -> Splits:
     """Load the data, carve the splits not given as files, cap train at ``max_examples``, check the labels.
+
+    ``known_labels``: the labels the task already has (``update``: new data may bring one label only, its
+    training rows are rehearsed beside the earlier ones'); they count towards the two a classifier needs and
+    as labels evaluation rows may have.
 
     Separate validation/test files are used as-is; only the missing splits are carved from the train
     file, with the ratios renormalised among what is carved (only a test file given -> train/validation
@@ -368,7 +373,7 @@ def prepare_splits(
         raise DataError(f"the train split of {train_path} is empty; use more data or a larger train ratio")
     labels = label_set(train) if kind == "classification" else []
     if kind == "classification":
-        _check_labels(train_path, labels, full_train, validation_path, val, test_path, test)
+        _check_labels(train_path, labels, full_train, validation_path, val, test_path, test, known_labels)
     return Splits(train=train, validation=val, test=test, labels=labels)
 
 
@@ -380,17 +385,18 @@ def _check_labels(
     val: list[Example],
     test_path: str | Path | None,
     test: list[Example],
+    known_labels: Sequence[str] = (),
 ) -> None:
     """Classification needs two labels in train, and no evaluation label the classifier head cannot output."""
-    all_known = set(label_set(full_train))
-    if len(labels) < 2:
+    all_known = set(label_set(full_train)) | set(known_labels)
+    if len(set(labels) | set(known_labels)) < 2:
         fix = (
             f"raise --max-examples to at least {len(all_known)}"
             if len(all_known) >= 2
             else "classification needs examples of at least two labels"
         )
         raise DataError(f"the train split of {train_path} has only one label ({labels[0]!r}); {fix}")
-    known = set(labels)
+    known = set(labels) | set(known_labels)
     for name, path, split in (("validation", validation_path, val), ("test", test_path, test)):
         unseen = label_set([ex for ex in split if ex.label not in known])
         if not unseen:

@@ -166,6 +166,40 @@ def test_new_labels_need_add_labels_and_then_grow_the_head(model, tmp_path, caps
     assert json.loads((run / "versions" / "2" / "version.json").read_text())["labels_added"] == ["neu"]
 
 
+def test_rehearsal_keeps_every_earlier_label_and_its_share():
+    from multitune.data import Example
+    from multitune.health import kept
+
+    pool = [Example(text=f"a{i}", label="a") for i in range(90)] + [
+        Example(text=f"r{i}", label=f"rare{i % 3}") for i in range(12)
+    ]
+    share = kept.sample_by_label(pool, 10, seed=0)  # each label its share of 10, rounded up
+    assert sorted(ex.label for ex in share).count("a") == 9 and {ex.label for ex in share} == {
+        "a",
+        "rare0",
+        "rare1",
+        "rare2",
+    }
+    floored = kept.sample_by_label(
+        pool, 10, seed=0, floor=5
+    )  # at least 5 of each, as far as a label has them
+    counts = {label: sum(ex.label == label for ex in floored) for label in ("a", "rare0", "rare1", "rare2")}
+    assert counts == {"a": 9, "rare0": 4, "rare1": 4, "rare2": 4}
+    assert floored == [ex for ex in pool if ex in floored]  # the pool's order
+    assert kept.sample_by_label(pool, 10, seed=0, floor=5) == floored  # seeded
+
+
+def test_a_class_incremental_update_rehearses_every_earlier_label(model, tmp_path):
+    run = train_run(model, tmp_path / "run", write_rows(tmp_path / "a.csv", 80, 0))
+    new = write_rows(tmp_path / "c.csv", 60, 2, ("neu",))
+    assert (
+        update(run, new, "--add-labels", "--replay", "2", "--replay-per-label", "6", "--promote", "always")
+        == 0
+    )
+    record = json.loads((run / "versions" / "2" / "version.json").read_text())
+    assert record["examples"]["replayed"] == 12  # 6 of pos and of neg, where a share of 2 rows gave 1 each
+
+
 def test_bad_inputs_are_one_line(model, tmp_path, capsys):
     run = train_run(model, tmp_path / "run", write_rows(tmp_path / "a.csv", 80, 0))
     b = write_rows(tmp_path / "b.csv", 80, 1)
@@ -174,6 +208,7 @@ def test_bad_inputs_are_one_line(model, tmp_path, capsys):
         (["rollback", str(run)], "is its first: there is nothing to roll back to"),
         (["update", str(run), "--data", str(b), "--strategy", "fancy"], "--strategy must be one of"),
         (["update", str(run), "--data", str(b), "--replay", "0"], "--replay must be a share"),
+        (["update", str(run), "--data", str(b), "--replay-per-label", "-1"], "--replay-per-label must be"),
         (["update", str(tmp_path / "nowhere"), "--data", str(b)], "does not exist"),
         (["update", str(run), "--data", str(b), "--text-column", "review"], "review"),
     ]

@@ -41,6 +41,24 @@ def sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
     return [examples[i] for i in sorted(keep.tolist())]
 
 
+def sample_by_label(examples: Sequence[Example], n: int, seed: int, floor: int = 0) -> list[Example]:
+    """``n`` of ``examples`` drawn label by label (each label its share of ``n``, rounded up), and at least
+    ``floor`` of every label that has that many: a rehearsal sample in which no earlier label is left out
+    (class-incremental updates forget the labels a small proportional sample misses). In original order."""
+    groups: dict[str | None, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.label, []).append(i)
+    total = len(examples)
+    generator = torch.Generator().manual_seed(seed)
+    keep: list[int] = []
+    for label in sorted(groups, key=str):
+        members = groups[label]
+        want = min(len(members), max(floor, math.ceil(n * len(members) / total)) if total else 0)
+        order = torch.randperm(len(members), generator=generator)[:want]
+        keep += [members[j] for j in order.tolist()]
+    return [examples[i] for i in sorted(keep)]
+
+
 def write_examples(path: Path, examples: Sequence[Example]) -> None:
     lines = (json.dumps({k: v for k, v in asdict(ex).items() if v is not None}) for ex in examples)
     write_bytes_atomic(path, "".join(line + "\n" for line in lines).encode())

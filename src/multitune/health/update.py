@@ -53,6 +53,7 @@ from multitune.storage import atomic_dir, load_adapter, output_lock, read_adapte
 STRATEGIES = ("replay", "ewc", "naive", "retrain")
 PROMOTE = ("auto", "always", "never")
 NOT_PROMOTED = 3  # the exit status of an update the gate refused
+REPLAY_PER_LABEL = 20  # rows of each earlier label rehearsed at least (see UpdateConfig.replay_per_label)
 FISHER_ROWS = 128  # earlier rows the Fisher is estimated on (at most): one backward each (230 s for 500 on MiniLM, 2 CPU cores)
 
 
@@ -65,6 +66,12 @@ class UpdateConfig:
     replay: float = field(
         default=0.05,
         metadata={"help": "earlier rows rehearsed: a share of the earlier training rows (<= 1) or a count"},
+    )
+    replay_per_label: int = field(
+        default=REPLAY_PER_LABEL,
+        metadata={
+            "help": "classification: rehearse at least this many rows of every earlier label (0: only the share)"
+        },
     )
     replay_data: str | None = field(
         default=None,
@@ -94,6 +101,8 @@ class UpdateConfig:
             raise ConfigError(f"--promote must be one of {', '.join(PROMOTE)}, not '{self.promote}'")
         if not (self.replay > 0 and math.isfinite(self.replay)) or (self.replay > 1 and self.replay % 1):
             raise ConfigError(f"--replay must be a share in (0, 1] or a whole count, not {self.replay}")
+        if self.replay_per_label < 0:
+            raise ConfigError(f"--replay-per-label must be 0 or more rows, not {self.replay_per_label}")
         if not (self.max_forgetting >= 0 and math.isfinite(self.max_forgetting)):
             raise ConfigError(f"--max-forgetting must be 0 or more points, not {self.max_forgetting}")
 
@@ -332,7 +341,7 @@ def _update(
     records = records_of(root, kind)
     number = max(records) + 1
     config = _train_config(root, overrides)
-    splits = data.splits(task_kind(kind))
+    splits = data.splits(task_kind(kind), labels)
     added = _new_labels(splits, labels, upd.add_labels) if kind == "classification" else []
     chain = lineage(records, parent)
     tests = {n: t for n in records if (t := _test_split(root, n, records[n], kind))}
@@ -361,7 +370,11 @@ def _update(
     if upd.strategy == "replay":
         pool, earlier = _rehearsal(upd, root, records, chain, kind)
         want = upd.replay if upd.replay > 1 else math.ceil(upd.replay * earlier)
-        replay_rows = kept.sample(pool, int(want), config.seed + number)
+        replay_rows = (
+            kept.sample_by_label(pool, int(want), config.seed + number, upd.replay_per_label)
+            if kind == "classification"
+            else kept.sample(pool, int(want), config.seed + number)
+        )
         replayed = len(replay_rows)
         rows += replay_rows
     elif ewc_parts is not None:
