@@ -22,12 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     from multitune.health import update_cli as update
     from multitune.interop import cli as interop
     from multitune.preference import cli as preference
+    from multitune.risks import cli as risks
     from multitune.serve import cli as serve
     from multitune.training import cli as training
 
     parser = argparse.ArgumentParser(prog="multitune", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (training, compare, serve, health, update, feedback, preference, interop):
+    for module in (training, compare, serve, health, update, feedback, risks, preference, interop):
         for command in module.commands():
             p = subparsers.add_parser(command.name, help=command.help)
             command.add_arguments(p)
