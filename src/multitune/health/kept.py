@@ -41,20 +41,24 @@ def sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
     return [examples[i] for i in sorted(keep.tolist())]
 
 
-def sample_by_label(examples: Sequence[Example], n: int, seed: int, floor: int = 0) -> list[Example]:
+def sample_by_label(
+    examples: Sequence[Example], n: int, seed: int, floor: int = 0, floored: set[str] | None = None
+) -> list[Example]:
     """``n`` of ``examples`` drawn label by label (each label its share of ``n``, rounded up), and at least
-    ``floor`` of every label that has that many: a rehearsal sample in which no earlier label is left out
-    (class-incremental updates forget the labels a small proportional sample misses). In original order."""
-    groups: dict[str | None, list[int]] = {}
+    ``floor`` rows (as far as it has them) of each label in ``floored`` (default: every label): a rehearsal
+    sample in which no earlier label is left out (class-incremental updates forget the labels that a small
+    proportional sample leaves with a row or two). In the original order."""
+    groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
-        groups.setdefault(ex.label, []).append(i)
+        groups.setdefault(ex.label or "", []).append(i)
     total = len(examples)
     generator = torch.Generator().manual_seed(seed)
     keep: list[int] = []
-    for label in sorted(groups, key=str):
+    for label in sorted(groups):
         members = groups[label]
-        want = min(len(members), max(floor, math.ceil(n * len(members) / total)) if total else 0)
-        order = torch.randperm(len(members), generator=generator)[:want]
+        share = math.ceil(n * len(members) / total)
+        least = floor if floored is None or label in floored else 0
+        order = torch.randperm(len(members), generator=generator)[: min(len(members), max(least, share))]
         keep += [members[j] for j in order.tolist()]
     return [examples[i] for i in sorted(keep)]
 

@@ -3,7 +3,10 @@ forgetting, scored on every earlier version's test split, promoted only through 
 
 Strategies (``--strategy``): ``replay`` continues the current version on the new rows plus a sample of the
 rows it learned before (kept by ``train``, :mod:`multitune.health.kept`; ``--replay`` a share of the earlier
-training rows or a count); ``ewc`` continues it with elastic weight consolidation (Kirkpatrick et al. 2017:
+training rows or a count; for classification drawn label by label, and each earlier label the new data lacks
+rehearsed with as many rows as the new data has per label, ``--replay-per-label`` to change it: without
+that floor a class-incremental update forgets its earlier labels, measured on Banking77, 77 intents in 3
+increments, BWT -52.8 points with the share alone, -1.2 with 20 rows per label); ``ewc`` continues it with elastic weight consolidation (Kirkpatrick et al. 2017:
 a quadratic pull toward the current weights, weighted by their diagonal Fisher information on the earlier
 rows, :mod:`multitune.training.ewc`); ``naive`` continues it on the new rows alone; ``retrain`` trains a
 fresh task on every row its versions learned and the new ones (the upper bound, and the slowest).
@@ -53,7 +56,6 @@ from multitune.storage import atomic_dir, load_adapter, output_lock, read_adapte
 STRATEGIES = ("replay", "ewc", "naive", "retrain")
 PROMOTE = ("auto", "always", "never")
 NOT_PROMOTED = 3  # the exit status of an update the gate refused
-REPLAY_PER_LABEL = 20  # rows of each earlier label rehearsed at least (see UpdateConfig.replay_per_label)
 FISHER_ROWS = 128  # earlier rows the Fisher is estimated on (at most): one backward each (230 s for 500 on MiniLM, 2 CPU cores)
 
 
@@ -67,10 +69,11 @@ class UpdateConfig:
         default=0.05,
         metadata={"help": "earlier rows rehearsed: a share of the earlier training rows (<= 1) or a count"},
     )
-    replay_per_label: int = field(
-        default=REPLAY_PER_LABEL,
+    replay_per_label: int | None = field(
+        default=None,
         metadata={
-            "help": "classification: rehearse at least this many rows of every earlier label (0: only the share)"
+            "help": "classification: rows rehearsed at least of each earlier label the new data lacks "
+            "(default: as many as the new data has per label; 0: only the --replay share)"
         },
     )
     replay_data: str | None = field(
@@ -101,7 +104,7 @@ class UpdateConfig:
             raise ConfigError(f"--promote must be one of {', '.join(PROMOTE)}, not '{self.promote}'")
         if not (self.replay > 0 and math.isfinite(self.replay)) or (self.replay > 1 and self.replay % 1):
             raise ConfigError(f"--replay must be a share in (0, 1] or a whole count, not {self.replay}")
-        if self.replay_per_label < 0:
+        if self.replay_per_label is not None and self.replay_per_label < 0:
             raise ConfigError(f"--replay-per-label must be 0 or more rows, not {self.replay_per_label}")
         if not (self.max_forgetting >= 0 and math.isfinite(self.max_forgetting)):
             raise ConfigError(f"--max-forgetting must be 0 or more points, not {self.max_forgetting}")
@@ -370,11 +373,15 @@ def _update(
     if upd.strategy == "replay":
         pool, earlier = _rehearsal(upd, root, records, chain, kind)
         want = upd.replay if upd.replay > 1 else math.ceil(upd.replay * earlier)
-        replay_rows = (
-            kept.sample_by_label(pool, int(want), config.seed + number, upd.replay_per_label)
-            if kind == "classification"
-            else kept.sample(pool, int(want), config.seed + number)
-        )
+        if kind == "classification":
+            present = {ex.label or "" for ex in splits.train}
+            floor = upd.replay_per_label
+            if floor is None:  # class-balanced: a missing label as many rows as a new label has, on average
+                floor = math.ceil(len(splits.train) / len(present))
+            missing = {ex.label or "" for ex in pool} - present
+            replay_rows = kept.sample_by_label(pool, int(want), config.seed + number, floor, missing)
+        else:
+            replay_rows = kept.sample(pool, int(want), config.seed + number)
         replayed = len(replay_rows)
         rows += replay_rows
     elif ewc_parts is not None:
