@@ -28,7 +28,6 @@ from multitune.data import Example
 CHANCE_MARGIN = 0.05  # a loss within 5% of the chance level is the chance level
 TAIL = 0.1  # without validation: the last 10% of the steps' training loss
 OVERSHOOT = 1.5  # a training loss (smoothed over a tenth of the run) this far above its start overshot
-CAUSES = ("overshoot", "slow")
 
 
 def chance_loss(labels: Sequence[str]) -> float:
