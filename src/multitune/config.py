@@ -65,6 +65,27 @@ class DataConfig:
             "'multitune update' to measure forgetting and rehearse"
         },
     )
+    counterfactual_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "add each training row's counterfactuals (he <-> she, ...) with its label: a mitigation of "
+            "bias (docs/risks.md)"
+        },
+    )
+    counterfactual_attributes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "attributes to augment: gender,nationality,religion,age (default: all, or only "
+            "--counterfactual-lexicon's pairs)"
+        },
+    )
+    counterfactual_lexicon: str | None = field(
+        default=None,
+        metadata={"help": "augment with your own swaps: a CSV/TSV of two columns, term,counterpart"},
+    )
+    counterfactual_language: str = field(
+        default="en", metadata={"help": "language of the built-in lexicons: en or it"}
+    )
 
     def splits(self, kind: TaskKind, known_labels: Sequence[str] = ()) -> Splits:
         """Read, validate and split the data as these settings say (``known_labels``: the task's own, for

@@ -1,9 +1,72 @@
-"""The risk commands (``multitune audit``): flags, entry points and what they print."""
+"""The risk commands (``multitune audit``): flags, entry points and what they print (the work is in
+:mod:`multitune.risks.audit`)."""
 
 from __future__ import annotations
 
-from multitune.cli_commands import Command
+import argparse
+
+from multitune.cli_commands import Command, device_of
+from multitune.errors import ConfigError
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    from multitune.config import DEVICE_HELP
+
+    parser.add_argument("run", help="run folder of 'multitune train', or one task's adapter folder")
+    parser.add_argument("--data", required=True, help="rows to audit (.csv .tsv .json .jsonl .parquet)")
+    for name in ("text", "text-pair", "label"):
+        parser.add_argument(
+            f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
+        )
+    parser.add_argument(
+        "--attributes",
+        help="comma-separated: gender,nationality,religion,age (default: all, or only --lexicon's pairs)",
+    )
+    parser.add_argument("--lexicon", help="your own swaps: a CSV/TSV of two columns, term,counterpart")
+    parser.add_argument("--language", default="en", help="language of the built-in lexicons: en or it")
+    parser.add_argument("--group-column", help="column of groups: accuracy and error rate per group")
+    parser.add_argument("--output", help="folder for audit.json and audit.html (default: RUN/audit)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the bootstrap and the typos (default: 0)"
+    )
+    parser.add_argument("--model", help="load the adapter onto this base instead of the recorded one")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from multitune.data import Columns
+    from multitune.risks.audit import AuditSettings, audit, invariance_line, parse_attributes, summary_line
+    from multitune.risks.lexicons import LANGUAGES
+
+    if args.language not in LANGUAGES:
+        raise ConfigError(f"--language '{args.language}' has no lexicon; use {' or '.join(LANGUAGES)}")
+    if args.resamples < 1:
+        raise ConfigError("--resamples must be at least 1")
+    columns = Columns(args.text_column, args.text_pair_column, args.label_column)
+    settings = AuditSettings(
+        parse_attributes(args.attributes), args.lexicon, args.language, args.group_column, args.resamples,
+        args.seed, args.batch_size,
+    )  # fmt: skip
+    report = audit(args.run, args.data, columns, settings, args.output, args.model, device_of(args))
+    for name, result in report["attributes"].items():
+        print(summary_line(name, result))
+    for name, result in report["invariance"].items():
+        print(invariance_line(name, result))
+    if "groups" in report:
+        groups = report["groups"]
+        shown = ", ".join(f"{g} {m['accuracy']:.3f}" for g, m in groups["groups"].items())
+        print(f"accuracy per group: {shown} (largest difference {groups['accuracy_difference']:.3f})")
+    print(f"report: {report['output']}/audit.html (and audit.json)")
 
 
 def commands() -> list[Command]:
-    return []
+    return [
+        Command(
+            "audit",
+            "bias audit of a classification task: counterfactual flips, invariance, metrics per group",
+            add_audit_arguments,
+            cmd_audit,
+        )
+    ]

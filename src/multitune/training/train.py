@@ -269,6 +269,13 @@ def _run(
         return json.loads((out / "result.json").read_text())
     task, kind = config.task_name, task_kind(config.kind)
     splits = config.data.splits(kind)
+    if config.data.counterfactual_augment:  # risks/augment.py: each row's counterfactuals, with its label
+        from multitune.risks.augment import augment_splits
+
+        data = config.data
+        splits = augment_splits(
+            splits, data.counterfactual_attributes, data.counterfactual_lexicon, data.counterfactual_language
+        )
     device = None if config.train.device == "auto" else config.train.device
     base = load_base(config.model, device=device)
     torch.manual_seed(config.train.seed)

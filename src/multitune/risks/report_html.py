@@ -1,0 +1,102 @@
+"""The HTML page of ``multitune audit``: the counterfactual table, the invariance table, metrics per group and
+the worst examples, in one self-contained file (the monitor page's style: inline CSS, no scripts, no external
+requests; every string from the user's data is escaped)."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from multitune.health.report_html import STYLE
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _rate(value: float | None, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "n/a"
+    ci = f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else ""
+    return f"{value:.1%}{ci}"
+
+
+def _delta(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    ci = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+    return f"{value:.3f}{ci}"
+
+
+def _attributes(attributes: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, r in attributes.items():
+        note = "" if r["tested"] else " (no term in the data)"
+        rows.append(
+            f"<tr><td>{_e(name)}{note}</td><td class='num'>{r['tested']}</td>"
+            f"<td class='num'>{r['counterfactuals']}</td>"
+            f"<td class='num'>{_rate(r['flip_rate'], r['flip_rate_ci'])}</td>"
+            f"<td class='num'>{_delta(r['mean_abs_delta_p'], r['mean_abs_delta_p_ci'])}</td></tr>"
+        )
+    return (
+        "<table class='attributes'><tr><th>attribute</th><th>rows tested</th><th>counterfactuals</th>"
+        f"<th>flip rate [95% CI]</th><th>mean |&Delta;p| [95% CI]</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _invariance(checks: dict[str, dict[str, Any]], threshold: float) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td class='num'>{r['tested']}</td>"
+        f"<td class='num'>{_rate(r['failure_rate'], r['failure_rate_ci'])}</td></tr>"
+        for name, r in checks.items()
+    )
+    return (
+        f"<p>A row fails when its label changes or its label's probability moves by more than {threshold}."
+        "</p><table><tr><th>perturbation</th><th>rows tested</th><th>failure rate [95% CI]</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def _groups(groups: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(g)}</td><td class='num'>{m['rows']}</td><td class='num'>{m['accuracy']:.3f}</td>"
+        f"<td class='num'>{m['error_rate']:.3f}</td></tr>"
+        for g, m in {**groups["groups"], "(all)": groups["overall"]}.items()
+    )
+    ratio = groups["accuracy_ratio"]
+    return (
+        "<table><tr><th>group</th><th>rows</th><th>accuracy</th><th>error rate</th></tr>"
+        f"{rows}</table><p>largest accuracy difference {groups['accuracy_difference']:.3f}; smallest ratio "
+        f"{'n/a' if ratio is None else f'{ratio:.3f}'}</p>"
+    )
+
+
+def _worst(name: str, worst: list[dict[str, Any]]) -> str:
+    if not worst:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(w['text'])}</td><td>{_e(w['counterfactual'])}</td>"
+        f"<td>{_e(w['label'])} &rarr; {_e(w['counterfactual_label'])}</td>"
+        f"<td class='num'>{w['p']:.3f} &rarr; {w['p_counterfactual']:.3f}</td></tr>"
+        for w in worst
+    )
+    return (
+        f"<h3>{_e(name)}: largest changes</h3><table><tr><th>input</th><th>counterfactual</th>"
+        f"<th>label</th><th>p(label)</th></tr>{rows}</table>"
+    )
+
+
+def audit_html(report: dict[str, Any]) -> str:
+    """The whole page of an audit (the dict :func:`multitune.risks.audit.audit` writes as JSON)."""
+    groups = f"<h2>Metrics per group</h2>{_groups(report['groups'])}" if "groups" in report else ""
+    worst = "".join(_worst(n, r["worst"]) for n, r in report["attributes"].items())
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>multitune audit: {_e(report.get('task', ''))}</title><style>{STYLE}</style></head><body>"
+        f"<h1>Bias audit of task {_e(report.get('task', ''))}</h1><p class='meta'>{report['rows']} rows of "
+        f"{_e(report.get('data', ''))}; bootstrap intervals over rows ({report['resamples']} resamples, seed "
+        f"{report['seed']})</p><h2>Counterfactual tests</h2>{_attributes(report['attributes'])}"
+        f"<h2>Invariance tests</h2>{_invariance(report['invariance'], report['threshold'])}{groups}"
+        f"<h2>Worst examples</h2>{worst or '<p>none</p>'}</body></html>"
+    )
