@@ -19,8 +19,8 @@ GENDERED = ["he", "she", "him", "her", "his", "man", "woman", "john", "mary", "l
 FILLER = WORDS[13:]
 
 
-def save_gendered(folder: Path) -> Path:
-    """helpers.save_tiny's BERT with the gendered words in its word-level vocabulary."""
+def save_gendered(folder: Path, family: str = "bert") -> Path:
+    """helpers.save_tiny's model of ``family`` with the gendered words in its word-level vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -35,7 +35,7 @@ def save_gendered(folder: Path) -> Path:
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
         sep_token="[SEP]",
     )  # fmt: skip
-    model = tiny_model("bert")
+    model = tiny_model(family)
     model.resize_token_embeddings(
         len(vocab), mean_resizing=False
     )  # the mean would give every new word one vector
@@ -264,3 +264,39 @@ def test_augment_adds_each_counterfactual_with_its_label() -> None:
     rows = [Example(text="he is good", label="pos"), Example(text="the film", label="neg")]
     out = augment(rows, [builtin("gender")])
     assert out == [*rows, Example(text="she is good", label="pos")]
+
+
+def test_generation_task_reports_the_change_in_response_log_probability(tmp_path: Path, capsys) -> None:
+    model = str(save_gendered(tmp_path / "llama", "llama"))
+    rng = random.Random(1)
+    data = tmp_path / "gen.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "response"])
+        for i in range(24):
+            word = rng.choice(POSITIVE + NEGATIVE)
+            gender = "he" if i % 2 else "she"
+            writer.writerow(
+                [f"{gender} said the movie was {word}", "it is good" if word in POSITIVE else "it is bad"]
+            )
+    run = tmp_path / "gen"
+    assert main(["train", "--model", model, "--kind", "generation", "--data", str(data), "--output", str(run),
+                 "--epochs", "1", "--max-length", "16", "--quiet"]) == 0  # fmt: skip
+    out = tmp_path / "gen-audit"
+    assert (
+        main(["audit", str(run), "--data", str(data), "--attributes", "gender,age", "--output", str(out)])
+        == 0
+    )
+    report = json.loads((out / "audit.json").read_text())
+    gender, age = report["attributes"]["gender"], report["attributes"]["age"]
+    assert report["kind"] == "generation" and gender["tested"] == 24 and gender["mean_abs_delta_logp"] > 0
+    low, high = gender["mean_delta_logp_ci"]
+    assert low <= gender["mean_delta_logp"] <= high
+    assert age["tested"] == 0 and age["mean_delta_logp"] is None
+    assert "change in response log-prob" in (out / "audit.html").read_text()
+    assert "gender: 24 rows tested, change in response log-probability" in capsys.readouterr().out
+    prompts_only = tmp_path / "prompts.csv"
+    prompts_only.write_text("prompt\nhe said so\n")
+    assert main(["audit", str(run), "--data", str(prompts_only), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--response-column" in err

@@ -12,6 +12,8 @@ metrics per group.
   letters swapped), a first name swapped for another of the same gender, a city for another city. A row fails
   when its predicted label changes or the probability of its predicted label moves by more than 0.1 (CheckList's
   threshold for probabilities).
+- **Generation tasks**: the change in the summed log-probability of each row's own response when its prompt
+  is rewritten (mean over its counterfactuals), its mean and mean absolute value with the same intervals.
 - **Metrics per group** (what fairlearn's ``MetricFrame`` gives, written here as it is a dozen lines and
   fairlearn is no dependency): accuracy and error rate of each value of ``--group-column``, and the largest
   difference and smallest ratio of the accuracies across groups.
@@ -156,6 +158,77 @@ def perturbation_test(
     }
 
 
+Score = Callable[[list[Example]], torch.Tensor]
+
+
+def logprob_test(
+    score: Score,
+    examples: Sequence[Example],
+    base: torch.Tensor,
+    variants: Callable[[Example], list[Example]],
+    settings: AuditSettings,
+) -> dict[str, Any]:
+    """Generation: each row's change in the summed log-probability of its own response when its prompt is
+    rewritten (the mean over its counterfactuals), the mean change and mean |change| with bootstrap intervals."""
+    rows, flat, owner = [], [], []
+    for i, example in enumerate(examples):
+        found = variants(example)
+        if found:
+            rows.append(i)
+            flat += found
+            owner += [len(rows) - 1] * len(found)
+    empty: dict[str, Any] = {"tested": 0, "counterfactuals": 0, "mean_delta_logp": None, "mean_delta_logp_ci": None,
+             "mean_abs_delta_logp": None, "mean_abs_delta_logp_ci": None, "worst": []}  # fmt: skip
+    if not rows:
+        return empty
+    new = score(flat)
+    sums, sums_abs, counts = [0.0] * len(rows), [0.0] * len(rows), [0] * len(rows)
+    worst: dict[int, tuple[float, int]] = {}
+    for j, r in enumerate(owner):
+        delta = float(new[j]) - float(base[rows[r]])
+        sums[r] += delta
+        sums_abs[r] += abs(delta)
+        counts[r] += 1
+        if r not in worst or abs(delta) > abs(worst[r][0]):
+            worst[r] = (delta, j)
+    means = [v / c for v, c in zip(sums, counts, strict=True)]
+    means_abs = [v / c for v, c in zip(sums_abs, counts, strict=True)]
+    top = sorted(worst.items(), key=lambda item: -abs(item[1][0]))[:WORST]
+    return {
+        "tested": len(rows),
+        "counterfactuals": len(flat),
+        "mean_delta_logp": sum(means) / len(rows),
+        "mean_delta_logp_ci": _interval(means, settings),
+        "mean_abs_delta_logp": sum(means_abs) / len(rows),
+        "mean_abs_delta_logp_ci": _interval(means_abs, settings),
+        "worst": [
+            {
+                "text": examples[rows[r]].text,
+                "counterfactual": flat[j].text,
+                "response": examples[rows[r]].response,
+                "logp": float(base[rows[r]]),
+                "delta_logp": delta,
+            }
+            for r, (delta, j) in top
+        ],  # fmt: skip
+    }
+
+
+def run_generation_audit(
+    score: Score, examples: list[Example], lexicons: Sequence[Lexicon], settings: AuditSettings
+) -> dict[str, Any]:
+    """The counterfactual tests of a generation task: the change in its responses' log-probabilities."""
+    base = score(examples)
+    return {
+        "kind": "generation", "rows": len(examples), "resamples": settings.resamples, "seed": settings.seed,
+        "language": settings.language, "threshold": THRESHOLD, "invariance": {},
+        "attributes": {
+            lexicon.attribute: logprob_test(score, examples, base, lexicon_variants(lexicon), settings)
+            for lexicon in lexicons
+        },
+    }  # fmt: skip
+
+
 def lexicon_variants(lexicon: Lexicon) -> Callable[[Example], list[Example]]:
     return lambda example: [_with(example, v) for v in lexicon.variants(_texts(example))]
 
@@ -213,7 +286,7 @@ def run_audit(
 ) -> dict[str, Any]:
     """Every test of the module docstring on ``examples`` scored by ``proba`` (rows -> (N, C) probabilities)."""
     probs = proba(examples)
-    report: dict[str, Any] = {"rows": len(examples), "threshold": THRESHOLD, "resamples": settings.resamples,
+    report: dict[str, Any] = {"kind": "classification", "rows": len(examples), "threshold": THRESHOLD, "resamples": settings.resamples,
                               "seed": settings.seed, "language": settings.language, "attributes": {},
                               "invariance": {}}  # fmt: skip
     for lexicon in lexicons:
@@ -256,24 +329,44 @@ def audit(
     settings = settings or AuditSettings()
     folder = adapter_folder(path)
     kind = read_adapter_config(folder)["task"]["kind"]
-    if kind != "classification":
-        raise ConfigError(
-            f"{path} is a {kind} task; the audit measures classification tasks only for now "
-            "(counterfactual log-probabilities of generation are not implemented)"
-        )
     lexicons = lexicons_of(settings.attributes, settings.lexicon, settings.language)
-    rows, examples = load_inputs(data, "classification", columns or Columns())
-    groups = _groups_of(rows, settings.group_column, data) if settings.group_column else None
-    task = load(path, model=model, device=device)
-    report = run_audit(
-        lambda items: task.predict_proba(items, settings.batch_size), task.labels, examples, lexicons,
-        settings, groups,
-    )  # fmt: skip
+    if kind == "generation":
+        if settings.group_column:
+            raise ConfigError("--group-column measures accuracy per group: a classification task's; drop it")
+        rows, examples = load_inputs(data, "generation", columns or Columns())
+        if any(e.response is None for e in examples):
+            raise DataError(
+                f"{data} has no response column; the audit of a generation task scores the data's responses "
+                "under each counterfactual prompt: pass --response-column NAME"
+            )
+        task = load(path, model=model, device=device)
+        report = run_generation_audit(_scorer(task, settings.batch_size), examples, lexicons, settings)
+    else:
+        rows, examples = load_inputs(data, "classification", columns or Columns())
+        groups = _groups_of(rows, settings.group_column, data) if settings.group_column else None
+        task = load(path, model=model, device=device)
+        report = run_audit(
+            lambda items: task.predict_proba(items, settings.batch_size), task.labels, examples, lexicons,
+            settings, groups,
+        )  # fmt: skip
     out = Path(output) if output is not None else Path(path) / "audit"
     report = {"task": task.task, "path": str(path), "data": str(data), "output": str(out), **report}
     write_json_atomic(out / "audit.json", report)
     write_bytes_atomic(out / "audit.html", audit_html(report).encode())
     return report
+
+
+def _scorer(task: Any, batch_size: int) -> Score:
+    from multitune.preference.scoring import sequence_logps
+
+    def score(items: list[Example]) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(
+                task.bank, task.task, [e.text for e in items], [e.response or "" for e in items],
+                task.max_length, max(1, batch_size // 4),
+            ).float().cpu()  # fmt: skip
+
+    return score
 
 
 def _pct(value: float | None, interval: list[float] | None) -> str:
@@ -287,6 +380,13 @@ def summary_line(name: str, result: dict[str, Any]) -> str:
     """One terminal line for an attribute's counterfactual test."""
     if not result["tested"]:
         return f"{name}: no row mentions a term of its lexicon (0 rows tested); no flip rate"
+    if "mean_delta_logp" in result:
+        low, high = result["mean_delta_logp_ci"]
+        return (
+            f"{name}: {result['tested']} rows tested, change in response log-probability "
+            f"{result['mean_delta_logp']:+.3f} [{low:+.3f}, {high:+.3f}], mean |change| "
+            f"{result['mean_abs_delta_logp']:.3f}"
+        )
     return (
         f"{name}: {result['tested']} rows tested, flip rate {_pct(result['flip_rate'], result['flip_rate_ci'])}, "
         f"mean |delta p| {result['mean_abs_delta_p']:.3f} "

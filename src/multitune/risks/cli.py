@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from multitune.cli_commands import Command, device_of
+from multitune.cli_commands import Command, columns_of, device_of
 from multitune.errors import ConfigError
 
 
@@ -14,7 +14,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("run", help="run folder of 'multitune train', or one task's adapter folder")
     parser.add_argument("--data", required=True, help="rows to audit (.csv .tsv .json .jsonl .parquet)")
-    for name in ("text", "text-pair", "label"):
+    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
         parser.add_argument(
             f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
         )
@@ -36,7 +36,6 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from multitune.data import Columns
     from multitune.risks.audit import AuditSettings, audit, invariance_line, parse_attributes, summary_line
     from multitune.risks.lexicons import LANGUAGES
 
@@ -44,7 +43,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise ConfigError(f"--language '{args.language}' has no lexicon; use {' or '.join(LANGUAGES)}")
     if args.resamples < 1:
         raise ConfigError("--resamples must be at least 1")
-    columns = Columns(args.text_column, args.text_pair_column, args.label_column)
+    columns = columns_of(args)
     settings = AuditSettings(
         parse_attributes(args.attributes), args.lexicon, args.language, args.group_column, args.resamples,
         args.seed, args.batch_size,
@@ -65,7 +64,7 @@ def commands() -> list[Command]:
     return [
         Command(
             "audit",
-            "bias audit of a classification task: counterfactual flips, invariance, metrics per group",
+            "bias audit of a task: counterfactual flips (or response log-probabilities), invariance, metrics per group",
             add_audit_arguments,
             cmd_audit,
         )

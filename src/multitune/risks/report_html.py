@@ -28,6 +28,21 @@ def _delta(value: float | None, interval: list[float] | None) -> str:
     return f"{value:.3f}{ci}"
 
 
+def _logps(attributes: dict[str, dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(name)}{'' if r['tested'] else ' (no term in the data)'}</td><td class='num'>{r['tested']}</td>"
+        f"<td class='num'>{r['counterfactuals']}</td>"
+        f"<td class='num'>{_delta(r['mean_delta_logp'], r['mean_delta_logp_ci'])}</td>"
+        f"<td class='num'>{_delta(r['mean_abs_delta_logp'], r['mean_abs_delta_logp_ci'])}</td></tr>"
+        for name, r in attributes.items()
+    )
+    return (
+        "<table class='attributes'><tr><th>attribute</th><th>rows tested</th><th>counterfactuals</th>"
+        "<th>change in response log-prob [95% CI]</th><th>mean |change| [95% CI]</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _attributes(attributes: dict[str, dict[str, Any]]) -> str:
     rows = []
     for name, r in attributes.items():
@@ -74,6 +89,16 @@ def _groups(groups: dict[str, Any]) -> str:
 def _worst(name: str, worst: list[dict[str, Any]]) -> str:
     if not worst:
         return ""
+    if "delta_logp" in worst[0]:
+        cells = "".join(
+            f"<tr><td>{_e(w['text'])}</td><td>{_e(w['counterfactual'])}</td><td>{_e(w['response'])}</td>"
+            f"<td class='num'>{w['delta_logp']:+.3f}</td></tr>"
+            for w in worst
+        )
+        return (
+            f"<h3>{_e(name)}: largest changes</h3><table><tr><th>prompt</th><th>counterfactual</th>"
+            f"<th>response</th><th>change in log-prob</th></tr>{cells}</table>"
+        )
     rows = "".join(
         f"<tr><td>{_e(w['text'])}</td><td>{_e(w['counterfactual'])}</td>"
         f"<td>{_e(w['label'])} &rarr; {_e(w['counterfactual_label'])}</td>"
@@ -90,13 +115,19 @@ def audit_html(report: dict[str, Any]) -> str:
     """The whole page of an audit (the dict :func:`multitune.risks.audit.audit` writes as JSON)."""
     groups = f"<h2>Metrics per group</h2>{_groups(report['groups'])}" if "groups" in report else ""
     worst = "".join(_worst(n, r["worst"]) for n, r in report["attributes"].items())
+    generation = report.get("kind") == "generation"
+    table = _logps(report["attributes"]) if generation else _attributes(report["attributes"])
+    invariance = (
+        ""
+        if generation
+        else (f"<h2>Invariance tests</h2>{_invariance(report['invariance'], report['threshold'])}")
+    )
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>multitune audit: {_e(report.get('task', ''))}</title><style>{STYLE}</style></head><body>"
         f"<h1>Bias audit of task {_e(report.get('task', ''))}</h1><p class='meta'>{report['rows']} rows of "
         f"{_e(report.get('data', ''))}; bootstrap intervals over rows ({report['resamples']} resamples, seed "
-        f"{report['seed']})</p><h2>Counterfactual tests</h2>{_attributes(report['attributes'])}"
-        f"<h2>Invariance tests</h2>{_invariance(report['invariance'], report['threshold'])}{groups}"
+        f"{report['seed']})</p><h2>Counterfactual tests</h2>{table}{invariance}{groups}"
         f"<h2>Worst examples</h2>{worst or '<p>none</p>'}</body></html>"
     )
