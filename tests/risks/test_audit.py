@@ -300,3 +300,19 @@ def test_generation_task_reports_the_change_in_response_log_probability(tmp_path
     assert main(["audit", str(run), "--data", str(prompts_only), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--response-column" in err
+
+
+def test_train_counterfactual_augment_bad_inputs_are_one_line(world: dict[str, Path], capsys) -> None:
+    one = world["tmp"] / "one-column.csv"
+    one.write_text("he\nshe\n")
+    for flags, needle in [
+        (["--counterfactual-attributes", "colour"], "unknown attribute 'colour'"),
+        (["--counterfactual-lexicon", str(one)], "must have two columns"),
+        (["--counterfactual-language", "fr"], "language 'fr'"),
+    ]:
+        capsys.readouterr()
+        code = main(["train", "--model", str(world["model"]), "--data", str(world["tmp"] / "planted.csv"),
+                     "--output", str(world["tmp"] / "refused"), "--counterfactual-augment", *flags, "--quiet"])  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err
+        assert not (world["tmp"] / "refused" / "adapter").exists()

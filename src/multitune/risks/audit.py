@@ -64,6 +64,10 @@ def lexicons_of(attributes: Sequence[str] | None, lexicon: str | None, language:
     out = [builtin(name, language) for name in check_attributes(names)]
     if lexicon:
         out.append(read_lexicon(lexicon))
+    if not out:
+        raise ConfigError(
+            "no attribute to swap; name some (gender,nationality,religion,age) or give a lexicon"
+        )
     return out
 
 
