@@ -157,6 +157,23 @@ class TrainConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "generation: tokens to generate in evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dp_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "train with differential privacy (DP-SGD: per-sample clipping, Gaussian noise, Poisson "
+            "batches) to this epsilon; adapter methods only (docs/risks.md)"
+        },
+    )
+    dp_delta: float | None = field(
+        default=None,
+        metadata={"help": "DP delta, below 1/n (default: 1/n^1.1 or 1e-5, whichever is smaller)"},
+    )
+    dp_max_grad_norm: float = field(
+        default=1.0, metadata={"help": "DP: each example's gradient clipped to this norm"}
+    )
+    dp_accountant: str = field(
+        default="prv", metadata={"help": "DP privacy accountant (Opacus'): prv or rdp"}
+    )
 
 
 @dataclass

@@ -34,6 +34,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     _print_metrics(f"test ({plural(summary['examples']['test'], 'example')}):", summary["test"])
     print(f"adapter: {Path(config.output) / 'adapter'}")
+    if summary.get("dp"):
+        dp = summary["dp"]
+        print(
+            f"differential privacy: epsilon {dp['epsilon']:.3f} spent (target {dp['target_epsilon']}) at delta "
+            f"{dp['delta']:.3g}; noise multiplier {dp['noise_multiplier']:.4f}, max grad norm "
+            f"{dp['max_grad_norm']}, sample rate {dp['sample_rate']:.4g}, {dp['steps']} steps, "
+            f"{dp['accountant'].upper()} accountant"
+        )
     if summary.get("problem"):  # last: what a user reads first after a run
         print(f"warning: {summary['problem']}")
 

@@ -64,6 +64,7 @@ class TrainResult:
         None  # set when the run did not learn (multitune.training.learned): why, and the fix
     )
     cause: str | None = None  # with problem, for a trained method: "overshoot" or "slow" (learned.cause_of)
+    privacy: dict[str, Any] | None = None  # a DP-SGD run's epsilon spent and settings (risks.privacy)
 
 
 class Batches(Protocol):
@@ -119,6 +120,9 @@ class Objective:
     micro-batch's mean loss and statistics to log (floats); ``evaluate(task)`` the task's validation scores,
     or None when it has no validation data; ``metrics`` each task's early-stopping metric; ``key(task,
     scores)``, when given, orders evaluations (larger is better) instead of the metric alone.
+    ``gradients(batch)``, when given, replaces the loop's backward of ``loss``: it sets the parameters'
+    ``.grad`` itself and returns the statistics to log (DP-SGD's clipped, noised per-sample sum:
+    :mod:`multitune.risks.privacy`); the loop then clips nothing.
     """
 
     tasks: list[str]
@@ -128,6 +132,7 @@ class Objective:
     evaluate: Callable[[str], dict[str, float] | None]
     metrics: dict[str, str]
     key: Callable[[str, dict[str, float]], tuple[float, ...]] | None = None
+    gradients: Callable[[Any], dict[str, float]] | None = None
 
     def score_key(self, task: str, scores: dict[str, float]) -> tuple[float, ...]:
         if self.key is not None:
@@ -422,16 +427,21 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
                 while loop["batch"] < count:
                     active = [not run.state[t].frozen for t in run.tasks]
                     batch = batches.get(loop["epoch"], loop["batch"], active)
-                    with accelerator.autocast():
-                        loss, stats = objective.loss(batch)
-                    accelerator.backward(loss / config.grad_accum)
+                    if objective.gradients is not None:  # the objective sets .grad (DP-SGD)
+                        with accelerator.autocast():
+                            stats = objective.gradients(batch)
+                        loss = torch.tensor(stats.get("loss", float("nan")))
+                    else:
+                        with accelerator.autocast():
+                            loss, stats = objective.loss(batch)
+                        accelerator.backward(loss / config.grad_accum)
                     loop["batch"] += 1
                     for name, value in stats.items():
                         sums[name] = sums.get(name, 0.0) + value
                     if loop["batch"] % config.grad_accum and loop["batch"] < count:
                         continue
                     if (
-                        config.max_grad_norm > 0
+                        config.max_grad_norm > 0 and objective.gradients is None
                     ):  # per task: one task's large gradient does not shrink another's
                         for group in run.groups:
                             accelerator.clip_grad_norm_(group, config.max_grad_norm)

@@ -28,6 +28,7 @@ from multitune.health.profile import save_task_profile
 from multitune.health.versions import DATA
 from multitune.methods import get_method
 from multitune.models import load_base
+from multitune.risks import privacy
 from multitune.storage import output_lock, save_adapter, write_json_atomic
 from multitune.training.evaluate import evaluate
 from multitune.training.learned import advice, cause_of, not_learned
@@ -63,6 +64,7 @@ def train(
     """
     spec = bank.tasks[task]
     metric = config.metric or default_metric(spec.kind)
+    privacy.check(config, len(train_examples), spec.method)
     fit_method = get_method(spec.method).fit
     if fit_method is not None:  # nothing to optimise (prompting): fit, then score the validation split once
         result = fit_only(
@@ -111,6 +113,15 @@ def train(
     objective = Objective(
         [task], [lr], Shuffled(len(features), config.batch_size, config.seed), loss, scores, {task: metric}
     )
+    plan = None
+    if config.dp_epsilon is not None:  # DP-SGD: Poisson batches, clipped and noised per-sample gradients
+        plan, objective.batches, objective.gradients = privacy.dp_sgd(
+            bank,
+            task,
+            len(features),
+            config,
+            lambda rows: to_device(collate([features[i] for i in rows], pad_id, slot), bank.base.device),
+        )
     result = fit(
         bank,
         objective,
@@ -122,6 +133,8 @@ def train(
         on_step=on_step,
         on_eval=on_eval,
     )[task]
+    if plan is not None:
+        result.privacy = plan.record(result.steps)
     return judged(bank, task, result, train_examples, validation_examples, lr, config.epochs)
 
 
@@ -269,6 +282,7 @@ def _run(
         return json.loads((out / "result.json").read_text())
     task, kind = config.task_name, task_kind(config.kind)
     splits = config.data.splits(kind)
+    privacy.check(config.train, len(splits.train), config.method)  # before the base is loaded
     if config.data.counterfactual_augment:  # risks/augment.py: each row's counterfactuals, with its label
         from multitune.risks.augment import augment_splits
 
@@ -315,6 +329,7 @@ def _run(
         "learned": result.problem is None,
         "problem": result.problem,
         "cause": result.cause,
+        **({"dp": result.privacy} if result.privacy is not None else {}),
     }
     save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
     save_task_profile(  # the drift monitor's reference (multitune.health.profile)
