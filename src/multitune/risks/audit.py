@@ -98,6 +98,22 @@ def _interval(values: list[float], settings: AuditSettings) -> list[float] | Non
 Proba = Callable[[list[Example]], torch.Tensor]
 
 
+def _expand(
+    examples: Sequence[Example], variants: Callable[[Example], list[Example]]
+) -> tuple[list[int], list[Example], list[int]]:
+    """(indices of the rows with variants, every variant in one list, the position in ``rows`` of each's row)."""
+    rows: list[int] = []
+    flat: list[Example] = []
+    owner: list[int] = []
+    for i, example in enumerate(examples):
+        found = variants(example)
+        if found:
+            rows.append(i)
+            flat += found
+            owner += [len(rows) - 1] * len(found)
+    return rows, flat, owner
+
+
 def perturbation_test(
     proba: Proba,
     examples: Sequence[Example],
@@ -108,13 +124,7 @@ def perturbation_test(
 ) -> dict[str, Any]:
     """Predictions of every row's variants against its own: per-row flip and |delta p| (means over its
     variants), their means with bootstrap intervals, CheckList's failure rate, and the worst rows."""
-    rows, flat, owner = [], [], []
-    for i, example in enumerate(examples):
-        found = variants(example)
-        if found:
-            rows.append(i)
-            flat += found
-            owner += [len(rows) - 1] * len(found)
+    rows, flat, owner = _expand(examples, variants)
     if not rows:
         return {"tested": 0, "counterfactuals": 0, "flip_rate": None, "flip_rate_ci": None,
                 "mean_abs_delta_p": None, "mean_abs_delta_p_ci": None, "failure_rate": None,
@@ -174,13 +184,7 @@ def logprob_test(
 ) -> dict[str, Any]:
     """Generation: each row's change in the summed log-probability of its own response when its prompt is
     rewritten (the mean over its counterfactuals), the mean change and mean |change| with bootstrap intervals."""
-    rows, flat, owner = [], [], []
-    for i, example in enumerate(examples):
-        found = variants(example)
-        if found:
-            rows.append(i)
-            flat += found
-            owner += [len(rows) - 1] * len(found)
+    rows, flat, owner = _expand(examples, variants)
     empty: dict[str, Any] = {"tested": 0, "counterfactuals": 0, "mean_delta_logp": None, "mean_delta_logp_ci": None,
              "mean_abs_delta_logp": None, "mean_abs_delta_logp_ci": None, "worst": []}  # fmt: skip
     if not rows:
