@@ -222,3 +222,25 @@ def test_bad_private_settings_are_refused_in_one_line(model, tmp_path, capsys, f
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_compare_refuses_methods_that_cannot_keep_the_budget(model, tmp_path, capsys):
+    data = write_rows(tmp_path / "data.csv", 50)
+    args = ["compare", "--model", model, "--data", str(data), "--methods", "lora,full,prompting", "--output",
+            str(tmp_path / "cmp"), "--quiet", "--dp-epsilon", "3"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--dp-epsilon compares methods under one privacy budget, which full, prompting cannot keep" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@needs_opacus
+def test_compare_records_the_budget_each_method_spent(model, tmp_path):
+    data = write_rows(tmp_path / "data.csv", 80)
+    args = ["compare", "--model", model, "--data", str(data), "--methods", "lora", "--trials", "1",
+            "--max-epochs", "1", "--max-length", "16", "--output", str(tmp_path / "cmp"), "--quiet",
+            "--dp-epsilon", "5"]  # fmt: skip
+    assert main(args) == 0
+    for method in ("lora",):
+        dp = json.loads((tmp_path / "cmp" / "results" / f"{method}.json").read_text())["dp"]
+        assert 0 < dp["epsilon"] <= 5 and dp["target_epsilon"] == 5

@@ -57,6 +57,7 @@ from multitune.compare.table import problem_reason, rescue_scale
 from multitune.config import plural
 from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
+from multitune.risks import privacy
 from multitune.storage import output_lock, write_json_atomic
 
 GENERAL_MAX_LENGTH = 128  # tokens per general text (the built-in paragraphs fit): a few forwards per method
@@ -118,6 +119,7 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         "test_examples": len(splits.test),
         "adapter": str(Path(BANK) / task),
         **({"general_perplexity": general} if general is not None else {}),
+        **({"dp": result.privacy} if result.privacy is not None else {}),  # --dp-epsilon: what this run spent
     }
 
 
@@ -329,6 +331,12 @@ def validate(config: CompareConfig) -> None:
         )
     if config.kind not in ("classification", "generation"):
         problems.append(f"--kind must be classification or generation (got '{config.kind}')")
+    private = [m for m in config.methods if m in privacy.REFUSED]
+    if config.train.dp_epsilon is not None and private:
+        problems.append(
+            f"--dp-epsilon compares methods under one privacy budget, which {', '.join(private)} cannot keep; "
+            "drop them from --methods (see `multitune train --dp-epsilon`)"
+        )
     if config.general_data is not None and config.kind != "generation":
         problems.append(
             "--general-data is the general-text sample of generation tasks; drop it or pass --kind generation"
