@@ -214,6 +214,7 @@ def test_train_records_and_prints_the_privacy_spent(model, tmp_path, capsys):
         ),
         (["--dp-epsilon", "3", "--method", "prompting"], "puts training examples verbatim"),
         (["--dp-epsilon", "3", "--grad-accum", "2"], "--grad-accum must be 1 with --dp-epsilon"),
+        (["--dp-epsilon", "3", "--counterfactual-augment"], "a row and its counterfactuals are one person's"),
     ],
 )
 def test_bad_private_settings_are_refused_in_one_line(model, tmp_path, capsys, flags, message):

@@ -283,6 +283,11 @@ def _run(
     task, kind = config.task_name, task_kind(config.kind)
     splits = config.data.splits(kind)
     privacy.check(config.train, len(splits.train), config.method)  # before the base is loaded
+    if config.data.counterfactual_augment and config.train.dp_epsilon is not None:
+        raise ConfigError(
+            "--counterfactual-augment with --dp-epsilon: a row and its counterfactuals are one person's data, "
+            "while DP-SGD's guarantee counts each training row as a person of its own; drop one of the two"
+        )
     if config.data.counterfactual_augment:  # risks/augment.py: each row's counterfactuals, with its label
         from multitune.risks.augment import augment_splits
 
