@@ -17,6 +17,21 @@ class Command:
     run: Callable[[argparse.Namespace], Any]
 
 
+def add_data_file_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """The flags of a command that runs a saved task over a data file: ``--data``, ``--model``, ``--device``,
+    ``--batch-size`` and the column flags (read back by :func:`columns_of` and :func:`device_of`)."""
+    from multitune.config import DEVICE_HELP
+
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--model", help="load the adapters onto this base instead of the recorded one")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
+        parser.add_argument(
+            f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
+        )
+
+
 def columns_of(args: argparse.Namespace):  # noqa: ANN201  (data.Columns, imported lazily: --help stays fast)
     """The column flags of a command that reads a data file (``--text-column`` ...), as data.Columns."""
     from multitune.data import Columns

@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from multitune.cli_commands import Command, columns_of, device_of
+from multitune.cli_commands import Command, add_data_file_arguments, columns_of, device_of
 from multitune.errors import ConfigError
-
-
-def _add_common(parser: argparse.ArgumentParser, data_help: str) -> None:
-    from multitune.config import DEVICE_HELP
-
-    parser.add_argument("--data", required=True, help=data_help)
-    parser.add_argument("--model", help="load the adapters onto this base instead of the recorded one")
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
-    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
-        parser.add_argument(
-            f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
-        )
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder of 'multitune train', or one task's adapter folder")
-    _add_common(
+    add_data_file_arguments(
         parser,
         "the task's validation data (.csv .tsv .json .jsonl .parquet); labelled rows calibrate the "
         "accuracy estimate",
@@ -36,7 +23,9 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run", help="run folder, adapter folder, bank (BANK/TASK/adapter.json) or folder of run folders"
     )
-    _add_common(parser, "file of new inputs to compare with each task's reference (labels optional)")
+    add_data_file_arguments(
+        parser, "file of new inputs to compare with each task's reference (labels optional)"
+    )
     parser.add_argument(
         "--output", help="folder for report.json and report.html (default: monitor-report beside --data)"
     )

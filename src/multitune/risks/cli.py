@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from multitune.cli_commands import Command, columns_of, device_of
+from multitune.cli_commands import Command, add_data_file_arguments, columns_of, device_of
 from multitune.errors import ConfigError
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    from multitune.config import DEVICE_HELP
-
     parser.add_argument("run", help="run folder of 'multitune train', or one task's adapter folder")
-    parser.add_argument("--data", required=True, help="rows to audit (.csv .tsv .json .jsonl .parquet)")
-    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
-        parser.add_argument(
-            f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
-        )
+    add_data_file_arguments(parser, "rows to audit (.csv .tsv .json .jsonl .parquet)")
     parser.add_argument(
         "--attributes",
         help="comma-separated: gender,nationality,religion,age (default: all, or only --lexicon's pairs)",
@@ -30,9 +24,6 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the bootstrap and the typos (default: 0)"
     )
-    parser.add_argument("--model", help="load the adapter onto this base instead of the recorded one")
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
