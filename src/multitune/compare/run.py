@@ -206,7 +206,7 @@ def final_or_rescued(
     A method with nothing to train (prompting) has no learning rate to lower: its result is its final run's.
     """
     params = dict(trial.params)
-    trains = rescue_params(method, params) is not None
+    trains = get_method(method).fit is None
     if trial.user_attrs.get("problem") and trains:
         problem, cause, after = (
             str(trial.user_attrs["problem"]),
@@ -225,8 +225,7 @@ def final_or_rescued(
     assert lowered is not None  # (trains)
     log(
         f"{method}: its {after} did not learn ({problem_reason(problem)}); rescue: one more run at "
-        f"{rescue_scale(cause)} "
-        f"the learning rate, {describe(lowered)}"
+        f"{rescue_scale(cause)} the learning rate, {describe(lowered)}"
     )
     result = final_isolated(config, method, lowered)
     result["rescue"] = {

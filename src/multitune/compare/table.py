@@ -435,7 +435,7 @@ def rescue_scale(cause: str | None) -> str:
 
 
 def _not_learned(rows: Sequence[Row], metric: str) -> list[str]:
-    """Which methods did not learn and why (never ranked); which were rescued by a lower learning rate."""
+    """Which methods did not learn and why (never ranked); which were rescued by a run at another learning rate."""
     facts = []
     for r in rows:
         rescue = r.rescue or {}
@@ -460,8 +460,7 @@ def _not_learned(rows: Sequence[Row], metric: str) -> list[str]:
             facts.append(
                 f"{r.name} was rescued: its {rescue.get('after') or 'final run'} did not learn at {before} "
                 f"({problem_reason(rescue.get('problem'))}); one more run at {rescue_scale(rescue.get('cause'))} "
-                f"the learning rate "
-                f"({lowered}) learned, and the row is that run."
+                f"the learning rate ({lowered}) learned, and the row is that run."
             )
     return facts
 
