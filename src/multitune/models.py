@@ -52,7 +52,7 @@ FAMILIES: dict[str, Family] = {
     **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
     "gpt2": Family("gpt2", "decoder", ("c_attn",), ("transformer.h",)),
     **{
-        t: Family("bert", "encoder", ("query", "value"), ("encoder.layer",))
+        t: Family("bert", "encoder", ("all-linear",), ("encoder.layer",))
         for t in ("bert", "roberta", "xlm-roberta", "electra", "mpnet")
     },
     "distilbert": Family("distilbert", "encoder", ("q_lin", "v_lin"), ("transformer.layer",)),

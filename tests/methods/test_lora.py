@@ -143,8 +143,12 @@ def test_only_the_tasks_own_parameters_train() -> None:
     bank.add_task("t", "classification", "lora", LoRAConfig(rank=2), ["a", "b"])
     trainable = {id(p) for p in bank.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in bank.task_parameters("t").values()}
-    # query and value of 2 layers: A (2x32) + B (32x2) each, plus a 32x2 head and its bias
-    assert sum(p.numel() for p in bank.task_parameters("t").values()) == 4 * (64 + 64) + 64 + 2
+    # every linear layer of the 2 blocks (not the pooler, which classification never reads): query, key,
+    # value and attention output A (2x32) + B (32x2), intermediate 32->64 A (2x32) + B (64x2), output
+    # 64->32 A (2x64) + B (32x2); plus a 32x2 head and its bias
+    per_block = 4 * (64 + 64) + (64 + 128) + (128 + 64)
+    assert sum(p.numel() for p in bank.task_parameters("t").values()) == 2 * per_block + 64 + 2
+    assert not any(name.startswith("pooler.") for name in bank.task_parameters("t"))
 
 
 def test_unknown_target_module_names_the_model_layers() -> None:

@@ -220,9 +220,12 @@ def test_prompting_rows_and_lora_rows_in_one_batch_equal_each_alone(family: str)
         pool=toy_sentiment(6, seed=2),
     )
     bank.add_task("lora", "classification", "lora", LoRAConfig(rank=2), ["x", "y"])
+    # Random LoRA weights on every linear layer (BERT's default targets). At 0.3 the activations of the tiny
+    # model grow until a batch of two rows of one task already differs from each row alone by 1e-5 (the
+    # kernels' summation order, not mixing); at 0.2 both stay within 3e-7.
     with torch.no_grad():
         for param in bank.task_parameters("lora").values():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
     features = encode_task(bank, "p", QUERIES[:2], 128) + encode_task(bank, "lora", QUERIES[2:], 128)
     slots = [0, 0, 1, 1]
     order = [2, 0, 3, 1]  # rows of the two tasks interleaved

@@ -318,7 +318,9 @@ def test_a_task_that_stops_improving_is_frozen_while_the_others_go_on() -> None:
     ) in bank.base.model.modules():  # with patience 2, the base's dropout noise alone can stall a task
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    bank.add_task("good", "classification", "lora", LoRAConfig(rank=4, dropout=0.0), ["neg", "pos"])
+    # q/v only: on every linear layer (BERT's default targets) the tiny model overshoots at this rate
+    good = LoRAConfig(rank=4, dropout=0.0, target_modules=["query", "value"])
+    bank.add_task("good", "classification", "lora", good, ["neg", "pos"])
     bank.add_task("flipped", "classification", "adapter", None, ["neg", "pos"])
     train_data = toy_sentiment(48)
     flipped = [

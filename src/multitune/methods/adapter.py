@@ -404,7 +404,7 @@ def adapter_sites(bank: MultiTaskModel, config: AdapterConfig) -> list[tuple[str
     table = SITES.get(family, ())
     skip = bank.output_layer_names()
     if config.modules:
-        names = find_linear(model, config.modules, skip, "--adapter-modules")
+        names = find_linear(model, config.modules, skip, "--adapter-modules", bank.base.layer_lists())
     else:
         from multitune.models import linear_module_names
 

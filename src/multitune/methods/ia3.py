@@ -130,7 +130,9 @@ def plan(bank: MultiTaskModel, config: IA3Config) -> dict[str, bool]:
     feedforward = (
         config.feedforward_modules if config.feedforward_modules is not None else list(default_feedforward)
     )
-    names = find_linear(bank.base.model, targets, bank.output_layer_names(), TARGET_FLAG)
+    names = find_linear(
+        bank.base.model, targets, bank.output_layer_names(), TARGET_FLAG, bank.base.layer_lists()
+    )
     if config.feedforward_modules is not None:
         stray = [f for f in feedforward if not any(matches(n, [f]) for n in names)]
         if stray:

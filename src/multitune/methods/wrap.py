@@ -13,6 +13,7 @@ in a chain; :func:`drop_if_empty` takes it out again when its last task leaves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar, cast
 
 import torch
@@ -129,12 +130,19 @@ def layers_of(model: nn.Module, cls: type[W], task: str) -> list[tuple[str, W]]:
 
 
 def find_linear(
-    model: nn.Module, targets: list[str] | tuple[str, ...], skip: set[str], flag: str
+    model: nn.Module,
+    targets: list[str] | tuple[str, ...],
+    skip: set[str],
+    flag: str,
+    blocks: Sequence[nn.Module] = (),
 ) -> list[str]:
     """Names of the linear layers (wrapped or not) whose name or dotted suffix matches a target.
 
-    ``["all-linear"]`` means every linear layer but those in ``skip`` (the LM head). A target that
-    matches nothing is an error naming the model's linear layers and the flag to fix it.
+    ``["all-linear"]`` means every linear layer of the transformer ``blocks`` (every one but those in
+    ``skip``, the LM head, when no blocks are given): a layer outside them, such as BERT's pooler, never
+    reaches a task's output here (classification pools the last hidden states), so a method's tensors on
+    it would get no gradient. A target that matches nothing is an error naming the model's linear layers
+    and the flag to fix it.
     """
     names = [
         n
@@ -142,7 +150,10 @@ def find_linear(
         if ".base_layer" not in n and n not in skip and isinstance(innermost(m), LINEAR)
     ]
     if list(targets) == ["all-linear"]:
-        return names
+        if not blocks:
+            return names
+        inside = {id(m) for block in blocks for m in block.modules()}
+        return [n for n in names if id(model.get_submodule(n)) in inside]
     matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
     if missing:
