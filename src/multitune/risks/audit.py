@@ -55,6 +55,9 @@ class AuditSettings:
     resamples: int = 1000
     seed: int = 0
     batch_size: int = 64
+    membership: bool = False  # also the loss-based membership attack (multitune.risks.memorisation)
+    members: str | None = None  # its member rows (default: the training rows the run kept)
+    non_members: str | None = None  # its non-member rows (default: the run's kept test split)
 
 
 def lexicons_of(attributes: Sequence[str] | None, lexicon: str | None, language: str = "en") -> list[Lexicon]:
@@ -356,6 +359,13 @@ def audit(
         report = run_audit(
             lambda items: task.predict_proba(items, settings.batch_size), task.labels, examples, lexicons,
             settings, groups,
+        )  # fmt: skip
+    if settings.membership:
+        from multitune.risks.memorisation import run_membership
+
+        report["membership"] = run_membership(
+            task, path, settings.members, settings.non_members, columns, settings.resamples, settings.seed,
+            settings.batch_size,
         )  # fmt: skip
     out = Path(output) if output is not None else Path(path) / "audit"
     report = {"task": task.task, "path": str(path), "data": str(data), "output": str(out), **report}

@@ -22,6 +22,16 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="folder for audit.json and audit.html (default: RUN/audit)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     parser.add_argument(
+        "--membership", action="store_true",
+        help="also the loss-based membership attack: AUC of training rows vs held-out rows (0.5 is no leak)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--members", help="member rows of --membership (default: the training rows the run kept)"
+    )
+    parser.add_argument(
+        "--non-members", help="non-member rows of --membership (default: the run's test split)"
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the bootstrap and the typos (default: 0)"
     )
 
@@ -37,7 +47,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     columns = columns_of(args)
     settings = AuditSettings(
         parse_attributes(args.attributes), args.lexicon, args.language, args.group_column, args.resamples,
-        args.seed, args.batch_size,
+        args.seed, args.batch_size, args.membership, args.members, args.non_members,
     )  # fmt: skip
     report = audit(args.run, args.data, columns, settings, args.output, args.model, device_of(args))
     for name, result in report["attributes"].items():
@@ -48,6 +58,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
         groups = report["groups"]
         shown = ", ".join(f"{g} {m['accuracy']:.3f}" for g, m in groups["groups"].items())
         print(f"accuracy per group: {shown} (largest difference {groups['accuracy_difference']:.3f})")
+    if "membership" in report:
+        from multitune.risks.memorisation import membership_line
+
+        print(membership_line(report["membership"]))
     print(f"report: {report['output']}/audit.html (and audit.json)")
 
 

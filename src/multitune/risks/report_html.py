@@ -111,12 +111,25 @@ def _worst(name: str, worst: list[dict[str, Any]]) -> str:
     )
 
 
+def _membership(result: dict[str, Any]) -> str:
+    low, high = result["auc_ci"]
+    return (
+        "<h2>Memorisation: membership attack</h2><table><tr><th>attack</th><th>ROC AUC [95%]</th>"
+        "<th>advantage (max TPR-FPR)</th><th>training rows</th><th>held-out rows</th><th>mean loss (train / "
+        f"held-out)</th></tr><tr><td>{_e(result['attack'])}</td><td>{result['auc']:.3f} [{low:.3f}, {high:.3f}]"
+        f"</td><td>{result['advantage']:.3f}</td><td>{result['members']}</td><td>{result['non_members']}</td>"
+        f"<td>{result['mean_loss_members']:.3f} / {result['mean_loss_non_members']:.3f}</td></tr></table>"
+        "<p>lower loss is guessed to be a training row; an AUC of 0.5 is no leak</p>"
+    )
+
+
 def audit_html(report: dict[str, Any]) -> str:
     """The whole page of an audit (the dict :func:`multitune.risks.audit.audit` writes as JSON)."""
     groups = f"<h2>Metrics per group</h2>{_groups(report['groups'])}" if "groups" in report else ""
     worst = "".join(_worst(n, r["worst"]) for n, r in report["attributes"].items())
     generation = report.get("kind") == "generation"
     table = _logps(report["attributes"]) if generation else _attributes(report["attributes"])
+    membership = _membership(report["membership"]) if "membership" in report else ""
     invariance = (
         ""
         if generation
@@ -128,6 +141,6 @@ def audit_html(report: dict[str, Any]) -> str:
         f"<title>multitune audit: {_e(report.get('task', ''))}</title><style>{STYLE}</style></head><body>"
         f"<h1>Bias audit of task {_e(report.get('task', ''))}</h1><p class='meta'>{report['rows']} rows of "
         f"{_e(report.get('data', ''))}; bootstrap intervals over rows ({report['resamples']} resamples, seed "
-        f"{report['seed']})</p><h2>Counterfactual tests</h2>{table}{invariance}{groups}"
+        f"{report['seed']})</p><h2>Counterfactual tests</h2>{table}{invariance}{groups}{membership}"
         f"<h2>Worst examples</h2>{worst or '<p>none</p>'}</body></html>"
     )
