@@ -95,6 +95,9 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
         train=dataclasses.replace(TrainConfig(), **sections["train."]),
         method_settings={n: METHODS[n].config_class(**v) for n, v in method_values.items() if n in METHODS},
         general_data=args.general_data,
+        audit=args.audit,
+        audit_attributes=_comma_list(args.audit_attributes) if args.audit_attributes is not None else None,
+        audit_language=args.audit_language,
     )
     return config
 
@@ -240,6 +243,24 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
         help="generation: the general text each method's perplexity is measured on (how much general ability "
         "it kept), one paragraph per line or blank-line separated block, or a table with a 'text' column "
         "(default: a built-in sample of 40 paragraphs)",
+    )
+    p.add_argument(
+        "--audit",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after each method's final run, the counterfactual bias audit of its task on the test split "
+        "(as `multitune audit`): the flip rate per attribute, with its 95%% interval, in the report "
+        "(default: off)",
+    )
+    p.add_argument(
+        "--audit-attributes",
+        metavar="LIST",
+        help="with --audit: comma-separated attributes to swap, gender,nationality,religion,age (default: all)",
+    )
+    p.add_argument(
+        "--audit-language",
+        default="en",
+        help="with --audit: language of the swap lexicons, en or it (default: en)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (trial lines are still printed)")
     add_arguments(p, DataConfig, dest_prefix="data.")

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from multitune.compare.audit import audit_key, audit_problems, audit_saved, audit_task
 from multitune.compare.measure import PeakMemory, folder_bytes, latency_ms, score_test
 from multitune.compare.search import (
     chosen_trial,
@@ -53,7 +54,7 @@ from multitune.compare.search import (
     search,
 )
 from multitune.compare.settings import BANK, RESULTS, CompareConfig, from_json, to_json
-from multitune.compare.table import problem_reason, rescue_scale
+from multitune.compare.table import get_field, problem_reason, rescue_scale
 from multitune.config import plural
 from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
@@ -91,6 +92,7 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         base_bytes = 0  # every task is a whole model: nothing is shared
     metric = config.metric()
     general = general_perplexity_of(config, bank, task) if config.kind == "generation" else None
+    audited = audit_task(bank, task, splits.test, config) if config.audit else None
     return {
         "method": method,
         "task": task,
@@ -120,6 +122,9 @@ def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dic
         "adapter": str(Path(BANK) / task),
         **({"general_perplexity": general} if general is not None else {}),
         **({"dp": result.privacy} if result.privacy is not None else {}),  # --dp-epsilon: what this run spent
+        **(
+            {"audit": audited} if audited is not None else {}
+        ),  # --audit: counterfactual flips on the test split
     }
 
 
@@ -332,10 +337,12 @@ def validate(config: CompareConfig) -> None:
         problems.append(f"--kind must be classification or generation (got '{config.kind}')")
     private = [m for m in config.methods if m in privacy.REFUSED]
     if config.train.dp_epsilon is not None and private:
+        reasons = "; ".join(privacy.REFUSED[m].split("; use ")[0] for m in private)
         problems.append(
-            f"--dp-epsilon compares methods under one privacy budget, which {', '.join(private)} cannot keep; "
-            "drop them from --methods (see `multitune train --dp-epsilon`)"
+            f"--dp-epsilon compares methods under one privacy budget, which {', '.join(private)} cannot keep "
+            f"({reasons}); drop them from --methods (see `multitune train --dp-epsilon`)"
         )
+    problems += audit_problems(config)
     if config.general_data is not None and config.kind != "generation":
         problems.append(
             "--general-data is the general-text sample of generation tasks; drop it or pass --kind generation"
@@ -408,6 +415,19 @@ def _result_line(result: dict[str, Any]) -> str:
     return line + f", {result['trainable_parameters']:,} trainable, {result['train_seconds']:.1f} s"
 
 
+def _audit_line(result: dict[str, Any]) -> str:
+    """The log's line of a method's audit: per attribute, the flip rate (or log-probability change) or that no
+    test row mentions it."""
+    from multitune.risks.audit import summary_line
+
+    attributes = get_field(result, "audit", "attributes") or {}
+    parts = [
+        summary_line(name, test) if test.get("tested") else f"no test rows mention {name}"
+        for name, test in attributes.items()
+    ]
+    return f"{result['method']}: audit: " + "; ".join(parts)
+
+
 def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any]:
     start = time.perf_counter()
     _check_output(config)
@@ -428,8 +448,13 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
     for method in config.methods:
         done = config.out / RESULTS / f"{method}.json"
         if done.exists():
-            results.append(json.loads(done.read_text()))
+            kept = json.loads(done.read_text())
             log(f"{method}: done in an earlier run ({done}); kept")
+            if config.audit and (kept.get("audit") or {}).get("settings") != audit_key(config):
+                kept["audit"] = audit_saved(config, kept, splits.test)  # audited now, from its saved folder
+                write_json_atomic(done, kept)
+                log(_audit_line(kept))
+            results.append(kept)
             continue
         try:
             result = run_method(config, method, splits, log)
@@ -442,6 +467,8 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
         write_json_atomic(done, result)
         results.append(result)
         log(_result_line(result))
+        if "audit" in result:
+            log(_audit_line(result))
     summary: dict[str, Any] = {
         "results": results,
         "failures": failures,
@@ -468,6 +495,10 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
         "higher_is_better": config.metric() not in ("loss", "perplexity"),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - summary["wall_seconds"])),
     }
+    if config.train.dp_epsilon is not None:  # the report names what --dp-epsilon leaves out, and why
+        meta["dp_refused"] = dict(privacy.REFUSED)
+    if config.audit:
+        meta["audit_language"] = config.audit_language
     if config.kind == "generation":
         meta["general_data"] = config.general_data or "built-in sample"
         meta["general_perplexity_base"] = base_general_perplexity(config)

@@ -43,6 +43,11 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     method_settings: dict[str, Any] = field(default_factory=dict)  # fixed (not searched) settings per method
     general_data: str | None = None  # generation: general-text sample file (None: the built-in one)
+    audit: bool = (
+        False  # the counterfactual bias audit of each final run on the test split (compare/audit.py)
+    )
+    audit_attributes: list[str] | None = None  # None: every built-in attribute
+    audit_language: str = "en"
 
     @property
     def out(self) -> Path:
