@@ -21,8 +21,10 @@ from multitune.compare.plots import PLOT_NAMES, plot_memory, plot_quality_vs_par
 from multitune.compare.table import (
     NA,
     Row,
+    audited,
     best_rows,
     count_text,
+    has_dp,
     has_general,
     has_seeds,
     main_metric,
@@ -106,7 +108,7 @@ def _markdown(
         lines.append("| " + " | ".join(values) + " |")
     lines += [
         "",
-        _md_cell(_note(rows, metric)),
+        _md_cell(_note(rows, metric, meta)),
         "",
         "## Reading the table",
         "",
@@ -119,14 +121,17 @@ def _markdown(
 
 
 def _columns(rows: Sequence[Row], meta: dict[str, Any], metric: str, higher: bool) -> list[tuple[str, str]]:
-    return table_columns(metric, higher, has_seeds(rows), has_general(rows), _general_base(meta))
+    return table_columns(
+        metric, higher, has_seeds(rows), has_general(rows), _general_base(meta), audit=audited(rows),
+        generation=meta.get("kind") == "generation", dp=has_dp(rows),
+    )  # fmt: skip
 
 
 def _general_base(meta: dict[str, Any]) -> float | None:
     return num(meta.get("general_perplexity_base"))
 
 
-def _note(rows: Sequence[Row], metric: str) -> str:
+def _note(rows: Sequence[Row], metric: str, meta: dict[str, Any] | None = None) -> str:
     """The note under the table (plain text): what bold, storage and latency mean, and the cells only some
     tables have."""
     text = (
@@ -148,6 +153,30 @@ def _note(rows: Sequence[Row], metric: str) -> str:
         text += (
             " General-text perplexity: plain general text (no prompt, no template) scored through the method's "
             "trained task, against the bare base in the column's title; a rise is general ability the method lost."
+        )
+    if audited(rows):
+        text += (
+            " Bias audit: every test row that mentions a term of the attribute's lexicon (he/she, names, ...) is "
+            "rewritten with each counterpart; "
+            + (
+                "the mean change in the log-probability of the row's own response"
+                if (meta or {}).get("kind") == "generation"
+                else "the flip rate is the share of a row's rewrites whose predicted label changes, averaged over "
+                "the rows tested"
+            )
+            + ', with a bootstrap 95% interval; "no rows mention" means nothing was measured (not 0%).'
+        )
+    refused = (meta or {}).get("dp_refused")
+    if has_dp(rows) or refused:
+        text += (
+            " DP: the epsilon each DP-SGD run spent at its delta (privacy accounted with Opacus), and the noise "
+            "multiplier of its per-sample-clipped gradients."
+        )
+    if isinstance(refused, dict) and refused:
+        text += (
+            " Not trainable under --dp-epsilon, so not compared: "
+            + "; ".join(f"{m} ({str(reason).split('; use ')[0]})" for m, reason in refused.items())
+            + "."
         )
     return text
 
@@ -248,7 +277,7 @@ def _html(
         "</tbody>",
         "</table>",
         "</div>",
-        f'<p class="note">{e(_note(rows, metric))}</p>',
+        f'<p class="note">{e(_note(rows, metric, meta))}</p>',
         "<h2>Reading the table</h2>",
         '<ul class="facts">',
     ]

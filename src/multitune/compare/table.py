@@ -13,6 +13,12 @@ than seed noise when the difference of their means is no larger than the larger 
 deviations (a sample standard deviation over the seeds; 0 for a method that trains nothing). For generation
 tasks a column gives each method's general-text perplexity (:mod:`multitune.health.general`) beside the bare
 base's: how much of the base's general language ability the method kept (lower is better).
+
+With ``compare --audit`` a column per attribute gives each method's counterfactual flip rate on the test split
+with its bootstrap 95% interval and the rows tested (:mod:`multitune.compare.audit`; for generation tasks the
+mean change in the response log-probability); an attribute no test row mentions reads "no rows mention
+ATTRIBUTE", never 0%. With ``--dp-epsilon`` a column gives the epsilon each DP-SGD run spent, its delta and
+noise multiplier (result.json's ``dp``).
 """
 
 from __future__ import annotations
@@ -248,6 +254,9 @@ class Row:
         self.rescue = result["rescue"] if isinstance(result.get("rescue"), dict) else None
         self.seeds = Seeds.read(result.get("seeds"))
         self.general = num(result.get("general_perplexity"))
+        audit = get_field(result, "audit", "attributes")
+        self.audit: dict[str, Any] = audit if isinstance(audit, dict) else {}
+        self.dp = result["dp"] if isinstance(result.get("dp"), dict) else None
 
     @property
     def ranked(self) -> float | None:
@@ -310,7 +319,45 @@ class Row:
             "trials": trial_text,
             "seeds": self._seed_cell(),
             "general": (perplexity_text(self.general), ""),
+            "dp": self._dp_cell(),
+            **{f"audit:{name}": self.audit_cell(name) for name in self.audit},
         }
+
+    def _dp_cell(self) -> tuple[str, str]:
+        """'7.98', 'delta 1e-05, noise 0.912' for a DP-SGD run; 'not private' for a run without DP."""
+        if self.dp is None:
+            return "not private", ""
+        epsilon, delta, noise = (num(self.dp.get(k)) for k in ("epsilon", "delta", "noise_multiplier"))
+        detail = ", ".join(
+            p
+            for p in (
+                f"delta {delta:.0e}" if delta is not None else "",
+                f"noise {noise:.3g}" if noise is not None else "",
+            )
+            if p
+        )
+        return (NA if epsilon is None else f"{epsilon:.2f}"), detail
+
+    def audit_cell(self, name: str) -> tuple[str, str]:
+        """'4.8% [1.6%, 9.7%]', '62 rows tested'; 'no rows mention gender'; a log-probability change for
+        generation; n/a for a method that did not learn (a one-label predictor never flips)."""
+        test = self.audit.get(name)
+        test = test if isinstance(test, dict) else {}
+        tested = num(test.get("tested"))
+        if not tested:
+            return f"no rows mention {name}", ""
+        rows = f"{count_text(tested)} row{'' if tested == 1 else 's'} tested"
+        if not self.learned:
+            return NA, "did not learn"
+        if "mean_delta_logp" in test:
+            value, ci = num(test.get("mean_delta_logp")), _interval(test.get("mean_delta_logp_ci"))
+            if value is None:
+                return NA, rows
+            return f"{value:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""), rows
+        value, ci = num(test.get("flip_rate")), _interval(test.get("flip_rate_ci"))
+        if value is None:
+            return NA, rows
+        return f"{value:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else ""), rows
 
     def _seed_cell(self) -> tuple[str, str]:
         """'0.905 ± 0.010', '0.890–0.920, 3 seeds'; 'did not learn' for a non-learner; one run if nothing trains."""
@@ -335,14 +382,33 @@ class Row:
 
 
 def table_columns(
-    metric: str, higher: bool, seeds: bool = False, general: bool = False, general_base: float | None = None
+    metric: str,
+    higher: bool,
+    seeds: bool = False,
+    general: bool = False,
+    general_base: float | None = None,
+    audit: Sequence[str] = (),
+    generation: bool = False,
+    dp: bool = False,
 ) -> list[tuple[str, str]]:
     """The table's (key, title) columns; the seeds column only when some method was run with several seeds,
-    the general-text perplexity column (its title holds the base's, ``general_base``) only when some has one."""
+    the general-text perplexity column (its title holds the base's, ``general_base``) only when some has one,
+    a column per audited attribute (``audit``; the log-probability change for ``generation``) and the
+    privacy column (``dp``) only when some method has them."""
     direction = "higher is better" if higher else "lower is better"
     seed_column = [("seeds", f"Test {metric} over seeds: mean ± std (min–max)")] if seeds else []
     base = f"base {perplexity_text(general_base)}; " if general_base is not None else ""
     general_column = [("general", f"General-text perplexity ({base}lower is better)")] if general else []
+    audit_columns = [
+        (
+            f"audit:{name}",
+            f"Change in response log-prob, {name} swaps [95% CI]"
+            if generation
+            else f"Flip rate, {name} swaps [95% CI] (lower is better)",
+        )
+        for name in audit
+    ]
+    dp_column = [("dp", "DP epsilon spent (delta, noise multiplier)")] if dp else []
     return [
         ("method", "Method"),
         ("settings", "Best settings"),
@@ -355,6 +421,8 @@ def table_columns(
         ("test", f"Test {metric} [95% CI] ({direction})"),
         *seed_column,
         *general_column,
+        *audit_columns,
+        *dp_column,
         ("validation", f"Validation {metric}"),
         ("trials", "Trials (complete / pruned)"),
     ]
@@ -363,6 +431,16 @@ def table_columns(
 def has_general(rows: Sequence[Row]) -> bool:
     """Whether any method has a general-text perplexity (the table then has its column)."""
     return any(r.general is not None for r in rows)
+
+
+def audited(rows: Sequence[Row]) -> list[str]:
+    """The attributes some method was audited for, in the order first met (the table's audit columns)."""
+    return list(dict.fromkeys(name for r in rows for name in r.audit))
+
+
+def has_dp(rows: Sequence[Row]) -> bool:
+    """Whether any method was trained with DP-SGD (the table then has the privacy column)."""
+    return any(r.dp is not None for r in rows)
 
 
 def has_seeds(rows: Sequence[Row]) -> bool:
@@ -388,6 +466,8 @@ def reading(rows: Sequence[Row], metric: str, higher: bool, general_base: float 
         *_seed_noise(rows, metric, higher),
         *_efficiency(rows, metric),
         *_general(rows, general_base),
+        *_audit(rows),
+        *_privacy(rows),
         *_storage(rows),
         *_spread(rows, "seconds", "Training took", seconds_text, " to "),
         *_memory(rows),
@@ -540,6 +620,65 @@ def _general(rows: Sequence[Row], base: float | None) -> list[str]:
     return [
         f"General-text perplexity ({against}lower keeps more of the base's general ability): "
         + "; ".join(parts)
+        + "."
+    ]
+
+
+def _audit(rows: Sequence[Row]) -> list[str]:
+    """Per audited attribute: each method's flip rate (or log-probability change) and the lowest, or that no
+    test row mentions the attribute; methods that did not learn take no part."""
+    facts = []
+    for name in audited(rows):
+        cells = [(r, r.audit_cell(name)) for r in rows if name in r.audit]
+        if all(main.startswith("no rows mention") for _, (main, _) in cells):
+            facts.append(
+                f"Bias audit, {name}: no test row mentions a term of its lexicon, so no flip rate was measured "
+                "(0 rows tested)."
+            )
+            continue
+        shown = [f"{r.name} {main} ({detail})" for r, (main, detail) in cells if r.learned and main != NA]
+        if not shown:
+            continue
+        logp = any("mean_delta_logp" in (r.audit.get(name) or {}) for r, _ in cells)
+        what = (
+            "mean change in the response's log-probability when the prompt's terms are swapped"
+            if logp
+            else "share of a row's swapped versions whose predicted label changes"
+        )
+        text = f"Bias audit, {name} ({what}, on the test rows that mention a term): " + "; ".join(shown)
+        rates = [
+            (r, v)
+            for r, _ in cells
+            if r.learned and (v := num((r.audit.get(name) or {}).get("flip_rate"))) is not None
+        ]
+        if len(rates) > 1:
+            low = min(rates, key=lambda pair: pair[1])
+            text += f". Lowest: {low[0].name}"
+        facts.append(text + ".")
+    return facts
+
+
+def _privacy(rows: Sequence[Row]) -> list[str]:
+    """Each DP-SGD run's epsilon spent against its target, delta and noise multiplier."""
+    private = [r for r in rows if r.dp is not None]
+    if not private:
+        return []
+    parts = []
+    for r in private:
+        dp = r.dp or {}
+        epsilon, target, delta = num(dp.get("epsilon")), num(dp.get("target_epsilon")), num(dp.get("delta"))
+        noise = num(dp.get("noise_multiplier"))
+        text = f"{r.name} spent epsilon {NA if epsilon is None else f'{epsilon:.2f}'}"
+        text += f" of {short(target)}" if target is not None else ""
+        text += f" at delta {delta:.0e}" if delta is not None else ""
+        text += f", noise multiplier {noise:.3g}" if noise is not None else ""
+        parts.append(text)
+    others = [r.name for r in rows if r.dp is None]
+    tail = f"; not private: {', '.join(others)}" if others else ""
+    return [
+        "Differential privacy (DP-SGD, per-sample clipping and Gaussian noise): "
+        + "; ".join(parts)
+        + tail
         + "."
     ]
 
