@@ -86,6 +86,14 @@ class DataConfig:
     counterfactual_language: str = field(
         default="en", metadata={"help": "language of the built-in lexicons: en or it"}
     )
+    canaries: int | None = field(
+        default=None,
+        metadata={
+            "help": "generation: plant N random secrets ('my secret code #i is 4 8 1 5 9 2') in the training "
+            "rows, for 'multitune audit --canaries' to measure their exposure (docs/risks.md)"
+        },
+    )
+    canary_repeats: int = field(default=5, metadata={"help": "times each canary is inserted"})
 
     def splits(self, kind: TaskKind, known_labels: Sequence[str] = ()) -> Splits:
         """Read, validate and split the data as these settings say (``known_labels``: the task's own, for

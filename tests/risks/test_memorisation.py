@@ -117,3 +117,80 @@ def test_membership_without_kept_rows_names_the_fix(overtrained, capsys) -> None
                  "gender", "--membership", "--resamples", "10"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "give --members FILE" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- canaries ------------------------------------------------------------------------------------------------
+def test_exposure_by_hand() -> None:
+    from multitune.risks.canaries import exposure
+
+    assert exposure(0.0, [-1.0] * 10, 1024) == (10.0, 1.0)  # nothing more likely: rank 1, log2 |R|
+    value, rank = exposure(0.0, [1.0] * 5 + [-1.0] * 5, 1025)  # half the sample above: rank ~ |R| / 2
+    assert rank == 513 and value == pytest.approx(1.0, abs=0.01)
+
+
+def _generation_csv(path: Path, n: int = 24) -> Path:
+    rng = random.Random(2)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "response"])
+        for _ in range(n):
+            word = rng.choice(WORDS[:13])
+            writer.writerow([f"the movie was {word}", "it is good" if WORDS.index(word) < 7 else "it is bad"])
+    return path
+
+
+def test_canaries_planted_recorded_and_exposed(tmp_path, capsys) -> None:
+    from helpers import tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]"]  # the toy words plus the canaries' own
+    vocab = {
+        w: i for i, w in enumerate(specials + WORDS + ["my", "secret", "code", "#", *map(str, range(10))])
+    }
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                        bos_token="[BOS]", eos_token="[EOS]", sep_token="[SEP]")  # fmt: skip
+    base = tiny_model("llama")
+    base.resize_token_embeddings(len(vocab), mean_resizing=False)
+    model = tmp_path / "llama"
+    base.save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    data = _generation_csv(tmp_path / "gen.csv")
+    common = ["--model", str(model), "--kind", "generation", "--data", str(data), "--max-length", "16",
+              "--method", "full", "--learning-rate", "0.003", "--warmup-ratio", "0", "--patience", "100", "--quiet",
+              "--canaries", "2", "--canary-repeats", "5"]  # fmt: skip
+    trained, fresh = tmp_path / "trained", tmp_path / "fresh"
+    assert main(["train", *common, "--epochs", "25", "--output", str(trained)]) == 0
+    assert main(["train", *common, "--epochs", "1", "--max-steps", "1", "--learning-rate", "1e-9",
+                 "--output", str(fresh)]) == 0  # fmt: skip
+    record = json.loads((trained / "canaries.json").read_text())
+    assert record["space"] == 10**6 and record["repeats"] == 5 and len(record["canaries"]) == 2
+    assert all(len(c["secret"].split()) == 6 for c in record["canaries"])
+    exposures = {}
+    for run in (trained, fresh):
+        out = tmp_path / f"{run.name}-audit"
+        flags = ["--attributes", "gender", "--canaries", "--canary-samples", "300", "--output", str(out)]
+        assert main(["audit", str(run), "--data", str(data), *flags]) == 0
+        exposures[run.name] = json.loads((out / "audit.json").read_text())["canaries"]
+    assert exposures["trained"]["mean_exposure"] > exposures["fresh"]["mean_exposure"] + 3, exposures
+    assert exposures["trained"]["max_possible"] == pytest.approx(19.93, abs=0.01)
+    assert "canaries: 2 planted x5, exposure mean" in capsys.readouterr().out
+    assert "Memorisation: canaries" in (tmp_path / "trained-audit" / "audit.html").read_text()
+
+
+def test_canaries_on_classification_and_on_a_run_without_them(overtrained, capsys) -> None:
+    code = main(["train", "--model", str(overtrained["tmp"] / "bert"), "--data", str(overtrained["data"]),
+                 "--output", str(overtrained["tmp"] / "cls-canaries"), "--canaries", "3", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "generation task" in err
+        and "drop --canaries" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    code = main(["audit", str(overtrained["run"]), "--data", str(overtrained["data"]), "--canaries"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--canaries" in err and len(err.strip().splitlines()) == 1

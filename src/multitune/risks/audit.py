@@ -58,6 +58,8 @@ class AuditSettings:
     membership: bool = False  # also the loss-based membership attack (multitune.risks.memorisation)
     members: str | None = None  # its member rows (default: the training rows the run kept)
     non_members: str | None = None  # its non-member rows (default: the run's kept test split)
+    canaries: bool = False  # also the exposure of the canaries planted by train --canaries
+    canary_samples: int = 2000
 
 
 def lexicons_of(attributes: Sequence[str] | None, lexicon: str | None, language: str = "en") -> list[Lexicon]:
@@ -341,6 +343,14 @@ def audit(
     folder = adapter_folder(path)
     kind = read_adapter_config(folder)["task"]["kind"]
     lexicons = lexicons_of(settings.attributes, settings.lexicon, settings.language)
+    if settings.canaries:  # before the model is loaded: a run without canaries is one line
+        from multitune.risks.canaries import read
+
+        if kind != "generation":
+            raise ConfigError(
+                "--canaries measures secrets planted in a generation task; this task classifies"
+            )
+        record = read(path)
     if kind == "generation":
         if settings.group_column:
             raise ConfigError("--group-column measures accuracy per group: a classification task's; drop it")
@@ -367,6 +377,10 @@ def audit(
             task, path, settings.members, settings.non_members, columns, settings.resamples, settings.seed,
             settings.batch_size,
         )  # fmt: skip
+    if settings.canaries:
+        from multitune.risks.canaries import measure
+
+        report["canaries"] = measure(task, record, settings.canary_samples, settings.batch_size)
     out = Path(output) if output is not None else Path(path) / "audit"
     report = {"task": task.task, "path": str(path), "data": str(data), "output": str(out), **report}
     write_json_atomic(out / "audit.json", report)

@@ -32,6 +32,14 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--non-members", help="non-member rows of --membership (default: the run's test split)"
     )
     parser.add_argument(
+        "--canaries", action="store_true",
+        help="generation: the exposure of the secrets 'multitune train --canaries K' planted",
+    )  # fmt: skip
+    parser.add_argument(
+        "--canary-samples", type=int, default=2000,
+        help="sampled secrets each canary is ranked among (default: 2000)",
+    )  # fmt: skip
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the bootstrap and the typos (default: 0)"
     )
 
@@ -48,6 +56,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     settings = AuditSettings(
         parse_attributes(args.attributes), args.lexicon, args.language, args.group_column, args.resamples,
         args.seed, args.batch_size, args.membership, args.members, args.non_members,
+        args.canaries, args.canary_samples,
     )  # fmt: skip
     report = audit(args.run, args.data, columns, settings, args.output, args.model, device_of(args))
     for name, result in report["attributes"].items():
@@ -62,6 +71,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
         from multitune.risks.memorisation import membership_line
 
         print(membership_line(report["membership"]))
+    if "canaries" in report:
+        from multitune.risks.canaries import canaries_line
+
+        print(canaries_line(report["canaries"]))
     print(f"report: {report['output']}/audit.html (and audit.json)")
 
 

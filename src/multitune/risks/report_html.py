@@ -123,6 +123,21 @@ def _membership(result: dict[str, Any]) -> str:
     )
 
 
+def _canaries(result: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(c['prompt'])}</td><td>{_e(c['secret'])}</td><td>{c['logp']:.2f}</td>"
+        f"<td>{c['rank']:.0f}</td><td>{c['exposure']:.2f}</td></tr>"
+        for c in result["canaries"]
+    )
+    return (
+        f"<h2>Memorisation: canaries</h2><p>exposure mean {result['mean_exposure']:.2f}, max "
+        f"{result['max_exposure']:.2f} of at most {result['max_possible']:.2f} bits; each canary inserted "
+        f"{result['repeats']} times, ranked among {result['samples']} sampled secrets of {result['space']}</p>"
+        "<table><tr><th>prompt</th><th>secret</th><th>log-probability</th><th>estimated rank</th>"
+        f"<th>exposure</th></tr>{rows}</table>"
+    )
+
+
 def audit_html(report: dict[str, Any]) -> str:
     """The whole page of an audit (the dict :func:`multitune.risks.audit.audit` writes as JSON)."""
     groups = f"<h2>Metrics per group</h2>{_groups(report['groups'])}" if "groups" in report else ""
@@ -130,6 +145,7 @@ def audit_html(report: dict[str, Any]) -> str:
     generation = report.get("kind") == "generation"
     table = _logps(report["attributes"]) if generation else _attributes(report["attributes"])
     membership = _membership(report["membership"]) if "membership" in report else ""
+    membership += _canaries(report["canaries"]) if "canaries" in report else ""
     invariance = (
         ""
         if generation

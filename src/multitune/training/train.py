@@ -282,6 +282,13 @@ def _run(
         return json.loads((out / "result.json").read_text())
     task, kind = config.task_name, task_kind(config.kind)
     splits = config.data.splits(kind)
+    canaries = None
+    if config.data.canaries is not None:  # risks/canaries.py: secrets planted to measure memorisation
+        from multitune.risks.canaries import plant
+
+        splits, canaries = plant(
+            splits, kind, config.data.canaries, config.data.canary_repeats, config.train.seed
+        )
     privacy.check(config.train, len(splits.train), config.method)  # before the base is loaded
     if config.data.counterfactual_augment and config.train.dp_epsilon is not None:
         raise ConfigError(
@@ -348,6 +355,10 @@ def _run(
     )
     # what `multitune update` measures forgetting on and rehearses (multitune.health.kept)
     kept.keep(out / DATA, splits, asdict(config.data), config.train.seed, config.data.keep_replay)
+    if canaries is not None:
+        from multitune.risks.canaries import FILE as CANARIES
+
+        write_json_atomic(out / CANARIES, canaries)
     write_json_atomic(out / "result.json", summary)
     if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
