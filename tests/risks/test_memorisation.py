@@ -194,3 +194,38 @@ def test_canaries_on_classification_and_on_a_run_without_them(overtrained, capsy
     code = main(["audit", str(overtrained["run"]), "--data", str(overtrained["data"]), "--canaries"])
     err = capsys.readouterr().err
     assert code == 2 and "--canaries" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- self-consistency ----------------------------------------------------------------------------------------
+def test_unigram_f1_and_consistency_by_hand() -> None:
+    from multitune.risks.consistency import self_consistency, unigram_f1
+
+    assert unigram_f1("it is good", "it is good") == 1.0 and unigram_f1("good", "bad") == 0.0
+    assert unigram_f1("it is good", "it was good") == pytest.approx(2 / 3)  # p = r = 2/3
+    assert self_consistency("it is good", ["it is good"] * 4) == 1.0  # identical samples: fully consistent
+    assert self_consistency("it is good", ["it is good", "bad"]) == 0.5
+
+
+def test_consistency_audit_of_a_generation_task(tmp_path, capsys) -> None:
+    model = save_tiny("llama", tmp_path / "llama")
+    data = _generation_csv(tmp_path / "gen.csv", 12)
+    run = tmp_path / "gen"
+    assert main(["train", "--model", str(model), "--kind", "generation", "--data", str(data), "--output", str(run),
+                 "--epochs", "1", "--max-length", "16", "--quiet"]) == 0  # fmt: skip
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nthe movie was good\nthe movie was bad\nthe food was awful\n")
+    out = tmp_path / "audit"
+    assert main(["audit", str(run), "--data", str(prompts), "--consistency", "--samples", "3", "--output",
+                 str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "audit.json").read_text())["consistency"]
+    assert result["rows"] == 3 and result["samples"] == 3 and 0.0 <= result["mean_consistency"] <= 1.0
+    assert result["mean_token_logp"] < 0 and len(result["least_consistent"]) == 3
+    assert all(0.0 <= r["consistency"] <= 1.0 and len(r["samples"]) == 3 for r in result["least_consistent"])
+    assert "consistency: 3 prompts" in capsys.readouterr().out
+    assert "self-consistency" in (out / "audit.html").read_text()
+
+
+def test_consistency_on_classification_is_one_line(overtrained, capsys) -> None:
+    code = main(["audit", str(overtrained["run"]), "--data", str(overtrained["data"]), "--consistency"])
+    err = capsys.readouterr().err
+    assert code == 2 and "drop --consistency" in err and len(err.strip().splitlines()) == 1

@@ -60,6 +60,10 @@ class AuditSettings:
     non_members: str | None = None  # its non-member rows (default: the run's kept test split)
     canaries: bool = False  # also the exposure of the canaries planted by train --canaries
     canary_samples: int = 2000
+    consistency: bool = (
+        False  # generation: self-consistency and mean token log-probability (risks/consistency.py)
+    )
+    consistency_samples: int = 5
 
 
 def lexicons_of(attributes: Sequence[str] | None, lexicon: str | None, language: str = "en") -> list[Lexicon]:
@@ -355,14 +359,30 @@ def audit(
         if settings.group_column:
             raise ConfigError("--group-column measures accuracy per group: a classification task's; drop it")
         rows, examples = load_inputs(data, "generation", columns or Columns())
-        if any(e.response is None for e in examples):
+        prompts_only = any(e.response is None for e in examples)
+        if prompts_only and not settings.consistency:
             raise DataError(
                 f"{data} has no response column; the audit of a generation task scores the data's responses "
                 "under each counterfactual prompt: pass --response-column NAME"
             )
         task = load(path, model=model, device=device)
-        report = run_generation_audit(_scorer(task, settings.batch_size), examples, lexicons, settings)
+        if prompts_only:  # --consistency needs only prompts: no counterfactual test of the responses
+            report = run_generation_audit(_scorer(task, settings.batch_size), [], [], settings)
+            report["rows"] = len(examples)
+        else:
+            report = run_generation_audit(_scorer(task, settings.batch_size), examples, lexicons, settings)
+        if settings.consistency:
+            from multitune.risks.consistency import run_consistency
+
+            report["consistency"] = run_consistency(
+                task, examples, settings.consistency_samples, seed=settings.seed,
+                batch_size=max(1, settings.batch_size // 4),
+            )  # fmt: skip
     else:
+        if settings.consistency:
+            raise ConfigError(
+                "--consistency samples answers of a generation task; this task classifies: drop --consistency"
+            )
         rows, examples = load_inputs(data, "classification", columns or Columns())
         groups = _groups_of(rows, settings.group_column, data) if settings.group_column else None
         task = load(path, model=model, device=device)

@@ -40,6 +40,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help="sampled secrets each canary is ranked among (default: 2000)",
     )  # fmt: skip
     parser.add_argument(
+        "--consistency", action="store_true",
+        help="generation: self-consistency of the greedy answer against sampled ones, and its token log-probability",
+    )  # fmt: skip
+    parser.add_argument(
+        "--samples", type=int, default=5, help="answers sampled per prompt by --consistency (default: 5)"
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the bootstrap and the typos (default: 0)"
     )
 
@@ -50,13 +57,15 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     if args.language not in LANGUAGES:
         raise ConfigError(f"--language '{args.language}' has no lexicon; use {' or '.join(LANGUAGES)}")
+    if args.samples < 1 or args.canary_samples < 1:
+        raise ConfigError("--samples and --canary-samples must be at least 1")
     if args.resamples < 1:
         raise ConfigError("--resamples must be at least 1")
     columns = columns_of(args)
     settings = AuditSettings(
         parse_attributes(args.attributes), args.lexicon, args.language, args.group_column, args.resamples,
         args.seed, args.batch_size, args.membership, args.members, args.non_members,
-        args.canaries, args.canary_samples,
+        args.canaries, args.canary_samples, args.consistency, args.samples,
     )  # fmt: skip
     report = audit(args.run, args.data, columns, settings, args.output, args.model, device_of(args))
     for name, result in report["attributes"].items():
@@ -75,6 +84,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
         from multitune.risks.canaries import canaries_line
 
         print(canaries_line(report["canaries"]))
+    if "consistency" in report:
+        from multitune.risks.consistency import consistency_line
+
+        print(consistency_line(report["consistency"]))
     print(f"report: {report['output']}/audit.html (and audit.json)")
 
 

@@ -138,6 +138,21 @@ def _canaries(result: dict[str, Any]) -> str:
     )
 
 
+def _consistency(result: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(r['prompt'])}</td><td>{_e(r['greedy'])}</td><td>{_e(' | '.join(r['samples']))}</td>"
+        f"<td>{r['consistency']:.3f}</td><td>{r['mean_token_logp']:.3f}</td></tr>"
+        for r in result["least_consistent"]
+    )
+    return (
+        f"<h2>Hallucination signal: self-consistency</h2><p>{result['rows']} prompts; mean self-consistency "
+        f"{result['mean_consistency']:.3f} (unigram F1 of the greedy answer against {result['samples']} samples at "
+        f"temperature {result['temperature']:g}), mean token log-probability {result['mean_token_logp']:.3f}</p>"
+        "<table><tr><th>prompt</th><th>greedy answer</th><th>samples</th><th>consistency</th>"
+        f"<th>mean token log-probability</th></tr>{rows}</table>"
+    )
+
+
 def audit_html(report: dict[str, Any]) -> str:
     """The whole page of an audit (the dict :func:`multitune.risks.audit.audit` writes as JSON)."""
     groups = f"<h2>Metrics per group</h2>{_groups(report['groups'])}" if "groups" in report else ""
@@ -146,6 +161,7 @@ def audit_html(report: dict[str, Any]) -> str:
     table = _logps(report["attributes"]) if generation else _attributes(report["attributes"])
     membership = _membership(report["membership"]) if "membership" in report else ""
     membership += _canaries(report["canaries"]) if "canaries" in report else ""
+    membership += _consistency(report["consistency"]) if "consistency" in report else ""
     invariance = (
         ""
         if generation
