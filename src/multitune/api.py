@@ -86,7 +86,7 @@ def load(path: str | Path, model: str | None = None, device: str | None = None) 
     """Load a trained task from a run or adapter folder onto its base (or ``model``, to point elsewhere)."""
     folder = adapter_folder(path)
     meta = read_adapter_config(folder)
-    base = load_base(model or meta["base_model"], device=device)
+    base = load_base(model or meta["base_model"], device=device, quantize=meta.get("base_quantize"))
     bank = MultiTaskModel(base)
     spec = load_adapter(bank, folder)
     from multitune.serve.engine import trained_max_length  # the run's config.yaml, versions included

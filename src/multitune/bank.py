@@ -138,6 +138,11 @@ class MultiTaskModel(nn.Module):
         if name in self.tasks:
             raise ConfigError(f"task '{name}' is already in the bank; remove it first or choose another name")
         spec_method = get_method(method)
+        if spec_method.changes_base and self.base.quantize:
+            raise ConfigError(
+                f"{method} trains the base's weights, which are quantized to {self.base.quantize} here; drop "
+                "--quantize (load the base unquantized) or use an adapter method"
+            )
         config = config if config is not None else spec_method.config_class()
         problems = config.validate()
         if problems:
@@ -297,6 +302,11 @@ class MultiTaskModel(nn.Module):
         if len(self.tasks) > 1:
             raise ConfigError(
                 f"merging '{task}' would change the base under the bank's other tasks; merge in a bank of one task"
+            )
+        if self.base.quantize:
+            raise ConfigError(
+                f"cannot merge '{task}' into a base quantized to {self.base.quantize} (its weights are stored in "
+                "4 or 8 bits); drop --quantize (load the base unquantized) to merge"
             )
         method.merge(self, task)
 

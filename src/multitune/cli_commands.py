@@ -32,6 +32,17 @@ def add_data_file_arguments(parser: argparse.ArgumentParser, data_help: str) -> 
         )
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser, default_help: str = "off") -> None:
+    """``--quantize nf4|fp4|int8`` for a command that loads its base from ``--model`` by hand (the commands
+    whose flags come from TrainConfig get it from there)."""
+    parser.add_argument(
+        "--quantize",
+        choices=("nf4", "fp4", "int8"),
+        help="keep the frozen base's linear layers in 4 or 8 bits (bitsandbytes); adapter methods only "
+        f"(default: {default_help})",
+    )
+
+
 def columns_of(args: argparse.Namespace):  # noqa: ANN201  (data.Columns, imported lazily: --help stays fast)
     """The column flags of a command that reads a data file (``--text-column`` ...), as data.Columns."""
     from multitune.data import Columns

@@ -165,6 +165,13 @@ class TrainConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "generation: tokens to generate in evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": "keep the frozen base's linear layers in 4 or 8 bits (bitsandbytes): nf4, fp4 or int8 "
+            "(QLoRA); adapter methods only"
+        },
+    )
     dp_epsilon: float | None = field(
         default=None,
         metadata={
@@ -261,6 +268,7 @@ def validate(config: RunConfig) -> None:
     device = device_problem(t.device)
     if device:
         problems.append(device)
+    problems += quantize_problems(t.quantize, config.method)
     d = config.data
     if len(d.split) != 3 or any(r < 0 for r in d.split) or abs(sum(d.split) - 1) > 1e-6:
         problems.append(
@@ -269,6 +277,15 @@ def validate(config: RunConfig) -> None:
         )
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def quantize_problems(quantize: str | None, method: str) -> list[str]:
+    """What is wrong with ``--quantize`` for ``method``: an unknown kind, or a method that trains the base."""
+    if quantize is not None and quantize not in ("nf4", "fp4", "int8"):
+        return [f"quantize must be nf4, fp4 or int8 (got '{quantize}'); fix --quantize"]
+    if quantize and method in METHODS and METHODS[method].changes_base:
+        return [f"{method} trains the base's weights, which --quantize keeps in 4 or 8 bits; drop --quantize"]
+    return []
 
 
 def settings_dict(obj: Any) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class Base:
     tokenizer: Any
     family: Family
     source: str  # what the user gave: a short name, a folder or a .gguf path
+    quantize: str | None = None  # nf4, fp4, int8: its linear layers in bitsandbytes (multitune.quantize)
 
     @property
     def arch(self) -> Arch:
@@ -224,8 +225,16 @@ def _auto_class(arch: Arch) -> Any:
     }[arch]
 
 
-def load_base(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Base:
+def load_base(
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+) -> Base:
     """Load a base model and tokenizer from a short name, a local folder or a GGUF file.
+
+    ``quantize`` (nf4, fp4, int8) puts the base's linear layers in 4 or 8 bits once loaded
+    (:mod:`multitune.quantize`); a saved adapter records it, and loading it quantizes the base the same way.
 
     A GGUF file is dequantised by transformers on first load (about 15 s for SmolLM2-135M) and the
     result is cached as a safetensors folder under ``$MULTITUNE_CACHE`` (default ``~/.cache/multitune``),
@@ -265,6 +274,10 @@ def load_base(name: str, device: str | torch.device | None = None, dtype: torch.
     base = Base(model=model.to(device), tokenizer=prepare_tokenizer(tokenizer), family=family, source=name)
     base.model.eval()
     base.model.requires_grad_(False)
+    if quantize is not None:
+        from multitune.quantize import quantize_base
+
+        quantize_base(base, quantize)
     return base
 
 

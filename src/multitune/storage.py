@@ -331,6 +331,7 @@ def save_adapter(
         "base_model": bank.base.source,
         "model_type": getattr(bank.base.model.config, "model_type", None),
         "base": bank.base.fingerprint,
+        **({"base_quantize": bank.base.quantize} if bank.base.quantize else {}),  # loads quantize it again
         **(extra or {}),
     }
     with atomic_dir(folder) as tmp:

@@ -143,7 +143,8 @@ def base_general_perplexity(config: CompareConfig) -> float:
     from multitune.models import load_base
 
     device = None if config.train.device == "auto" else config.train.device
-    return general_perplexity_of(config, MultiTaskModel(load_base(config.model, device=device)), None)
+    base = load_base(config.model, device=device, quantize=config.train.quantize)
+    return general_perplexity_of(config, MultiTaskModel(base), None)
 
 
 def child_main(payload_file: str) -> None:
@@ -343,6 +344,12 @@ def validate(config: CompareConfig) -> None:
             f"({reasons}); drop them from --methods (see `multitune train --dp-epsilon`)"
         )
     problems += audit_problems(config)
+    writes_base = [m for m in config.methods if m in METHODS and METHODS[m].changes_base]
+    if config.train.quantize and writes_base:
+        problems.append(
+            f"--quantize keeps the base in 4 or 8 bits, which {', '.join(writes_base)} would train; drop "
+            f"{', '.join(writes_base)} from --methods or drop --quantize"
+        )
     if config.general_data is not None and config.kind != "generation":
         problems.append(
             "--general-data is the general-text sample of generation tasks; drop it or pass --kind generation"

@@ -142,7 +142,7 @@ def _bank_with_task(
 
     method_config, train = settings_for(config, method, params)
     device = None if train.device == "auto" else train.device
-    bank = MultiTaskModel(load_base(config.model, device=device))
+    bank = MultiTaskModel(load_base(config.model, device=device, quantize=train.quantize))
     torch.manual_seed(train.seed)
     bank.add_task(task, config.kind, method, method_config, labels)
     return bank, train

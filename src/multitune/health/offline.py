@@ -47,12 +47,13 @@ def load_tasks(path: str | Path, model: str | None = None, device: str | None = 
     tasks: dict[str, tuple[MultiTaskModel, Path, int]] = {}
     for name, adapter in found.items():
         meta = read_adapter_config(adapter)
-        source = model or meta["base_model"]
+        source, quantize = model or meta["base_model"], meta.get("base_quantize")
         if get_method(meta["task"]["method"]).changes_base:  # the task owns its weights: a bank of its own
             bank = MultiTaskModel(load_base(source, device=device))
         else:
-            bank = banks.get(source) or banks.setdefault(
-                source, MultiTaskModel(load_base(source, device=device))
+            key = f"{source} ({quantize})" if quantize else source
+            bank = banks.get(key) or banks.setdefault(
+                key, MultiTaskModel(load_base(source, device=device, quantize=quantize))
             )
         spec = load_adapter(bank, adapter, name)
         tasks[spec.name] = (bank, adapter, trained_max_length(adapter))

@@ -281,7 +281,7 @@ def _bank_of(
     from multitune.methods import get_method
     from multitune.models import load_base
 
-    bank = MultiTaskModel(load_base(meta["base_model"], device=device))
+    bank = MultiTaskModel(load_base(meta["base_model"], device=device, quantize=meta.get("base_quantize")))
     if adapter is not None:
         load_adapter(bank, adapter, task)
         return bank

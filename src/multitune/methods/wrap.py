@@ -23,11 +23,12 @@ from transformers.pytorch_utils import Conv1D
 from multitune.errors import ConfigError
 from multitune.routing import Routing
 
-LINEAR = (nn.Linear, Conv1D)
+LINEAR = (nn.Linear, Conv1D)  # bitsandbytes' Linear4bit and Linear8bitLt (a quantized base) are nn.Linear
 
 
 class TaskLinear(nn.Module):
-    """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``, possibly already wrapped) plus tasks."""
+    """A frozen linear layer (``nn.Linear``, a bitsandbytes 4/8-bit one, or GPT-2's ``Conv1D``, possibly
+    already wrapped) plus tasks."""
 
     def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
         super().__init__()
@@ -36,8 +37,11 @@ class TaskLinear(nn.Module):
         inner = innermost(base_layer)
         # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear's.
         self.fan_in_fan_out = isinstance(inner, Conv1D)
-        shape = weight_of(inner).shape
-        self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
+        if isinstance(inner, nn.Linear):  # a 4-bit base's weight is packed: its shape is not the layer's
+            self.out_features, self.in_features = inner.out_features, inner.in_features
+        else:
+            shape = weight_of(inner).shape
+            self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
 
     @property
     def weight(self) -> torch.Tensor:  # models read their layers' weight (T5 checks its dtype)

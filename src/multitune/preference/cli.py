@@ -228,7 +228,7 @@ def _load_bank(config: Any) -> MultiTaskModel:
 
     device = None if config.train.device == "auto" else config.train.device
     torch.manual_seed(config.train.seed)
-    return MultiTaskModel(load_base(config.model, device=device))
+    return MultiTaskModel(load_base(config.model, device=device, quantize=config.train.quantize))
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -317,6 +317,7 @@ def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
             "task": config.task,
             "method": config.method,
             "model": config.model,
+            "quantize": config.train.quantize,
             "pairs": {"train": len(train), "validation": len(held)},
             "trainable_parameters": trainable,
             "steps": result["steps"],
@@ -388,6 +389,7 @@ def _dpo_summary(
         "task": config.task,
         "method": method,
         "model": config.model,
+        "quantize": config.train.quantize,
         "beta": args.beta,
         "reference": reference,
         "init_adapter": args.init_adapter,

@@ -38,6 +38,7 @@ from multitune.preference.scoring import trainable_methods
 # ---- CLI -------------------------------------------------------------------------------------------
 def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``multitune ppo``: model, prompts, one reward source, method, PPO settings, output."""
+    from multitune.cli_commands import add_quantize_argument
     from multitune.config import DEVICE_HELP
     from multitune.flags import add_arguments, add_config_argument, add_method_arguments
 
@@ -47,6 +48,7 @@ def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         help="base model: short name, HF folder or .gguf (default: smollm2-135m)",
     )
+    add_quantize_argument(parser)
     parser.add_argument(
         "--prompts",
         metavar="FILE",
@@ -156,7 +158,9 @@ def _judge_bank(
 
     meta = read_adapter_config(folder)
     same = meta.get("base_model") == model and not get_method(policy.tasks[policy_task].method).changes_base
-    bank = policy if same else MultiTaskModel(load_base(meta["base_model"], device=device))
+    same = same and meta.get("base_quantize") == policy.base.quantize
+    quantize = meta.get("base_quantize")
+    bank = policy if same else MultiTaskModel(load_base(meta["base_model"], device=device, quantize=quantize))
     name = "reward" if "reward" not in bank.tasks else "reward-judge"
     load_adapter(bank, folder, name)
     return bank, name
@@ -205,7 +209,7 @@ def _policy_bank(
     the policy's initial weights depend on ``--seed`` alone."""
     from multitune.models import load_base
 
-    base = load_base(args.model, device=device)
+    base = load_base(args.model, device=device, quantize=args.quantize)
     torch.manual_seed(config.seed)
     bank = MultiTaskModel(base)
     bank.add_task(task, "generation", args.method, method_config)
@@ -340,6 +344,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
             "task": task,
             "method": args.method,
             "model": args.model,
+            "quantize": args.quantize,
             "reward": source,
             "reward_source": reward_text,
             "reward_label": args.reward_label,

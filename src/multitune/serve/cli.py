@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from multitune.cli_commands import Command
+from multitune.cli_commands import Command, add_quantize_argument
 from multitune.errors import ConfigError
 from multitune.health.store import FeedbackStore, Retention
 from multitune.serve.app import create_app
@@ -118,6 +118,7 @@ def serve(
     timeout_s: float = 60,
     model: str | None = None,
     device: str | None = None,
+    quantize: str | None = None,
     log_level: str = "info",
     threads: int | None = None,
     admin_key: str | None = None,
@@ -169,7 +170,7 @@ def serve(
 
         torch.set_num_threads(threads)  # read by every thread that starts a parallel region
     try:
-        engine = in_passing_thread(lambda: Engine.from_folder(paths, model, device))
+        engine = in_passing_thread(lambda: Engine.from_folder(paths, model, device, quantize))
     except BaseException:  # the app would have closed the store: nothing else will
         store.close()
         raise
@@ -312,6 +313,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=60.0, help="seconds a request may take (default: 60)"
     )
     parser.add_argument("--model", help="base model to load the adapters onto (default: the one they record)")
+    add_quantize_argument(parser, "as the adapters' runs had it")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--threads", type=int, help="CPU threads for the model's forwards (default: torch's, one per core)"
@@ -336,6 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         timeout_s=args.timeout,
         model=args.model,
         device=args.device,
+        quantize=args.quantize,
         log_level=args.log_level,
         threads=args.threads,
         admin_key=args.admin_key,

@@ -164,12 +164,17 @@ class Engine:
     # ---- tasks -------------------------------------------------------------------------------------
     @classmethod
     def from_folder(
-        cls, folder: str | Path | Iterable[str | Path], model: str | None = None, device: str | None = None
+        cls,
+        folder: str | Path | Iterable[str | Path],
+        model: str | None = None,
+        device: str | None = None,
+        quantize: str | None = None,
     ) -> Engine:
         """Every task under ``folder`` (one path or several; the layouts of :func:`find_adapters`).
 
         Without ``model``, the base is the one the adapters record; adapters that record different bases
-        are refused before anything loads (one engine serves one base).
+        are refused before anything loads (one engine serves one base). Without ``quantize``, the base is
+        quantized as the adapters' runs had it (``base_quantize``, nf4/fp4/int8) or not at all.
         """
         given = [folder] if isinstance(folder, str | Path) else list(folder)  # read twice: a list
         adapters = find_adapters(given)
@@ -183,7 +188,14 @@ class Engine:
                 f"the folders mix base models: {mixed}; one engine serves one base, so serve each "
                 "base's tasks from their own folder (one server per base)"
             )
-        engine = cls(load_base(model or next(iter(bases)), device=device))
+        recorded = {str(m["base_quantize"]) for m in metas.values() if m.get("base_quantize")}
+        if quantize is None and len(recorded) > 1:
+            raise ConfigError(
+                f"the adapters were trained over bases quantized differently ({', '.join(sorted(recorded))}); "
+                "pick one with --quantize"
+            )
+        quantize = quantize or next(iter(recorded), None)
+        engine = cls(load_base(model or next(iter(bases)), device=device, quantize=quantize))
         for name, adapter in adapters.items():
             engine.load(_source_of(adapter, given), name)
         return engine

@@ -503,7 +503,7 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
         t.task_name: t.data.splits(task_kind(t.kind)) for t in config.tasks
     }  # every data file read before the model loads
     device = None if config.train.device == "auto" else config.train.device
-    base = load_base(config.model, device=device)
+    base = load_base(config.model, device=device, quantize=config.train.quantize)
     torch.manual_seed(config.train.seed)
     bank = MultiTaskModel(base)
     for t in config.tasks:
@@ -522,7 +522,12 @@ def _run_multitask(config: MultiRunConfig, out: Path, progress: bool, resume: bo
         config.learning_rates,
         resume=resume,
     )
-    summary: dict[str, Any] = {"model": config.model, "sampling": config.sampling, "tasks": {}}
+    summary: dict[str, Any] = {
+        "model": config.model,
+        "quantize": config.train.quantize,
+        "sampling": config.sampling,
+        "tasks": {},
+    }
     for t in config.tasks:
         name, result = t.task_name, results[t.task_name]
         test = evaluate(

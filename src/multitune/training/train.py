@@ -303,7 +303,7 @@ def _run(
             splits, data.counterfactual_attributes, data.counterfactual_lexicon, data.counterfactual_language
         )
     device = None if config.train.device == "auto" else config.train.device
-    base = load_base(config.model, device=device)
+    base = load_base(config.model, device=device, quantize=config.train.quantize)
     torch.manual_seed(config.train.seed)
     bank = MultiTaskModel(base)
     bank.add_task(task, kind, config.method, config.method_config(), splits.labels)
@@ -325,6 +325,7 @@ def _run(
         "task": task,
         "method": config.method,
         "model": config.model,
+        "quantize": config.train.quantize,
         "examples": {
             "train": len(splits.train),
             "validation": len(splits.validation),
