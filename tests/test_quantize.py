@@ -34,7 +34,14 @@ KINDS = ["nf4", "int8"]
 LAYER = {"nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 # every method with its own tensors over a shared base: prompting has none, full writes the base
 TRAINABLE = sorted(n for n, m in METHODS.items() if not m.changes_base and n not in ("base", "prompting"))
-TEXTS = ["good movie", "the film was very bad and not nice", "so happy and great", "not bad", "love it", "what"]
+TEXTS = [
+    "good movie",
+    "the film was very bad and not nice",
+    "so happy and great",
+    "not bad",
+    "love it",
+    "what",
+]
 
 
 def quantized(family: str, kind: str) -> MultiTaskModel:
@@ -151,7 +158,9 @@ def _csv(path, n: int = 48) -> str:
     return str(path)
 
 
-def test_a_run_records_its_quantization_and_loads_onto_a_base_quantized_again(llama_dir, tmp_path, capsys) -> None:
+def test_a_run_records_its_quantization_and_loads_onto_a_base_quantized_again(
+    llama_dir, tmp_path, capsys
+) -> None:
     from multitune.api import load
 
     data, out = _csv(tmp_path / "d.csv"), tmp_path / "run"
