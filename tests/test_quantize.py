@@ -172,6 +172,13 @@ def test_a_run_records_its_quantization_and_loads_onto_a_base_quantized_again(
     task = load(out)
     kinds = {type(m) for m in task.bank.base.model.modules()}
     assert bnb.nn.Linear8bitLt in kinds and task.bank.base.quantize == "int8"
+    texts = ["good movie", "bad film"]
+    assert task.predict(texts) == load(out).predict(texts)  # the same quantized function each load
+    from multitune.serve.engine import Engine
+
+    engine = Engine.from_folder(out)  # serve: the recorded quantization, or the one asked for
+    assert engine.base.quantize == "int8"
+    assert Engine.from_folder(out, quantize="nf4").base.quantize == "nf4"
     capsys.readouterr()
     # full fine-tuning of a quantized base fails before the model loads, in one line naming the fix
     assert main([*argv, "--method", "full", "--quantize", "nf4"]) == 2

@@ -209,7 +209,8 @@ def run_ensemble(
         if any(out.iterdir()):
             raise ConfigError(f"output folder {out} already exists; choose another --output or remove it")
         splits = config.data.splits("classification")  # the user's file first: it fails fast
-        base = load_base(config.model, device=None if config.train.device == "auto" else config.train.device)
+        device = None if config.train.device == "auto" else config.train.device
+        base = load_base(config.model, device=device, quantize=config.train.quantize)
         bank = MultiTaskModel(base)
         (out / "config.yaml").write_text(settings if settings is not None else to_yaml(config))
         (out / "metrics.jsonl").write_text("")
@@ -244,6 +245,7 @@ def run_ensemble(
             "members": names,
             "labels": splits.labels,
             "base_model": bank.base.source,
+            **({"base_quantize": bank.base.quantize} if bank.base.quantize else {}),
             "max_length": config.train.max_length,
         }
         write_json_atomic(out / ENSEMBLE_FILE, meta)
@@ -287,7 +289,9 @@ def load_ensemble(
         raise ConfigError(
             f"{folder / ENSEMBLE_FILE} is not a multitune prompt ensemble (written by 'multitune ensemble')"
         )
-    bank = MultiTaskModel(load_base(model or meta["base_model"], device=device))
+    bank = MultiTaskModel(
+        load_base(model or meta["base_model"], device=device, quantize=meta.get("base_quantize"))
+    )
     for name in meta["members"]:
         load_adapter(bank, folder / MEMBERS / str(name), str(name))
     return bank, [str(n) for n in meta["members"]], int(meta.get("max_length", 128))
