@@ -185,3 +185,13 @@ def test_a_run_records_its_quantization_and_loads_onto_a_base_quantized_again(
     assert "drop --quantize" in capsys.readouterr().err
     assert main([*argv, "--quantize", "int4"]) == 2
     assert "quantize must be nf4, fp4 or int8" in capsys.readouterr().err
+
+
+def test_compare_refuses_full_fine_tuning_over_a_quantized_base_before_anything_loads() -> None:
+    from multitune.compare.run import validate
+    from multitune.compare.settings import CompareConfig
+    from multitune.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="drop full from --methods or drop --quantize"):
+        validate(CompareConfig(methods=["lora", "full"], train=TrainConfig(quantize="nf4")))
+    validate(CompareConfig(methods=["lora", "prompt"], train=TrainConfig(quantize="nf4")))
