@@ -249,7 +249,7 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="after each method's final run, the counterfactual bias audit of its task on the test split "
-        "(as `multitune audit`): the flip rate per attribute, with its 95%% interval, in the report "
+        "(as `multitune audit`): the flip rate per attribute, with its 95 per cent interval, in the report "
         "(default: off)",
     )
     p.add_argument(
