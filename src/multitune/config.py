@@ -162,6 +162,13 @@ class TrainConfig:
         },
     )
     max_length: int = field(default=128, metadata={"help": "truncate inputs to N tokens"})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each transformer block in the backward pass instead of keeping its "
+            "activations: less memory for about one more forward per step"
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "generation: tokens to generate in evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})

@@ -139,6 +139,12 @@ def problems(config: TrainConfig, n: int, method: str) -> list[str]:
             "--grad-accum must be 1 with --dp-epsilon: each Poisson batch is one noised step; raise --batch-size "
             "instead (per-sample gradients are computed in chunks of it anyway)"
         )
+    if config.gradient_checkpointing:
+        out.append(
+            "--gradient-checkpointing with --dp-epsilon: DP-SGD's per-example gradients (torch.func) cannot "
+            "recompute the blocks (torch.func has no saved-tensor hooks); leave it out and lower --batch-size "
+            "instead (per-example gradients are computed in chunks of it)"
+        )
     if method in REFUSED:
         out.append(f"--dp-epsilon with --method {method}: {REFUSED[method]}")
     return out

@@ -37,6 +37,7 @@ from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.methods import get_method
 from multitune.storage import atomic_dir
+from multitune.training.checkpointing import checkpointed
 
 CHECKPOINT = "checkpoint"
 FORMAT = 3  # 3: AdamW groups by learning rate within a task (head, method scales); 2: one group per task;
@@ -407,7 +408,11 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
     model = accelerator.prepare_model(bank)
     batches, loop = objective.batches, run.loop
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):  # the run's own RNG: dropout draws from the seed alone ...
+    saver = checkpointed(bank, config.gradient_checkpointing)  # --gradient-checkpointing: blocks recomputed
+    with (
+        torch.random.fork_rng(devices=cuda),
+        saver,
+    ):  # the run's own RNG: dropout draws from the seed alone ...
         torch.manual_seed(config.seed + DROPOUT_SEED)  # ... not the numbers that initialised the task
         if resume:
             run.resume()
