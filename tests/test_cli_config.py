@@ -95,7 +95,14 @@ def test_a_flat_config_file_trains_and_the_written_config_repeats_the_run(
     assert (
         a["lora"]
         == b["lora"]
-        == {"rank": 2, "alpha": 16.0, "dropout": 0.05, "target_modules": None, "rslora": True}
+        == {
+            "rank": 2,
+            "alpha": 16.0,
+            "dropout": 0.05,
+            "target_modules": None,
+            "rslora": True,
+            "use_dora": False,
+        }
     )
     assert a["train"] == b["train"] and a["train"]["max_steps"] == 3 and a["data"] == b["data"]
     assert (

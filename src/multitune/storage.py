@@ -513,6 +513,8 @@ def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = No
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as error:
         raise ConfigError(f"cannot read {folder / WEIGHTS_FILE}: {' '.join(str(error).split())}") from error
+    if method.saved is not None:
+        config = method.saved(config, state)
     spec = bank.add_task(
         name or task["name"],
         task["kind"],

@@ -244,3 +244,81 @@ def test_mixed_forward_without_gradients_sees_weights_changed_in_place() -> None
         alone = bank.classify(ids[:1], mask[:1], bank.task_ids("a", 1))
     assert not torch.allclose(first[0], second[0])
     torch.testing.assert_close(second[:1], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(query|value)$"])
+def test_a_peft_adapter_with_all_linear_or_regex_targets_imports_and_exports_back(targets, tmp_path) -> None:
+    """Which layers PEFT adapted is read from its tensors; an export names exactly those layers (BERT's
+    'dense' suffix alone would also adapt the pooler)."""
+    peft = pytest.importorskip("peft")
+    from multitune.interop.peft import export_peft, import_peft
+
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(
+        tiny_model("bert"), peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets)
+    )
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    reference.save_pretrained(tmp_path / "peft")
+    base = tiny_base("bert")
+    bank = MultiTaskModel(base)
+    import_peft(bank, tmp_path / "peft", "t", kind="classification", labels=["a", "b"])
+    adapted = {k.rsplit(".lora_", 1)[0] for k in bank.task_parameters("t") if ".lora_" in k}
+    assert adapted == {
+        n.removeprefix("base_model.model.")
+        for n, m in reference.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+    reference.eval()
+    bank.eval()
+    ids, mask = _batch(base)
+    with torch.no_grad(), bank.routed(bank.task_ids("t", ids.shape[0])):
+        got = _outputs(base.model, base.arch, ids, mask)
+    with torch.no_grad():
+        want = _outputs(reference, base.arch, ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    export_peft(bank, "t", tmp_path / "back")
+    again = peft.PeftModel.from_pretrained(tiny_model("bert"), tmp_path / "back")
+    assert {n for n, m in again.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A} == {
+        n for n, m in reference.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+
+
+def test_a_new_task_records_its_default_targets_and_an_older_adapter_without_them_loads_its_layers(
+    tmp_path,
+) -> None:
+    """Default targets change with evidence (BERT's went from query/value to all-linear): a task records the
+    targets it was built with, and an adapter saved before they were recorded (target_modules null) adapts
+    the layers its tensors name, with the outputs it was saved with."""
+    import json
+
+    base = tiny_base("bert")
+    bank = MultiTaskModel(base)
+    bank.add_task("new", "classification", "lora", LoRAConfig(rank=2), ["a", "b"])
+    assert bank.tasks["new"].config["target_modules"] == list(base.family.lora_targets)
+    bank.add_task(
+        "old", "classification", "lora", LoRAConfig(rank=2, target_modules=["query", "value"]), ["a", "b"]
+    )
+    _randomize(bank, "old")
+    folder = save_adapter(bank, "old", tmp_path / "old")
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["task"]["config"]["target_modules"] = None  # as the adapters saved before targets were recorded
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    bank.eval()
+    ids, mask = _batch(base)
+    with torch.no_grad():
+        want = bank.classify(ids, mask, bank.task_ids("old", ids.shape[0]))
+    fresh = MultiTaskModel(tiny_base("bert"))
+    spec = load_adapter(fresh, folder, "back")
+    fresh.eval()
+    layers = {
+        k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in fresh.task_parameters("back") if ".lora_" in k
+    }
+    assert layers == {"query", "value"}
+    assert spec.config["target_modules"] is not None
+    with torch.no_grad():
+        got = fresh.classify(ids, mask, fresh.task_ids("back", ids.shape[0]))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

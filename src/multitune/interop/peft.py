@@ -4,8 +4,9 @@ A PEFT folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. E
 also has registers a :class:`PeftFormat` here: how its tensors and config become PEFT's and back. LoRA
 is below; the other formats live in ``interop/peft_{method}.py`` and register themselves.
 
-LoRA keys are ``base_model.model.{module path}.lora_A.weight`` / ``.lora_B.weight``: our public keys
-with PEFT's prefix. The conversion is a key rename; the tensors are identical.
+LoRA keys are ``base_model.model.{module path}.lora_A.weight`` / ``.lora_B.weight`` (and, for a DoRA task,
+``use_dora: true`` with ``.lora_magnitude_vector``): our public keys with PEFT's prefix. The conversion is
+a key rename; the tensors are identical.
 
 A classification task's head is not part of a PEFT adapter (ours reads a pooled hidden state, PEFT's
 ``modules_to_save`` heads are the model's own). Export writes it beside PEFT's files, which PEFT ignores:
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from multitune.bank import MultiTaskModel, TaskKind, TaskSpec
 from multitune.errors import ConfigError
 from multitune.methods.lora import LoRAConfig
+from multitune.methods.wrap import find_linear
 from multitune.storage import atomic_dir
 
 PREFIX = "base_model.model."
@@ -204,13 +206,18 @@ def import_peft(
 def _lora_export(bank: MultiTaskModel, task: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     cfg = LoRAConfig(**bank.tasks[task].config)
     own = bank.task_state_dict(task)
-    modules = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in own if ".lora_" in k})
+    adapted = {k.rsplit(".lora_", 1)[0] for k in own if ".lora_" in k}
+    modules = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    linear = find_linear(bank.base.model, modules, bank.output_layer_names(), "--lora-target-modules")
+    if set(linear) != adapted:  # the names alone would adapt more (BERT's 'dense' is also the pooler's)
+        modules = sorted(adapted)
     config = {
         **common_config(bank, "LORA"),
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
+        "use_dora": cfg.use_dora,
         "target_modules": modules,
         "bias": "none",
         "fan_in_fan_out": bank.base.family.name == "gpt2",
@@ -227,19 +234,23 @@ def _lora_to_ours(
             "the PEFT LoRA adapter_config.json has no target_modules; re-save the adapter with PEFT, "
             "which writes them"
         )
+    ours = {  # the files PEFT saves have no adapter name; a model's own state dict has ".default"
+        key.removeprefix(PREFIX)
+        .replace(".lora_A.default.", ".lora_A.")
+        .replace(".lora_B.default.", ".lora_B.")
+        .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector"): v
+        for key, v in state.items()
+    }
+    # Which layers PEFT adapted is read from the tensors (a regex or 'all-linear' target_modules imports too)
+    adapted = sorted({k.rsplit(".lora_", 1)[0] for k in ours if ".lora_" in k})
     config = LoRAConfig(
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout", 0.0)),
-        target_modules=[targets] if isinstance(targets, str) else list(targets),
+        target_modules=adapted or ([targets] if isinstance(targets, str) else list(targets)),
         rslora=bool(cfg.get("use_rslora", False)),
+        use_dora=bool(cfg.get("use_dora", False)),
     )
-    ours = {
-        key.removeprefix(PREFIX)
-        .replace(".lora_A.default.", ".lora_A.")
-        .replace(".lora_B.default.", ".lora_B."): v
-        for key, v in state.items()
-    }
     return config, ours
 
 

@@ -78,6 +78,10 @@ class Method:
     # compare runs the method by default (the linear probe ``base`` is a baseline, not a method to compare).
     search: Callable[[Any], dict[str, Any]] | None = None
     compared: bool = True
+    # ``saved``: the config a saved task is rebuilt with, from the config in its adapter.json and its tensors
+    # (LoRA: an adapter saved before its targets were recorded adapts the layers its tensors name, whatever
+    # today's default targets are); None: the recorded config as it is.
+    saved: Callable[[Any, dict[str, torch.Tensor]], Any] | None = None
 
 
 METHODS: dict[str, Method] = {}
