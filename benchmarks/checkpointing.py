@@ -36,6 +36,10 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# glibc's malloc keeps freed memory for reuse, so a step whose activations fit in what the warm-up step freed
+# would not raise the RSS at all: every block of 64 KiB or more is mmapped and unmapped instead, so the RSS
+# follows the bytes alive (the child processes run with these).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "alpaca" / "alpaca_5000.json"
 
 
@@ -157,6 +161,7 @@ def main() -> None:
             capture_output=True,
             text=True,
             check=False,
+            env={**os.environ, **MALLOC},
         )
         if out.returncode != 0:
             sys.exit(f"checkpointing {setting} failed:\n{out.stderr[-3000:]}")
