@@ -195,3 +195,15 @@ def test_compare_refuses_full_fine_tuning_over_a_quantized_base_before_anything_
     with pytest.raises(ConfigError, match="drop full from --methods or drop --quantize"):
         validate(CompareConfig(methods=["lora", "full"], train=TrainConfig(quantize="nf4")))
     validate(CompareConfig(methods=["lora", "prompt"], train=TrainConfig(quantize="nf4")))
+
+
+def test_importing_peft_after_multitune_prints_no_bitsandbytes_kernel_warning() -> None:
+    """transformers imports peft, which imports bitsandbytes, on every model load: its CPU backend's warning that
+    an optional hub kernel could not be fetched must not reach a user's terminal on every command."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    code = "import multitune, bitsandbytes, peft"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in quiet.stderr, quiet.stderr
