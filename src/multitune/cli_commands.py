@@ -17,12 +17,14 @@ class Command:
     run: Callable[[argparse.Namespace], Any]
 
 
-def add_data_file_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+def add_data_file_arguments(
+    parser: argparse.ArgumentParser, data_help: str, data_required: bool = True
+) -> None:
     """The flags of a command that runs a saved task over a data file: ``--data``, ``--model``, ``--device``,
     ``--batch-size`` and the column flags (read back by :func:`columns_of` and :func:`device_of`)."""
     from multitune.config import DEVICE_HELP
 
-    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--data", required=data_required, help=data_help)
     parser.add_argument("--model", help="load the adapters onto this base instead of the recorded one")
     parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")

@@ -94,13 +94,18 @@ class DataConfig:
         },
     )
     canary_repeats: int = field(default=5, metadata={"help": "times each canary is inserted"})
+    golden: str | None = field(
+        default=None,
+        metadata={
+            "help": "a golden set: inputs with their reference outputs (a data file of the task's columns), "
+            "scored at the end of train and on every version by update, whose gate refuses a version that "
+            "falls more than --max-golden-drop points on it (risks/golden.py)"
+        },
+    )
 
-    def splits(self, kind: TaskKind, known_labels: Sequence[str] = ()) -> Splits:
-        """Read, validate and split the data as these settings say (``known_labels``: the task's own, for
-        an update: see :func:`multitune.data.prepare_splits`)."""
-        if not self.data:
-            raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
-        columns = Columns(
+    def columns(self) -> Columns:
+        """The column flags, as the data readers take them."""
+        return Columns(
             self.text_column,
             self.text_pair_column,
             self.label_column,
@@ -108,6 +113,13 @@ class DataConfig:
             self.input_column,
             self.response_column,
         )
+
+    def splits(self, kind: TaskKind, known_labels: Sequence[str] = ()) -> Splits:
+        """Read, validate and split the data as these settings say (``known_labels``: the task's own, for
+        an update: see :func:`multitune.data.prepare_splits`)."""
+        if not self.data:
+            raise ConfigError("no training data given; pass --data FILE (.csv .tsv .json .jsonl .parquet)")
+        columns = self.columns()
         return prepare_splits(
             self.data,
             kind,

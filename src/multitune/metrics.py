@@ -148,6 +148,25 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     return hits / len(predictions)
 
 
+def token_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean SQuAD token F1: the harmonic mean of precision and recall of the normalised answer's tokens
+    (counted with multiplicity) against the reference's; two empty answers score 1. ``nan`` for no rows."""
+    _check_pair(predictions, references)
+    if not predictions:
+        return float("nan")
+    total = 0.0
+    for p, r in zip(predictions, references, strict=True):
+        pred, ref = normalize_answer(p).split(), normalize_answer(r).split()
+        if not pred or not ref:
+            total += float(pred == ref)
+            continue
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(ref)
+            total += 2 * precision * recall / (precision + recall)
+    return total / len(predictions)
+
+
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     """Length of the longest common subsequence, by dynamic programming in O(|a| |b|) time, O(|b|) memory.
 

@@ -86,6 +86,13 @@ class UpdateConfig:
     max_forgetting: float = field(
         default=1.0, metadata={"help": "the gate: promote only when BWT >= -this many points"}
     )
+    max_golden_drop: float = field(
+        default=1.0,
+        metadata={
+            "help": "the gate: promote only when the golden set's score (train --golden, or --golden) falls by "
+            "at most this many points"
+        },
+    )
     promote: str = field(default="auto", metadata={"help": "auto (the gate decides), always or never"})
     ewc_strength: float | None = field(
         default=None, metadata={"help": "EWC's penalty weight (default: multitune.training.ewc's)"}
@@ -108,6 +115,8 @@ class UpdateConfig:
             raise ConfigError(f"--replay-per-label must be 0 or more rows, not {self.replay_per_label}")
         if not (self.max_forgetting >= 0 and math.isfinite(self.max_forgetting)):
             raise ConfigError(f"--max-forgetting must be 0 or more points, not {self.max_forgetting}")
+        if not (self.max_golden_drop >= 0 and math.isfinite(self.max_golden_drop)):
+            raise ConfigError(f"--max-golden-drop must be 0 or more points, not {self.max_golden_drop}")
 
 
 # ---- what a task root knows of its versions ------------------------------------------------------------------
@@ -354,7 +363,12 @@ def _update(
             "the new data has no test split; give --test-data FILE or a --split with a test share"
         )
 
+    from multitune.risks import golden as gold
+
+    given = gold.read_golden(data.golden, kind, data.columns()) if data.golden else None  # before any model
+    golden_rows = given if given is not None else gold.kept_golden(root)
     bank = _bank_of(meta, parent_adapter, task, labels, device, config.seed)
+    golden_before = gold.score_golden(bank, task, golden_rows, config) if golden_rows else None
     matrix = matrix_of(records)
     for j, rows in tests.items():  # the current version on every test split it was not scored on yet
         if j not in matrix[parent]:
@@ -401,7 +415,19 @@ def _update(
     general_after = _general(bank, task, upd, config) if kind == "generation" else None
     bwt = backward_transfer(kind, matrix, number, chain)
     gain = points(kind, scores[number], matrix[parent][number]) if number in matrix[parent] else None
-    promoted, why = _gate(upd, bwt, gain)
+    golden = None
+    if golden_rows and golden_before is not None:
+        after = gold.score_golden(bank, task, golden_rows, config)
+        golden = {
+            "metric": after["metric"],
+            "rows": after["rows"],
+            "before": golden_before["score"],
+            "after": after["score"],
+            "change": 100.0 * (after["score"] - golden_before["score"]),
+            "max_drop": upd.max_golden_drop,
+            "detail": {"before": golden_before, "after": after},
+        }
+    promoted, why = _gate(upd, bwt, gain, None if golden is None else golden["change"])
     seen = [j for j in [*chain, number] if j in scores]  # accuracy on every row seen so far (by test rows)
     all_seen = sum(scores[j] * len(tests[j]) for j in seen) / sum(len(tests[j]) for j in seen)
 
@@ -424,6 +450,7 @@ def _update(
         "bwt": bwt,
         "gain": gain,
         "all_seen": all_seen,
+        "golden": golden,
         "general_perplexity": {"before": general_before, "after": general_after}
         if kind == "generation"
         else None,
@@ -441,6 +468,8 @@ def _update(
     }
     _write(root, number, bank, task, splits, data, config, record, records)
     _rescore_parent(root, records, parent, matrix)
+    if given is not None:  # the task's golden set from now on, for this and every later update
+        gold.save_golden(root, given)
     if promoted:
         set_current(root, number)
     record["size_bytes"] = folder_bytes(version_folder(root, number))
@@ -449,7 +478,9 @@ def _update(
     return record
 
 
-def _gate(upd: UpdateConfig, bwt: float | None, gain: float | None) -> tuple[bool, str]:
+def _gate(
+    upd: UpdateConfig, bwt: float | None, gain: float | None, golden_change: float | None = None
+) -> tuple[bool, str]:
     if upd.promote == "always":
         return True, "--promote always"
     if upd.promote == "never":
@@ -460,6 +491,12 @@ def _gate(upd: UpdateConfig, bwt: float | None, gain: float | None) -> tuple[boo
         return (
             False,
             f"it forgot {-bwt:.2f} points on earlier data (BWT), more than --max-forgetting {upd.max_forgetting:g}",
+        )
+    if golden_change is not None and golden_change < -upd.max_golden_drop:
+        return (
+            False,
+            f"its golden-set score fell {-golden_change:.2f} points, more than --max-golden-drop "
+            f"{upd.max_golden_drop:g}",
         )
     if gain is None or gain <= 0:
         shown = "unknown" if gain is None else f"{gain:+.2f} points"

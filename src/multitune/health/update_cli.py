@@ -118,6 +118,12 @@ def _print_update(root: Path, record: dict[str, Any]) -> None:
         + ("-" if gain is None else f"{gain:+.2f} points")
         + f" against version {parent}"
     )
+    golden = record.get("golden")
+    if golden:
+        print(
+            f"golden set ({golden['rows']} rows): {golden['metric']} {golden['before']:.4f} -> {golden['after']:.4f} "
+            f"({golden['change']:+.2f} points; the gate allows -{golden['max_drop']:g})"
+        )
     general = record.get("general_perplexity")
     if general:
         print(f"general-text perplexity: {general['before']:.2f} before, {general['after']:.2f} after")

@@ -64,6 +64,7 @@ class AuditSettings:
         False  # generation: self-consistency and mean token log-probability (risks/consistency.py)
     )
     consistency_samples: int = 5
+    golden: str | None = None  # also score the task on this golden set (multitune.risks.golden)
 
 
 def lexicons_of(attributes: Sequence[str] | None, lexicon: str | None, language: str = "en") -> list[Lexicon]:
@@ -330,7 +331,7 @@ def run_audit(
 
 def audit(
     path: str | Path,
-    data: str | Path,
+    data: str | Path | None,
     columns: Columns | None = None,
     settings: AuditSettings | None = None,
     output: str | Path | None = None,
@@ -355,7 +356,17 @@ def audit(
                 "--canaries measures secrets planted in a generation task; this task classifies"
             )
         record = read(path)
-    if kind == "generation":
+    golden_rows = None
+    if settings.golden:  # read before the model loads: a bad file costs nothing
+        from multitune.risks.golden import read_golden
+
+        golden_rows = read_golden(settings.golden, kind, columns)
+    if data is None:  # only the golden set
+        if golden_rows is None:
+            raise ConfigError("audit needs data to audit (--data FILE) or a golden set (--golden FILE)")
+        task = load(path, model=model, device=device)
+        report = {"kind": kind, "rows": 0, "attributes": {}, "invariance": {}}
+    elif kind == "generation":
         if settings.group_column:
             raise ConfigError("--group-column measures accuracy per group: a classification task's; drop it")
         rows, examples = load_inputs(data, "generation", columns or Columns())
@@ -401,8 +412,20 @@ def audit(
         from multitune.risks.canaries import measure
 
         report["canaries"] = measure(task, record, settings.canary_samples, settings.batch_size)
+    if golden_rows is not None:
+        from multitune.config import TrainConfig
+        from multitune.risks.golden import score_golden
+
+        scoring = TrainConfig(max_length=task.max_length, eval_batch_size=settings.batch_size)
+        report["golden"] = score_golden(task.bank, task.task, golden_rows, scoring)
     out = Path(output) if output is not None else Path(path) / "audit"
-    report = {"task": task.task, "path": str(path), "data": str(data), "output": str(out), **report}
+    report = {
+        "task": task.task,
+        "path": str(path),
+        "data": None if data is None else str(data),
+        "output": str(out),
+        **report,
+    }
     write_json_atomic(out / "audit.json", report)
     write_bytes_atomic(out / "audit.html", audit_html(report).encode())
     return report

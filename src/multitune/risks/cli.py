@@ -11,7 +11,10 @@ from multitune.errors import ConfigError
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder of 'multitune train', or one task's adapter folder")
-    add_data_file_arguments(parser, "rows to audit (.csv .tsv .json .jsonl .parquet)")
+    add_data_file_arguments(
+        parser, "rows to audit (.csv .tsv .json .jsonl .parquet); optional with only --golden",
+        data_required=False,
+    )  # fmt: skip
     parser.add_argument(
         "--attributes",
         help="comma-separated: gender,nationality,religion,age (default: all, or only --lexicon's pairs)",
@@ -47,6 +50,11 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples", type=int, default=5, help="answers sampled per prompt by --consistency (default: 5)"
     )
     parser.add_argument(
+        "--golden",
+        help="score the task on this golden set (inputs with reference outputs): accuracy, or ROUGE-L, exact "
+        "match and token F1",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the bootstrap and the typos (default: 0)"
     )
 
@@ -61,11 +69,20 @@ def cmd_audit(args: argparse.Namespace) -> None:
         raise ConfigError("--samples and --canary-samples must be at least 1")
     if args.resamples < 1:
         raise ConfigError("--resamples must be at least 1")
+    if args.data is None and args.golden is None:
+        raise ConfigError(
+            "audit needs --data FILE (the rows to audit), or --golden FILE to score a golden set"
+        )
+    if args.data is None and (args.membership or args.canaries or args.consistency or args.group_column):
+        raise ConfigError(
+            "--membership, --canaries, --consistency and --group-column run with an audit of --data FILE; "
+            "pass --data"
+        )
     columns = columns_of(args)
     settings = AuditSettings(
         parse_attributes(args.attributes), args.lexicon, args.language, args.group_column, args.resamples,
         args.seed, args.batch_size, args.membership, args.members, args.non_members,
-        args.canaries, args.canary_samples, args.consistency, args.samples,
+        args.canaries, args.canary_samples, args.consistency, args.samples, args.golden,
     )  # fmt: skip
     report = audit(args.run, args.data, columns, settings, args.output, args.model, device_of(args))
     for name, result in report["attributes"].items():
@@ -88,6 +105,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
         from multitune.risks.consistency import consistency_line
 
         print(consistency_line(report["consistency"]))
+    if "golden" in report:
+        from multitune.risks.golden import golden_line
+
+        print(golden_line(report["golden"]))
     print(f"report: {report['output']}/audit.html (and audit.json)")
 
 

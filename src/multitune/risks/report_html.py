@@ -153,8 +153,25 @@ def _consistency(result: dict[str, Any]) -> str:
     )
 
 
+def _golden(result: dict[str, Any]) -> str:
+    cells = [("metric", result["metric"]), ("score", f"{result['score']:.4f}"), ("rows", str(result["rows"]))]
+    if result["metric"] == "rouge_l":
+        cells += [("exact match", f"{result['exact_match']:.4f}"), ("token F1", f"{result['token_f1']:.4f}")]
+    head = "".join(f"<th>{_e(k)}</th>" for k, _ in cells)
+    body = "".join(f"<td>{_e(v)}</td>" for _, v in cells)
+    return f"<h2>Golden set</h2><table><tr>{head}</tr><tr>{body}</tr></table>"
+
+
 def audit_html(report: dict[str, Any]) -> str:
     """The whole page of an audit (the dict :func:`multitune.risks.audit.audit` writes as JSON)."""
+    golden = _golden(report["golden"]) if "golden" in report else ""
+    if report.get("data") is None:  # audit --golden FILE alone
+        return (
+            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>multitune audit: {_e(report.get('task', ''))}</title><style>{STYLE}</style></head><body>"
+            f"<h1>Audit of task {_e(report.get('task', ''))}</h1>{golden}</body></html>"
+        )
     groups = f"<h2>Metrics per group</h2>{_groups(report['groups'])}" if "groups" in report else ""
     worst = "".join(_worst(n, r["worst"]) for n, r in report["attributes"].items())
     generation = report.get("kind") == "generation"
@@ -173,6 +190,6 @@ def audit_html(report: dict[str, Any]) -> str:
         f"<title>multitune audit: {_e(report.get('task', ''))}</title><style>{STYLE}</style></head><body>"
         f"<h1>Bias audit of task {_e(report.get('task', ''))}</h1><p class='meta'>{report['rows']} rows of "
         f"{_e(report.get('data', ''))}; bootstrap intervals over rows ({report['resamples']} resamples, seed "
-        f"{report['seed']})</p><h2>Counterfactual tests</h2>{table}{invariance}{groups}{membership}"
+        f"{report['seed']})</p><h2>Counterfactual tests</h2>{table}{invariance}{groups}{membership}{golden}"
         f"<h2>Worst examples</h2>{worst or '<p>none</p>'}</body></html>"
     )

@@ -34,6 +34,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     _print_metrics(f"test ({plural(summary['examples']['test'], 'example')}):", summary["test"])
     print(f"adapter: {Path(config.output) / 'adapter'}")
+    if "golden" in summary:
+        from multitune.risks.golden import golden_line
+
+        print(golden_line(summary["golden"]))
     if summary.get("dp"):
         dp = summary["dp"]
         print(

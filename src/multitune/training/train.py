@@ -289,6 +289,21 @@ def _run(
         splits, canaries = plant(
             splits, kind, config.data.canaries, config.data.canary_repeats, config.train.seed
         )
+    golden = None
+    if (
+        config.data.golden is not None
+    ):  # risks/golden.py: read before the base loads, so a bad file costs nothing
+        from multitune.risks.golden import read_golden
+
+        golden = read_golden(config.data.golden, kind, config.data.columns())
+        unknown = (
+            sorted({ex.label or "" for ex in golden} - set(splits.labels)) if kind == "classification" else []
+        )
+        if unknown:
+            raise ConfigError(
+                f"the golden set {config.data.golden} has label(s) {', '.join(unknown[:5])} that the training "
+                f"data does not have ({', '.join(splits.labels[:10])}); fix its labels or drop those rows"
+            )
     privacy.check(config.train, len(splits.train), config.method)  # before the base is loaded
     if config.data.counterfactual_augment and config.train.dp_epsilon is not None:
         raise ConfigError(
@@ -320,6 +335,11 @@ def _run(
         config.train.max_new_tokens,
     )
     stored = sum(p.numel() for p in bank.task_parameters(task).values())  # after folding
+    golden_score = None
+    if golden is not None:
+        from multitune.risks.golden import score_golden
+
+        golden_score = score_golden(bank, task, golden, config.train)
     summary = {
         "command": "train",
         "task": task,
@@ -343,6 +363,7 @@ def _run(
         "problem": result.problem,
         "cause": result.cause,
         **({"dp": result.privacy} if result.privacy is not None else {}),
+        **({"golden": golden_score} if golden_score is not None else {}),
     }
     save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
     save_task_profile(  # the drift monitor's reference (multitune.health.profile)
@@ -360,6 +381,10 @@ def _run(
         from multitune.risks.canaries import FILE as CANARIES
 
         write_json_atomic(out / CANARIES, canaries)
+    if golden is not None:  # every later `multitune update` scores its versions on these rows
+        from multitune.risks.golden import save_golden
+
+        save_golden(out, golden)
     write_json_atomic(out / "result.json", summary)
     if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
