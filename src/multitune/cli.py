@@ -17,6 +17,7 @@ from multitune.errors import MultituneError
 def build_parser() -> argparse.ArgumentParser:
     """Every feature package's commands (its ``cli.commands()``), in the order ``multitune --help`` lists them."""
     from multitune.compare import cli as compare
+    from multitune.compose import cli as compose
     from multitune.health import cli as health
     from multitune.health import feedback_cli as feedback
     from multitune.health import update_cli as update
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="multitune", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (training, compare, serve, health, update, feedback, risks, preference, interop):
+    for module in (training, compare, serve, health, update, feedback, risks, compose, preference, interop):
         for command in module.commands():
             p = subparsers.add_parser(command.name, help=command.help)
             command.add_arguments(p)

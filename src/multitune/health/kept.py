@@ -22,6 +22,7 @@ from multitune.errors import ConfigError
 from multitune.storage import write_bytes_atomic, write_json_atomic
 
 TEST_FILE = "test.jsonl"
+VALIDATION_FILE = "validation.jsonl"  # what `multitune merge --search` chooses on (never the test split)
 SOURCE_FILE = "source.json"  # where the rows came from: the data settings (DataConfig) and the split sizes
 REPLAY_FILE = "replay.jsonl"
 REPLAY_MIN = 500  # rows kept at least (all of a smaller training set) ...
@@ -92,11 +93,12 @@ def keep(
     seed: int,
     replay: bool,
 ) -> None:
-    """Write ``folder/test.jsonl``, ``folder/source.json`` (``data``: the data settings the splits were read with,
+    """Write ``folder/test.jsonl``, ``folder/validation.jsonl``, ``folder/source.json`` (``data``: the data settings the splits were read with,
     and the splits' sizes) and, when ``replay``, ``folder/replay.jsonl`` (a seeded sample of the training rows)."""
     folder.mkdir(parents=True, exist_ok=True)
     train = splits.train
     write_examples(folder / TEST_FILE, splits.test)
+    write_examples(folder / VALIDATION_FILE, splits.validation)
     sizes = {"train": len(train), "validation": len(splits.validation), "test": len(splits.test)}
     write_json_atomic(folder / SOURCE_FILE, {"data": data, "examples": sizes, "labels": splits.labels})
     if replay:

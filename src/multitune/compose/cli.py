@@ -1,0 +1,102 @@
+"""The composition commands (``multitune merge``): flags, entry point and what they print (the work is in
+:mod:`multitune.compose.run`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from multitune.cli_commands import Command, device_of
+from multitune.compose.merge import MERGE_METHODS
+from multitune.errors import ConfigError
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, one per task (got '{text}')") from None
+
+
+def _named_files(values: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for value in values or []:
+        name, sep, file = value.partition("=")
+        if not sep or not name or not file:
+            raise ConfigError(f"{flag} takes NAME=FILE (got '{value}')")
+        out[name] = file
+    return out
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "tasks", nargs="+", help="two or more run or adapter folders of LoRA (or (IA)^3) tasks"
+    )
+    parser.add_argument("--output", required=True, help="the bank to write: one run folder per task")
+    parser.add_argument(
+        "--method", default="ties", choices=MERGE_METHODS,
+        help="cat (exact, rank = sum), linear (PEFT's factor average, equal ranks), svd, ties, dare_linear, "
+        "dare_ties (default: ties)",
+    )  # fmt: skip
+    parser.add_argument("--weights", help="one weight per task, comma-separated (default: 1 each)")
+    parser.add_argument(
+        "--density", type=float, default=0.5,
+        help="ties/dare: the share of each task vector kept, in (0, 1] (default: 0.5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rank", type=int, help="svd/ties/dare: the merged rank (default: the largest task's rank)"
+    )
+    parser.add_argument("--names", help="the merged tasks' names, comma-separated (default: their own)")
+    parser.add_argument(
+        "--search", type=int, default=0, metavar="N",
+        help="choose weights (and density) by N Optuna trials on each task's validation split",
+    )  # fmt: skip
+    parser.add_argument(
+        "--test", action="append", metavar="NAME=FILE",
+        help="score task NAME on FILE instead of its kept test split (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--validation", action="append", metavar="NAME=FILE",
+        help="--search scores task NAME on FILE instead of its kept validation split (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--no-score", action="store_true", help="write the merge without the retention table")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of dare's drops and of --search (default: 0)"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from multitune.compose.merge import MergeSettings
+    from multitune.compose.run import merge_tasks, retention_lines
+
+    if args.search < 0:
+        raise ConfigError(f"--search takes a number of trials, 0 or more (got {args.search})")
+    settings = MergeSettings(
+        args.method, _floats(args.weights, "--weights"), args.density, args.rank, args.seed
+    )
+    names = args.names.split(",") if args.names else None
+    record = merge_tasks(
+        args.tasks, settings, args.output, names, _named_files(args.test, "--test"),
+        _named_files(args.validation, "--validation"), args.search, not args.no_score, device_of(args),
+        args.batch_size,
+    )  # fmt: skip
+    weights = ", ".join(f"{t['name']} {w:g}" for t, w in zip(record["tasks"], record["weights"], strict=True))
+    density = f", density {record['density']:g}" if record["density"] is not None else ""
+    print(f"merged {len(record['tasks'])} tasks with {record['method']} (weights {weights}{density})")
+    for line in retention_lines(record):
+        print(line)
+    print(f"bank: {args.output} (one run folder per task; merge.json)")
+
+
+def commands() -> list[Command]:
+    return [
+        Command(
+            "merge",
+            "merge LoRA or (IA)^3 tasks of one base into one body (cat, linear, svd, ties, dare); retention table",
+            add_merge_arguments,
+            cmd_merge,
+        )
+    ]
