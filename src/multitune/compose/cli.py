@@ -91,6 +91,49 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"bank: {args.output} (one run folder per task; merge.json)")
 
 
+def add_compose_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from", dest="sources", required=True,
+        help="the LoRA tasks to weigh: run or adapter folders, comma-separated",
+    )  # fmt: skip
+    parser.add_argument("--data", required=True, help="the new task's few labelled examples (5-50 rows)")
+    parser.add_argument("--output", required=True, help="the run folder to write")
+    parser.add_argument(
+        "--test-data", help="held-out rows: the composed task and the bare base scored on them"
+    )
+    parser.add_argument("--trials", type=int, default=40, help="Optuna TPE trials (default: 40)")
+    parser.add_argument(
+        "--l1", type=float, default=0.05, help="LoraHub's L1 penalty on the weights (default: 0.05)"
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=4,
+        help="classification: folds of the head's cross-validation (default: 4)",
+    )
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search and the folds (default: 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: auto)")
+    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
+        parser.add_argument(
+            f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
+        )
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from multitune.cli_commands import columns_of
+    from multitune.compose.lorahub import compose, compose_lines
+
+    sources = [s for s in args.sources.split(",") if s]
+    record = compose(
+        sources, args.data, args.output, args.test_data, columns_of(args), args.trials, args.l1, args.folds,
+        args.seed, device_of(args), args.max_length,
+    )  # fmt: skip
+    for line in compose_lines(record):
+        print(line)
+    print(f"run: {args.output} (adapter/, result.json)")
+
+
 def commands() -> list[Command]:
     return [
         Command(
@@ -98,5 +141,11 @@ def commands() -> list[Command]:
             "merge LoRA or (IA)^3 tasks of one base into one body (cat, linear, svd, ties, dare); retention table",
             add_merge_arguments,
             cmd_merge,
-        )
+        ),
+        Command(
+            "compose",
+            "a new task from a few examples as weights of existing LoRA tasks (LoraHub's gradient-free search)",
+            add_compose_arguments,
+            cmd_compose,
+        ),
     ]
