@@ -98,6 +98,8 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
         audit=args.audit,
         audit_attributes=_comma_list(args.audit_attributes) if args.audit_attributes is not None else None,
         audit_language=args.audit_language,
+        merge_with=_comma_list(args.merge_with) if args.merge_with else [],
+        merge_method=args.merge_method,
     )
     return config
 
@@ -261,6 +263,16 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
         "--audit-language",
         default="en",
         help="with --audit: language of the swap lexicons, en or it (default: en)",
+    )
+    p.add_argument(
+        "--merge-with",
+        help="with --methods ...,merged: run or adapter folders of other LoRA tasks of this base (comma-separated) "
+        "that the comparison's LoRA task is merged with; the merged row is judged in the same table",
+    )
+    p.add_argument(
+        "--merge-method",
+        default="ties",
+        help="how --methods merged merges (multitune merge --method; default: ties)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (trial lines are still printed)")
     add_arguments(p, DataConfig, dest_prefix="data.")

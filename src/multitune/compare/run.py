@@ -318,10 +318,14 @@ def _check_output(config: CompareConfig) -> None:
 
 
 def validate(config: CompareConfig) -> None:
-    problems = []
-    unknown = [m for m in config.methods if m not in METHODS]
+    from multitune.compare.merged import MERGED, merged_problems
+
+    problems = merged_problems(config)
+    unknown = [m for m in config.methods if m not in METHODS and m != MERGED]
     if unknown:
-        problems.append(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))}")
+        problems.append(
+            f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))} (and merged)"
+        )
     if not config.methods:
         problems.append("no methods given; pass --methods lora,prompt,...")
     if len(set(config.methods)) != len(config.methods):
@@ -463,8 +467,17 @@ def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any
                 log(_audit_line(kept))
             results.append(kept)
             continue
+        result: dict[str, Any] | None
         try:
-            result = run_method(config, method, splits, log)
+            if method == "merged":  # compare/merged.py: the LoRA row's task merged with --merge-with's
+                from multitune.compare.merged import merged_result
+
+                lora = next((r for r in results if r["method"] == "lora"), None)
+                if lora is None:
+                    raise ConfigError("merged merges the LoRA row's task, and lora did not finish")
+                result = merged_result(config, lora, splits, log)
+            else:
+                result = run_method(config, method, splits, log)
         except MultituneError as error:
             failures[method] = str(error)
             log(f"error: {method}: {' '.join(str(error).split())}")

@@ -48,6 +48,8 @@ class CompareConfig:
     )
     audit_attributes: list[str] | None = None  # None: every built-in attribute
     audit_language: str = "en"
+    merge_with: list[str] = field(default_factory=list)  # --methods ...,merged: the tasks it merges LoRA with
+    merge_method: str = "ties"
 
     @property
     def out(self) -> Path:
