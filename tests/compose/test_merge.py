@@ -212,6 +212,11 @@ def test_merge_writes_a_bank_whose_tasks_keep_their_heads_and_prints_retention(
         set(rows) == {"sent", "topic"} and rows["sent"]["rows"] == 8 and rows["topic"]["metric"] == "accuracy"
     )
     assert rows["sent"]["retention"] == pytest.approx(rows["sent"]["merged"] / rows["sent"]["alone"])
+    low, high = rows["topic"]["change_ci_points"]  # a paired bootstrap of merged - alone per row
+    assert low <= rows["topic"]["change_points"] <= high
+    assert rows["topic"]["change_points"] == pytest.approx(
+        100 * (rows["topic"]["merged"] - rows["topic"]["alone"])
+    )
     merged_topic = load(out / "topic")
     assert merged_topic.labels == load(b).labels  # its own head and labels over the merged body
     assert main(["eval", str(out / "sent")]) == 0  # the kept test split travelled with it

@@ -101,6 +101,18 @@ class Scorer:
             )
             self.bank.load_task_state_dict(name, {**body, **c.head})
 
+    def per_row(self, task: str, i: int, rows: list[Example]) -> list[float]:
+        """Each row's score: 1/0 for a right/wrong label, or the answer's ROUGE-L (the metric is their mean)."""
+        from multitune.metrics import rouge_l_sentence
+        from multitune.training.evaluate import generate_texts, predict_labels
+
+        c = self.tasks[i]
+        if c.meta["task"]["kind"] == "classification":
+            predicted = predict_labels(self.bank, task, rows, _max_length(c), self.batch_size)
+            return [float(p == r.label) for p, r in zip(predicted, rows, strict=True)]
+        answers = generate_texts(self.bank, task, rows, _max_length(c))
+        return [rouge_l_sentence(a, r.response or "") for a, r in zip(answers, rows, strict=True)]
+
     def score(self, task: str, i: int, rows: list[Example], generate: bool = True) -> float:
         from multitune.training.evaluate import evaluate
 
@@ -201,6 +213,7 @@ def merge_tasks(
 ) -> dict[str, Any]:
     """Merge the tasks of ``paths`` into the bank ``output``; returns (and writes as OUT/merge.json) the record,
     with the retention table unless ``score`` is False."""
+    from multitune.metrics import bootstrap_interval
     from multitune.storage import describe_folder, output_lock, write_json_atomic
 
     tasks = read_constituents(paths, names)
@@ -241,10 +254,15 @@ def merge_tasks(
             scorer.set_merged(body, config)
             table = []
             for i, (c, rows) in enumerate(zip(tasks, test_rows, strict=True)):
-                alone, merged = scorer.score(f"c{i}", i, rows), scorer.score(f"m{i}", i, rows)
+                own, mixed = scorer.per_row(f"c{i}", i, rows), scorer.per_row(f"m{i}", i, rows)
+                alone, merged = sum(own) / len(own), sum(mixed) / len(mixed)
+                low, high = bootstrap_interval(
+                    [m - o for m, o in zip(mixed, own, strict=True)], seed=settings.seed
+                )
                 table.append({
                     "task": c.name, "metric": _metric(c.meta["task"]["kind"]), "rows": len(rows),
                     "alone": alone, "merged": merged, "retention": _retention(alone, merged),
+                    "change_points": 100 * (merged - alone), "change_ci_points": [100 * low, 100 * high],
                 })  # fmt: skip
             record["retention"] = table
         write_json_atomic(out / MERGE_RECORD, record)
@@ -255,11 +273,16 @@ def retention_lines(record: dict[str, Any]) -> list[str]:
     """The terminal table of a merge: each task merged vs alone, and the storage."""
     lines = []
     if "retention" in record:
-        lines.append(f"{'task':<20} {'metric':<9} {'rows':>5} {'alone':>7} {'merged':>7} {'retention':>9}")
+        lines.append(
+            f"{'task':<20} {'metric':<9} {'rows':>5} {'alone':>7} {'merged':>7} {'retention':>9}  "
+            "change in points [paired 95% CI]"
+        )
         for row in record["retention"]:
             kept = "n/a" if row["retention"] is None else f"{row['retention']:.1%}"
+            low, high = row["change_ci_points"]
             lines.append(
-                f"{row['task']:<20} {row['metric']:<9} {row['rows']:>5} {row['alone']:>7.4f} {row['merged']:>7.4f} {kept:>9}"
+                f"{row['task']:<20} {row['metric']:<9} {row['rows']:>5} {row['alone']:>7.4f} {row['merged']:>7.4f} "
+                f"{kept:>9}  {row['change_points']:+.2f} [{low:+.2f}, {high:+.2f}]"
             )
     s = record["storage"]
     mib = 1024 * 1024
