@@ -23,10 +23,14 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from multitune.flags import load_run_config
+    from multitune.training.distributed import launched
     from multitune.training.train import run
 
     config = load_run_config(args)
-    summary = run(config, resume=args.resume, progress=not args.quiet)
+    with launched(config, args.resume) as (config, main):  # torchrun: one of N processes (distributed.py)
+        summary = run(config, resume=args.resume, progress=not args.quiet and main)
+        if not main:
+            return
     print(
         f"trained {summary['method']} task '{summary['task']}' on {summary['model']}: "
         f"{plural(summary['trainable_parameters'], 'trainable parameter')}, {plural(summary['steps'], 'step')}, "
@@ -51,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_multi(args: argparse.Namespace) -> None:
+    from multitune.training.distributed import launched
     from multitune.training.multitask import load_multi_config, run_multitask
 
     overrides = {
@@ -59,7 +64,10 @@ def cmd_train_multi(args: argparse.Namespace) -> None:
         if k in ("model", "output", "sampling", "temperature") or k.startswith("train.")
     }
     config = load_multi_config(args.config, overrides)
-    summary = run_multitask(config, progress=not args.quiet, resume=args.resume)
+    with launched(config, args.resume) as (config, main):  # torchrun: one of N processes (distributed.py)
+        summary = run_multitask(config, progress=not args.quiet and main, resume=args.resume)
+        if not main:
+            return
     print(
         f"trained {len(summary['tasks'])} tasks together on {summary['model']} ({summary['sampling']} sampling)"
     )

@@ -37,6 +37,7 @@ from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.methods import get_method
 from multitune.storage import atomic_dir
+from multitune.training import distributed
 from multitune.training.checkpointing import checkpointed
 
 CHECKPOINT = "checkpoint"
@@ -407,6 +408,9 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
     )  # device placement, autocast (bf16 where supported), backward
     model = accelerator.prepare_model(bank)
     batches, loop = objective.batches, run.loop
+    rank, world = distributed.active()  # torchrun / accelerate launch: this process's share of each step
+    reduced = [p for group in run.groups for p in group]
+    loss = torch.tensor(float("nan"))
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     saver = checkpointed(bank, config.gradient_checkpointing)  # --gradient-checkpointing: blocks recomputed
     with (
@@ -431,20 +435,29 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
                 sums: dict[str, float] = {}
                 while loop["batch"] < count:
                     active = [not run.state[t].frozen for t in run.tasks]
-                    batch = batches.get(loop["epoch"], loop["batch"], active)
-                    if objective.gradients is not None:  # the objective sets .grad (DP-SGD)
+                    batch = batches.get(loop["epoch"], loop["batch"], active)  # every process draws (a source
+                    # may keep state): each computes only its own micro-batches (training/distributed.py)
+                    if world > 1 and (loop["batch"] % config.grad_accum) % world != rank:
+                        loop["batch"] += 1
+                    elif objective.gradients is not None:  # the objective sets .grad (DP-SGD)
                         with accelerator.autocast():
                             stats = objective.gradients(batch)
                         loss = torch.tensor(stats.get("loss", float("nan")))
+                        loop["batch"] += 1
+                        for name, value in stats.items():
+                            sums[name] = sums.get(name, 0.0) + value
                     else:
                         with accelerator.autocast():
                             loss, stats = objective.loss(batch)
                         accelerator.backward(loss / config.grad_accum)
-                    loop["batch"] += 1
-                    for name, value in stats.items():
-                        sums[name] = sums.get(name, 0.0) + value
+                        loop["batch"] += 1
+                        for name, value in stats.items():
+                            sums[name] = sums.get(name, 0.0) + value
                     if loop["batch"] % config.grad_accum and loop["batch"] < count:
                         continue
+                    if world > 1:  # every process's gradients and statistics summed: one update everywhere
+                        sums = distributed.all_reduce_gradients(reduced, sums)
+                        loss = torch.tensor(sums.get("loss", float("nan")))
                     if (
                         config.max_grad_norm > 0 and objective.gradients is None
                     ):  # per task: one task's large gradient does not shrink another's
