@@ -405,8 +405,24 @@ class MultiTaskModel(nn.Module):
         ``logits_to_keep``, ``output_hidden_states``). The output's per-position tensors include the
         ``width`` virtual positions before the text.
         """
+        packed = model_kwargs.pop("position_ids", None)  # a packed row (encode.pack): its own positions
         with self.routed(task_ids):
             inputs, width = self.model_inputs(input_ids, attention_mask, task_ids)
+            if packed is not None:
+                if self.base.arch != "decoder":
+                    raise ConfigError(
+                        "--packing packs a decoder's examples in one row; an encoder-decoder's targets are its "
+                        "decoder's own rows: drop --packing"
+                    )
+                if width or "cache" in inputs:
+                    raise ConfigError(
+                        "--packing puts several examples in one row, but this task's method adds virtual "
+                        "positions to every example (prompt or prefix tuning); drop --packing"
+                    )
+                # the model masks by segment: transformers reads packed sequences from restarting position ids
+                # when there is neither a 2D mask nor a cache (so none may be made: use_cache off)
+                inputs["position_ids"], inputs["attention_mask"] = packed, None
+                model_kwargs["use_cache"] = False
             prefix_mask = inputs.pop("_prefix_mask", None)
             if (
                 prefix_mask is not None
@@ -546,7 +562,15 @@ class MultiTaskModel(nn.Module):
                 decoder_length=labels.shape[1],
             ).out.logits
             return logits, labels
-        routed = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+        if "position_ids" in batch:  # a packed row (encode.pack)
+            routed = self.run(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["task_ids"],
+                position_ids=batch["position_ids"],
+            )
+        else:
+            routed = self.run(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
         return routed.out.logits[:, routed.width : -1], labels[:, 1:]
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,6 +181,13 @@ class TrainConfig:
             "activations: less memory for about one more forward per step"
         },
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "generation on a decoder: each training batch's examples end to end in one row, position ids "
+            "restarting per example and attention kept within it (no padding computed); not with prompt/prefix"
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "generation: tokens to generate in evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
@@ -288,6 +295,11 @@ def validate(config: RunConfig) -> None:
     if device:
         problems.append(device)
     problems += quantize_problems(t.quantize, config.method)
+    if t.packing and (config.kind != "generation" or config.method in ("prompt", "prefix", "prompting")):
+        problems.append(
+            "--packing packs generation examples end to end in a row: it needs --kind generation and a method "
+            "that adds no virtual positions (not prompt, prefix or prompting)"
+        )
     d = config.data
     if len(d.split) != 3 or any(r < 0 for r in d.split) or abs(sum(d.split) - 1) > 1e-6:
         problems.append(

@@ -107,5 +107,32 @@ def collate(
     return batch
 
 
+def pack(features: Sequence[dict[str, Any]], task_slot: int) -> dict[str, torch.Tensor]:
+    """Every example of a generation batch end to end in one row (``--packing``: TRL's padding-free packing).
+
+    ``position_ids`` restart at 0 with each example, which is how transformers' masks tell packed sequences
+    apart (``masking_utils.find_packed_sequence_indices``, used when no 2D attention mask is given): each token
+    attends only to the earlier tokens of its own example, at the positions it has alone. The first token of
+    each example is never a target (the token before it belongs to another example), as in the unpacked batch,
+    where it is a prompt token. No padding: the row is as long as its examples together.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for f in features:
+        target = list(f["labels"])
+        target[0] = IGNORE
+        ids += f["input_ids"]
+        labels += target
+        positions += range(len(f["input_ids"]))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "task_ids": torch.tensor([task_slot], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

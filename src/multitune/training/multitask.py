@@ -47,7 +47,7 @@ import yaml
 from multitune.bank import MultiTaskModel
 from multitune.config import DataConfig, RunConfig, TrainConfig, settings_dict, validate
 from multitune.data import Example, task_kind
-from multitune.encode import collate, encode_task, to_device
+from multitune.encode import collate, encode_task, pack, to_device
 from multitune.errors import ConfigError
 from multitune.flags import read_yaml_mapping, settings_from_mapping, settings_parser, split_settings
 from multitune.health import kept
@@ -111,12 +111,18 @@ class RowSampler:
 
 # ---- the loss of a mixed batch ------------------------------------------------------------------------
 def mixed_loss(
-    bank: MultiTaskModel, features: Sequence[dict[str, Any]], slots: Sequence[int], reduction: str = "mean"
+    bank: MultiTaskModel,
+    features: Sequence[dict[str, Any]],
+    slots: Sequence[int],
+    reduction: str = "mean",
+    packing: bool = False,
 ) -> torch.Tensor:
     """The loss of rows of any tasks and kinds (``slots[i]`` is row i's slot in ``bank.slots``).
 
     ``mean``: classification CEs summed, plus the generation rows' token-mean NLL times their number,
     over the batch size. ``sum``: the sum of every classification row's CE and every target token's NLL.
+    ``packing``: each generation task's rows end to end in one row (:func:`multitune.encode.pack`), a forward
+    per task.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction}")
@@ -132,7 +138,15 @@ def mixed_loss(
         )
         logits = bank.classify(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
         total = total + F.cross_entropy(logits.float(), batch["class_labels"], reduction="sum")
-    if generated:
+    if generated and packing:
+        nll, count = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+        for slot in sorted({slots[i] for i in generated}):
+            part = bank.lm_loss(
+                to_device(pack([features[i] for i in generated if slots[i] == slot], slot), device)
+            )
+            nll, count = nll + part[0], count + part[1]
+        total = total + (nll if reduction == "sum" else nll / count.clamp(min=1) * len(generated))
+    elif generated:
         batch = to_device(
             collate([features[i] for i in generated], pad_id, [slots[i] for i in generated]), device
         )
@@ -283,7 +297,9 @@ def train_multitask(
     micro = epoch_steps(config, sum(len(f) for f in features)) * config.grad_accum  # an epoch of the mixture
 
     def loss(rows: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, float]]:
-        value = mixed_loss(bank, [features[t][i] for t, i in rows], [slots[t] for t, _ in rows])
+        value = mixed_loss(
+            bank, [features[t][i] for t, i in rows], [slots[t] for t, _ in rows], packing=config.packing
+        )
         return value, {"loss": float(value.detach())}
 
     objective = Objective(

@@ -21,7 +21,7 @@ import torch
 from multitune.bank import MultiTaskModel
 from multitune.config import RunConfig, TrainConfig, to_yaml
 from multitune.data import Example, task_kind
-from multitune.encode import collate, encode_task, to_device
+from multitune.encode import collate, encode_task, pack, to_device
 from multitune.errors import ConfigError
 from multitune.health import kept
 from multitune.health.profile import save_task_profile
@@ -86,8 +86,12 @@ def train(
     if not features:
         raise ConfigError(f"task '{task}' has no training examples; give it some data")
 
+    def batch_of(rows: list[int]) -> dict[str, torch.Tensor]:
+        chosen = [features[i] for i in rows]
+        return pack(chosen, slot) if config.packing else collate(chosen, pad_id, slot)  # encode.pack
+
     def loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        value = bank(to_device(collate([features[i] for i in rows], pad_id, slot), bank.base.device))
+        value = bank(to_device(batch_of(rows), bank.base.device))
         stats = {"loss": float(value.detach())}
         if penalty is not None:
             extra = penalty()
