@@ -63,7 +63,9 @@ def _write_inputs(folder: Path, encoder: str) -> None:
         "text,label\n"
         + "".join(f"{e.text},{'food' if 'food' in e.text else 'other'}\n" for e in toy_sentiment(40, seed=3))
     )
-    few = toy_sentiment(16, seed=5) + toy_sentiment(30, seed=6)  # compose's few examples and its held-out rows
+    few = toy_sentiment(16, seed=5) + toy_sentiment(
+        30, seed=6
+    )  # compose's few examples and its held-out rows
     for name, rows in (("few.csv", few[:16]), ("held-out.csv", few[16:])):
         (folder / name).write_text("text,label\n" + "".join(f"{e.text},{e.label}\n" for e in rows))
     (folder / "answers.jsonl").write_text(
