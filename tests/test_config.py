@@ -315,7 +315,14 @@ def test_every_method_setting_has_help_text() -> None:
     for cls in [DataConfig, TrainConfig, *(m.config_class for m in METHODS.values())]:
         internal = {f.name for f in dataclasses.fields(cls)} - {f.name for f in setting_fields(cls)}
         assert internal <= {"pool"}, (cls.__name__, internal)  # prompting's pool: written by fit, not a flag
-    assert {f.name for f in setting_fields(RunConfig)} == {"model", "task", "kind", "method", "output"}
+    assert {f.name for f in setting_fields(RunConfig)} == {
+        "model",
+        "task",
+        "kind",
+        "domain_objective",
+        "method",
+        "output",
+    }
 
 
 def test_an_empty_section_sets_nothing_and_a_dict_setting_stays_a_dict(tmp_path) -> None:

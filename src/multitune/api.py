@@ -51,6 +51,12 @@ class TrainedTask:
         self.bank, self.task, self.max_length = bank, task, max_length
         self.spec = bank.tasks[task]
 
+    def _labelled(self, what: str) -> None:
+        if self.spec.kind == "domain":  # loadable (to build on), but nothing to predict or score
+            from multitune.domain import refusal
+
+            raise ConfigError(refusal(self.task, self.spec.objective, what))
+
     @property
     def labels(self) -> list[str]:
         return self.spec.labels
@@ -59,6 +65,7 @@ class TrainedTask:
         self, items: Sequence[str | Example], batch_size: int = 64, **generate_kwargs: Any
     ) -> list[str]:
         """Labels for classification; generated text for generation."""
+        self._labelled("predict")
         examples = _examples(items)
         if self.spec.kind == "classification":
             return predict_labels(self.bank, self.task, examples, self.max_length, batch_size)
@@ -72,6 +79,7 @@ class TrainedTask:
         )
 
     def predict_proba(self, items: Sequence[str | Example], batch_size: int = 64) -> torch.Tensor:
+        self._labelled("predict_proba")
         if self.spec.kind != "classification":
             raise ConfigError(
                 f"task '{self.task}' is a generation task; probabilities are for classification"
@@ -79,6 +87,7 @@ class TrainedTask:
         return predict_proba(self.bank, self.task, _examples(items), self.max_length, batch_size)
 
     def evaluate(self, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
+        self._labelled("evaluate")
         return evaluate(self.bank, self.task, examples, self.max_length, batch_size)
 
 

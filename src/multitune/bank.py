@@ -32,7 +32,7 @@ from multitune.routing import Routing
 if TYPE_CHECKING:
     from transformers import GenerationMixin
 
-TaskKind = Literal["classification", "generation"]
+TaskKind = Literal["classification", "generation", "domain"]  # domain: self-supervised on raw text
 Pooling = Literal["mean", "cls", "last"]
 M = TypeVar("M", bound=nn.Module)
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -48,6 +48,7 @@ class TaskSpec:
     config: dict[str, Any]  # the method config's fields
     labels: list[str] = field(default_factory=list)  # classification label set, in head order
     pooling: Pooling | None = None  # classification: how a sequence becomes one vector
+    objective: str | None = None  # domain: clm, mlm or simcse (multitune.domain)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,8 +130,10 @@ class MultiTaskModel(nn.Module):
         config: Any = None,
         labels: list[str] | None = None,
         pooling: Pooling | None = None,
+        objective: str | None = None,
     ) -> TaskSpec:
-        """Attach a new task's parameters (and its head, for classification); other tasks are untouched."""
+        """Attach a new task's parameters (and its head, for classification; a masked-LM head for a domain
+        task with objective mlm, :mod:`multitune.domain`); other tasks are untouched."""
         if not _TASK_NAME.match(name):
             raise ConfigError(
                 f"task name '{name}' must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
@@ -154,6 +157,18 @@ class MultiTaskModel(nn.Module):
                 f"generation needs a causal LM or a seq2seq model; {self.base.source} is an encoder. "
                 "Use a decoder such as smollm2-135m, or a classification task"
             )
+        if kind == "domain":
+            from multitune import domain
+
+            objective = domain.objective_for(self.base, objective)
+            if spec_method.fit is not None:
+                raise ConfigError(
+                    f"{method} has no parameters to train on raw text; choose a method that trains"
+                )
+        elif objective is not None:
+            raise ConfigError(
+                f"a domain objective ({objective}) is for --kind domain, not a {kind} task; drop it"
+            )
         spec = TaskSpec(
             name,
             kind,
@@ -161,6 +176,7 @@ class MultiTaskModel(nn.Module):
             asdict(config),
             list(labels or []),
             (pooling or default_pooling(self.base)) if kind == "classification" else None,
+            objective,
         )
         self._owned[name] = {}
         self.tasks[name] = spec  # before attach: a method may read the task's labels (prompt init)
@@ -174,6 +190,12 @@ class MultiTaskModel(nn.Module):
             head = nn.Linear(self.base.hidden_size, len(labels or []), device=self.base.device)
             self.heads[name] = head
             for key, param in head.named_parameters():
+                self.own(name, f"head.{key}", param)
+        if objective == "mlm":  # a head over the frozen input embeddings (multitune.domain.MLMHead)
+            from multitune.domain import mlm_head
+
+            self.heads[name] = mlm_head(self.base)
+            for key, param in self.heads[name].named_parameters():
                 self.own(name, f"head.{key}", param)
         self.routing.slots.append(name)
         self.routing.version += 1
@@ -574,7 +596,12 @@ class MultiTaskModel(nn.Module):
         return routed.out.logits[:, routed.width : -1], labels[:, 1:]
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch."""
+        """Summed token NLL and token count over the target tokens (labels != -100) of a generation batch;
+        on an encoder, of a masked-LM batch (each row through its task's MLM head: multitune.domain)."""
+        if self.base.arch == "encoder":
+            from multitune.domain import masked_lm_loss
+
+            return masked_lm_loss(self, batch)
         logits, labels = self.target_logits(batch)
         nll = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from multitune.data import Columns, Splits, TaskKind, prepare_splits
+from multitune.data import KINDS, Columns, Splits, TaskKind, prepare_splits
 from multitune.errors import ConfigError
 from multitune.methods import METHODS
 
@@ -29,7 +29,8 @@ DEVICE_HELP = "where to run: cpu, cuda (or cuda:N) or auto, which takes cuda whe
 @dataclass
 class DataConfig:
     data: str | None = field(
-        default=None, metadata={"help": "training data file (.csv .tsv .json .jsonl .parquet)"}
+        default=None,
+        metadata={"help": "training data file (.csv .tsv .json .jsonl .parquet; .txt for --kind domain)"},
     )
     validation_data: str | None = field(
         default=None, metadata={"help": "validation file (default: split from --data)"}
@@ -226,7 +227,20 @@ class RunConfig:
         default=None,
         metadata={"help": "task name: letters, digits, _ and - (default: the --output folder's name)"},
     )
-    kind: str = field(default="classification", metadata={"help": "classification or generation"})
+    kind: str = field(
+        default="classification",
+        metadata={
+            "help": "classification, generation, or domain: self-supervised on raw text (a .txt of one document "
+            "per line, or a table's text column) to adapt the base to a domain before a labelled task"
+        },
+    )
+    domain_objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "--kind domain: clm (decoders: next-token loss), mlm (encoders: BERT's masked LM) or simcse "
+            "(encoders: unsupervised SimCSE); default: clm on a decoder, mlm on an encoder"
+        },
+    )
     method: str = field(default="lora", metadata={"help": "adaptation method: " + ", ".join(sorted(METHODS))})
     output: str = field(
         default="runs/run", metadata={"help": "run folder: config, metrics, checkpoints, adapter"}
@@ -271,8 +285,7 @@ def validate(config: RunConfig) -> None:
         problems.append(f"unknown method '{config.method}'; choose one of: {', '.join(sorted(METHODS))}")
     else:
         problems += config.method_config().validate()
-    if config.kind not in ("classification", "generation"):
-        problems.append(f"kind must be classification or generation (got '{config.kind}')")
+    problems += kind_problems(config.kind, config.domain_objective)
     if not TASK_NAME.fullmatch(config.task or ""):
         problems.append(
             f"task name '{config.task}' must be letters, digits, _ and - (at most 64, starting with a "
@@ -295,10 +308,14 @@ def validate(config: RunConfig) -> None:
     if device:
         problems.append(device)
     problems += quantize_problems(t.quantize, config.method)
-    if t.packing and (config.kind != "generation" or config.method in ("prompt", "prefix", "prompting")):
+    if t.packing and (
+        config.kind not in ("generation", "domain")
+        or config.domain_objective not in (None, "clm")
+        or config.method in ("prompt", "prefix", "prompting")
+    ):
         problems.append(
-            "--packing packs generation examples end to end in a row: it needs --kind generation and a method "
-            "that adds no virtual positions (not prompt, prefix or prompting)"
+            "--packing packs generation examples end to end in a row: it needs --kind generation (or domain on a "
+            "decoder) and a method that adds no virtual positions (not prompt, prefix or prompting)"
         )
     d = config.data
     if len(d.split) != 3 or any(r < 0 for r in d.split) or abs(sum(d.split) - 1) > 1e-6:
@@ -308,6 +325,18 @@ def validate(config: RunConfig) -> None:
         )
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def kind_problems(kind: str, objective: str | None) -> list[str]:
+    """What is wrong with ``--kind`` and ``--domain-objective`` (whether the objective fits the base is
+    :func:`multitune.domain.objective_for`'s to say, once the base is loaded)."""
+    if kind not in KINDS:
+        return [f"kind must be classification, generation or domain (got '{kind}')"]
+    if objective is not None and kind != "domain":
+        return [f"--domain-objective is for --kind domain (this task is {kind}); drop it"]
+    if objective not in (None, "clm", "mlm", "simcse"):
+        return [f"domain_objective must be clm, mlm or simcse (got '{objective}'); fix --domain-objective"]
+    return []
 
 
 def quantize_problems(quantize: str | None, method: str) -> list[str]:

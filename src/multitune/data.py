@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Literal, cast
 
 from multitune.errors import ConfigError, DataError
-from multitune.tables import json_type, read_table, shown
+from multitune.tables import json_type, read_lines, read_table, shown
 
-TaskKind = Literal["classification", "generation"]
+TaskKind = Literal["classification", "generation", "domain"]  # domain: raw text, self-supervised (domain.py)
 
 
 # Common column names, best first: auto-detection takes the first name present (case-insensitive).
@@ -48,14 +48,17 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
 ROLES: dict[str, tuple[str, ...]] = {  # the roles each kind reads, required ones first
     "classification": ("text", "label", "text_pair"),
     "generation": ("prompt", "response", "input"),
+    "domain": ("text",),
 }
-REQUIRED = {"classification": ("text", "label"), "generation": ("prompt", "response")}
+REQUIRED = {"classification": ("text", "label"), "generation": ("prompt", "response"), "domain": ("text",)}
+KINDS = tuple(REQUIRED)
+TEXT_FILE = ".txt"  # one document per line: read by --kind domain alone
 
 
 def task_kind(kind: str) -> TaskKind:
     """``kind`` checked to be a :data:`TaskKind` (settings, flags and adapter files give a plain string)."""
     if kind not in REQUIRED:
-        raise ConfigError(f"task kind '{kind}' is unknown; use 'classification' or 'generation'")
+        raise ConfigError(f"task kind '{kind}' is unknown; use 'classification', 'generation' or 'domain'")
     return cast(TaskKind, kind)
 
 
@@ -107,7 +110,7 @@ def load_examples(
     """
     task_kind(kind)  # (a caller without type checking may pass any string)
     path = Path(path)
-    rows = read_table(path)
+    rows = _rows(path, kind)
     found = list(dict.fromkeys(k for row in rows for k in row))  # union of keys, first-seen order
     mapping = _resolve_columns(path, kind, columns, found)
     values = {
@@ -134,7 +137,21 @@ def load_examples(
     return [_example(kind, values, i) for i in keep]
 
 
+def _rows(path: Path, kind: str) -> list[dict[str, object]]:
+    """The file's rows; a .txt file (domain tasks only) is one row per non-blank line, in a column 'text'."""
+    if path.suffix.lower() != TEXT_FILE:
+        return read_table(path)
+    if kind != "domain":
+        raise DataError(
+            f"{path} is plain text (one document per line), which only --kind domain reads; a {kind} task needs "
+            "a table (.csv .tsv .json .jsonl .parquet) with its columns"
+        )
+    return [{"text": line} for line in read_lines(path)]
+
+
 def _example(kind: str, values: dict[str, list[str]], i: int) -> Example:
+    if kind == "domain":
+        return Example(text=values["text"][i])
     if kind == "classification":
         pair = values["text_pair"][i] if "text_pair" in values else None
         label = values["label"][i].strip() if "label" in values else None
@@ -146,7 +163,7 @@ def _example(kind: str, values: dict[str, list[str]], i: int) -> Example:
     return Example(text=prompt, response=values["response"][i] if "response" in values else None)
 
 
-INPUTS = {"classification": ("text",), "generation": ("prompt",)}
+INPUTS = {"classification": ("text",), "generation": ("prompt",), "domain": ("text",)}
 
 
 def load_inputs(
@@ -158,7 +175,7 @@ def load_inputs(
     """
     task_kind(kind)  # (a caller without type checking may pass any string)
     path = Path(path)
-    rows = read_table(path)
+    rows = _rows(path, kind)
     found = list(dict.fromkeys(k for row in rows for k in row))
     mapping = _resolve_columns(path, kind, columns, found, required=INPUTS[kind])
     values = {
@@ -180,9 +197,15 @@ def _resolve_columns(
 ) -> dict[str, str]:
     """Role -> actual column name; reports every missing column at once, each with its flag."""
     required = REQUIRED[kind] if required is None else required
-    other = "generation" if kind == "classification" else "classification"
-    wrong = [_flag(r) for r in ROLES[other] if getattr(columns, r) is not None]
+    every_role = dict.fromkeys(r for k in KINDS for r in ROLES[k])  # in ROLES' order
+    wrong = [_flag(r) for r in every_role if r not in ROLES[kind] and getattr(columns, r) is not None]
+    if wrong and kind == "domain":  # refused, not ignored: whoever names a label column expects it to be used
+        raise ConfigError(
+            f"{', '.join(wrong)}: --kind domain learns from the text alone (self-supervised) and reads no labels, "
+            "prompts or responses; drop them, or train a classification or generation task to use them"
+        )
     if wrong:
+        other = "generation" if kind == "classification" else "classification"
         raise ConfigError(
             f"{', '.join(wrong)} apply to {other} tasks but this task is {kind}; "
             "drop them or change the task kind"

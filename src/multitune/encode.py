@@ -1,6 +1,7 @@
 """Examples to token ids, and token ids to padded batches.
 
-Classification rows become ``input_ids`` plus a class index. Generation rows on a causal LM become the
+Classification rows become ``input_ids`` plus a class index; domain rows (raw text) their token ids, with
+targets as :mod:`multitune.domain` makes them. Generation rows on a causal LM become the
 prompt (through the tokenizer's chat template when it has one) followed by the response and EOS, with
 the loss on response tokens only (``labels`` is -100 over the prompt). On a seq2seq model the prompt is
 the encoder input and the response the decoder target.
@@ -39,6 +40,10 @@ def encode_example(
 ) -> dict[str, Any]:
     """One example as token ids; ``with_target=False`` gives the generation prompt alone (for generate)."""
     tokenizer = base.tokenizer
+    if spec.kind == "domain":  # raw text (multitune.domain): the document's ids, targets made per objective
+        from multitune.domain import encode
+
+        return encode(base, spec.objective or "", example.text, max_length)
     if spec.kind == "classification":
         if example.text_pair is not None and base.arch == "decoder":
             texts: tuple[Any, ...] = (example.text + "\n" + example.text_pair,)

@@ -341,7 +341,8 @@ def save_adapter(
 
 
 # ---- reading an adapter document: every field checked, nothing of the file echoed --------------------------
-KINDS = ("classification", "generation")
+KINDS = ("classification", "generation", "domain")
+OBJECTIVES = ("clm", "mlm", "simcse")  # a domain task's (multitune.domain)
 POOLINGS = ("mean", "cls", "last")
 
 
@@ -412,6 +413,12 @@ def adapter_problems(meta: Any) -> list[str]:
             and all(isinstance(x, str) for x in task.get("labels", [])),
         ),
         ("pooling", task.get("pooling") is None or task.get("pooling") in POOLINGS),
+        (
+            "objective",
+            task.get("objective") in OBJECTIVES
+            if task.get("kind") == "domain"
+            else task.get("objective") is None,
+        ),
     ):
         if not ok:
             wanted = {
@@ -419,6 +426,7 @@ def adapter_problems(meta: Any) -> list[str]:
                 "method": f"one of {', '.join(sorted(METHODS))}",
                 "labels": "a list of strings",
                 "pooling": f"one of {', '.join(POOLINGS)} or null",
+                "objective": f"one of {', '.join(OBJECTIVES)} for a domain task, else null",
             }
             what = "missing" if key not in task else f"not {wanted.get(key, 'a non-empty string')}"
             problems.append(f"field 'task.{key}' is {what}")
@@ -522,6 +530,7 @@ def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = No
         config,
         task.get("labels", []),
         task.get("pooling"),
+        task.get("objective"),
     )
     try:
         bank.load_task_state_dict(spec.name, state)

@@ -38,15 +38,7 @@ def read_table(path: str | Path) -> list[dict[str, object]]:
             f"{path} has an unsupported extension '{path.suffix}'; use one of {SUPPORTED} "
             "(export spreadsheets as .csv)"
         )
-    if not path.exists():
-        raise DataError(f"{path} does not exist; check the path")
-    if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in FORMATS)
-        hint = f" (data files inside: {shown(inside)})" if inside else ""
-        raise DataError(f"{path} is a directory, not a data file; pass one file{hint}")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path} is empty; it needs at least one row of data")
+    raw = _read_bytes(path, "it needs at least one row of data")
     if fmt == "parquet":
         return _read_parquet(path, raw)
     text = _decode(path, raw, fmt)
@@ -54,6 +46,27 @@ def read_table(path: str | Path) -> list[dict[str, object]]:
     if not rows:
         raise DataError(f"{path} is empty (no data rows); it needs at least one row of data")
     return rows
+
+
+def _read_bytes(path: Path, empty_fix: str) -> bytes:
+    """The file's bytes; a missing path, a directory or an empty file is one line with ``empty_fix``."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (*FORMATS, ".txt"))
+        hint = f" (data files inside: {shown(inside)})" if inside else ""
+        raise DataError(f"{path} is a directory, not a data file; pass one file{hint}")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty; {empty_fix}")
+    return raw
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """A plain-text file's non-blank lines, as written (one document per line: ``--kind domain``)."""
+    path = Path(path)
+    text = _decode(path, _read_bytes(path, "write one document per line"), "txt")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _decode(path: Path, raw: bytes, fmt: str) -> str:

@@ -308,9 +308,10 @@ def save_task_profile(
 ) -> Profile | None:
     """Build and save the profile of a task that has just been trained: on its validation split (the rows
     the calibration must not have seen being trained on), else on its training split; at most
-    REFERENCE_ROWS of them, a seeded sample. None (nothing written) when there is no data at all."""
+    REFERENCE_ROWS of them, a seeded sample. None (nothing written) when there is no data at all, or for a
+    domain task (multitune.domain), which answers no requests to watch."""
     examples = list(validation) or list(train)
-    if not examples:
+    if not examples or bank.spec(task).kind == "domain":
         return None
     if len(examples) > REFERENCE_ROWS:
         keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:REFERENCE_ROWS]

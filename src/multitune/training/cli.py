@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"{summary['train_seconds']:.1f} s"
     )
     _print_metrics(f"test ({plural(summary['examples']['test'], 'example')}):", summary["test"])
+    if "test_before" in summary:  # a domain task: the bare base and the adapted one on the same held-out text
+        print(domain_line(summary))
     print(f"adapter: {Path(config.output) / 'adapter'}")
     if "golden" in summary:
         from multitune.risks.golden import golden_line
@@ -52,6 +54,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
     if summary.get("problem"):  # last: what a user reads first after a run
         print(f"warning: {summary['problem']}")
+
+
+def domain_line(summary: dict) -> str:
+    """One line: a domain task's held-out score before (the bare base) and after adaptation."""
+    before, after = summary["test_before"], summary["test"]
+    if not after:
+        return "domain: no held-out text (the test split is empty), so nothing to compare"
+    metric = "perplexity" if "perplexity" in after else "loss"
+    what = {"clm": "next-token", "mlm": "masked-LM", "simcse": "SimCSE"}[summary["objective"]]
+    return (
+        f"domain ({what}): held-out {metric} {before[metric]:.4g} (bare base) -> {after[metric]:.4g} (adapted), "
+        f"loss {before['loss']:.4f} -> {after['loss']:.4f} on {plural(summary['examples']['test'], 'document')}"
+    )
 
 
 def cmd_train_multi(args: argparse.Namespace) -> None:
@@ -128,6 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if is_ensemble(args.run):
         return _eval_ensemble(args)
+    _refuse_domain(args.run, "eval")
     task = load(args.run, model=args.model, device=device_of(args))
     examples, where = _examples_to_score(args, task.spec.kind)
     unseen = sorted({ex.label for ex in examples if ex.label is not None} - set(task.labels))
@@ -142,9 +158,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from multitune.api import adapter_folder, load
+    from multitune.api import load
     from multitune.data import load_inputs
-    from multitune.storage import read_adapter_config
     from multitune.tables import write_table
     from multitune.training.ensemble import ensemble_predictions, is_ensemble, load_ensemble
 
@@ -161,7 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             f"to {args.output}"
         )
         return
-    kind = read_adapter_config(adapter_folder(args.run))["task"]["kind"]
+    kind = _refuse_domain(args.run, "predict")
     rows, examples = load_inputs(args.input, kind, columns_of(args))  # the user's file first: it fails fast
     task = load(args.run, model=args.model, device=device_of(args))
     if task.spec.kind == "classification":
@@ -175,6 +190,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
             row["prediction"] = text
     write_table(args.output, rows)
     print(f"wrote {plural(len(rows), 'prediction')} to {args.output}")
+
+
+def _refuse_domain(run: str, command: str) -> TaskKind:
+    """The kind of the task in ``run``; a domain task is refused: it has nothing to score or predict."""
+    from multitune.api import adapter_folder
+    from multitune.data import task_kind
+    from multitune.domain import refusal
+    from multitune.storage import read_adapter_config
+
+    task = read_adapter_config(adapter_folder(run))["task"]
+    if task["kind"] == "domain":
+        raise ConfigError(refusal(task["name"], task.get("objective"), command))
+    return task_kind(task["kind"])
 
 
 def _add_io(parser: argparse.ArgumentParser) -> None:

@@ -130,7 +130,8 @@ def evaluate(
     generate: bool = True,
     spread: bool = False,
 ) -> dict[str, float]:
-    """The task's metrics on labelled examples: accuracy and macro-F1, or loss, perplexity, EM and ROUGE-L.
+    """The task's metrics on labelled examples: accuracy and macro-F1, or loss, perplexity, EM and ROUGE-L (a
+    domain task: the loss and perplexity of its objective on raw text, :func:`multitune.domain.scores`).
 
     ``generate=False`` skips the (slow) generation metrics: what early stopping uses for generation tasks.
     ``spread``: classification scores also count the distinct labels predicted (``predicted_labels``: 1 is a
@@ -139,6 +140,10 @@ def evaluate(
     spec: TaskSpec = bank.tasks[task]
     if not examples:
         return {}
+    if spec.kind == "domain":  # held-out loss (and perplexity) of its self-supervised objective
+        from multitune.domain import scores as domain_scores
+
+        return domain_scores(bank, task, examples, max_length, batch_size)
     if spec.kind == "classification":
         probs = predict_proba(bank, task, examples, max_length, batch_size)
         scores, predictions = scores_of_probabilities(probs, examples, spec.labels)

@@ -390,6 +390,11 @@ def _task_config(
         )
     lr = entry.pop("learning_rate", None)
     kind = entry.pop("kind", "classification")
+    if kind == "domain":  # its masks and objectives are single-task batches (training/train.py)
+        raise ConfigError(
+            f"task '{name}': train-multi does not train domain tasks (raw text); train it alone with "
+            "'multitune train --kind domain'"
+        )
     schema = settings_parser([(DataConfig, "data.")], [method])
     values = split_settings(
         settings_from_mapping(entry, schema, f"task '{name}' of {where}", known=TASK_KEYS)

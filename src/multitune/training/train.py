@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from multitune import domain
 from multitune.bank import MultiTaskModel
 from multitune.config import RunConfig, TrainConfig, to_yaml
 from multitune.data import Example, task_kind
@@ -81,6 +82,17 @@ def train(
     slot = bank.slots.index(task)
     pad_id = bank.base.tokenizer.pad_token_id
     features = encode_task(bank, task, train_examples, config.max_length)
+    if (
+        spec.kind == "domain"
+        and spec.objective != "clm"
+        and (config.packing or config.dp_epsilon is not None)
+    ):
+        raise ConfigError(
+            f"--packing and --dp-epsilon take a decoder's next-token batches; a {spec.objective} domain task masks "
+            "or doubles its rows per batch: drop them"
+        )
+    if spec.objective == "simcse" and config.batch_size < 2:
+        raise ConfigError("SimCSE contrasts each row with the batch's others; use --batch-size 2 or more")
     if spec.kind == "classification" and any("class_label" not in f for f in features):
         raise ConfigError(f"some training labels of task '{task}' are not in its label set {spec.labels}")
     if not features:
@@ -88,10 +100,13 @@ def train(
 
     def batch_of(rows: list[int]) -> dict[str, torch.Tensor]:
         chosen = [features[i] for i in rows]
+        if spec.objective == "mlm":  # fresh masks each batch, from the loop's RNG (resumable): domain.masked
+            chosen = [domain.masked(f, bank.base.tokenizer) for f in chosen]
         return pack(chosen, slot) if config.packing else collate(chosen, pad_id, slot)  # encode.pack
 
     def loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        value = bank(to_device(batch_of(rows), bank.base.device))
+        batch = to_device(batch_of(rows), bank.base.device)
+        value = domain.simcse_loss(bank, batch) if spec.objective == "simcse" else bank(batch)
         stats = {"loss": float(value.detach())}
         if penalty is not None:
             extra = penalty()
@@ -218,6 +233,17 @@ def _rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
 
+def bare_scores(
+    bank: MultiTaskModel, task: str, test: Sequence[Example], config: TrainConfig
+) -> dict[str, float] | None:
+    """A domain task's held-out scores with every adapter off (the bare base; an mlm task's head as it starts),
+    before training: what its adapted scores are compared with. None for the other kinds."""
+    if bank.tasks[task].kind != "domain":
+        return None
+    with bank.disabled():
+        return evaluate(bank, task, test, config.max_length, config.eval_batch_size)
+
+
 # ---- the whole job ----------------------------------------------------------------------------------
 def run(
     config: RunConfig,
@@ -325,10 +351,13 @@ def _run(
     base = load_base(config.model, device=device, quantize=config.train.quantize)
     torch.manual_seed(config.train.seed)
     bank = MultiTaskModel(base)
-    bank.add_task(task, kind, config.method, config.method_config(), splits.labels)
+    bank.add_task(
+        task, kind, config.method, config.method_config(), splits.labels, None, config.domain_objective
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(RUN_MARK + to_yaml(config))
     trainable = sum(p.numel() for p in bank.task_parameters(task).values())
+    before = bare_scores(bank, task, splits.test, config.train)
     result = train(bank, task, splits.train, splits.validation, config.train, out, resume, progress, on_step)
     test = evaluate(
         bank,
@@ -363,6 +392,7 @@ def _run(
         "train_seconds": round(result.seconds, 2),
         "validation": {result.metric: result.best_metric},
         "test": test,
+        **({"test_before": before, "objective": bank.tasks[task].objective} if before is not None else {}),
         "learned": result.problem is None,
         "problem": result.problem,
         "cause": result.cause,
@@ -370,7 +400,7 @@ def _run(
         **({"golden": golden_score} if golden_score is not None else {}),
     }
     save_adapter(bank, task, out / "adapter", extra={"metrics": {"test": test}})
-    save_task_profile(  # the drift monitor's reference (multitune.health.profile)
+    save_task_profile(  # the drift monitor's reference (multitune.health.profile); none for a domain task
         bank,
         task,
         out / "adapter",
