@@ -28,6 +28,11 @@ def add_data_file_arguments(
     parser.add_argument("--model", help="load the adapters onto this base instead of the recorded one")
     parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+    add_column_arguments(parser)
+
+
+def add_column_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--text-column`` ... ``--response-column`` (read back by :func:`columns_of`)."""
     for name in ("text", "text-pair", "label", "prompt", "input", "response"):
         parser.add_argument(
             f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"

@@ -46,7 +46,7 @@ def merged_result(
     from multitune.bank import MultiTaskModel
     from multitune.compare.measure import PeakMemory, latency_ms, score_test
     from multitune.compose.merge import MergeSettings, merge_bodies, read_constituents, tensor_bytes
-    from multitune.compose.run import _kept_rows, _metric
+    from multitune.compose.run import kept_rows, primary_metric
     from multitune.methods.lora import LoRAConfig
     from multitune.models import load_base
     from multitune.storage import load_adapter, save_adapter
@@ -67,11 +67,11 @@ def merged_result(
     metrics, intervals, throughput = score_test(bank, MERGED, splits.test, config)
     retention = []
     for i, c in enumerate(tasks):
-        rows = splits.test if i == 0 else _kept_rows(c, "test.jsonl")
+        rows = splits.test if i == 0 else kept_rows(c, "test.jsonl")
         if not rows:
             retention.append({"task": c.name, "rows": 0, "retention": None})
             continue
-        key = _metric(str(c.meta["task"]["kind"]))
+        key = primary_metric(str(c.meta["task"]["kind"]))
         scored = [
             float(evaluate(bank, t, rows, config.train.max_length, config.train.eval_batch_size)[key])
             for t in (f"alone{i}", MERGED if i == 0 else f"merged{i}")

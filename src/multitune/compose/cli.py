@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from multitune.cli_commands import Command, device_of
+from multitune.cli_commands import Command, add_column_arguments, device_of
 from multitune.compose.merge import MERGE_METHODS
 from multitune.errors import ConfigError
 
@@ -30,6 +30,8 @@ def _named_files(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    from multitune.config import DEVICE_HELP
+
     parser.add_argument(
         "tasks", nargs="+", help="two or more run or adapter folders of LoRA (or (IA)^3) tasks"
     )
@@ -64,7 +66,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of dare's drops and of --search (default: 0)"
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
 
 
@@ -92,6 +94,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def add_compose_arguments(parser: argparse.ArgumentParser) -> None:
+    from multitune.config import DEVICE_HELP
+
     parser.add_argument(
         "--from", dest="sources", required=True,
         help="the LoRA tasks to weigh: run or adapter folders, comma-separated",
@@ -113,11 +117,8 @@ def add_compose_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search and the folds (default: 0)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: auto)")
-    for name in ("text", "text-pair", "label", "prompt", "input", "response"):
-        parser.add_argument(
-            f"--{name}-column", help=f"column with the {name.replace('-', ' ')} (default: auto)"
-        )
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
+    add_column_arguments(parser)
 
 
 def cmd_compose(args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ from multitune.health.kept import VALIDATION_FILE
 MERGE_RECORD = "merge.json"
 
 
-def _kept_rows(c: Constituent, file: str) -> list[Example] | None:
+def kept_rows(c: Constituent, file: str) -> list[Example] | None:
     """A constituent's kept rows (``data/test.jsonl`` or ``data/validation.jsonl`` of its current version)."""
     from multitune.health.kept import read_examples
     from multitune.health.versions import current_version, data_folder, task_root
@@ -54,7 +54,7 @@ def _rows(c: Constituent, given: Mapping[str, str], file: str, flag: str) -> lis
 
     if c.name in given:
         return load_examples(given[c.name], task_kind(c.meta["task"]["kind"]), Columns())
-    rows = _kept_rows(c, file)
+    rows = kept_rows(c, file)
     if not rows:
         raise ConfigError(
             f"task '{c.name}' ({c.folder}) keeps no {file.split('.')[0]} split; pass {flag} {c.name}=FILE"
@@ -68,7 +68,7 @@ def _max_length(c: Constituent) -> int:
     return trained_max_length(c.folder)
 
 
-def _metric(kind: str) -> str:
+def primary_metric(kind: str) -> str:
     return "accuracy" if kind == "classification" else "rouge_l"
 
 
@@ -119,7 +119,7 @@ class Scorer:
         c = self.tasks[i]
         kind = c.meta["task"]["kind"]
         metrics = evaluate(self.bank, task, rows, _max_length(c), self.batch_size, generate=generate)
-        key = _metric(kind) if generate or kind == "classification" else "loss"
+        key = primary_metric(kind) if generate or kind == "classification" else "loss"
         value = float(metrics[key])
         return -value if key == "loss" else value
 
@@ -260,7 +260,7 @@ def merge_tasks(
                     [m - o for m, o in zip(mixed, own, strict=True)], seed=settings.seed
                 )
                 table.append({
-                    "task": c.name, "metric": _metric(c.meta["task"]["kind"]), "rows": len(rows),
+                    "task": c.name, "metric": primary_metric(c.meta["task"]["kind"]), "rows": len(rows),
                     "alone": alone, "merged": merged, "retention": _retention(alone, merged),
                     "change_points": 100 * (merged - alone), "change_ci_points": [100 * low, 100 * high],
                 })  # fmt: skip
