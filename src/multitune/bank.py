@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import torch
@@ -49,6 +50,7 @@ class TaskSpec:
     labels: list[str] = field(default_factory=list)  # classification label set, in head order
     pooling: Pooling | None = None  # classification: how a sequence becomes one vector
     objective: str | None = None  # domain: clm, mlm or simcse (multitune.domain)
+    stack_on: str | None = None  # the bank task this one runs on top of (multitune.compose.stack)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +115,8 @@ class MultiTaskModel(nn.Module):
         self.tasks: dict[str, TaskSpec] = {}
         self.routing = Routing()
         self._owned: dict[str, dict[str, nn.Parameter]] = {}
+        # task -> (adapter folder, sha256 of its weights) for tasks loaded from disk (stacked tasks refer to them)
+        self.loaded_from: dict[str, tuple[Path, str]] = {}
         self._inputs: list[Any] = []
         self._inputs_version = -1
         self.eval()  # a bank serves until a training loop says otherwise
@@ -131,9 +135,13 @@ class MultiTaskModel(nn.Module):
         labels: list[str] | None = None,
         pooling: Pooling | None = None,
         objective: str | None = None,
+        stack_on: str | None = None,
     ) -> TaskSpec:
         """Attach a new task's parameters (and its head, for classification; a masked-LM head for a domain
-        task with objective mlm, :mod:`multitune.domain`); other tasks are untouched."""
+        task with objective mlm, :mod:`multitune.domain`); other tasks are untouched.
+
+        ``stack_on``: a task of the bank whose parameters this task's rows run through first (its own
+        on top: :mod:`multitune.compose.stack`); that task's parameters are frozen from then on."""
         if not _TASK_NAME.match(name):
             raise ConfigError(
                 f"task name '{name}' must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
@@ -150,25 +158,11 @@ class MultiTaskModel(nn.Module):
         problems = config.validate()
         if problems:
             raise ConfigError("; ".join(problems))
-        if kind == "classification" and len(labels or []) < 2:
-            raise ConfigError(f"classification task '{name}' needs at least 2 labels (got {labels or []})")
-        if kind == "generation" and self.base.arch == "encoder":
-            raise ConfigError(
-                f"generation needs a causal LM or a seq2seq model; {self.base.source} is an encoder. "
-                "Use a decoder such as smollm2-135m, or a classification task"
-            )
-        if kind == "domain":
-            from multitune import domain
+        if stack_on is not None:
+            from multitune.compose.stack import check_stack
 
-            objective = domain.objective_for(self.base, objective)
-            if spec_method.fit is not None:
-                raise ConfigError(
-                    f"{method} has no parameters to train on raw text; choose a method that trains"
-                )
-        elif objective is not None:
-            raise ConfigError(
-                f"a domain objective ({objective}) is for --kind domain, not a {kind} task; drop it"
-            )
+            check_stack(self, name, method, config, stack_on)
+        objective = self._kind_objective(name, kind, spec_method, labels, objective)
         spec = TaskSpec(
             name,
             kind,
@@ -177,15 +171,9 @@ class MultiTaskModel(nn.Module):
             list(labels or []),
             (pooling or default_pooling(self.base)) if kind == "classification" else None,
             objective,
+            stack_on,
         )
-        self._owned[name] = {}
-        self.tasks[name] = spec  # before attach: a method may read the task's labels (prompt init)
-        try:
-            spec_method.attach(self, name, config)
-        except Exception:
-            self._owned.pop(name, None)
-            self.tasks.pop(name, None)
-            raise
+        self._attach(spec, config)
         if kind == "classification" and spec_method.score is None:  # a method that scores labels has no head
             head = nn.Linear(self.base.hidden_size, len(labels or []), device=self.base.device)
             self.heads[name] = head
@@ -201,12 +189,64 @@ class MultiTaskModel(nn.Module):
         self.routing.version += 1
         return spec
 
+    def _kind_objective(
+        self, name: str, kind: TaskKind, method: Any, labels: list[str] | None, objective: str | None
+    ) -> str | None:
+        """Refuse a task whose kind does not fit its labels, base or method; a domain task's objective."""
+        if kind == "classification" and len(labels or []) < 2:
+            raise ConfigError(f"classification task '{name}' needs at least 2 labels (got {labels or []})")
+        if kind == "generation" and self.base.arch == "encoder":
+            raise ConfigError(
+                f"generation needs a causal LM or a seq2seq model; {self.base.source} is an encoder. "
+                "Use a decoder such as smollm2-135m, or a classification task"
+            )
+        if kind == "domain":
+            from multitune import domain
+
+            objective = domain.objective_for(self.base, objective)
+            if method.fit is not None:
+                raise ConfigError(
+                    f"{method.name} has no parameters to train on raw text; choose a method that trains"
+                )
+        elif objective is not None:
+            raise ConfigError(
+                f"a domain objective ({objective}) is for --kind domain, not a {kind} task; drop it"
+            )
+        return objective
+
+    def _attach(self, spec: TaskSpec, config: Any) -> None:
+        """Register ``spec`` and attach its method's parameters (nothing is left behind when that fails); a
+        stacked task's components are frozen from then on."""
+        name = spec.name
+        self._owned[name] = {}
+        self.tasks[name] = spec  # before attach: a method may read the task's labels (prompt init)
+        if spec.stack_on is not None:  # before attach: a method may start from its component (adapter norms)
+            self.routing.components[name] = self.routing.chain(spec.stack_on)
+        try:
+            get_method(spec.method).attach(self, name, config)
+        except Exception:
+            self._owned.pop(name, None)
+            self.tasks.pop(name, None)
+            self.routing.components.pop(name, None)
+            raise
+        for member in self.routing.components.get(name, ()):
+            for param in self._owned[member].values():
+                param.requires_grad_(False)
+
     def remove_task(self, name: str) -> None:
         spec = self.spec(name)
+        above = [t for t, members in self.routing.components.items() if name in members]
+        if above:
+            raise ConfigError(
+                f"task '{name}' is the base component of stacked task(s) {', '.join(above)}; remove "
+                f"{'them' if len(above) > 1 else 'it'} first"
+            )
         get_method(spec.method).detach(self, name)
+        self.routing.components.pop(name, None)
         if name in self.heads:
             del self.heads[name]
         del self.tasks[name], self._owned[name]
+        self.loaded_from.pop(name, None)
         self.routing.slots.remove(name)
         self.routing.version += 1
 
@@ -457,9 +497,14 @@ class MultiTaskModel(nn.Module):
         return Routed(out, width, inputs["attention_mask"])
 
     def virtual_positions(self, task: str) -> int:
-        """Positions the task's rows occupy before their text (soft prompt tokens, prefix positions)."""
-        method = get_method(self.spec(task).method)
-        return method.positions(self, task) if method.positions is not None else 0
+        """Positions the task's rows occupy before their text (soft prompt tokens, prefix positions; a stacked
+        task's components' too)."""
+        self.spec(task)
+        total = 0
+        for member in self.routing.chain(task):
+            method = get_method(self.tasks[member].method)
+            total += method.positions(self, member) if method.positions is not None else 0
+        return total
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor

@@ -242,6 +242,13 @@ class RunConfig:
         },
     )
     method: str = field(default="lora", metadata={"help": "adaptation method: " + ", ".join(sorted(METHODS))})
+    stack_on: str | None = field(
+        default=None,
+        metadata={
+            "help": "a run folder whose task this one runs on top of, frozen (a --kind domain adapter: MAD-X's "
+            "domain + task adapters); its adapter stays where it is and is loaded with this task"
+        },
+    )
     output: str = field(
         default="runs/run", metadata={"help": "run folder: config, metrics, checkpoints, adapter"}
     )

@@ -22,6 +22,8 @@ class Routing:
     disabled: bool = False  # every adapter passes through: the frozen base (reference model for DPO/PPO)
     version: int = 0  # bumped when tasks are added or removed, so layers drop stacked caches
     batch: int = 0  # bumped for each routed batch: layers keep what they gathered per row for one batch
+    # a stacked task -> the tasks under it, bottom first (multitune.compose.stack): its rows run them too
+    components: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _last: tuple[torch.Tensor, int] | None = field(default=None, repr=False)
 
     def set_rows(self, row_tasks: torch.Tensor) -> None:
@@ -36,6 +38,10 @@ class Routing:
         first = int(row_tasks[0]) if row_tasks.numel() else 0
         uniform = row_tasks.numel() == 0 or bool((row_tasks == first).all())
         self.single = self.slots[first] if uniform and self.slots else None
+
+    def chain(self, task: str) -> tuple[str, ...]:
+        """The tasks whose parameters a row of ``task`` runs through, bottom first: its components, then itself."""
+        return (*self.components.get(task, ()), task)
 
     def clear(self) -> None:
         self.row_tasks = None

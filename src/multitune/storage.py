@@ -334,6 +334,10 @@ def save_adapter(
         **({"base_quantize": bank.base.quantize} if bank.base.quantize else {}),  # loads quantize it again
         **(extra or {}),
     }
+    if spec.stack_on is not None:  # where the component it runs on is (multitune.compose.stack)
+        from multitune.compose.stack import reference
+
+        meta["stack_on"] = reference(bank, task, folder)
     with atomic_dir(folder) as tmp:
         save_file(bank.task_state_dict(task), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -400,6 +404,9 @@ def adapter_problems(meta: Any) -> list[str]:
         problems.append("field 'base_model' is missing or not a string")
     if "base" in meta and not isinstance(meta["base"], dict):
         problems.append("field 'base' is not a mapping")
+    from multitune.compose.stack import reference_problems
+
+    problems += reference_problems(meta)
     task = meta.get("task")
     if not isinstance(task, dict):
         return [*problems, "field 'task' is missing or not a mapping"]
@@ -523,6 +530,29 @@ def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = No
         raise ConfigError(f"cannot read {folder / WEIGHTS_FILE}: {' '.join(str(error).split())}") from error
     if method.saved is not None:
         config = method.saved(config, state)
+    on, before = None, set(bank.tasks)
+    if "stack_on" in meta:  # its component first (multitune.compose.stack)
+        from multitune.compose.stack import load_component
+
+        on = load_component(bank, meta["stack_on"], folder, name or task["name"])
+    try:
+        spec = _add_loaded(bank, folder, task, name, config, state, on)
+    except ConfigError:
+        for added in [t for t in bank.slots if t not in before][::-1]:  # a component it brought in
+            bank.remove_task(added)
+        raise
+    return spec
+
+
+def _add_loaded(
+    bank: MultiTaskModel,
+    folder: Path,
+    task: dict[str, Any],
+    name: str | None,
+    config: Any,
+    state: dict[str, Any],
+    on: str | None,
+) -> TaskSpec:
     spec = bank.add_task(
         name or task["name"],
         task["kind"],
@@ -531,10 +561,15 @@ def load_adapter(bank: MultiTaskModel, folder: str | Path, name: str | None = No
         task.get("labels", []),
         task.get("pooling"),
         task.get("objective"),
+        on,
     )
     try:
         bank.load_task_state_dict(spec.name, state)
     except ConfigError:
         bank.remove_task(spec.name)
         raise
+    if not get_method(spec.method).changes_base:  # (a full fine-tune is never a component: not hashed)
+        from multitune.compose.stack import digest
+
+        bank.loaded_from[spec.name] = (folder, digest(folder))
     return spec

@@ -71,7 +71,7 @@ def test_stacks_hold_only_the_tasks_with_parameters_at_the_layer() -> None:
         (a, b, scale, _, _), where = stack.tensors, stack.where  # the last: DoRA gains (None: no DoRA task)
         holders = [t for t in bank.slots if t in layer.lora_A]
         assert a.shape[0] == b.shape[0] == scale.shape[0] == len(holders)  # not one entry per slot
-        assert where.shape[0] == len(bank.slots) and int((where >= 0).sum()) == len(holders)
+        assert where.shape == (1, len(bank.slots)) and int((where >= 0).sum()) == len(holders)
     for layer in _wrappers(bank, AdapterLinear):
         assert layer.stacked.stack().tensors[0].shape[0] == 1
 

@@ -86,7 +86,16 @@ def common_config(bank: MultiTaskModel, peft_type: str) -> dict[str, Any]:
 
 def export_peft(bank: MultiTaskModel, task: str, folder: str | Path) -> Path:
     """Write a folder that ``peft.PeftModel.from_pretrained(base, folder)`` loads (the head, if any, is not
-    part of PEFT's adapter)."""
+    part of PEFT's adapter). A stacked task of LoRA on LoRA exports as the one LoRA it equals
+    (:func:`multitune.compose.stack.flatten_lora`); other stacks have no PEFT form."""
+    if bank.tasks[task].stack_on is not None:
+        from multitune.compose.stack import flatten_lora
+
+        flat = flatten_lora(bank, task, f"{task[:56]}-flat")
+        try:
+            return export_peft(bank, flat, folder)
+        finally:
+            bank.remove_task(flat)
     fmt = _format_for_method(bank.tasks[task].method)
     folder = Path(folder)
     state, config = fmt.export(bank, task)

@@ -58,7 +58,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.stack import SlotStack, Stack, add_rows, per_row, slot_index
+from multitune.methods.stack import Rows, SlotStack, Stack, add_rows, per_row, slot_index
 from multitune.methods.wrap import (
     LINEAR,
     TaskLinear,
@@ -234,13 +234,20 @@ class AdapterLinear(TaskLinear):
             return y
         task = routing.single
         if task is not None:
-            if task not in self.down_weight:
-                return y
-            dt = y.dtype
-            low = F.linear(y, self.down_weight[task].to(dt), self.down_bias[task].to(dt))  # (..., r)
-            low = ACTIVATIONS[self.activation[task]](low)
-            return y + F.linear(low, self.up_weight[task].to(dt), self.up_bias[task].to(dt))
-        return self._mixed(y)
+            for member in routing.chain(task):  # a stacked task's components' adapters first, its own last
+                if member in self.down_weight:
+                    y = self._add_adapter(y, member)
+            return y
+        for rows in self.stacked.levels(y.shape[0], y.dtype):
+            if rows is not None:
+                y = self._mixed(y, rows)
+        return y
+
+    def _add_adapter(self, y: torch.Tensor, task: str) -> torch.Tensor:
+        dt = y.dtype
+        low = F.linear(y, self.down_weight[task].to(dt), self.down_bias[task].to(dt))  # (..., r)
+        low = ACTIVATIONS[self.activation[task]](low)
+        return y + F.linear(low, self.up_weight[task].to(dt), self.up_bias[task].to(dt))
 
     def _stack(self, present: set[str] | None) -> Stack | None:
         """D (T, R, d), b_D (T, 1, R), U (T, d, R), b_U (T, 1, d), activation index (T, 1, 1) of the T tasks
@@ -269,11 +276,9 @@ class AdapterLinear(TaskLinear):
             slot_index(self.routing, tasks, device),
         )
 
-    def _mixed(self, y: torch.Tensor) -> torch.Tensor:
-        """y plus each row's adapter output: batched matmuls over the rows whose task has an adapter here."""
-        rows = self.stacked.rows(y.shape[0], y.dtype)
-        if rows is None:
-            return y
+    def _mixed(self, y: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """y plus each row's adapter output: batched matmuls over the rows whose task has an adapter here (at
+        one level of a stacked task's chain: each level reads the one below's output)."""
         dw, db, uw, ub, act = rows.required()  # (N, R, d), (N, 1, R), (N, d, R), (N, 1, d), (N, 1, 1)
         squeeze = y.dim() == 2
         h = y.unsqueeze(1) if squeeze else y  # (B, L, d)
@@ -340,10 +345,15 @@ class TaskNorm(nn.Module):
         return list(self.ln_weight)
 
     def add_task(self, task: str) -> dict[str, nn.Parameter]:
-        self.ln_weight[task] = nn.Parameter(self.weight.detach().float().clone())
+        """A copy of the norm's scale (and shift) for ``task``: the base's, or for a stacked task the copy its
+        rows used before it came (its component's), so that it starts exactly where the component is."""
+        under = self._member(task, None)
+        weight = self.weight if under is None else self.ln_weight[under]
+        self.ln_weight[task] = nn.Parameter(weight.detach().float().clone())
         own = {"ln.weight": self.ln_weight[task]}
         if self.bias is not None:
-            self.ln_bias[task] = nn.Parameter(self.bias.detach().float().clone())
+            bias = self.bias if under is None or under not in self.ln_bias else self.ln_bias[under]
+            self.ln_bias[task] = nn.Parameter(bias.detach().float().clone())
             own["ln.bias"] = self.ln_bias[task]
         self.stacked.invalidate()
         return own
@@ -353,6 +363,14 @@ class TaskNorm(nn.Module):
         if task in self.ln_bias:
             del self.ln_bias[task]
         self.stacked.invalidate()
+
+    def _member(self, task: str, present: set[str] | None) -> str | None:
+        """Whose copy of this norm a row of ``task`` uses: the topmost member of its chain with one (a stacked
+        task's own, else its component's; its copy starts from the component's), None for the base's."""
+        for member in reversed(self.routing.chain(task)):
+            if member in self.ln_weight and (present is None or member in present):
+                return member
+        return None
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
@@ -369,7 +387,8 @@ class TaskNorm(nn.Module):
         task = routing.single
         dt = x.dtype
         if task is not None:
-            if task not in self.ln_weight:
+            task = self._member(task, None)
+            if task is None:
                 return self.base_norm(x)
             weight = self.ln_weight[task].to(dt)
             bias = self.ln_bias[task].to(dt) if task in self.ln_bias else None
@@ -387,7 +406,7 @@ class TaskNorm(nn.Module):
         """Scale (S, d) and shift (S, d) or None over the bank's slots; the base's for slots without a copy
         (or, while training, without rows in the batch)."""
         slots = self.routing.slots
-        own = [t if present is None or t in present else "" for t in slots]  # "": the base's
+        own = [self._member(t, present) or "" for t in slots]  # "": the base's
         base_w, base_b = self.weight.detach().float(), self.bias
         weight = torch.stack([self.ln_weight.get(t, base_w) for t in own])
         bias = None

@@ -226,14 +226,12 @@ class IA3Linear(TaskLinear):
         if routing.disabled or routing.row_tasks is None or not self.ia3_l:
             return self.base_layer(x)
         task = routing.single
-        if task is not None:
-            if task not in self.ia3_l or task in self.merged:
-                return self.base_layer(x)
-            vector = self.ia3_l[task].reshape(-1)
-            if self.feedforward[task]:
-                return self.base_layer(x * vector.to(x.dtype))
+        if task is not None:  # a stacked task's scales multiply its components'
+            scale_in, scale_out = self._scales(task, True, None), self._scales(task, False, None)
+            if scale_in is not None:
+                x = x * scale_in.to(x.dtype)
             y = self.base_layer(x)
-            return y * vector.to(y.dtype)
+            return y if scale_out is None else y * scale_out.to(y.dtype)
         rows = self.stacked.rows(x.shape[0], x.dtype)
         assert rows is not None  # every slot has a scale here (ones for tasks without a vector)
         scale_in, scale_out = rows.tensors
@@ -248,23 +246,39 @@ class IA3Linear(TaskLinear):
         """Input scales (S, in) and output scales (S, out) over the bank's slots, each None when no task
         needs it here. A slot whose task has no vector of that kind here (or is merged) gets ones: its rows
         pass through exactly."""
-        active = {t for t in self.ia3_l if t not in self.merged and (present is None or t in present)}
+        active = self._active(present)
         ref = next(iter(self.ia3_l.values()))
         ones_in, ones_out = ref.new_ones(self.in_features), ref.new_ones(self.out_features)
         slots = self.routing.slots
         scale_in = scale_out = None
         if any(self.feedforward[t] for t in active):
-            scale_in = torch.stack(
-                [self.ia3_l[t].reshape(-1) if t in active and self.feedforward[t] else ones_in for t in slots]
-            )
+            scale_in = torch.stack([_or(self._scales(t, True, active), ones_in) for t in slots])
         if any(not self.feedforward[t] for t in active):
-            scale_out = torch.stack(
-                [
-                    self.ia3_l[t].reshape(-1) if t in active and not self.feedforward[t] else ones_out
-                    for t in slots
-                ]
-            )
+            scale_out = torch.stack([_or(self._scales(t, False, active), ones_out) for t in slots])
         return Stack((scale_in, scale_out), torch.arange(len(slots), device=ref.device))
+
+    def _active(self, present: set[str] | None) -> set[str]:
+        return {t for t in self.ia3_l if t not in self.merged and (present is None or t in present)}
+
+    def _scales(self, task: str, feedforward: bool, active: set[str] | None) -> torch.Tensor | None:
+        """The product of the input (``feedforward``) or output scales of ``task``'s chain here (its own, and
+        a stacked task's components'), None when none of them has one."""
+        vectors = [
+            self.ia3_l[t].reshape(-1)
+            for t in self.routing.chain(task)
+            if (t in self.ia3_l and t not in self.merged if active is None else t in active)
+            and self.feedforward[t] == feedforward
+        ]
+        if not vectors:
+            return None
+        out = vectors[0]
+        for vector in vectors[1:]:
+            out = out * vector
+        return out
+
+
+def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if value is None else value
 
 
 def attach(bank: MultiTaskModel, task: str, config: IA3Config) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.stack import SlotStack, Stack, add_rows, slot_index
+from multitune.methods.stack import Rows, SlotStack, Stack, add_rows, slot_index
 from multitune.methods.wrap import (
     TaskLinear,
     find_linear,
@@ -230,10 +230,14 @@ class LoRALinear(TaskLinear):
             return y
         task = routing.single
         if task is not None:
-            if task not in self.lora_A or task in self.merged:
-                return y
-            return self._add_lora(y, x, task)
-        return self._mixed(x, y)
+            for member in routing.chain(task):  # a stacked task's components' deltas add to its own
+                if member in self.lora_A and member not in self.merged:
+                    y = self._add_lora(y, x, member)
+            return y
+        for rows in self.stacked.levels(x.shape[0], x.dtype):
+            if rows is not None:
+                y = self._mixed(x, y, rows)
+        return y
 
     def _stack(self, present: set[str] | None) -> Stack | None:
         """A (T, R, in), B (T, out, R), scale (T,), keep (T,) and, when a DoRA task is among them, g (T, 1, out)
@@ -264,12 +268,9 @@ class LoRALinear(TaskLinear):
             ).unsqueeze(1)
         return Stack((a, b, scale, keep, g), slot_index(self.routing, tasks, device))
 
-    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor, rows: Rows) -> torch.Tensor:
         """y plus each row's s_t B_t A_t x (DoRA rows: (g_t - 1) W x + g_t s_t B_t A_t x): batched matmuls over
-        the rows whose task has an update here."""
-        rows = self.stacked.rows(x.shape[0], x.dtype)
-        if rows is None:
-            return y
+        the rows whose task has an update here (at one level of a stacked task's chain)."""
         a, b, scale, keep = cast(tuple[torch.Tensor, ...], rows.tensors[:4])  # never None
         g = rows.tensors[4]  # (N, 1, out) or None: no DoRA task here
         squeeze = x.dim() == 2

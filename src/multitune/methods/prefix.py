@@ -30,7 +30,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.stack import SlotStack, Stack, slot_index
+from multitune.methods.stack import SlotStack, Stack, join_right, slot_index
 from multitune.routing import Routing
 
 if TYPE_CHECKING:
@@ -221,28 +221,36 @@ def fold(bank: MultiTaskModel, task: str) -> None:
 
 
 def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
-    """A cache holding each row's prefixes, right-aligned to the batch's longest, and the prefix mask (B, W)."""
+    """A cache holding each row's prefixes, right-aligned to the batch's longest, and the prefix mask (B, W).
+
+    A stacked task's rows get their components' prefixes first, then their own, joined contiguous and
+    right-aligned (:func:`~multitune.methods.stack.join_right`)."""
     from transformers import DynamicCache, EncoderDecoderCache
 
-    rows = _store(bank).stacked.rows(state.input_ids.shape[0], bank.base.model.dtype)
-    if rows is None:
+    blocks, masks = [], []
+    for rows in _store(bank).stacked.levels(state.input_ids.shape[0], bank.base.model.dtype):
+        if rows is None:
+            continue
+        stacked, lengths = rows.tensors  # (B, longest, layers * 2 * kv_dim), (B,)
+        assert stacked is not None and lengths is not None
+        width = int(lengths.max())
+        if width == 0:
+            continue
+        blocks.append(stacked[:, stacked.shape[1] - width :])
+        masks.append(torch.arange(width, device=lengths.device) >= width - lengths[:, None])
+    if not blocks:
         return
-    stacked, lengths = rows.tensors  # (B, longest, layers * 2 * kv_dim), (B,)
-    assert stacked is not None and lengths is not None
-    width = int(lengths.max())
-    if width == 0:
-        return
+    joined, mask = join_right(blocks, masks)
     geo = geometry(bank)
-    batch = stacked.shape[0]
-    kv = stacked[:, stacked.shape[1] - width :].reshape(batch, width, geo.layers * 2, geo.heads, geo.head_dim)
+    batch, width = joined.shape[:2]
+    kv = joined.reshape(batch, width, geo.layers * 2, geo.heads, geo.head_dim)
     kv = kv.permute(2, 0, 3, 1, 4)  # (layers * 2, B, heads, W, head_dim)
     cache: DynamicCache | EncoderDecoderCache = DynamicCache()
     for layer in range(geo.layers):
         cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
     if bank.base.arch == "seq2seq":
         cache = EncoderDecoderCache(cache, DynamicCache())
-    positions = torch.arange(width, device=lengths.device)
-    state.add_cache(cache, positions >= width - lengths[:, None])
+    state.add_cache(cache, mask)
 
 
 def positions(bank: MultiTaskModel, task: str) -> int:

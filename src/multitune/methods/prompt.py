@@ -23,7 +23,7 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.stack import SlotStack, Stack, slot_index
+from multitune.methods.stack import SlotStack, Stack, join_right, slot_index
 from multitune.methods.wrap import weight_of
 from multitune.routing import Routing
 
@@ -91,17 +91,24 @@ def _store(bank: MultiTaskModel) -> PromptStore:
 
 
 def inputs(bank: MultiTaskModel, state: ModelInputs) -> None:
-    """Each row's prompt before its text: (B, W, d) right-aligned to the batch's longest, the rest masked."""
-    rows = _store(bank).stacked.rows(state.input_ids.shape[0], bank.base.model.dtype)
-    if rows is None:
-        return
-    stacked, lengths = rows.tensors  # (B, longest, d), (B,)
-    assert stacked is not None and lengths is not None
-    width = int(lengths.max())
-    if width == 0:
-        return
-    positions = torch.arange(width, device=lengths.device)
-    state.add_virtual(stacked[:, stacked.shape[1] - width :], positions >= width - lengths[:, None])
+    """Each row's prompt before its text: (B, W, d) right-aligned to the batch's longest, the rest masked.
+
+    A stacked task's rows get their components' prompts first, then their own: one block per level,
+    joined contiguous and right-aligned (:func:`~multitune.methods.stack.join_right`)."""
+    blocks, masks = [], []
+    for rows in _store(bank).stacked.levels(state.input_ids.shape[0], bank.base.model.dtype):
+        if rows is None:
+            continue
+        stacked, lengths = rows.tensors  # (B, longest, d), (B,)
+        assert stacked is not None and lengths is not None
+        width = int(lengths.max())
+        if width == 0:
+            continue
+        positions = torch.arange(width, device=lengths.device)
+        blocks.append(stacked[:, stacked.shape[1] - width :])
+        masks.append(positions >= width - lengths[:, None])
+    if blocks:
+        state.add_virtual(*join_right(blocks, masks))
 
 
 def positions(bank: MultiTaskModel, task: str) -> int:

@@ -17,6 +17,15 @@ same way, in three steps that :class:`SlotStack` does once for all of them:
 
 The gathered rows are keyed by :attr:`Routing.batch`, a counter of routed batches, never by a tensor's
 version counter: tensors made under ``torch.inference_mode()`` have none.
+
+**Stacked tasks** (``train --stack-on``, :mod:`multitune.compose.stack`): a row of a stacked task runs
+through its components' parameters too (:meth:`Routing.chain`, bottom first). A hook whose stack holds one
+entry per task gets ``where`` (K, S): level k maps each slot to the k-th member of its chain that has
+parameters here (-1: none), and the hook applies its levels in order (LoRA's deltas add, adapters chain,
+prompts and prefixes concatenate). Banks without a stacked task have K = 1. Hooks whose stack holds one
+entry per slot ((IA)^3's scales, the adapters' task norms) combine a slot's chain in that entry instead.
+While training, the tasks of the batch's chains join the build, so a component's (frozen) tensors are in
+the forward but receive no gradient.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from multitune.routing import Routing
 
 @dataclass(frozen=True)
 class Stack:
-    """The stacked tensors of one hook: each entry (T, ...) or None, and ``where`` (S,) slot -> index or -1."""
+    """The stacked tensors of one hook: each entry (T, ...) or None, and ``where`` (S,) slot -> index or -1,
+    or (K, S) with one row per level of stacked tasks (see the module docstring)."""
 
     tensors: tuple[torch.Tensor | None, ...]
     where: torch.Tensor
@@ -72,7 +82,7 @@ class SlotStack:
         self._build, self._params = build, params
         self._epoch = 0  # bumped by invalidate()
         self._stack: tuple[tuple[int, ...], Stack | None] | None = None
-        self._rows: tuple[tuple[object, ...], Rows | None] | None = None
+        self._rows: tuple[tuple[object, ...], list[Rows | None]] | None = None
 
     def invalidate(self) -> None:
         self._epoch += 1
@@ -84,7 +94,8 @@ class SlotStack:
             self._stack = self._rows = None
             rows = self.routing.row_tasks
             slots = self.routing.slots
-            return self._build(set(slots) if rows is None else {slots[i] for i in rows.unique().tolist()})
+            present = slots if rows is None else [slots[i] for i in rows.unique().tolist()]
+            return self._build({t for task in present for t in self.routing.chain(task)})
         key = (self._epoch, self.routing.version, *(p._version for p in self._params()))
         if self._stack is None or self._stack[0] != key:
             self._stack, self._rows = (key, self._build(None)), None
@@ -92,29 +103,45 @@ class SlotStack:
 
     def rows(self, batch: int, dtype: torch.dtype) -> Rows | None:
         """The current routed batch's rows with parameters here, for an activation of ``batch`` rows
-        (generation may repeat rows); None when none of them has any."""
+        (generation may repeat rows); None when none of them has any. A hook with levels reads
+        :meth:`levels` instead."""
+        return self.levels(batch, dtype)[0]
+
+    def levels(self, batch: int, dtype: torch.dtype) -> list[Rows | None]:
+        """:meth:`rows` for each level of the stack (one unless a stacked task has several members here),
+        bottom first; ``[None]`` when no task has parameters here."""
         stack = self.stack()
         if stack is None:
-            return None
+            return [None]
         key = (self.routing.batch, batch, id(stack), dtype)
         if self._rows is not None and self._rows[0] == key and not torch.is_grad_enabled():
             return self._rows[1]
-        index = stack.where[self.routing.rows_for(batch)]  # (B,) each row's index into the stack, -1: passes
-        active = index >= 0
-        idx = None if bool(active.all()) else active.nonzero(as_tuple=True)[0]
-        out = None
-        if idx is None or idx.numel():
-            pick = index if idx is None else index[idx]
-            out = Rows(idx, tuple(None if t is None else _cast(t[pick], dtype) for t in stack.tensors))
+        slots = self.routing.rows_for(batch)
+        where = stack.where.view(-1, stack.where.shape[-1])
+        out = [_gather(stack, level[slots], dtype) for level in where]
         if not torch.is_grad_enabled():
             self._rows = (key, out)
         return out
 
 
+def _gather(stack: Stack, index: torch.Tensor, dtype: torch.dtype) -> Rows | None:
+    """The rows whose ``index`` (B,) into the stack is not -1, and their tensors; None when there are none."""
+    active = index >= 0
+    idx = None if bool(active.all()) else active.nonzero(as_tuple=True)[0]
+    if idx is not None and not idx.numel():
+        return None
+    pick = index if idx is None else index[idx]
+    return Rows(idx, tuple(None if t is None else _cast(t[pick], dtype) for t in stack.tensors))
+
+
 def slot_index(routing: Routing, tasks: Iterable[str], device: torch.device) -> torch.Tensor:
-    """``where`` (S,) for a stack over ``tasks`` (in that order): each slot's index, -1 for other slots."""
+    """``where`` (K, S) for a stack over ``tasks`` (in that order): row k holds each slot's index of the k-th
+    member of its chain among ``tasks`` (a plain task's chain is itself: K = 1), -1 where there is none."""
     position = {t: i for i, t in enumerate(tasks)}
-    return torch.tensor([position.get(t, -1) for t in routing.slots], dtype=torch.long, device=device)
+    chains = [[position[t] for t in routing.chain(slot) if t in position] for slot in routing.slots]
+    levels = max([1, *map(len, chains)])
+    table = [[c[k] if k < len(c) else -1 for c in chains] for k in range(levels)]
+    return torch.tensor(table, dtype=torch.long, device=device).view(levels, len(routing.slots))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,6 +154,21 @@ def add_rows(y: torch.Tensor, rows: Rows, out: torch.Tensor) -> torch.Tensor:
     if rows.idx is None:
         return y + out
     return y.index_add_(0, rows.idx, out) if not torch.is_grad_enabled() else y.index_add(0, rows.idx, out)
+
+
+def join_right(blocks: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row virtual positions of each level (B, W_k, ...) with their masks (B, W_k) joined into one (B, W, ...)
+    block: each row's positions in level order, contiguous and right-aligned, the masked ones first.
+
+    Contiguity matters for models with relative positions (T5's bias reads the distance between positions, so
+    a masked gap between a component's prompt and the task's would move the component's away from the text).
+    """
+    if len(blocks) == 1:
+        return blocks[0], masks[0]
+    block, mask = torch.cat(blocks, dim=1), torch.cat(masks, dim=1)
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # masked first, the rest in level order
+    picked = order.view(*order.shape, *([1] * (block.dim() - 2))).expand_as(block)
+    return block.gather(1, picked), mask.gather(1, order)
 
 
 def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

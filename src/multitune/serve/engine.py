@@ -156,6 +156,8 @@ class Engine:
         # current version (multitune.health.versions)
         self.sources: dict[str, str] = {}
         self.adapters: dict[str, Path] = {}  # task -> the adapter folder actually loaded (weights, profile)
+        # bank tasks loaded only as the base component of stacked tasks (multitune.compose.stack): not served
+        self.components: set[str] = set()
         self.max_lengths: dict[str, int] = {}  # task -> classification inputs are cut to this many tokens
         # Fast tokenizers must not be used from two threads at once (a server tokenizes requests while
         # its worker encodes a batch): every encoding here holds this lock.
@@ -202,7 +204,8 @@ class Engine:
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:
-        return {**self.shared.tasks, **{name: bank.tasks[name] for name, bank in self.groups.items()}}
+        shared = {name: spec for name, spec in self.shared.tasks.items() if name not in self.components}
+        return {**shared, **{name: bank.tasks[name] for name, bank in self.groups.items()}}
 
     def load(self, folder: str | Path, name: str | None = None) -> TaskSpec:
         """Add the task saved in an adapter folder or a run folder (``RUN/adapter``), named ``name`` or after
@@ -218,15 +221,42 @@ class Engine:
             raise ConfigError(
                 f"task '{task}' is already served; remove it first or load it under another name"
             )
-        if get_method(meta["task"]["method"]).changes_base:
+        if task in self.components:  # served itself now, if it is the same adapter its stacked tasks stand on
+            spec = self._serve_component(task, folder)
+        elif get_method(meta["task"]["method"]).changes_base:
             bank = MultiTaskModel(self._base_copy())
             spec = load_adapter(bank, folder, task)
             self.groups[task] = bank
         else:
+            before = set(self.shared.tasks)
             spec = load_adapter(self.shared, folder, task)
+            self.components |= set(self.shared.tasks) - before - {task}  # what a stacked task brought in
         self.sources[task], self.adapters[task] = source, folder
         self.max_lengths[task] = trained_max_length(folder)
         return spec
+
+    def _serve_component(self, task: str, folder: Path) -> TaskSpec:
+        from multitune.compose.stack import digest
+
+        loaded = self.shared.loaded_from.get(task)
+        if loaded is None or loaded[1] != digest(folder):
+            raise ConfigError(
+                f"task '{task}' is already in the engine as the base of a stacked task, with other weights than "
+                f"{folder}; load this one under another name"
+            )
+        self.components.discard(task)
+        return self.shared.tasks[task]
+
+    def _prune_components(self) -> None:
+        """Take out the components no served task stands on any more (the top of a stack first)."""
+        while True:
+            used = {m for t in self.shared.tasks for m in self.shared.routing.chain(t) if m != t}
+            idle = [c for c in self.components if c not in used]
+            if not idle:
+                return
+            for component in idle:
+                self.shared.remove_task(component)
+                self.components.discard(component)
 
     def _base_copy(self) -> Base:
         try:
@@ -240,8 +270,9 @@ class Engine:
     def remove(self, task: str) -> None:
         if task in self.groups:
             del self.groups[task]
-        elif task in self.shared.tasks:
-            self.shared.remove_task(task)
+        elif task in self.shared.tasks and task not in self.components:
+            self.components.add(task)  # no longer served; kept while a stacked task stands on it
+            self._prune_components()
         else:
             raise ConfigError(f"unknown task '{task}'; served tasks: {', '.join(self.tasks) or 'none'}")
         self.sources.pop(task, None)
@@ -251,7 +282,7 @@ class Engine:
     def bank_of(self, task: str) -> MultiTaskModel:
         if task in self.groups:
             return self.groups[task]
-        if task in self.shared.tasks:
+        if task in self.shared.tasks and task not in self.components:
             return self.shared
         raise ConfigError(f"unknown task '{task}'; served tasks: {', '.join(self.tasks) or 'none'}")
 

@@ -351,8 +351,13 @@ def _run(
     base = load_base(config.model, device=device, quantize=config.train.quantize)
     torch.manual_seed(config.train.seed)
     bank = MultiTaskModel(base)
+    on = None
+    if config.stack_on is not None:  # the frozen component it trains above (multitune.compose.stack)
+        from multitune.compose.stack import stack_on_run
+
+        on = stack_on_run(bank, config.stack_on, task)
     bank.add_task(
-        task, kind, config.method, config.method_config(), splits.labels, None, config.domain_objective
+        task, kind, config.method, config.method_config(), splits.labels, None, config.domain_objective, on
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(RUN_MARK + to_yaml(config))
