@@ -15,7 +15,8 @@ base), and the bare base (``bank.disabled()``). For each, the mean-pooled last h
 seed, an L2-regularised logistic regression fitted on K labelled pool messages (class-balanced, as far as
 the pool's 13% spam allows: K/2 of each) and scored on the test messages: accuracy and macro-F1, mean and
 sample standard deviation over the seeds. This measures the representation a domain adapter leaves for a
-downstream task without training one on top (there is no --stack-on yet). Writes OUT/probe.json.
+downstream task without training one on top (benchmarks/stack_sms.py trains one, --stack-on). Writes
+OUT/probe.json.
 """
 
 from __future__ import annotations

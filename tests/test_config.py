@@ -320,6 +320,7 @@ def test_every_method_setting_has_help_text() -> None:
         "task",
         "kind",
         "domain_objective",
+        "stack_on",
         "method",
         "output",
     }

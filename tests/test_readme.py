@@ -68,6 +68,7 @@ def _write_inputs(folder: Path, encoder: str) -> None:
     )  # compose's few examples and its held-out rows
     for name, rows in (("few.csv", few[:16]), ("held-out.csv", few[16:])):
         (folder / name).write_text("text,label\n" + "".join(f"{e.text},{e.label}\n" for e in rows))
+    (folder / "notes.txt").write_text("".join(e.text + "\n" for e in toy_sentiment(40, seed=7)))  # raw text
     (folder / "answers.jsonl").write_text(
         "".join(json.dumps({"prompt": e.text, "response": e.response}) + "\n" for e in toy_generation(24))
     )

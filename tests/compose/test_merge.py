@@ -164,6 +164,10 @@ def test_bad_groups_name_the_tasks_and_the_fix() -> None:
     dora = lora_task("e", 2, 3, use_dora=True)
     with pytest.raises(ConfigError, match="e use DoRA"):
         merge_bodies([a, dora], MergeSettings("cat"))
+    stacked = lora_task("s", 2, 4)
+    stacked.meta["stack_on"] = {"task": "dom"}
+    with pytest.raises(ConfigError, match=r"s \(on dom\) run on top of another task \(--stack-on\)"):
+        merge_bodies([a, stacked], MergeSettings("cat"))
 
 
 def test_ia3_vectors_merge_as_task_vectors_and_refuse_cat() -> None:

@@ -328,3 +328,20 @@ def test_ewc_with_new_labels_anchors_the_old_rows_only(model, tmp_path):
     assert after["head.weight"].shape[0] == before["head.weight"].shape[0] + 1
     record = json.loads((run / "versions" / "2" / "version.json").read_text())
     assert record["labels_added"] == ["neu"] and record["strategy"] == "ewc"
+
+
+@pytest.mark.parametrize("strategy", ["replay", "retrain"])
+def test_a_stacked_task_updates_on_the_component_it_stands_on(model, tmp_path, strategy):
+    under = train_run(model, tmp_path / "under", write_rows(tmp_path / "u.csv", 40, 3), "ia3")
+    run = train_run(
+        model, tmp_path / "run", write_rows(tmp_path / "a.csv", 80, 0), extra=("--stack-on", str(under))
+    )
+    assert (
+        update(run, write_rows(tmp_path / "b.csv", 80, 1), "--strategy", strategy, "--promote", "always") == 0
+    )
+    meta = json.loads((run / "versions" / "2" / "adapter.json").read_text())
+    assert meta["stack_on"]["task"] == "under"
+    assert (run / "versions" / "2" / meta["stack_on"]["relative"]).resolve() == (under / "adapter").resolve()
+    task = __import__("multitune").load(run)  # the current version, with its component
+    assert task.bank.slots == ["under", "run"]
+    assert len(task.predict(TEXTS)) == len(TEXTS)

@@ -156,6 +156,12 @@ def check_mergeable(tasks: Sequence[Constituent], method: str) -> None:
         raise ConfigError(
             f"the tasks were trained on different base models ({groups}); only tasks of one base merge"
         )
+    stacked = [f"{c.name} (on {c.meta['stack_on'].get('task')})" for c in tasks if "stack_on" in c.meta]
+    if stacked:
+        raise ConfigError(
+            f"{', '.join(stacked)} run on top of another task (--stack-on), so their task vectors are not "
+            "deltas of the base; merge tasks trained on the bare base"
+        )
     methods = {c.method for c in tasks}
     wrong = [f"{c.name} ({c.method})" for c in tasks if c.method not in MERGEABLE]
     if wrong:

@@ -148,7 +148,7 @@ def load_component(bank: MultiTaskModel, record: dict[str, Any], folder: Path, t
     if actual != sha:
         raise ConfigError(
             f"task '{task}' was trained on '{on}' as it was saved then, but {found} has other weights now "
-            f"(sha256 {actual[:12]}, recorded {sha[:12]}); restore that version (multitune rollback) or train "
+            f"(sha256 {actual[:12]}, recorded {sha[:12]}); restore the weights it was trained on, or train "
             f"'{task}' again with --stack-on"
         )
     load_adapter(bank, found, on)

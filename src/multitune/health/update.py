@@ -284,9 +284,16 @@ def _new_labels(splits: Splits, labels: list[str], add: bool) -> list[str]:
 
 
 def _bank_of(
-    meta: dict[str, Any], adapter: Path | None, task: str, labels: list[str], device: str | None, seed: int
+    meta: dict[str, Any],
+    adapter: Path | None,
+    task: str,
+    labels: list[str],
+    device: str | None,
+    seed: int,
+    parent: Path | None = None,
 ) -> MultiTaskModel:
-    """A bank holding ``task``: the version in ``adapter``, or (None) a fresh task of the same method."""
+    """A bank holding ``task``: the version in ``adapter``, or (None) a fresh task of the same method (on the
+    same component, for a stacked task: ``meta`` is the adapter document of ``parent``)."""
     from multitune.methods import get_method
     from multitune.models import load_base
 
@@ -295,9 +302,14 @@ def _bank_of(
         load_adapter(bank, adapter, task)
         return bank
     spec = meta["task"]
+    on = None
+    if "stack_on" in meta and parent is not None:  # retrained on what the old version stood on
+        from multitune.compose.stack import load_component
+
+        on = load_component(bank, meta["stack_on"], parent, task)
     torch.manual_seed(seed)
     config = get_method(spec["method"]).config_class(**spec["config"])
-    bank.add_task(task, spec["kind"], spec["method"], config, labels, spec.get("pooling"))
+    bank.add_task(task, spec["kind"], spec["method"], config, labels, spec.get("pooling"), None, on)
     return bank
 
 
@@ -406,7 +418,7 @@ def _update(
         penalty = ewc.ewc_penalty(bank, task, anchor, fisher, **kwargs)
     elif upd.strategy == "retrain":
         rows = _all_training_rows(root, records, chain, kind) + rows
-        bank = _bank_of(meta, None, task, labels + added, device, config.seed)
+        bank = _bank_of(meta, None, task, labels + added, device, config.seed, parent_adapter)
 
     result = train(bank, task, rows, splits.validation, config, progress=progress, penalty=penalty)
     seconds = time.perf_counter() - started
