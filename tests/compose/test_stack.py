@@ -402,3 +402,16 @@ def test_lora_on_lora_exports_as_the_one_peft_lora_it_equals_and_other_stacks_ar
     with pytest.raises(ConfigError, match="a stack of adapter on lora; a PEFT adapter holds one method"):
         export_peft(bank, "a", tmp_path / "no")
     assert not (tmp_path / "no").exists()
+
+
+def test_a_stacked_task_mixes_with_prompting_rows() -> None:
+    from helpers import toy_sentiment
+
+    from multitune.methods import get_method
+
+    bank = stacked_bank("llama", "lora", "prompt")
+    bank.add_task("ask", "classification", "prompting", None, ["neg", "pos"])
+    fit = get_method("prompting").fit
+    assert fit is not None
+    fit(bank, "ask", toy_sentiment(8))
+    check_rows_alone(bank, TEXTS, ["t", "ask", "d", "t2", "ask", "t"])
