@@ -224,6 +224,29 @@ def test_search_spaces_cover_the_key_settings():
     assert lora.rank == 16 and lora.alpha == 32
 
 
+def test_search_dora_makes_use_dora_a_setting_of_lora_search(bert_dir, data_csv, tmp_path, capsys):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    chosen = {suggest(study.ask(), "lora", 2, dora=True)["lora.use_dora"] for _ in range(12)}
+    assert chosen == {False, True}  # both are tried
+    assert "lora.use_dora" not in suggest(study.ask(), "lora", 2)  # off unless asked
+    assert default_params("lora", 2, dora=True)["lora.use_dora"] is False  # the first trial: plain LoRA
+    config = _config(bert_dir, data_csv, tmp_path / "o", ["lora"])
+    dora, _ = settings_for(config, "lora", {"lora.rank": 4, "lora.use_dora": True})
+    assert dora.use_dora and dora.rank == 4
+    assert main(_args(bert_dir, data_csv, tmp_path / "run", "lora", 3, "--search-dora")) == 0
+    trials = optuna.load_study(
+        study_name="task-lora", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    ).get_trials()
+    assert all("lora.use_dora" in t.params for t in trials)
+    result = json.loads((tmp_path / "run" / "results" / "lora.json").read_text())
+    assert "lora.use_dora" in result["best_params"]
+    assert "use_dora" in capsys.readouterr().out
+    from multitune.compare.table import describe_params
+
+    assert describe_params({"lora.rank": 8, "lora.use_dora": True}) == "rank 8, DoRA"
+    assert describe_params({"lora.use_dora": False}) == "plain LoRA"
+
+
 def test_fixed_method_flags_are_kept(bert_dir, data_csv, tmp_path):
     from multitune.cli import build_parser
     from multitune.compare.cli import compare_config
@@ -249,6 +272,8 @@ def test_fixed_method_flags_are_kept(bert_dir, data_csv, tmp_path):
         (["--methods", "lora,lora"], "named twice"),
         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the study storage"),
         (["--storage", "mysql://x@127.0.0.1:1/none"], "needs a database driver"),
+        (["--methods", "prompting", "--search-dora"], "--search-dora searches LoRA's use_dora; add lora"),
+        (["--search-dora", "--lora-use-dora"], "--lora-use-dora fixes it; drop one of them"),
     ],
 )
 def test_bad_input_is_one_line(bert_dir, data_csv, tmp_path, capsys, extra, expected):

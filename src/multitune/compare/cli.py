@@ -100,6 +100,7 @@ def compare_config(args: argparse.Namespace):  # noqa: ANN201  (compare.CompareC
         audit_language=args.audit_language,
         merge_with=_comma_list(args.merge_with) if args.merge_with else [],
         merge_method=args.merge_method,
+        search_dora=args.search_dora,
     )
     return config
 
@@ -273,6 +274,12 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
         "--merge-method",
         default="ties",
         help="how --methods merged merges (multitune merge --method; default: ties)",
+    )
+    p.add_argument(
+        "--search-dora",
+        action="store_true",
+        help="LoRA's search also chooses between plain LoRA and DoRA (use_dora) on the validation split; the "
+        "row says which won (default: LoRA's use_dora as set, off)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (trial lines are still printed)")
     add_arguments(p, DataConfig, dest_prefix="data.")

@@ -328,6 +328,13 @@ def validate(config: CompareConfig) -> None:
         )
     if not config.methods:
         problems.append("no methods given; pass --methods lora,prompt,...")
+    if config.search_dora and "lora" not in config.methods:
+        problems.append("--search-dora searches LoRA's use_dora; add lora to --methods or drop it")
+    fixed = config.method_settings.get("lora")
+    if config.search_dora and fixed is not None and fixed.use_dora:
+        problems.append(
+            "--search-dora chooses use_dora itself, and --lora-use-dora fixes it; drop one of them"
+        )
     if len(set(config.methods)) != len(config.methods):
         problems.append("a method is named twice in --methods")
     if config.trials < 1:

@@ -41,10 +41,13 @@ def _head_default(method: str) -> float:
     return head_learning_rate(TrainConfig(), get_method(method).default_learning_rate)
 
 
-def suggest(trial: Any, method: str, max_epochs: int, head: bool = False) -> dict[str, Any]:
+def suggest(
+    trial: Any, method: str, max_epochs: int, head: bool = False, dora: bool = False
+) -> dict[str, Any]:
     """The trial's settings: ``learning_rate`` and ``epochs`` (methods that train), ``head_learning_rate``
     (``head``: a classification task whose head rate the user did not fix; a quarter to four times its
-    default), and the method's own ``METHOD.field`` keys from its registered ``search``."""
+    default), the method's own ``METHOD.field`` keys from its registered ``search``, and with ``dora`` (compare
+    --search-dora) LoRA's choice between plain LoRA and DoRA."""
     record = get_method(method)
     params: dict[str, Any] = {}
     if record.fit is None:  # methods with nothing to train search only their own settings
@@ -56,10 +59,12 @@ def suggest(trial: Any, method: str, max_epochs: int, head: bool = False) -> dic
             )
     if record.search is not None:
         params.update(record.search(trial))
+    if dora and method == "lora":
+        params["lora.use_dora"] = trial.suggest_categorical("lora.use_dora", [False, True])
     return params
 
 
-def default_params(method: str, max_epochs: int, head: bool = False) -> dict[str, Any]:
+def default_params(method: str, max_epochs: int, head: bool = False, dora: bool = False) -> dict[str, Any]:
     """The method's defaults as trial settings: the first trial of every study."""
     record = get_method(method)
     config = record.config_class()
@@ -73,6 +78,8 @@ def default_params(method: str, max_epochs: int, head: bool = False) -> dict[str
         record.search(probe)
     for key in probe.names:
         params[key] = getattr(config, key.split(".", 1)[1])
+    if dora and method == "lora":  # the first trial is plain LoRA, as the method's defaults are
+        params["lora.use_dora"] = False
     return params
 
 
@@ -240,7 +247,8 @@ def open_study(config: CompareConfig, method: str) -> Any:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(
-            default_params(method, config.max_epochs, searches_head(config)), skip_if_exists=True
+            default_params(method, config.max_epochs, searches_head(config), config.search_dora),
+            skip_if_exists=True,
         )
     return study
 
@@ -268,7 +276,7 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
     def objective(trial: Any) -> float:
         running[:] = [trial.number]
         trial.set_user_attr("worker", worker)
-        params = suggest(trial, method, config.max_epochs, searches_head(config))
+        params = suggest(trial, method, config.max_epochs, searches_head(config), config.search_dora)
         number = trial.number + 1
 
         def report(record: dict[str, Any]) -> None:

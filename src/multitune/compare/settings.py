@@ -50,6 +50,7 @@ class CompareConfig:
     audit_language: str = "en"
     merge_with: list[str] = field(default_factory=list)  # --methods ...,merged: the tasks it merges LoRA with
     merge_method: str = "ties"
+    search_dora: bool = False  # LoRA's search also chooses between LoRA and DoRA (lora.use_dora)
 
     @property
     def out(self) -> Path:
@@ -69,6 +70,7 @@ class CompareConfig:
         return {
             **({"seeds": self.seeds} if self.seeds != 1 else {}),
             **({"general_data": self.general_data} if self.general_data is not None else {}),
+            **({"search_dora": True} if self.search_dora else {}),
             "model": self.model,
             "task": self.task,
             "kind": self.kind,

@@ -164,6 +164,8 @@ def describe_params(params: Any) -> str:
         }.get(name, name)
         if name == "epochs" and num(value) is not None:
             parts.append(f"{_param_value(value)} epoch{'' if value == 1 else 's'}")
+        elif name == "use_dora":  # compare --search-dora: which of the two won
+            parts.append("DoRA" if value else "plain LoRA")
         else:
             parts.append(f"{name} {_param_value(value)}")
     return ", ".join(parts)
