@@ -71,3 +71,51 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path) ->
         in done.stderr
     )
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("command", ["reward", "dpo", "train-multi"])
+def test_reward_dpo_and_train_multi_under_torchrun_train_the_one_process_run(tmp_path, command) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "preference"))
+    from test_preference import toy_pairs, write_jsonl
+
+    model = save_tiny("llama", tmp_path / "llama")
+    common = ["--model", str(model), "--epochs", "2", "--learning-rate", "0.01", "--quiet"]
+    if command == "train-multi":
+        data = write_rows(tmp_path / "rows.csv", 48, 0)
+        (tmp_path / "multi.yaml").write_text(
+            f"model: {model}\ntrain: {{epochs: 2, max_length: 16, learning_rate: 0.01}}\ntasks:\n"
+            f"  - {{name: a, method: lora, lora_dropout: 0, data: {data}}}\n"
+            f"  - {{name: b, method: ia3, data: {data}}}\n"
+        )
+
+        def argv(out: Path, *batch: str) -> list[str]:
+            return [
+                "train-multi",
+                "--config",
+                str(tmp_path / "multi.yaml"),
+                "--output",
+                str(out),
+                "--quiet",
+                *batch,
+            ]
+    else:
+        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(24, 0)]
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+        def argv(out: Path, *batch: str) -> list[str]:
+            return [command, "--data", pairs, "--lora-dropout", "0", "--output", str(out), *common, *batch]
+
+    one = tmp_path / "one"
+    assert main(argv(one, "--batch-size", "4", "--grad-accum", "2")) == 0
+    two = tmp_path / "two"
+    done = _torchrun(tmp_path, argv(two, "--batch-size", "8"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapters = sorted(p.parent.relative_to(one) for p in one.rglob("adapter.safetensors"))
+    assert adapters == sorted(p.parent.relative_to(two) for p in two.rglob("adapter.safetensors"))
+    assert adapters  # one adapter per task, written once
+    for folder in adapters:
+        a, b = (load_file(str(d / folder / "adapter.safetensors")) for d in (one, two))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5), (folder, key)
+    assert not list((tmp_path / "tmp").glob("multitune-rank*"))

@@ -287,8 +287,15 @@ def _print_kept(result: dict[str, Any]) -> None:
 def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
     """``multitune reward``: train a reward model on preference pairs; write config.yaml, metrics.jsonl,
     DIR/adapter and DIR/result.json."""
+    from multitune.training.distributed import launched
+
     config = _run_config(args)
     check_trainable(config.method, head=True)
+    with launched(config, args.resume) as (config, main):  # torchrun: one of N processes (distributed.py)
+        return _reward(args, config, main)
+
+
+def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]:
     with run_folder(config.output, "multitune reward", args.resume) as start:
         done = _finished(Path(config.output)) if args.resume else None
         if done is not None:
@@ -307,7 +314,7 @@ def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
             train,
             held,
             config.train,
-            progress=not args.quiet,
+            progress=not args.quiet and main,
             run_dir=config.output,
             resume=args.resume,
         )
@@ -414,10 +421,17 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
     DIR/result.json."""
     if not args.beta > 0:
         raise ConfigError(f"--beta must be > 0 (got {args.beta}); 0.1 is usual")
+    from multitune.training.distributed import launched
+
     reference = reference_name(args.reference)
     config = _run_config(args)
     if not args.init_adapter:
         check_trainable(config.method)
+    with launched(config, args.resume) as (config, main):  # torchrun: one of N processes (distributed.py)
+        return _dpo(args, config, reference, main)
+
+
+def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> dict[str, Any]:
     with run_folder(config.output, "multitune dpo", args.resume) as start:
         done = _finished(Path(config.output)) if args.resume else None
         if done is not None:
@@ -439,7 +453,7 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
             held,
             config.train,
             beta=args.beta,
-            progress=not args.quiet,
+            progress=not args.quiet and main,
             reference=reference,
             run_dir=config.output,
             resume=args.resume,

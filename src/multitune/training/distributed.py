@@ -1,6 +1,7 @@
-"""Data parallel training: ``torchrun --nproc-per-node N -m multitune train ...`` (or ``accelerate launch``, which
-sets the same variables) runs one training over N processes, on one machine or several (torchrun's
-``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); gloo on CPU, NCCL on GPUs.
+"""Data parallel training: ``torchrun --nproc-per-node N -m multitune train ...`` (``train-multi``, ``reward``
+and ``dpo`` alike; or ``accelerate launch``, which sets the same variables) runs one training over N processes,
+on one machine or several (torchrun's ``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); gloo on CPU, NCCL on
+GPUs.
 
 How a run is split, and why it is the single-process run:
 
