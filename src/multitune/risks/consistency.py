@@ -54,6 +54,25 @@ def run_consistency(
     batch_size: int = 16,
 ) -> dict[str, Any]:
     """The ``consistency`` section of ``audit.json`` for a loaded generation task on ``examples``' prompts."""
+    rows = consistency_rows(task, examples, samples, temperature, seed, max_new_tokens, batch_size)
+    return {
+        "rows": len(rows), "samples": samples, "temperature": temperature, "seed": seed,
+        "mean_consistency": sum(r["consistency"] for r in rows) / len(rows),
+        "mean_token_logp": sum(r["mean_token_logp"] for r in rows) / len(rows),
+        "least_consistent": sorted(rows, key=lambda r: r["consistency"])[:WORST],
+    }  # fmt: skip
+
+
+def consistency_rows(
+    task: Any,
+    examples: Sequence[Example],
+    samples: int = 5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Each prompt's greedy answer, its ``samples`` sampled answers, mean token log-probability and consistency."""
     from multitune.preference.scoring import sequence_logps
     from multitune.training.evaluate import generate_texts
 
@@ -84,12 +103,7 @@ def run_consistency(
         rows.append({"prompt": example.text, "greedy": greedy[i], "samples": answers,
                      "mean_token_logp": float(logps[i]) / tokens,
                      "consistency": self_consistency(greedy[i], answers)})  # fmt: skip
-    return {
-        "rows": len(rows), "samples": samples, "temperature": temperature, "seed": seed,
-        "mean_consistency": sum(r["consistency"] for r in rows) / len(rows),
-        "mean_token_logp": sum(r["mean_token_logp"] for r in rows) / len(rows),
-        "least_consistent": sorted(rows, key=lambda r: r["consistency"])[:WORST],
-    }  # fmt: skip
+    return rows
 
 
 def consistency_line(result: dict[str, Any]) -> str:
