@@ -17,6 +17,9 @@ from multitune.config import TrainConfig, plural
 from multitune.errors import ConfigError
 from multitune.methods import METHODS
 from multitune.preference.dpo import (
+    LOSS_HELP,
+    LOSS_NAMES,
+    LOSSES,
     REFERENCE_ALIASES,
     REFERENCE_HELP,
     REFERENCES,
@@ -113,7 +116,15 @@ def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
         "--beta",
         type=float,
         default=0.1,
-        help="DPO's beta: how far the policy may move from the reference (default: 0.1)",
+        help="DPO's beta: how far the policy may move from the reference (default: 0.1; ORPO: its lambda; "
+        "SimPO's paper uses 2-2.5)",
+    )
+    parser.add_argument("--loss", choices=LOSSES, default="sigmoid", help=f"{LOSS_HELP} (default: sigmoid)")
+    parser.add_argument(
+        "--simpo-gamma",
+        type=float,
+        default=0.5,
+        help="--loss simpo: the target margin gamma between the chosen and rejected rewards (default: 0.5)",
     )
     parser.add_argument(
         "--reference",
@@ -398,7 +409,9 @@ def _dpo_summary(
         "model": config.model,
         "quantize": config.train.quantize,
         "beta": args.beta,
-        "reference": reference,
+        "loss": args.loss,
+        **({"simpo_gamma": args.simpo_gamma} if args.loss == "simpo" else {}),
+        "reference": result["reference"],
         "init_adapter": args.init_adapter,
         "pairs": {"train": pairs[0], "validation": pairs[1]},
         "trainable_parameters": trainable,
@@ -457,6 +470,8 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
             reference=reference,
             run_dir=config.output,
             resume=args.resume,
+            loss=args.loss,
+            gamma=args.simpo_gamma,
         )
         before, after = result["before"] or {}, result["after"] or {}
         summary = _dpo_summary(args, config, method, reference, (len(train), len(held)), trainable, result)
@@ -468,12 +483,12 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
             summary,
             config.train.keep_checkpoint,
             {
-                "dpo": {"beta": args.beta, "reference": reference},
+                "dpo": {"beta": args.beta, "reference": result["reference"], "loss": args.loss},
                 "metrics": {"preference_accuracy": summary["preference_accuracy"]},
             },
         )
     print(
-        f"trained '{config.task}' ({method}) with DPO (beta {args.beta}) on {config.model}: {trainable:,} "
+        f"trained '{config.task}' ({method}) with {LOSS_NAMES[args.loss]} (beta {args.beta}) on {config.model}: {trainable:,} "
         f"trainable parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, "
         f"{result['seconds']:.1f} s"
     )

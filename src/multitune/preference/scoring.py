@@ -118,6 +118,17 @@ def sequence_logps(
     return out[inverse.to(out.device)]
 
 
+def response_tokens(
+    bank: MultiTaskModel, task: str, prompts: Sequence[str], responses: Sequence[str], max_length: int = 256
+) -> torch.Tensor:
+    """(N,) how many tokens of each response :func:`sequence_logps` sums over (EOS included, after the same
+    cut to ``max_length``): the lengths that length-normalised losses (IPO, SimPO, ORPO) divide by."""
+    examples = [Example(text=p, response=r) for p, r in zip(prompts, responses, strict=True)]
+    features = encode_task(bank, task, examples, max_length, with_target=True)
+    counts = [sum(1 for label in f["labels"] if label != -100) for f in features]
+    return torch.tensor(counts, dtype=torch.float32, device=bank.base.device).clamp(min=1)
+
+
 def progress_bar(batches: list[list[int]], desc: str | None) -> Any:
     """The batches, with a progress bar on stderr when ``desc`` is given (long scoring passes)."""
     return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True) if desc else batches
