@@ -84,3 +84,64 @@ def test_each_loss_trains_a_policy_from_the_cli(loss, beta, llama_dir, pair_file
     assert json.loads((out / "adapter" / "adapter.json").read_text())["dpo"]["loss"] == loss
     name = {"ipo": "IPO", "hinge": "SLiC's hinge", "simpo": "SimPO", "orpo": "ORPO"}[loss]
     assert f"with {name} (beta {float(beta)})" in capsys.readouterr().out
+
+
+# ---- KTO ------------------------------------------------------------------------------------------------
+def test_kto_loss_equals_its_formula() -> None:
+    from multitune.preference.kto import kto_loss
+
+    policy, reference = torch.tensor([-3.0, -5.0, -4.0]), torch.tensor([-3.5, -4.0, -4.2])
+    desirable = torch.tensor([True, False, True])
+    kl_policy, kl_reference = torch.tensor([-6.0, -7.0, -5.0]), torch.tensor([-6.3, -7.1, -5.5])
+    value, margins, z0 = kto_loss(policy, reference, desirable, kl_policy, kl_reference, 0.5, 1.0, 1.5)
+    z = max(0.0, ((-6.0 + 6.3) + (-7.0 + 7.1) + (-5.0 + 5.5)) / 3)
+    rewards = [0.5, -1.0, 0.2]
+    by_hand = [
+        1.0 * (1 - sigmoid(0.5 * (rewards[0] - z))),
+        1.5 * (1 - sigmoid(0.5 * (z - rewards[1]))),
+        1.0 * (1 - sigmoid(0.5 * (rewards[2] - z))),
+    ]
+    assert float(z0) == pytest.approx(z, abs=1e-6)
+    assert float(value) == pytest.approx(sum(by_hand) / 3, abs=1e-6)
+    assert margins.tolist() == pytest.approx([0.5 * (0.5 - z), 0.5 * (z + 1.0), 0.5 * (0.2 - z)], abs=1e-6)
+    # z0 is clamped at 0 and carries no gradient
+    _, _, zero = kto_loss(policy, reference, desirable, kl_reference, kl_policy, 0.5)
+    assert float(zero) == 0.0
+
+
+def test_kto_trains_on_unpaired_rows_from_the_cli_and_bad_rows_are_one_line(
+    llama_dir, tmp_path, capsys
+) -> None:
+    from test_preference import toy_pairs, write_jsonl
+
+    from multitune.errors import DataError
+    from multitune.preference.cli import add_kto_arguments, cmd_kto
+    from multitune.preference.kto import load_unpaired
+
+    rows = []
+    for i, pair in enumerate(toy_pairs(48, 0)):  # each pair as one unpaired row: thumbs up or down
+        good = i % 2 == 0
+        rows.append(
+            {"prompt": pair.prompt, "completion": pair.chosen if good else pair.rejected, "label": good}
+        )
+    data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "kto"
+    argv = ["--data", data, "--model", str(llama_dir), "--validation-ratio", "0.25", "--beta", "0.5",
+            "--lora-rank", "4", "--lora-target-modules", "all-linear", "--output", str(out), *TRAIN_FLAGS]  # fmt: skip
+    summary = cmd_kto(_parse(add_kto_arguments, argv))
+    result = json.loads((out / "result.json").read_text())
+    assert result == summary and result["command"] == "kto"
+    assert result["accuracy"]["after"] > result["accuracy"]["before"] and result["accuracy"]["after"] >= 0.75
+    assert result["rows"]["desirable"] + result["rows"]["undesirable"] == result["rows"]["train"] == 36
+    assert "with KTO (beta 0.5)" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    for text, expected in (
+        ('{"prompt": "a", "completion": "b"}\n', "line 1 of .* lacks 'label'"),
+        ('{"prompt": "a", "completion": "b", "label": "maybe"}\n', "'label' is 'maybe'; give true or false"),
+        ('{"prompt": "a", "completion": "", "label": true}\n', "the completion is empty; .* --drop-empty"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(DataError, match=expected):
+            load_unpaired(bad)
+    assert [r.desirable for r in load_unpaired(write_jsonl(tmp_path / "ok.jsonl", [
+        {"prompt": "a", "response": "b", "label": "false"}, {"prompt": "a", "completion": "c", "label": 1}]))] == [False, True]  # fmt: skip

@@ -35,17 +35,19 @@ from multitune.preference.scoring import REWARD_LABELS, add_reward_task, check_t
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser, output: str, methods: list[str]) -> None:
+PAIRS_HELP = (
+    "preference pairs (.jsonl .json .csv .parquet): prompt/chosen/rejected columns, or HH "
+    "chosen/rejected dialogues split at the last '\\n\\nAssistant:'"
+)
+
+
+def _add_common_arguments(
+    parser: argparse.ArgumentParser, output: str, methods: list[str], data_help: str = PAIRS_HELP
+) -> None:
     from multitune.flags import add_arguments, add_config_argument, add_method_arguments
 
     add_config_argument(parser)
-    parser.add_argument(
-        "--data",
-        dest="data.data",
-        metavar="FILE",
-        help="preference pairs (.jsonl .json .csv .parquet): prompt/chosen/rejected columns, or HH "
-        "chosen/rejected dialogues split at the last '\\n\\nAssistant:'",
-    )
+    parser.add_argument("--data", dest="data.data", metavar="FILE", help=data_help)
     parser.add_argument(
         "--validation-data",
         dest="data.validation_data",
@@ -140,6 +142,109 @@ def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_kto_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``multitune kto``: those of ``dpo`` on unpaired rows, plus the two class weights."""
+    _add_common_arguments(
+        parser,
+        "runs/kto",
+        trainable_methods(),
+        "KTO rows (.jsonl .json .csv .parquet): prompt, completion (or response) and label true/false, as "
+        "'multitune feedback export --preferences' writes them",
+    )
+    parser.add_argument("--beta", type=float, default=0.1, help="KTO's beta, as DPO's (default: 0.1)")
+    parser.add_argument(
+        "--desirable-weight", type=float, default=1.0, help="lambda_D of the desirable rows (default: 1)"
+    )
+    parser.add_argument(
+        "--undesirable-weight",
+        type=float,
+        default=1.0,
+        help="lambda_U of the undesirable rows (default: 1; the paper keeps lambda_D n_D / (lambda_U n_U) "
+        "between 1 and 4/3)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=[*REFERENCES, *REFERENCE_ALIASES],
+        default="disabled",
+        help=f"{REFERENCE_HELP} (default: disabled)",
+    )
+    parser.add_argument(
+        "--init-adapter", metavar="DIR", help="start from this trained generation adapter (an SFT run's)"
+    )
+
+
+def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
+    """``multitune kto``: KTO on unpaired desirable/undesirable rows; the folder of ``dpo``."""
+    from multitune.preference.kto import load_unpaired, train_kto
+    from multitune.training.distributed import launched
+
+    reference = reference_name(args.reference)
+    config = _run_config(args)
+    if not args.init_adapter:
+        check_trainable(config.method)
+    with launched(config, args.resume) as (config, main):
+        with run_folder(config.output, "multitune kto", args.resume) as start:
+            done = _finished(Path(config.output)) if args.resume else None
+            if done is not None:
+                print(
+                    f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
+                )
+                return done
+            data = config.data
+            rows = load_unpaired(data.data, drop_empty=bool(data.drop_empty))
+            if data.validation_data:
+                train, held = rows, load_unpaired(data.validation_data, drop_empty=bool(data.drop_empty))
+            else:
+                train, held = split_pairs(
+                    rows, args.validation_ratio, data.split_seed
+                )  # any rows split alike
+            if data.max_examples is not None:
+                train = train[: data.max_examples]
+            bank = _load_bank(config)
+            _add_policy(bank, config, args.init_adapter)
+            method = bank.tasks[config.task].method
+            trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
+            start(_settings_yaml(args, config))
+            result = train_kto(
+                bank, config.task, train, held, config.train, args.beta, args.desirable_weight,
+                args.undesirable_weight, not args.quiet and main, reference, config.output, args.resume,
+            )  # fmt: skip
+            before, after = result["before"] or {}, result["after"] or {}
+            summary = {
+                "command": "kto",
+                "task": config.task,
+                "method": method,
+                "model": config.model,
+                "beta": args.beta,
+                "desirable_weight": args.desirable_weight,
+                "undesirable_weight": args.undesirable_weight,
+                "reference": reference,
+                "rows": {"train": len(train), "validation": len(held), **result["rows"]},
+                "trainable_parameters": trainable,
+                "steps": result["steps"],
+                "best_step": result["best_step"],
+                "seconds": result["seconds"],
+                "accuracy": {"before": before.get("accuracy"), "after": after.get("accuracy")},
+                "evals": result["evals"],
+                "settings": _settings(config),
+            }
+            out = Path(config.output)
+            _save(bank, config.task, out, summary, config.train.keep_checkpoint,
+                  {"kto": {"beta": args.beta, "reference": reference}})  # fmt: skip
+        print(
+            f"trained '{config.task}' ({method}) with KTO (beta {args.beta}) on {config.model}: {trainable:,} "
+            f"trainable parameters, {plural(len(train), 'row')} ({result['rows']['desirable']} desirable), "
+            f"{plural(result['steps'], 'step')}, {result['seconds']:.1f} s"
+        )
+        print(
+            f"held-out rows on the right side of the reference point: {_fmt(before.get('accuracy'))} -> "
+            f"{_fmt(after.get('accuracy'))} on {plural(len(held), 'row')}"
+        )
+        _print_kept(result)
+        print(f"adapter: {out / 'adapter'}")
+        return summary
+
+
 def _run_config(args: argparse.Namespace) -> Any:
     """The flags (defaults < --config file < flags) as a RunConfig, validated as ``multitune train``'s are."""
     from multitune.flags import load_run_config
@@ -148,9 +253,13 @@ def _run_config(args: argparse.Namespace) -> Any:
     if not 0 < args.validation_ratio < 1:
         raise ConfigError(f"--validation-ratio must be between 0 and 1 (got {args.validation_ratio})")
     if not config.data.data:
+        columns = (
+            "prompt/completion/label rows"
+            if hasattr(args, "desirable_weight")
+            else "prompt/chosen/rejected or HH chosen/rejected"
+        )
         raise ConfigError(
-            "no preference data given; pass --data FILE (.jsonl .json .csv .parquet with "
-            "prompt/chosen/rejected or HH chosen/rejected)"
+            f"no preference data given; pass --data FILE (.jsonl .json .csv .parquet with {columns})"
         )
     return config
 
@@ -516,6 +625,12 @@ def commands() -> list[Command]:
             "preference-tune a policy adapter with DPO (reference = adapter disabled)",
             add_dpo_arguments,
             cmd_dpo,
+        ),
+        Command(
+            "kto",
+            "preference-tune a policy adapter with KTO on unpaired desirable/undesirable completions",
+            add_kto_arguments,
+            cmd_kto,
         ),
         Command(
             "ppo",

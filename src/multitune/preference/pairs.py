@@ -14,11 +14,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from multitune.config import plural
 from multitune.errors import ConfigError, DataError
 from multitune.tables import read_table, shown
 
+R = TypeVar("R")  # a row of preference data: a Pair, or KTO's Unpaired
 ASSISTANT = "\n\nAssistant:"  # the HH turn marker the prompt ends with
 
 
@@ -166,8 +168,8 @@ def load_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def split_pairs(pairs: Sequence[Pair], ratio: float = 0.1, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """(train, held out): a seeded shuffle with ``ratio`` of the pairs (at least one) held out."""
+def split_pairs(pairs: Sequence[R], ratio: float = 0.1, seed: int = 0) -> tuple[list[R], list[R]]:
+    """(train, held out): a seeded shuffle with ``ratio`` of the pairs (or KTO's rows; at least one) held out."""
     if not 0 < ratio < 1:
         raise ConfigError(
             f"the held-out ratio must be between 0 and 1 (got {ratio}); e.g. --validation-ratio 0.1"
