@@ -305,7 +305,7 @@ def test_policy_checks():
     with pytest.raises(ConfigError, match="no prompts"):
         train_ppo(bank, "policy", [], reward, fast_config(), progress=False)
     bank.add_task("judge", "classification", "lora", labels=["pos", "neg"])
-    with pytest.raises(ConfigError, match="PPO trains a generation task"):
+    with pytest.raises(ConfigError, match="PPO and GRPO train a generation task"):
         train_ppo(bank, "judge", PROMPTS, reward, fast_config(), progress=False)
     t5 = MultiTaskModel(tiny_base("t5"))
     t5.add_task("policy", "generation", "lora")

@@ -611,6 +611,7 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
 
 
 def commands() -> list[Command]:
+    from multitune.preference.grpo_cli import add_grpo_arguments, cmd_grpo
     from multitune.preference.ppo_cli import add_ppo_arguments, cmd_ppo
 
     return [
@@ -637,5 +638,11 @@ def commands() -> list[Command]:
             "RLHF: PPO on an adapter with a reward model, classifier or Python function",
             add_ppo_arguments,
             cmd_ppo,
+        ),
+        Command(
+            "grpo",
+            "GRPO or RLOO: group-sampled policy optimisation with a reward model, classifier or Python function",
+            add_grpo_arguments,
+            cmd_grpo,
         ),
     ]

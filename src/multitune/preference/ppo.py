@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +60,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
+class PolicyRun(Protocol):
+    """What the shared rollout and checks read of a run's settings (PPOConfig, GRPOConfig)."""
+
+    reference: str
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+    def validate(self) -> list[str]: ...
+
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -258,14 +271,14 @@ def response_outputs(
 
 
 # ---- the loop --------------------------------------------------------------------------------------
-def check_policy(bank: MultiTaskModel, task: str, config: PPOConfig) -> None:
+def check_policy(bank: MultiTaskModel, task: str, config: PolicyRun) -> None:
     """The errors a PPO run would otherwise hit late: wrong kind, architecture, method or reference."""
     spec = bank.spec(task)
     problems = config.validate()
     if problems:
         raise ConfigError("; ".join(problems))
     if spec.kind != "generation":
-        raise ConfigError(f"task '{task}' is a {spec.kind} task; PPO trains a generation task")
+        raise ConfigError(f"task '{task}' is a {spec.kind} task; PPO and GRPO train a generation task")
     if bank.base.arch != "decoder":
         raise ConfigError(
             f"PPO here needs a causal LM (decoder); {bank.base.source} is {bank.base.arch}. "
@@ -335,7 +348,7 @@ def _value_head_and_optimizer(
 
 
 def _sample_rollout(
-    bank: MultiTaskModel, batch: dict[str, torch.Tensor], config: PPOConfig, pad_id: int, eos_id: int | None
+    bank: MultiTaskModel, batch: dict[str, torch.Tensor], config: PolicyRun, pad_id: int, eos_id: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1: sample a response per prompt; returns (tokens (B, T) padded past each response's end, their
     mask (B, T), input_ids and attention mask of [left-padded prompts | right-padded responses])."""

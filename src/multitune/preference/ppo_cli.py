@@ -38,9 +38,23 @@ from multitune.preference.scoring import trainable_methods
 # ---- CLI -------------------------------------------------------------------------------------------
 def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``multitune ppo``: model, prompts, one reward source, method, PPO settings, output."""
+    from multitune.flags import add_arguments, add_method_arguments
+
+    add_rollout_arguments(
+        parser,
+        "runs/ppo",
+        "folder to write: config.yaml, metrics.jsonl (one line per step), adapter/, value_head.safetensors, "
+        "result.json (default: runs/ppo)",
+    )
+    add_arguments(parser, PPOConfig, dest_prefix="ppo.")
+    add_method_arguments(parser, trainable_methods())
+
+
+def add_rollout_arguments(parser: argparse.ArgumentParser, output: str, output_help: str) -> None:
+    """The flags ``ppo`` and ``grpo`` share: model, prompts, one reward source, the policy's task and method."""
     from multitune.cli_commands import add_quantize_argument
     from multitune.config import DEVICE_HELP
-    from multitune.flags import add_arguments, add_config_argument, add_method_arguments
+    from multitune.flags import add_config_argument
 
     add_config_argument(parser)
     parser.add_argument(
@@ -85,15 +99,8 @@ def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-prompts", type=int, metavar="N", help="use at most the first N prompts")
     parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
-    parser.add_argument(
-        "--output",
-        default="runs/ppo",
-        help="folder to write: config.yaml, metrics.jsonl (one line "
-        "per step), adapter/, value_head.safetensors, result.json (default: runs/ppo)",
-    )
+    parser.add_argument("--output", default=output, help=output_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bar (step lines are still printed)")
-    add_arguments(parser, PPOConfig, dest_prefix="ppo.")
-    add_method_arguments(parser, trainable_methods())
 
 
 def ppo_config_from_args(args: argparse.Namespace) -> tuple[PPOConfig, Any]:
