@@ -27,7 +27,7 @@ from multitune.preference.dpo import (
     reference_name,
     train_dpo,
 )
-from multitune.preference.pairs import Pair, load_pairs, split_pairs
+from multitune.preference.pairs import R, load_pairs, split_pairs
 from multitune.preference.reward import train_reward
 from multitune.preference.scoring import REWARD_LABELS, add_reward_task, check_trainable, trainable_methods
 
@@ -128,6 +128,11 @@ def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="--loss simpo: the target margin gamma between the chosen and rejected rewards (default: 0.5)",
     )
+    _add_policy_arguments(parser)
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reference and the starting adapter of a policy that ``dpo`` and ``kto`` train."""
     parser.add_argument(
         "--reference",
         choices=[*REFERENCES, *REFERENCE_ALIASES],
@@ -162,15 +167,7 @@ def add_kto_arguments(parser: argparse.ArgumentParser) -> None:
         help="lambda_U of the undesirable rows (default: 1; the paper keeps lambda_D n_D / (lambda_U n_U) "
         "between 1 and 4/3)",
     )
-    parser.add_argument(
-        "--reference",
-        choices=[*REFERENCES, *REFERENCE_ALIASES],
-        default="disabled",
-        help=f"{REFERENCE_HELP} (default: disabled)",
-    )
-    parser.add_argument(
-        "--init-adapter", metavar="DIR", help="start from this trained generation adapter (an SFT run's)"
-    )
+    _add_policy_arguments(parser)
 
 
 def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,16 +187,7 @@ def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
                     f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
                 )
                 return done
-            data = config.data
-            rows = load_unpaired(data.data, drop_empty=bool(data.drop_empty))
-            if data.validation_data:
-                train, held = rows, load_unpaired(data.validation_data, drop_empty=bool(data.drop_empty))
-            else:
-                train, held = split_pairs(
-                    rows, args.validation_ratio, data.split_seed
-                )  # any rows split alike
-            if data.max_examples is not None:
-                train = train[: data.max_examples]
+            train, held = _load_splits(config, args.validation_ratio, load_unpaired)
             bank = _load_bank(config)
             _add_policy(bank, config, args.init_adapter)
             method = bank.tasks[config.task].method
@@ -329,11 +317,12 @@ def _finished(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _load_splits(config: Any, ratio: float) -> tuple[list[Pair], list[Pair]]:
+def _load_splits(config: Any, ratio: float, load: Callable[..., list[R]]) -> tuple[list[R], list[R]]:
+    """(train, held out) rows of ``--data`` as ``load`` reads them (pairs; KTO's unpaired rows)."""
     data = config.data
-    pairs = load_pairs(data.data, drop_empty=bool(data.drop_empty))
+    pairs = load(data.data, drop_empty=bool(data.drop_empty))
     if data.validation_data:
-        train, held = pairs, load_pairs(data.validation_data, drop_empty=bool(data.drop_empty))
+        train, held = pairs, load(data.validation_data, drop_empty=bool(data.drop_empty))
     else:
         train, held = split_pairs(pairs, ratio, data.split_seed)
     if data.max_examples is not None:
@@ -423,7 +412,9 @@ def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]
                 f"reward model '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
             )
             return done
-        train, held = _load_splits(config, args.validation_ratio)  # the user's files first: they fail fast
+        train, held = _load_splits(
+            config, args.validation_ratio, load_pairs
+        )  # the user's files first: they fail fast
         bank = _load_bank(config)
         add_reward_task(bank, config.task, config.method, config.method_config())
         trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
@@ -561,7 +552,7 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
                 f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
             )
             return done
-        train, held = _load_splits(config, args.validation_ratio)
+        train, held = _load_splits(config, args.validation_ratio, load_pairs)
         bank = _load_bank(config)
         _add_policy(bank, config, args.init_adapter)
         method = bank.tasks[config.task].method

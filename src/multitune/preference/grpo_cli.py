@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +12,6 @@ from tqdm.auto import tqdm
 
 from multitune.config import plural
 from multitune.errors import ConfigError
-from multitune.methods import METHODS
 from multitune.preference.grpo import GRPOConfig, train_grpo
 from multitune.preference.ppo_cli import (
     _policy_bank,
@@ -23,6 +21,7 @@ from multitune.preference.ppo_cli import (
     _reward_source,
     _score_window,
     peak_rss_mb,
+    run_config_from_args,
 )
 from multitune.preference.scoring import trainable_methods
 
@@ -43,19 +42,7 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def grpo_config_from_args(args: argparse.Namespace) -> tuple[GRPOConfig, Any]:
-    values = vars(args)
-    config = dataclasses.replace(
-        GRPOConfig(), **{k[5:]: v for k, v in values.items() if k.startswith("grpo.") and v is not None}
-    )
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown method '{args.method}'; choose one of: {', '.join(sorted(METHODS))}")
-    prefix = f"methods.{args.method}."
-    method_values = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix) and v is not None}
-    method_config = METHODS[args.method].config_class(**method_values)
-    problems = config.validate() + method_config.validate()
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return config, method_config
+    return run_config_from_args(args, GRPOConfig(), "grpo.")
 
 
 def cmd_grpo(args: argparse.Namespace) -> dict[str, Any]:

@@ -112,32 +112,29 @@ def _mismatched(rows: Sequence[Unpaired]) -> tuple[list[str], list[str]]:
     return prompts, completions[1:] + completions[:1]
 
 
-def _reference(
-    bank: MultiTaskModel, task: str, rows: Sequence[Unpaired], config: TrainConfig, reference: str
+def _logps(
+    bank: MultiTaskModel,
+    task: str,
+    rows: Sequence[Unpaired],
+    config: TrainConfig,
+    batch_size: int,
+    reference: str | None = None,
+    pairs: bool = True,
 ) -> torch.Tensor:
-    """(N, 2) reference log-probs of each row and of its mismatched pair, without gradients."""
+    """(N, 2) summed log-probs of each row's completion and of its mismatched pair (``pairs`` False: (N, 1), the
+    mismatched pairs alone), under the policy, or with ``reference`` under the reference without gradients."""
     import contextlib
 
     prompts, others = _mismatched(rows)
-    both = [r.prompt for r in rows] + prompts
-    completions = [r.completion for r in rows] + others
-    off = bank.disabled() if reference == "disabled" else contextlib.nullcontext()
-    with torch.no_grad(), off:
-        logps = sequence_logps(bank, task, both, completions, config.max_length, config.eval_batch_size)
-    return torch.stack([logps[: len(rows)], logps[len(rows) :]], dim=1).float().detach()
-
-
-def _policy(bank: MultiTaskModel, task: str, rows: Sequence[Unpaired], config: TrainConfig) -> torch.Tensor:
-    prompts, others = _mismatched(rows)
-    logps = sequence_logps(
-        bank,
-        task,
-        [r.prompt for r in rows] + prompts,
-        [r.completion for r in rows] + others,
-        config.max_length,
-        2 * len(rows),
-    )
-    return torch.stack([logps[: len(rows)], logps[len(rows) :]], dim=1)
+    texts, completions = ([r.prompt for r in rows], [r.completion for r in rows]) if pairs else ([], [])
+    texts, completions = texts + prompts, completions + others
+    if reference is None:
+        logps = sequence_logps(bank, task, texts, completions, config.max_length, batch_size)
+    else:
+        off = bank.disabled() if reference == "disabled" else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            logps = sequence_logps(bank, task, texts, completions, config.max_length, batch_size).float()
+    return logps.view(-1, 1) if not pairs else torch.stack([logps[: len(rows)], logps[len(rows) :]], dim=1)
 
 
 def train_kto(
@@ -175,8 +172,9 @@ def train_kto(
         )
     rows, validation = list(rows), list(validation)
     bank.eval()
-    ref_train = _reference(bank, task, rows, config, reference)
-    ref_val = _reference(bank, task, validation, config, reference) if len(validation) > 1 else None
+    size = config.eval_batch_size
+    ref_train = _logps(bank, task, rows, config, size, reference)
+    ref_val = _logps(bank, task, validation, config, size, reference) if len(validation) > 1 else None
     good = torch.tensor([r.desirable for r in rows])
     good_val = torch.tensor([r.desirable for r in validation])
 
@@ -185,8 +183,10 @@ def train_kto(
         if len(batch) < 2:  # one row has no other completion to estimate z0 from: the neighbour in the data
             picked = [*picked, (picked[0] + 1) % len(rows)]
             batch = [rows[i] for i in picked]
-        policy = _policy(bank, task, batch, config)
-        ref = _batch_reference(bank, task, batch, config, reference, ref_train, picked)
+        policy = _logps(bank, task, batch, config, 2 * len(batch))
+        # each row's reference log-prob is precomputed; its in-batch mismatched pair is this batch's own
+        mismatched = _logps(bank, task, batch, config, config.eval_batch_size, reference, pairs=False)
+        ref = torch.cat([ref_train[picked].to(mismatched.device)[:, :1], mismatched], dim=1)
         value, margins, _ = kto_loss(
             policy[:, 0], ref[:, 0], good[picked].to(policy.device), policy[:, 1], ref[:, 1], beta,
             desirable_weight, undesirable_weight,
@@ -200,7 +200,7 @@ def train_kto(
         if ref_val is None:
             return None
         with torch.no_grad():
-            policy = _policy_eval(bank, task, validation, config)
+            policy = _logps(bank, task, validation, config, config.eval_batch_size).float()
         value, margins, z0 = kto_loss(
             policy[:, 0], ref_val[:, 0].to(policy.device), good_val.to(policy.device), policy[:, 1],
             ref_val[:, 1].to(policy.device), beta, desirable_weight, undesirable_weight,
@@ -223,34 +223,3 @@ def train_kto(
         rows={"desirable": int(good.sum()), "undesirable": int((~good).sum())},
     )
     return result
-
-
-def _batch_reference(
-    bank: MultiTaskModel,
-    task: str,
-    batch: Sequence[Unpaired],
-    config: TrainConfig,
-    reference: str,
-    ref_train: torch.Tensor,
-    picked: list[int],
-) -> torch.Tensor:
-    """The batch's reference log-probs: each row's from the precomputed table; the mismatched pairs are the
-    batch's own (row i with the batch's row i+1), so they are scored now, without gradients."""
-    inner = _reference(bank, task, batch, config, reference)
-    rows = ref_train[picked].to(inner.device)
-    return torch.stack([rows[:, 0], inner[:, 1]], dim=1)
-
-
-def _policy_eval(
-    bank: MultiTaskModel, task: str, rows: Sequence[Unpaired], config: TrainConfig
-) -> torch.Tensor:
-    prompts, others = _mismatched(rows)
-    logps = sequence_logps(
-        bank,
-        task,
-        [r.prompt for r in rows] + prompts,
-        [r.completion for r in rows] + others,
-        config.max_length,
-        config.eval_batch_size,
-    )
-    return torch.stack([logps[: len(rows)], logps[len(rows) :]], dim=1).float()

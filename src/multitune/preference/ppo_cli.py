@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -105,13 +105,23 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, output: str, output_h
 
 def ppo_config_from_args(args: argparse.Namespace) -> tuple[PPOConfig, Any]:
     """(PPOConfig, the method's config) from the flags that were given."""
+    return run_config_from_args(args, PPOConfig(), "ppo.")
+
+
+C = TypeVar("C", bound=Any)
+
+
+def run_config_from_args(args: argparse.Namespace, defaults: C, prefix: str) -> tuple[C, Any]:
+    """(the run's settings: ``defaults`` with the given ``PREFIX.field`` flags, the method's config), checked."""
     values = vars(args)
-    ppo = {k[4:]: v for k, v in values.items() if k.startswith("ppo.") and v is not None}
-    config = dataclasses.replace(PPOConfig(), **ppo)
+    given = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix) and v is not None}
+    config = dataclasses.replace(defaults, **given)
     if args.method not in METHODS:
         raise ConfigError(f"unknown method '{args.method}'; choose one of: {', '.join(sorted(METHODS))}")
-    prefix = f"methods.{args.method}."
-    method_values = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix) and v is not None}
+    methods = f"methods.{args.method}."
+    method_values = {
+        k[len(methods) :]: v for k, v in values.items() if k.startswith(methods) and v is not None
+    }
     method_config = METHODS[args.method].config_class(**method_values)
     problems = config.validate() + method_config.validate()
     if problems:
