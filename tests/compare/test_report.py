@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import io
 import re
 from pathlib import Path
 
 import pytest
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, distinct_colours
 
 from multitune.compare.report import write_report
 from multitune.compare.table import describe_params, human_bytes
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 META = {
     "model": "minilm",
@@ -435,14 +424,6 @@ def test_seeds_of_a_non_learner_and_broken_seed_fields(tmp_path):
 
 
 # ---- the HTML in a real browser --------------------------------------------------------------------------
-def distinct_colours(png: bytes) -> int:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as image:
-        colours = image.convert("RGB").getcolors(1 << 24)
-    return len(colours or [])
-
-
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt install chromium)"
 )

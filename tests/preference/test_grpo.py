@@ -110,7 +110,9 @@ def test_grpo_cli_end_to_end_and_bad_inputs(tmp_path, capsys) -> None:
     assert result["command"] == "grpo" and result["steps"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "adapter" / "adapter.json").is_file()
-    capsys.readouterr()
+    page = (out / "report.html").read_text()  # the run report: its curves, and a row per step
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG") and page.count("<tr>") == 3
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     for extra, expected in (
         (["--group-size", "1"], "group_size must be >= 2"),
         (["--advantage", "mean"], "advantage must be grpo or rloo"),

@@ -441,10 +441,13 @@ def test_cmd_ppo_end_to_end(ppo_inputs, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter",
         "config.yaml",
+        "curves.png",
         "metrics.jsonl",
+        "report.html",
         "result.json",
         "value_head.safetensors",
     ]
+    assert "Every step (3)" in (out / "report.html").read_text()
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [1, 2, 3]
     # config.yaml holds the run's settings as `ppo --config` reads them back, the task named after the folder

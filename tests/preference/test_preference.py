@@ -467,6 +467,8 @@ def test_reward_cli_writes_a_reloadable_reward_model(llama_dir, pair_files, tmp_
     assert result["validation_pair_accuracy"] >= 0.8
     printed = capsys.readouterr().out
     assert "held-out pair accuracy" in printed and "48 pairs, 18 steps" in printed
+    page = (out / "report.html").read_text()  # the run report: training steps and held-out evaluations
+    assert (out / "curves.png").is_file() and page.count("<tr>") == 1 + len(result["evals"]) + 1 + 18
     # a run folder as multitune train writes one: config.yaml, metrics.jsonl (one line per evaluation)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [e["step"] for e in result["evals"]] and metrics[0]["step"] == 0
@@ -519,7 +521,7 @@ def test_dpo_cli_writes_a_reloadable_policy(llama_dir, pair_files, tmp_path, cap
     )  # LoRA starts as the base
     assert accuracy["after"] > 0.7 and margin["after"] > 0.2
     assert "held-out preference accuracy" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "curves.png", "metrics.jsonl", "report.html", "result.json"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(result["evals"]) >= 2
     again = vars(_parse(add_dpo_arguments, ["--config", str(out / "config.yaml")]))
     assert again["beta"] == 0.5 and again["validation_ratio"] == 0.25 and again["reference"] == "disabled"

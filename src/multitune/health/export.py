@@ -6,7 +6,8 @@
   unpaired format ``{"prompt", "completion", "label": true|false}`` (a correction is a desirable completion
   too), and every correction as a DPO pair ``{"prompt", "chosen": correction, "rejected": the answer}``,
   the ``prompt, chosen, rejected`` rows :func:`multitune.preference.pairs.load_pairs` reads
-  (``multitune dpo --data``). The seeds' RLHF "with rewards from iterative human evaluations of the outputs".
+  (``multitune dpo --data``); ``--data feedback:BANK --task T`` trains on them without a file. The seeds'
+  RLHF "with rewards from iterative human evaluations of the outputs".
 
 Training needs the inputs, which the server keeps only with ``--log-requests``: feedback on answers whose input
 was not logged is counted and left out, and an export left with nothing says so and names the flag.
@@ -87,14 +88,12 @@ def pairs_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.pairs{path.suffix}")
 
 
-def export_preferences(store: FeedbackStore, task: str, path: str | Path) -> dict[str, Any]:
-    """KTO rows into ``path`` and DPO pairs into :func:`pairs_path` (written only when a correction exists);
-    returns ``{"kto": rows, "pairs": pairs, "pairs_path": str | None}``."""
-    path = Path(path)
-    _check_path(path)
+def preference_rows(store: FeedbackStore, task: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(KTO rows, DPO pairs) of the task's rated and corrected answers, as the module docstring says; what
+    :func:`export_preferences` writes and ``--data feedback:BANK`` trains on."""
     rows = _with_inputs(_feedback_rows(store, task, kind="generation"), task)
-    unpaired: list[dict[str, object]] = []
-    pairs: list[dict[str, object]] = []
+    unpaired: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
     for row in rows:
         prompt, answer = row["input"], row["prediction"] or ""
         if row["rating"] is not None and answer:
@@ -105,6 +104,15 @@ def export_preferences(store: FeedbackStore, task: str, path: str | Path) -> dic
                 pairs.append({"prompt": prompt, "chosen": row["correction"], "rejected": answer})
     if not unpaired:
         raise DataError(f"task '{task}' has feedback but no rating or correction on a non-empty answer")
+    return unpaired, pairs
+
+
+def export_preferences(store: FeedbackStore, task: str, path: str | Path) -> dict[str, Any]:
+    """KTO rows into ``path`` and DPO pairs into :func:`pairs_path` (written only when a correction exists);
+    returns ``{"kto": rows, "pairs": pairs, "pairs_path": str | None}``."""
+    path = Path(path)
+    _check_path(path)
+    unpaired, pairs = preference_rows(store, task)
     write_table(path, unpaired)
     target = None
     if pairs:

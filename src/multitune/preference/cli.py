@@ -27,6 +27,7 @@ from multitune.preference.dpo import (
     reference_name,
     train_dpo,
 )
+from multitune.preference.feedback import is_feedback, load_feedback, served_adapter
 from multitune.preference.pairs import R, load_pairs, split_pairs
 from multitune.preference.reward import train_reward
 from multitune.preference.scoring import REWARD_LABELS, add_reward_task, check_trainable, trainable_methods
@@ -47,7 +48,13 @@ def _add_common_arguments(
     from multitune.flags import add_arguments, add_config_argument, add_method_arguments
 
     add_config_argument(parser)
-    parser.add_argument("--data", dest="data.data", metavar="FILE", help=data_help)
+    parser.add_argument(
+        "--data",
+        dest="data.data",
+        metavar="FILE",
+        help=data_help + "; or feedback:BANK with --task T: the ratings and corrections `multitune serve` "
+        "recorded for T (BANK: the served folder, or its --monitor-db)",
+    )
     parser.add_argument(
         "--validation-data",
         dest="data.validation_data",
@@ -219,6 +226,7 @@ def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
             out = Path(config.output)
             _save(bank, config.task, out, summary, config.train.keep_checkpoint,
                   {"kto": {"beta": args.beta, "reference": reference}})  # fmt: skip
+            write_report(out, summary, result["history"], result["evals"], main)
         print(
             f"trained '{config.task}' ({method}) with KTO (beta {args.beta}) on {config.model}: {trainable:,} "
             f"trainable parameters, {plural(len(train), 'row')} ({result['rows']['desirable']} desirable), "
@@ -238,6 +246,11 @@ def _run_config(args: argparse.Namespace) -> Any:
     from multitune.flags import load_run_config
 
     config = load_run_config(args)
+    if is_feedback(config.data.data) and not args.task:
+        raise ConfigError(
+            f"--data {config.data.data} reads the feedback of one served task; pass --task with its name "
+            "(the trained task gets that name)"
+        )
     if not 0 < args.validation_ratio < 1:
         raise ConfigError(f"--validation-ratio must be between 0 and 1 (got {args.validation_ratio})")
     if not config.data.data:
@@ -320,7 +333,11 @@ def _finished(folder: Path) -> dict[str, Any] | None:
 def _load_splits(config: Any, ratio: float, load: Callable[..., list[R]]) -> tuple[list[R], list[R]]:
     """(train, held out) rows of ``--data`` as ``load`` reads them (pairs; KTO's unpaired rows)."""
     data = config.data
-    pairs = load(data.data, drop_empty=bool(data.drop_empty))
+    pairs: list[Any]
+    if is_feedback(data.data):  # the served task's ratings and corrections, straight from the store
+        pairs = list(load_feedback(data.data, config.task, paired=load is load_pairs))
+    else:
+        pairs = load(data.data, drop_empty=bool(data.drop_empty))
     if data.validation_data:
         train, held = pairs, load(data.validation_data, drop_empty=bool(data.drop_empty))
     else:
@@ -373,6 +390,18 @@ def _save(
     write_json_atomic(out / "result.json", summary)
     if not keep_checkpoint:
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+
+
+def write_report(
+    out: Path, summary: dict[str, Any], steps: list[dict], evals: list[dict], main: bool
+) -> None:
+    """curves.png and report.html beside metrics.jsonl (rank 0 of a launch alone); says where."""
+    if not main:
+        return
+    from multitune.preference.report import write_run_report
+
+    paths = write_run_report(out, summary, steps, evals)
+    print(f"report: {paths['html']} (curves: {paths['png']})")
 
 
 def _fmt(value: float | None) -> str:
@@ -463,6 +492,7 @@ def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]
                 "metrics": {"validation_pair_accuracy": result["validation_accuracy"]},
             },
         )
+        write_report(out, summary, result["history"], result["evals"], main)
     print(
         f"trained reward model '{config.task}' ({config.method}) on {config.model}: {trainable:,} trainable "
         f"parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, {result['seconds']:.1f} s"
@@ -478,7 +508,15 @@ def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]
 
 def _add_policy(bank: MultiTaskModel, config: Any, init_adapter: str | None) -> None:
     """The policy task: a fresh one of ``--method``, or ``--init-adapter``'s trained generation adapter (the
-    SFT-then-DPO recipe), refused when that adapter is not a generation task."""
+    SFT-then-DPO recipe), refused when that adapter is not a generation task. Trained on ``feedback:BANK``
+    without ``--init-adapter``, the policy starts from the task BANK serves under that name, if it holds one."""
+    if not init_adapter and is_feedback(config.data.data):
+        served = served_adapter(config.data.data, config.task)
+        if served is not None:
+            print(
+                f"starting from the served task '{config.task}' ({served}); pass --init-adapter to start elsewhere"
+            )
+            init_adapter = str(served)
     if not init_adapter:
         bank.add_task(config.task, "generation", config.method, config.method_config())
         return
@@ -587,6 +625,7 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
                 "metrics": {"preference_accuracy": summary["preference_accuracy"]},
             },
         )
+        write_report(out, summary, result["history"], result["evals"], main)
     print(
         f"trained '{config.task}' ({method}) with {LOSS_NAMES[args.loss]} (beta {args.beta}) on {config.model}: {trainable:,} "
         f"trainable parameters, {plural(len(train), 'pair')}, {plural(result['steps'], 'step')}, "

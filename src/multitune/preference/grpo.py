@@ -253,6 +253,7 @@ def train_grpo(
             record = {
                 "step": step + 1,
                 "score": float(scores.mean()),
+                "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
                 "score_std_in_group": float(scores.view(-1, g).std(dim=1).mean()),
                 "entropy": ent,
                 **{k: sum(v) / len(v) for k, v in stats.items()},

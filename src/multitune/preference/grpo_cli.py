@@ -51,7 +51,7 @@ def cmd_grpo(args: argparse.Namespace) -> dict[str, Any]:
     from multitune.api import adapter_folder
     from multitune.config import device_problem
     from multitune.flags import command_yaml
-    from multitune.preference.cli import run_folder
+    from multitune.preference.cli import run_folder, write_report
     from multitune.preference.rewards import load_python_reward
     from multitune.storage import save_adapter, write_json_atomic
 
@@ -118,6 +118,7 @@ def cmd_grpo(args: argparse.Namespace) -> dict[str, Any]:
             bank, task, out / "adapter", extra={"grpo": {"reward": reward_text, "steps": len(history)}}
         )
         write_json_atomic(out / "result.json", summary)  # last: a folder with result.json is a finished run
+        write_report(out, summary, history, [], True)
     print(
         f"grpo done: {plural(len(history), 'step')} in {summary['seconds']:.1f} s; mean score of the first "
         f"{plural(k, 'step')} {first:.4f} -> last {k} {last:.4f}; KL {summary['kl_last']:.4f}"

@@ -528,6 +528,7 @@ def train_ppo(
                 "step": step + 1,
                 "reward": float((scores - coef * kl_tokens.sum(1)).mean()),
                 "score": float(scores.mean()),
+                "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
                 "kl": kl,
                 "kl_coef": coef,
                 **{k: sum(v) / len(v) for k, v in stats.items()},

@@ -24,7 +24,7 @@ from multitune.bank import MultiTaskModel
 from multitune.config import plural
 from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
-from multitune.preference.cli import run_folder
+from multitune.preference.cli import run_folder, write_report
 from multitune.preference.ppo import VALUE_HEAD_FILE, PPOConfig, check_policy, save_value_head, train_ppo
 from multitune.preference.rewards import (
     RewardFn,
@@ -358,6 +358,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         history = result["history"]
         k, first, last = _score_window(history)
         summary = {
+            "command": "ppo",
             "task": task,
             "method": args.method,
             "model": args.model,
@@ -378,6 +379,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
             "method_config": asdict(method_config),
         }
         _save_ppo_outputs(bank, task, out, result["value_head"], reward_text, summary)
+        write_report(out, summary, history, [], True)
     print(
         f"ppo done: {plural(len(history), 'step')} in {summary['seconds']:.1f} s; mean score of the first "
         f"{plural(k, 'step')} {first:.4f} -> last {k} {last:.4f}; KL {summary['kl_last']:.3f} (kl_coef {result['kl_coef']:.4f}); "
