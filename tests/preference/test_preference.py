@@ -521,7 +521,14 @@ def test_dpo_cli_writes_a_reloadable_policy(llama_dir, pair_files, tmp_path, cap
     )  # LoRA starts as the base
     assert accuracy["after"] > 0.7 and margin["after"] > 0.2
     assert "held-out preference accuracy" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "curves.png", "metrics.jsonl", "report.html", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "report.html",
+        "result.json",
+    ]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(result["evals"]) >= 2
     again = vars(_parse(add_dpo_arguments, ["--config", str(out / "config.yaml")]))
     assert again["beta"] == 0.5 and again["validation_ratio"] == 0.25 and again["reference"] == "disabled"
