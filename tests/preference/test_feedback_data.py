@@ -60,6 +60,8 @@ def test_kto_and_dpo_train_on_the_served_feedback_from_the_served_adapter(served
     dpo = json.loads((tmp_path / "dpo" / "result.json").read_text())
     assert dpo["pairs"]["train"] + dpo["pairs"]["validation"] == corrections  # the corrections are the pairs
     assert "starting from the served task" in capsys.readouterr().out
+    assert dpo["init_adapter"] == str(bank / "writer" / "adapter")  # recorded, and config.yaml reruns it
+    assert f"init_adapter: {bank / 'writer' / 'adapter'}" in (tmp_path / "dpo" / "config.yaml").read_text()
     # an explicit --init-adapter wins over the served one; a reward model needs none
     assert main(["reward", *common, "--output", str(tmp_path / "rm"), "--validation-ratio", "0.25"]) == 0
     held = max(1, round(corrections * 0.25))

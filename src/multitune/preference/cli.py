@@ -196,7 +196,7 @@ def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
                 return done
             train, held = _load_splits(config, args.validation_ratio, load_unpaired)
             bank = _load_bank(config)
-            _add_policy(bank, config, args.init_adapter)
+            args.init_adapter = _add_policy(bank, config, args.init_adapter)  # the served one, from feedback
             method = bank.tasks[config.task].method
             trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
             start(_settings_yaml(args, config))
@@ -506,10 +506,11 @@ def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]
     return summary
 
 
-def _add_policy(bank: MultiTaskModel, config: Any, init_adapter: str | None) -> None:
+def _add_policy(bank: MultiTaskModel, config: Any, init_adapter: str | None) -> str | None:
     """The policy task: a fresh one of ``--method``, or ``--init-adapter``'s trained generation adapter (the
     SFT-then-DPO recipe), refused when that adapter is not a generation task. Trained on ``feedback:BANK``
-    without ``--init-adapter``, the policy starts from the task BANK serves under that name, if it holds one."""
+    without ``--init-adapter``, the policy starts from the task BANK serves under that name, if it holds one.
+    Returns the adapter started from (None: a fresh task), which config.yaml and result.json record."""
     if not init_adapter and is_feedback(config.data.data):
         served = served_adapter(config.data.data, config.task)
         if served is not None:
@@ -519,13 +520,14 @@ def _add_policy(bank: MultiTaskModel, config: Any, init_adapter: str | None) -> 
             init_adapter = str(served)
     if not init_adapter:
         bank.add_task(config.task, "generation", config.method, config.method_config())
-        return
+        return None
     from multitune.api import adapter_folder
     from multitune.storage import load_adapter
 
     spec = load_adapter(bank, adapter_folder(init_adapter), config.task)
     if spec.kind != "generation":
         raise ConfigError(f"{init_adapter} holds a {spec.kind} task; DPO starts from a generation adapter")
+    return init_adapter
 
 
 def _dpo_summary(
@@ -592,7 +594,7 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
             return done
         train, held = _load_splits(config, args.validation_ratio, load_pairs)
         bank = _load_bank(config)
-        _add_policy(bank, config, args.init_adapter)
+        args.init_adapter = _add_policy(bank, config, args.init_adapter)  # the served one, from feedback
         method = bank.tasks[config.task].method
         trainable = sum(p.numel() for p in bank.task_parameters(config.task).values())
         check_dpo_policy(bank, config.task)
