@@ -112,7 +112,12 @@ def main() -> None:
     parser.add_argument("--min-gap", type=float, default=0.2)
     parser.add_argument("--losses", default="sigmoid,simpo,orpo")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--beta", action="append", default=[], metavar="LOSS=B", help="another beta for a loss"
+    )
+    parser.add_argument("--reuse", action="store_true", help="train on OUT's pairs of an earlier run")
     args = parser.parse_args()
+    betas = {**BETAS, **{k: float(v) for k, v in (item.split("=") for item in args.beta)}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stubs = prompt_stubs(args.train_prompts + args.held_prompts, 0)
@@ -122,15 +127,21 @@ def main() -> None:
 
     tick = time.perf_counter()
     base = sampler(args.model, None)
-    own = sample(base, stubs, args.samples, 0)
-    values = [score(texts) for texts in own]
-    summary["sampling_seconds"] = round(time.perf_counter() - tick, 1)
-    train = pairs(train_prompts, own[: args.train_prompts], values[: args.train_prompts], args.min_gap)
-    held = pairs(held_prompts, own[args.train_prompts :], values[args.train_prompts :], args.min_gap)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "held.jsonl", held)
-    summary["pairs"] = {"train": len(train), "held": len(held)}
-    summary["sample_mean_reward"] = mean([v for row in values for v in row])
+    if args.reuse:
+        train, held = (
+            [json.loads(x) for x in (out / f).read_text().splitlines()] for f in ("train.jsonl", "held.jsonl")
+        )
+        summary = {**json.loads((out / "summary.json").read_text()), "runs": {}}
+    else:
+        own = sample(base, stubs, args.samples, 0)
+        values = [score(texts) for texts in own]
+        summary["sampling_seconds"] = round(time.perf_counter() - tick, 1)
+        train = pairs(train_prompts, own[: args.train_prompts], values[: args.train_prompts], args.min_gap)
+        held = pairs(held_prompts, own[args.train_prompts :], values[args.train_prompts :], args.min_gap)
+        write_jsonl(out / "train.jsonl", train)
+        write_jsonl(out / "held.jsonl", held)
+        summary["pairs"] = {"train": len(train), "held": len(held)}
+        summary["sample_mean_reward"] = mean([v for row in values for v in row])
     print(f"{len(stubs) * args.samples} samples in {summary['sampling_seconds']} s, mean reward "
           f"{summary['sample_mean_reward']:.3f}; {len(train)} training pairs, {len(held)} held-out pairs", flush=True)  # fmt: skip
 
@@ -138,9 +149,9 @@ def main() -> None:
     summary["base_reward"] = base_reward
     del base
     for loss in args.losses.split(","):
-        run = out / loss
+        run = out / (loss if betas[loss] == BETAS[loss] else f"{loss}-beta{betas[loss]:g}")
         command = [sys.executable, "-m", "multitune", "dpo", "--model", args.model, "--data", str(out / "train.jsonl"),
-                   "--validation-data", str(out / "held.jsonl"), "--loss", loss, "--beta", str(BETAS[loss]),
+                   "--validation-data", str(out / "held.jsonl"), "--loss", loss, "--beta", str(betas[loss]),
                    "--epochs", str(args.epochs), "--output", str(run), "--quiet"]  # fmt: skip
         tick = time.perf_counter()
         subprocess.run(command, check=True)
@@ -150,7 +161,7 @@ def main() -> None:
         reward = mean([v for texts in sample(policy, held_prompts, 2, 1) for v in score(texts)])
         del policy
         summary["runs"][loss] = {
-            "beta": BETAS[loss],
+            "beta": betas[loss],
             "accuracy": result["preference_accuracy"],
             "steps": result["steps"],
             "best_step": result["best_step"],
@@ -160,12 +171,13 @@ def main() -> None:
         print(f"{loss}: held-out preference accuracy {result['preference_accuracy']['before']:.3f} -> "
               f"{result['preference_accuracy']['after']:.3f}; mean reward {base_reward:.3f} -> {reward:.3f}; "
               f"{wall:.0f} s", flush=True)  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    name = "summary.json" if not args.reuse else f"summary-{'-'.join(summary['runs'])}.json"
+    (out / name).write_text(json.dumps(summary, indent=2))
     print(
         "| loss | beta | held-out preference accuracy | mean reward (base -> policy) | steps (best) | wall |"
     )
     print("|---|---|---|---|---|---|")
-    for loss, r in summary["runs"].items():
+    for loss, r in summary["runs"].items():  # keyed by loss: one beta per loss in a run
         print(f"| {loss} | {r['beta']} | {r['accuracy']['before']:.3f} -> {r['accuracy']['after']:.3f} | "
               f"{base_reward:.3f} -> {r['mean_reward']:.3f} | {r['steps']} ({r['best_step']}) | {r['wall_seconds']:.0f} s |")  # fmt: skip
 

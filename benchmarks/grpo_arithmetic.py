@@ -1,9 +1,9 @@
 """GRPO with a verifiable reward: exact-match addition on SmolLM2-135M-Instruct (docs/preference.md).
 
-    python benchmarks/grpo_arithmetic.py OUT [--steps 40] [--max-operand 50] [--held 200] [-- GRPO FLAGS]
+    python benchmarks/grpo_arithmetic.py OUT [--steps 40] [--max-operand 20] [--held 100] [-- GRPO FLAGS]
 
 Problems "What is A + B? Answer with the number only." with A, B drawn from 1..max-operand (seeded; the
-held-out problems are pairs never trained on). The reward is :func:`exact_match` of this file, 1 when the first
+held-out problems are pairs never trained on). The reward is :func:`exact_match` of this file, 1 when the last
 integer of the response is A + B and 0 otherwise: no learned judge, nothing to hack but the answer. The script
 writes OUT/prompts.jsonl, runs ``multitune grpo --reward-python benchmarks/grpo_arithmetic.py:exact_match``
 (a subprocess, as a user runs it) and scores greedy answers to the held-out problems with the adapter off
@@ -29,12 +29,13 @@ NUMBER = re.compile(r"-?\d+")
 
 
 def exact_match(prompts: list[str], responses: list[str]) -> list[float]:
-    """1.0 when the first integer of the response is the sum the prompt asks for, else 0.0."""
+    """1.0 when the last integer of the response is the sum the prompt asks for, else 0.0 (GSM8K's rule: the
+    final number is the answer, so "3 + 4 = 7" and "The answer is 7." are right and "3 + 4 = 8" is not)."""
     out = []
     for prompt, response in zip(prompts, responses, strict=True):
-        question, answer = QUESTION.search(prompt), NUMBER.search(response.replace(",", ""))
-        right = question is not None and answer is not None
-        out.append(float(right and int(answer.group()) == int(question.group(1)) + int(question.group(2))))
+        question, numbers = QUESTION.search(prompt), NUMBER.findall(response.replace(",", ""))
+        right = question is not None and bool(numbers)
+        out.append(float(right and int(numbers[-1]) == int(question.group(1)) + int(question.group(2))))
     return out
 
 
@@ -71,9 +72,9 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--train", type=int, default=400)
-    parser.add_argument("--held", type=int, default=200)
-    parser.add_argument("--max-operand", type=int, default=50)
+    parser.add_argument("--train", type=int, default=300)
+    parser.add_argument("--held", type=int, default=100)
+    parser.add_argument("--max-operand", type=int, default=20)
     parser.add_argument("grpo", nargs="*", help="more flags for multitune grpo (after --)")
     args = parser.parse_args()
     out = Path(args.out)
