@@ -97,7 +97,9 @@ def test_bad_feedback_sources_are_one_line_and_write_nothing(served, tmp_path, c
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
         assert not out.exists() or not any(out.iterdir())
-    # the advice works as printed: KTO takes the ratings the DPO run could not pair
-    assert main(["kto", "--model", str(model), "--data", f"feedback:{ratings_only}", "--task", "writer",
+    # the advice works: KTO takes the ratings the DPO run could not pair (here from the --monitor-db servers
+    # shared, as `update --data feedback:BANK --monitor-db` reads it)
+    assert main(["kto", "--model", str(model), "--data", f"feedback:{empty}", "--monitor-db", str(ratings_only),
+                 "--task", "writer",
                  "--output", str(tmp_path / "k"), "--quiet", *TRAIN_FLAGS, "--epochs", "1"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "k" / "result.json").read_text())["rows"]["train"] == 2

@@ -108,6 +108,11 @@ def _add_common_arguments(
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted run in --output from its checkpoint"
     )
+    parser.add_argument(
+        "--monitor-db",
+        metavar="URL_OR_FILE",
+        help="with --data feedback:BANK, the store the servers shared (default: BANK/monitor.sqlite)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_arguments(parser, TrainConfig, dest_prefix="train.")
     add_method_arguments(parser, [m for m in methods if m in METHODS])
@@ -194,7 +199,7 @@ def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
                     f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
                 )
                 return done
-            train, held = _load_splits(config, args.validation_ratio, load_unpaired)
+            train, held = _load_splits(config, args.validation_ratio, load_unpaired, args.monitor_db)
             bank = _load_bank(config)
             args.init_adapter = _add_policy(bank, config, args.init_adapter)  # the served one, from feedback
             method = bank.tasks[config.task].method
@@ -330,12 +335,14 @@ def _finished(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _load_splits(config: Any, ratio: float, load: Callable[..., list[R]]) -> tuple[list[R], list[R]]:
+def _load_splits(
+    config: Any, ratio: float, load: Callable[..., list[R]], monitor_db: str | None = None
+) -> tuple[list[R], list[R]]:
     """(train, held out) rows of ``--data`` as ``load`` reads them (pairs; KTO's unpaired rows)."""
     data = config.data
     pairs: list[Any]
     if is_feedback(data.data):  # the served task's ratings and corrections, straight from the store
-        pairs = list(load_feedback(data.data, config.task, paired=load is load_pairs))
+        pairs = list(load_feedback(data.data, config.task, load is load_pairs, monitor_db))
     else:
         pairs = load(data.data, drop_empty=bool(data.drop_empty))
     if data.validation_data:
@@ -442,7 +449,7 @@ def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]
             )
             return done
         train, held = _load_splits(
-            config, args.validation_ratio, load_pairs
+            config, args.validation_ratio, load_pairs, args.monitor_db
         )  # the user's files first: they fail fast
         bank = _load_bank(config)
         add_reward_task(bank, config.task, config.method, config.method_config())
@@ -592,7 +599,7 @@ def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> d
                 f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
             )
             return done
-        train, held = _load_splits(config, args.validation_ratio, load_pairs)
+        train, held = _load_splits(config, args.validation_ratio, load_pairs, args.monitor_db)
         bank = _load_bank(config)
         args.init_adapter = _add_policy(bank, config, args.init_adapter)  # the served one, from feedback
         method = bank.tasks[config.task].method

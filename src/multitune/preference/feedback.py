@@ -2,8 +2,9 @@
 and ``reward``, read from the server's store without an export file (the seeds' loop: RLHF "with rewards from
 iterative human evaluations of the outputs").
 
-``BANK`` is what ``multitune feedback export`` takes: the first folder ``multitune serve`` served (its
-``monitor.sqlite``), or the store itself, a SQLite file or a ``postgresql://`` URL (``--monitor-db``). KTO reads
+``BANK`` is what ``multitune feedback export`` and ``update --data feedback:BANK`` take: the first folder
+``multitune serve`` served (its ``monitor.sqlite``; ``--monitor-db URL_OR_FILE`` for the store the servers
+shared), or the store itself, a SQLite file or a ``postgresql://`` URL. KTO reads
 every rating (and every correction, desirable) as an unpaired row; DPO and the reward model read the corrections
 as pairs (the correction chosen over the served answer); :func:`multitune.health.export.preference_rows` builds
 both, as ``feedback export --preferences`` writes them. When ``BANK`` is a folder that holds task ``T``, the
@@ -53,11 +54,15 @@ def _open(where: str):  # noqa: ANN202  (a FeedbackStore: imported late, the sto
     return FeedbackStore.open(where)
 
 
-def load_feedback(data: str, task: str, paired: bool) -> list[Pair] | list[Unpaired]:
-    """Task ``task``'s feedback as DPO pairs (``paired``) or KTO rows; one clear line when there are none."""
+def load_feedback(
+    data: str, task: str, paired: bool, monitor_db: str | None = None
+) -> list[Pair] | list[Unpaired]:
+    """Task ``task``'s feedback as DPO pairs (``paired``) or KTO rows; one clear line when there are none.
+    ``monitor_db``: the store the servers shared (``update``'s flag of the same name), else BANK's own."""
     from multitune.health.export import preference_rows
+    from multitune.health.store import FeedbackStore
 
-    store = _open(source(data))
+    store = FeedbackStore.open(monitor_db) if monitor_db else _open(source(data))
     try:
         rows = store.rows(task)
         if rows and rows[0]["kind"] != "generation":
