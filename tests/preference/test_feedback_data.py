@@ -84,7 +84,7 @@ def test_bad_feedback_sources_are_one_line_and_write_nothing(served, tmp_path, c
     for data, task, expected in (
         (f"feedback:{bank}", None, "reads the feedback of one served task; pass --task"),
         ("feedback:", "writer", "names no store; give feedback:BANK"),
-        (f"feedback:{tmp_path / 'nowhere'}", "writer", "no such folder or store file"),
+        (f"feedback:{tmp_path / 'nowhere'}", "writer", "no such folder or file"),
         (f"feedback:{empty}", "writer", "no server has recorded feedback"),
         (f"feedback:{bank}", "other", "holds no feedback for task 'other' (tasks with answers: writer)"),
         (f"feedback:{ratings_only}", "sent", "is a classification task; preference training reads a generation"),
@@ -97,6 +97,12 @@ def test_bad_feedback_sources_are_one_line_and_write_nothing(served, tmp_path, c
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
         assert not out.exists() or not any(out.iterdir())
+    argv = ["dpo", "--model", str(model), "--data", f"feedback:{empty}", "--monitor-db", str(ratings_only),
+            "--task", "writer", "--output", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) != 0  # the advice names the --monitor-db it read, so that it works as printed
+    assert f"--task writer --monitor-db {ratings_only}" in capsys.readouterr().err
+    assert main([*argv[:5], "--monitor-db", str(tmp_path / "typo.sqlite"), *argv[7:]]) != 0
+    assert "no such folder or file" in capsys.readouterr().err and not (tmp_path / "typo.sqlite").exists()
     # the advice works: KTO takes the ratings the DPO run could not pair (here from the --monitor-db servers
     # shared, as `update --data feedback:BANK --monitor-db` reads it)
     assert main(["kto", "--model", str(model), "--data", f"feedback:{empty}", "--monitor-db", str(ratings_only),

@@ -48,8 +48,8 @@ def _open(where: str):  # noqa: ANN202  (a FeedbackStore: imported late, the sto
         return FeedbackStore.open(where)
     if not Path(where).is_file():
         raise ConfigError(
-            f"--data feedback:{where}: no such folder or store file; give the folder `multitune serve` served "
-            "or its --monitor-db (a SQLite file or a postgresql:// URL)"
+            f"feedback store {where}: no such folder or file; give the folder `multitune serve` served or "
+            "its --monitor-db (a SQLite file or a postgresql:// URL)"
         )
     return FeedbackStore.open(where)
 
@@ -60,16 +60,16 @@ def load_feedback(
     """Task ``task``'s feedback as DPO pairs (``paired``) or KTO rows; one clear line when there are none.
     ``monitor_db``: the store the servers shared (``update``'s flag of the same name), else BANK's own."""
     from multitune.health.export import preference_rows
-    from multitune.health.store import FeedbackStore
 
-    store = FeedbackStore.open(monitor_db) if monitor_db else _open(source(data))
+    store = _open(monitor_db or source(data))  # an existing store only: a typo never creates an empty one
+    again = f" --monitor-db {monitor_db}" if monitor_db else ""
     try:
         rows = store.rows(task)
         if rows and rows[0]["kind"] != "generation":
             raise ConfigError(
                 f"task '{task}' is a {rows[0]['kind']} task; preference training reads a generation task's "
-                f"ratings (its labels are training data: multitune feedback export {source(data)} --task {task} "
-                "--output new.csv)"
+                f"ratings (its labels are training data: multitune feedback export {source(data)} --task {task}"
+                f"{again} --output new.csv)"
             )
         unpaired, pairs = preference_rows(store, task)
     finally:
@@ -79,7 +79,7 @@ def load_feedback(
     if not pairs:
         raise DataError(
             f"task '{task}' has {len(unpaired)} rated answers but no correction, so no pair to train on; train "
-            f"KTO on the ratings: multitune kto --data {data} --task {task}"
+            f"KTO on the ratings: multitune kto --data {data} --task {task}{again}"
         )
     return [Pair(r["prompt"], r["chosen"], r["rejected"]) for r in pairs]
 
