@@ -193,11 +193,8 @@ def cmd_kto(args: argparse.Namespace) -> dict[str, Any]:
         check_trainable(config.method)
     with launched(config, args.resume) as (config, main):
         with run_folder(config.output, "multitune kto", args.resume) as start:
-            done = _finished(Path(config.output)) if args.resume else None
+            done = _finished(Path(config.output), "policy") if args.resume else None
             if done is not None:
-                print(
-                    f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
-                )
                 return done
             train, held = _load_splits(config, args.validation_ratio, load_unpaired, args.monitor_db)
             bank = _load_bank(config)
@@ -325,14 +322,16 @@ def _is_run_of(folder: Path, command: str) -> bool:
         return False
 
 
-def _finished(folder: Path) -> dict[str, Any] | None:
-    """The result of a run that already finished in ``folder`` (resuming it changes nothing)."""
+def _finished(folder: Path, what: str) -> dict[str, Any] | None:
+    """The result of a run that already finished in ``folder`` (resuming it changes nothing), said so."""
     import json
 
     try:
-        return json.loads((folder / "result.json").read_text())
+        done = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
+    print(f"{what} '{done['task']}' finished in an earlier run; adapter: {folder / 'adapter'}")
+    return done
 
 
 def _load_splits(
@@ -442,11 +441,8 @@ def cmd_reward(args: argparse.Namespace) -> dict[str, Any]:
 
 def _reward(args: argparse.Namespace, config: Any, main: bool) -> dict[str, Any]:
     with run_folder(config.output, "multitune reward", args.resume) as start:
-        done = _finished(Path(config.output)) if args.resume else None
+        done = _finished(Path(config.output), "reward model") if args.resume else None
         if done is not None:
-            print(
-                f"reward model '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
-            )
             return done
         train, held = _load_splits(
             config, args.validation_ratio, load_pairs, args.monitor_db
@@ -593,11 +589,8 @@ def cmd_dpo(args: argparse.Namespace) -> dict[str, Any]:
 
 def _dpo(args: argparse.Namespace, config: Any, reference: str, main: bool) -> dict[str, Any]:
     with run_folder(config.output, "multitune dpo", args.resume) as start:
-        done = _finished(Path(config.output)) if args.resume else None
+        done = _finished(Path(config.output), "policy") if args.resume else None
         if done is not None:
-            print(
-                f"policy '{done['task']}' finished in an earlier run; adapter: {Path(config.output) / 'adapter'}"
-            )
             return done
         train, held = _load_splits(config, args.validation_ratio, load_pairs, args.monitor_db)
         bank = _load_bank(config)

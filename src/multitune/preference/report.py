@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from multitune.compare.plots import COLORS, DPI, _figure
+from multitune.compare.plots import COLORS, _figure, _png
 from multitune.compare.report import CSS
 
 CURVES, REPORT = "curves.png", "report.html"
@@ -128,8 +128,6 @@ def _panels(steps: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) ->
 
 def plot_curves(steps: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> bytes:
     """The run's curves as PNG bytes: one panel per statistic the run logged (three columns)."""
-    import io
-
     panels = _panels(steps, evals)
     columns = 3 if len(panels) > 2 else max(1, len(panels))
     rows = max(1, math.ceil(len(panels) / columns))
@@ -158,10 +156,7 @@ def plot_curves(steps: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]
         axes.grid(alpha=0.3)
         if len(lines) > 1 or band is not None:
             axes.legend(fontsize=7)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def _e(value: Any) -> str:
