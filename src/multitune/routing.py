@@ -22,22 +22,33 @@ class Routing:
     disabled: bool = False  # every adapter passes through: the frozen base (reference model for DPO/PPO)
     version: int = 0  # bumped when tasks are added or removed, so layers drop stacked caches
     batch: int = 0  # bumped for each routed batch: layers keep what they gathered per row for one batch
+    entry: int = 0  # bumped at every routing, even of the same batch: parameters may change between two
     # a stacked task -> the tasks under it, bottom first (multitune.compose.stack): its rows run them too
     components: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    _last: tuple[torch.Tensor, int] | None = field(default=None, repr=False)
+    _last: tuple[torch.Tensor, int, str | None, int] | None = field(default=None, repr=False)
 
     def set_rows(self, row_tasks: torch.Tensor) -> None:
         """Route a batch. The same tensor routed again, unchanged (every decoding step of a batch), is the
         same batch. A tensor made under ``torch.inference_mode()`` has no version counter to tell whether it
         was changed in place, so each of its routings is a new batch."""
-        version = -1 if row_tasks.is_inference() else row_tasks._version
-        if self._last is None or row_tasks is not self._last[0] or version < 0 or version != self._last[1]:
-            self.batch += 1
-            self._last = (row_tasks, version)
+        self.entry += 1
         self.row_tasks = row_tasks
+        version = -1 if row_tasks.is_inference() else row_tasks._version
+        last = self._last
+        if (
+            last is not None
+            and row_tasks is last[0]
+            and version >= 0
+            and version == last[1]
+            and last[3] == self.version
+        ):
+            self.single = last[2]  # the same batch: no device sync to find out again whether it is uniform
+            return
+        self.batch += 1
         first = int(row_tasks[0]) if row_tasks.numel() else 0
         uniform = row_tasks.numel() == 0 or bool((row_tasks == first).all())
         self.single = self.slots[first] if uniform and self.slots else None
+        self._last = (row_tasks, version, self.single, self.version)
 
     def chain(self, task: str) -> tuple[str, ...]:
         """The tasks whose parameters a row of ``task`` runs through, bottom first: its components, then itself."""

@@ -68,10 +68,13 @@ def test_stacks_hold_only_the_tasks_with_parameters_at_the_layer() -> None:
     _assert_rows(mixed, _alone(bank, TEXTS, tasks))
     for layer in _wrappers(bank, LoRALinear):
         stack = layer.stacked.stack()
-        (a, b, scale, _, _), where = stack.tensors, stack.where  # the last: DoRA gains (None: no DoRA task)
+        (a, b, scale, _, _, ranks), where = stack.tensors, stack.where  # 5th: DoRA gains (None: no DoRA task)
         holders = [t for t in bank.slots if t in layer.lora_A]
-        assert a.shape[0] == b.shape[0] == scale.shape[0] == len(holders)  # not one entry per slot
+        assert (
+            a.shape[0] == b.shape[0] == scale.shape[0] == ranks.shape[0] == len(holders)
+        )  # not one per slot
         assert where.shape == (1, len(bank.slots)) and int((where >= 0).sum()) == len(holders)
+        assert ranks.tolist() == [layer.lora_A[t].shape[0] for t in holders]
     for layer in _wrappers(bank, AdapterLinear):
         assert layer.stacked.stack().tensors[0].shape[0] == 1
 

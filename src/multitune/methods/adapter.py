@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -58,7 +58,18 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.stack import Rows, SlotStack, Stack, add_rows, per_row, slot_index
+from multitune.methods.stack import (
+    Dense,
+    Rows,
+    SlotStack,
+    Stack,
+    add_rows,
+    concatenated,
+    dense_pays,
+    masked,
+    per_row,
+    slot_index,
+)
 from multitune.methods.wrap import (
     LINEAR,
     TaskLinear,
@@ -198,6 +209,7 @@ class AdapterLinear(TaskLinear):
                 *self.up_weight.values(),
                 *self.up_bias.values(),
             ],
+            self._concatenated,
         )
 
     def task_names(self) -> list[str]:
@@ -239,9 +251,37 @@ class AdapterLinear(TaskLinear):
                     y = self._add_adapter(y, member)
             return y
         for rows in self.stacked.levels(y.shape[0], y.dtype):
-            if rows is not None:
+            if rows is None:
+                continue
+            if rows.extra is not None and dense_pays(y):  # a decode step: see stack.concatenated
+                y = self._dense(y, rows.extra)
+            else:
                 y = self._mixed(y, rows)
         return y
+
+    def _concatenated(self, stack: Stack, index: torch.Tensor, dtype: torch.dtype) -> Dense | None:
+        """The batch's adapters here as one pair of factors with their biases, made once per routed batch; None
+        when tasks with different activations share the layer (each column would need its own)."""
+        if len(self.acts) != 1:
+            return None
+        dw, db, uw, ub = cast(tuple[torch.Tensor, ...], stack.tensors[:4])
+        found = concatenated(index, dw, uw, dw.shape[2], dw.shape[2], dtype)
+        if found is None:
+            return None
+        present, dense = found
+        up_bias = torch.where((index >= 0)[:, None], ub[index.clamp(min=0), 0], 0.0)  # (B, d)
+        return replace(dense, down_bias=db[present, 0].reshape(-1).to(dtype), up_bias=up_bias.to(dtype))
+
+    def _dense(self, y: torch.Tensor, dense: Dense) -> torch.Tensor:
+        """y plus each row's adapter output at a decode step: two GEMMs over the batch's adapters'
+        concatenated factors, the other tasks' columns masked out of each row after the activation."""
+        h = y.reshape(-1, y.shape[-1])
+        low = masked(
+            ACTIVATIONS[self.acts[0]](F.linear(h, dense.down, dense.down_bias)), y.shape[0], dense.mask
+        )
+        out = torch.addmm(h, low, dense.up).view(y.shape)
+        assert dense.up_bias is not None  # an adapter's Dense always carries its up biases
+        return out.add_(dense.up_bias.view(y.shape[0], *([1] * (y.dim() - 2)), y.shape[-1]))
 
     def _add_adapter(self, y: torch.Tensor, task: str) -> torch.Tensor:
         dt = y.dtype

@@ -38,7 +38,17 @@ from torch import nn
 
 from multitune.errors import ConfigError
 from multitune.methods import Method, register
-from multitune.methods.stack import Rows, SlotStack, Stack, add_rows, slot_index
+from multitune.methods.stack import (
+    Dense,
+    Rows,
+    SlotStack,
+    Stack,
+    add_rows,
+    concatenated,
+    dense_pays,
+    masked,
+    slot_index,
+)
 from multitune.methods.wrap import (
     TaskLinear,
     find_linear,
@@ -108,7 +118,7 @@ class LoRALinear(TaskLinear):
         self.merged: set[str] = set()
         self._merged_factor: dict[str, torch.Tensor] = {}  # DoRA: the g a merge multiplied in, to divide out
         self._gain: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}  # DoRA: g cached while no grad
-        self.stacked = SlotStack(routing, self._stack, self._versioned)
+        self.stacked = SlotStack(routing, self._stack, self._versioned, self._concatenated)
 
     def task_names(self) -> list[str]:
         return list(self.lora_A)
@@ -235,13 +245,19 @@ class LoRALinear(TaskLinear):
                     y = self._add_lora(y, x, member)
             return y
         for rows in self.stacked.levels(x.shape[0], x.dtype):
-            if rows is not None:
+            if rows is None:
+                continue
+            # the concatenated factors for decode-sized inputs (rows.extra exists only without a gradient);
+            # a prefill's many positions per row make per-row factors cheaper (fewer FLOPs per row)
+            if rows.extra is not None and dense_pays(x):
+                y = self._dense(x, y, rows.extra)
+            else:
                 y = self._mixed(x, y, rows)
         return y
 
     def _stack(self, present: set[str] | None) -> Stack | None:
-        """A (T, R, in), B (T, out, R), scale (T,), keep (T,) and, when a DoRA task is among them, g (T, 1, out)
-        (ones for plain LoRA tasks) of the T tasks with an update here (not merged), ranks padded to the
+        """A (T, R, in), B (T, out, R), scale (T,), keep (T,), when a DoRA task is among them g (T, 1, out)
+        (ones for plain LoRA tasks), else None, and each task's own rank (T,), of the T tasks with an update here (not merged), ranks padded to the
         largest R; slots of other tasks pass through. None when no task has an update here.
 
         Only tasks with an update are stacked, so the stack is as large as their parameters however many
@@ -266,7 +282,26 @@ class LoRALinear(TaskLinear):
             g = torch.stack(
                 [self.gain(t, torch.float32) if t in self.lora_magnitude_vector else ones for t in tasks]
             ).unsqueeze(1)
-        return Stack((a, b, scale, keep, g), slot_index(self.routing, tasks, device))
+        ranks = torch.tensor([self.lora_A[t].shape[0] for t in tasks], device=device)
+        return Stack((a, b, scale, keep, g, ranks), slot_index(self.routing, tasks, device))
+
+    def _concatenated(self, stack: Stack, index: torch.Tensor, dtype: torch.dtype) -> Dense | None:
+        """The batch's LoRA tasks here as one pair of factors, each A scaled by its task's s, made once per routed
+        batch (:func:`~multitune.methods.stack.concatenated`); None with a DoRA task (per-row g)."""
+        a, b, scale = cast(tuple[torch.Tensor, ...], stack.tensors[:3])
+        if stack.tensors[4] is not None:
+            return None
+        ranks = cast(torch.Tensor, stack.tensors[5])
+        found = concatenated(index, a * scale, b, self.in_features, self.out_features, dtype, ranks)
+        return None if found is None else found[1]
+
+    def _dense(self, x: torch.Tensor, y: torch.Tensor, dense: Dense) -> torch.Tensor:
+        """y + each row's s_t B_t A_t x as two GEMMs over the batch's tasks' concatenated factors, the columns
+        of other tasks masked out of each row between them (no per-row copies of A and B)."""
+        low = masked(F.linear(x.reshape(-1, x.shape[-1]), dense.down), x.shape[0], dense.mask)  # (B L, P R)
+        out = y if y.is_contiguous() else y.contiguous()
+        out.view(-1, out.shape[-1]).addmm_(low, dense.up)
+        return out
 
     def _mixed(self, x: torch.Tensor, y: torch.Tensor, rows: Rows) -> torch.Tensor:
         """y plus each row's s_t B_t A_t x (DoRA rows: (g_t - 1) W x + g_t s_t B_t A_t x): batched matmuls over
