@@ -104,6 +104,7 @@ class SamplingParams:
 
 
 _DONE = object()
+DETOKENISE_WINDOW = 4  # tokens before the new ones that each incremental decode includes (Handle._new_text)
 
 
 class Handle:
@@ -133,6 +134,9 @@ class Handle:
         self._loop = loop
         self._apieces: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self._done = threading.Event()
+        self._decoded = ""  # the generated tokens' text up to ``_read`` (before any stop cut)
+        self._ready = ""  # the answer's text so far (cut at a stop); ``text`` is the part streamed
+        self._prefix = self._read = 0  # token offsets of the detokenising window (see ``_new_text``)
 
     # ---- worker side -------------------------------------------------------------------------------
     def emit(self, piece: Any) -> None:
@@ -144,6 +148,7 @@ class Handle:
     def finish(self, reason: str, error: RequestError | None = None) -> None:
         if self._done.is_set():
             return
+        self._emit_upto(len(self._ready))  # what was held back in case it began a stop string
         self.finish_reason, self.error = reason, error
         self._done.set()
         self.emit(_DONE)
@@ -160,15 +165,23 @@ class Handle:
             return
         generated.append(token)
         self.completion_tokens = len(generated)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        stop = first_stop(text, self.params.stop)
-        if stop is not None:
-            text = text[:stop]
-        if not text.endswith("\ufffd") or stop is not None:  # a split multi-byte character waits
-            piece = text[len(self.text) :]
-            self.text = text
-            if piece:
-                self.emit(piece)
+        new = self._new_text(generated, tokenizer)
+        full = self._decoded + new
+        stops = self.params.stop
+        # only text that contains the new piece can hold a stop the earlier steps did not find
+        start = max(0, len(self._decoded) - max((len(s) for s in stops), default=1) + 1)
+        found = first_stop(full[start:], stops)
+        stop = None if found is None else start + found
+        complete = not new.endswith("\ufffd")  # a split multi-byte character waits for its next bytes
+        if complete or stop is not None:
+            self._ready = full if stop is None else full[:stop]
+            # the last characters could be the start of a stop string: held back until it is clear they are
+            # not (vLLM does the same), so that no streamed piece is ever taken back
+            hold = max((len(s) for s in stops), default=1) - 1
+            self._emit_upto(len(self._ready) - hold)
+        if complete:
+            self._decoded = full
+            self._prefix, self._read = self._read, len(generated)
         if stop is not None:
             self.finish("stop")
         elif len(generated) >= self.params.max_tokens:
@@ -182,6 +195,30 @@ class Handle:
                     "ask for fewer tokens or raise the server's --timeout",
                 ),
             )
+
+    def _emit_upto(self, end: int) -> None:
+        """Stream the ready text up to ``end`` beyond what was already streamed."""
+        piece = self._ready[len(self.text) : max(end, len(self.text))]
+        if piece:
+            self.text += piece
+            self.emit(piece)
+
+    def _new_text(self, generated: list[int], tokenizer: Any) -> str:
+        """The text the tokens after ``_read`` add, decoding a window of a few tokens rather than everything
+        generated so far (vLLM's incremental detokenisation): the window's decode less the decode of its old
+        part. Both decodes start at the same token, so what a tokenizer does at the start of a text
+        (SentencePiece drops a leading space, a word-level decoder joins words with spaces) cancels out, and
+        the piece equals what the full decode adds. The window reaches back at least ``DETOKENISE_WINDOW``
+        tokens, and further while its old part decodes to nothing (special tokens skipped), so a tokenizer's
+        joining of a word to the one before is in it. Text a later token would change (a combining accent
+        after its letter) stays as it was streamed, as with any streaming server."""
+        start = max(0, min(self._prefix, self._read - DETOKENISE_WINDOW))
+        while True:
+            before = tokenizer.decode(generated[start : self._read], skip_special_tokens=True)
+            if before or not start:
+                break
+            start = max(0, start - DETOKENISE_WINDOW)
+        return tokenizer.decode(generated[start:], skip_special_tokens=True)[len(before) :]
 
     # ---- client side -------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -406,19 +443,37 @@ class DecodeBatch:
             self.mask = self.mask[:, start:]
 
 
-def draw(logits: torch.Tensor, handle: Handle) -> int:
-    """One token of one row from softmax(logits / temperature), within the top_p nucleus, from the row's own
-    generator (on the handle, not in a table keyed by id(): ids are reused)."""
-    p = handle.params
-    probs = torch.softmax(logits / p.temperature, dim=-1)
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+def _generator(handle: Handle, device: torch.device) -> torch.Generator:
+    """The row's own sampling stream (on the handle, not in a table keyed by id(): ids are reused), seeded with
+    the request's seed or the clock."""
     if handle.generator is None:
-        handle.generator = torch.Generator(device=probs.device)
+        handle.generator = torch.Generator(device=device)
+        p = handle.params
         handle.generator.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
-    return int(torch.multinomial(probs, 1, generator=handle.generator))
+    return handle.generator
+
+
+def draw_rows(logits: torch.Tensor, handles: list[Handle]) -> torch.Tensor:
+    """One token per row (R, vocab) from softmax(logits / temperature) within each row's top_p nucleus, all rows at
+    once: one softmax, one sort when a row has top_p < 1, one cumulative sum and search. Each row's uniform draw
+    comes from its own generator, so a seeded request repeats whatever else shares its batch. A row whose
+    probabilities are not a distribution (non-finite logits) gets -1."""
+    device = logits.device
+    temperature = torch.tensor([h.params.temperature for h in handles], device=device, dtype=logits.dtype)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    top_p = [h.params.top_p for h in handles]
+    if any(p < 1 for p in top_p):
+        nucleus = torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        kept = torch.where(sorted_probs.cumsum(-1) - sorted_probs < nucleus, sorted_probs, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, kept)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1]
+    draws = torch.cat([torch.rand(1, generator=_generator(h, device), device=device) for h in handles])
+    tokens = torch.searchsorted(cdf, (draws * total).unsqueeze(1).to(cdf.dtype), right=True).squeeze(1)
+    tokens = tokens.clamp(max=probs.shape[1] - 1)
+    valid = torch.isfinite(total) & (total > 0) & ~torch.isnan(probs).any(dim=-1)
+    return torch.where(valid, tokens, -1)
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
@@ -458,15 +513,30 @@ def as_request_error(error: BaseException, what: str, logged: bool = False) -> R
 
 
 def sample_tokens(logits: torch.Tensor, handles: list[Handle]) -> list[int]:
-    """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed).
+    """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed), the
+    sampled rows drawn together (:func:`draw_rows`).
 
     A row whose sampling fails is answered with its error (its token is then never used)."""
     tokens = logits.argmax(dim=-1).tolist()
-    for i, handle in enumerate(handles):
-        if handle.params.temperature <= 0 or handle.done:
-            continue
-        try:
-            tokens[i] = draw(logits[i], handle)
-        except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
+    rows = [i for i, h in enumerate(handles) if h.params.temperature > 0 and not h.done]
+    if not rows:
+        return tokens
+    sampled = handles if len(rows) == len(handles) else [handles[i] for i in rows]
+    picked = logits if len(rows) == len(handles) else logits[torch.tensor(rows, device=logits.device)]
+    try:
+        drawn = draw_rows(picked, sampled).tolist()
+    except Exception as error:  # noqa: BLE001  (the sampled rows fail; greedy rows go on)
+        for handle in sampled:
             handle.finish("error", as_request_error(error, "sampling"))
+        return tokens
+    for i, handle, token in zip(rows, sampled, drawn, strict=True):
+        if token < 0:
+            handle.finish(
+                "error",
+                RequestError(
+                    500, "sampling failed: the model's logits for this row are not finite; retry or report it"
+                ),
+            )
+        else:
+            tokens[i] = token
     return tokens
