@@ -242,27 +242,3 @@ def test_in_passing_thread_returns_raises_and_ends():
 
     with pytest.raises(ValueError, match="bad bank"):
         in_passing_thread(fail)
-
-
-def _rows_running(scheduler: Scheduler) -> int:
-    return sum(len(batch) for batch in scheduler._decoders.values())
-
-
-@pytest.mark.parametrize("delay", [0.0, 1e6])
-def test_joiners_wait_for_company_while_rows_decode_unless_the_delay_is_off(engine, delay):
-    """With rows decoding, a request that arrives alone is held (admit_delay x the last prefill's time) so that
-    later arrivals prefill with it; admit_delay 0 admits it at once; a full room is admitted at once either way.
-    The worker is not started: each turn is run here, so nothing depends on timing but the delay itself."""
-    scheduler = Scheduler(engine, max_batch_size=4, max_wait_ms=0, admit_delay=delay)
-    long = SamplingParams(max_tokens=40)
-    first = [scheduler.submit_generate("lora", p, long) for p in _prompts(2)]
-    scheduler._turn()  # an idle server admits at once with max_wait 0
-    assert _rows_running(scheduler) == 2 and scheduler._prefill_s > 0
-    late = scheduler.submit_generate("ia3", "good film", long)
-    for _ in range(3):
-        scheduler._turn()
-    assert _rows_running(scheduler) == (3 if delay == 0 else 2)
-    assert not any(h.done for h in [*first, late])
-    scheduler.submit_generate("prefix", "a bad film", long)  # the room of 4 is now full: no more waiting
-    scheduler._turn()
-    assert _rows_running(scheduler) == 4

@@ -22,7 +22,6 @@ from multitune.health.store import FeedbackStore, Retention
 from multitune.serve.app import create_app
 from multitune.serve.follow import DEFAULT_INTERVAL_S
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES
-from multitune.serve.scheduler import DEFAULT_ADMIT_DELAY
 
 API_KEY_ENV = "MULTITUNE_API_KEY"
 ADMIN_KEY_ENV = "MULTITUNE_ADMIN_KEY"
@@ -57,11 +56,9 @@ def _check_limits(
     threads: int | None,
     max_input_chars: int,
     max_request_bytes: int,
-    admit_delay: float = 0.0,
 ) -> None:
     """Refuse a size or wait the scheduler or the guard could not work with, before the model loads."""
     for name, value, low in (
-        ("--admit-delay", admit_delay, 0),
         ("--max-batch-size", max_batch_size, 1),
         ("--queue-size", queue_size, 1),
         ("--max-wait-ms", max_wait_ms, 0),
@@ -134,7 +131,6 @@ def serve(
     request_retention: str | None = None,
     monitor: bool = True,
     watch_versions: float = DEFAULT_INTERVAL_S,
-    admit_delay: float = DEFAULT_ADMIT_DELAY,
 ) -> None:
     """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
     :func:`multitune.serve.engine.find_adapters`) until interrupted.
@@ -146,13 +142,10 @@ def serve(
     task with a reference profile for drift (docs/monitoring.md); False builds no monitor and observes nothing.
     ``watch_versions``: every so many seconds, a task served from a run or bank task folder whose current
     version moved (``multitune promote``, a rollback) is reloaded, atomically (:mod:`multitune.serve.follow`);
-    0 never. ``admit_delay``: while rows decode, requests that arrive are held until the oldest has waited this
-    many times the last prefill's duration (or the batch's room is full), so that they prefill together.
+    0 never.
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    _check_limits(
-        max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes, admit_delay
-    )
+    _check_limits(max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes)
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {timeout_s})")
     if not watch_versions >= 0:
@@ -188,7 +181,6 @@ def serve(
         queue_size=queue_size,
         timeout_s=timeout_s,
         monitor=monitor,
-        admit_delay=admit_delay,
     )
     app = create_app(
         scheduler,
@@ -312,15 +304,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long an idle server waits for a batch to fill (default: 5)",
     )
     parser.add_argument(
-        "--admit-delay",
-        type=float,
-        default=DEFAULT_ADMIT_DELAY,
-        metavar="FACTOR",
-        help="while rows decode, hold arriving requests until the oldest has waited FACTOR x the last "
-        "prefill's time, so that they prefill together rather than stall the running rows one by one "
-        f"(default: {DEFAULT_ADMIT_DELAY:g}; 0: admit at once)",
-    )
-    parser.add_argument(
         "--queue-size",
         type=int,
         default=256,
@@ -351,7 +334,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
-        admit_delay=args.admit_delay,
         queue_size=args.queue_size,
         timeout_s=args.timeout,
         model=args.model,

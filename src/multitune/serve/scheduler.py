@@ -61,8 +61,6 @@ from multitune.serve.names import TaskNames
 from multitune.serve.observe import Stats
 from multitune.serve.watch import Watch, token_logprobs
 
-DEFAULT_ADMIT_DELAY = 1.0  # see Scheduler._admit and benchmarks/serve_load.py
-
 log = logging.getLogger("multitune.serve.scheduler")
 T = TypeVar("T")
 
@@ -100,11 +98,8 @@ class Scheduler:
         timeout_s: float = 60.0,
         monitor: bool = True,
         monitor_options: dict[str, Any] | None = None,
-        admit_delay: float = DEFAULT_ADMIT_DELAY,
     ) -> None:
         self.engine = engine
-        self.admit_delay = admit_delay
-        self._prefill_s = 0.0  # how long the last prefill took (what a joiner held back waits for, scaled)
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
@@ -446,16 +441,8 @@ class Scheduler:
                 first = self._waiting[0].deadline - self.timeout_s
                 if time.monotonic() - first < self.max_wait:
                     return  # an idle server waits a moment so that a burst prefills together
-            room = self.max_batch_size - active
-            if active and len(self._waiting) < room:
-                # Rows are decoding: a prefill stalls them for as long as it takes, whatever its size, so joiners
-                # that trickle in (clients sending their next request as their last one ends) are held until the
-                # oldest has waited admit_delay x the last prefill's time, and then prefill together (vLLM's
-                # scheduler delay factor). A full room admits at once.
-                first = self._waiting[0].deadline - self.timeout_s
-                if time.monotonic() - first < self.admit_delay * self._prefill_s:
-                    return
             joining: dict[int, list[Handle]] = {}
+            room = self.max_batch_size - active
             while self._waiting and room > 0:
                 handle = self._waiting.popleft()
                 self._taken.append(handle)
@@ -477,9 +464,7 @@ class Scheduler:
             def run(group: list[Handle], batch: DecodeBatch = batch) -> None:
                 start = len(batch)
                 logprobs: list[float] = []
-                began = time.monotonic()
                 first = batch.join(group, self._sampler(logprobs))  # raises before it changes the batch
-                self._prefill_s = time.monotonic() - began
                 self.stats.record("prefill", len(group))
                 self._advance(batch, list(range(start, start + len(group))), first, logprobs or None)
 
