@@ -26,8 +26,9 @@ warm-up round; the figure is the median over ``--rounds``:
     prompts.
 
 Throughput is text tokens per second (batch x tokens / time; new tokens for generation) for every
-variant, so ratios compare the same useful work. Targets: (a) >= 0.85 (b), (a) >= 1.5 (c),
-(a, --scale tasks) >= 0.9 (a, 4 tasks), generation >= 0.8 base.
+variant, so ratios compare the same useful work. Targets: (a) >= 0.95 (b), (a) >= 1.5 (c),
+(a, --scale tasks) >= 0.95 (a, 4 tasks), generation >= 0.9 x the base on the same positions and >= 0.85 x
+the plain base. benchmarks/decode_step.py breaks a decode step down per method.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, s in gen_seconds.items():
         print(f"{name:<28}{s:>10.3f}{gen_rate[name]:>12.0f}")
     print(f"\n{'target':<44}{'ratio':>8}{'goal':>8}  met")
-    checks = [("(a) multitune / (b) base", rate["multitune mixed"] / rate["base (plain copy)"], 0.85)]
+    checks = [("(a) multitune / (b) base", rate["multitune mixed"] / rate["base (plain copy)"], 0.95)]
     if "peft grouped" in rate:
         checks.append(
             ("(a) multitune / (c) peft (lower bound)", rate["multitune mixed"] / rate["peft grouped"], 1.5)
@@ -358,15 +359,15 @@ def main(argv: list[str] | None = None) -> None:
             (
                 f"(a) {args.scale} tasks / (a) 4 tasks",
                 rate[f"scale: {args.scale} tasks"] / rate["scale: 4 tasks"],
-                0.9,
+                0.95,
             )
         )
     if gen_rate:
         checks.append(
-            ("generate: multitune / base", gen_rate["multitune generate"] / gen_rate["base generate"], 0.8)
+            ("generate: multitune / base", gen_rate["multitune generate"] / gen_rate["base generate"], 0.85)
         )
         wide = next(n for n in gen_rate if n.startswith("base generate (+"))
-        checks.append((f"generate: multitune / {wide}", gen_rate["multitune generate"] / gen_rate[wide], 0.8))
+        checks.append((f"generate: multitune / {wide}", gen_rate["multitune generate"] / gen_rate[wide], 0.9))
     for name, ratio, goal in checks:
         print(f"{name:<44}{ratio:>8.2f}{goal:>8.2f}  {'yes' if ratio >= goal else 'NO'}")
 

@@ -74,7 +74,7 @@ def test_a_decode_step_takes_the_concatenated_factors_and_equals_each_row_alone(
     x = torch.randn(len(rows), 1, 24)
     mixed = _run(layer, routing, rows, x)
     found = _prepared(layer, routing, rows)
-    assert isinstance(found.extra, stack_module.Dense)
+    assert isinstance(found.prepared(), stack_module.Dense)
     torch.testing.assert_close(mixed, _alone(layer, routing, rows, x), atol=1e-5, rtol=0)
     plain = rows == len(routing.slots) - 1
     torch.testing.assert_close(mixed[plain], _run(layer, routing, rows[plain], x[plain]), atol=0, rtol=0)
@@ -85,8 +85,11 @@ def test_the_concatenation_leaves_the_padding_of_smaller_ranks_out() -> None:
     rows = _rows(routing)
     _run(layer, routing, rows, torch.randn(len(rows), 1, 24))
     found = _prepared(layer, routing, rows)
-    assert found.extra.down.shape == (14, 24) and found.extra.up.shape == (14, 40)  # 2 + 8 + 4, not 3 x 8
-    assert found.extra.mask.sum(dim=1).tolist() == [[2, 8, 4, 0][int(r)] for r in rows]
+    assert found.prepared().down.shape == (14, 24) and found.prepared().up.shape == (
+        14,
+        40,
+    )  # 2 + 8 + 4, not 3 x 8
+    assert found.prepared().mask.sum(dim=1).tolist() == [[2, 8, 4, 0][int(r)] for r in rows]
 
 
 def test_prefill_and_over_budget_batches_take_per_row_factors_with_the_same_result(monkeypatch) -> None:
@@ -103,7 +106,7 @@ def test_prefill_and_over_budget_batches_take_per_row_factors_with_the_same_resu
     x = torch.randn(len(rows), 1, 24)
     mixed = _run(layer, routing, rows, x)
     found = _prepared(layer, routing, rows)
-    assert found.extra is None
+    assert found.prepared() is None
     torch.testing.assert_close(mixed, _alone(layer, routing, rows, x), atol=1e-5, rtol=0)
 
 
@@ -113,7 +116,7 @@ def test_a_dora_task_keeps_per_row_factors() -> None:
     x = torch.randn(len(rows), 1, 24)
     mixed = _run(layer, routing, rows, x)
     found = _prepared(layer, routing, rows)
-    assert found.extra is None
+    assert found.prepared() is None
     torch.testing.assert_close(mixed, _alone(layer, routing, rows, x), atol=1e-5, rtol=0)
 
 
@@ -130,3 +133,22 @@ def test_a_parameter_written_between_two_routings_is_seen() -> None:
     assert not torch.allclose(before[changed], after[changed])
     torch.testing.assert_close(before[~changed], after[~changed], atol=0, rtol=0)
     torch.testing.assert_close(after, _alone(layer, routing, rows, x), atol=1e-5, rtol=0)
+
+
+def test_a_prefill_never_builds_the_concatenation(monkeypatch) -> None:
+    """It is made when a decode-sized input first asks for it, once per routed batch, never for a prefill."""
+    import multitune.methods.lora as lora_module
+
+    calls = []
+    real = lora_module.concatenated
+    monkeypatch.setattr(lora_module, "concatenated", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer, routing = _lora([2, 8, 4])
+    rows = _rows(routing)
+    routing.set_rows(rows)
+    with torch.no_grad():
+        layer(torch.randn(len(rows), 6, 24))  # the prefill of a generate
+        assert not calls
+        for _ in range(3):  # its decode steps: the same routed batch
+            layer(torch.randn(len(rows), 1, 24))
+    routing.clear()
+    assert len(calls) == 1

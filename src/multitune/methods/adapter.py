@@ -253,10 +253,8 @@ class AdapterLinear(TaskLinear):
         for rows in self.stacked.levels(y.shape[0], y.dtype):
             if rows is None:
                 continue
-            if rows.extra is not None and dense_pays(y):  # a decode step: see stack.concatenated
-                y = self._dense(y, rows.extra)
-            else:
-                y = self._mixed(y, rows)
+            dense = rows.prepared() if dense_pays(y) else None  # a decode step: see stack.concatenated
+            y = self._dense(y, dense) if dense is not None else self._mixed(y, rows)
         return y
 
     def _concatenated(self, stack: Stack, index: torch.Tensor, dtype: torch.dtype) -> Dense | None:

@@ -247,12 +247,10 @@ class LoRALinear(TaskLinear):
         for rows in self.stacked.levels(x.shape[0], x.dtype):
             if rows is None:
                 continue
-            # the concatenated factors for decode-sized inputs (rows.extra exists only without a gradient);
+            # the concatenated factors for decode-sized inputs (prepared only without a gradient);
             # a prefill's many positions per row make per-row factors cheaper (fewer FLOPs per row)
-            if rows.extra is not None and dense_pays(x):
-                y = self._dense(x, y, rows.extra)
-            else:
-                y = self._mixed(x, y, rows)
+            dense = rows.prepared() if dense_pays(x) else None
+            y = self._dense(x, y, dense) if dense is not None else self._mixed(x, y, rows)
         return y
 
     def _stack(self, present: set[str] | None) -> Stack | None:

@@ -31,7 +31,8 @@ the forward but receive no gradient.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -55,7 +56,19 @@ class Rows:
 
     idx: torch.Tensor | None
     tensors: tuple[torch.Tensor | None, ...]
-    extra: Any = None  # what the hook's ``prepare`` made of these rows once per batch (no gradient only)
+    # makes what the hook's ``prepare`` turns these rows into (no gradient only); see :meth:`prepared`
+    make: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
+    _made: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def prepared(self) -> Any:
+        """What the hook's ``prepare`` makes of these rows: made at the first ask and kept as long as the rows
+        are (one routed batch), so a batch that never asks (a prefill, a training forward) never pays for it.
+        None without a ``prepare`` or when it declines."""
+        if self.make is None:
+            return None
+        if "value" not in self._made:
+            self._made["value"] = self.make()
+        return self._made["value"]
 
     def required(self) -> tuple[torch.Tensor, ...]:
         """:attr:`tensors` of a hook whose stack never holds None (LoRA's, the adapters'), typed so."""
@@ -75,7 +88,7 @@ class SlotStack:
     ``prepare(stack, index, dtype)``, when given, turns one level's gathered rows into what the hook computes with
     instead of per-row tensors (LoRA's concatenated factors of the batch's tasks and a row mask): called once
     per routed batch with each row's index into the stack (-1: passes through), no gradient needed, its
-    result in :attr:`Rows.extra`.
+    result from :meth:`Rows.prepared`, made only when a hook asks for it (a decode-sized input).
     """
 
     def __init__(
@@ -153,7 +166,7 @@ class SlotStack:
                         out = [
                             None
                             if rows is None
-                            else replace(rows, extra=self._prepare(stack, level[slots], dtype))
+                            else replace(rows, make=partial(self._prepare, stack, level[slots], dtype))
                             for rows, level in zip(out, where, strict=True)
                         ]
                     self._rows = (key, out)
