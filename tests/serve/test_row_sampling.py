@@ -46,3 +46,16 @@ def test_a_row_with_non_finite_logits_fails_alone() -> None:
     assert handles[1].done and handles[1].error is not None and "not finite" in str(handles[1].error)
     assert not handles[0].done and not handles[2].done
     assert 0 <= tokens[0] < 16 and tokens[2] == int(logits[2].argmax())
+
+
+def test_a_nucleus_wider_than_the_candidates_is_drawn_from_in_full() -> None:
+    from multitune.serve import decode
+
+    flat = torch.zeros(
+        2, 4 * decode.NUCLEUS_CANDIDATES
+    )  # every token equally likely: the nucleus is 90% of them
+    flat[1, 0] = 50.0  # one sure token: its nucleus is that token, found among the candidates
+    handles = [_handle(top_p=0.9, seed=4), _handle(top_p=0.9, seed=5)]
+    seen = [sample_tokens(flat, handles) for _ in range(300)]
+    assert max(row[0] for row in seen) >= decode.NUCLEUS_CANDIDATES  # beyond the first 256
+    assert {row[1] for row in seen} == {0}

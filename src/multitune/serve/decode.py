@@ -104,6 +104,7 @@ class SamplingParams:
 
 
 _DONE = object()
+NUCLEUS_CANDIDATES = 256  # the most probable tokens a top_p nucleus is looked for in first (draw_rows)
 DETOKENISE_WINDOW = 4  # tokens before the new ones that each incremental decode includes (Handle._new_text)
 
 
@@ -455,23 +456,38 @@ def _generator(handle: Handle, device: torch.device) -> torch.Generator:
 
 def draw_rows(logits: torch.Tensor, handles: list[Handle]) -> torch.Tensor:
     """One token per row (R, vocab) from softmax(logits / temperature) within each row's top_p nucleus, all rows at
-    once: one softmax, one sort when a row has top_p < 1, one cumulative sum and search. Each row's uniform draw
-    comes from its own generator, so a seeded request repeats whatever else shares its batch. A row whose
-    probabilities are not a distribution (non-finite logits) gets -1."""
+    once: one softmax, the nucleus rows' top ``NUCLEUS_CANDIDATES`` probabilities (exact when they hold the
+    row's top_p mass: no token beyond them is in its nucleus; a row whose nucleus is wider is sorted in full),
+    one cumulative sum and search per group of rows. Each row's uniform draw comes from its own generator and
+    which group it falls in depends on its own logits only, so a seeded request repeats whatever else shares
+    its batch. A row whose probabilities are not a distribution (non-finite logits) gets -1."""
     device = logits.device
     temperature = torch.tensor([h.params.temperature for h in handles], device=device, dtype=logits.dtype)
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
-    top_p = [h.params.top_p for h in handles]
-    if any(p < 1 for p in top_p):
-        nucleus = torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None]
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        kept = torch.where(sorted_probs.cumsum(-1) - sorted_probs < nucleus, sorted_probs, 0.0)
-        probs = torch.zeros_like(probs).scatter_(1, order, kept)
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1]
     draws = torch.cat([torch.rand(1, generator=_generator(h, device), device=device) for h in handles])
-    tokens = torch.searchsorted(cdf, (draws * total).unsqueeze(1).to(cdf.dtype), right=True).squeeze(1)
-    tokens = tokens.clamp(max=probs.shape[1] - 1)
+    top_p = torch.tensor([h.params.top_p for h in handles], device=device, dtype=probs.dtype)
+    tokens = torch.full((len(handles),), -1, dtype=torch.long, device=device)
+    whole = top_p >= 1
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # rows, candidates, their ids
+    if bool(whole.any()):
+        groups.append((whole.nonzero(as_tuple=True)[0], probs[whole], None))
+    if not bool(whole.all()):
+        rows = (~whole).nonzero(as_tuple=True)[0]
+        head, order = probs[rows].topk(min(NUCLEUS_CANDIDATES, probs.shape[1]), dim=-1)  # descending
+        covered = head.sum(-1) >= top_p[rows]
+        if bool(covered.any()):
+            groups.append((rows[covered], head[covered], order[covered]))
+        if not bool(covered.all()):
+            wide = rows[~covered]
+            groups.append((wide, *probs[wide].sort(dim=-1, descending=True)))
+    for rows, head, ids in groups:
+        if ids is not None:  # the nucleus: the smallest head whose mass reaches top_p
+            head = torch.where(head.cumsum(-1) - head < top_p[rows, None], head, 0.0)
+        cdf = head.cumsum(-1)
+        target = (draws[rows] * cdf[:, -1]).unsqueeze(1).to(cdf.dtype)
+        picked = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)
+        tokens[rows] = (picked if ids is None else ids.gather(1, picked)).squeeze(1)
+    total = probs.sum(-1)
     valid = torch.isfinite(total) & (total > 0) & ~torch.isnan(probs).any(dim=-1)
     return torch.where(valid, tokens, -1)
 
