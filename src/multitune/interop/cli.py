@@ -28,6 +28,31 @@ def cmd_export_peft(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from multitune.api import load
+    from multitune.interop.export import check_mergeable, export
+
+    task = load(args.run, model=args.model, device="cpu")
+    if args.format == "merged":
+        check_mergeable(task.bank, task.task)  # before anything is written
+    folder = export(task.bank, task.task, args.format, args.output)
+    spec = task.spec
+    if args.format == "peft":
+        print(f"wrote the {spec.method} adapter of '{task.task}' in the peft package's format to {folder}")
+    elif spec.kind == "classification":
+        print(
+            f"wrote '{task.task}' ({spec.method}, labels {', '.join(spec.labels)}) as a plain model to {folder}: "
+            f"AutoModelForSequenceClassification.from_pretrained('{folder}', trust_remote_code=True) loads it "
+            "(its pooling and head are in modeling_multitune.py)"
+        )
+    else:
+        print(
+            f"wrote '{task.task}' ({spec.method}{' folded in' if spec.method in ('lora', 'ia3') else ''}) as a "
+            f"plain model to {folder}: {'AutoModelForSeq2SeqLM' if task.bank.base.arch == 'seq2seq' else 'AutoModelForCausalLM'}"
+            f".from_pretrained('{folder}') loads it"
+        )
+
+
 def cmd_import_peft(args: argparse.Namespace) -> None:
     from multitune.bank import MultiTaskModel
     from multitune.interop.peft import HEAD_FILE, import_peft, read_peft_config
@@ -57,6 +82,21 @@ def add_export_peft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="the base to load it on (default: the recorded one)")
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from multitune.interop.export import FORMATS
+
+    p.add_argument("run", help="run folder (or adapter folder) written by 'multitune train'")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="merged: a plain Hugging Face model folder with LoRA/(IA)^3 folded in (full fine-tuning as is); "
+        "peft: the peft package's adapter folder",
+    )
+    p.add_argument("--output", required=True, help="the folder to write (replaced atomically)")
+    p.add_argument("--model", help="the base to load it on (default: the recorded one)")
+
+
 def add_import_peft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--output", required=True, help="the multitune adapter folder to write")
@@ -80,6 +120,12 @@ def add_import_peft_arguments(p: argparse.ArgumentParser) -> None:
 
 def commands() -> list[Command]:
     return [
+        Command(
+            "export",
+            "write a trained task as a plain Hugging Face model (merged) or a peft adapter folder",
+            add_export_arguments,
+            cmd_export,
+        ),
         Command(
             "export-peft",
             "write a trained task as a peft package adapter folder",

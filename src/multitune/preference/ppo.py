@@ -15,8 +15,11 @@ Schulman et al. 2017 with the token-level KL penalty of Stiennon et al. 2020):
 2. One forward over prompt + response gives, per response token, the policy's log-prob and value; one
    more under ``bank.disabled()`` gives the reference log-prob. The reward function scores each
    (prompt, response) once.
-3. Per-token reward ``-kl_coef * (logp - ref_logp)``, plus the score at the last response token;
-   advantages by GAE over the response tokens, returns = advantages + values.
+3. Per-token reward ``-kl_coef * (logp - ref_logp)``, plus the score at the last response token (by
+   default the score less the running mean of every score so far, over their running standard deviation:
+   TRL's ``use_score_scaling`` with ``use_score_norm``, so a probability in [0, 1] and a reward model's
+   logit weigh the same against the KL); advantages by GAE over the response tokens, returns = advantages
+   + values.
 4. ``ppo_epochs`` passes over shuffled minibatches: clipped surrogate policy loss, clipped value loss.
 5. The adaptive KL controller moves ``kl_coef`` toward the target KL.
 
@@ -105,6 +108,13 @@ class PPOConfig:
     cliprange_value: float = field(default=0.2, metadata={"help": "clip range of the value update"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages per rollout"})
+    score_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "score minus the running mean of all scores so far, over their running std, before the KL "
+            "penalty (the reward's scale then does not set its weight against the KL)"
+        },
+    )
     max_length: int = field(default=256, metadata={"help": "truncate prompts to their last N tokens"})
     reference: str = field(default="disabled", metadata={"help": REFERENCE_HELP})
     seed: int = field(default=0, metadata={"help": "seed of the value head, prompt order and sampling"})
@@ -165,6 +175,34 @@ class AdaptiveKLController:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+class RunningMoments:
+    """Mean and standard deviation of every value seen so far (Chan et al.'s parallel update, batch by batch)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = float(values.double().mean())
+        batch_m2 = float(((values.double() - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+    def normalise(self, values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """``values`` after adding them to the moments: (values - mean) / std (std floored at eps)."""
+        self.update(values)
+        return (values - self.mean) / max(self.std, eps)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -421,6 +459,7 @@ def train_ppo(
     slot = bank.slots.index(task)
     value_head, params, optimizer = _value_head_and_optimizer(bank, task, config, value_head)
     kl_control = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+    moments = RunningMoments()
     features = encode_task(
         bank, task, [Example(text=p) for p in prompts], config.max_length, with_target=False
     )
@@ -461,7 +500,8 @@ def train_ppo(
             kl_tokens = (old_logp - ref_logp) * mask
             rewards = -kl_control.value * kl_tokens
             last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(rows), device=device), last] += scores
+            shaped = moments.normalise(scores) if config.score_norm else scores
+            rewards[torch.arange(len(rows), device=device), last] += shaped
             values = values * mask
             advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
             if config.whiten_advantages:
