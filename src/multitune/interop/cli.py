@@ -31,13 +31,21 @@ def cmd_export_peft(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from multitune.api import load
     from multitune.interop.export import check_mergeable, export
+    from multitune.interop.gguf_lora import check_gguf
 
     task = load(args.run, model=args.model, device="cpu")
     if args.format == "merged":
         check_mergeable(task.bank, task.task)  # before anything is written
+    if args.format == "gguf":
+        check_gguf(task.bank, task.task)
     folder = export(task.bank, task.task, args.format, args.output)
     spec = task.spec
-    if args.format == "peft":
+    if args.format == "gguf":
+        print(
+            f"wrote the LoRA of '{task.task}' as a llama.cpp adapter to {folder}: llama-cli -m BASE.gguf --lora "
+            f"{folder} (BASE.gguf: the GGUF of {task.bank.base.source}), or ADAPTER {folder} in an Ollama Modelfile"
+        )
+    elif args.format == "peft":
         print(f"wrote the {spec.method} adapter of '{task.task}' in the peft package's format to {folder}")
     elif spec.kind == "classification":
         print(
@@ -91,9 +99,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         choices=FORMATS,
         help="merged: a plain Hugging Face model folder with LoRA/(IA)^3 folded in (full fine-tuning as is); "
-        "peft: the peft package's adapter folder",
+        "peft: the peft package's adapter folder; gguf: a llama.cpp LoRA adapter file (decoder LoRA tasks)",
     )
-    p.add_argument("--output", required=True, help="the folder to write (replaced atomically)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="the folder to write, or the .gguf file for gguf (replaced atomically)",
+    )
     p.add_argument("--model", help="the base to load it on (default: the recorded one)")
 
 

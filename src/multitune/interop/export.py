@@ -13,6 +13,7 @@ in ``id2label``. Prompt and prefix tuning are inputs to the model, not weights, 
 nonlinearity: none folds, so ``merged`` refuses them and says which format carries them.
 
 ``peft``: the peft package's folder (:func:`multitune.interop.peft.export_peft`), as ``export-peft`` writes it.
+``gguf``: a llama.cpp LoRA adapter file (:mod:`multitune.interop.gguf_lora`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from multitune.storage import atomic_dir
 if TYPE_CHECKING:
     from multitune.bank import MultiTaskModel
 
-FORMATS = ("merged", "peft")
+FORMATS = ("merged", "peft", "gguf")
 MODELING_FILE = "modeling_multitune.py"
 CLASS_NAME = "MultitunePooledClassifier"
 FOLDS = {"lora", "ia3"}  # methods whose parameters fold into the weights (bank.merge)
@@ -55,6 +56,10 @@ def export(bank: MultiTaskModel, task: str, fmt: str, output: str | Path) -> Pat
         return export_peft(bank, task, output)
     if fmt == "merged":
         return export_merged(bank, task, output)
+    if fmt == "gguf":
+        from multitune.interop.gguf_lora import export_gguf
+
+        return export_gguf(bank, task, output)
     raise ConfigError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
 
 
