@@ -235,12 +235,16 @@ def test_normalised_scores_make_the_run_blind_to_the_reward_s_units():
             return [scale * v for v in positive_fraction(prompts, responses)]
 
         config = fast_config(steps=4, batch_size=32, minibatch_size=16, score_norm=norm)
-        result = train_ppo(policy_bank(), "policy", PROMPTS, reward_from_function(reward), config, progress=False)
+        result = train_ppo(
+            policy_bank(), "policy", PROMPTS, reward_from_function(reward), config, progress=False
+        )
         history = result["history"]
         return [r["kl"] for r in history]
 
     torch.testing.assert_close(run(10.0, True), run(1.0, True), atol=1e-4, rtol=1e-3)
-    assert run(10.0, False)[-1] > 1.4 * run(1.0, False)[-1]  # raw scores: ten times the reward, 0.82 against 0.49
+    assert (
+        run(10.0, False)[-1] > 1.4 * run(1.0, False)[-1]
+    )  # raw scores: ten times the reward, 0.82 against 0.49
 
 
 def test_the_kl_penalty_holds_the_policy_near_the_reference():

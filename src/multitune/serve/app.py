@@ -5,7 +5,7 @@ scheduler (which owns the model and batches rows of every task into shared forwa
 streams and errors into OpenAI's shapes. The ``model`` field of a request names the task.
 
 Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gives server-sent events),
-``POST /v1/classify``, ``POST /v1/feedback`` (:mod:`multitune.serve.feedback`), ``GET /v1/models``,
+``POST /v1/classify``, ``POST /v1/embeddings``, ``POST /v1/feedback`` (:mod:`multitune.serve.feedback`), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/monitor`` and the ``/monitor`` page
 (:mod:`multitune.serve.monitor_routes`) and the admin endpoints ``POST /admin/load``,
 ``/admin/unload``, ``/admin/reload``. Each route is a module function that
@@ -26,8 +26,10 @@ scheduler's deadline 504, and a client that goes away cancels its generation.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -54,6 +56,7 @@ from multitune.serve.openai import (
     ClassifyRequest,
     ClientGone,
     CompletionRequest,
+    EmbeddingRequest,
     EventStream,
     LoadRequest,
     ReloadRequest,
@@ -468,6 +471,50 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
     for row, text in zip(data, texts, strict=True):
         served.remember(row["id"], body.model, "classification", row["label"], row["probabilities"], text)
     return JSONResponse({"object": "classification", "model": body.model, "data": data})
+
+
+# ---- embeddings --------------------------------------------------------------------------------------------
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """OpenAI's embeddings: each text's mean-pooled, L2-normalised last hidden state, through the adapter of
+    the task ``model`` names (any kind), or of the bare base when ``model`` is the base's name."""
+    served = _served(request)
+    _note(request, body.model)
+    if isinstance(body.input, list) and body.input and not all(isinstance(t, str) for t in body.input):
+        raise RequestError(
+            400, "input must be a string or a list of strings; token-id arrays are not accepted"
+        )
+    check_body(body, served.max_input_chars)
+    texts = [body.input] if isinstance(body.input, str) else [str(t) for t in body.input]
+    if not texts:
+        raise RequestError(400, "input must be a string or a non-empty list of strings")
+    if len(texts) > MAX_INPUTS:
+        raise RequestError(413, f"input holds {len(texts)} texts; send at most {MAX_INPUTS} per request")
+    bare = body.model == served.model_name and body.model not in served.scheduler.tasks()
+    rows = await _unless_gone(
+        request, served.scheduler.embed(None if bare else body.model, texts), served.deadline(), lambda: None
+    )
+    size = len(rows[0][0])
+    if body.dimensions is not None and body.dimensions != size:
+        raise RequestError(
+            400,
+            f"dimensions {body.dimensions} is not available: '{body.model}' embeds in {size}; omit dimensions",
+        )
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encoded(vector, body.encoding_format)}
+        for i, (vector, _) in enumerate(rows)
+    ]
+    tokens = sum(n for _, n in rows)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+
+def _encoded(vector: list[float], fmt: str) -> list[float] | str:
+    """OpenAI's two encodings: the floats, or base64 of their little-endian float32 bytes (the openai client's
+    default, which it decodes with numpy)."""
+    if fmt == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 # ---- information -------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ after its folder (a run's adapter after its run folder), so what ``ls`` shows is
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from multitune.bank import MultiTaskModel, TaskSpec
+from multitune.bank import MultiTaskModel, TaskSpec, pool
 from multitune.config import task_name_from_folder
 from multitune.data import Example
 from multitune.encode import collate, encode_task, to_device
@@ -37,6 +38,7 @@ from multitune.storage import CONFIG_FILE, load_adapter, read_adapter_config
 
 Request = tuple[str, "str | Example"]
 DEFAULT_MAX_LENGTH = 128  # tokens of a classification input, as TrainConfig.max_length defaults
+EMBED_MAX_LENGTH = 256  # tokens of a text embedded by the bare base (all-MiniLM-L6-v2's max_seq_length)
 RUN_CONFIG = "config.yaml"  # beside a run's adapter/ folder: the run's settings
 
 
@@ -356,6 +358,42 @@ class Engine:
                     result.pooled = None if pooled is None else pooled[row]
                     result.length, result.unknown_rate = lengths[row], unknown[row]
                 out[i] = result
+        return out
+
+    @torch.no_grad()
+    def embed_rows(self, requests: Sequence[tuple[str | None, str]]) -> list[tuple[list[float], int]]:
+        """Each (task, text)'s sentence embedding and its token count: the mean of the last hidden states over
+        the text's tokens, L2-normalised (sentence-transformers' recipe for MiniLM: mean pooling, then
+        ``Normalize``), through the task's adapter, or of the bare base for task None. The text is tokenised
+        as a classification input and cut to the task's max_length (the base's: ``EMBED_MAX_LENGTH``). One
+        forward per bank for the task rows, rows of many tasks mixed; one with every adapter off for the
+        base rows."""
+        out: list[tuple[list[float], int]] = [([], 0)] * len(requests)
+        groups: dict[tuple[int, bool], tuple[MultiTaskModel, list[int]]] = {}
+        for i, (task, _) in enumerate(requests):
+            bank = self.shared if task is None else self.bank_of(task)
+            groups.setdefault((id(bank), task is None), (bank, []))[1].append(i)
+        for (_, bare), (bank, rows) in groups.items():
+            bank.eval()
+            tokenizer = bank.base.tokenizer
+            encoded = []
+            with self.tokenizer_lock:
+                for i in rows:
+                    task, text = requests[i]
+                    length = (
+                        EMBED_MAX_LENGTH if task is None else self.max_lengths.get(task, DEFAULT_MAX_LENGTH)
+                    )
+                    encoded.append(
+                        {"input_ids": list(tokenizer(text, truncation=True, max_length=length).input_ids)}
+                    )
+            slots = [0 if requests[i][0] is None else bank.slots.index(str(requests[i][0])) for i in rows]
+            batch = to_device(collate(encoded, tokenizer.pad_token_id, slots), bank.base.device)
+            with bank.disabled() if bare else contextlib.nullcontext():
+                hidden = bank.hidden_states(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
+            pooled = pool(hidden.float(), batch["attention_mask"], "mean", bank.base.arch)
+            vectors = torch.nn.functional.normalize(pooled, p=2, dim=-1).cpu()
+            for row, i in enumerate(rows):
+                out[i] = (vectors[row].tolist(), len(encoded[row]["input_ids"]))
         return out
 
     def classify(self, requests: Sequence[Request], max_length: int | None = None) -> list[dict[str, float]]:

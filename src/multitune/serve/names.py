@@ -62,14 +62,15 @@ class TaskNames:
         found = {name: (sources.get(i), adapters.get(i)) for name, i in internal.items()}
         return {name: (source, adapter) for name, (source, adapter) in found.items() if source and adapter}
 
-    def resolve(self, task: Any, kind: str) -> str:
-        """The internal name ``task`` runs on now; 404 for a task not served, 400 for one of the other kind."""
+    def resolve(self, task: Any, kind: str | None) -> str:
+        """The internal name ``task`` runs on now; 404 for a task not served, 400 for one of the other kind
+        (``kind`` None: any kind)."""
         internal = self.internal.get(task) if isinstance(task, str) else None
         if internal is None:
             served = ", ".join(sorted(self.internal)) or "none"
             raise RequestError(404, f"unknown task '{task}'; served tasks: {served}")
         actual = self.engine.tasks[internal].kind
-        if actual != kind:
+        if kind is not None and actual != kind:
             verb = "/v1/classify" if actual == "classification" else "/v1/completions"
             raise RequestError(400, f"task '{task}' is a {actual} task; use {verb}")
         return internal

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -72,6 +72,15 @@ class ChatRequest(_Sampling):
 class ClassifyRequest(_Body):
     model: str
     input: str | list[str]
+
+
+class EmbeddingRequest(_Body):
+    """``POST /v1/embeddings``: OpenAI's fields; ``model`` is a served task (its adapter applies) or the base."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
 
 
 _TASK_FIELD = (

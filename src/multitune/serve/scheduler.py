@@ -68,10 +68,13 @@ T = TypeVar("T")
 @dataclass
 class _Classify:
     task: str  # the public name (what the monitor watches)
-    internal: list[str]
+    internal: list[str | None]  # for embeddings of the bare base: None
     texts: list[str]
     future: concurrent.futures.Future
     enqueued: float
+    embed: bool = (
+        False  # /v1/embeddings: the rows' sentence embeddings, in the same batches as classification
+    )
 
 
 @dataclass
@@ -170,6 +173,37 @@ class Scheduler:
             self._check_room()
             self._classify.append(
                 _Classify(task, [internal] * len(texts), list(texts), future, time.monotonic())
+            )
+            self._wake.notify()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError as error:
+            future.cancel()
+            raise RequestError(
+                504,
+                f"the request took longer than {self.timeout_s:g} s; retry or raise the server's --timeout",
+            ) from error
+
+    async def embed(self, task: str | None, texts: list[str]) -> list[tuple[list[float], int]]:
+        """Each text's normalised mean-pooled embedding through ``task``'s adapter (any kind of task), or of
+        the bare base for None, with its token count; queued and batched with classification rows."""
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise RequestError(400, "input must be a string or a non-empty list of strings")
+        for i, text in enumerate(texts):
+            check_text(text, f"input.{i}")
+        if self.engine.base.arch == "seq2seq":
+            raise RequestError(
+                400,
+                "embeddings are served for encoder and decoder bases; this server's base is encoder-decoder",
+            )
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            internal = None if task is None else self.names.resolve(task, None)
+            self._check_room()
+            self._classify.append(
+                _Classify(
+                    task or "", [internal] * len(texts), list(texts), future, time.monotonic(), embed=True
+                )
             )
             self._wake.notify()
         try:
@@ -293,7 +327,7 @@ class Scheduler:
 
     def _in_use(self) -> set[str]:
         used = {h.internal for h in self._waiting} | {h.internal for h in self._static}
-        used |= {i for item in self._classify for i in item.internal}
+        used |= {i for item in self._classify for i in item.internal if i is not None}
         for batch in self._decoders.values():
             used |= {h.internal for h in batch.rows}
         return used
@@ -413,9 +447,22 @@ class Scheduler:
         if not items:
             return
 
+        def embed(batch: list[_Classify]) -> None:
+            rows = [
+                (internal, text)
+                for item in batch
+                for internal, text in zip(item.internal, item.texts, strict=True)
+            ]
+            vectors = self.engine.embed_rows(rows)
+            self.stats.record("embed", len(rows))
+            start = 0
+            for item in batch:
+                settle(item.future, vectors[start : start + len(item.texts)])
+                start += len(item.texts)
+
         def run(batch: list[_Classify]) -> None:
             requests = [
-                (internal, text)
+                (str(internal), text)  # a classification row always names its task
                 for item in batch
                 for internal, text in zip(item.internal, item.texts, strict=True)
             ]
@@ -425,11 +472,16 @@ class Scheduler:
             for item in batch:
                 rows = results[start : start + len(item.texts)]
                 settle(item.future, rows)
-                groups.append((item.task, item.internal[0], rows))
+                groups.append((item.task, str(item.internal[0]), rows))
                 start += len(item.texts)
             self.watch.classified(groups)  # after every answer is out; never raises
 
-        self._isolated(items, run, lambda item, error: settle(item.future, error=error), "classification")
+        embeds = [item for item in items if item.embed]
+        if embeds:
+            self._isolated(embeds, embed, lambda item, error: settle(item.future, error=error), "embedding")
+        items = [item for item in items if not item.embed]
+        if items:
+            self._isolated(items, run, lambda item, error: settle(item.future, error=error), "classification")
 
     def _admit(self) -> None:
         """Waiting generation requests join their bank's running batch (one prefill per bank)."""
