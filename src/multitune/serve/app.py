@@ -61,8 +61,10 @@ from multitune.serve.openai import (
     LoadRequest,
     ReloadRequest,
     UnloadRequest,
+    chat_logprobs,
     chat_messages,
     check_body,
+    completion_logprobs,
     completion_prompt,
     error_body,
     error_response,
@@ -273,6 +275,41 @@ def _count_tokens(served: Served, task: str, handle: Any) -> None:
     served.metrics.tokens.labels(task=served.metrics.task_label(task)).inc(int(handle.completion_tokens or 0))
 
 
+def _submit(served: Served, task: str, prompt: str, params: Any, n: int | None) -> list[Any]:
+    """The request's rows: one handle, or ``n`` samples of the prompt sharing its prefill."""
+    if n in (None, 1):
+        return [served.scheduler.submit_generate(task, prompt, params)]
+    return list(served.scheduler.submit_many(task, prompt, params, n))
+
+
+def _usage(handles: list[Any]) -> dict[str, int]:
+    """One prompt's tokens (its n samples share it, as OpenAI counts them), every sample's completion tokens."""
+    prompt = int(handles[0].prompt_tokens)
+    completion = sum(int(h.completion_tokens) for h in handles)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _answers(request: Request, handles: list[Any], task: str) -> list[tuple[str, str]]:
+    """Every handle's (text, finish_reason); a client gone cancels all of them."""
+    if len(handles) == 1:
+        return [await _answer(request, handles[0], task)]
+    served = _served(request)
+
+    def cancel() -> None:
+        for h in handles:
+            h.cancel()
+
+    try:
+        return list(
+            await _unless_gone(
+                request, asyncio.gather(*(h.result() for h in handles)), served.deadline(), cancel
+            )
+        )
+    finally:
+        for h in handles:
+            _count_tokens(served, task, h)
+
+
 async def _answer(request: Request, handle: Any, task: str) -> tuple[str, str]:
     served = _served(request)
     try:
@@ -355,7 +392,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     check_body(body, served.max_input_chars)
     prompt = completion_prompt(body)
     params = sampling_params(body, body.max_tokens)
-    handle = served.scheduler.submit_generate(body.model, prompt, params)  # on the loop: the stream needs it
+    handles = _submit(served, body.model, prompt, params, body.n)  # on the loop: the stream needs it
+    handle = handles[0]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(piece: str | None, reason: str | None) -> dict:
@@ -381,9 +419,20 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             bool(body.stream_options and body.stream_options.include_usage),
             done,
         )
-    text, reason = await _answer(request, handle, body.model)
-    served.remember(rid, body.model, "generation", text, None, prompt)
-    return JSONResponse({**chunk(text, reason), "usage": usage(handle)})
+    answers = await _answers(request, handles, body.model)
+    served.remember(rid, body.model, "generation", answers[0][0], None, prompt)
+    choices = [
+        {
+            "index": i,
+            "text": text,
+            "logprobs": None
+            if params.logprobs is None
+            else completion_logprobs(served.scheduler.token_logprobs(h)),
+            "finish_reason": reason,
+        }
+        for i, (h, (text, reason)) in enumerate(zip(handles, answers, strict=True))
+    ]
+    return JSONResponse({**chunk("", None), "choices": choices, "usage": _usage(handles)})
 
 
 @router.post("/v1/chat/completions")
@@ -395,7 +444,8 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         raise RequestError(400, "messages must hold at least one {role, content} message")
     params = sampling_params(body, body.max_completion_tokens if body.max_tokens is None else body.max_tokens)
     prompt = served.scheduler.chat_prompt(body.model, chat_messages(body))
-    handle = served.scheduler.submit_generate(body.model, prompt, params)
+    handles = _submit(served, body.model, prompt, params, body.n)
+    handle = handles[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(piece: str | None, reason: str | None) -> dict:
@@ -423,23 +473,27 @@ async def chat(body: ChatRequest, request: Request) -> Response:
             bool(body.stream_options and body.stream_options.include_usage),
             done,
         )
-    text, reason = await _answer(request, handle, body.model)
-    served.remember(rid, body.model, "generation", text, None, prompt)
+    answers = await _answers(request, handles, body.model)
+    served.remember(rid, body.model, "generation", answers[0][0], None, prompt)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None
+            if params.logprobs is None
+            else chat_logprobs(served.scheduler.token_logprobs(h)),
+            "finish_reason": reason,
+        }
+        for i, (h, (text, reason)) in enumerate(zip(handles, answers, strict=True))
+    ]
     return JSONResponse(
         {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": reason,
-                }
-            ],
-            "usage": usage(handle),
+            "choices": choices,
+            "usage": _usage(handles),
         }
     )
 

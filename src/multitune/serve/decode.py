@@ -31,6 +31,7 @@ MIN_TEMPERATURE = (
 )
 MAX_TEMPERATURE = 2.0
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 log = logging.getLogger("multitune.serve.scheduler")  # the scheduler answers with these: its log
 
@@ -77,6 +78,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = (
+        None  # None: none; k: each token's log-probability and its k most likely alternatives
+    )
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -101,8 +105,18 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT
         ):
             raise RequestError(400, f"seed must be an integer with 0 <= seed < 2**64 (got {self.seed!r})")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise RequestError(
+                400,
+                f"logprobs asks for {self.logprobs!r} alternatives per token; this server gives 0 to {MAX_LOGPROBS}",
+            )
 
 
+LogProb = tuple[int, float, list[tuple[int, float]]]
 _DONE = object()
 NUCLEUS_CANDIDATES = 256  # the most probable tokens a top_p nucleus is looked for in first (draw_rows)
 DETOKENISE_WINDOW = 4  # tokens before the new ones that each incremental decode includes (Handle._new_text)
@@ -131,6 +145,8 @@ class Handle:
         self.cancelled = False
         self.generator: torch.Generator | None = None  # its own sampling stream (seeded when asked)
         self.logprob_sum, self.logprob_count = 0.0, 0  # of its sampled tokens, for the drift monitor
+        # with params.logprobs: per generated token (token, log-probability, [(alternative, log-probability)])
+        self.logprobs: list[LogProb] = []
         self._pieces: queue.Queue = queue.Queue()
         self._loop = loop
         self._apieces: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
@@ -155,7 +171,14 @@ class Handle:
         self.emit(_DONE)
 
     def append(
-        self, token: int, generated: list[int], tokenizer: Any, eos: set[int], now: float, timeout_s: float
+        self,
+        token: int,
+        generated: list[int],
+        tokenizer: Any,
+        eos: set[int],
+        now: float,
+        timeout_s: float,
+        logprob: LogProb | None = None,
     ) -> None:
         """One new token of one row: its text piece out, and the row finished when it is done."""
         if self.cancelled:
@@ -165,6 +188,8 @@ class Handle:
             self.finish("stop")
             return
         generated.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.completion_tokens = len(generated)
         new = self._new_text(generated, tokenizer)
         full = self._decoded + new
@@ -304,6 +329,14 @@ class DecodeBatch:
         """Prefill ``handles`` together and merge them into the running batch; returns their first tokens."""
         bank = self.bank
         device = bank.base.device
+        # rows of one prompt on one task (OpenAI's n samples) are prefilled once and their cache copied
+        keys = [(h.internal, tuple(h.prompt_ids)) for h in handles]
+        unique = list(dict.fromkeys(keys))
+        if len(unique) < len(handles):
+            first_of = {key: handles[keys.index(key)] for key in unique}
+            return self._join_shared(
+                [first_of[k] for k in unique], handles, [unique.index(k) for k in keys], sample
+            )
         width = max(len(h.prompt_ids) for h in handles)
         pad = bank.base.tokenizer.pad_token_id
         ids = torch.full((len(handles), width), pad, dtype=torch.long, device=device)
@@ -319,6 +352,37 @@ class DecodeBatch:
         out, full = routed.out, routed.attention_mask
         first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
         self._merge(out.cache, full, handles, torch.tensor(first, device=device))
+        return first
+
+    def _join_shared(
+        self,
+        distinct: list[Handle],
+        handles: list[Handle],
+        index: list[int],
+        sample: Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]],
+    ) -> list[int]:
+        """The prefill of ``distinct`` (one row per prompt), its cache rows repeated for every handle
+        (``index[i]``: the distinct row of handle i), then each handle's own first token."""
+        bank = self.bank
+        device = bank.base.device
+        width = max(len(h.prompt_ids) for h in distinct)
+        pad = bank.base.tokenizer.pad_token_id
+        ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
+        for i, h in enumerate(distinct):
+            ids[i, width - len(h.prompt_ids) :] = torch.tensor(h.prompt_ids, device=device)
+            mask[i, width - len(h.prompt_ids) :] = 1
+        slots = bank.slots
+        task_ids = torch.tensor([slots.index(h.internal) for h in distinct], dtype=torch.long, device=device)
+        keep = {"logits_to_keep": 1} if supports_logits_to_keep(bank.base.model) else {}
+        routed = bank.run(ids, mask, task_ids, use_cache=True, **keep)
+        rows = torch.tensor(index, device=device)
+        cache = routed.out.cache
+        cache.batch_select_indices(rows)  # repeated indices: each handle its own copy of its prompt's rows
+        first = sample(routed.out.logits[:, -1].float().index_select(0, rows), handles, [[] for _ in handles])
+        self._merge(
+            cache, routed.attention_mask.index_select(0, rows), handles, torch.tensor(first, device=device)
+        )
         return first
 
     def _merge(
@@ -526,6 +590,29 @@ def as_request_error(error: BaseException, what: str, logged: bool = False) -> R
         f"internal error in {what} ({type(error).__name__}: "
         f"{' '.join(str(error).split())[:300]}); the request was not completed, retry or report it",
     )
+
+
+def logprob_entries(logits: torch.Tensor, tokens: list[int], handles: list[Handle]) -> list[LogProb | None]:
+    """For each row whose request asked for logprobs: the emitted token's log-probability under the model's
+    distribution (log-softmax of the raw logits, before temperature or top_p, as vLLM reports them) and the
+    row's ``logprobs`` most likely tokens with theirs; None for the other rows. One log-softmax and one top-k
+    over the rows that asked."""
+    rows = [i for i, h in enumerate(handles) if h.params.logprobs is not None]
+    out: list[LogProb | None] = [None] * len(handles)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=logits.device)[:, None])[
+        :, 0
+    ].tolist()
+    k = max(int(handles[i].params.logprobs or 0) for i in rows)
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    values, ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = int(handles[i].params.logprobs or 0)
+        out[i] = (tokens[i], chosen[j], list(zip(ids[j][:n], values[j][:n], strict=True)))
+    return out
 
 
 def sample_tokens(logits: torch.Tensor, handles: list[Handle]) -> list[int]:

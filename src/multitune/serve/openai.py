@@ -67,6 +67,7 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
 
 
 class ClassifyRequest(_Body):
@@ -200,16 +201,36 @@ def check_body(body: BaseModel, max_chars: int) -> None:
 
 
 # ---- answers --------------------------------------------------------------------------------------------
+def request_logprobs(body: _Sampling) -> int | None:
+    """How many alternatives per token the request asks for (None: no logprobs). Completions send
+    ``logprobs: k``; chat sends ``logprobs: true`` with ``top_logprobs: k``."""
+    if isinstance(body, ChatRequest):
+        if body.logprobs not in (None, False, True):
+            raise RequestError(400, f"logprobs must be true or false (got {body.logprobs!r})")
+        if not body.logprobs:
+            if body.top_logprobs not in (None, 0):
+                raise RequestError(400, "top_logprobs needs logprobs: true")
+            return None
+        return 0 if body.top_logprobs is None else body.top_logprobs
+    if body.logprobs is None:
+        return None
+    if not isinstance(body.logprobs, int) or isinstance(body.logprobs, bool):
+        raise RequestError(400, f"logprobs must be an integer number of alternatives (got {body.logprobs!r})")
+    return body.logprobs
+
+
 def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     """OpenAI's sampling fields as checked SamplingParams (defaults where the client sent nothing or null)."""
-    if body.n not in (None, 1):
+    n = 1 if body.n is None else body.n
+    if not isinstance(n, int) or n < 1:
+        raise RequestError(400, f"n must be an integer >= 1 (got {body.n!r})")
+    logprobs = request_logprobs(body)
+    if body.stream and (n > 1 or logprobs is not None):
         raise RequestError(
             400,
-            f"n must be 1 (got {body.n}): this server returns one choice per request; "
-            "send several requests instead",
+            "stream with n > 1 or logprobs is not served; leave out stream (the answer then holds every "
+            "choice and its logprobs) or ask for one choice without logprobs",
         )
-    if body.logprobs not in (None, False):
-        raise RequestError(400, "logprobs is not supported by this server; leave it out")
     defaults = SamplingParams()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = SamplingParams(
@@ -218,9 +239,38 @@ def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         top_p=defaults.top_p if body.top_p is None else body.top_p,
         stop=stop,
         seed=body.seed,
+        logprobs=logprobs,
     )
     params.validate()
     return params
+
+
+def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    """OpenAI's legacy completions shape: parallel lists, offsets into the completion's text."""
+    offsets, at = [], 0
+    for token, _, _ in entries:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": [token for token, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [dict(top) for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    """OpenAI's chat shape: one object per token with its UTF-8 bytes and its alternatives."""
+
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**one(token, lp), "top_logprobs": [one(t, alp) for t, alp in top]} for token, lp, top in entries
+        ],
+        "refusal": None,
+    }
 
 
 def completion_prompt(body: CompletionRequest) -> str:

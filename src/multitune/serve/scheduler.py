@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -44,8 +45,10 @@ import torch
 
 from multitune.health.live import Monitor
 from multitune.serve.decode import (
+    SEED_LIMIT,
     DecodeBatch,
     Handle,
+    LogProb,
     QueueFull,
     RequestError,
     SamplingParams,
@@ -53,6 +56,7 @@ from multitune.serve.decode import (
     check_text,
     eos_ids,
     first_stop,
+    logprob_entries,
     sample_tokens,
     settle,
 )
@@ -242,6 +246,20 @@ class Scheduler:
         return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
 
     def submit_generate(self, task: str, prompt: str, params: SamplingParams) -> Handle:
+        return self.submit_many(task, prompt, params, 1)[0]
+
+    def submit_many(self, task: str, prompt: str, params: SamplingParams, n: int) -> list[Handle]:
+        """``n`` samples of one prompt (OpenAI's ``n``): rows of the same batch, admitted together so that they
+        share one prefill (:meth:`DecodeBatch.join` runs a prompt once for all its rows). With a seed, sample
+        ``i`` draws from seed + i, so the n answers differ from each other and repeat from request to request."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise RequestError(400, f"n must be an integer >= 1 (got {n!r})")
+        if n > self.max_batch_size:
+            raise RequestError(
+                400,
+                f"n is {n}, but this server decodes at most {self.max_batch_size} rows together (its "
+                "--max-batch-size); ask for fewer samples per request",
+            )
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "prompt must be a non-empty string")
         check_text(prompt, "prompt")
@@ -264,13 +282,39 @@ class Scheduler:
                 f"{params.max_tokens}; the model's context is {context}: shorten the "
                 "prompt or lower max_tokens",
             )
+        if params.logprobs is not None and bank.base.arch == "seq2seq":
+            raise RequestError(
+                400, "logprobs are served for decoder models; this task's base is encoder-decoder"
+            )
+        deadline = time.monotonic() + self.timeout_s
+        handles = []
+        for i in range(n):
+            own = (
+                params
+                if params.seed is None or not i
+                else dataclasses.replace(params, seed=(params.seed + i) % SEED_LIMIT)
+            )
+            handle = Handle(task, internal, ids, own, deadline, loop)
+            handle.prompt = prompt
+            handles.append(handle)
         with self._wake:
             self._check_room()
-            handle = Handle(task, internal, ids, params, time.monotonic() + self.timeout_s, loop)
-            handle.prompt = prompt
-            self._waiting.append(handle)
+            self._waiting.extend(handles)
             self._wake.notify()
-        return handle
+        return handles
+
+    def token_logprobs(self, handle: Handle) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """A handle's logprob entries with their tokens as text (each token decoded alone, as OpenAI and vLLM
+        report them)."""
+        if not handle.logprobs:
+            return []
+        tokenizer = self.engine.bank_of(handle.internal).base.tokenizer
+        out = []
+        with self.engine.tokenizer_lock:
+            for token, logprob, alternatives in handle.logprobs:
+                top = [(tokenizer.decode([t]), lp) for t, lp in alternatives]
+                out.append((tokenizer.decode([token]), logprob, top))
+        return out
 
     def generate_sync(self, task: str, prompt: str, params: SamplingParams) -> tuple[str, str]:
         handle = self.submit_generate(task, prompt, params)
@@ -516,9 +560,13 @@ class Scheduler:
             def run(group: list[Handle], batch: DecodeBatch = batch) -> None:
                 start = len(batch)
                 logprobs: list[float] = []
-                first = batch.join(group, self._sampler(logprobs))  # raises before it changes the batch
+                entries: list[LogProb | None] = []
+                first = batch.join(
+                    group, self._sampler(logprobs, entries)
+                )  # raises before it changes the batch
                 self.stats.record("prefill", len(group))
-                self._advance(batch, list(range(start, start + len(group))), first, logprobs or None)
+                rows = list(range(start, start + len(group)))
+                self._advance(batch, rows, first, logprobs or None, entries or None)
 
             self._isolated(handles, run, lambda handle, error: handle.finish("error", error), "prefill")
 
@@ -552,7 +600,8 @@ class Scheduler:
             self.stats.record("decode", len(batch))
             tokens = sample_tokens(logits, batch.rows)
             logprobs = token_logprobs(logits, tokens) if self.monitor is not None else None
-            self._advance(batch, list(range(len(batch))), tokens, logprobs)
+            entries = logprob_entries(logits, tokens, batch.rows)
+            self._advance(batch, list(range(len(batch))), tokens, logprobs, entries)
 
     def _step_rows_alone(self, batch: DecodeBatch, error: Exception) -> torch.Tensor | None:
         """After a failed decode step, the step of each row alone: a row that fails again is answered with
@@ -578,10 +627,16 @@ class Scheduler:
         return torch.cat(logits) if logits else None
 
     def _advance(
-        self, batch: DecodeBatch, rows: list[int], tokens: list[int], logprobs: list[float] | None = None
+        self,
+        batch: DecodeBatch,
+        rows: list[int],
+        tokens: list[int],
+        logprobs: list[float] | None = None,
+        entries: list[LogProb | None] | None = None,
     ) -> None:
         """Append each row's new token, emit its text, and let finished rows leave (observed when the monitor
-        is on: ``logprobs`` are the tokens' log-probabilities)."""
+        is on: ``logprobs`` are the tokens' log-probabilities; ``entries``, for the rows whose requests asked,
+        what their answer reports)."""
         tokenizer = batch.bank.base.tokenizer
         eos = eos_ids(tokenizer)
         now = time.monotonic()
@@ -594,7 +649,8 @@ class Scheduler:
                 handle.logprob_sum += logprobs[k]
                 handle.logprob_count += 1
             try:
-                handle.append(token, generated, tokenizer, eos, now, self.timeout_s)
+                entry = entries[k] if entries is not None else None
+                handle.append(token, generated, tokenizer, eos, now, self.timeout_s, entry)
             except Exception as error:  # noqa: BLE001  (this row fails; the batch goes on)
                 handle.finish("error", as_request_error(error, "decoding a token"))
             if handle.done:
@@ -606,15 +662,17 @@ class Scheduler:
         batch.keep([i for i, h in enumerate(batch.rows) if not h.done])
 
     def _sampler(
-        self, logprobs: list[float]
+        self, logprobs: list[float], entries: list[LogProb | None]
     ) -> Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]]:
         """decode.sample_tokens, also writing the sampled tokens' log-probabilities into ``logprobs`` when the
-        monitor is on (a prefill's logits live only inside :meth:`DecodeBatch.join`)."""
+        monitor is on and the requests' logprob entries into ``entries`` (a prefill's logits live only inside
+        :meth:`DecodeBatch.join`)."""
 
         def sample(logits: torch.Tensor, handles: list[Handle], generated: list[list[int]]) -> list[int]:
             tokens = sample_tokens(logits, handles)
             if self.monitor is not None:
                 logprobs[:] = token_logprobs(logits, tokens)
+            entries[:] = logprob_entries(logits, tokens, handles)
             return tokens
 
         return sample
