@@ -143,6 +143,15 @@ def test_a_prompt_s_rows_are_prefilled_once(served) -> None:
     torch.testing.assert_close(logits[2], logits[0], atol=1e-6, rtol=0)
 
 
+def test_echo_puts_the_prompt_before_the_completion(served) -> None:
+    client, _ = served
+    plain = (
+        client.completions.create(model="lora", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    )
+    echoed = client.completions.create(model="lora", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain and plain
+
+
 def test_streaming_through_the_client_gives_the_same_text(served) -> None:
     client, _ = served
     whole = (

@@ -451,7 +451,13 @@ BAD = [
     ),
     ("two prompts", "/v1/completions", {"model": "echo", "prompt": ["a", "b"]}, 400, ["one string"]),
     ("empty prompt", "/v1/completions", {"model": "echo", "prompt": ""}, 400, ["prompt"]),
-    ("echo", "/v1/completions", {"model": "echo", "prompt": "a", "echo": True}, 400, ["echo"]),
+    (
+        "echo with logprobs",
+        "/v1/completions",
+        {"model": "echo", "prompt": "a", "echo": True, "logprobs": 1},
+        400,
+        ["echo is served without logprobs"],
+    ),
     (
         "no user message",
         "/v1/chat/completions",

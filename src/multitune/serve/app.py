@@ -424,7 +424,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     choices = [
         {
             "index": i,
-            "text": text,
+            "text": prompt + text if body.echo else text,
             "logprobs": None
             if params.logprobs is None
             else completion_logprobs(served.scheduler.token_logprobs(h)),

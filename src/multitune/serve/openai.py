@@ -274,8 +274,12 @@ def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> 
 
 
 def completion_prompt(body: CompletionRequest) -> str:
-    if body.echo:
-        raise RequestError(400, "echo is not supported by this server; leave it out")
+    if body.echo and (body.logprobs is not None or body.stream):
+        raise RequestError(
+            400,
+            "echo is served without logprobs and stream (the prompt's own log-probabilities are not "
+            "computed); leave out logprobs or stream, or echo",
+        )
     if body.best_of not in (None, 1):
         raise RequestError(400, f"best_of must be 1 (got {body.best_of}); leave it out")
     if isinstance(body.prompt, str):
