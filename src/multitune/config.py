@@ -21,6 +21,7 @@ import yaml
 from multitune.data import KINDS, Columns, Splits, TaskKind, prepare_splits
 from multitune.errors import ConfigError
 from multitune.methods import METHODS
+from multitune.trackers import check_installed, parse_report_to
 
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 DEVICE_HELP = "where to run: cpu, cuda (or cuda:N) or auto, which takes cuda when available"
@@ -216,6 +217,13 @@ class TrainConfig:
     dp_accountant: str = field(
         default="prv", metadata={"help": "DP privacy accountant (Opacus'): prv or rdp"}
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers for losses, metrics and learning rate: tensorboard (RUN/tensorboard), "
+            "mlflow (MLFLOW_TRACKING_URI, else a file store in RUN/mlruns), both comma-separated, or none"
+        },
+    )
 
 
 @dataclass
@@ -314,6 +322,10 @@ def validate(config: RunConfig) -> None:
     device = device_problem(t.device)
     if device:
         problems.append(device)
+    try:
+        check_installed(parse_report_to(t.report_to))
+    except ConfigError as error:
+        problems.append(str(error))
     problems += quantize_problems(t.quantize, config.method)
     if t.packing and (
         config.kind not in ("generation", "domain")

@@ -37,6 +37,7 @@ from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.methods import get_method
 from multitune.storage import atomic_dir
+from multitune.trackers import Trackers, open_trackers
 from multitune.training import distributed
 from multitune.training.checkpointing import checkpointed
 
@@ -250,6 +251,7 @@ class _Run:
         self.start = time.perf_counter()
         self.running = float("nan")  # the last step's mean loss, for the progress bar
         self.bar: Any = None
+        self.trackers: Trackers | None = None  # --report-to (rank 0 only)
 
     def resume(self) -> None:
         """Continue from the checkpoint when there is one."""
@@ -294,6 +296,13 @@ class _Run:
         self.bar.set_postfix_str(
             f"{_epoch_text(self.loop, self.config.epochs)} loss {self.running:.4f}", refresh=False
         )
+        if self.trackers is not None:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.trackers.log(
+                {**self.loop["log"][-1], "steps_per_second": self.loop["step"] / elapsed},
+                self.loop["step"],
+                "train/",
+            )
 
     def evaluate(self) -> None:
         """Score every task still training (once per step); keep the best weights; freeze the stale ones."""
@@ -330,6 +339,8 @@ class _Run:
             "elapsed": round(time.perf_counter() - self.start, 2),
         }
         s.history.append(record)
+        if self.trackers is not None:
+            self.trackers.log(record, step, f"validation/{task}/" if self.multi else "validation/")
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(self._logged(task, record)) + "\n")
@@ -422,6 +433,8 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
             run.resume()
             loop = run.loop
         run.open_metrics(preamble)
+        if rank == 0:
+            run.trackers = open_trackers(config.report_to, run.run_dir, asdict(config))
         run.bar = tqdm(
             total=run.total, initial=loop["step"], desc=desc, disable=not progress, dynamic_ncols=True
         )
@@ -493,6 +506,8 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
                 run.evaluate()  # a run that ended between evaluations is scored at its last step
         finally:  # also when on_eval stops the run by raising (a pruned trial)
             run.bar.close()
+            if run.trackers is not None:
+                run.trackers.close()
             model.eval()
     return run.finish()
 

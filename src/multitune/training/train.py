@@ -425,6 +425,17 @@ def _run(
 
         save_golden(out, golden)
     write_json_atomic(out / "result.json", summary)
+    _report_final(config, out, summary, test)
     if not config.train.keep_checkpoint:  # the run is done: the adapter is what is kept (--keep-checkpoint)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     return summary
+
+
+def _report_final(config: RunConfig, out: Path, summary: dict[str, Any], test: dict[str, Any]) -> None:
+    """--report-to: the test scores join the tracker runs the loop wrote (rank 0 of a launch alone)."""
+    from multitune.trackers import report_final
+    from multitune.training.distributed import active
+
+    if active()[0] == 0:
+        extra = {k: summary.get(k) for k in ("train_seconds", "trainable_parameters")}
+        report_final(config.train.report_to, out, {**test, **extra}, int(summary.get("steps") or 0))
