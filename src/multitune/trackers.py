@@ -154,6 +154,18 @@ def open_trackers(
     return Trackers(names, run_dir, params)
 
 
+def tracked(write: Any, trackers: Trackers | None) -> Any:
+    """``write(record)`` that also sends the record to the trackers, at its ``step`` under ``train/``."""
+    if trackers is None:
+        return write
+
+    def both(record: dict[str, Any]) -> None:
+        write(record)
+        trackers.log(record, int(record.get("step", 0)), "train/")
+
+    return both
+
+
 def report_final(
     report_to: str | None, run_dir: Path | None, scores: dict[str, Any], step: int, prefix: str = "test/"
 ) -> None:

@@ -466,6 +466,8 @@ def test_cmd_ppo_end_to_end(ppo_inputs, tmp_path, capsys):
                 "--output",
                 str(out),
                 "--quiet",
+                "--report-to",
+                "tensorboard",
             ]
         )
     )
@@ -478,7 +480,16 @@ def test_cmd_ppo_end_to_end(ppo_inputs, tmp_path, capsys):
         "metrics.jsonl",
         "report.html",
         "result.json",
+        "tensorboard",
+        "trackers.json",
         "value_head.safetensors",
+    ]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/score")] == [1, 2, 3] and "train/kl" in events.Tags()[
+        "scalars"
     ]
     assert "Every step (3)" in (out / "report.html").read_text()
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

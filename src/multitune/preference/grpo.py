@@ -54,6 +54,7 @@ from multitune.preference.ppo import (
     token_logprobs,
 )
 from multitune.preference.rewards import as_scores
+from multitune.trackers import check_installed, parse_report_to
 from multitune.training.evaluate import autocast
 from multitune.training.loop import parameter_groups
 
@@ -83,6 +84,13 @@ class GRPOConfig:
     max_length: int = field(default=256, metadata={"help": "truncate prompts to their last N tokens"})
     reference: str = field(default="disabled", metadata={"help": REFERENCE_HELP})
     seed: int = field(default=0, metadata={"help": "seed of the prompt order and sampling"})
+
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers for each step's record: tensorboard, mlflow (comma-separated) or none"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.reference = REFERENCE_ALIASES.get(self.reference, self.reference)
@@ -116,6 +124,10 @@ class GRPOConfig:
             problems.append(f"loss must be grpo or dr_grpo (got '{self.loss}'); fix --loss")
         if self.reference not in REFERENCES:
             problems.append(f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}')")
+        try:
+            check_installed(parse_report_to(self.report_to))
+        except ConfigError as error:
+            problems.append(str(error))
         return problems
 
 

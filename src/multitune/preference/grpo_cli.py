@@ -24,6 +24,7 @@ from multitune.preference.ppo_cli import (
     run_config_from_args,
 )
 from multitune.preference.scoring import trainable_methods
+from multitune.trackers import open_trackers, tracked
 
 
 def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,15 +86,22 @@ def cmd_grpo(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
+        trackers = open_trackers(config.report_to, out, asdict(config))
+        write = tracked(write_metrics, trackers)
+
         def log(record: dict[str, Any]) -> None:
-            write_metrics(record)
+            write(record)
             tqdm.write(
                 f"step {record['step']:>4}/{config.steps}  score {record['score']:8.4f}  spread "
                 f"{record['score_std_in_group']:.4f}  kl {record['kl']:7.4f}  entropy {record['entropy']:.3f}",
                 file=sys.stdout,
             )
 
-        result = train_grpo(bank, task, prompts, reward_fn, config, progress=not args.quiet, log=log)
+        try:
+            result = train_grpo(bank, task, prompts, reward_fn, config, progress=not args.quiet, log=log)
+        finally:
+            if trackers is not None:
+                trackers.close()
         history = result["history"]
         k, first, last = _score_window(history)
         summary = {

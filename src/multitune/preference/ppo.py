@@ -56,6 +56,7 @@ from multitune.methods import METHODS, get_method
 from multitune.preference.dpo import REFERENCE_ALIASES, REFERENCE_HELP, REFERENCES
 from multitune.preference.rewards import as_scores
 from multitune.preference.scoring import trainable_methods
+from multitune.trackers import check_installed, parse_report_to
 from multitune.training.evaluate import autocast
 from multitune.training.loop import parameter_groups
 
@@ -119,6 +120,13 @@ class PPOConfig:
     reference: str = field(default="disabled", metadata={"help": REFERENCE_HELP})
     seed: int = field(default=0, metadata={"help": "seed of the value head, prompt order and sampling"})
 
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers for each step's record: tensorboard, mlflow (comma-separated) or none"
+        },
+    )
+
     def __post_init__(self) -> None:
         self.reference = REFERENCE_ALIASES.get(self.reference, self.reference)  # 'copy' is 'initial'
 
@@ -156,6 +164,10 @@ class PPOConfig:
             problems.append(
                 f"reference must be one of {', '.join(REFERENCES)} (got '{self.reference}'); fix --reference"
             )
+        try:
+            check_installed(parse_report_to(self.report_to))
+        except ConfigError as error:
+            problems.append(str(error))
         return problems
 
 

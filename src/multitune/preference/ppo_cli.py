@@ -33,6 +33,7 @@ from multitune.preference.rewards import (
     reward_from_model,
 )
 from multitune.preference.scoring import trainable_methods
+from multitune.trackers import open_trackers, tracked
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -353,8 +354,13 @@ def cmd_ppo(args: argparse.Namespace) -> None:
             f"reference: {config.reference}",
             flush=True,
         )
-        log = _step_logger(write_metrics, config.steps)
-        result = train_ppo(bank, task, prompts, reward_fn, config, progress=not args.quiet, log=log)
+        trackers = open_trackers(config.report_to, out, asdict(config))
+        log = _step_logger(tracked(write_metrics, trackers), config.steps)
+        try:
+            result = train_ppo(bank, task, prompts, reward_fn, config, progress=not args.quiet, log=log)
+        finally:
+            if trackers is not None:
+                trackers.close()
         history = result["history"]
         k, first, last = _score_window(history)
         summary = {
