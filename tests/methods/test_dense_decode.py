@@ -77,7 +77,11 @@ def test_a_decode_step_takes_the_concatenated_factors_and_equals_each_row_alone(
     assert isinstance(found.prepared(), stack_module.Dense)
     torch.testing.assert_close(mixed, _alone(layer, routing, rows, x), atol=1e-5, rtol=0)
     plain = rows == len(routing.slots) - 1
-    torch.testing.assert_close(mixed[plain], _run(layer, routing, rows[plain], x[plain]), atol=0, rtol=0)
+    # a row without a task gets exactly the base layer's output on the same batch (its mask adds exact zeros;
+    # the base's GEMM on fewer rows may round differently in the last bit, so the batch is the same)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+    torch.testing.assert_close(mixed[plain], base[plain], atol=0, rtol=0)
 
 
 def test_the_concatenation_leaves_the_padding_of_smaller_ranks_out() -> None:
