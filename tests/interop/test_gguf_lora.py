@@ -147,7 +147,7 @@ def test_llama_cpp_runs_the_adapter_as_multitune_does(tmp_path) -> None:
         with torch.no_grad():
             ours = bank.generate(batch, torch.ones_like(batch), rows, max_new_tokens=12, do_sample=False)
             logits = bank.run(batch, torch.ones_like(batch), rows).out.logits[0, -1]
-        ours_ids = ours[0, len(ids) :].tolist()
+        ours_ids = ours[0].tolist()  # bank.generate returns the new tokens
         tuned.reset()
         tuned.eval(ids)
         theirs_logits = torch.tensor(tuned.scores[len(ids) - 1])
