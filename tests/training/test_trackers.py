@@ -93,3 +93,14 @@ def test_report_to_is_checked_in_one_line(bert_dir, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "needs the mlflow-skinny (or mlflow) package" in err
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_compare_refuses_report_to_in_one_line(bert_dir, tmp_path, capsys) -> None:
+    argv = _train(bert_dir, tmp_path)
+    data = argv[argv.index("--data") + 1]
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(bert_dir), "--data", data, "--methods", "lora", "--output", str(out)]
+    assert main([*args, "--report-to", "tensorboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "compare does not send its trials to experiment trackers yet" in err
+    assert not (out / "report.html").exists()

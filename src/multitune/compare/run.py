@@ -317,6 +317,18 @@ def _check_output(config: CompareConfig) -> None:
     write_json_atomic(state, {"settings": config.fingerprint()})
 
 
+def _tracker_problems(config: CompareConfig) -> list[str]:
+    """--report-to: compare's trials run without run folders, so there is no tracker run to nest them in yet."""
+    from multitune.trackers import parse_report_to
+
+    if not parse_report_to(config.train.report_to):
+        return []
+    return [
+        "compare does not send its trials to experiment trackers yet (--report-to); its measurements are in "
+        "OUTPUT/report.html: drop --report-to, or train one method with 'multitune train --report-to ...'"
+    ]
+
+
 def validate(config: CompareConfig) -> None:
     from multitune.compare.merged import MERGED, merged_problems
 
@@ -328,6 +340,7 @@ def validate(config: CompareConfig) -> None:
         )
     if not config.methods:
         problems.append("no methods given; pass --methods lora,prompt,...")
+    problems += _tracker_problems(config)
     if config.search_dora and "lora" not in config.methods:
         problems.append("--search-dora searches LoRA's use_dora; add lora to --methods or drop it")
     fixed = config.method_settings.get("lora")
