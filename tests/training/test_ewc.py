@@ -59,7 +59,9 @@ def test_the_fisher_is_the_mean_squared_per_example_gradient(family: str, kind: 
     expected = _by_hand(bank, examples)
     for key, value in fisher.items():
         assert value.dtype == torch.float32 and value.shape == bank.task_parameters("t")[key].shape
-        assert torch.allclose(value, expected[key], rtol=1e-4, atol=1e-9), key
+        # float32 sums of squared gradients in another order: equal to 1e-4 of each tensor's largest entry
+        scale = float(expected[key].abs().max())
+        assert torch.allclose(value, expected[key], rtol=1e-4, atol=1e-4 * scale + 1e-12), key
     assert sum(float(v.sum()) for v in fisher.values()) > 0
 
 

@@ -326,63 +326,36 @@ class DecodeBatch:
         handles: list[Handle],
         sample: Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]],
     ) -> list[int]:
-        """Prefill ``handles`` together and merge them into the running batch; returns their first tokens."""
+        """Prefill ``handles`` together and merge them into the running batch; returns their first tokens.
+
+        Rows of one prompt on one task (OpenAI's n samples) are prefilled once: the forward runs each distinct
+        (task, prompt) and its cache rows are repeated for every handle that asked for it."""
         bank = self.bank
         device = bank.base.device
-        # rows of one prompt on one task (OpenAI's n samples) are prefilled once and their cache copied
         keys = [(h.internal, tuple(h.prompt_ids)) for h in handles]
         unique = list(dict.fromkeys(keys))
-        if len(unique) < len(handles):
-            first_of = {key: handles[keys.index(key)] for key in unique}
-            return self._join_shared(
-                [first_of[k] for k in unique], handles, [unique.index(k) for k in keys], sample
-            )
-        width = max(len(h.prompt_ids) for h in handles)
-        pad = bank.base.tokenizer.pad_token_id
-        ids = torch.full((len(handles), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(handles), width), dtype=torch.long, device=device)
-        for i, h in enumerate(handles):  # left padding, as generate expects
-            ids[i, width - len(h.prompt_ids) :] = torch.tensor(h.prompt_ids, device=device)
-            mask[i, width - len(h.prompt_ids) :] = 1
-        slots = bank.slots
-        task_ids = torch.tensor([slots.index(h.internal) for h in handles], dtype=torch.long, device=device)
-        # the LM head on the last position only, as generate does
-        keep = {"logits_to_keep": 1} if supports_logits_to_keep(bank.base.model) else {}
-        routed = bank.run(ids, mask, task_ids, use_cache=True, **keep)
-        out, full = routed.out, routed.attention_mask
-        first = sample(out.logits[:, -1].float(), handles, [[] for _ in handles])
-        self._merge(out.cache, full, handles, torch.tensor(first, device=device))
-        return first
-
-    def _join_shared(
-        self,
-        distinct: list[Handle],
-        handles: list[Handle],
-        index: list[int],
-        sample: Callable[[torch.Tensor, list[Handle], list[list[int]]], list[int]],
-    ) -> list[int]:
-        """The prefill of ``distinct`` (one row per prompt), its cache rows repeated for every handle
-        (``index[i]``: the distinct row of handle i), then each handle's own first token."""
-        bank = self.bank
-        device = bank.base.device
+        distinct = [handles[keys.index(key)] for key in unique]
         width = max(len(h.prompt_ids) for h in distinct)
         pad = bank.base.tokenizer.pad_token_id
         ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
-        for i, h in enumerate(distinct):
+        for i, h in enumerate(distinct):  # left padding, as generate expects
             ids[i, width - len(h.prompt_ids) :] = torch.tensor(h.prompt_ids, device=device)
             mask[i, width - len(h.prompt_ids) :] = 1
         slots = bank.slots
         task_ids = torch.tensor([slots.index(h.internal) for h in distinct], dtype=torch.long, device=device)
+        # the LM head on the last position only, as generate does
         keep = {"logits_to_keep": 1} if supports_logits_to_keep(bank.base.model) else {}
         routed = bank.run(ids, mask, task_ids, use_cache=True, **keep)
-        rows = torch.tensor(index, device=device)
-        cache = routed.out.cache
-        cache.batch_select_indices(rows)  # repeated indices: each handle its own copy of its prompt's rows
-        first = sample(routed.out.logits[:, -1].float().index_select(0, rows), handles, [[] for _ in handles])
-        self._merge(
-            cache, routed.attention_mask.index_select(0, rows), handles, torch.tensor(first, device=device)
-        )
+        cache, full, logits = routed.out.cache, routed.attention_mask, routed.out.logits[:, -1].float()
+        if len(distinct) < len(handles):
+            rows = torch.tensor([unique.index(k) for k in keys], device=device)
+            cache.batch_select_indices(
+                rows
+            )  # repeated indices: each handle its own copy of its prompt's rows
+            full, logits = full.index_select(0, rows), logits.index_select(0, rows)
+        first = sample(logits, handles, [[] for _ in handles])
+        self._merge(cache, full, handles, torch.tensor(first, device=device))
         return first
 
     def _merge(
