@@ -36,8 +36,9 @@ MODEL = "smollm2-135m"
 BETAS = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}  # simpo: its paper's 2-2.5
 
 
-def prompt_stubs(n: int, seed: int) -> list[str]:
-    with open(DATA, newline="") as f:
+def prompt_stubs(n: int, seed: int, data: Path = DATA) -> list[str]:
+    """The first 4-6 words of ``n`` seeded SST-2 sentences of at least 8 words (``data``: train.csv by default)."""
+    with open(data, newline="") as f:
         sentences = [row["sentence"] for row in csv.DictReader(f) if len(row["sentence"].split()) >= 8]
     rng = random.Random(seed)
     rng.shuffle(sentences)

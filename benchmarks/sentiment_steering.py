@@ -16,27 +16,20 @@ Prints a table and writes OUT/summary.json. Run it alone for the wall times to m
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo_own_samples import prompt_stubs  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2" / "test.csv"
 MODEL = "smollm2-135m"
 SHAPES = {"ppo": ["--batch-size", "32"], "grpo": ["--batch-size", "4", "--group-size", "8"]}
-
-
-def stubs(n: int, seed: int) -> list[str]:
-    with open(TEST, newline="") as f:
-        sentences = [row["sentence"] for row in csv.DictReader(f) if len(row["sentence"].split()) >= 8]
-    rng = random.Random(seed)
-    rng.shuffle(sentences)
-    return [" ".join(s.split()[: rng.randint(4, 6)]) for s in sentences[:n]]
 
 
 def summarise(metrics: Path) -> dict:
@@ -71,7 +64,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in stubs(200, 0)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_stubs(200, 0, TEST)))
     summary: dict = {}
     for name in args.runs.split(","):
         run = out / f"{name}{args.tag}"

@@ -167,48 +167,31 @@ class Scheduler:
     # ---- classification -----------------------------------------------------------------------------
     async def classify(self, task: str, texts: list[str]) -> list[Classification]:
         """Each text's label probabilities (and whether it was cut to the task's max_length)."""
-        if not texts or any(not isinstance(t, str) for t in texts):
-            raise RequestError(400, "input must be a string or a non-empty list of strings")
-        for i, text in enumerate(texts):
-            check_text(text, f"input.{i}")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._wake:
-            internal = self.names.resolve(task, "classification")
-            self._check_room()
-            self._classify.append(
-                _Classify(task, [internal] * len(texts), list(texts), future, time.monotonic())
-            )
-            self._wake.notify()
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-        except TimeoutError as error:
-            future.cancel()
-            raise RequestError(
-                504,
-                f"the request took longer than {self.timeout_s:g} s; retry or raise the server's --timeout",
-            ) from error
+        return await self._queued_rows(task, texts, "classification", embed=False)
 
     async def embed(self, task: str | None, texts: list[str]) -> list[tuple[list[float], int]]:
         """Each text's normalised mean-pooled embedding through ``task``'s adapter (any kind of task), or of
         the bare base for None, with its token count; queued and batched with classification rows."""
-        if not texts or any(not isinstance(t, str) for t in texts):
-            raise RequestError(400, "input must be a string or a non-empty list of strings")
-        for i, text in enumerate(texts):
-            check_text(text, f"input.{i}")
         if self.engine.base.arch == "seq2seq":
             raise RequestError(
                 400,
                 "embeddings are served for encoder and decoder bases; this server's base is encoder-decoder",
             )
+        return await self._queued_rows(task, texts, None, embed=True)
+
+    async def _queued_rows(self, task: str | None, texts: list[str], kind: str | None, embed: bool) -> Any:
+        """Check the texts, queue them as one item of the classification queue (``kind`` None: a task of any
+        kind, or the bare base for task None) and wait for the worker's answer, 504 past the deadline."""
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise RequestError(400, "input must be a string or a non-empty list of strings")
+        for i, text in enumerate(texts):
+            check_text(text, f"input.{i}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
-            internal = None if task is None else self.names.resolve(task, None)
+            internal = None if task is None else self.names.resolve(task, kind)
             self._check_room()
-            self._classify.append(
-                _Classify(
-                    task or "", [internal] * len(texts), list(texts), future, time.monotonic(), embed=True
-                )
-            )
+            rows: list[str | None] = [internal] * len(texts)
+            self._classify.append(_Classify(task or "", rows, list(texts), future, time.monotonic(), embed))
             self._wake.notify()
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
