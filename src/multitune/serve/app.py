@@ -275,6 +275,12 @@ def _count_tokens(served: Served, task: str, handle: Any) -> None:
     served.metrics.tokens.labels(task=served.metrics.task_label(task)).inc(int(handle.completion_tokens or 0))
 
 
+async def _compile_format(served: Served, task: str, params: Any) -> None:
+    """The request's response_format compiled on a thread (a large schema takes a while), not on the loop."""
+    if params.response_format is not None:
+        await asyncio.to_thread(served.scheduler.compile_format, task, params)
+
+
 def _submit(served: Served, task: str, prompt: str, params: Any, n: int | None) -> list[Any]:
     """The request's rows: one handle, or ``n`` samples of the prompt sharing its prefill."""
     if n in (None, 1):
@@ -392,6 +398,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     check_body(body, served.max_input_chars)
     prompt = completion_prompt(body)
     params = sampling_params(body, body.max_tokens)
+    await _compile_format(served, body.model, params)
     handles = _submit(served, body.model, prompt, params, body.n)  # on the loop: the stream needs it
     handle = handles[0]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -444,6 +451,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         raise RequestError(400, "messages must hold at least one {role, content} message")
     params = sampling_params(body, body.max_completion_tokens if body.max_tokens is None else body.max_tokens)
     prompt = served.scheduler.chat_prompt(body.model, chat_messages(body))
+    await _compile_format(served, body.model, params)
     handles = _submit(served, body.model, prompt, params, body.n)
     handle = handles[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

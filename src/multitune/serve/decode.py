@@ -81,6 +81,9 @@ class SamplingParams:
     logprobs: int | None = (
         None  # None: none; k: each token's log-probability and its k most likely alternatives
     )
+    # the answer's format (serve.constrained.ResponseFormat; None: free text) and its compiled grammar
+    response_format: Any = None
+    grammar: Any = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -144,6 +147,7 @@ class Handle:
         self.error: RequestError | None = None
         self.cancelled = False
         self.generator: torch.Generator | None = None  # its own sampling stream (seeded when asked)
+        self.grammar: Any = None  # its place in params.grammar (a matcher, made at its first token)
         self.logprob_sum, self.logprob_count = 0.0, 0  # of its sampled tokens, for the drift monitor
         # with params.logprobs: per generated token (token, log-probability, [(alternative, log-probability)])
         self.logprobs: list[LogProb] = []
@@ -186,6 +190,12 @@ class Handle:
             return
         if token in eos:
             self.finish("stop")
+            return
+        if self.grammar is not None and not self.grammar.accept_token(token):
+            self.finish(
+                "error",
+                RequestError(500, f"token {token} is not allowed by the response_format; retry or report it"),
+            )
             return
         generated.append(token)
         if logprob is not None:
@@ -592,7 +602,12 @@ def sample_tokens(logits: torch.Tensor, handles: list[Handle]) -> list[int]:
     """Next token of each row: greedy at temperature 0, else temperature + nucleus sampling (own seed), the
     sampled rows drawn together (:func:`draw_rows`).
 
+    A row with a response_format chooses among the tokens its grammar allows (serve.constrained.mask_rows).
     A row whose sampling fails is answered with its error (its token is then never used)."""
+    if any(h.params.grammar is not None for h in handles):
+        from multitune.serve.constrained import mask_rows  # it imports this module
+
+        logits = mask_rows(logits, handles)
     tokens = logits.argmax(dim=-1).tolist()
     rows = [i for i, h in enumerate(handles) if h.params.temperature > 0 and not h.done]
     if not rows:

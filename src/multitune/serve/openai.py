@@ -16,6 +16,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from multitune.serve.constrained import parse_response_format
 from multitune.serve.decode import RequestError, SamplingParams, check_text
 
 CLIENT_GONE = 499  # nginx's "client closed request": what the metrics record for an abandoned request
@@ -46,6 +47,7 @@ class _Sampling(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
+    response_format: Any = None  # checked by serve.constrained.parse_response_format
 
 
 class CompletionRequest(_Sampling):
@@ -240,6 +242,7 @@ def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         stop=stop,
         seed=body.seed,
         logprobs=logprobs,
+        response_format=parse_response_format(body.response_format),
     )
     params.validate()
     return params

@@ -124,6 +124,9 @@ class Scheduler:
         self._running = False
         self._taken: list[_Classify | Handle] = []  # taken from the queues this turn (see _fail_all)
         self.watch = Watch(engine, self.names, monitor, monitor_options)  # drift monitoring (serve/watch.py)
+        # response_format compilers, one per tokenizer (kept with it: an id() alone could be reused)
+        self._grammars: dict[int, tuple[Any, Any]] = {}
+        self._grammars_lock = threading.Lock()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -228,6 +231,33 @@ class Scheduler:
             return users[-1]["content"]
         return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
 
+    def compile_format(self, task: str, params: SamplingParams) -> None:
+        """Compile ``params.response_format`` for the task's tokenizer into ``params.grammar`` (a 400 when
+        the library cannot, a 501 when it is not installed). :meth:`submit_many` does it when it was not done;
+        the HTTP API does it first on a thread, so that a large schema never holds up the event loop."""
+        if params.response_format is None or params.grammar is not None:
+            return
+        from multitune.serve.constrained import Grammars
+
+        with self._lock:
+            internal = self.names.resolve(task, "generation")
+            bank = self.engine.bank_of(internal)
+        if bank.base.arch == "seq2seq":
+            raise RequestError(
+                400, "response_format is served for decoder models; this task's base is encoder-decoder"
+            )
+        tokenizer = bank.base.tokenizer
+        with self._grammars_lock:
+            held = self._grammars.get(id(tokenizer))
+            if held is None or held[0] is not tokenizer:
+                vocab = int(bank.base.model.get_output_embeddings().weight.shape[0])
+                with self.engine.tokenizer_lock:
+                    held = self._grammars[id(tokenizer)] = (
+                        tokenizer,
+                        Grammars(tokenizer, vocab, eos_ids(tokenizer)),
+                    )
+        params.grammar = held[1].compile(params.response_format)
+
     def submit_generate(self, task: str, prompt: str, params: SamplingParams) -> Handle:
         return self.submit_many(task, prompt, params, 1)[0]
 
@@ -247,6 +277,7 @@ class Scheduler:
             raise RequestError(400, "prompt must be a non-empty string")
         check_text(prompt, "prompt")
         params.validate()
+        self.compile_format(task, params)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
