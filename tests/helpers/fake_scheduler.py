@@ -134,6 +134,12 @@ class FakeHandle:
         if self.error is not None:
             raise self.error
 
+    async def stream_counted(self) -> AsyncIterator[tuple[str, int]]:
+        """As Handle's: (piece, logprob entries so far), then ("", all); the fake has none."""
+        async for piece in self.stream():
+            yield piece, 0
+        yield "", 0
+
     async def result(self) -> tuple[str, str]:
         await self._done.wait()
         if self.error is not None:

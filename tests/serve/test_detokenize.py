@@ -38,7 +38,7 @@ def _stream(tokenizer, ids: list[int], stop: list[str] | None = None) -> tuple[H
             break
     pieces = []
     while not handle._pieces.empty():
-        piece = handle._pieces.get()
+        piece, _ = handle._pieces.get()  # (piece, logprob entries so far)
         if isinstance(piece, str):
             pieces.append(piece)
     return handle, pieces

@@ -166,12 +166,68 @@ def test_streaming_through_the_client_gives_the_same_text(served) -> None:
     assert text == chat.choices[0].message.content
 
 
+def test_streamed_n_samples_with_logprobs_equal_the_whole_answer(served) -> None:
+    client, _ = served
+    ask = {
+        "model": "lora",
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "n": 3,
+        "seed": 5,
+        "logprobs": 2,
+    }
+    whole = client.completions.create(**ask)
+    texts, tokens, logprobs, offsets = ([[] for _ in range(3)] for _ in range(4))
+    finished = {}
+    for chunk in client.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index].append(choice.text)
+            if choice.logprobs is not None:
+                tokens[choice.index] += choice.logprobs.tokens
+                logprobs[choice.index] += choice.logprobs.token_logprobs
+                offsets[choice.index] += choice.logprobs.text_offset
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    for i, choice in enumerate(whole.choices):
+        assert "".join(texts[i]) == choice.text and finished[i] == choice.finish_reason
+        assert tokens[i] == choice.logprobs.tokens and offsets[i] == choice.logprobs.text_offset
+        torch.testing.assert_close(torch.tensor(logprobs[i]), torch.tensor(choice.logprobs.token_logprobs))
+    assert len({"".join(t) for t in texts}) > 1  # three samples, not one thrice
+
+
+def test_streamed_chat_logprobs_equal_the_whole_answer(served) -> None:
+    client, _ = served
+    ask = {"model": "lora", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2, "n": 2}  # fmt: skip
+    whole = client.chat.completions.create(**ask)
+    streamed: dict[int, list] = {0: [], 1: []}
+    roles = set()
+    for chunk in client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
+        if not chunk.choices:
+            assert chunk.usage.completion_tokens == whole.usage.completion_tokens
+            continue
+        choice = chunk.choices[0]
+        if choice.delta.role:
+            roles.add(choice.index)
+        if choice.logprobs is not None:
+            streamed[choice.index] += [
+                (t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in choice.logprobs.content
+            ]
+    assert roles == {0, 1}
+    for choice in whole.choices:
+        expected = [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in choice.logprobs.content]
+        assert [(t, a) for t, _, a in streamed[choice.index]] == [(t, a) for t, _, a in expected]
+        torch.testing.assert_close(
+            torch.tensor([lp for _, lp, _ in streamed[choice.index]]),
+            torch.tensor([lp for _, lp, _ in expected]),
+        )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
         ({"logprobs": 21}, ["logprobs asks for 21", "0 to 20"]),
         ({"n": 9}, ["n is 9", "at most 8 rows", "--max-batch-size"]),
-        ({"n": 2, "stream": True}, ["stream with n > 1"]),
     ],  # fmt: skip
 )
 def test_bad_parameters_are_one_line_400s(served, kwargs, words) -> None:

@@ -407,13 +407,6 @@ BAD = [
     ),
     ("n=0", "/v1/completions", {"model": "echo", "prompt": "a", "n": 0}, 400, ["n must be an integer >= 1"]),
     (
-        "stream with n=2",
-        "/v1/completions",
-        {"model": "echo", "prompt": "a", "n": 2, "stream": True},
-        400,
-        ["stream with n > 1", "leave out stream"],
-    ),
-    (
         "logprobs above the maximum",
         "/v1/completions",
         {"model": "echo", "prompt": "a", "logprobs": 21},

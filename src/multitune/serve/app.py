@@ -71,7 +71,6 @@ from multitune.serve.openai import (
     finish_reason,
     sampling_params,
     sse,
-    usage,
     validation_message,
 )
 
@@ -326,52 +325,43 @@ async def _answer(request: Request, handle: Any, task: str) -> tuple[str, str]:
 
 def _stream(
     request: Request,
-    handle: Any,
+    handles: list[Any],
     task: str,
-    chunk: Callable[[str | None, str | None], dict],
+    chunk: Callable[[str | None, str | None, int, list | None], dict],
     include_usage: bool,
     done: Callable[[], None] = lambda: None,
 ) -> EventStream:
-    """The generation as server-sent events: ``chunk(piece, finish_reason)`` shapes each event; a client that
-    goes away cancels the row, and the tokens are counted once however the stream ends. ``done()`` runs when
-    the generation is complete (its answer can be recorded)."""
+    """The generation as server-sent events: ``chunk(piece, finish_reason, index, logprobs)`` shapes each
+    event of choice ``index`` (the n samples' pieces interleaved as they come; with logprobs each piece carries
+    its tokens' entries); a client that goes away cancels every row, and the tokens are counted once however
+    the stream ends. ``done()`` runs when the generation is complete (its answer can be recorded)."""
     served = _served(request)
     state = {"finished": False, "counted": False}
-    info = request.scope.get("multitune")
+    with_logprobs = handles[0].params.logprobs is not None
 
-    def close() -> None:
-        if not state["finished"]:
-            state["finished"] = True
-            with contextlib.suppress(Exception):
-                handle.cancel()
-            if info is not None:
-                info["status"] = CLIENT_GONE
-        if not state["counted"]:
-            state["counted"] = True
-            _count_tokens(served, task, handle)
+    close = _closer(served, task, handles, state, request.scope.get("multitune"))
+    sent = [0] * len(handles)  # logprob entries already streamed, per choice
+
+    def event(index: int, piece: str, count: int) -> str:
+        """One piece of choice ``index`` with its tokens' logprob entries; "" ends the choice."""
+        entries = None
+        if with_logprobs:
+            entries = served.scheduler.token_logprobs(handles[index], sent[index], count)
+            sent[index] = max(sent[index], count)
+        reason = None if piece else finish_reason(handles[index])
+        return sse(chunk(piece, reason, index, entries))
 
     async def events() -> AsyncIterator[str]:
         try:
-            first = chunk(None, None)
-            if first:
-                yield sse(first)
-            # The deadline spans only the waits for pieces, never a yield (a slow reader is not the
-            # scheduler's fault, and a timeout must not fire while Starlette is sending).
-            loop = asyncio.get_running_loop()
-            end = loop.time() + served.deadline()
-            pieces = handle.stream().__aiter__()
-            while True:
-                try:
-                    piece = await asyncio.wait_for(pieces.__anext__(), max(0.0, end - loop.time()))
-                except StopAsyncIteration:
-                    break
-                if piece:
-                    yield sse(chunk(piece, None))
+            for first in (chunk(None, None, index, None) for index in range(len(handles))):
+                if first:
+                    yield sse(first)
+            async for index, piece, count in _interleave(handles, served.deadline()):
+                yield event(index, piece, count)
             state["finished"] = True
             done()
-            yield sse(chunk("", finish_reason(handle)))
             if include_usage:
-                yield sse({**chunk("", None), "choices": [], "usage": usage(handle)})
+                yield sse({**chunk("", None, 0, None), "choices": [], "usage": _usage(handles)})
             yield "data: [DONE]\n\n"
         except RequestError as error:  # the scheduler ended it (timeout, shutdown): say so in the stream
             state["finished"] = True
@@ -390,6 +380,61 @@ def _stream(
     return EventStream(events(), close)
 
 
+def _closer(
+    served: Served, task: str, handles: list[Any], state: dict[str, bool], info: dict | None
+) -> Callable[[], None]:
+    """What ends a stream, however it ends: unfinished rows cancelled (the client went away) and every
+    row's tokens counted, once."""
+
+    def close() -> None:
+        if not state["finished"]:
+            state["finished"] = True
+            for handle in handles:
+                with contextlib.suppress(Exception):
+                    handle.cancel()
+            if info is not None:
+                info["status"] = CLIENT_GONE
+        if not state["counted"]:
+            state["counted"] = True
+            for handle in handles:
+                _count_tokens(served, task, handle)
+
+    return close
+
+
+async def _interleave(handles: list[Any], deadline: float) -> AsyncIterator[tuple[int, str, int]]:
+    """(choice index, piece, logprob entries so far) of every handle as they come, each one's ("", n) last.
+    The deadline spans only the waits for pieces, never a yield (a slow reader is not the scheduler's fault,
+    and a timeout must not fire while Starlette is sending); a handle's error is raised here."""
+    out: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle: Any) -> None:
+        try:
+            async for piece, count in handle.stream_counted():
+                await out.put((index, piece, count, None))
+        except Exception as error:  # noqa: BLE001  (raised below, in the stream)
+            await out.put((index, None, 0, error))
+            return
+        await out.put((index, None, 0, None))
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        running = len(handles)
+        while running:
+            index, piece, count, error = await asyncio.wait_for(out.get(), max(0.0, end - loop.time()))
+            if error is not None:
+                raise error
+            if piece is None:
+                running -= 1
+            else:
+                yield index, piece, count
+    finally:
+        for job in pumps:
+            job.cancel()
+
+
 # ---- generation --------------------------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -403,15 +448,21 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     handle = handles[0]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(piece: str | None, reason: str | None) -> dict:
+    # each choice's streamed tokens' characters so far: a chunk's text_offset continues from there, as the
+    # whole answer's count from 0
+    streamed = [0] * len(handles)
+
+    def chunk(piece: str | None, reason: str | None, index: int = 0, entries: list | None = None) -> dict:
         if piece is None:
             return {}
+        logprobs = None if entries is None else completion_logprobs(entries, streamed[index])
+        streamed[index] += sum(len(token) for token, _, _ in entries or [])
         return {
             "id": rid,
             "object": "text_completion",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "text": piece, "logprobs": logprobs, "finish_reason": reason}],
         }
 
     def done() -> None:
@@ -420,7 +471,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         return _stream(
             request,
-            handle,
+            handles,
             body.model,
             chunk,
             bool(body.stream_options and body.stream_options.include_usage),
@@ -456,17 +507,18 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     handle = handles[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(piece: str | None, reason: str | None) -> dict:
-        if piece is None:  # OpenAI's first chunk: the role, no content yet
+    def chunk(piece: str | None, reason: str | None, index: int = 0, entries: list | None = None) -> dict:
+        if piece is None:  # OpenAI's first chunk of each choice: the role, no content yet
             delta: dict[str, Any] = {"role": "assistant", "content": ""}
         else:
             delta = {"content": piece} if piece else {}
+        logprobs = None if entries is None else chat_logprobs(entries)
         return {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
         }
 
     def done() -> None:
@@ -475,7 +527,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     if body.stream:
         return _stream(
             request,
-            handle,
+            handles,
             body.model,
             chunk,
             bool(body.stream_options and body.stream_options.include_usage),

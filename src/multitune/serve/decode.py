@@ -161,10 +161,13 @@ class Handle:
 
     # ---- worker side -------------------------------------------------------------------------------
     def emit(self, piece: Any) -> None:
-        self._pieces.put(piece)
+        """Send a text piece (or the end) to the client, with how many logprob entries the text so far
+        covers (a stream with logprobs sends each piece's tokens with it)."""
+        item = (piece, len(self.logprobs))
+        self._pieces.put(item)
         if self._loop is not None and self._apieces is not None:
             with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
-                self._loop.call_soon_threadsafe(self._apieces.put_nowait, piece)
+                self._loop.call_soon_threadsafe(self._apieces.put_nowait, item)
 
     def finish(self, reason: str, error: RequestError | None = None) -> None:
         if self._done.is_set():
@@ -267,7 +270,7 @@ class Handle:
 
     def tokens(self) -> Iterator[str]:
         while True:
-            piece = self._pieces.get()
+            piece, _ = self._pieces.get()
             if piece is _DONE:
                 if self.error is not None:
                     raise self.error
@@ -275,14 +278,21 @@ class Handle:
             yield piece
 
     async def stream(self) -> AsyncIterator[str]:
+        async for piece, _ in self.stream_counted():
+            if piece:
+                yield piece
+
+    async def stream_counted(self) -> AsyncIterator[tuple[str, int]]:
+        """(piece, logprob entries covered so far) as they come; the last item is ("", all the entries)."""
         assert self._apieces is not None, "stream() needs the handle to be submitted from an event loop"
         while True:
-            piece = await self._apieces.get()
+            piece, count = await self._apieces.get()
             if piece is _DONE:
                 if self.error is not None:
                     raise self.error
+                yield "", count
                 return
-            yield piece
+            yield piece, count
 
     async def result(self) -> tuple[str, str]:
         """(text, finish_reason) once done; right away when the pieces were already read (stream())."""

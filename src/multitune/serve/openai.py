@@ -227,12 +227,6 @@ def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     if not isinstance(n, int) or n < 1:
         raise RequestError(400, f"n must be an integer >= 1 (got {body.n!r})")
     logprobs = request_logprobs(body)
-    if body.stream and (n > 1 or logprobs is not None):
-        raise RequestError(
-            400,
-            "stream with n > 1 or logprobs is not served; leave out stream (the answer then holds every "
-            "choice and its logprobs) or ask for one choice without logprobs",
-        )
     defaults = SamplingParams()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = SamplingParams(
@@ -248,9 +242,12 @@ def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     return params
 
 
-def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
-    """OpenAI's legacy completions shape: parallel lists, offsets into the completion's text."""
-    offsets, at = [], 0
+def completion_logprobs(
+    entries: list[tuple[str, float, list[tuple[str, float]]]], start: int = 0
+) -> dict[str, Any]:
+    """OpenAI's legacy completions shape: parallel lists, offsets into the completion's text (a streamed
+    chunk's from ``start``, the length of the text streamed before it)."""
+    offsets, at = [], start
     for token, _, _ in entries:
         offsets.append(at)
         at += len(token)

@@ -317,15 +317,18 @@ class Scheduler:
             self._wake.notify()
         return handles
 
-    def token_logprobs(self, handle: Handle) -> list[tuple[str, float, list[tuple[str, float]]]]:
-        """A handle's logprob entries with their tokens as text (each token decoded alone, as OpenAI and vLLM
-        report them)."""
-        if not handle.logprobs:
+    def token_logprobs(
+        self, handle: Handle, start: int = 0, end: int | None = None
+    ) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """A handle's logprob entries (``start:end`` of them) with their tokens as text (each token decoded
+        alone, as OpenAI and vLLM report them)."""
+        entries = handle.logprobs[start:end]
+        if not entries:
             return []
         tokenizer = self.engine.bank_of(handle.internal).base.tokenizer
         out = []
         with self.engine.tokenizer_lock:
-            for token, logprob, alternatives in handle.logprobs:
+            for token, logprob, alternatives in entries:
                 top = [(tokenizer.decode([t]), lp) for t, lp in alternatives]
                 out.append((tokenizer.decode([token]), logprob, top))
         return out
