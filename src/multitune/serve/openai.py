@@ -246,7 +246,7 @@ def completion_logprobs(
     entries: list[tuple[str, float, list[tuple[str, float]]]], start: int = 0
 ) -> dict[str, Any]:
     """OpenAI's legacy completions shape: parallel lists, offsets into the completion's text (a streamed
-    chunk's from ``start``, the length of the text streamed before it)."""
+    chunk's from ``start``, the characters of the tokens streamed before it)."""
     offsets, at = [], start
     for token, _, _ in entries:
         offsets.append(at)
