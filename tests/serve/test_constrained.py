@@ -15,16 +15,13 @@ import random
 import pytest
 import torch
 from helpers import WORDS, perturb
-from test_server import running
+from test_server import openai_client
 
 from multitune.bank import MultiTaskModel
 from multitune.methods.lora import LoRAConfig
 from multitune.models import load_base
-from multitune.serve.app import create_app
 from multitune.serve.constrained import ResponseFormat, parse_response_format
 from multitune.serve.decode import RequestError
-from multitune.serve.engine import Engine
-from multitune.serve.scheduler import Scheduler
 from multitune.storage import save_adapter
 
 openai = pytest.importorskip("openai")
@@ -82,14 +79,8 @@ def served(tmp_path_factory):
     bank.add_task("lora", "generation", "lora", LoRAConfig(rank=4))
     perturb(bank, "lora", seed=0)
     save_adapter(bank, "lora", root / "bank" / "lora")
-    engine = Engine.from_folder(root / "bank", device="cpu")
-    scheduler = Scheduler(engine, max_batch_size=16, max_wait_ms=20)
-    scheduler.start()
-    try:
-        with running(create_app(scheduler, model_name="tiny-llama")) as url:
-            yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120), scheduler
-    finally:
-        scheduler.stop()
+    with openai_client(root / "bank", timeout=120, max_batch_size=16, max_wait_ms=20) as served:
+        yield served
 
 
 def _prompts(count: int, seed: int) -> list[str]:
@@ -246,13 +237,8 @@ def smollm(tmp_path_factory):
     bank = MultiTaskModel(load_base("smollm2-135m", device="cpu"))
     bank.add_task("chat", "generation", "lora", LoRAConfig(rank=4))  # B = 0: the base's own answers
     save_adapter(bank, "chat", root / "bank" / "chat")
-    scheduler = Scheduler(Engine.from_folder(root / "bank", device="cpu"), max_batch_size=8, max_wait_ms=20)
-    scheduler.start()
-    try:
-        with running(create_app(scheduler, model_name="smollm2")) as url:
-            yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-    finally:
-        scheduler.stop()
+    with openai_client(root / "bank", timeout=300, max_batch_size=8, max_wait_ms=20) as (client, _):
+        yield client
 
 
 def test_a_real_model_fills_a_pydantic_schema_through_the_client_s_parse(smollm) -> None:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import perturb, save_tiny
-from test_server import running
+from test_server import openai_client
 
 from multitune.bank import MultiTaskModel
 from multitune.methods.lora import LoRAConfig
 from multitune.methods.prompt import PromptConfig
 from multitune.models import load_base
-from multitune.serve.app import create_app
 from multitune.serve.decode import DecodeBatch, Handle, SamplingParams, sample_tokens
 from multitune.serve.engine import Engine
-from multitune.serve.scheduler import Scheduler
 from multitune.storage import save_adapter
 
 openai = pytest.importorskip("openai")
@@ -34,14 +32,8 @@ def served(tmp_path_factory):
     for seed, task in enumerate(["lora", "prompt"]):
         perturb(bank, task, seed=seed)
         save_adapter(bank, task, root / "bank" / task)
-    engine = Engine.from_folder(root / "bank", device="cpu")
-    scheduler = Scheduler(engine, max_batch_size=8, max_wait_ms=5)
-    scheduler.start()
-    try:
-        with running(create_app(scheduler, model_name="tiny-llama")) as url:
-            yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60), engine
-    finally:
-        scheduler.stop()
+    with openai_client(root / "bank", max_batch_size=8, max_wait_ms=5) as (client, scheduler):
+        yield client, scheduler.engine
 
 
 def _reference(engine: Engine, task: str, prompt: str, tokens: int) -> tuple[list[int], torch.Tensor]:

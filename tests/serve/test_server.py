@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -46,6 +48,27 @@ def running(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@contextmanager
+def openai_client(bank: Path, timeout: float = 60, **options: Any) -> Iterator[tuple[Any, Any]]:
+    """The official openai client against the real scheduler over the tasks under ``bank``, on a real uvicorn
+    on loopback; yields (client, scheduler). ``options`` go to the Scheduler."""
+    import openai
+
+    from multitune.serve.engine import Engine
+    from multitune.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(Engine.from_folder(bank, device="cpu"), **options)
+    scheduler.start()
+    try:
+        with running(create_app(scheduler, model_name="tiny-llama")) as url:
+            yield (
+                openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout),
+                scheduler,
+            )
+    finally:
+        scheduler.stop()
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 1.0) -> bool:

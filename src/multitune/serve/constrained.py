@@ -112,7 +112,6 @@ class Grammars:
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)
         )
-        self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._compiled: collections.OrderedDict[ResponseFormat, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
