@@ -5,8 +5,14 @@ TensorBoard: event files in ``RUN/tensorboard`` (``torch.utils.tensorboard``, wh
 package). MLflow: one run per command, named after the run folder, in the tracking URI of
 ``MLFLOW_TRACKING_URI`` or, by default, a local file store in ``RUN/mlruns`` (MLflow 3 keeps that store in
 maintenance and asks for an opt-in, ``MLFLOW_ALLOW_FILE_STORE``, which is given for the default store only); a
-command started inside an active MLflow run (``compare``'s trials) nests under it. Both are optional
-dependencies: asking for one that is not installed is one line naming the package to install.
+command started inside an active MLflow run nests under it. Both are optional dependencies: asking for one that
+is not installed is one line naming the package to install.
+
+``compare`` opens the comparison's run in its output folder and :func:`nested_run` one run per trial, final run,
+rescue and seed run under it (MLflow: a child run, ``mlflow.parentRunId``, in the comparison's store, from the
+compare process or the final run's own process; TensorBoard: ``OUTPUT/tensorboard/METHOD/trial-N`` and so on,
+each a run of its own in TensorBoard's list); the comparison's run ends with every method's measurements and
+the report (an MLflow artifact; TensorBoard text).
 
 The run's own settings are logged as parameters (TensorBoard: a text summary), every step's mean loss and
 learning rate under ``train/``, every evaluation under ``validation/`` and the final scores under ``test/``.
@@ -19,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +120,66 @@ class Trackers:
                 self._started_mlflow = True
                 state["mlflow_run_id"] = run.info.run_id
                 state["mlflow_tracking_uri"] = mlflow.get_tracking_uri()
+                state["mlflow_file_store"] = os.environ.get("MLFLOW_ALLOW_FILE_STORE") == "true"
                 if params and not state.get("mlflow_params"):
                     mlflow.log_params(_flat(params))
                     state["mlflow_params"] = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def nested(
+        cls, names: list[str], parent_dir: Path, name: str, params: dict[str, Any] | None = None
+    ) -> Trackers:
+        """A run named ``name`` nested in the runs ``parent_dir``'s trackers.json records, from this process (whose
+        active MLflow run is the parent) or another (the parent's store and id are in the file)."""
+        check_installed(names)
+        self = cls.__new__(cls)
+        self.names, self.run_dir = names, Path(parent_dir)
+        self.writer, self.mlflow, self._started_mlflow = None, None, False
+        state = self._state()
+        if "tensorboard" in names and state.get("tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            method, _, rest = name.partition(" ")
+            folder = Path(state["tensorboard"]) / method / (rest.replace(" ", "-") or "run")
+            self.writer = SummaryWriter(log_dir=str(folder))
+            if params:
+                self.writer.add_text(
+                    "config", "\n".join(f"    {k}: {v}" for k, v in sorted(_flat(params).items()))
+                )
+        if "mlflow" in names and state.get("mlflow_run_id"):
+            import mlflow
+
+            self.mlflow = mlflow
+            parent = str(state["mlflow_run_id"])
+            active = mlflow.active_run()
+            if active is None:  # another process: the parent's store
+                if state.get("mlflow_file_store"):
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri(state["mlflow_tracking_uri"])
+            experiment = mlflow.tracking.MlflowClient().get_run(parent).info.experiment_id
+            mlflow.start_run(
+                experiment_id=experiment, run_name=name, nested=active is not None, parent_run_id=parent
+            )
+            self._started_mlflow = True
+            if params:
+                mlflow.log_params(_flat(params))
+        return self
+
+    def tag(self, key: str, value: str) -> None:
+        """A word about the run (a trial's state, a method's error): an MLflow tag, a TensorBoard text."""
+        if self.writer is not None:
+            self.writer.add_text(key, value)
+        if self.mlflow is not None:
+            self.mlflow.set_tag(key, value[:5000])
+
+    def artifact(self, path: Path) -> None:
+        """A file of the run (compare's report): an MLflow artifact; TensorBoard shows a Markdown file as text."""
+        if self.writer is not None and path.suffix == ".md":
+            self.writer.add_text(path.stem, path.read_text())
+        if self.mlflow is not None:
+            self.mlflow.log_artifact(str(path))
 
     def _state(self) -> dict[str, Any]:
         path = self.run_dir / STATE_FILE
@@ -135,12 +198,12 @@ class Trackers:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         if self.mlflow is not None and self._started_mlflow:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
             self._started_mlflow = False
 
 
@@ -177,3 +240,30 @@ def report_final(
         trackers.log(scores, step, prefix)
     finally:
         trackers.close()
+
+
+@contextmanager
+def nested_run(
+    report_to: str | None,
+    parent_dir: Path,
+    name: str,
+    params: dict[str, Any] | None = None,
+    finished_on: tuple[type[BaseException], ...] = (),
+) -> Iterator[Trackers | None]:
+    """A run nested in ``parent_dir``'s tracker runs for the body of the ``with`` (None: no --report-to, or no
+    parent run); it ends FINISHED, or FAILED when the body raises anything but ``finished_on`` (a pruned trial
+    finished: it was judged)."""
+    names = parse_report_to(report_to)
+    if not names or not (Path(parent_dir) / STATE_FILE).exists():
+        yield None
+        return
+    trackers = Trackers.nested(names, Path(parent_dir), name, params)
+    try:
+        yield trackers
+    except finished_on:
+        trackers.close()
+        raise
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()

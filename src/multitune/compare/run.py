@@ -60,19 +60,47 @@ from multitune.errors import ConfigError, MultituneError
 from multitune.methods import METHODS, get_method
 from multitune.risks import privacy
 from multitune.storage import output_lock, write_json_atomic
+from multitune.trackers import Trackers, check_installed, nested_run, open_trackers, parse_report_to
 
 GENERAL_MAX_LENGTH = 128  # tokens per general text (the built-in paragraphs fit): a few forwards per method
 
 
-def final_run(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Retrain the best settings, measure everything, save the adapter; returns the method's result."""
+def final_run(
+    config: CompareConfig, method: str, params: dict[str, Any], run: str = "final"
+) -> dict[str, Any]:
+    """Retrain the best settings, measure everything, save the adapter; returns the method's result.
+
+    ``run`` names it (final, rescue) in the trackers: with ``--report-to`` it is a run nested in the
+    comparison's, with the loop's losses and its measurements."""
+    settings = {"method": method, "run": run, **params}
+    with nested_run(config.train.report_to, config.out, f"{method} {run}", settings) as trackers:
+        result = _final_run(config, method, params, trackers)
+        if trackers is not None:
+            trackers.log(result["test"], result["steps"], "test/")
+            trackers.log(_measured(result), result["steps"], "run/")
+        return result
+
+
+def _measured(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's measurements, as the trackers take them (numbers)."""
+    keys = ("stored_bytes", "peak_memory_bytes", "train_seconds", "latency_ms", "throughput_per_s") + (
+        "trainable_parameters",
+        "trainable_percent",
+        "general_perplexity",
+    )
+    return {k: result[k] for k in keys if isinstance(result.get(k), int | float)}
+
+
+def _final_run(config: CompareConfig, method: str, params: dict[str, Any], trackers: Any) -> dict[str, Any]:
     from multitune.compare.catalog import base_parameters
     from multitune.health.profile import save_task_profile
     from multitune.storage import save_adapter
 
     splits = config.data.splits(config.kind)
     with PeakMemory() as memory:
-        bank, task, result, trainable = fit_and_score(config, method, params, splits, desc=f"{method} final")
+        bank, task, result, trainable = fit_and_score(
+            config, method, params, splits, desc=f"{method} final", trackers=trackers
+        )
     metrics, intervals, throughput = score_test(bank, task, splits.test, config)
     latency = latency_ms(bank, task, splits.test, config)
     folder = config.out / BANK / task
@@ -152,7 +180,8 @@ def child_main(payload_file: str) -> None:
     payload = json.loads(Path(payload_file).read_text())
     target = Path(payload["target"])
     try:
-        result = final_run(from_json(payload["config"]), payload["method"], payload["params"])
+        config = from_json(payload["config"])
+        result = final_run(config, payload["method"], payload["params"], payload.get("run", "final"))
         write_json_atomic(target, {"result": result})
     except MultituneError as error:
         write_json_atomic(target, {"error": str(error)})
@@ -168,16 +197,19 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def final_isolated(config: CompareConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
+def final_isolated(
+    config: CompareConfig, method: str, params: dict[str, Any], run: str = "final"
+) -> dict[str, Any]:
     """The final run in a fresh Python process, so that its peak memory is this method's alone."""
     if not config.isolate:
-        return final_run(config, method, params)
+        return final_run(config, method, params, run)
     folder = config.out / RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     target, payload = folder / f".{method}.child.json", folder / f".{method}.payload.json"
     target.unlink(missing_ok=True)
     write_json_atomic(
-        payload, {"config": to_json(config), "method": method, "params": params, "target": str(target)}
+        payload,
+        {"config": to_json(config), "method": method, "params": params, "run": run, "target": str(target)},
     )
     process = subprocess.run(
         [sys.executable, "-m", "multitune.compare.run", str(payload)],
@@ -233,7 +265,7 @@ def final_or_rescued(
         f"{method}: its {after} did not learn ({problem_reason(problem)}); rescue: one more run at "
         f"{rescue_scale(cause)} the learning rate, {describe(lowered)}"
     )
-    result = final_isolated(config, method, lowered)
+    result = final_isolated(config, method, lowered, "rescue")
     result["rescue"] = {
         "after": after,
         "from_params": params,
@@ -266,8 +298,14 @@ def seed_runs(
     for seed in range(first + 1, first + config.seeds) if trains else ():
         seeded = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
         desc = f"{method} seed {seed} ({seed - first + 1}/{config.seeds})"
-        bank, task, trained, _ = fit_and_score(seeded, method, result["best_params"], splits, desc=desc)
-        metrics, _, _ = score_test(bank, task, splits.test, seeded)
+        settings = {"method": method, "seed": seed, **result["best_params"]}
+        with nested_run(config.train.report_to, config.out, f"{method} seed {seed}", settings) as trackers:
+            bank, task, trained, _ = fit_and_score(
+                seeded, method, result["best_params"], splits, desc=desc, trackers=trackers
+            )
+            metrics, _, _ = score_test(bank, task, splits.test, seeded)
+            if trackers is not None:
+                trackers.log(metrics, trained.steps, "test/")
         runs.append(_seed_record(seed, metrics.get(metric), trained.problem))
         value = runs[-1]["test"]
         log(
@@ -299,6 +337,7 @@ def _check_output(config: CompareConfig) -> None:
     state = config.out / "compare.json"
     if state.exists():
         previous = json.loads(state.read_text())["settings"]
+        previous.get("train", {}).pop("report_to", None)  # (folders made when it was part of the settings)
         now = json.loads(json.dumps(config.fingerprint()))
         changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
         if changed:
@@ -317,18 +356,6 @@ def _check_output(config: CompareConfig) -> None:
     write_json_atomic(state, {"settings": config.fingerprint()})
 
 
-def _tracker_problems(config: CompareConfig) -> list[str]:
-    """--report-to: compare's trials run without run folders, so there is no tracker run to nest them in yet."""
-    from multitune.trackers import parse_report_to
-
-    if not parse_report_to(config.train.report_to):
-        return []
-    return [
-        "compare does not send its trials to experiment trackers yet (--report-to); its measurements are in "
-        "OUTPUT/report.html: drop --report-to, or train one method with 'multitune train --report-to ...'"
-    ]
-
-
 def validate(config: CompareConfig) -> None:
     from multitune.compare.merged import MERGED, merged_problems
 
@@ -340,7 +367,10 @@ def validate(config: CompareConfig) -> None:
         )
     if not config.methods:
         problems.append("no methods given; pass --methods lora,prompt,...")
-    problems += _tracker_problems(config)
+    try:  # --report-to: a name it does not know, or a tracker that is not installed, before any trial
+        check_installed(parse_report_to(config.train.report_to))
+    except ConfigError as error:
+        problems.append(str(error))
     if config.search_dora and "lora" not in config.methods:
         problems.append("--search-dora searches LoRA's use_dora; add lora to --methods or drop it")
     fixed = config.method_settings.get("lora")
@@ -394,7 +424,39 @@ def compare(config: CompareConfig, log: Callable[[str], None] = print) -> dict[s
     """
     validate(config)
     with output_lock(config.out, "multitune compare" + (" --search-only" if config.search_only else "")):
-        return _compare(config, log)
+        _check_output(config)
+        settings = {"methods": ",".join(config.methods), **config.fingerprint()}
+        trackers = open_trackers(config.train.report_to, config.out, settings)  # the comparison's own run
+        if trackers is None:
+            return _compare(config, log)
+        try:
+            summary = _compare(config, log)
+        except BaseException:
+            trackers.close(failed=True)
+            raise
+        _report_to(trackers, config, summary)
+        trackers.close()
+        return summary
+
+
+def _report_to(trackers: Trackers, config: CompareConfig, summary: dict[str, Any]) -> None:
+    """The comparison's run: each method's test score, spread and measurements (``METHOD/...``), why a method
+    failed or did not learn, and the report files."""
+    metric = config.metric()
+    for result in summary["results"]:
+        method = result["method"]
+        numbers = {f"test_{metric}": (result.get("test") or {}).get(metric), **_measured(result)}
+        numbers["learned"] = int(bool(result.get("learned", True)))
+        seeds = result.get("seeds") or {}
+        numbers |= {f"seeds_{k}": seeds.get(k) for k in ("mean", "std", "min", "max") if seeds}
+        trackers.log(numbers, 0, f"{method}/")
+        if result.get("problem"):
+            trackers.tag(f"{method}/problem", str(result["problem"]))
+    for method, error in summary["failures"].items():
+        trackers.tag(f"{method}/error", error)
+    for path in (summary.get("report") or {}).values():
+        if Path(path).is_file() and Path(path).suffix in (".md", ".html"):
+            trackers.artifact(Path(path))
 
 
 def run_method(
@@ -461,7 +523,6 @@ def _audit_line(result: dict[str, Any]) -> str:
 
 def _compare(config: CompareConfig, log: Callable[[str], None]) -> dict[str, Any]:
     start = time.perf_counter()
-    _check_output(config)
     open_storage(config)
     splits = config.data.splits(config.kind)
     if not splits.validation:

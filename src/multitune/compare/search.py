@@ -26,6 +26,7 @@ from multitune.compare.settings import CompareConfig
 from multitune.config import TrainConfig
 from multitune.errors import ConfigError
 from multitune.methods import METHODS, get_method
+from multitune.trackers import nested_run
 from multitune.training.loop import head_learning_rate
 
 RESCUE_LEARNING_RATE_SCALE = 0.25  # a non-learner's rescue run: a quarter of its learning rate (overshoot)
@@ -162,11 +163,13 @@ def fit_and_score(
     splits: Any,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     desc: str | None = None,
+    trackers: Any = None,
 ) -> Any:
     """Train one configuration on the train split; returns (bank, task, TrainResult, trainable parameters).
 
     The trainable count is taken before training: methods that fold at the end (prefix tuning's MLP) store
-    fewer parameters than they train.
+    fewer parameters than they train. ``trackers``: the run's nested tracker run (``--report-to``), which the
+    loop's steps and evaluations go to; it is logged with the run's trainable count here.
     """
     from multitune.training.train import train
 
@@ -182,7 +185,15 @@ def fit_and_score(
         progress=config.progress,
         on_eval=on_eval,
         desc=desc,
+        trackers=trackers,
     )
+    if trackers is not None:
+        trackers.log(
+            {"trainable_parameters": trainable, f"best_{train_config.metric}": result.best_metric},
+            result.steps,
+            "run/",
+        )
+        trackers.tag("learned", "yes" if result.problem is None else f"no: {result.problem}")
     return bank, task, result, trainable
 
 
@@ -285,18 +296,26 @@ def search(config: CompareConfig, method: str, splits: Any, log: Callable[[str],
                 raise optuna.TrialPruned(f"{metric} {record[metric]:.4f} after epoch {record['epoch']}")
 
         start = time.perf_counter()
-        try:
-            _, _, result, _ = fit_and_score(
-                config,
-                method,
-                params,
-                splits,
-                on_eval=report,
-                desc=f"{method} trial {number}/{config.trials}",
-            )
-        except optuna.TrialPruned as pruned:
-            log(f"{method} trial {number}/{config.trials}: {describe(params)} -> pruned ({pruned})")
-            raise
+        name = f"{method} trial {number}"
+        settings = {"method": method, "trial": number, **params}
+        with nested_run(config.train.report_to, config.out, name, settings, (optuna.TrialPruned,)) as runs:
+            try:
+                _, _, result, _ = fit_and_score(
+                    config,
+                    method,
+                    params,
+                    splits,
+                    on_eval=report,
+                    desc=f"{method} trial {number}/{config.trials}",
+                    trackers=runs,
+                )
+            except optuna.TrialPruned as pruned:
+                log(f"{method} trial {number}/{config.trials}: {describe(params)} -> pruned ({pruned})")
+                if runs is not None:
+                    runs.tag("state", f"pruned: {pruned}")
+                raise
+            if runs is not None:
+                runs.tag("state", "complete")
         value = result.best_metric
         if value is None or (isinstance(value, float) and math.isnan(value)):
             raise ConfigError(

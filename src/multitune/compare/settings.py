@@ -80,7 +80,8 @@ class CompareConfig:
             "train": {
                 k: v
                 for k, v in dataclasses.asdict(self.train).items()
-                if k not in ("device", "keep_checkpoint")
+                if k
+                not in ("device", "keep_checkpoint", "report_to")  # (where it is logged: not its results)
             },
         }
 

@@ -403,6 +403,7 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
     on_step: Callable[[int], None] | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     preamble: Sequence[dict[str, Any]] = (),
+    trackers: Trackers | None = None,
 ) -> dict[str, TrainResult]:
     """Train ``objective.tasks`` of ``bank``; each ends with its best weights (see the module docstring).
 
@@ -411,7 +412,8 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
     ``on_step(step)`` after each optimizer step; ``on_eval(record)`` after each validation (a search prunes
     trials from it by raising). ``run_dir``: metrics.jsonl and the checkpoint go there; ``resume``
     continues from its checkpoint. ``preamble``: metrics.jsonl lines written before the loop's own (the
-    step-0 scores of tasks that had nothing to train).
+    step-0 scores of tasks that had nothing to train). ``trackers``: the tracker run the steps and evaluations go
+    to, owned (closed) by the caller (compare's trials); without it, ``--report-to`` opens the run folder's own.
     """
     run = _Run(bank, objective, config, Path(run_dir) if run_dir is not None else None, on_eval)
     accelerator = accelerator_for(
@@ -434,7 +436,7 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
             loop = run.loop
         run.open_metrics(preamble)
         if rank == 0:
-            run.trackers = open_trackers(config.report_to, run.run_dir, asdict(config))
+            run.trackers = trackers or open_trackers(config.report_to, run.run_dir, asdict(config))
         run.bar = tqdm(
             total=run.total, initial=loop["step"], desc=desc, disable=not progress, dynamic_ncols=True
         )
@@ -506,7 +508,7 @@ def fit(  # noqa: C901  (the training loop in plain view: ../shared/STYLE.md kee
                 run.evaluate()  # a run that ended between evaluations is scored at its last step
         finally:  # also when on_eval stops the run by raising (a pruned trial)
             run.bar.close()
-            if run.trackers is not None:
+            if run.trackers is not None and run.trackers is not trackers:
                 run.trackers.close()
             model.eval()
     return run.finish()

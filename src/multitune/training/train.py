@@ -31,6 +31,7 @@ from multitune.methods import get_method
 from multitune.models import load_base
 from multitune.risks import privacy
 from multitune.storage import output_lock, save_adapter, write_json_atomic
+from multitune.trackers import Trackers
 from multitune.training.evaluate import evaluate
 from multitune.training.learned import advice, cause_of, not_learned
 from multitune.training.loop import CHECKPOINT, Objective, Shuffled, TrainResult, fit
@@ -53,6 +54,7 @@ def train(
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     desc: str | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    trackers: Trackers | None = None,
 ) -> TrainResult:
     """Train ``task`` of ``bank`` on ``train_examples``; early-stop on ``validation_examples``.
 
@@ -62,6 +64,7 @@ def train(
     ``penalty()``, when given, is added to each micro-batch's loss (an update's EWC term,
     :func:`multitune.training.ewc.ewc_penalty`) and logged as "penalty"; "loss" stays the task's own loss,
     which is what :mod:`multitune.training.learned` judges. A method with nothing to optimise ignores it.
+    ``trackers``: the tracker run (compare's nested trial run) the loop logs to; the caller closes it.
     """
     spec = bank.tasks[task]
     metric = config.metric or default_metric(spec.kind)
@@ -151,6 +154,7 @@ def train(
         desc or f"train {task}",
         on_step=on_step,
         on_eval=on_eval,
+        trackers=trackers,
     )[task]
     if plan is not None:
         result.privacy = plan.record(result.steps)
