@@ -356,17 +356,25 @@ def _check_output(config: CompareConfig) -> None:
     write_json_atomic(state, {"settings": config.fingerprint()})
 
 
-def validate(config: CompareConfig) -> None:
-    from multitune.compare.merged import MERGED, merged_problems
-
-    problems = merged_problems(config)
-    unknown = [m for m in config.methods if m not in METHODS and m != MERGED]
+def _method_problems(config: CompareConfig, merged: str) -> list[str]:
+    """What is wrong with --methods itself: unknown names, none, one named twice."""
+    problems = []
+    unknown = [m for m in config.methods if m not in METHODS and m != merged]
     if unknown:
         problems.append(
             f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METHODS))} (and merged)"
         )
     if not config.methods:
         problems.append("no methods given; pass --methods lora,prompt,...")
+    if len(set(config.methods)) != len(config.methods):
+        problems.append("a method is named twice in --methods")
+    return problems
+
+
+def validate(config: CompareConfig) -> None:
+    from multitune.compare.merged import MERGED, merged_problems
+
+    problems = merged_problems(config) + _method_problems(config, MERGED)
     try:  # --report-to: a name it does not know, or a tracker that is not installed, before any trial
         check_installed(parse_report_to(config.train.report_to))
     except ConfigError as error:
@@ -378,8 +386,6 @@ def validate(config: CompareConfig) -> None:
         problems.append(
             "--search-dora chooses use_dora itself, and --lora-use-dora fixes it; drop one of them"
         )
-    if len(set(config.methods)) != len(config.methods):
-        problems.append("a method is named twice in --methods")
     if config.trials < 1:
         problems.append(f"--trials must be >= 1 (got {config.trials})")
     if config.max_epochs < 1:
