@@ -20,7 +20,7 @@ demo: install
 	$(PY) -m multitune demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4
 	$(MAKE) --no-print-directory lint
 
 # ruff (lint, with a complexity limit) and its formatter's check over everything; mypy over src.
