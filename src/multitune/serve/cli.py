@@ -20,6 +20,7 @@ from multitune.cli_commands import Command, add_quantize_argument
 from multitune.errors import ConfigError
 from multitune.health.store import FeedbackStore, Retention
 from multitune.serve.app import create_app
+from multitune.serve.decode import PREFILL_CHUNK
 from multitune.serve.follow import DEFAULT_INTERVAL_S
 from multitune.serve.guard import MAX_INPUT_CHARS, MAX_REQUEST_BYTES
 
@@ -56,6 +57,7 @@ def _check_limits(
     threads: int | None,
     max_input_chars: int,
     max_request_bytes: int,
+    prefill_chunk: int = 0,
 ) -> None:
     """Refuse a size or wait the scheduler or the guard could not work with, before the model loads."""
     for name, value, low in (
@@ -65,6 +67,7 @@ def _check_limits(
         ("--threads", 1 if threads is None else threads, 1),
         ("--max-input-chars", max_input_chars, 1),
         ("--max-request-bytes", max_request_bytes, 1),
+        ("--prefill-chunk", prefill_chunk, 0),
     ):
         if value < low:
             raise ConfigError(f"{name} must be >= {low} (got {value})")
@@ -131,6 +134,7 @@ def serve(
     request_retention: str | None = None,
     monitor: bool = True,
     watch_versions: float = DEFAULT_INTERVAL_S,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> None:
     """Serve every task under ``paths`` (banks, folders of runs, runs, adapter folders; see
     :func:`multitune.serve.engine.find_adapters`) until interrupted.
@@ -142,10 +146,13 @@ def serve(
     task with a reference profile for drift (docs/monitoring.md); False builds no monitor and observes nothing.
     ``watch_versions``: every so many seconds, a task served from a run or bank task folder whose current
     version moved (``multitune promote``, a rollback) is reloaded, atomically (:mod:`multitune.serve.follow`);
-    0 never.
+    0 never. ``prefill_chunk``: while rows decode, a longer prompt is prefilled this many tokens per decode step
+    (0: in one forward).
     """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    _check_limits(max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes)
+    _check_limits(
+        max_batch_size, queue_size, max_wait_ms, threads, max_input_chars, max_request_bytes, prefill_chunk
+    )
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0 seconds (got {timeout_s})")
     if not watch_versions >= 0:
@@ -181,6 +188,7 @@ def serve(
         queue_size=queue_size,
         timeout_s=timeout_s,
         monitor=monitor,
+        prefill_chunk=prefill_chunk,
     )
     app = create_app(
         scheduler,
@@ -304,6 +312,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long an idle server waits for a batch to fill (default: 5)",
     )
     parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        metavar="TOKENS",
+        help="while other rows decode, a longer prompt is prefilled this many tokens per decode step, so that "
+        f"it never stalls them for its whole prefill (default: {PREFILL_CHUNK}; 0: in one forward)",
+    )
+    parser.add_argument(
         "--queue-size",
         type=int,
         default=256,
@@ -334,6 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
+        prefill_chunk=args.prefill_chunk,
         queue_size=args.queue_size,
         timeout_s=args.timeout,
         model=args.model,

@@ -8,7 +8,9 @@ One worker thread owns the engine (the model is never touched from two threads).
 3. generation is **continuously batched**: waiting requests join the running batch after one prefill
    (their soft prompts and prefix caches applied), then every active row advances one token per decode
    step, whatever its task and method; a row leaves as soon as it is done (stop token, stop string,
-   ``max_tokens``, timeout or cancellation) and its place is free for the next step.
+   ``max_tokens``, timeout or cancellation) and its place is free for the next step. While rows are decoding,
+   a prompt longer than ``prefill_chunk`` tokens is prefilled a chunk per turn between their steps
+   (:class:`multitune.serve.decode.Prefill`), so that it never holds up their next token for its whole prefill.
 
 Rows of a decoder batch keep one KV cache (:class:`multitune.serve.decode.DecodeBatch`), so a row's tokens equal
 generating it alone. Encoder-decoder (T5) generation is served in static batches through
@@ -45,10 +47,12 @@ import torch
 
 from multitune.health.live import Monitor
 from multitune.serve.decode import (
+    PREFILL_CHUNK,
     SEED_LIMIT,
     DecodeBatch,
     Handle,
     LogProb,
+    Prefill,
     QueueFull,
     RequestError,
     SamplingParams,
@@ -105,8 +109,10 @@ class Scheduler:
         timeout_s: float = 60.0,
         monitor: bool = True,
         monitor_options: dict[str, Any] | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.engine = engine
+        self.prefill_chunk = prefill_chunk  # 0: every prompt prefilled in one forward
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
@@ -119,6 +125,7 @@ class Scheduler:
         self._admin: collections.deque[_Admin] = collections.deque()
         self._decoders: dict[int, DecodeBatch] = {}
         self._static: list[Handle] = []  # seq2seq rows, served in static batches
+        self._prefills: collections.deque[Prefill] = collections.deque()  # long prompts, a chunk per turn
         self.names = TaskNames(engine, self._lock)  # public name -> the version it runs on (atomic reload)
         self._thread: threading.Thread | None = None
         self._running = False
@@ -391,6 +398,8 @@ class Scheduler:
         used |= {i for item in self._classify for i in item.internal if i is not None}
         for batch in self._decoders.values():
             used |= {h.internal for h in batch.rows}
+        for prefill in self._prefills:
+            used |= {h.internal for h in prefill.handles}
         return used
 
     def _collect_retired(self) -> None:
@@ -409,6 +418,7 @@ class Scheduler:
                     or self._waiting
                     or self._admin
                     or self._static
+                    or self._prefills
                     or any(len(b) for b in self._decoders.values())
                 )
                 if idle:
@@ -445,6 +455,9 @@ class Scheduler:
             for handle in batch.rows:
                 handle.finish("error", error)
             batch.keep([])
+        while self._prefills:
+            for handle in self._prefills.popleft().handles:
+                handle.finish("error", error)
 
     def _isolated(
         self,
@@ -482,6 +495,7 @@ class Scheduler:
         self._classify_batch()
         self._admit()
         self._decode_step()
+        self._prefill_step()
         self._static_batch()
         return self.stats.forwards != forwards
 
@@ -550,6 +564,7 @@ class Scheduler:
             if not self._waiting:
                 return
             active = sum(len(b) for b in self._decoders.values()) + len(self._static)
+            active += sum(len(p.handles) for p in self._prefills)
             if not active and len(self._waiting) < self.max_batch_size:
                 first = self._waiting[0].deadline - self.timeout_s
                 if time.monotonic() - first < self.max_wait:
@@ -567,12 +582,15 @@ class Scheduler:
                 else:
                     joining.setdefault(id(bank), []).append(handle)
                 room -= 1
+        decoding = bool(self._prefills) or any(len(b) for b in self._decoders.values())
         for handles in joining.values():
             bank = self.engine.bank_of(handles[0].internal)
-            batch = self._decoders.setdefault(id(bank), DecodeBatch(bank))
-            if batch.bank is not bank:  # a bank id reused after a removal
-                batch = self._decoders[id(bank)] = DecodeBatch(bank)
+            batch = self._batch_of(bank)
             bank.eval()
+            if decoding and self.prefill_chunk:  # long prompts a chunk per turn, the rest in one prefill now
+                handles = self._chunked(bank, handles)
+                if not handles:
+                    continue
 
             def run(group: list[Handle], batch: DecodeBatch = batch) -> None:
                 start = len(batch)
@@ -586,6 +604,55 @@ class Scheduler:
                 self._advance(batch, rows, first, logprobs or None, entries or None)
 
             self._isolated(handles, run, lambda handle, error: handle.finish("error", error), "prefill")
+
+    def _batch_of(self, bank: Any) -> DecodeBatch:
+        batch = self._decoders.setdefault(id(bank), DecodeBatch(bank))
+        if batch.bank is not bank:  # a bank id reused after a removal
+            batch = self._decoders[id(bank)] = DecodeBatch(bank)
+        return batch
+
+    def _chunked(self, bank: Any, handles: list[Handle]) -> list[Handle]:
+        """Queue a :class:`Prefill` for each prompt longer than ``prefill_chunk`` tokens (its n samples
+        together); returns the other handles."""
+        long: dict[tuple[str, tuple[int, ...]], list[Handle]] = {}
+        short = []
+        for handle in handles:
+            if len(handle.prompt_ids) > self.prefill_chunk:
+                long.setdefault((handle.internal, tuple(handle.prompt_ids)), []).append(handle)
+            else:
+                short.append(handle)
+        self._prefills.extend(Prefill(bank, group, self.prefill_chunk) for group in long.values())
+        return short
+
+    def _prefill_step(self) -> None:
+        """One chunk of the oldest long prompt's prefill; when it was the last, its rows join their batch."""
+        while self._prefills:
+            prefill = self._prefills[0]
+            prefill.handles = [h for h in prefill.handles if not self._expired(h, "before its prefill ended")]
+            if not prefill.handles:
+                self._prefills.popleft()
+                continue
+            try:
+                finished = prefill.advance()
+                self.stats.record("prefill_chunk", 1)
+                if not finished:
+                    return
+                self._prefills.popleft()
+                batch = self._batch_of(prefill.bank)
+                start = len(batch)
+                logprobs: list[float] = []
+                entries: list[LogProb | None] = []
+                first = batch.attach(prefill, self._sampler(logprobs, entries))  # raises before it changes it
+            except Exception as error:  # noqa: BLE001  (its own cache: only this prompt's rows fail)
+                if self._prefills and self._prefills[0] is prefill:
+                    self._prefills.popleft()
+                for handle in prefill.handles:
+                    handle.finish("error", as_request_error(error, "prefill"))
+                return
+            self.stats.record("prefill", len(prefill.handles))
+            rows = list(range(start, start + len(prefill.handles)))
+            self._advance(batch, rows, first, logprobs or None, entries or None)
+            return
 
     def _expired(self, handle: Handle, where: str) -> bool:
         """Finish a cancelled or timed-out request that has not started; True when it was."""
