@@ -254,6 +254,23 @@ def test_seq2seq_requests_are_answered_and_a_poisoned_one_fails_alone(tmp_path_f
         assert answer[0] == generate([(task, prompt)], max_new_tokens=params.max_tokens, max_length=10**6)[0]
 
 
+def test_seq2seq_refuses_what_only_step_wise_decoding_gives(tmp_path_factory):
+    bank = _bank(tmp_path_factory, "t5", {"t5-lora": ("generation", "lora", LoRAConfig(rank=4))})
+    scheduler = Scheduler(Engine.from_folder(bank, device="cpu"))
+    for params, message in [
+        (SamplingParams(temperature=0.7, seed=1), "temperature: sampling is served for decoder models"),
+        (SamplingParams(logprobs=2), "logprobs are served for decoder models"),
+    ]:
+        with pytest.raises(RequestError, match=message) as error:
+            scheduler.submit_generate("t5-lora", "a film", params)
+        assert error.value.status == 400
+    with pytest.raises(RequestError, match="response_format is served for decoder models"):
+        scheduler.submit_generate(
+            "t5-lora", "a film", SamplingParams(response_format={"type": "json_object"})
+        )
+    assert scheduler.submit_generate("t5-lora", "a film", SamplingParams(max_tokens=2)) is not None  # greedy
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

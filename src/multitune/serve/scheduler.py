@@ -303,10 +303,8 @@ class Scheduler:
                 f"{params.max_tokens}; the model's context is {context}: shorten the "
                 "prompt or lower max_tokens",
             )
-        if params.logprobs is not None and bank.base.arch == "seq2seq":
-            raise RequestError(
-                400, "logprobs are served for decoder models; this task's base is encoder-decoder"
-            )
+        if bank.base.arch == "seq2seq":
+            self._check_static(params)
         deadline = time.monotonic() + self.timeout_s
         handles = []
         for i in range(n):
@@ -323,6 +321,21 @@ class Scheduler:
             self._waiting.extend(handles)
             self._wake.notify()
         return handles
+
+    @staticmethod
+    def _check_static(params: SamplingParams) -> None:
+        """An encoder-decoder task decodes greedily in static batches: what only step-wise decoding gives is
+        refused, not silently dropped."""
+        if params.logprobs is not None:
+            raise RequestError(
+                400, "logprobs are served for decoder models; this task's base is encoder-decoder"
+            )
+        if params.temperature > 0:
+            raise RequestError(
+                400,
+                "temperature: sampling is served for decoder models; this task's base is encoder-decoder and "
+                "decodes greedily: send temperature 0 (or leave it out)",
+            )
 
     def token_logprobs(
         self, handle: Handle, start: int = 0, end: int | None = None
