@@ -395,9 +395,8 @@ class DecodeBatch:
         device = full.device
         if rows != list(range(len(rows))):
             index = torch.tensor(rows, device=device)
-            cache.batch_select_indices(
-                index
-            )  # repeated indices: each handle its own copy of its prompt's rows
+            # repeated indices: each handle its own copy of its prompt's rows
+            cache.batch_select_indices(index)
             full, logits = full.index_select(0, index), logits.index_select(0, index)
         first = sample(logits, handles, [[] for _ in handles])
         self._merge(cache, full, handles, torch.tensor(first, device=device))
