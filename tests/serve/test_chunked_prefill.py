@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import threading
 import time
 
 import pytest
@@ -84,34 +83,23 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_its_prefill_in_one_forward(engi
 
 
 def _run(engine, chunk: int, jobs: list[tuple[str, str, SamplingParams, int]]) -> tuple[list, list[str]]:
-    """Every job on its own thread against one scheduler (the first starts first, so the others join a batch
-    that is decoding); returns each job's answers and the kinds of forwards in order."""
+    """The first job starts decoding, then every other one is submitted at once (so they join a batch that is
+    decoding); returns each job's answers and the kinds of forwards in order."""
     scheduler = Scheduler(engine, max_batch_size=16, max_wait_ms=1, prefill_chunk=chunk)
     scheduler.start()
-    results: dict[int, list] = {}
     try:
-        handles = scheduler.submit_many(jobs[0][0], jobs[0][1], jobs[0][2], jobs[0][3])
-        next(handles[0].tokens())  # the first row is decoding before the others arrive
-
-        def client(i: int) -> None:
-            task, prompt, params, n = jobs[i]
-            rows = scheduler.submit_many(task, prompt, params, n)
-            for row in rows:
-                list(row.tokens())
-            results[i] = [(row.text, row.finish_reason) for row in rows]
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(1, len(jobs))]
-        for thread in threads:
-            thread.start()
-        for row in handles:
-            list(row.tokens())
-        results[0] = [(row.text, row.finish_reason) for row in handles]
-        for thread in threads:
-            thread.join(timeout=120)
+        first = scheduler.submit_many(*jobs[0][:2], jobs[0][2], jobs[0][3])
+        next(first[0].tokens())  # the first row is decoding before the others arrive
+        rows = [first] + [
+            scheduler.submit_many(task, prompt, params, n) for task, prompt, params, n in jobs[1:]
+        ]
+        for handles in rows:
+            for handle in handles:
+                list(handle.tokens())
         kinds = [kind for kind, _ in scheduler.stats.drain()]
     finally:
         scheduler.stop()
-    return [results[i] for i in range(len(jobs))], kinds
+    return [[(h.text, h.finish_reason) for h in handles] for handles in rows], kinds
 
 
 def test_long_prompts_of_every_method_join_a_decoding_batch_in_chunks_and_answer_as_in_one_forward(engine):
