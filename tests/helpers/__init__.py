@@ -184,6 +184,21 @@ def perturb(bank, task: str, seed: int, scale: float = 0.3) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
+def save_generation_bank(model: Path, folder: Path, tasks: dict) -> Path:
+    """Each of ``tasks`` (name -> (method, config)) a perturbed generation task over ``model``, saved as a bank
+    folder ``folder`` (a full fine-tune perturbed less: its noise is on every weight)."""
+    from multitune.bank import MultiTaskModel
+    from multitune.models import load_base
+    from multitune.storage import save_adapter
+
+    for i, (task, (method, config)) in enumerate(tasks.items()):
+        bank = MultiTaskModel(load_base(str(model), device="cpu"))
+        bank.add_task(task, "generation", method, config)
+        perturb(bank, task, seed=i, scale=0.3 if method != "full" else 0.05)
+        save_adapter(bank, task, folder / task)
+    return folder
+
+
 def save_tiny(family: str, folder: Path) -> Path:
     """A tiny model of ``family`` with its tokenizer saved as a Hugging Face folder (what the CLI loads)."""
     tiny_model(family).save_pretrained(folder)

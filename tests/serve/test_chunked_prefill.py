@@ -10,19 +10,16 @@ import time
 
 import pytest
 import torch
-from helpers import WORDS, perturb, save_tiny
+from helpers import WORDS, save_generation_bank, save_tiny
 
-from multitune.bank import MultiTaskModel
 from multitune.methods.adapter import AdapterConfig
 from multitune.methods.ia3 import IA3Config
 from multitune.methods.lora import LoRAConfig
 from multitune.methods.prefix import PrefixConfig
 from multitune.methods.prompt import PromptConfig
-from multitune.models import load_base
 from multitune.serve.decode import DecodeBatch, Handle, Prefill, RequestError, SamplingParams, sample_tokens
 from multitune.serve.engine import Engine
 from multitune.serve.scheduler import Scheduler
-from multitune.storage import save_adapter
 
 TASKS = {
     "lora": ("lora", LoRAConfig(rank=4)),
@@ -37,13 +34,8 @@ TASKS = {
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     model = save_tiny("llama", tmp_path_factory.mktemp("llama"))
-    folder = tmp_path_factory.mktemp("bank")
-    for i, (task, (method, config)) in enumerate(TASKS.items()):
-        bank = MultiTaskModel(load_base(str(model), device="cpu"))
-        bank.add_task(task, "generation", method, config)
-        perturb(bank, task, seed=i, scale=0.3 if method != "full" else 0.05)
-        save_adapter(bank, task, folder / task)
-    return Engine.from_folder(folder, device="cpu")
+    bank = save_generation_bank(model, tmp_path_factory.mktemp("bank"), TASKS)
+    return Engine.from_folder(bank, device="cpu")
 
 
 def _long(seed: int, words: int = 30) -> str:

@@ -453,19 +453,7 @@ class DecodeBatch:
         The mask and cache are the batch's only once the forward has returned; a forward that raises may
         have appended this step's positions to some layers of the cache, which :meth:`split` cuts off."""
         assert self.mask is not None and self.last is not None
-        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = mask.sum(dim=1, keepdim=True) - 1
-        task_ids = self.task_ids()
-        # Not bank.run: that forward starts from text (each method's inputs hook adds prompts and prefixes);
-        # a decode step continues the cache the prefill filled, where those positions already are.
-        with self.bank.routed(task_ids):
-            out = self.bank.base.model(
-                input_ids=self.last[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-            )
+        out, mask = continue_cache(self.bank, self.task_ids(), self.last[:, None], self.mask, self.cache)
         self.mask, self.cache = mask, out.cache
         return out.logits[:, -1].float()
 
@@ -525,6 +513,25 @@ class DecodeBatch:
             self.mask = self.mask[:, start:]
 
 
+def continue_cache(
+    bank: Any, task_ids: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cache: Any, **kwargs: Any
+) -> tuple[Any, torch.Tensor]:
+    """The routed forward of ``ids`` (B, n) after the positions ``cache`` holds (``mask`` (B, T) over them): a
+    decode step (n = 1) or a later prefill chunk. Returns the output and the mask over the cache after it.
+
+    Not ``bank.run``: that forward starts from text (each method's inputs hook adds prompts and prefixes); this one
+    continues a cache where those positions already are. Positions count each row's unmasked slots before."""
+    full = torch.cat([mask, mask.new_ones(ids.shape[0], ids.shape[1])], dim=1)
+    positions = mask.sum(dim=1, keepdim=True)
+    if ids.shape[1] > 1:
+        positions = positions + torch.arange(ids.shape[1], device=ids.device)
+    with bank.routed(task_ids):
+        out = bank.base.model(
+            input_ids=ids, attention_mask=full, position_ids=positions, cache=cache, use_cache=True, **kwargs
+        )
+    return out, full
+
+
 # Prompt tokens prefilled per scheduler turn while other rows decode. benchmarks/chunked_prefill.py (SmolLM2, 8
 # rows decoding, a 1024-token prompt, 2 CPU cores): their stall 2.3 s unchunked; 1.25 / 0.90 / 0.87 / 1.38 s with
 # chunks of 64 / 128 / 256 / 512, the prompt's first token 7.5 / 4.3 / 3.8 / 3.4 s (2.2 s unchunked).
@@ -566,17 +573,7 @@ class Prefill:
             cache, mask, logits = routed.out.cache, routed.attention_mask, routed.out.logits
         else:
             assert self.mask is not None
-            mask = torch.cat([self.mask, self.mask.new_ones(1, piece.shape[1])], dim=1)
-            positions = self.mask.sum(dim=1, keepdim=True) + torch.arange(piece.shape[1], device=device)
-            with bank.routed(task_ids):  # a continuation: the prompt or prefix positions are in the cache
-                out = bank.base.model(
-                    input_ids=piece,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=self.cache,
-                    use_cache=True,
-                    **keep,
-                )
+            out, mask = continue_cache(bank, task_ids, piece, self.mask, self.cache, **keep)
             cache, logits = out.cache, out.logits
         self.cache, self.mask = cache, mask
         self.filled += piece.shape[1]
